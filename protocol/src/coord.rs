@@ -1,0 +1,136 @@
+//! `voltool/coord/1`: what agents ask the coordinator.
+//!
+//! One request per bidirectional QUIC stream: the agent sends a [`CoordRequest`] frame and,
+//! for [`CoordRequest::Upload`], exactly `size` raw bytes after it, then finishes its send
+//! side; the coordinator answers with one [`CoordResponse`] frame and finishes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::commit::{SignedHead, VolumeId};
+use crate::hash::Hash;
+use crate::manifest::Change;
+use crate::path::VolPath;
+
+/// ALPN of the coordinator protocol.
+pub const ALPN: &[u8] = b"voltool/coord/1";
+/// Largest request frame (a change set of a large volume).
+pub const MAX_REQUEST: usize = 256 << 20;
+/// Largest response frame.
+pub const MAX_RESPONSE: usize = 64 << 20;
+/// Most hashes in one [`CoordRequest::HasBlobs`].
+pub const MAX_HAS: usize = 65_536;
+
+/// A request to the coordinator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum CoordRequest {
+    /// Create an empty volume (version 0).
+    CreateVolume {
+        /// Its name.
+        name: String,
+    },
+    /// List all volumes.
+    ListVolumes,
+    /// Rename a volume; its id and history stay.
+    RenameVolume {
+        /// Current name.
+        from: String,
+        /// New name.
+        to: String,
+    },
+    /// Delete a volume and its history.
+    DeleteVolume {
+        /// Its name.
+        name: String,
+    },
+    /// The signed head of a volume.
+    GetHead {
+        /// Its name.
+        name: String,
+    },
+    /// Which of these blobs the origin holds complete.
+    HasBlobs {
+        /// Hashes asked about (at most [`MAX_HAS`]).
+        hashes: Vec<Hash>,
+    },
+    /// Upload a blob: `size` raw bytes follow the frame. The origin hashes them and stores
+    /// them only if they hash to `hash`.
+    Upload {
+        /// Claimed hash.
+        hash: Hash,
+        /// Exact size.
+        size: u64,
+    },
+    /// Apply a change set on the current head, per path, last writer wins.
+    Commit {
+        /// Volume name.
+        name: String,
+        /// Volume id the change set was made against (guards against a recreated name).
+        volume: VolumeId,
+        /// The version the committer's copy was based on.
+        base_version: u64,
+        /// The changes, relative to that version.
+        changes: Vec<Change>,
+    },
+}
+
+/// Facts about a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// Name.
+    pub name: String,
+    /// Id.
+    pub id: VolumeId,
+    /// Milliseconds since the Unix epoch at creation.
+    pub created_ms: u64,
+    /// Current head.
+    pub head: SignedHead,
+}
+
+/// Kinds of failure the coordinator reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No such volume.
+    NotFound,
+    /// The name is taken.
+    AlreadyExists,
+    /// The request is invalid (bad name, hostile path, bad change set).
+    Invalid,
+    /// The caller is not a fleet member or may not write.
+    Forbidden,
+    /// An uploaded blob does not hash to its claimed hash, or is truncated.
+    Corrupt,
+    /// A commit references blobs the origin does not hold.
+    MissingBlobs,
+    /// Something failed on the coordinator's side.
+    Internal,
+}
+
+/// The coordinator's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum CoordResponse {
+    /// Done, nothing to return.
+    Ok,
+    /// One volume.
+    Volume(VolumeInfo),
+    /// All volumes.
+    Volumes(Vec<VolumeInfo>),
+    /// Answer to [`CoordRequest::HasBlobs`], in order.
+    Has(Vec<bool>),
+    /// A commit was applied.
+    Committed {
+        /// The new head.
+        head: SignedHead,
+        /// Paths of this change set that overwrote another writer's newer change.
+        overwritten: Vec<VolPath>,
+    },
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// For people.
+        message: String,
+    },
+}

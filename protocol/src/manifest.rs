@@ -1,0 +1,414 @@
+//! The manifest: the sorted map `path -> entry` that describes one version of a volume.
+//!
+//! Encoding (postcard): `version: u8 = 1`, then a varint count, then for each entry in
+//! strictly increasing byte order of the path: the path as a string, then the [`Entry`].
+//! Decoding refuses any other order, duplicates, invalid paths, an entry whose parent is
+//! not a directory entry, and symlinks that leave the volume. There is one encoding for
+//! each manifest, so its hash names it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::Hash;
+use crate::path::{PathError, VolPath, check_symlink_target};
+
+/// Encoding version written as the first byte.
+pub const MANIFEST_VERSION: u8 = 1;
+/// Largest encoded manifest accepted (about 1.5 million entries).
+pub const MAX_MANIFEST_BYTES: usize = 256 << 20;
+/// Largest number of entries accepted.
+pub const MAX_ENTRIES: usize = 4_000_000;
+/// Permission bits kept in a mode.
+pub const MODE_MASK: u32 = 0o7777;
+
+/// One entry of a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// A regular file: its bytes are the blob `hash` of `size` bytes.
+    File {
+        /// Size in bytes.
+        size: u64,
+        /// Permission bits (`& 0o7777`).
+        mode: u32,
+        /// Modification time, nanoseconds since the Unix epoch.
+        mtime_ns: i64,
+        /// BLAKE3 of the content.
+        hash: Hash,
+    },
+    /// A directory.
+    Dir {
+        /// Permission bits.
+        mode: u32,
+    },
+    /// A symbolic link; the target never leaves the volume.
+    Symlink {
+        /// The link's target, relative.
+        target: String,
+    },
+}
+
+impl Entry {
+    /// The blob this entry needs, if any.
+    pub fn blob(&self) -> Option<(Hash, u64)> {
+        match self {
+            Entry::File { hash, size, .. } => Some((*hash, *size)),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a directory.
+    pub fn is_dir(&self) -> bool {
+        matches!(self, Entry::Dir { .. })
+    }
+
+    /// Whether two entries have the same content and kind (mtime aside).
+    pub fn same_content(&self, other: &Entry) -> bool {
+        match (self, other) {
+            (
+                Entry::File {
+                    size: s1,
+                    mode: m1,
+                    hash: h1,
+                    ..
+                },
+                Entry::File {
+                    size: s2,
+                    mode: m2,
+                    hash: h2,
+                    ..
+                },
+            ) => s1 == s2 && m1 == m2 && h1 == h2,
+            (a, b) => a == b,
+        }
+    }
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// Not a valid encoding.
+    #[error("malformed manifest: {0}")]
+    Malformed(#[from] postcard::Error),
+    /// Unknown encoding version.
+    #[error("unsupported manifest version {0}")]
+    Version(u8),
+    /// Bigger than [`MAX_MANIFEST_BYTES`] or [`MAX_ENTRIES`].
+    #[error("manifest too large ({0} bytes or entries)")]
+    TooLarge(usize),
+    /// Entries are not in strictly increasing order.
+    #[error("manifest entries out of order or duplicated at {0:?}")]
+    Order(String),
+    /// An invalid path or symlink.
+    #[error("manifest has a hostile path: {0}")]
+    Path(#[from] PathError),
+    /// An entry whose parent is missing or not a directory.
+    #[error("manifest entry {0:?} has no parent directory entry")]
+    Orphan(String),
+    /// Bytes after the last entry.
+    #[error("manifest has {0} trailing bytes")]
+    Trailing(usize),
+}
+
+/// A validated manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    entries: BTreeMap<VolPath, Entry>,
+}
+
+#[derive(Serialize)]
+struct EncodeRef<'a> {
+    version: u8,
+    entries: Vec<(&'a VolPath, &'a Entry)>,
+}
+
+#[derive(Deserialize)]
+struct Decoded {
+    version: u8,
+    entries: Vec<(VolPath, Entry)>,
+}
+
+impl Manifest {
+    /// An empty manifest (a new volume).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a manifest from entries, validating them as a decoded one would be.
+    pub fn from_entries(entries: BTreeMap<VolPath, Entry>) -> Result<Self, ManifestError> {
+        let m = Manifest { entries };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// The entries, sorted by path.
+    pub fn entries(&self) -> &BTreeMap<VolPath, Entry> {
+        &self.entries
+    }
+
+    /// Consumes the manifest.
+    pub fn into_entries(self) -> BTreeMap<VolPath, Entry> {
+        self.entries
+    }
+
+    /// The entry at `path`.
+    pub fn get(&self, path: &VolPath) -> Option<&Entry> {
+        self.entries.get(path)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Total bytes of all files.
+    pub fn total_bytes(&self) -> u64 {
+        self.entries.values().filter_map(|e| e.blob()).map(|(_, s)| s).sum()
+    }
+
+    /// Entries strictly below `dir` (all of them for `None`).
+    pub fn under<'a>(
+        &'a self,
+        dir: Option<&'a VolPath>,
+    ) -> impl Iterator<Item = (&'a VolPath, &'a Entry)> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(p, _)| dir.is_none_or(|d| p.is_under(d)))
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        if self.entries.len() > MAX_ENTRIES {
+            return Err(ManifestError::TooLarge(self.entries.len()));
+        }
+        for (path, entry) in &self.entries {
+            if let Some(parent) = path.parent() {
+                match self.entries.get(&parent) {
+                    Some(Entry::Dir { .. }) => {}
+                    _ => return Err(ManifestError::Orphan(path.to_string())),
+                }
+            }
+            if let Entry::Symlink { target } = entry {
+                check_symlink_target(path, target)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The one canonical encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let e = EncodeRef {
+            version: MANIFEST_VERSION,
+            entries: self.entries.iter().collect(),
+        };
+        postcard::to_stdvec(&e).expect("encoding to a Vec cannot fail")
+    }
+
+    /// The hash of the encoding.
+    pub fn hash(&self) -> Hash {
+        Hash::of(&self.encode())
+    }
+
+    /// Decodes and validates an encoded manifest.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge(bytes.len()));
+        }
+        match bytes.first() {
+            Some(&MANIFEST_VERSION) | None => {}
+            Some(&v) => return Err(ManifestError::Version(v)),
+        }
+        let (d, rest): (Decoded, _) = postcard::take_from_bytes(bytes)?;
+        if !rest.is_empty() {
+            return Err(ManifestError::Trailing(rest.len()));
+        }
+        if d.version != MANIFEST_VERSION {
+            return Err(ManifestError::Version(d.version));
+        }
+        let mut entries = BTreeMap::new();
+        let mut last: Option<&VolPath> = None;
+        for (p, _) in &d.entries {
+            if last.is_some_and(|l| l >= p) {
+                return Err(ManifestError::Order(p.to_string()));
+            }
+            last = Some(p);
+        }
+        for (p, e) in d.entries {
+            entries.insert(p, e);
+        }
+        Manifest::from_entries(entries)
+    }
+
+    /// The changes that turn `self` into `new`.
+    pub fn diff(&self, new: &Manifest) -> Vec<Change> {
+        let mut out = Vec::new();
+        for (p, e) in &new.entries {
+            if self.entries.get(p) != Some(e) {
+                out.push(Change {
+                    path: p.clone(),
+                    entry: Some(e.clone()),
+                });
+            }
+        }
+        for p in self.entries.keys() {
+            if !new.entries.contains_key(p) {
+                out.push(Change {
+                    path: p.clone(),
+                    entry: None,
+                });
+            }
+        }
+        out
+    }
+
+    /// Applies a change set per path, in order, keeping the tree consistent: setting a path
+    /// removes what lies below it unless it is a directory, and creates missing parent
+    /// directories (replacing a file or link that stood where a directory must be); removing a
+    /// path removes what lies below it.
+    pub fn apply(&mut self, changes: &[Change]) -> Result<(), ManifestError> {
+        for c in changes {
+            match &c.entry {
+                Some(entry) => {
+                    if let Entry::Symlink { target } = entry {
+                        check_symlink_target(&c.path, target)?;
+                    }
+                    for a in c.path.ancestors() {
+                        match self.entries.get(&a) {
+                            Some(Entry::Dir { .. }) => {}
+                            _ => {
+                                self.entries.insert(a, Entry::Dir { mode: 0o755 });
+                            }
+                        }
+                    }
+                    if !entry.is_dir() {
+                        self.remove_below(&c.path);
+                    }
+                    self.entries.insert(c.path.clone(), entry.clone());
+                }
+                None => {
+                    self.entries.remove(&c.path);
+                    self.remove_below(&c.path);
+                }
+            }
+        }
+        self.validate()
+    }
+
+    fn remove_below(&mut self, dir: &VolPath) {
+        let below: Vec<VolPath> = self
+            .entries
+            .range(dir.clone()..)
+            .skip_while(|(p, _)| *p == dir)
+            .take_while(|(p, _)| p.as_str().starts_with(dir.as_str()))
+            .filter(|(p, _)| p.is_under(dir))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in below {
+            self.entries.remove(&p);
+        }
+    }
+}
+
+/// One change of a change set: `entry: None` removes the path (and what lies below it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// The path changed.
+    pub path: VolPath,
+    /// The new entry, or `None` for a removal.
+    pub entry: Option<Entry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> VolPath {
+        VolPath::new(s).unwrap()
+    }
+
+    fn file(h: u8) -> Entry {
+        Entry::File {
+            size: 3,
+            mode: 0o644,
+            mtime_ns: 1,
+            hash: Hash([h; 32]),
+        }
+    }
+
+    #[test]
+    fn encode_decode_round_trip_and_order() {
+        let mut m = Manifest::new();
+        m.apply(&[
+            Change {
+                path: p("d/x"),
+                entry: Some(file(1)),
+            },
+            Change {
+                path: p("l"),
+                entry: Some(Entry::Symlink {
+                    target: "d/x".into(),
+                }),
+            },
+        ])
+        .unwrap();
+        assert_eq!(m.len(), 3);
+        let enc = m.encode();
+        assert_eq!(Manifest::decode(&enc).unwrap(), m);
+        assert!(Manifest::decode(&[2]).is_err());
+        let mut trailing = enc.clone();
+        trailing.push(0);
+        assert!(Manifest::decode(&trailing).is_err());
+    }
+
+    #[test]
+    fn file_replaces_dir_and_dir_replaces_file() {
+        let mut m = Manifest::new();
+        m.apply(&[Change {
+            path: p("a/b"),
+            entry: Some(file(1)),
+        }])
+        .unwrap();
+        m.apply(&[Change {
+            path: p("a"),
+            entry: Some(file(2)),
+        }])
+        .unwrap();
+        assert_eq!(m.len(), 1);
+        m.apply(&[Change {
+            path: p("a/c"),
+            entry: Some(file(3)),
+        }])
+        .unwrap();
+        assert!(m.get(&p("a")).unwrap().is_dir());
+        m.apply(&[Change {
+            path: p("a"),
+            entry: None,
+        }])
+        .unwrap();
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn diff_then_apply_gives_target() {
+        let mut a = Manifest::new();
+        a.apply(&[Change {
+            path: p("x/y"),
+            entry: Some(file(1)),
+        }])
+        .unwrap();
+        let mut b = Manifest::new();
+        b.apply(&[Change {
+            path: p("z"),
+            entry: Some(file(2)),
+        }])
+        .unwrap();
+        let mut c = a.clone();
+        c.apply(&a.diff(&b)).unwrap();
+        assert_eq!(c, b);
+    }
+}
