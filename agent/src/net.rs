@@ -1,0 +1,156 @@
+//! QUIC endpoints without internet, frames over iroh streams, node addresses.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use iroh::endpoint::{
+    Connection, PortmapperConfig, ReadExactError, RecvStream, SendStream, presets,
+};
+use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use voltool_protocol::frame;
+
+/// A transport failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// Binding the endpoint failed.
+    #[error("cannot bind {addr}: {message}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        message: String,
+    },
+    /// Connecting failed.
+    #[error("cannot connect to {peer}: {message}")]
+    Connect {
+        /// Peer.
+        peer: String,
+        /// Cause.
+        message: String,
+    },
+    /// The stream broke or ended early.
+    #[error("stream failed: {0}")]
+    Stream(String),
+    /// The peer sent a frame we cannot accept.
+    #[error("peer sent a bad frame: {0}")]
+    Frame(#[from] frame::FrameError),
+}
+
+impl NetError {
+    pub(crate) fn stream(e: impl std::fmt::Display) -> Self {
+        NetError::Stream(e.to_string())
+    }
+}
+
+/// Binds an endpoint on `addr` with the given key and ALPNs: no relays, no discovery, no
+/// port mapping; peers are dialled by explicit address.
+pub async fn bind(
+    key: SecretKey,
+    addr: SocketAddr,
+    alpns: Vec<Vec<u8>>,
+) -> Result<Endpoint, NetError> {
+    let err = |e: &dyn std::fmt::Display| NetError::Bind {
+        addr,
+        message: e.to_string(),
+    };
+    Endpoint::builder(presets::Minimal)
+        .secret_key(key)
+        .relay_mode(RelayMode::Disabled)
+        .portmapper_config(PortmapperConfig::Disabled)
+        .clear_ip_transports()
+        .bind_addr(addr)
+        .map_err(|e| err(&e))?
+        .alpns(alpns)
+        .bind()
+        .await
+        .map_err(|e| err(&e))
+}
+
+/// The socket address an endpoint listens on.
+pub fn local_addr(ep: &Endpoint) -> SocketAddr {
+    ep.bound_sockets()
+        .into_iter()
+        .next()
+        .expect("an endpoint bound on an IP address has a socket")
+}
+
+/// A node's id and address, written `NODE_ID@IP:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeAddr {
+    /// The node id (its public key).
+    pub id: EndpointId,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl NodeAddr {
+    /// As iroh wants it.
+    pub fn endpoint_addr(&self) -> EndpointAddr {
+        EndpointAddr::new(self.id).with_ip_addr(self.addr)
+    }
+}
+
+impl std::fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.id, self.addr)
+    }
+}
+
+/// A `NODE_ID@IP:PORT` string that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("expected NODE_ID@IP:PORT, got {0:?}")]
+pub struct ParseNodeAddrError(String);
+
+impl FromStr for NodeAddr {
+    type Err = ParseNodeAddrError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ParseNodeAddrError(s.to_string());
+        let (id, addr) = s.trim().split_once('@').ok_or_else(bad)?;
+        Ok(NodeAddr {
+            id: id.parse().map_err(|_| bad())?,
+            addr: addr.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// Connects to a node on one ALPN.
+pub async fn connect(ep: &Endpoint, peer: &NodeAddr, alpn: &[u8]) -> Result<Connection, NetError> {
+    ep.connect(peer.endpoint_addr(), alpn)
+        .await
+        .map_err(|e| NetError::Connect {
+            peer: peer.to_string(),
+            message: e.to_string(),
+        })
+}
+
+/// Writes one frame.
+pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<(), NetError> {
+    send.write_all(&frame::encode(msg))
+        .await
+        .map_err(NetError::stream)
+}
+
+/// Reads one frame of at most `max` body bytes.
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+    max: usize,
+) -> Result<T, NetError> {
+    let mut prefix = [0u8; frame::PREFIX_LEN];
+    recv.read_exact(&mut prefix).await.map_err(read_exact_err)?;
+    let len = frame::body_len(prefix, max)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(read_exact_err)?;
+    Ok(frame::decode(&body)?)
+}
+
+fn read_exact_err(e: ReadExactError) -> NetError {
+    match e {
+        ReadExactError::FinishedEarly(n) => {
+            NetError::Stream(format!("stream ended early, after {n} bytes of a frame"))
+        }
+        ReadExactError::ReadError(e) => NetError::stream(e),
+    }
+}
