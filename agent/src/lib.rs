@@ -2,4 +2,10 @@
 
 pub mod keys;
 pub mod net;
+pub mod node;
+pub mod scan;
+pub mod blobs;
+pub mod control;
+pub mod coord_client;
+pub mod coordinator;
 pub mod store;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::commit::{SignedHead, VolumeId};
 use crate::hash::Hash;
-use crate::manifest::Change;
+use crate::manifest::{Change, Entry};
 use crate::path::VolPath;
 
 /// ALPN of the coordinator protocol.
@@ -71,6 +71,10 @@ pub enum CoordRequest {
         base_version: u64,
         /// The changes, relative to that version.
         changes: Vec<Change>,
+        /// For each change, the entry the committer's copy held at that path before it
+        /// (`None`: absent). Where the head holds something else, another writer changed
+        /// the path meanwhile and is reported as overwritten.
+        priors: Vec<Option<Entry>>,
     },
 }
 

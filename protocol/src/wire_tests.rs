@@ -163,6 +163,7 @@ proptest! {
             name,
             volume: VolumeId([1; 16]),
             base_version: base,
+            priors: paths.iter().map(|(_, e)| e.clone()).collect(),
             changes: paths.into_iter().map(|(path, entry)| Change { path, entry }).collect(),
         };
         let f = frame::encode(&msg);

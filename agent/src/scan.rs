@@ -1,0 +1,325 @@
+//! Scanning a mounted directory into a manifest, and building snapshots from one.
+//!
+//! Both are blocking file-system work and run on the blocking pool.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use voltool_protocol::manifest::MODE_MASK;
+use voltool_protocol::path::check_symlink_target;
+use voltool_protocol::{Change, Entry, Hash, Manifest, ManifestError, PathError, VolPath};
+
+use crate::store::{Store, StoreError};
+
+/// A scan or build failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScanError {
+    /// File-system failure.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A name that is not UTF-8 or not a valid volume path.
+    #[error("{path}: {source}")]
+    BadPath {
+        /// The file.
+        path: String,
+        /// Why.
+        source: PathError,
+    },
+    /// A file name that is not UTF-8.
+    #[error("{0}: file names must be UTF-8")]
+    NotUtf8(String),
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The scanned tree is not a valid manifest.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ScanError + '_ {
+    move |source| ScanError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What a file looked like when last hashed; a file whose stat still matches is not read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stat {
+    /// Size.
+    pub size: u64,
+    /// Modification time (ns).
+    pub mtime_ns: i64,
+    /// Change time (ns): catches writes that restore the mtime.
+    pub ctime_ns: i64,
+    /// Inode.
+    pub ino: u64,
+}
+
+impl Stat {
+    fn of(m: &std::fs::Metadata) -> Self {
+        Stat {
+            size: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            ino: m.ino(),
+        }
+    }
+}
+
+/// Stats of the files of a mount, by path.
+pub type StatCache = HashMap<VolPath, Stat>;
+
+/// How a scan treats files whose stat changed.
+#[derive(Clone, Copy, Debug)]
+pub enum ScanMode<'a> {
+    /// Hash them only (to find uncommitted changes).
+    HashOnly,
+    /// Copy them into the store while hashing (to commit them).
+    Import(&'a Store),
+}
+
+/// The result of a scan.
+#[derive(Debug)]
+pub struct Scan {
+    /// The tree as found.
+    pub manifest: Manifest,
+    /// Stats of its files.
+    pub stats: StatCache,
+    /// Bytes read and hashed (files whose stat changed).
+    pub hashed_bytes: u64,
+}
+
+/// Scans `root` against `base` (the manifest the directory was built from or last committed
+/// as) and its stat cache. Files whose stat matches are taken from `base` unread.
+pub fn scan(
+    root: &Path,
+    base: &Manifest,
+    cache: &StatCache,
+    how: ScanMode<'_>,
+) -> Result<Scan, ScanError> {
+    let mut entries = BTreeMap::new();
+    let mut stats = StatCache::new();
+    let mut to_hash: Vec<(VolPath, PathBuf, Stat, u32)> = Vec::new();
+    let mut stack: Vec<(PathBuf, Option<VolPath>)> = vec![(root.to_path_buf(), None)];
+    while let Some((dir, rel)) = stack.pop() {
+        for de in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let de = de.map_err(io_err(&dir))?;
+            let full = de.path();
+            let name = de
+                .file_name()
+                .into_string()
+                .map_err(|_| ScanError::NotUtf8(full.display().to_string()))?;
+            let vp = match &rel {
+                Some(r) => format!("{r}/{name}"),
+                None => name,
+            };
+            let vp = VolPath::new(&vp).map_err(|source| ScanError::BadPath {
+                path: full.display().to_string(),
+                source,
+            })?;
+            let meta = std::fs::symlink_metadata(&full).map_err(io_err(&full))?;
+            let ft = meta.file_type();
+            let mode = meta.permissions().mode() & MODE_MASK;
+            if ft.is_dir() {
+                entries.insert(vp.clone(), Entry::Dir { mode });
+                stack.push((full, Some(vp)));
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&full).map_err(io_err(&full))?;
+                let target = target
+                    .into_os_string()
+                    .into_string()
+                    .map_err(|_| ScanError::NotUtf8(full.display().to_string()))?;
+                check_symlink_target(&vp, &target).map_err(|source| ScanError::BadPath {
+                    path: full.display().to_string(),
+                    source,
+                })?;
+                entries.insert(vp, Entry::Symlink { target });
+            } else if ft.is_file() {
+                let st = Stat::of(&meta);
+                let known = match (cache.get(&vp), base.get(&vp)) {
+                    (Some(c), Some(Entry::File { hash, size, .. })) if *c == st => {
+                        Some((*hash, *size))
+                    }
+                    _ => None,
+                };
+                match known {
+                    Some((hash, size)) => {
+                        entries.insert(
+                            vp.clone(),
+                            Entry::File {
+                                size,
+                                mode,
+                                mtime_ns: st.mtime_ns,
+                                hash,
+                            },
+                        );
+                        stats.insert(vp, st);
+                    }
+                    None => to_hash.push((vp, full, st, mode)),
+                }
+            } else {
+                tracing::warn!(path = %full.display(), "skipping a special file (not a file, directory or symlink)");
+            }
+        }
+    }
+    let hashed: Vec<(VolPath, Entry, Stat, u64)> = to_hash
+        .into_par_iter()
+        .map(|(vp, full, st, mode)| {
+            let (hash, size) = match how {
+                ScanMode::HashOnly => hash_file(&full)?,
+                ScanMode::Import(store) => store.import_file(&full)?,
+            };
+            let e = Entry::File {
+                size,
+                mode,
+                mtime_ns: st.mtime_ns,
+                hash,
+            };
+            Ok((vp, e, st, size))
+        })
+        .collect::<Result<_, ScanError>>()?;
+    let mut hashed_bytes = 0;
+    for (vp, e, st, size) in hashed {
+        hashed_bytes += size;
+        entries.insert(vp.clone(), e);
+        stats.insert(vp, st);
+    }
+    Ok(Scan {
+        manifest: Manifest::from_entries(entries)?,
+        stats,
+        hashed_bytes,
+    })
+}
+
+fn hash_file(path: &Path) -> Result<(Hash, u64), ScanError> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(path).map_err(io_err(path))?;
+    Ok((Hash::from(h.finalize()), h.count()))
+}
+
+/// The changes from `base` to `scanned`, leaving out differences of mtime alone.
+pub fn changes(base: &Manifest, scanned: &Manifest) -> Vec<Change> {
+    base.diff(scanned)
+        .into_iter()
+        .filter(|c| match (&c.entry, base.get(&c.path)) {
+            (Some(new), Some(old)) => !old.same_content(new),
+            _ => true,
+        })
+        .collect()
+}
+
+/// Builds a snapshot of `manifest` in `dir` (which must not exist): directories, symlinks,
+/// and files copied out of the store (the snapshot never shares an inode with the store, so
+/// writes into a mount cannot reach what the agent serves). Files in `reuse` are hard-linked
+/// from `old` instead (unchanged, clean files of the previous snapshot). Every file is synced
+/// before this returns. Returns the stats of the files built.
+pub fn build_snapshot(
+    dir: &Path,
+    manifest: &Manifest,
+    store: &Store,
+    old: Option<&Path>,
+    reuse: &HashSet<VolPath>,
+) -> Result<StatCache, ScanError> {
+    std::fs::create_dir(dir).map_err(io_err(dir))?;
+    let files: Vec<(&VolPath, &Entry)> = manifest
+        .entries()
+        .iter()
+        .filter(|(_, e)| matches!(e, Entry::File { .. }))
+        .collect();
+    for (p, e) in manifest.entries() {
+        let full = dir.join(p.as_str());
+        match e {
+            Entry::Dir { .. } => std::fs::create_dir(&full).map_err(io_err(&full))?,
+            Entry::Symlink { target } => {
+                std::os::unix::fs::symlink(target, &full).map_err(io_err(&full))?
+            }
+            Entry::File { .. } => {}
+        }
+    }
+    let stats: Vec<(VolPath, Stat)> = files
+        .into_par_iter()
+        .map(|(p, e)| {
+            let Entry::File {
+                mode,
+                mtime_ns,
+                hash,
+                ..
+            } = e
+            else {
+                unreachable!("filtered to files")
+            };
+            let full = dir.join(p.as_str());
+            match old {
+                Some(old) if reuse.contains(p) => {
+                    let src = old.join(p.as_str());
+                    std::fs::hard_link(&src, &full).map_err(io_err(&full))?;
+                }
+                _ if *hash == Hash::EMPTY => {
+                    std::fs::File::create(&full).map_err(io_err(&full))?;
+                }
+                _ => {
+                    let src = store.data_path(hash);
+                    std::fs::copy(&src, &full).map_err(io_err(&full))?;
+                }
+            }
+            // Read-only is enough to set times (we own it) and to sync.
+            let f = std::fs::File::open(&full).map_err(io_err(&full))?;
+            f.set_permissions(std::fs::Permissions::from_mode(*mode))
+                .map_err(io_err(&full))?;
+            let t = if *mtime_ns >= 0 {
+                UNIX_EPOCH + Duration::from_nanos(*mtime_ns as u64)
+            } else {
+                UNIX_EPOCH - Duration::from_nanos(mtime_ns.unsigned_abs())
+            };
+            f.set_modified(t).map_err(io_err(&full))?;
+            f.sync_all().map_err(io_err(&full))?;
+            let m = f.metadata().map_err(io_err(&full))?;
+            Ok((p.clone(), Stat::of(&m)))
+        })
+        .collect::<Result<_, ScanError>>()?;
+    // Directory modes last, deepest first, so a read-only directory can still be filled.
+    for (p, e) in manifest.entries().iter().rev() {
+        if let Entry::Dir { mode } = e {
+            let full = dir.join(p.as_str());
+            std::fs::set_permissions(&full, std::fs::Permissions::from_mode(*mode))
+                .map_err(io_err(&full))?;
+        }
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(stats.into_iter().collect())
+}
+
+/// Removes a directory tree, first making read-only directories writable.
+pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            let mut stack = vec![dir.to_path_buf()];
+            while let Some(d) = stack.pop() {
+                let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755));
+                if let Ok(rd) = std::fs::read_dir(&d) {
+                    for de in rd.flatten() {
+                        if de.file_type().is_ok_and(|t| t.is_dir()) {
+                            stack.push(de.path());
+                        }
+                    }
+                }
+            }
+            std::fs::remove_dir_all(dir)
+        }
+    }
+}
