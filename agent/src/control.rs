@@ -153,7 +153,6 @@ pub struct LsEntry {
     /// Modification time (ns since epoch), files only.
     pub mtime_ns: i64,
     /// Symlink target.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
 }
 
@@ -205,7 +204,6 @@ pub struct ReloadReport {
     /// Where bytes came from.
     pub sources: Sources,
     /// A commit made first (`--commit-first`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub committed: Option<CommitReport>,
     /// Seconds taken.
     pub seconds: f64,

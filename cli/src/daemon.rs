@@ -1,0 +1,124 @@
+//! `voltool coordinator`, `voltool agent`, `voltool node-id`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use tracing_subscriber::EnvFilter;
+use voltool_agent::coordinator::{Coordinator, CoordinatorOptions, read_members};
+use voltool_agent::net::NodeAddr;
+use voltool_agent::node::{Agent, AgentOptions};
+
+/// File in an agent's data directory holding `NODE_ID@IP:PORT` once it listens.
+pub(crate) const AGENT_ADDR_FILE: &str = "agent.addr";
+
+/// Where data lives when no `--data` / `--agent` is given.
+pub(crate) fn default_data_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".voltool")
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CoordinatorArgs {
+    /// Data directory: node key, database, origin blobs.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// File of node ids allowed in the fleet, one per line. Without it any node may join.
+    #[arg(long, value_name = "FILE")]
+    members: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// Data directory: node key, store, snapshots, control socket.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The coordinator, as NODE_ID@IP:PORT (what `voltool coordinator` prints).
+    #[arg(long, value_name = "NODE_ID@ADDR")]
+    coordinator: NodeAddr,
+    /// Address to listen on for peers.
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Zone label: peers in the same zone are preferred.
+    #[arg(long, value_name = "Z")]
+    zone: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct NodeIdArgs {
+    /// Data directory.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn until_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    init_logs();
+    let members = match &a.members {
+        Some(f) => Some(read_members(f)?),
+        None => None,
+    };
+    let c = Coordinator::start(CoordinatorOptions {
+        data: a.data.clone(),
+        listen: a.listen,
+        members,
+    })
+    .await
+    .context("starting the coordinator")?;
+    println!("coordinator {}", c.addr());
+    until_signal().await?;
+    c.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
+    init_logs();
+    let data = a.data.unwrap_or_else(default_data_dir);
+    let agent = Agent::start(AgentOptions {
+        data: data.clone(),
+        coordinator: a.coordinator,
+        listen: a.listen,
+        zone: a.zone,
+    })
+    .await
+    .context("starting the agent")?;
+    let addr = agent.addr();
+    let file = data.join(AGENT_ADDR_FILE);
+    std::fs::write(&file, format!("{addr}\n")).with_context(|| file.display().to_string())?;
+    println!("agent {addr}");
+    until_signal().await?;
+    agent.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn node_id(a: NodeIdArgs) -> anyhow::Result<ExitCode> {
+    let data = a.data.unwrap_or_else(default_data_dir);
+    let key = voltool_agent::keys::load_or_create(&data)?;
+    println!("{}", key.public());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,158 @@
+//! `voltool mount`, `commit`, `reload`, `status`: operations on the local agent's mounts.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use voltool_agent::control::{ReloadMode, Reply, Request};
+
+use crate::output::{call, ok, print_json};
+
+#[derive(Debug, Args)]
+pub(crate) struct MountArgs {
+    /// Volume name.
+    name: String,
+    /// Host path: a new path or an empty directory.
+    path: PathBuf,
+    /// Commit changes in the background every SECS seconds, and when the agent stops.
+    #[arg(long, value_name = "SECS")]
+    background_commit: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CommitArgs {
+    /// Volume (the only mounted one if left out).
+    name: Option<String>,
+    /// Print the result as JSON; no progress bar.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ReloadArgs {
+    /// Volume (the only mounted one if left out).
+    name: Option<String>,
+    /// Throw uncommitted changes away.
+    #[arg(long, conflicts_with = "commit_first")]
+    discard: bool,
+    /// Commit uncommitted changes first.
+    #[arg(long)]
+    commit_first: bool,
+    /// Print the result as JSON; no progress bar.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// Print as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn mount(agent: &Path, a: MountArgs) -> anyhow::Result<ExitCode> {
+    let path = std::path::absolute(&a.path).context("mount path")?;
+    let reply = call(
+        agent,
+        Request::Mount {
+            name: a.name,
+            path,
+            background_commit_secs: a.background_commit,
+        },
+        false,
+    )
+    .await?;
+    if let Reply::Done(msg) = reply {
+        println!("{msg}");
+    }
+    ok()
+}
+
+pub(crate) async fn commit(agent: &Path, a: CommitArgs) -> anyhow::Result<ExitCode> {
+    let reply = call(agent, Request::Commit { name: a.name }, a.json).await?;
+    let Reply::Committed(r) = reply else {
+        anyhow::bail!("unexpected answer from the agent")
+    };
+    if a.json {
+        print_json(&r)?;
+    } else if r.changed == 0 {
+        println!("nothing to commit ({} version {})", r.volume, r.version);
+    } else {
+        println!(
+            "committed {} change(s) to {} (version {}); uploaded {} bytes in {:.2}s",
+            r.changed, r.volume, r.version, r.uploaded_bytes, r.seconds
+        );
+        for p in &r.overwritten {
+            eprintln!("warning: overwrote another writer's newer change at {p}");
+        }
+    }
+    ok()
+}
+
+pub(crate) async fn reload(agent: &Path, a: ReloadArgs) -> anyhow::Result<ExitCode> {
+    let mode = if a.discard {
+        ReloadMode::Discard
+    } else if a.commit_first {
+        ReloadMode::CommitFirst
+    } else {
+        ReloadMode::Refuse
+    };
+    let reply = call(agent, Request::Reload { name: a.name, mode }, a.json).await?;
+    let Reply::Reloaded(r) = reply else {
+        anyhow::bail!("unexpected answer from the agent")
+    };
+    if a.json {
+        print_json(&r)?;
+    } else if !r.changed {
+        println!("{} is up to date (version {})", r.volume, r.version);
+    } else {
+        println!(
+            "reloaded {} from version {} to {} in {:.2}s: {} bytes from the origin, {} from peers, {} already here",
+            r.volume,
+            r.from_version,
+            r.version,
+            r.seconds,
+            r.sources.origin_bytes,
+            r.sources.peer_bytes,
+            r.sources.local_bytes
+        );
+    }
+    ok()
+}
+
+pub(crate) async fn status(agent: &Path, a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let Reply::Status(s) = call(agent, Request::Status, true).await? else {
+        anyhow::bail!("unexpected answer from the agent")
+    };
+    if a.json {
+        print_json(&s)?;
+        return ok();
+    }
+    println!("node        {}", s.node_id);
+    println!("address     {}", s.addr);
+    println!("coordinator {}", s.coordinator);
+    if s.mounts.is_empty() {
+        println!("no mounts");
+    }
+    for m in &s.mounts {
+        let remote = m
+            .remote_version
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "unreachable".into());
+        let state = match m.remote_version {
+            Some(r) if r == m.local_version => "up to date",
+            Some(_) => "behind (reload)",
+            None => "unknown",
+        };
+        println!(
+            "{:<24} {}  local v{}  remote v{}  {}",
+            m.volume,
+            m.path.display(),
+            m.local_version,
+            remote,
+            state
+        );
+    }
+    ok()
+}
