@@ -9,7 +9,9 @@ use iroh::EndpointId;
 use iroh::endpoint::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
-use voltool_protocol::blobs::{ALPN, BlobRequest, GetHeader, HaveResponse, MAX_REQUEST, MAX_RESPONSE};
+use voltool_protocol::blobs::{
+    ALPN, BlobRequest, GetHeader, HaveResponse, MAX_REQUEST, MAX_RESPONSE,
+};
 use voltool_protocol::{Hash, RangeList, blob};
 
 use crate::net::{self, NetError, NodeAddr};
@@ -160,9 +162,9 @@ impl std::io::Write for ChannelWriter {
                 &mut self.buf,
                 Vec::with_capacity(CHANNEL_CHUNK),
             ));
-            self.tx
-                .blocking_send(chunk)
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone"))?;
+            self.tx.blocking_send(chunk).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone")
+            })?;
         }
         Ok(())
     }
@@ -442,10 +444,10 @@ impl ConnPool {
     /// A connection to `addr`, reusing a live one.
     pub async fn get(&self, addr: &NodeAddr) -> Result<Connection, NetError> {
         let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&addr.id) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = conns.get(&addr.id)
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
         }
         let c = net::connect(&self.ep, addr, ALPN).await?;
         conns.insert(addr.id, c.clone());

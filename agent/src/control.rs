@@ -318,7 +318,9 @@ mod serde_bytes_vec {
 #[non_exhaustive]
 pub enum ControlError {
     /// Cannot reach the agent.
-    #[error("cannot reach the agent at {path}: {source} (is `voltool agent` running with this --data?)")]
+    #[error(
+        "cannot reach the agent at {path}: {source} (is `voltool agent` running with this --data?)"
+    )]
     Connect {
         /// Socket path.
         path: String,

@@ -5,8 +5,8 @@ use std::path::Path;
 use iroh::Endpoint;
 use iroh::endpoint::Connection;
 use tokio::io::AsyncReadExt;
-use voltool_protocol::coord::{self, CoordRequest, CoordResponse, ErrorKind, MAX_RESPONSE};
 use voltool_protocol::Hash;
+use voltool_protocol::coord::{self, CoordRequest, CoordResponse, ErrorKind, MAX_RESPONSE};
 
 use crate::net::{self, NetError, NodeAddr};
 
@@ -63,10 +63,10 @@ impl CoordClient {
 
     async fn conn(&self) -> Result<Connection, NetError> {
         let mut c = self.conn.lock().await;
-        if let Some(conn) = c.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
+        if let Some(conn) = c.as_ref()
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
         }
         let conn = net::connect(&self.ep, &self.addr, coord::ALPN).await?;
         *c = Some(conn.clone());

@@ -108,9 +108,25 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// An error answer.
-fn fail(kind: ErrorKind, message: impl Into<String>) -> CoordResponse {
-    CoordResponse::Error {
+/// A refused or failed request, sent back as [`CoordResponse::Error`].
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct Fail {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl From<Fail> for CoordResponse {
+    fn from(f: Fail) -> Self {
+        CoordResponse::Error {
+            kind: f.kind,
+            message: f.message,
+        }
+    }
+}
+
+fn fail(kind: ErrorKind, message: impl Into<String>) -> Fail {
+    Fail {
         kind,
         message: message.into(),
     }
@@ -274,7 +290,7 @@ async fn serve_request(
             let st = state.clone();
             tokio::task::spawn_blocking(move || handle(&st, other, peer))
                 .await
-                .unwrap_or_else(|e| fail(ErrorKind::Internal, e.to_string()))
+                .unwrap_or_else(|e| fail(ErrorKind::Internal, e.to_string()).into())
         }
     };
     net::write_frame(&mut send, &resp).await?;
@@ -284,13 +300,6 @@ async fn serve_request(
 
 /// Receives exactly `size` bytes, then hashes and verifies them before storing.
 async fn upload(state: &State, recv: &mut RecvStream, hash: Hash, size: u64) -> CoordResponse {
-    match state.origin.has_complete(&hash) {
-        Ok(true) => {
-            // Already held: drain nothing, the client sends only when asked; accept.
-        }
-        Ok(false) => {}
-        Err(e) => return fail(ErrorKind::Internal, e.to_string()),
-    }
     let tmp = state.origin.tmp_path("upload");
     let r = async {
         let mut f = tokio::fs::File::create(&tmp).await?;
@@ -321,7 +330,7 @@ async fn upload(state: &State, recv: &mut RecvStream, hash: Hash, size: u64) -> 
     .await;
     if let Err(e) = r {
         let _ = tokio::fs::remove_file(&tmp).await;
-        return fail(ErrorKind::Corrupt, format!("blob {}: {e}", hash.short()));
+        return fail(ErrorKind::Corrupt, format!("blob {}: {e}", hash.short())).into();
     }
     let origin = state.origin.clone();
     match tokio::task::spawn_blocking(move || origin.adopt_tmp(&tmp, size, Some(hash))).await {
@@ -329,9 +338,10 @@ async fn upload(state: &State, recv: &mut RecvStream, hash: Hash, size: u64) -> 
         Ok(Err(StoreError::Corrupt { message, .. })) => fail(
             ErrorKind::Corrupt,
             format!("upload of blob {} refused: {message}", hash.short()),
-        ),
-        Ok(Err(e)) => fail(ErrorKind::Internal, e.to_string()),
-        Err(e) => fail(ErrorKind::Internal, e.to_string()),
+        )
+        .into(),
+        Ok(Err(e)) => fail(ErrorKind::Internal, e.to_string()).into(),
+        Err(e) => fail(ErrorKind::Internal, e.to_string()).into(),
     }
 }
 
@@ -344,7 +354,7 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
         CoordRequest::GetHead { name } => info(state, &name).map(CoordResponse::Volume),
         CoordRequest::HasBlobs { hashes } => {
             if hashes.len() > MAX_HAS {
-                return fail(ErrorKind::Invalid, "too many hashes in one request");
+                return fail(ErrorKind::Invalid, "too many hashes in one request").into();
             }
             hashes
                 .iter()
@@ -363,16 +373,16 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
         CoordRequest::Upload { .. } => Err(fail(ErrorKind::Invalid, "upload out of place")),
         _ => Err(fail(ErrorKind::Invalid, "unknown request")),
     };
-    r.unwrap_or_else(|e| e)
+    r.unwrap_or_else(Into::into)
 }
 
-type Reply = Result<CoordResponse, CoordResponse>;
+type Reply = Result<CoordResponse, Fail>;
 
-fn internal(e: impl std::fmt::Display) -> CoordResponse {
+fn internal(e: impl std::fmt::Display) -> Fail {
     fail(ErrorKind::Internal, e.to_string())
 }
 
-fn record(state: &State, name: &str) -> Result<VolumeRecord, CoordResponse> {
+fn record(state: &State, name: &str) -> Result<VolumeRecord, Fail> {
     let r = state.db.begin_read().map_err(internal)?;
     let t = r.open_table(VOLUMES).map_err(internal)?;
     let v = t
@@ -382,7 +392,7 @@ fn record(state: &State, name: &str) -> Result<VolumeRecord, CoordResponse> {
     postcard::from_bytes(v.value()).map_err(internal)
 }
 
-fn head_of(state: &State, id: VolumeId) -> Result<SignedHead, CoordResponse> {
+fn head_of(state: &State, id: VolumeId) -> Result<SignedHead, Fail> {
     let r = state.db.begin_read().map_err(internal)?;
     let t = r.open_table(HEADS).map_err(internal)?;
     let v = t
@@ -392,7 +402,7 @@ fn head_of(state: &State, id: VolumeId) -> Result<SignedHead, CoordResponse> {
     postcard::from_bytes(v.value()).map_err(internal)
 }
 
-fn info(state: &State, name: &str) -> Result<VolumeInfo, CoordResponse> {
+fn info(state: &State, name: &str) -> Result<VolumeInfo, Fail> {
     let rec = record(state, name)?;
     Ok(VolumeInfo {
         name: name.to_string(),
@@ -402,7 +412,7 @@ fn info(state: &State, name: &str) -> Result<VolumeInfo, CoordResponse> {
     })
 }
 
-fn check_name(name: &str) -> Result<(), CoordResponse> {
+fn check_name(name: &str) -> Result<(), Fail> {
     check_volume_name(name).map_err(|e| fail(ErrorKind::Invalid, e.to_string()))
 }
 
@@ -447,7 +457,7 @@ fn create(state: &State, name: &str) -> Reply {
     }))
 }
 
-fn put_head(w: &redb::WriteTransaction, head: &SignedHead) -> Result<(), CoordResponse> {
+fn put_head(w: &redb::WriteTransaction, head: &SignedHead) -> Result<(), Fail> {
     let enc = postcard::to_stdvec(head).map_err(internal)?;
     let c = &head.commit;
     w.open_table(HEADS)
@@ -520,7 +530,7 @@ fn delete(state: &State, name: &str) -> Reply {
     Ok(CoordResponse::Ok)
 }
 
-fn load_manifest(state: &State, head: &Commit) -> Result<Manifest, CoordResponse> {
+fn load_manifest(state: &State, head: &Commit) -> Result<Manifest, Fail> {
     let bytes = state.origin.read_all(&head.manifest).map_err(internal)?;
     Manifest::decode(&bytes).map_err(internal)
 }
@@ -542,7 +552,10 @@ fn commit(
         ));
     }
     if priors.len() != changes.len() {
-        return Err(fail(ErrorKind::Invalid, "one prior entry per change expected"));
+        return Err(fail(
+            ErrorKind::Invalid,
+            "one prior entry per change expected",
+        ));
     }
     let head = head_of(state, rec.id)?;
     if base_version > head.commit.version {
@@ -556,10 +569,10 @@ fn commit(
     }
     let mut missing = Vec::new();
     for c in &changes {
-        if let Some((h, _)) = c.entry.as_ref().and_then(|e| e.blob()) {
-            if !state.origin.has_complete(&h).map_err(internal)? {
-                missing.push(h.short());
-            }
+        if let Some((h, _)) = c.entry.as_ref().and_then(|e| e.blob())
+            && !state.origin.has_complete(&h).map_err(internal)?
+        {
+            missing.push(h.short());
         }
     }
     if !missing.is_empty() {

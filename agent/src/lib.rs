@@ -1,11 +1,11 @@
 //! voltool's node: content store, blob service, coordinator and agent roles.
 
-pub mod keys;
-pub mod net;
-pub mod node;
-pub mod scan;
 pub mod blobs;
 pub mod control;
 pub mod coord_client;
 pub mod coordinator;
+pub mod keys;
+pub mod net;
+pub mod node;
+pub mod scan;
 pub mod store;

@@ -20,11 +20,11 @@ use voltool_protocol::{
 };
 
 use crate::blobs::{ConnPool, FetchError, FetchStats, Provider};
-use crate::coord_client::{ClientError, CoordClient};
 use crate::control::{
     self, CommitReport, ErrorCode, ErrorReply, Event, LsEntry, MountStatus, ReloadMode,
     ReloadReport, Reply, Request, Sources, StatusReport, VolumeView,
 };
+use crate::coord_client::{ClientError, CoordClient};
 use crate::net::{self, NodeAddr};
 use crate::scan::{self, ScanMode, StatCache};
 use crate::store::Store;
@@ -235,7 +235,12 @@ impl Agent {
         tasks.spawn(peer_loop(inner.clone(), cancel.clone()));
         for m in inner.mounts().map_err(|e| other(&e))? {
             if let Some(secs) = m.background_commit_secs {
-                tasks.spawn(background_commits(inner.clone(), m.name, secs, cancel.clone()));
+                tasks.spawn(background_commits(
+                    inner.clone(),
+                    m.name,
+                    secs,
+                    cancel.clone(),
+                ));
             }
         }
         info!(
@@ -269,10 +274,17 @@ impl Agent {
         self.cancel.cancel();
         while self.tasks.join_next().await.is_some() {}
         if let Ok(mounts) = self.inner.mounts() {
-            for m in mounts.into_iter().filter(|m| m.background_commit_secs.is_some()) {
+            for m in mounts
+                .into_iter()
+                .filter(|m| m.background_commit_secs.is_some())
+            {
                 match self.inner.commit(&m.name, &Events::none()).await {
                     Ok(r) if r.changed > 0 => {
-                        info!(volume = m.name, version = r.version, "final commit at shutdown")
+                        info!(
+                            volume = m.name,
+                            version = r.version,
+                            "final commit at shutdown"
+                        )
                     }
                     Ok(_) => {}
                     Err(e) => warn!(volume = m.name, "final commit failed: {e}"),
@@ -341,12 +353,7 @@ async fn peer_loop(inner: Arc<Inner>, cancel: CancellationToken) {
     }
 }
 
-async fn background_commits(
-    inner: Arc<Inner>,
-    name: String,
-    secs: u64,
-    cancel: CancellationToken,
-) {
+async fn background_commits(inner: Arc<Inner>, name: String, secs: u64, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(secs.max(1)));
     tick.tick().await;
     loop {
@@ -355,7 +362,9 @@ async fn background_commits(
             _ = tick.tick() => {}
         }
         match inner.commit(&name, &Events::none()).await {
-            Ok(r) if r.changed > 0 => info!(volume = name, version = r.version, "background commit"),
+            Ok(r) if r.changed > 0 => {
+                info!(volume = name, version = r.version, "background commit")
+            }
             Ok(_) => {}
             Err(e) if e.code == ErrorCode::NotFound => return,
             Err(e) => warn!(volume = name, "background commit failed: {e}"),
@@ -391,10 +400,12 @@ impl Inner {
     fn mount(&self, name: &str) -> OpResult<MountRecord> {
         let r = self.db.begin_read().map_err(db_err)?;
         let t = r.open_table(MOUNTS).map_err(db_err)?;
-        let v = t
-            .get(name)
-            .map_err(db_err)?
-            .ok_or_else(|| err(ErrorCode::NotFound, format!("volume {name:?} is not mounted here")))?;
+        let v = t.get(name).map_err(db_err)?.ok_or_else(|| {
+            err(
+                ErrorCode::NotFound,
+                format!("volume {name:?} is not mounted here"),
+            )
+        })?;
         postcard::from_bytes(v.value()).map_err(db_err)
     }
 
@@ -440,7 +451,10 @@ impl Inner {
         for m in &mounts {
             let snap = self.mounts_dir(m.id).join(&m.snapshot);
             if std::fs::read_link(&m.path).ok().as_deref() != Some(snap.as_path()) {
-                warn!(volume = m.name, "re-pointing mount at its recorded snapshot");
+                warn!(
+                    volume = m.name,
+                    "re-pointing mount at its recorded snapshot"
+                );
                 switch_link(&m.path, &snap)?;
             }
         }
@@ -484,19 +498,27 @@ impl Inner {
                 )),
                 _ => Err(failed("unexpected answer from the coordinator")),
             },
-            Request::VolumeLs { name, path } => self.ls(&name, path.as_deref()).await.map(Reply::Ls),
+            Request::VolumeLs { name, path } => {
+                self.ls(&name, path.as_deref()).await.map(Reply::Ls)
+            }
             Request::VolumePut {
                 name,
                 local,
                 remote,
                 force,
-            } => self.put(&name, &local, remote.as_deref(), force, &events).await,
+            } => {
+                self.put(&name, &local, remote.as_deref(), force, &events)
+                    .await
+            }
             Request::VolumeGet {
                 name,
                 remote,
                 local,
                 force,
-            } => self.get(&name, &remote, local.as_deref(), force, &events).await,
+            } => {
+                self.get(&name, &remote, local.as_deref(), force, &events)
+                    .await
+            }
             Request::VolumeRm {
                 name,
                 path,
@@ -622,7 +644,8 @@ impl Inner {
             .await
             .map_err(failed)?
             .map_err(failed)?;
-        Manifest::decode(&bytes).map_err(|e| err(ErrorCode::Verify, format!("refused manifest: {e}")))
+        Manifest::decode(&bytes)
+            .map_err(|e| err(ErrorCode::Verify, format!("refused manifest: {e}")))
     }
 
     async fn local_manifest(&self, h: Hash) -> OpResult<Manifest> {
@@ -650,7 +673,9 @@ impl Inner {
         let mut queue = wanted.into_iter();
         loop {
             while set.len() < 8 {
-                let Some((hash, size)) = queue.next() else { break };
+                let Some((hash, size)) = queue.next() else {
+                    break;
+                };
                 let pool = self.pool.clone();
                 let store = self.store.clone();
                 let providers = providers.clone();
@@ -659,7 +684,9 @@ impl Inner {
                     crate::blobs::fetch_blob(&pool, &store, &providers, hash, size, counter).await
                 });
             }
-            let Some(r) = set.join_next().await else { break };
+            let Some(r) = set.join_next().await else {
+                break;
+            };
             match r.map_err(failed)? {
                 Ok(s) => stats.merge(&s),
                 Err(e) => {
@@ -746,9 +773,9 @@ impl Inner {
                 .request(&CoordRequest::HasBlobs { hashes })
                 .await?
             {
-                CoordResponse::Has(has) if has.len() == chunk.len() => missing.extend(
-                    chunk.iter().zip(has).filter(|(_, h)| !h).map(|(b, _)| *b),
-                ),
+                CoordResponse::Has(has) if has.len() == chunk.len() => {
+                    missing.extend(chunk.iter().zip(has).filter(|(_, h)| !h).map(|(b, _)| *b))
+                }
                 _ => return Err(failed("unexpected answer from the coordinator")),
             }
         }
@@ -794,7 +821,10 @@ impl Inner {
         current: &Manifest,
         changes: Vec<Change>,
     ) -> OpResult<u64> {
-        let priors = changes.iter().map(|c| current.get(&c.path).cloned()).collect();
+        let priors = changes
+            .iter()
+            .map(|c| current.get(&c.path).cloned())
+            .collect();
         let (head, _) = self
             .send_commit(info, info.head.commit.version, changes, priors)
             .await?;
@@ -816,7 +846,12 @@ impl Inner {
         let base_name = local
             .file_name()
             .and_then(|n| n.to_str())
-            .ok_or_else(|| err(ErrorCode::Invalid, format!("{}: no usable file name", local.display())))?
+            .ok_or_else(|| {
+                err(
+                    ErrorCode::Invalid,
+                    format!("{}: no usable file name", local.display()),
+                )
+            })?
             .to_string();
         let into_dir = remote.is_none_or(|r| r.ends_with('/'));
         let target = match (remote, into_dir) {
@@ -824,7 +859,8 @@ impl Inner {
                 .ok_or_else(|| err(ErrorCode::Invalid, "the volume root is not a file"))?,
             (r, _) => {
                 let dir = user_path(r)?;
-                let leaf = VolPath::new(&base_name).map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
+                let leaf =
+                    VolPath::new(&base_name).map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
                 match dir {
                     Some(d) => d.join(&leaf),
                     None => leaf,
@@ -836,7 +872,12 @@ impl Inner {
         let is_dir = meta.is_dir();
         let entries: Vec<(VolPath, Entry)> = tokio::task::spawn_blocking(move || {
             if is_dir {
-                let s = scan::scan(&local_owned, &Manifest::new(), &StatCache::new(), ScanMode::Import(&store))?;
+                let s = scan::scan(
+                    &local_owned,
+                    &Manifest::new(),
+                    &StatCache::new(),
+                    ScanMode::Import(&store),
+                )?;
                 Ok::<_, scan::ScanError>(s.manifest.into_entries().into_iter().collect())
             } else {
                 let (hash, size) = store.import_file(&local_owned)?;
@@ -880,17 +921,20 @@ impl Inner {
                 entry: Some(e),
             });
         }
-        if !force {
-            if let Some(c) = changes.iter().find(|c| {
+        if !force
+            && let Some(c) = changes.iter().find(|c| {
                 current
                     .get(&c.path)
                     .is_some_and(|e| !e.is_dir() || !c.entry.as_ref().is_some_and(|n| n.is_dir()))
-            }) {
-                return Err(err(
-                    ErrorCode::Exists,
-                    format!("{name}:{} already exists (use --force to overwrite)", c.path),
-                ));
-            }
+            })
+        {
+            return Err(err(
+                ErrorCode::Exists,
+                format!(
+                    "{name}:{} already exists (use --force to overwrite)",
+                    c.path
+                ),
+            ));
         }
         let blobs: Vec<(Hash, u64)> = changes
             .iter()
@@ -927,7 +971,10 @@ impl Inner {
         let Some(local) = local else {
             // To stdout: one file only.
             let Some(Entry::File { hash, size, .. }) = entry else {
-                return Err(err(ErrorCode::Invalid, format!("{remote} is not a file; only files can go to stdout")));
+                return Err(err(
+                    ErrorCode::Invalid,
+                    format!("{remote} is not a file; only files can go to stdout"),
+                ));
             };
             self.fetch_blobs(&[(hash, size)], &Events::none()).await?;
             if size > 0 {
@@ -957,7 +1004,9 @@ impl Inner {
         };
         let mut items: Vec<(PathBuf, Entry)> = Vec::new();
         match &entry {
-            Some(e @ (Entry::File { .. } | Entry::Symlink { .. })) => items.push((dest.clone(), e.clone())),
+            Some(e @ (Entry::File { .. } | Entry::Symlink { .. })) => {
+                items.push((dest.clone(), e.clone()))
+            }
             _ => {
                 items.push((dest.clone(), Entry::Dir { mode: 0o755 }));
                 for (p, e) in m.under(src.as_ref()) {
@@ -969,16 +1018,15 @@ impl Inner {
                 }
             }
         }
-        if !force {
-            if let Some((p, _)) = items
+        if !force
+            && let Some((p, _)) = items
                 .iter()
                 .find(|(p, e)| !e.is_dir() && std::fs::symlink_metadata(p).is_ok())
-            {
-                return Err(err(
-                    ErrorCode::Exists,
-                    format!("{} already exists (use --force to overwrite)", p.display()),
-                ));
-            }
+        {
+            return Err(err(
+                ErrorCode::Exists,
+                format!("{} already exists (use --force to overwrite)", p.display()),
+            ));
         }
         let blobs: Vec<(Hash, u64)> = items.iter().filter_map(|(_, e)| e.blob()).collect();
         let total: u64 = blobs.iter().map(|(_, s)| s).sum();
@@ -998,10 +1046,19 @@ impl Inner {
     async fn rm(&self, name: &str, path: &str, recursive: bool) -> OpResult<Reply> {
         let info = self.verified_head(name).await?;
         let m = self.manifest_of(&info.head.commit).await?;
-        let p = user_path(Some(path))?
-            .ok_or_else(|| err(ErrorCode::Invalid, "refusing to remove the volume root; delete the volume instead"))?;
+        let p = user_path(Some(path))?.ok_or_else(|| {
+            err(
+                ErrorCode::Invalid,
+                "refusing to remove the volume root; delete the volume instead",
+            )
+        })?;
         match m.get(&p) {
-            None => return Err(err(ErrorCode::NotFound, format!("no such path: {name}:{p}"))),
+            None => {
+                return Err(err(
+                    ErrorCode::NotFound,
+                    format!("no such path: {name}:{p}"),
+                ));
+            }
             Some(e) if e.is_dir() && !recursive && m.under(Some(&p)).next().is_some() => {
                 return Err(err(
                     ErrorCode::Invalid,
@@ -1011,9 +1068,18 @@ impl Inner {
             _ => {}
         }
         let version = self
-            .commit_changes(&info, &m, vec![Change { path: p.clone(), entry: None }])
+            .commit_changes(
+                &info,
+                &m,
+                vec![Change {
+                    path: p.clone(),
+                    entry: None,
+                }],
+            )
             .await?;
-        Ok(Reply::Done(format!("removed {name}:{p} (version {version})")))
+        Ok(Reply::Done(format!(
+            "removed {name}:{p} (version {version})"
+        )))
     }
 
     async fn cp(&self, name: &str, srcs: &[String], dst: &str, recursive: bool) -> OpResult<Reply> {
@@ -1029,7 +1095,8 @@ impl Inner {
         };
         let mut changes = Vec::new();
         for s in srcs {
-            let sp = user_path(Some(s))?.ok_or_else(|| err(ErrorCode::Invalid, "cannot copy the volume root"))?;
+            let sp = user_path(Some(s))?
+                .ok_or_else(|| err(ErrorCode::Invalid, "cannot copy the volume root"))?;
             let e = m
                 .get(&sp)
                 .ok_or_else(|| err(ErrorCode::NotFound, format!("no such path: {name}:{sp}")))?;
@@ -1040,20 +1107,35 @@ impl Inner {
                 (Some(d), false) => d.clone(),
             };
             if to == sp || to.is_under(&sp) {
-                return Err(err(ErrorCode::Invalid, format!("cannot copy {sp} into itself")));
+                return Err(err(
+                    ErrorCode::Invalid,
+                    format!("cannot copy {sp} into itself"),
+                ));
             }
             if e.is_dir() && !recursive {
-                return Err(err(ErrorCode::Invalid, format!("{name}:{sp} is a directory (use -r)")));
+                return Err(err(
+                    ErrorCode::Invalid,
+                    format!("{name}:{sp} is a directory (use -r)"),
+                ));
             }
-            changes.push(Change { path: to.clone(), entry: Some(e.clone()) });
+            changes.push(Change {
+                path: to.clone(),
+                entry: Some(e.clone()),
+            });
             for (p, e) in m.under(Some(&sp)) {
                 let np = p.rebase(&sp, &to).expect("under the source");
-                changes.push(Change { path: np, entry: Some(e.clone()) });
+                changes.push(Change {
+                    path: np,
+                    entry: Some(e.clone()),
+                });
             }
         }
         let n = changes.len();
         let version = self.commit_changes(&info, &m, changes).await?;
-        Ok(Reply::Done(format!("copied {n} entr{} (version {version})", if n == 1 { "y" } else { "ies" })))
+        Ok(Reply::Done(format!(
+            "copied {n} entr{} (version {version})",
+            if n == 1 { "y" } else { "ies" }
+        )))
     }
 
     async fn mount_volume(
@@ -1066,7 +1148,10 @@ impl Inner {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
         if self.mount(name).is_ok() {
-            return Err(err(ErrorCode::Exists, format!("volume {name:?} is already mounted here")));
+            return Err(err(
+                ErrorCode::Exists,
+                format!("volume {name:?} is already mounted here"),
+            ));
         }
         if !path.is_absolute() {
             return Err(err(ErrorCode::Invalid, "mount path must be absolute"));
@@ -1079,7 +1164,10 @@ impl Inner {
             Ok(_) => {
                 return Err(err(
                     ErrorCode::Exists,
-                    format!("{} exists; mount on a new path or an empty directory", path.display()),
+                    format!(
+                        "{} exists; mount on a new path or an empty directory",
+                        path.display()
+                    ),
                 ));
             }
         }
@@ -1087,7 +1175,11 @@ impl Inner {
         let m = self.manifest_of(&info.head.commit).await?;
         let blobs: Vec<(Hash, u64)> = m.entries().values().filter_map(|e| e.blob()).collect();
         let fetched = self.fetch_blobs(&blobs, events).await?;
-        let snap_name = format!("v{}-{:08x}", info.head.commit.version, rand::random::<u32>());
+        let snap_name = format!(
+            "v{}-{:08x}",
+            info.head.commit.version,
+            rand::random::<u32>()
+        );
         let dir = self.mounts_dir(info.id);
         std::fs::create_dir_all(&dir).map_err(failed)?;
         let snap = dir.join(&snap_name);
@@ -1114,7 +1206,12 @@ impl Inner {
         if let Some(secs) = background_commit_secs {
             // Runs until the agent stops (the cancel token is not reachable here, so the
             // loop ends when the mount record is gone or the process exits).
-            tokio::spawn(background_commits(self.clone(), name.to_string(), secs, CancellationToken::new()));
+            tokio::spawn(background_commits(
+                self.clone(),
+                name.to_string(),
+                secs,
+                CancellationToken::new(),
+            ));
         }
         Ok(Reply::Done(format!(
             "mounted {name} (version {}) at {}; {} bytes from the origin",
@@ -1159,7 +1256,10 @@ impl Inner {
         }
         let info = self.verified_head(name).await?;
         if info.id != rec.id {
-            return Err(err(ErrorCode::NotFound, format!("volume {name:?} was deleted and created again")));
+            return Err(err(
+                ErrorCode::NotFound,
+                format!("volume {name:?} was deleted and created again"),
+            ));
         }
         let blobs: Vec<(Hash, u64)> = changes
             .iter()
@@ -1168,8 +1268,13 @@ impl Inner {
         let uploaded = self.upload_missing(&blobs, events).await?;
         let priors = changes.iter().map(|c| base.get(&c.path).cloned()).collect();
         let n = changes.len();
-        let (head, overwritten) = self.send_commit(&info, rec.version, changes, priors).await?;
-        let local_hash = self.store.import_bytes(&scanned.manifest.encode()).map_err(failed)?;
+        let (head, overwritten) = self
+            .send_commit(&info, rec.version, changes, priors)
+            .await?;
+        let local_hash = self
+            .store
+            .import_bytes(&scanned.manifest.encode())
+            .map_err(failed)?;
         // Other writers' changes merged into the head are not in this snapshot yet: keep
         // the old version then, so the next reload brings them in.
         let version = if head.commit.manifest == local_hash {
@@ -1197,7 +1302,12 @@ impl Inner {
         })
     }
 
-    async fn reload(&self, name: &str, mode: ReloadMode, events: &Events) -> OpResult<ReloadReport> {
+    async fn reload(
+        &self,
+        name: &str,
+        mode: ReloadMode,
+        events: &Events,
+    ) -> OpResult<ReloadReport> {
         let start = Instant::now();
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
@@ -1205,7 +1315,10 @@ impl Inner {
         let from_version = rec.version;
         let mut info = self.verified_head(name).await?;
         if info.id != rec.id {
-            return Err(err(ErrorCode::NotFound, format!("volume {name:?} was deleted and created again")));
+            return Err(err(
+                ErrorCode::NotFound,
+                format!("volume {name:?} was deleted and created again"),
+            ));
         }
         let unchanged = |info: &VolumeInfo, rec: &MountRecord| ReloadReport {
             volume: name.to_string(),
@@ -1225,16 +1338,18 @@ impl Inner {
         let cache = self.stats(name)?;
         let old_snap = self.mounts_dir(rec.id).join(&rec.snapshot);
         let (b2, s2) = (base.clone(), old_snap.clone());
-        let scanned = tokio::task::spawn_blocking(move || scan::scan(&s2, &b2, &cache, ScanMode::HashOnly))
-            .await
-            .map_err(failed)?
-            .map_err(failed)?;
+        let scanned =
+            tokio::task::spawn_blocking(move || scan::scan(&s2, &b2, &cache, ScanMode::HashOnly))
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
         let dirty = scan::changes(&base, &scanned.manifest);
         let mut committed = None;
         if !dirty.is_empty() {
             match mode {
                 ReloadMode::Refuse => {
-                    let some: Vec<String> = dirty.iter().take(5).map(|c| c.path.to_string()).collect();
+                    let some: Vec<String> =
+                        dirty.iter().take(5).map(|c| c.path.to_string()).collect();
                     return Err(err(
                         ErrorCode::Dirty,
                         format!(
@@ -1280,7 +1395,11 @@ impl Inner {
             .collect();
         let fetched_files_bytes = needed.iter().map(|(_, s)| s).sum();
         let stats = self.fetch_blobs(&needed, events).await?;
-        let snap_name = format!("v{}-{:08x}", info.head.commit.version, rand::random::<u32>());
+        let snap_name = format!(
+            "v{}-{:08x}",
+            info.head.commit.version,
+            rand::random::<u32>()
+        );
         let snap = self.mounts_dir(rec.id).join(&snap_name);
         let store = self.store.clone();
         let (n2, sn2, old2) = (new.clone(), snap.clone(), old_snap.clone());
@@ -1348,7 +1467,10 @@ fn user_path(p: Option<&str>) -> OpResult<Option<VolPath>> {
 fn ls_entry(p: &VolPath, e: &Entry) -> LsEntry {
     let (kind, size, mode, mtime_ns, target) = match e {
         Entry::File {
-            size, mode, mtime_ns, ..
+            size,
+            mode,
+            mtime_ns,
+            ..
         } => ("file", *size, *mode, *mtime_ns, None),
         Entry::Dir { mode } => ("dir", 0, *mode, 0, None),
         Entry::Symlink { target } => ("symlink", 0, 0o777, 0, Some(target.clone())),
@@ -1384,7 +1506,12 @@ fn write_out(store: &Store, items: &[(PathBuf, Entry)]) -> OpResult<()> {
         match e {
             Entry::Dir { .. } => match std::fs::symlink_metadata(p) {
                 Ok(md) if md.is_dir() => {}
-                Ok(_) => return Err(err(ErrorCode::Exists, format!("{} exists and is not a directory", p.display()))),
+                Ok(_) => {
+                    return Err(err(
+                        ErrorCode::Exists,
+                        format!("{} exists and is not a directory", p.display()),
+                    ));
+                }
                 Err(_) => std::fs::create_dir(p).map_err(io)?,
             },
             Entry::Symlink { target } => {
@@ -1402,7 +1529,8 @@ fn write_out(store: &Store, items: &[(PathBuf, Entry)]) -> OpResult<()> {
                 } else {
                     std::fs::copy(store.data_path(hash), &tmp).map_err(io)?;
                 }
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode)).map_err(io)?;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode))
+                    .map_err(io)?;
                 std::fs::rename(&tmp, p).map_err(io)?;
             }
         }

@@ -225,7 +225,11 @@ impl Store {
         // from the copy itself (it is in the page cache).
         io::copy(&mut tee, &mut io::sink()).ctx(what)?;
         let size = tee.n;
-        let out = tee.w.into_inner().map_err(|e| e.into_error()).ctx(&tmp_data)?;
+        let out = tee
+            .w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .ctx(&tmp_data)?;
         out.sync_data().ctx(&tmp_data)?;
         drop(out);
         self.adopt_tmp(&tmp_data, size, None)
@@ -256,15 +260,15 @@ impl Store {
         )
         .ctx(tmp_data)?;
         let hash = Hash::from(root);
-        if let Some(exp) = expected {
-            if exp != hash {
-                let _ = std::fs::remove_file(tmp_data);
-                let _ = std::fs::remove_file(&tmp_ob);
-                return Err(StoreError::Corrupt {
-                    hash: exp,
-                    message: format!("content hashes to {hash}"),
-                });
-            }
+        if let Some(exp) = expected
+            && exp != hash
+        {
+            let _ = std::fs::remove_file(tmp_data);
+            let _ = std::fs::remove_file(&tmp_ob);
+            return Err(StoreError::Corrupt {
+                hash: exp,
+                message: format!("content hashes to {hash}"),
+            });
         }
         ob.data.sync_data().ctx(&tmp_ob)?;
         if self.has_complete(&hash)? {
@@ -496,7 +500,12 @@ mod tests {
         let mut on_disk = std::fs::read(&p).unwrap();
         on_disk[50_000] ^= 0xff;
         std::fs::write(&p, on_disk).unwrap();
-        let r = s.encode(&hash, bytes.len() as u64, &RangeList::all(100_000), Vec::new());
+        let r = s.encode(
+            &hash,
+            bytes.len() as u64,
+            &RangeList::all(100_000),
+            Vec::new(),
+        );
         assert!(matches!(r, Err(StoreError::Corrupt { .. })), "{r:?}");
     }
 

@@ -93,7 +93,8 @@ pub(crate) fn usage(msg: impl std::fmt::Display) -> anyhow::Result<ExitCode> {
 /// choose so).
 #[allow(dead_code)]
 pub(crate) fn is_code(e: &anyhow::Error, code: ErrorCode) -> bool {
-    e.downcast_ref::<Refused>().is_some_and(|r| r.0.code == code)
+    e.downcast_ref::<Refused>()
+        .is_some_and(|r| r.0.code == code)
 }
 
 /// Prints a value as one line of JSON.

@@ -111,10 +111,10 @@ fn confirm(question: &str) -> anyhow::Result<bool> {
 }
 
 fn done(reply: Reply) -> anyhow::Result<ExitCode> {
-    if let Reply::Done(msg) = reply {
-        if !msg.is_empty() {
-            println!("{msg}");
-        }
+    if let Reply::Done(msg) = reply
+        && !msg.is_empty()
+    {
+        println!("{msg}");
     }
     ok()
 }
@@ -152,7 +152,10 @@ pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode
             if json {
                 print_json(&v)?;
             } else {
-                println!("{:<32} {:>8}  {:<20}  {:<20}", "NAME", "VERSION", "CREATED", "UPDATED");
+                println!(
+                    "{:<32} {:>8}  {:<20}  {:<20}",
+                    "NAME", "VERSION", "CREATED", "UPDATED"
+                );
                 for x in v {
                     println!(
                         "{:<32} {:>8}  {:<20}  {:<20}",
@@ -176,11 +179,9 @@ pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode
                 for e in entries {
                     match e.kind.as_str() {
                         "dir" => println!("{}/", e.path),
-                        "symlink" => println!(
-                            "{} -> {}",
-                            e.path,
-                            e.target.as_deref().unwrap_or("")
-                        ),
+                        "symlink" => {
+                            println!("{} -> {}", e.path, e.target.as_deref().unwrap_or(""))
+                        }
                         _ => println!("{}  {}", e.path, e.size),
                     }
                 }
@@ -217,8 +218,8 @@ pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode
             if local.as_deref() == Some("-") {
                 return get_stdout(agent, name, remote).await;
             }
-            let local = std::path::absolute(local.as_deref().unwrap_or("."))
-                .context("local path")?;
+            let local =
+                std::path::absolute(local.as_deref().unwrap_or(".")).context("local path")?;
             done(
                 call(
                     agent,
@@ -317,12 +318,11 @@ async fn get_stdout(agent: &Path, name: String, remote: String) -> anyhow::Resul
             force: false,
         },
         |ev| {
-            if let Event::Data(bytes) = ev {
-                if write_err.is_none() {
-                    if let Err(e) = out.write_all(&bytes) {
-                        write_err = Some(e);
-                    }
-                }
+            if let Event::Data(bytes) = ev
+                && write_err.is_none()
+                && let Err(e) = out.write_all(&bytes)
+            {
+                write_err = Some(e);
             }
         },
     )

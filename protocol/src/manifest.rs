@@ -169,7 +169,11 @@ impl Manifest {
 
     /// Total bytes of all files.
     pub fn total_bytes(&self) -> u64 {
-        self.entries.values().filter_map(|e| e.blob()).map(|(_, s)| s).sum()
+        self.entries
+            .values()
+            .filter_map(|e| e.blob())
+            .map(|(_, s)| s)
+            .sum()
     }
 
     /// Entries strictly below `dir` (all of them for `None`).

@@ -83,7 +83,10 @@ impl VolPath {
         if s.contains('\0') {
             return Err(PathError::Nul(s.to_string()));
         }
-        let parts: Vec<&str> = s.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+        let parts: Vec<&str> = s
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
         if parts.contains(&"..") {
             return Err(PathError::ParentDir(s.to_string()));
         }
@@ -201,7 +204,16 @@ mod tests {
     #[test]
     fn hostile_paths_are_refused() {
         for bad in [
-            "", "/etc/x", "../x", "a/../../b", "a/..", "a//b", "./a", "a/", "a\0b", ".",
+            "",
+            "/etc/x",
+            "../x",
+            "a/../../b",
+            "a/..",
+            "a//b",
+            "./a",
+            "a/",
+            "a\0b",
+            ".",
         ] {
             assert!(VolPath::new(bad).is_err(), "{bad:?} accepted");
         }

@@ -47,7 +47,10 @@ fn blob_get_frame_is_pinned() {
         })[..6],
         hexdump("21 00 00 00  01  01")
     );
-    assert_eq!(frame::encode(&GetHeader::Missing), hexdump("01 00 00 00  02"));
+    assert_eq!(
+        frame::encode(&GetHeader::Missing),
+        hexdump("01 00 00 00  02")
+    );
 }
 
 #[test]
@@ -103,7 +106,10 @@ fn manifest_and_commit_are_pinned() {
         time_ms: 1,
     };
     let enc = c.encode();
-    assert_eq!(enc[..17], hexdump("09090909090909090909090909090909 01")[..]);
+    assert_eq!(
+        enc[..17],
+        hexdump("09090909090909090909090909090909 01")[..]
+    );
     assert_eq!(enc[17], 0, "parent None");
 }
 
@@ -117,9 +123,8 @@ fn oversized_frames_are_refused_before_allocation() {
 }
 
 fn arb_path() -> impl Strategy<Value = VolPath> {
-    proptest::collection::vec("[a-z0-9._-]{1,8}", 1..4).prop_filter_map("valid", |parts| {
-        VolPath::new(&parts.join("/")).ok()
-    })
+    proptest::collection::vec("[a-z0-9._-]{1,8}", 1..4)
+        .prop_filter_map("valid", |parts| VolPath::new(&parts.join("/")).ok())
 }
 
 fn arb_entry() -> impl Strategy<Value = Entry> {
