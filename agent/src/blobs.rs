@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use iroh::EndpointId;
-use iroh::endpoint::{Connection, RecvStream, SendStream, VarInt};
+use iroh::endpoint::{Connection, ReadError, ReadToEndError, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use voltool_protocol::blobs::{
@@ -15,13 +15,20 @@ use voltool_protocol::blobs::{
 use voltool_protocol::{Hash, RangeList, blob};
 
 use crate::net::{self, NetError, NodeAddr};
+use crate::rate::TokenBucket;
 use crate::store::{Store, StoreError};
+
+/// Stream reset code: the provider's copy failed its own verification while encoding.
+const RESET_SELF_CHECK: VarInt = VarInt::from_u32(1);
 
 /// Who may fetch from this node.
 pub type Allow = Arc<dyn Fn(&EndpointId) -> bool + Send + Sync>;
 
+/// Optional egress limit shared by everything a node sends.
+pub type Egress = Option<Arc<TokenBucket>>;
+
 /// Serves one incoming connection on the blob ALPN until it closes.
-pub async fn serve(conn: Connection, store: Store, allow: Allow) {
+pub async fn serve(conn: Connection, store: Store, allow: Allow, egress: Egress) {
     let peer = conn.remote_id();
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -33,8 +40,9 @@ pub async fn serve(conn: Connection, store: Store, allow: Allow) {
         };
         let store = store.clone();
         let allowed = allow(&peer);
+        let egress = egress.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(send, recv, store, allowed).await {
+            if let Err(e) = serve_stream(send, recv, store, allowed, egress).await {
                 debug!(peer = %peer.fmt_short(), "blob request failed: {e}");
             }
         });
@@ -46,6 +54,7 @@ async fn serve_stream(
     mut recv: RecvStream,
     store: Store,
     allowed: bool,
+    egress: Egress,
 ) -> Result<(), NetError> {
     let req: BlobRequest = net::read_frame(&mut recv, MAX_REQUEST).await?;
     if !allowed {
@@ -97,7 +106,7 @@ async fn serve_stream(
             };
             net::write_frame(&mut send, &header).await?;
             if header == GetHeader::Ok {
-                stream_encoded(&mut send, store, hash, size, ranges).await?;
+                stream_encoded(&mut send, store, hash, size, ranges, egress).await?;
             }
         }
         _ => {
@@ -116,6 +125,7 @@ async fn stream_encoded(
     hash: Hash,
     size: u64,
     ranges: RangeList,
+    egress: Egress,
 ) -> Result<(), NetError> {
     let (tx, mut rx) = mpsc::channel::<Bytes>(4);
     let task = tokio::task::spawn_blocking(move || {
@@ -128,13 +138,16 @@ async fn stream_encoded(
         r.and(r2.map_err(|_| StoreError::NotFound(hash)))
     });
     while let Some(chunk) = rx.recv().await {
+        if let Some(b) = &egress {
+            b.acquire(chunk.len() as u64).await;
+        }
         send.write_chunk(chunk).await.map_err(NetError::stream)?;
     }
     match task.await.map_err(NetError::stream)? {
         Ok(()) => Ok(()),
         Err(e) => {
             warn!("refusing to finish sending {}: {e}", hash.short());
-            let _ = send.reset(VarInt::from_u32(1));
+            let _ = send.reset(RESET_SELF_CHECK);
             Err(NetError::stream(e))
         }
     }
@@ -221,9 +234,15 @@ pub async fn get_encoded(
         other => return Err(FetchError::Refused(other)),
     }
     let bound = ranges.encoded_bound(size) as usize;
-    recv.read_to_end(bound)
-        .await
-        .map_err(|e| FetchError::Net(NetError::stream(e)))
+    recv.read_to_end(bound).await.map_err(|e| match e {
+        ReadToEndError::Read(ReadError::Reset(code)) if code == RESET_SELF_CHECK => {
+            FetchError::Corrupt(format!(
+                "the provider's own copy of blob {} failed its verification; it refused to send it",
+                hash.short()
+            ))
+        }
+        e => FetchError::Net(NetError::stream(e)),
+    })
 }
 
 /// Asks a provider which ranges of a blob it holds.
@@ -403,6 +422,9 @@ async fn fetch_piece(
                     continue;
                 }
             };
+        if let Some(b) = &pool.ingress {
+            b.acquire(encoded.len() as u64).await;
+        }
         let s = store.clone();
         let pc = piece.clone();
         let r = tokio::task::spawn_blocking(move || s.write_encoded(&hash, size, &pc, &encoded))
@@ -430,14 +452,16 @@ async fn fetch_piece(
 pub struct ConnPool {
     ep: iroh::Endpoint,
     conns: Arc<tokio::sync::Mutex<HashMap<EndpointId, Connection>>>,
+    ingress: Option<Arc<TokenBucket>>,
 }
 
 impl ConnPool {
     /// A pool over an endpoint.
-    pub fn new(ep: iroh::Endpoint) -> Self {
+    pub fn new(ep: iroh::Endpoint, ingress: Option<Arc<TokenBucket>>) -> Self {
         ConnPool {
             ep,
             conns: Default::default(),
+            ingress,
         }
     }
 

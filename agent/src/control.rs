@@ -205,6 +205,8 @@ pub struct ReloadReport {
     pub sources: Sources,
     /// A commit made first (`--commit-first`).
     pub committed: Option<CommitReport>,
+    /// Paths this mount committed that another writer overwrote since (last writer won).
+    pub overwritten_by_others: Vec<String>,
     /// Seconds taken.
     pub seconds: f64,
 }

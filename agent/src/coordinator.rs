@@ -21,6 +21,7 @@ use voltool_protocol::volume::check_volume_name;
 use voltool_protocol::{Change, Commit, Entry, Hash, Manifest, SignedHead, VolumeId, blobs};
 
 use crate::net::{self, NetError, NodeAddr};
+use crate::rate::{Rate, TokenBucket};
 use crate::store::{Store, StoreError};
 
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes-0");
@@ -39,6 +40,8 @@ pub struct CoordinatorOptions {
     pub listen: SocketAddr,
     /// Node ids allowed in the fleet; `None` admits any node (a warning is logged).
     pub members: Option<HashSet<EndpointId>>,
+    /// Egress limit of the origin (bytes/s).
+    pub max_egress: Option<Rate>,
 }
 
 /// A coordinator failure.
@@ -91,6 +94,7 @@ struct State {
     db: Database,
     origin: Store,
     members: Option<HashSet<EndpointId>>,
+    egress: crate::blobs::Egress,
     /// Serialises commits and registry changes.
     write_lock: tokio::sync::Mutex<()>,
 }
@@ -176,6 +180,7 @@ impl Coordinator {
             db,
             origin,
             members: opts.members,
+            egress: opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
             write_lock: Default::default(),
         });
         let cancel = CancellationToken::new();
@@ -235,7 +240,7 @@ async fn accept_loop(ep: Endpoint, state: Arc<State>, cancel: CancellationToken)
                 a if a == blobs::ALPN => {
                     let st = state.clone();
                     let allow: crate::blobs::Allow = Arc::new(move |id| st.is_member(id));
-                    crate::blobs::serve(conn, state.origin.clone(), allow).await
+                    crate::blobs::serve(conn, state.origin.clone(), allow, state.egress.clone()).await
                 }
                 _ => conn.close(2u32.into(), b"unknown protocol"),
             }

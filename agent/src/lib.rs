@@ -7,5 +7,6 @@ pub mod coordinator;
 pub mod keys;
 pub mod net;
 pub mod node;
+pub mod rate;
 pub mod scan;
 pub mod store;

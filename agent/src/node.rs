@@ -1,6 +1,6 @@
 //! The agent role: mounts, commit, reload and volume operations for the local CLI.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,7 @@ use crate::control::{
 };
 use crate::coord_client::{ClientError, CoordClient};
 use crate::net::{self, NodeAddr};
+use crate::rate::{Rate, TokenBucket};
 use crate::scan::{self, ScanMode, StatCache};
 use crate::store::Store;
 
@@ -44,6 +45,10 @@ pub struct AgentOptions {
     pub listen: SocketAddr,
     /// Zone label (locality for the swarm).
     pub zone: Option<String>,
+    /// Ingress limit (bytes/s) for everything fetched.
+    pub max_ingress: Option<Rate>,
+    /// Egress limit (bytes/s) for everything served.
+    pub max_egress: Option<Rate>,
 }
 
 /// An error of an agent operation, as the CLI shows it.
@@ -103,6 +108,9 @@ struct MountRecord {
     manifest: Hash,
     snapshot: String,
     background_commit_secs: Option<u64>,
+    /// This mount's committed changes not yet seen back in a reload: on reload, those the
+    /// new head does not hold were overwritten by another writer, and are reported.
+    own: Vec<Change>,
 }
 
 /// Progress and data sink of one operation.
@@ -162,6 +170,7 @@ struct Inner {
     db: Database,
     ep: Endpoint,
     pool: ConnPool,
+    egress: crate::blobs::Egress,
     coord: CoordClient,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_reload: Mutex<HashMap<String, ReloadReport>>,
@@ -216,7 +225,11 @@ impl Agent {
         let ep = net::bind(key, opts.listen, vec![blobs::ALPN.to_vec()]).await?;
         let coord = CoordClient::new(ep.clone(), opts.coordinator.clone());
         let inner = Arc::new(Inner {
-            pool: ConnPool::new(ep.clone()),
+            pool: ConnPool::new(
+                ep.clone(),
+                opts.max_ingress.map(|r| Arc::new(TokenBucket::new(r))),
+            ),
+            egress: opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
             opts,
             store,
             db,
@@ -348,7 +361,7 @@ async fn peer_loop(inner: Arc<Inner>, cancel: CancellationToken) {
             // Until the tracker vouches for fleet members, only the coordinator may fetch.
             let coordinator = inner.opts.coordinator.id;
             let allow: crate::blobs::Allow = Arc::new(move |id| *id == coordinator);
-            crate::blobs::serve(conn, inner.store.clone(), allow).await;
+            crate::blobs::serve(conn, inner.store.clone(), allow, inner.egress.clone()).await;
         });
     }
 }
@@ -1200,6 +1213,7 @@ impl Inner {
             manifest: mhash,
             snapshot: snap_name,
             background_commit_secs,
+            own: Vec::new(),
         };
         self.put_mount(&rec, &stats)?;
         switch_link(path, &snap)?;
@@ -1268,6 +1282,12 @@ impl Inner {
         let uploaded = self.upload_missing(&blobs, events).await?;
         let priors = changes.iter().map(|c| base.get(&c.path).cloned()).collect();
         let n = changes.len();
+        let mut own: BTreeMap<VolPath, Option<Entry>> = rec
+            .own
+            .iter()
+            .map(|c| (c.path.clone(), c.entry.clone()))
+            .collect();
+        own.extend(changes.iter().map(|c| (c.path.clone(), c.entry.clone())));
         let (head, overwritten) = self
             .send_commit(&info, rec.version, changes, priors)
             .await?;
@@ -1285,6 +1305,10 @@ impl Inner {
         let new = MountRecord {
             version,
             manifest: local_hash,
+            own: own
+                .into_iter()
+                .map(|(path, entry)| Change { path, entry })
+                .collect(),
             ..rec
         };
         self.put_mount(&new, &scanned.stats)?;
@@ -1328,6 +1352,7 @@ impl Inner {
             fetched_files_bytes: 0,
             sources: Sources::default(),
             committed: None,
+            overwritten_by_others: Vec::new(),
             seconds: start.elapsed().as_secs_f64(),
         };
         if info.head.commit.version == rec.version {
@@ -1410,10 +1435,24 @@ impl Inner {
         .await
         .map_err(failed)?
         .map_err(failed)?;
+        let lost: Vec<String> = rec
+            .own
+            .iter()
+            .filter(|c| match (&c.entry, new.get(&c.path)) {
+                (Some(mine), Some(now)) => !mine.same_content(now),
+                (None, None) => false,
+                _ => true,
+            })
+            .map(|c| c.path.to_string())
+            .collect();
+        if !lost.is_empty() {
+            warn!(volume = name, paths = ?lost, "changes committed here were overwritten by another writer");
+        }
         let new_rec = MountRecord {
             version: info.head.commit.version,
             manifest: info.head.commit.manifest,
             snapshot: snap_name,
+            own: Vec::new(),
             ..rec
         };
         self.put_mount(&new_rec, &new_stats)?;
@@ -1433,6 +1472,7 @@ impl Inner {
                 banned: stats.banned,
             },
             committed,
+            overwritten_by_others: lost,
             seconds: start.elapsed().as_secs_f64(),
         };
         info!(

@@ -10,12 +10,13 @@ use tracing_subscriber::EnvFilter;
 use voltool_agent::coordinator::{Coordinator, CoordinatorOptions, read_members};
 use voltool_agent::net::NodeAddr;
 use voltool_agent::node::{Agent, AgentOptions};
+use voltool_agent::rate::Rate;
 
 /// File in an agent's data directory holding `NODE_ID@IP:PORT` once it listens.
 pub(crate) const AGENT_ADDR_FILE: &str = "agent.addr";
 
 /// Where data lives when no `--data` / `--agent` is given.
-pub(crate) fn default_data_dir() -> PathBuf {
+pub fn default_data_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."))
@@ -33,6 +34,9 @@ pub(crate) struct CoordinatorArgs {
     /// File of node ids allowed in the fleet, one per line. Without it any node may join.
     #[arg(long, value_name = "FILE")]
     members: Option<PathBuf>,
+    /// Egress limit of the origin, e.g. 50mbit, 12MiB/s.
+    #[arg(long, value_name = "RATE")]
+    max_egress: Option<Rate>,
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +53,12 @@ pub(crate) struct AgentArgs {
     /// Zone label: peers in the same zone are preferred.
     #[arg(long, value_name = "Z")]
     zone: Option<String>,
+    /// Ingress limit, e.g. 50mbit, 12MiB/s.
+    #[arg(long, value_name = "RATE")]
+    max_ingress: Option<Rate>,
+    /// Egress limit, e.g. 50mbit, 12MiB/s.
+    #[arg(long, value_name = "RATE")]
+    max_egress: Option<Rate>,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +97,7 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
         data: a.data.clone(),
         listen: a.listen,
         members,
+        max_egress: a.max_egress,
     })
     .await
     .context("starting the coordinator")?;
@@ -104,6 +115,8 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         coordinator: a.coordinator,
         listen: a.listen,
         zone: a.zone,
+        max_ingress: a.max_ingress,
+        max_egress: a.max_egress,
     })
     .await
     .context("starting the agent")?;

@@ -118,6 +118,11 @@ pub(crate) async fn reload(agent: &Path, a: ReloadArgs) -> anyhow::Result<ExitCo
             r.sources.local_bytes
         );
     }
+    if !a.json {
+        for p in &r.overwritten_by_others {
+            eprintln!("warning: your committed change at {p} was overwritten by a later commit");
+        }
+    }
     ok()
 }
 

@@ -1,0 +1,101 @@
+//! `voltool`: the agent and coordinator daemons, and the commands that talk to an agent.
+//!
+//! The binary is a thin `main` over [`main_with`], so other tools (the testnet) can run the
+//! very same commands in their own processes.
+//!
+//! Exit codes: 0 success, 1 failure (including a refused operation), 2 usage error (bad
+//! arguments, an invalid volume name).
+
+mod daemon;
+mod local;
+mod output;
+mod volume;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use daemon::default_data_dir;
+
+/// Moves large write-once, read-many data (model weights, datasets, checkpoints) to a
+/// fleet: named, versioned volumes; commit on one worker, reload on the others, verified
+/// chunks from nearby peers.
+#[derive(Debug, Parser)]
+#[command(name = "voltool", version, propagate_version = true)]
+struct Cli {
+    /// Data directory of the local agent to talk to.
+    #[arg(long, global = true, env = "VOLTOOL_AGENT", value_name = "DIR")]
+    agent: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the coordinator: volume registry, signed heads, origin blob store.
+    Coordinator(daemon::CoordinatorArgs),
+    /// Run the agent daemon of a worker host.
+    Agent(daemon::AgentArgs),
+    /// Print the node id of a data directory (creating its key if needed).
+    NodeId(daemon::NodeIdArgs),
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
+    /// Mount a volume at a host path (the path becomes a link to the current snapshot).
+    Mount(local::MountArgs),
+    /// Commit the changes made in a mounted volume.
+    Commit(local::CommitArgs),
+    /// Bring a mounted volume to the newest committed version.
+    Reload(local::ReloadArgs),
+    /// Show mounts with their local and remote versions.
+    Status(local::StatusArgs),
+}
+
+fn agent_dir(cli: Option<PathBuf>) -> PathBuf {
+    cli.unwrap_or_else(daemon::default_data_dir)
+}
+
+fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return Ok(ExitCode::from(if e.use_stderr() { 2 } else { 0 }));
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let agent = agent_dir(cli.agent);
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Coordinator(a) => daemon::coordinator(a).await,
+            Cmd::Agent(a) => daemon::agent(a).await,
+            Cmd::NodeId(a) => daemon::node_id(a),
+            Cmd::Volume(c) => volume::run(&agent, c).await,
+            Cmd::Mount(a) => local::mount(&agent, a).await,
+            Cmd::Commit(a) => local::commit(&agent, a).await,
+            Cmd::Reload(a) => local::reload(&agent, a).await,
+            Cmd::Status(a) => local::status(&agent, a).await,
+        }
+    })
+}
+
+/// Runs `voltool` with these arguments (the first is the program name).
+pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    match run(args.into_iter().collect()) {
+        Ok(code) => code,
+        Err(e) => {
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
