@@ -1,0 +1,245 @@
+//! Starting and stopping a fleet of node processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use voltool_agent::control;
+use voltool_agent::coordinator::ADDR_FILE;
+
+/// How long a node may take to come up or go down.
+const NODE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    /// Number of agents.
+    #[arg(long, default_value_t = 4)]
+    agents: usize,
+    /// Directory for the fleet's data, logs and pids.
+    #[arg(long)]
+    root: PathBuf,
+    /// Ingress limit of every agent, e.g. 50mbit.
+    #[arg(long)]
+    max_ingress: Option<String>,
+    /// Egress limit of every node, e.g. 50mbit.
+    #[arg(long)]
+    max_egress: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DownArgs {
+    /// The fleet's directory.
+    #[arg(long)]
+    root: PathBuf,
+}
+
+/// A fleet of processes in a root directory.
+#[derive(Debug)]
+pub(crate) struct Fleet {
+    pub(crate) root: PathBuf,
+    pub(crate) coordinator: String,
+    pub(crate) agents: Vec<PathBuf>,
+}
+
+fn coordinator_dir(root: &Path) -> PathBuf {
+    root.join("coordinator")
+}
+
+pub(crate) fn agent_dir(root: &Path, i: usize) -> PathBuf {
+    root.join(format!("agent-{i}"))
+}
+
+fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("pid")
+}
+
+fn spawn_node(dir: &Path, args: &[String]) -> anyhow::Result<u32> {
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::File::create(dir.join("log")).context("log file")?;
+    let exe = std::env::current_exe().context("own executable")?;
+    let child = std::process::Command::new(exe)
+        .arg("exec")
+        .arg("--")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        // Own process group: a Ctrl-C to `up` does not reach the fleet.
+        .process_group(0)
+        .spawn()
+        .context("starting a node")?;
+    let pid = child.id();
+    std::fs::write(pid_file(dir), pid.to_string())?;
+    Ok(pid)
+}
+
+use std::os::unix::process::CommandExt;
+
+/// Waits until `path` exists and is not empty, or the node's process is gone.
+async fn wait_file(path: &Path, pid: u32, what: &str) -> anyhow::Result<String> {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.trim().is_empty() {
+                return Ok(s.trim().to_string());
+            }
+        }
+        if !alive(pid) {
+            bail!("{what} exited during start-up; see its log");
+        }
+        if start.elapsed() > NODE_TIMEOUT {
+            bail!("{what} did not come up within {NODE_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+        return false;
+    };
+    // Reap it if it is our child and has exited (demo mode), then probe.
+    let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
+    rustix::process::test_kill_process(p).is_ok()
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, sig);
+    }
+}
+
+/// Starts a coordinator and `n` agents under `root`, with seeded-per-run keys, a members
+/// file listing exactly those agents, and per-node logs.
+pub(crate) async fn up(
+    root: &Path,
+    n: usize,
+    max_ingress: Option<&str>,
+    max_egress: Option<&str>,
+) -> anyhow::Result<Fleet> {
+    std::fs::create_dir_all(root)?;
+    let root = std::path::absolute(root)?;
+    let mut members = String::new();
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let dir = agent_dir(&root, i);
+        let key = voltool_agent::keys::load_or_create(&dir)?;
+        members.push_str(&format!("{}  # agent-{i}\n", key.public()));
+        agents.push(dir);
+    }
+    let members_file = root.join("members.txt");
+    std::fs::write(&members_file, members)?;
+    let cdir = coordinator_dir(&root);
+    let _ = std::fs::remove_file(cdir.join(ADDR_FILE));
+    let mut cargs = vec![
+        "coordinator".to_string(),
+        "--data".into(),
+        cdir.display().to_string(),
+        "--members".into(),
+        members_file.display().to_string(),
+    ];
+    if let Some(r) = max_egress {
+        cargs.extend(["--max-egress".into(), r.to_string()]);
+    }
+    let cpid = spawn_node(&cdir, &cargs)?;
+    let coordinator = wait_file(&cdir.join(ADDR_FILE), cpid, "the coordinator").await?;
+    let mut pids = Vec::new();
+    for dir in &agents {
+        let _ = std::fs::remove_file(dir.join("agent.addr"));
+        let mut args = vec![
+            "agent".to_string(),
+            "--data".into(),
+            dir.display().to_string(),
+            "--coordinator".into(),
+            coordinator.clone(),
+        ];
+        if let Some(r) = max_ingress {
+            args.extend(["--max-ingress".into(), r.to_string()]);
+        }
+        if let Some(r) = max_egress {
+            args.extend(["--max-egress".into(), r.to_string()]);
+        }
+        pids.push(spawn_node(dir, &args)?);
+    }
+    for (dir, pid) in agents.iter().zip(pids) {
+        wait_file(&dir.join("agent.addr"), pid, &format!("agent {}", dir.display())).await?;
+        // The control socket exists before the address file is written.
+        debug_assert!(dir.join(control::SOCKET).exists());
+    }
+    Ok(Fleet {
+        root,
+        coordinator,
+        agents,
+    })
+}
+
+/// Stops every node under `root`: SIGTERM (agents make their final commits), then SIGKILL
+/// for any still running after the timeout.
+pub(crate) async fn down(root: &Path) -> anyhow::Result<usize> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .with_context(|| root.display().to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| pid_file(p).exists())
+        .collect();
+    // Agents first, the coordinator last.
+    dirs.sort_by_key(|p| p.ends_with("coordinator"));
+    let mut stopped = 0;
+    for group in [false, true] {
+        let mut pids = Vec::new();
+        for d in dirs.iter().filter(|d| d.ends_with("coordinator") == group) {
+            let pid: u32 = std::fs::read_to_string(pid_file(d))?.trim().parse()?;
+            signal(pid, rustix::process::Signal::TERM);
+            pids.push((d.clone(), pid));
+        }
+        let start = Instant::now();
+        for (d, pid) in pids {
+            while alive(pid) && start.elapsed() < NODE_TIMEOUT {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if alive(pid) {
+                signal(pid, rustix::process::Signal::KILL);
+            }
+            let _ = std::fs::remove_file(pid_file(&d));
+            stopped += 1;
+        }
+    }
+    Ok(stopped)
+}
+
+pub(crate) async fn up_cmd(a: UpArgs) -> anyhow::Result<ExitCode> {
+    if a.agents == 0 {
+        bail!("--agents must be at least 1");
+    }
+    let f = up(
+        &a.root,
+        a.agents,
+        a.max_ingress.as_deref(),
+        a.max_egress.as_deref(),
+    )
+    .await?;
+    println!("testnet up in {}", f.root.display());
+    println!("  coordinator {}", f.coordinator);
+    for (i, d) in f.agents.iter().enumerate() {
+        let addr = std::fs::read_to_string(d.join("agent.addr")).unwrap_or_default();
+        println!("  agent-{i}     {}", addr.trim());
+    }
+    println!();
+    println!("Point voltool at an agent with --agent or VOLTOOL_AGENT, for example:");
+    println!("  export VOLTOOL_AGENT={}", f.agents[0].display());
+    println!("  voltool volume create my-model");
+    println!("  voltool mount my-model /tmp/my-model");
+    println!("  voltool commit my-model; VOLTOOL_AGENT={} voltool status", f.agents.last().expect("one agent").display());
+    println!("Logs: {}/*/log", f.root.display());
+    println!("Stop: voltool-testnet down --root {}", f.root.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn down_cmd(a: DownArgs) -> anyhow::Result<ExitCode> {
+    let n = down(&a.root).await?;
+    println!("stopped {n} node(s)");
+    Ok(ExitCode::SUCCESS)
+}
