@@ -73,10 +73,25 @@ impl CoordClient {
         Ok(conn)
     }
 
+    /// Opens a stream, reconnecting once if the cached connection turns out dead (the
+    /// coordinator restarted): nothing was sent on it yet, so the retry is safe.
+    async fn open(
+        &self,
+    ) -> Result<(iroh::endpoint::SendStream, iroh::endpoint::RecvStream), ClientError> {
+        let conn = self.conn().await?;
+        match conn.open_bi().await {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                *self.conn.lock().await = None;
+                let conn = self.conn().await?;
+                Ok(conn.open_bi().await.map_err(NetError::stream)?)
+            }
+        }
+    }
+
     /// Sends a request, returns the answer; an error answer becomes [`ClientError::Remote`].
     pub async fn request(&self, req: &CoordRequest) -> Result<CoordResponse, ClientError> {
-        let conn = self.conn().await?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::stream)?;
+        let (mut send, mut recv) = self.open().await?;
         net::write_frame(&mut send, req).await?;
         send.finish().map_err(NetError::stream)?;
         let resp: CoordResponse = net::read_frame(&mut recv, MAX_RESPONSE).await?;
@@ -98,8 +113,7 @@ impl CoordClient {
             path: path.display().to_string(),
             source,
         };
-        let conn = self.conn().await?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::stream)?;
+        let (mut send, mut recv) = self.open().await?;
         net::write_frame(&mut send, &CoordRequest::Upload { hash, size }).await?;
         let mut f = tokio::fs::File::open(path).await.map_err(io)?;
         let mut buf = vec![0u8; 256 * 1024];

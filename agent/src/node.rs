@@ -277,6 +277,17 @@ impl Agent {
         }
     }
 
+    /// The local content store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Checks a head as reload does: the coordinator's signature, and no rollback below the
+    /// newest head seen for its volume. Accepted heads become the newest seen.
+    pub fn verify_head(&self, head: &SignedHead) -> Result<(), ErrorReply> {
+        self.inner.accept_head(head)
+    }
+
     /// Runs one request as if it came over the control socket.
     pub async fn request(&self, req: Request, events: Events) -> Result<Reply, ErrorReply> {
         self.inner.clone().handle(req, events).await

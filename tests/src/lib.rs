@@ -1,0 +1,226 @@
+//! A fleet of real nodes in one process for integration tests: a coordinator and agents on
+//! 127.0.0.1 with port 0, seeded keys, temp dirs.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tempfile::TempDir;
+use voltool_agent::control::{CommitReport, ErrorReply, ReloadMode, ReloadReport, Reply, Request};
+use voltool_agent::coordinator::{Coordinator, CoordinatorOptions};
+use voltool_agent::node::{Agent, AgentOptions, Events};
+
+/// Writes a seeded key into a data directory.
+pub fn seed_key(dir: &Path, seed: u8) -> voltool_protocol::PublicKey {
+    std::fs::create_dir_all(dir).unwrap();
+    let bytes = [seed; 32];
+    std::fs::write(dir.join("node.key"), hex::encode(bytes)).unwrap();
+    voltool_protocol::SecretKey::from_bytes(&bytes).public()
+}
+
+/// A coordinator and agents.
+#[derive(Debug)]
+pub struct TestFleet {
+    /// Everything lives here.
+    pub dir: TempDir,
+    /// The coordinator (None while stopped).
+    pub coord: Option<Coordinator>,
+    /// The coordinator's address, kept across restarts.
+    pub coord_listen: SocketAddr,
+    /// The agents.
+    pub agents: Vec<Agent>,
+    members: HashSet<voltool_protocol::PublicKey>,
+}
+
+impl TestFleet {
+    /// Starts a coordinator and `n` agents.
+    pub async fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        seed_key(&dir.path().join("coordinator"), 0xC0);
+        let mut members = HashSet::new();
+        for i in 0..n {
+            members.insert(seed_key(&dir.path().join(format!("agent-{i}")), i as u8 + 1));
+        }
+        let coord = Coordinator::start(CoordinatorOptions {
+            data: dir.path().join("coordinator"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            members: Some(members.clone()),
+            max_egress: None,
+        })
+        .await
+        .unwrap();
+        let coord_listen = coord.addr().addr;
+        let mut f = TestFleet {
+            dir,
+            coord: Some(coord),
+            coord_listen,
+            agents: Vec::new(),
+            members,
+        };
+        for i in 0..n {
+            let a = f.start_agent(i).await;
+            f.agents.push(a);
+        }
+        f
+    }
+
+    /// Starts (or restarts) agent `i` on its data directory.
+    pub async fn start_agent(&self, i: usize) -> Agent {
+        Agent::start(AgentOptions {
+            data: self.agent_dir(i),
+            coordinator: self.coord.as_ref().expect("coordinator running").addr(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            zone: None,
+            max_ingress: None,
+            max_egress: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Data directory of agent `i`.
+    pub fn agent_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("agent-{i}"))
+    }
+
+    /// Data directory of the coordinator.
+    pub fn coord_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    /// Stops the coordinator.
+    pub async fn stop_coordinator(&mut self) {
+        if let Some(c) = self.coord.take() {
+            c.shutdown().await;
+        }
+    }
+
+    /// Starts the coordinator again on the same address and data directory.
+    pub async fn start_coordinator(&mut self) {
+        let c = Coordinator::start(CoordinatorOptions {
+            data: self.coord_dir(),
+            listen: self.coord_listen,
+            members: Some(self.members.clone()),
+            max_egress: None,
+        })
+        .await
+        .unwrap();
+        self.coord = Some(c);
+    }
+
+    /// Where agent `i` mounts volumes.
+    pub fn mount_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("mnt-{i}"))
+    }
+
+    /// Sends a request to agent `i`.
+    pub async fn req(&self, i: usize, r: Request) -> Result<Reply, ErrorReply> {
+        self.agents[i].request(r, Events::none()).await
+    }
+
+    /// Creates a volume through agent 0.
+    pub async fn create(&self, name: &str) {
+        self.req(0, Request::VolumeCreate { name: name.into() })
+            .await
+            .unwrap();
+    }
+
+    /// Mounts `name` on agent `i` at [`Self::mount_path`].
+    pub async fn mount(&self, i: usize, name: &str) -> PathBuf {
+        let path = self.mount_path(i);
+        self.req(
+            i,
+            Request::Mount {
+                name: name.into(),
+                path: path.clone(),
+                background_commit_secs: None,
+            },
+        )
+        .await
+        .unwrap();
+        path
+    }
+
+    /// Commits on agent `i`.
+    pub async fn commit(&self, i: usize, name: &str) -> Result<CommitReport, ErrorReply> {
+        match self
+            .req(
+                i,
+                Request::Commit {
+                    name: Some(name.into()),
+                },
+            )
+            .await?
+        {
+            Reply::Committed(r) => Ok(r),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Reloads on agent `i`.
+    pub async fn reload(
+        &self,
+        i: usize,
+        name: &str,
+        mode: ReloadMode,
+    ) -> Result<ReloadReport, ErrorReply> {
+        match self
+            .req(
+                i,
+                Request::Reload {
+                    name: Some(name.into()),
+                    mode,
+                },
+            )
+            .await?
+        {
+            Reply::Reloaded(r) => Ok(r),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// What a tree holds, for comparison: kind, mode, content hash or target.
+pub fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let mode = m.permissions().mode() & 0o7777;
+            let v = if m.file_type().is_symlink() {
+                format!("link -> {}", std::fs::read_link(&p).unwrap().display())
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                format!("dir {mode:o}")
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                format!(
+                    "file {mode:o} {} {}",
+                    bytes.len(),
+                    blake3::hash(&bytes).to_hex()
+                )
+            };
+            out.insert(rel, v);
+        }
+    }
+    out
+}
+
+/// Seeded pseudo-random bytes.
+pub fn bytes(seed: u8, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new_keyed(&[seed; 32])
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+/// Inode of a file (to check snapshots never share one with the store).
+pub fn ino(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().ino()
+}
