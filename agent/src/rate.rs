@@ -19,7 +19,10 @@ impl FromStr for Rate {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ParseRateError(s.to_string());
         let t = s.trim();
-        let t = t.strip_suffix("/s").or_else(|| t.strip_suffix("ps")).unwrap_or(t);
+        let t = t
+            .strip_suffix("/s")
+            .or_else(|| t.strip_suffix("ps"))
+            .unwrap_or(t);
         let split = t
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(t.len());

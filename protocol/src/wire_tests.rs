@@ -177,3 +177,41 @@ proptest! {
         prop_assert_eq!(frame::decode::<CoordRequest>(&f[4..]).unwrap(), msg);
     }
 }
+
+/// Manifests built byte by byte, as a hostile coordinator or a damaged blob could hold them.
+#[test]
+fn hostile_manifests_are_refused() {
+    #[derive(serde::Serialize)]
+    struct Raw<'a> {
+        version: u8,
+        entries: Vec<(&'a str, Entry)>,
+    }
+    let file = Entry::File {
+        size: 1,
+        mode: 0o644,
+        mtime_ns: 0,
+        hash: Hash([1; 32]),
+    };
+    let link = |t: &str| Entry::Symlink { target: t.into() };
+    let cases: Vec<Vec<(&str, Entry)>> = vec![
+        vec![("../x", file.clone())],
+        vec![("/etc/x", file.clone())],
+        vec![("a/../../b", file.clone())],
+        vec![("a\0b", file.clone())],
+        vec![("a//b", file.clone())],
+        vec![("out", link("../outside"))],
+        vec![("abs", link("/etc/passwd"))],
+        vec![("d/x", file.clone())],
+        vec![("b", file.clone()), ("a", file.clone())],
+        vec![("a", file.clone()), ("a", file.clone())],
+        vec![("f", file.clone()), ("f/x", file.clone())],
+    ];
+    for (i, entries) in cases.into_iter().enumerate() {
+        let bytes = postcard::to_stdvec(&Raw {
+            version: 1,
+            entries,
+        })
+        .unwrap();
+        assert!(Manifest::decode(&bytes).is_err(), "case {i} accepted");
+    }
+}

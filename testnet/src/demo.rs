@@ -119,7 +119,11 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             eprintln!("{msg}");
         }
     };
-    say(format!("starting a coordinator and {} agents in {}", a.agents, root.display()));
+    say(format!(
+        "starting a coordinator and {} agents in {}",
+        a.agents,
+        root.display()
+    ));
     let f = fleet::up(&root, a.agents, None, None).await?;
     let result = demo(&a, &f, &say).await;
     say("stopping the fleet".into());
@@ -135,7 +139,11 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             "{} agents, {} bytes: every byte {} ({} from the origin, {} from peers) in {:.2}s",
             summary.agents,
             summary.volume_bytes,
-            if summary.verified_equal { "equal" } else { "NOT EQUAL" },
+            if summary.verified_equal {
+                "equal"
+            } else {
+                "NOT EQUAL"
+            },
             summary.bytes_from_origin,
             summary.bytes_from_peers,
             summary.seconds
@@ -152,8 +160,16 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 async fn demo(a: &DemoArgs, f: &fleet::Fleet, say: &dyn Fn(String)) -> anyhow::Result<Summary> {
     let volume = "demo-model";
     let writer = &f.agents[0];
-    ask(writer, Request::VolumeCreate { name: volume.into() }).await?;
-    let mounts: Vec<PathBuf> = (0..a.agents).map(|i| f.root.join(format!("mnt-{i}"))).collect();
+    ask(
+        writer,
+        Request::VolumeCreate {
+            name: volume.into(),
+        },
+    )
+    .await?;
+    let mounts: Vec<PathBuf> = (0..a.agents)
+        .map(|i| f.root.join(format!("mnt-{i}")))
+        .collect();
     for (agent, mnt) in f.agents.iter().zip(&mounts) {
         ask(
             agent,
@@ -187,7 +203,13 @@ async fn demo(a: &DemoArgs, f: &fleet::Fleet, say: &dyn Fn(String)) -> anyhow::R
         .map(|f| std::fs::metadata(mounts[0].join(f)).map(|m| m.len()))
         .sum::<std::io::Result<u64>>()?;
     let t = Instant::now();
-    let Reply::Committed(c) = ask(writer, Request::Commit { name: Some(volume.into()) }).await?
+    let Reply::Committed(c) = ask(
+        writer,
+        Request::Commit {
+            name: Some(volume.into()),
+        },
+    )
+    .await?
     else {
         bail!("unexpected answer to commit");
     };

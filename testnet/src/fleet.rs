@@ -66,7 +66,10 @@ fn spawn_node(dir: &Path, args: &[String]) -> anyhow::Result<u32> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         // Own process group: a Ctrl-C to `up` does not reach the fleet.
         .process_group(0)
         .spawn()
@@ -165,7 +168,12 @@ pub(crate) async fn up(
         pids.push(spawn_node(dir, &args)?);
     }
     for (dir, pid) in agents.iter().zip(pids) {
-        wait_file(&dir.join("agent.addr"), pid, &format!("agent {}", dir.display())).await?;
+        wait_file(
+            &dir.join("agent.addr"),
+            pid,
+            &format!("agent {}", dir.display()),
+        )
+        .await?;
         // The control socket exists before the address file is written.
         debug_assert!(dir.join(control::SOCKET).exists());
     }
@@ -232,7 +240,10 @@ pub(crate) async fn up_cmd(a: UpArgs) -> anyhow::Result<ExitCode> {
     println!("  export VOLTOOL_AGENT={}", f.agents[0].display());
     println!("  voltool volume create my-model");
     println!("  voltool mount my-model /tmp/my-model");
-    println!("  voltool commit my-model; VOLTOOL_AGENT={} voltool status", f.agents.last().expect("one agent").display());
+    println!(
+        "  voltool commit my-model; VOLTOOL_AGENT={} voltool status",
+        f.agents.last().expect("one agent").display()
+    );
     println!("Logs: {}/*/log", f.root.display());
     println!("Stop: voltool-testnet down --root {}", f.root.display());
     Ok(ExitCode::SUCCESS)

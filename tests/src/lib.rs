@@ -40,7 +40,10 @@ impl TestFleet {
         seed_key(&dir.path().join("coordinator"), 0xC0);
         let mut members = HashSet::new();
         for i in 0..n {
-            members.insert(seed_key(&dir.path().join(format!("agent-{i}")), i as u8 + 1));
+            members.insert(seed_key(
+                &dir.path().join(format!("agent-{i}")),
+                i as u8 + 1,
+            ));
         }
         let coord = Coordinator::start(CoordinatorOptions {
             data: dir.path().join("coordinator"),

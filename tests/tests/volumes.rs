@@ -13,8 +13,16 @@ fn write_sample(root: &std::path::Path) {
     std::fs::write(root.join("run.sh"), b"#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(root.join("a/secret"), b"s3cret").unwrap();
-    std::fs::set_permissions(root.join("a/secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::set_permissions(root.join("empty-dir"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        root.join("a/secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        root.join("empty-dir"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
     std::os::unix::fs::symlink("b/c/big.bin", root.join("a/link")).unwrap();
 }
 
@@ -106,9 +114,15 @@ async fn concurrent_commits_merge_per_path_last_writer_wins() {
     assert_eq!(late.overwritten, vec!["shared".to_string()]);
     let r = f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
     assert_eq!(r.overwritten_by_others, vec!["shared".to_string()]);
-    assert_eq!(std::fs::read(mounts[0].1.join("shared")).unwrap(), b"from 1");
+    assert_eq!(
+        std::fs::read(mounts[0].1.join("shared")).unwrap(),
+        b"from 1"
+    );
     f.reload(2, "vol", ReloadMode::Refuse).await.unwrap();
-    assert_eq!(std::fs::read(mounts[2].1.join("shared")).unwrap(), b"from 1");
+    assert_eq!(
+        std::fs::read(mounts[2].1.join("shared")).unwrap(),
+        b"from 1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +168,10 @@ async fn writes_into_a_mount_never_reach_the_store() {
     f.commit(0, "vol").await.unwrap();
     let hash = voltool_protocol::Hash::of(&data);
     let stored = f.agents[0].store().data_path(&hash);
-    assert_ne!(voltool_tests::ino(&a.join("f")), voltool_tests::ino(&stored));
+    assert_ne!(
+        voltool_tests::ino(&a.join("f")),
+        voltool_tests::ino(&stored)
+    );
     // Overwrite in place: the store's copy, and what the agent serves, stay intact.
     std::fs::write(a.join("f"), b"scribble").unwrap();
     assert_eq!(std::fs::read(&stored).unwrap(), data);

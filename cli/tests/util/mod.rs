@@ -1,0 +1,155 @@
+//! Runs the real `voltool` binary: a coordinator and agents as child processes on
+//! 127.0.0.1, in a temp dir, killed when the fleet is dropped.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_voltool");
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub coordinator: String,
+    children: Vec<(String, Child)>,
+}
+
+/// Waits for a file a starting node writes, failing early if the node died.
+pub fn wait_file(path: &Path, child: &mut Child) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.trim().is_empty() {
+                return s.trim().to_string();
+            }
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("node exited during start-up: {st}");
+        }
+        assert!(
+            start.elapsed() < START_TIMEOUT,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn voltool() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    c
+}
+
+impl Fleet {
+    pub fn start(agents: usize) -> Fleet {
+        Self::start_with(agents, &[])
+    }
+
+    pub fn start_with(agents: usize, agent_args: &[&str]) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let cdir = dir.path().join("coordinator");
+        std::fs::create_dir_all(&cdir).unwrap();
+        let mut c = voltool()
+            .args(["coordinator", "--data"])
+            .arg(&cdir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("coordinator.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let coordinator = wait_file(&cdir.join("coordinator.addr"), &mut c);
+        let mut f = Fleet {
+            dir,
+            coordinator,
+            children: vec![("coordinator".into(), c)],
+        };
+        for i in 0..agents {
+            f.start_agent(i, agent_args);
+        }
+        f
+    }
+
+    pub fn agent_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("agent-{i}"))
+    }
+
+    pub fn start_agent(&mut self, i: usize, extra: &[&str]) {
+        let d = self.agent_dir(i);
+        std::fs::create_dir_all(&d).unwrap();
+        let _ = std::fs::remove_file(d.join("agent.addr"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("agent-{i}.log")))
+            .unwrap();
+        let mut child = voltool()
+            .args(["agent", "--data"])
+            .arg(&d)
+            .args(["--coordinator", &self.coordinator])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_file(&d.join("agent.addr"), &mut child);
+        self.children.push((format!("agent-{i}"), child));
+    }
+
+    /// SIGKILL an agent (no clean shutdown).
+    pub fn kill9_agent(&mut self, i: usize) {
+        let name = format!("agent-{i}");
+        let pos = self.children.iter().position(|(n, _)| *n == name).unwrap();
+        let (_, mut c) = self.children.remove(pos);
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// `voltool --agent <agent i> args…`
+    pub fn cmd(&self, i: usize, args: &[&str]) -> Command {
+        let mut c = voltool();
+        c.arg("--agent").arg(self.agent_dir(i)).args(args);
+        c
+    }
+
+    pub fn run(&self, i: usize, args: &[&str]) -> Output {
+        self.cmd(i, args).output().unwrap()
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts an exit code, showing output when it differs.
+#[track_caller]
+pub fn expect(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+}
