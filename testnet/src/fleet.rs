@@ -85,11 +85,10 @@ use std::os::unix::process::CommandExt;
 async fn wait_file(path: &Path, pid: u32, what: &str) -> anyhow::Result<String> {
     let start = Instant::now();
     loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && !s.trim().is_empty() {
                 return Ok(s.trim().to_string());
             }
-        }
         if !alive(pid) {
             bail!("{what} exited during start-up; see its log");
         }

@@ -20,11 +20,10 @@ pub struct Fleet {
 pub fn wait_file(path: &Path, child: &mut Child) -> String {
     let start = Instant::now();
     loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && !s.trim().is_empty() {
                 return s.trim().to_string();
             }
-        }
         if let Ok(Some(st)) = child.try_wait() {
             panic!("node exited during start-up: {st}");
         }
