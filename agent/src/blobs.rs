@@ -346,6 +346,10 @@ pub async fn fetch_blob(
     on_bytes(stats.already_held);
     let pieces = missing_pieces(size, &held);
     let banned: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    // Verified pieces are synced and recorded in batches: one fsync per batch, not per piece.
+    let mut pending = bao_tree::ChunkRanges::empty();
+    let mut pending_bytes = 0u64;
+    let mut last_record = std::time::Instant::now();
     let mut set = tokio::task::JoinSet::new();
     let mut queue = pieces.into_iter();
     let mut last_err = None;
@@ -364,7 +368,15 @@ pub async fn fetch_blob(
             break;
         };
         match done.map_err(|e| FetchError::Net(NetError::stream(e)))? {
-            Ok((who, is_origin, bytes)) => {
+            Ok((who, is_origin, piece)) => {
+                let bytes = piece.bytes(size);
+                pending |= piece.to_chunk_ranges();
+                pending_bytes += bytes;
+                if pending_bytes >= RECORD_BATCH_BYTES || last_record.elapsed() >= RECORD_INTERVAL {
+                    record(store, hash, size, std::mem::take(&mut pending)).await?;
+                    pending_bytes = 0;
+                    last_record = std::time::Instant::now();
+                }
                 on_bytes(bytes);
                 if is_origin {
                     stats.from_origin += bytes;
@@ -380,10 +392,35 @@ pub async fn fetch_blob(
         }
     }
     stats.banned = banned.lock().expect("not poisoned").clone();
+    // Keep what was verified, also when the fetch failed: a retry resumes from it.
+    if !pending.is_empty() {
+        record(store, hash, size, pending).await?;
+    }
     match last_err {
         Some(e) => Err(e),
         None => Ok(stats),
     }
+}
+
+/// Verified bytes written before their ranges are synced and recorded.
+pub const RECORD_BATCH_BYTES: u64 = 64 << 20;
+/// Longest time verified bytes wait to be synced and recorded: a crash loses at most this
+/// much of a download.
+pub const RECORD_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn record(
+    store: &Store,
+    hash: Hash,
+    size: u64,
+    ranges: bao_tree::ChunkRanges,
+) -> Result<(), FetchError> {
+    let s = store.clone();
+    let list = RangeList::from_chunk_ranges(&ranges, size.div_ceil(blob::CHUNK_BYTES).max(1));
+    tokio::task::spawn_blocking(move || s.record_ranges(&hash, size, &list))
+        .await
+        .map_err(|e| FetchError::Net(NetError::stream(e)))?
+        .map_err(FetchError::Store)?;
+    Ok(())
 }
 
 async fn fetch_piece(
@@ -394,7 +431,7 @@ async fn fetch_piece(
     hash: Hash,
     size: u64,
     piece: RangeList,
-) -> Result<(String, bool, u64), FetchError> {
+) -> Result<(String, bool, RangeList), FetchError> {
     let mut last = FetchError::NotFound;
     for p in providers {
         let who = p.addr.id.to_string();
@@ -427,11 +464,13 @@ async fn fetch_piece(
         }
         let s = store.clone();
         let pc = piece.clone();
-        let r = tokio::task::spawn_blocking(move || s.write_encoded(&hash, size, &pc, &encoded))
-            .await
-            .map_err(|e| FetchError::Net(NetError::stream(e)))?;
+        let r = tokio::task::spawn_blocking(move || {
+            s.write_encoded_unsynced(&hash, size, &pc, &encoded)
+        })
+        .await
+        .map_err(|e| FetchError::Net(NetError::stream(e)))?;
         match r {
-            Ok(_) => return Ok((who, p.is_origin, piece.bytes(size))),
+            Ok(()) => return Ok((who, p.is_origin, piece)),
             Err(StoreError::Corrupt { message, .. }) => {
                 warn!(provider = %p.addr.id.fmt_short(), blob = %hash.short(), "banned: sent bytes that fail verification: {message}");
                 banned.lock().expect("not poisoned").push(who);

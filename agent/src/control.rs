@@ -184,7 +184,11 @@ pub struct CommitReport {
     pub hashed_bytes: u64,
     /// Paths where this commit overwrote another writer's newer change.
     pub overwritten: Vec<String>,
-    /// Seconds taken.
+    /// Seconds scanning and hashing (and copying changed files into the store).
+    pub scan_seconds: f64,
+    /// Seconds uploading to the origin.
+    pub upload_seconds: f64,
+    /// Seconds taken in all.
     pub seconds: f64,
 }
 
@@ -207,7 +211,11 @@ pub struct ReloadReport {
     pub committed: Option<CommitReport>,
     /// Paths this mount committed that another writer overwrote since (last writer won).
     pub overwritten_by_others: Vec<String>,
-    /// Seconds taken.
+    /// Seconds fetching blobs.
+    pub download_seconds: f64,
+    /// Seconds building and switching the snapshot.
+    pub build_seconds: f64,
+    /// Seconds taken in all.
     pub seconds: f64,
 }
 

@@ -174,6 +174,8 @@ struct Inner {
     coord: CoordClient,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_reload: Mutex<HashMap<String, ReloadReport>>,
+    /// Cancelled when the agent stops; background loops end with it.
+    cancel: CancellationToken,
 }
 
 impl std::fmt::Debug for Inner {
@@ -237,9 +239,10 @@ impl Agent {
             coord,
             locks: Default::default(),
             last_reload: Default::default(),
+            cancel: CancellationToken::new(),
         });
         inner.recover().map_err(|e| other(&e))?;
-        let cancel = CancellationToken::new();
+        let cancel = inner.cancel.clone();
         let mut tasks = tokio::task::JoinSet::new();
         let sock = inner.opts.data.join(control::SOCKET);
         let _ = std::fs::remove_file(&sock);
@@ -1229,13 +1232,12 @@ impl Inner {
         self.put_mount(&rec, &stats)?;
         switch_link(path, &snap)?;
         if let Some(secs) = background_commit_secs {
-            // Runs until the agent stops (the cancel token is not reachable here, so the
-            // loop ends when the mount record is gone or the process exits).
+            let cancel = self.cancel.clone();
             tokio::spawn(background_commits(
                 self.clone(),
                 name.to_string(),
                 secs,
-                CancellationToken::new(),
+                cancel,
             ));
         }
         Ok(Reply::Done(format!(
@@ -1267,6 +1269,7 @@ impl Inner {
         .await
         .map_err(failed)?
         .map_err(|e| err(ErrorCode::Invalid, format!("cannot commit: {e}")))?;
+        let scan_seconds = start.elapsed().as_secs_f64();
         let changes = scan::changes(&base, &scanned.manifest);
         if changes.is_empty() {
             return Ok(CommitReport {
@@ -1276,6 +1279,8 @@ impl Inner {
                 uploaded_bytes: 0,
                 hashed_bytes: scanned.hashed_bytes,
                 overwritten: Vec::new(),
+                scan_seconds,
+                upload_seconds: 0.0,
                 seconds: start.elapsed().as_secs_f64(),
             });
         }
@@ -1290,7 +1295,9 @@ impl Inner {
             .iter()
             .filter_map(|c| c.entry.as_ref().and_then(|e| e.blob()))
             .collect();
+        let t_upload = Instant::now();
         let uploaded = self.upload_missing(&blobs, events).await?;
+        let upload_seconds = t_upload.elapsed().as_secs_f64();
         let priors = changes.iter().map(|c| base.get(&c.path).cloned()).collect();
         let n = changes.len();
         let mut own: BTreeMap<VolPath, Option<Entry>> = rec
@@ -1333,6 +1340,8 @@ impl Inner {
             uploaded_bytes: uploaded,
             hashed_bytes: scanned.hashed_bytes,
             overwritten: overwritten.into_iter().map(|p| p.to_string()).collect(),
+            scan_seconds,
+            upload_seconds,
             seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -1364,6 +1373,8 @@ impl Inner {
             sources: Sources::default(),
             committed: None,
             overwritten_by_others: Vec::new(),
+            download_seconds: 0.0,
+            build_seconds: 0.0,
             seconds: start.elapsed().as_secs_f64(),
         };
         if info.head.commit.version == rec.version {
@@ -1430,7 +1441,10 @@ impl Inner {
             .filter_map(|(_, e)| e.blob())
             .collect();
         let fetched_files_bytes = needed.iter().map(|(_, s)| s).sum();
+        let t_fetch = Instant::now();
         let stats = self.fetch_blobs(&needed, events).await?;
+        let download_seconds = t_fetch.elapsed().as_secs_f64();
+        let t_build = Instant::now();
         let snap_name = format!(
             "v{}-{:08x}",
             info.head.commit.version,
@@ -1468,6 +1482,7 @@ impl Inner {
         };
         self.put_mount(&new_rec, &new_stats)?;
         switch_link(&new_rec.path, &snap)?;
+        let build_seconds = t_build.elapsed().as_secs_f64();
         let old = old_snap.clone();
         tokio::task::spawn_blocking(move || scan::remove_tree(&old));
         let report = ReloadReport {
@@ -1484,6 +1499,8 @@ impl Inner {
             },
             committed,
             overwritten_by_others: lost,
+            download_seconds,
+            build_seconds,
             seconds: start.elapsed().as_secs_f64(),
         };
         info!(

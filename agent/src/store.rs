@@ -366,9 +366,8 @@ impl Store {
         Ok(meta)
     }
 
-    /// Verifies a bao response for `ranges` and writes it into the blob's files. Nothing is
-    /// recorded unless every byte verified; on success the ranges are synced and recorded.
-    /// Returns the blob's state afterwards.
+    /// Verifies a bao response for `ranges` and writes it into the blob's files, then syncs
+    /// and records the ranges. Returns the blob's state afterwards.
     pub fn write_encoded(
         &self,
         hash: &Hash,
@@ -376,6 +375,20 @@ impl Store {
         ranges: &RangeList,
         encoded: &[u8],
     ) -> Result<BlobMeta, StoreError> {
+        self.write_encoded_unsynced(hash, size, ranges, encoded)?;
+        self.record_ranges(hash, size, ranges)
+    }
+
+    /// Verifies a bao response for `ranges` and writes it into the blob's files, without
+    /// syncing or recording: nothing is claimed until [`Store::record_ranges`]. A response
+    /// with one bad byte fails before that byte is written.
+    pub fn write_encoded_unsynced(
+        &self,
+        hash: &Hash,
+        size: u64,
+        ranges: &RangeList,
+        encoded: &[u8],
+    ) -> Result<(), StoreError> {
         let dp = self.data_path(hash);
         let op = self.outboard_path(hash);
         let mut data = OpenOptions::new().write(true).open(&dp).ctx(&dp)?;
@@ -395,10 +408,22 @@ impl Store {
                 hash: *hash,
                 message: e.to_string(),
             }
-        })?;
-        data.sync_data().ctx(&dp)?;
-        ob.data.sync_data().ctx(&op)?;
-        // Merge under the write transaction, so concurrent pieces never lose each other.
+        })
+    }
+
+    /// Syncs the blob's files and records `ranges` (already verified and written) as held.
+    /// Returns the blob's state afterwards.
+    pub fn record_ranges(
+        &self,
+        hash: &Hash,
+        size: u64,
+        ranges: &RangeList,
+    ) -> Result<BlobMeta, StoreError> {
+        let dp = self.data_path(hash);
+        let op = self.outboard_path(hash);
+        File::open(&dp).and_then(|f| f.sync_data()).ctx(&dp)?;
+        File::open(&op).and_then(|f| f.sync_data()).ctx(&op)?;
+        // Merge under the write transaction, so concurrent writers never lose each other.
         let w = self.inner.db.begin_write().map_err(db_err)?;
         let meta = {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
@@ -407,7 +432,7 @@ impl Store {
                 None => None,
             };
             let held = old.map(|m| m.ranges()).unwrap_or_default();
-            let merged = held.to_chunk_ranges() | want;
+            let merged = held.to_chunk_ranges() | ranges.to_chunk_ranges();
             let chunks = size.div_ceil(blob::CHUNK_BYTES).max(1);
             let list = RangeList::from_chunk_ranges(&merged, chunks);
             let state = if list.covers_all(size) {

@@ -44,14 +44,19 @@ fn kill_9_mid_reload_keeps_old_snapshot_and_resumes_verified_ranges() {
         let written = std::fs::metadata(&partial)
             .map(|m| m.blocks() * 512)
             .unwrap_or(0);
-        if written >= (SIZE / 3) as u64 {
+        // Verified ranges are recorded at least every second: by two thirds (about 2.7 s
+        // at this rate) some are.
+        if written >= (SIZE * 2 / 3) as u64 {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "the reload never got going"
         );
-        assert!(reload.try_wait().unwrap().is_none(), "reload ended too early");
+        assert!(
+            reload.try_wait().unwrap().is_none(),
+            "reload ended too early"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     f.kill9_agent(1);

@@ -86,9 +86,10 @@ async fn wait_file(path: &Path, pid: u32, what: &str) -> anyhow::Result<String> 
     let start = Instant::now();
     loop {
         if let Ok(s) = std::fs::read_to_string(path)
-            && !s.trim().is_empty() {
-                return Ok(s.trim().to_string());
-            }
+            && !s.trim().is_empty()
+        {
+            return Ok(s.trim().to_string());
+        }
         if !alive(pid) {
             bail!("{what} exited during start-up; see its log");
         }

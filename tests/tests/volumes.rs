@@ -230,3 +230,58 @@ async fn volume_commands_work_on_the_head() {
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::NotFound);
 }
+
+async fn head_version(f: &TestFleet, i: usize) -> u64 {
+    match f.req(i, Request::VolumeList).await.unwrap() {
+        Reply::Volumes(v) => v[0].version,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_commits_run_and_a_clean_stop_commits_last_changes() {
+    let mut f = TestFleet::start(1).await;
+    f.create("vol").await;
+    let path = f.mount_path(0);
+    f.req(
+        0,
+        Request::Mount {
+            name: "vol".into(),
+            path: path.clone(),
+            background_commit_secs: Some(1),
+        },
+    )
+    .await
+    .unwrap();
+    std::fs::write(path.join("auto"), b"committed by the agent").unwrap();
+    // Wait (bounded) for the background loop to commit.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while head_version(&f, 0).await < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no background commit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // A change made just before a clean stop is committed by the stop.
+    std::fs::write(path.join("last"), b"at shutdown").unwrap();
+    let agent = f.agents.pop().unwrap();
+    agent.shutdown().await;
+    let a = f.start_agent(0).await;
+    f.agents.push(a);
+    let Reply::Ls(ls) = f
+        .req(
+            0,
+            Request::VolumeLs {
+                name: "vol".into(),
+                path: None,
+            },
+        )
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let names: Vec<_> = ls.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(names, vec!["auto", "last"]);
+}

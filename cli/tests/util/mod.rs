@@ -21,9 +21,10 @@ pub fn wait_file(path: &Path, child: &mut Child) -> String {
     let start = Instant::now();
     loop {
         if let Ok(s) = std::fs::read_to_string(path)
-            && !s.trim().is_empty() {
-                return s.trim().to_string();
-            }
+            && !s.trim().is_empty()
+        {
+            return s.trim().to_string();
+        }
         if let Ok(Some(st)) = child.try_wait() {
             panic!("node exited during start-up: {st}");
         }

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Benchmarks B2 (single reload of a 1 GiB volume vs nginx+curl and sendme on the same file)
+# and B3 (commit of a new 1 GiB file vs b3sum of it) from shared/BENCH.md, plus the peak RSS
+# of the agents and the coordinator (B6). Prints one JSON object per run and a summary
+# with medians and ratios measured in the same run.
+#
+#   cargo build --release && bash testnet/bench/single.sh
+#
+# Needs: nginx (apt-get install -y nginx-light), curl, and optionally sendme and b3sum
+# (cargo install --locked sendme b3sum); a missing peer tool is reported, not faked.
+# Env: SIZE_MIB (default 1024), RUNS (default 3), BIN (default target/release).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-target/release}
+SIZE_MIB=${SIZE_MIB:-1024}
+RUNS=${RUNS:-3}
+ROOT=$(mktemp -d /tmp/voltool-bench.XXXXXX)
+VT="$BIN/voltool"
+NGINX_PID=""
+SENDME_PID=""
+
+cleanup() {
+  [ -n "$SENDME_PID" ] && kill "$SENDME_PID" 2>/dev/null || true
+  [ -n "$NGINX_PID" ] && kill "$NGINX_PID" 2>/dev/null || true
+  "$BIN/voltool-testnet" down --root "$ROOT/fleet" >/dev/null 2>&1 || true
+  rm -rf "$ROOT"
+}
+trap cleanup EXIT INT TERM
+
+now() { date +%s.%N; }
+elapsed() { echo "$(now) - $1" | bc -l; }
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+"$BIN/voltool-testnet" up --agents 2 --root "$ROOT/fleet" >/dev/null
+A0="$ROOT/fleet/agent-0"; A1="$ROOT/fleet/agent-1"
+"$VT" --agent "$A0" volume create bench >/dev/null
+"$VT" --agent "$A0" mount bench "$ROOT/m0" >/dev/null
+"$VT" --agent "$A1" mount bench "$ROOT/m1" >/dev/null
+
+# nginx serving the data directory on loopback.
+mkdir -p "$ROOT/www" "$ROOT/nginx"
+PORT=$((20000 + RANDOM % 20000))
+cat > "$ROOT/nginx/nginx.conf" <<CONF
+daemon off;
+worker_processes 1;
+pid $ROOT/nginx/nginx.pid;
+error_log $ROOT/nginx/error.log;
+events { worker_connections 64; }
+http {
+  access_log off;
+  sendfile on;
+  client_body_temp_path $ROOT/nginx;
+  proxy_temp_path $ROOT/nginx;
+  fastcgi_temp_path $ROOT/nginx;
+  uwsgi_temp_path $ROOT/nginx;
+  scgi_temp_path $ROOT/nginx;
+  server { listen 127.0.0.1:$PORT; root $ROOT/www; }
+}
+CONF
+if command -v nginx >/dev/null; then
+  nginx -c "$ROOT/nginx/nginx.conf" -p "$ROOT/nginx" & NGINX_PID=$!
+  for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.05; done
+fi
+
+declare -a T_COMMIT T_B3SUM T_RELOAD T_CURL T_SENDME
+for run in $(seq "$RUNS"); do
+  f="$ROOT/www/data-$run"
+  head -c $((SIZE_MIB << 20)) /dev/urandom > "$f"
+  cp "$f" "$ROOT/m0/data-$run"
+  sync
+  # B3: hash with b3sum (all cores, mmap) vs commit (scan, hash + outboard, copy into the
+  # store, upload to the origin, signed head).
+  if command -v b3sum >/dev/null; then
+    t=$(now); b3sum "$ROOT/m0/data-$run" >/dev/null; T_B3SUM+=("$(elapsed "$t")")
+  fi
+  t=$(now); "$VT" --agent "$A0" commit --json > "$ROOT/commit.json"; T_COMMIT+=("$(elapsed "$t")")
+  # B2: reload of the new 1 GiB on the other agent vs curl and sendme of the same file.
+  t=$(now); "$VT" --agent "$A1" reload --json > "$ROOT/reload.json"; T_RELOAD+=("$(elapsed "$t")")
+  cmp -s "$f" "$ROOT/m1/data-$run" || { echo "reloaded bytes differ" >&2; exit 1; }
+  if [ -n "$NGINX_PID" ]; then
+    t=$(now); curl -s -o "$ROOT/curl.out" "http://127.0.0.1:$PORT/data-$run"; T_CURL+=("$(elapsed "$t")")
+    rm -f "$ROOT/curl.out"
+  fi
+  if command -v sendme >/dev/null; then
+    (cd "$ROOT/www" && sendme send "data-$run" > "$ROOT/sendme.out" 2>&1) & SENDME_PID=$!
+    ticket=""
+    for _ in $(seq 600); do
+      ticket=$(grep -o 'blob[a-z0-9]\{20,\}' "$ROOT/sendme.out" | head -1 || true)
+      [ -n "$ticket" ] && break; sleep 0.05
+    done
+    mkdir -p "$ROOT/recv" && rm -rf "$ROOT/recv/"*
+    t=$(now); (cd "$ROOT/recv" && timeout 300 sendme receive "$ticket" >/dev/null 2>&1); T_SENDME+=("$(elapsed "$t")")
+    kill "$SENDME_PID" 2>/dev/null || true; wait "$SENDME_PID" 2>/dev/null || true; SENDME_PID=""
+    rm -rf "$ROOT/recv" "$ROOT/www/.sendme"*
+  fi
+  rm -f "$ROOT/m0/data-$run.tmp"
+  printf '{"run":%d,"bytes":%d,"commit_s":%s,"b3sum_s":%s,"reload_s":%s,"curl_s":%s,"sendme_s":%s,"loadavg":"%s"}\n' \
+    "$run" $((SIZE_MIB << 20)) "${T_COMMIT[-1]}" "${T_B3SUM[-1]:-null}" "${T_RELOAD[-1]}" \
+    "${T_CURL[-1]:-null}" "${T_SENDME[-1]:-null}" "$(cut -d' ' -f1-3 /proc/loadavg)"
+  rm -f "$f"
+done
+
+rss() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$1/pid")/status" 2>/dev/null || echo 0; }
+m() { if [ "$#" -gt 0 ]; then printf '%s\n' "$@" | median; else echo null; fi; }
+mc=$(m "${T_COMMIT[@]}"); mb=$(m "${T_B3SUM[@]}"); mr=$(m "${T_RELOAD[@]}")
+mcu=$(m "${T_CURL[@]}"); ms=$(m "${T_SENDME[@]}")
+ratio() { if [ "$2" = null ]; then echo null; else echo "scale=2; $1 / $2" | bc -l; fi; }
+mib_s() { echo "scale=1; $SIZE_MIB / $1" | bc -l; }
+printf '{"summary":true,"runs":%d,"mib":%d,"commit_s":%s,"b3sum_s":%s,"commit_over_b3sum":%s,"reload_s":%s,"reload_mib_s":%s,"curl_s":%s,"reload_over_curl":%s,"sendme_s":%s,"reload_over_sendme":%s,"agent_reload_peak_rss_kib":%s,"agent_commit_peak_rss_kib":%s,"coordinator_peak_rss_kib":%s,"loadavg":"%s"}\n' \
+  "$RUNS" "$SIZE_MIB" "$mc" "$mb" "$(ratio "$mc" "$mb")" "$mr" "$(mib_s "$mr")" "$mcu" "$(ratio "$mr" "$mcu")" \
+  "$ms" "$(ratio "$mr" "$ms")" "$(rss "$A1")" "$(rss "$A0")" "$(rss "$ROOT/fleet/coordinator")" "$(cut -d' ' -f1-3 /proc/loadavg)"
