@@ -310,7 +310,7 @@ pub enum Event {
     /// Bytes of a file streamed to the client (`get -`).
     Data(#[serde(with = "serde_bytes_vec")] Vec<u8>),
     /// The end.
-    Done(Result<Reply, ErrorReply>),
+    Done(Box<Result<Reply, ErrorReply>>),
 }
 
 mod serde_bytes_vec {
@@ -386,7 +386,7 @@ pub async fn call(
     write_msg(&mut s, req).await?;
     loop {
         match read_msg::<Event>(&mut s).await? {
-            Some(Event::Done(r)) => return Ok(r),
+            Some(Event::Done(r)) => return Ok(*r),
             Some(e) => on_event(e),
             None => return Err(ControlError::NoAnswer),
         }

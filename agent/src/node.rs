@@ -338,7 +338,7 @@ async fn control_loop(inner: Arc<Inner>, listener: UnixListener, cancel: Cancell
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(e) => {
-                    let done = Event::Done(Err(err(ErrorCode::Invalid, e.to_string())));
+                    let done = Event::Done(Box::new(Err(err(ErrorCode::Invalid, e.to_string()))));
                     let _ = control::write_msg(&mut stream, &done).await;
                     return;
                 }
@@ -355,7 +355,7 @@ async fn control_loop(inner: Arc<Inner>, listener: UnixListener, cancel: Cancell
             let result = op
                 .await
                 .unwrap_or_else(|e| Err(failed(format!("operation panicked: {e}"))));
-            let _ = control::write_msg(&mut stream, &Event::Done(result)).await;
+            let _ = control::write_msg(&mut stream, &Event::Done(Box::new(result))).await;
         });
     }
 }
