@@ -1453,9 +1453,10 @@ impl Inner {
         let snap = self.mounts_dir(rec.id).join(&snap_name);
         let store = self.store.clone();
         let (n2, sn2, old2) = (new.clone(), snap.clone(), old_snap.clone());
+        let reuse2 = reuse.clone();
         events.progress("build", 0, 0);
         let new_stats = tokio::task::spawn_blocking(move || {
-            scan::build_snapshot(&sn2, &n2, &store, Some(&old2), &reuse)
+            scan::build_snapshot(&sn2, &n2, &store, Some(&old2), &reuse2)
         })
         .await
         .map_err(failed)?
@@ -1482,9 +1483,24 @@ impl Inner {
         };
         self.put_mount(&new_rec, &new_stats)?;
         switch_link(&new_rec.path, &snap)?;
+        // Removing the old snapshot changes the change time of the files the new one shares
+        // with it: refresh their stats, or the next scan would rehash them all.
+        let (old, snap2) = (old_snap.clone(), snap.clone());
+        let fresh = tokio::task::spawn_blocking(move || {
+            if let Err(e) = scan::remove_tree(&old) {
+                warn!(path = %old.display(), "cannot remove the old snapshot: {e}");
+            }
+            scan::restat(&snap2, &reuse)
+        })
+        .await
+        .map_err(failed)?
+        .map_err(failed)?;
+        if !fresh.is_empty() {
+            let mut stats = new_stats;
+            stats.extend(fresh);
+            self.put_mount(&new_rec, &stats)?;
+        }
         let build_seconds = t_build.elapsed().as_secs_f64();
-        let old = old_snap.clone();
-        tokio::task::spawn_blocking(move || scan::remove_tree(&old));
         let report = ReloadReport {
             volume: name.to_string(),
             from_version,

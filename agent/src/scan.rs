@@ -202,10 +202,27 @@ pub fn scan(
     })
 }
 
+/// Hashes a file by reading it (not mapping it: mapped pages would count against the
+/// agent's memory while large files are checked).
 fn hash_file(path: &Path) -> Result<(Hash, u64), ScanError> {
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
     let mut h = blake3::Hasher::new();
-    h.update_mmap_rayon(path).map_err(io_err(path))?;
+    h.update_reader(std::io::BufReader::with_capacity(1 << 20, f))
+        .map_err(io_err(path))?;
     Ok((Hash::from(h.finalize()), h.count()))
+}
+
+/// Stats of `paths` under `root` as they are now (after something changed their inodes'
+/// change times, such as removing other hard links to them).
+pub fn restat(root: &Path, paths: &HashSet<VolPath>) -> Result<StatCache, ScanError> {
+    paths
+        .iter()
+        .map(|p| {
+            let full = root.join(p.as_str());
+            let m = std::fs::symlink_metadata(&full).map_err(io_err(&full))?;
+            Ok((p.clone(), Stat::of(&m)))
+        })
+        .collect()
 }
 
 /// The changes from `base` to `scanned`, leaving out differences of mtime alone.

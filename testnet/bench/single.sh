@@ -28,7 +28,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 now() { date +%s.%N; }
-elapsed() { echo "$(now) - $1" | bc -l; }
+elapsed() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.3f", a - b }'; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 "$BIN/voltool-testnet" up --agents 2 --root "$ROOT/fleet" >/dev/null
@@ -42,6 +42,7 @@ mkdir -p "$ROOT/www" "$ROOT/nginx"
 PORT=$((20000 + RANDOM % 20000))
 cat > "$ROOT/nginx/nginx.conf" <<CONF
 daemon off;
+user root;
 worker_processes 1;
 pid $ROOT/nginx/nginx.pid;
 error_log $ROOT/nginx/error.log;
@@ -71,31 +72,44 @@ for run in $(seq "$RUNS"); do
   # B3: hash with b3sum (all cores, mmap) vs commit (scan, hash + outboard, copy into the
   # store, upload to the origin, signed head).
   if command -v b3sum >/dev/null; then
+    sync
     t=$(now); b3sum "$ROOT/m0/data-$run" >/dev/null; T_B3SUM+=("$(elapsed "$t")")
   fi
+  sync
   t=$(now); "$VT" --agent "$A0" commit --json > "$ROOT/commit.json"; T_COMMIT+=("$(elapsed "$t")")
   # B2: reload of the new 1 GiB on the other agent vs curl and sendme of the same file.
+  sync
   t=$(now); "$VT" --agent "$A1" reload --json > "$ROOT/reload.json"; T_RELOAD+=("$(elapsed "$t")")
   cmp -s "$f" "$ROOT/m1/data-$run" || { echo "reloaded bytes differ" >&2; exit 1; }
   if [ -n "$NGINX_PID" ]; then
-    t=$(now); curl -s -o "$ROOT/curl.out" "http://127.0.0.1:$PORT/data-$run"; T_CURL+=("$(elapsed "$t")")
+    sync
+    t=$(now); got=$(curl -s -o "$ROOT/curl.out" -w '%{http_code} %{size_download}' "http://127.0.0.1:$PORT/data-$run")
+    T_CURL+=("$(elapsed "$t")")
+    [ "$got" = "200 $((SIZE_MIB << 20))" ] || { echo "curl got: $got" >&2; exit 1; }
     rm -f "$ROOT/curl.out"
   fi
   if command -v sendme >/dev/null; then
-    (cd "$ROOT/www" && sendme send "data-$run" > "$ROOT/sendme.out" 2>&1) & SENDME_PID=$!
+    (cd "$ROOT/www" && exec sendme send --relay disabled --ticket-type addresses --no-progress \
+      --magic-ipv4-addr 127.0.0.1:0 "data-$run" > "$ROOT/sendme.out" 2>&1) & SENDME_PID=$!
     ticket=""
-    for _ in $(seq 600); do
+    for _ in $(seq 1200); do
       ticket=$(grep -o 'blob[a-z0-9]\{20,\}' "$ROOT/sendme.out" | head -1 || true)
       [ -n "$ticket" ] && break; sleep 0.05
     done
     mkdir -p "$ROOT/recv" && rm -rf "$ROOT/recv/"*
-    t=$(now); (cd "$ROOT/recv" && timeout 300 sendme receive "$ticket" >/dev/null 2>&1); T_SENDME+=("$(elapsed "$t")")
+    sync
+    t=$(now); (cd "$ROOT/recv" && timeout 300 sendme receive --relay disabled --no-progress \
+      --magic-ipv4-addr 127.0.0.1:0 "$ticket" >/dev/null 2>&1); T_SENDME+=("$(elapsed "$t")")
+    cmp -s "$f" "$ROOT/recv/data-$run" || { echo "sendme received other bytes" >&2; exit 1; }
     kill "$SENDME_PID" 2>/dev/null || true; wait "$SENDME_PID" 2>/dev/null || true; SENDME_PID=""
     rm -rf "$ROOT/recv" "$ROOT/www/.sendme"*
   fi
   rm -f "$ROOT/m0/data-$run.tmp"
-  printf '{"run":%d,"bytes":%d,"commit_s":%s,"b3sum_s":%s,"reload_s":%s,"curl_s":%s,"sendme_s":%s,"loadavg":"%s"}\n' \
-    "$run" $((SIZE_MIB << 20)) "${T_COMMIT[-1]}" "${T_B3SUM[-1]:-null}" "${T_RELOAD[-1]}" \
+  field() { grep -o "\"$2\":[0-9.]*" "$1" | head -1 | cut -d: -f2; }
+  printf '{"run":%d,"bytes":%d,"commit_s":%s,"commit_scan_s":%s,"commit_upload_s":%s,"b3sum_s":%s,"reload_s":%s,"reload_download_s":%s,"reload_build_s":%s,"curl_s":%s,"sendme_s":%s,"loadavg":"%s"}\n' \
+    "$run" $((SIZE_MIB << 20)) "${T_COMMIT[-1]}" "$(field "$ROOT/commit.json" scan_seconds)" \
+    "$(field "$ROOT/commit.json" upload_seconds)" "${T_B3SUM[-1]:-null}" "${T_RELOAD[-1]}" \
+    "$(field "$ROOT/reload.json" download_seconds)" "$(field "$ROOT/reload.json" build_seconds)" \
     "${T_CURL[-1]:-null}" "${T_SENDME[-1]:-null}" "$(cut -d' ' -f1-3 /proc/loadavg)"
   rm -f "$f"
 done
@@ -104,8 +118,8 @@ rss() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$1/pid")/status" 2>/dev/null || e
 m() { if [ "$#" -gt 0 ]; then printf '%s\n' "$@" | median; else echo null; fi; }
 mc=$(m "${T_COMMIT[@]}"); mb=$(m "${T_B3SUM[@]}"); mr=$(m "${T_RELOAD[@]}")
 mcu=$(m "${T_CURL[@]}"); ms=$(m "${T_SENDME[@]}")
-ratio() { if [ "$2" = null ]; then echo null; else echo "scale=2; $1 / $2" | bc -l; fi; }
-mib_s() { echo "scale=1; $SIZE_MIB / $1" | bc -l; }
+ratio() { if [ "$2" = null ]; then echo null; else awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; fi; }
+mib_s() { awk -v a="$SIZE_MIB" -v b="$1" 'BEGIN { printf "%.1f", a / b }'; }
 printf '{"summary":true,"runs":%d,"mib":%d,"commit_s":%s,"b3sum_s":%s,"commit_over_b3sum":%s,"reload_s":%s,"reload_mib_s":%s,"curl_s":%s,"reload_over_curl":%s,"sendme_s":%s,"reload_over_sendme":%s,"agent_reload_peak_rss_kib":%s,"agent_commit_peak_rss_kib":%s,"coordinator_peak_rss_kib":%s,"loadavg":"%s"}\n' \
   "$RUNS" "$SIZE_MIB" "$mc" "$mb" "$(ratio "$mc" "$mb")" "$mr" "$(mib_s "$mr")" "$mcu" "$(ratio "$mr" "$mcu")" \
   "$ms" "$(ratio "$mr" "$ms")" "$(rss "$A1")" "$(rss "$A0")" "$(rss "$ROOT/fleet/coordinator")" "$(cut -d' ' -f1-3 /proc/loadavg)"
