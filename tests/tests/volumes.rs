@@ -57,6 +57,9 @@ async fn commit_on_a_reload_on_b_gives_the_same_tree() {
     let r3 = f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
     assert_eq!(tree(&a), tree(&b));
     assert!(r3.sources.origin_bytes < 1024, "{:?}", r3.sources);
+    // Files the new snapshot shares with the old one are not read again by the next scan.
+    let idle = f.commit(1, "vol").await.unwrap();
+    assert_eq!((idle.changed, idle.hashed_bytes), (0, 0));
 
     // Nothing to commit is not a new version.
     let c3 = f.commit(0, "vol").await.unwrap();
