@@ -64,12 +64,7 @@ async fn serve_stream(
     }
     match req {
         BlobRequest::Have { hash } => {
-            let s = store.clone();
-            let meta = tokio::task::spawn_blocking(move || s.meta(&hash))
-                .await
-                .map_err(NetError::stream)?
-                .map_err(NetError::stream)?;
-            let resp = match meta {
+            let resp = match meta_of(&store, hash).await? {
                 Some(m) => HaveResponse {
                     size: Some(m.size),
                     ranges: m.ranges(),
@@ -87,12 +82,7 @@ async fn serve_stream(
                 send.finish().map_err(NetError::stream)?;
                 return Ok(());
             }
-            let s = store.clone();
-            let meta = tokio::task::spawn_blocking(move || s.meta(&hash))
-                .await
-                .map_err(NetError::stream)?
-                .map_err(NetError::stream)?;
-            let header = match meta {
+            let header = match meta_of(&store, hash).await? {
                 None => GetHeader::NotFound,
                 Some(m) if m.size != size => GetHeader::NotFound,
                 Some(m) => {
@@ -115,6 +105,14 @@ async fn serve_stream(
     }
     send.finish().map_err(NetError::stream)?;
     Ok(())
+}
+
+async fn meta_of(store: &Store, hash: Hash) -> Result<Option<crate::store::BlobMeta>, NetError> {
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.meta(&hash))
+        .await
+        .map_err(NetError::stream)?
+        .map_err(NetError::stream)
 }
 
 /// Encodes on the blocking pool into a bounded channel and sends chunk by chunk, so a large
@@ -226,7 +224,19 @@ pub async fn get_encoded(
     };
     net::write_frame(&mut send, &req).await?;
     send.finish().map_err(NetError::stream)?;
-    let header: GetHeader = net::read_frame(&mut recv, MAX_RESPONSE).await?;
+    let self_check_failed = || {
+        FetchError::Corrupt(format!(
+            "the provider's own copy of blob {} failed its verification; it refused to send it",
+            hash.short()
+        ))
+    };
+    let header: GetHeader = match net::read_frame(&mut recv, MAX_RESPONSE).await {
+        Ok(h) => h,
+        Err(NetError::Reset(code)) if code == RESET_SELF_CHECK.into_inner() => {
+            return Err(self_check_failed());
+        }
+        Err(e) => return Err(e.into()),
+    };
     match header {
         GetHeader::Ok => {}
         GetHeader::NotFound => return Err(FetchError::NotFound),
@@ -236,10 +246,7 @@ pub async fn get_encoded(
     let bound = ranges.encoded_bound(size) as usize;
     recv.read_to_end(bound).await.map_err(|e| match e {
         ReadToEndError::Read(ReadError::Reset(code)) if code == RESET_SELF_CHECK => {
-            FetchError::Corrupt(format!(
-                "the provider's own copy of blob {} failed its verification; it refused to send it",
-                hash.short()
-            ))
+            self_check_failed()
         }
         e => FetchError::Net(NetError::stream(e)),
     })
@@ -292,12 +299,19 @@ impl FetchStats {
     }
 }
 
-/// Chunks (1 KiB) per piece: 4 MiB, a multiple of the 16 KiB chunk group.
-pub const PIECE_CHUNKS: u64 = 4096;
-/// Pieces in flight per blob.
-pub const PIECES_IN_FLIGHT: usize = 4;
+/// Chunks (1 KiB) per piece: 1 MiB, a multiple of the 16 KiB chunk group; small enough that
+/// simultaneous downloaders spread over many pieces and pass them on soon.
+pub const PIECE_CHUNKS: u64 = 1024;
+/// Pieces in flight per blob, over all providers.
+pub const PIECES_IN_FLIGHT: usize = 8;
+/// Pieces in flight per provider.
+pub const PIECES_PER_PROVIDER: usize = 4;
 /// Longest wait for one piece before the provider is given up on for it.
 pub const PIECE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a partial holder is asked again which ranges it has.
+pub const HAVE_REFRESH: Duration = Duration::from_millis(250);
+/// Failures (other than bad bytes) after which a provider is dropped for this blob.
+pub const MAX_FAILURES: u32 = 3;
 
 /// Splits what is missing of a blob into pieces aligned to chunk groups.
 pub fn missing_pieces(size: u64, held: &RangeList) -> Vec<RangeList> {
@@ -319,17 +333,102 @@ pub fn missing_pieces(size: u64, held: &RangeList) -> Vec<RangeList> {
 /// Callback told the verified bytes of each piece as it lands.
 pub type OnBytes = Arc<dyn Fn(u64) + Send + Sync>;
 
-/// Fetches a blob into the store from `providers`, in order of preference, resuming from
-/// the verified ranges already held. Every piece is verified before it is recorded; a
-/// provider that sends a bad byte is banned for the rest of this fetch.
+/// Asks the tracker again for a blob's providers.
+pub type Lookup = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Provider>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Who a download may take pieces from.
+#[derive(Clone)]
+pub struct Swarm {
+    /// This node (to share the origin's pieces out among simultaneous downloaders).
+    pub me: EndpointId,
+    /// Providers known at the start, nearest first, the origin last.
+    pub providers: Vec<Provider>,
+    /// Asked every [`LOOKUP_REFRESH`] for providers that joined since.
+    pub refresh: Option<Lookup>,
+}
+
+impl std::fmt::Debug for Swarm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Swarm")
+            .field("me", &self.me)
+            .field("providers", &self.providers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a download waits with nothing coming in before it takes pieces that are other
+/// downloaders' share from the origin.
+pub const IDLE_GRACE: Duration = Duration::from_millis(750);
+
+/// How often the tracker is asked again for providers during a download.
+pub const LOOKUP_REFRESH: Duration = Duration::from_millis(500);
+
+/// The downloader that should take piece `index` from the origin: of all nodes downloading
+/// the blob now, the one whose hash with the piece is highest (rendezvous hashing). Every
+/// downloader computes the same owner without talking, so the origin sends each piece about
+/// once and the downloaders trade the rest.
+fn origin_owner(nodes: &[EndpointId], hash: &Hash, index: u64) -> Option<EndpointId> {
+    nodes
+        .iter()
+        .max_by_key(|id| {
+            let mut h = blake3::Hasher::new();
+            h.update(id.as_bytes());
+            h.update(&hash.0);
+            h.update(&index.to_le_bytes());
+            *h.finalize().as_bytes()
+        })
+        .copied()
+}
+
+/// What the downloader knows of one provider during one blob's download.
+#[derive(Debug)]
+struct Source {
+    p: Provider,
+    /// Verified ranges it holds (all of them for a complete holder).
+    have: bao_tree::ChunkRanges,
+    complete: bool,
+    have_asked: Option<std::time::Instant>,
+    have_in_flight: bool,
+    in_flight: usize,
+    failures: u32,
+    banned: bool,
+}
+
+impl Source {
+    fn usable(&self) -> bool {
+        !self.banned && self.failures < MAX_FAILURES
+    }
+}
+
+enum Done {
+    Piece(usize, RangeList, Result<(), FetchError>),
+    Have(usize, Option<HaveResponse>),
+    Providers(Vec<Provider>),
+}
+
+/// Fetches a blob into the store from several providers at once, resuming from the
+/// verified ranges already held.
+///
+/// The blob is cut into pieces aligned to chunk groups, taken in random order so that
+/// simultaneous downloaders spread out. A piece goes to a peer that holds it (partial
+/// holders are asked what they have every [`HAVE_REFRESH`], so a fleet feeds itself while it
+/// downloads); the origin (last in `providers`) serves what no usable peer holds. Every piece
+/// is verified before it is written; a provider that sends a bad byte is banned for the rest
+/// of this fetch and its piece goes elsewhere. Verified ranges are synced and recorded in
+/// batches, so a restart resumes from them.
 pub async fn fetch_blob(
     pool: &ConnPool,
     store: &Store,
-    providers: &[Provider],
+    swarm: Swarm,
     hash: Hash,
     size: u64,
     on_bytes: OnBytes,
 ) -> Result<FetchStats, FetchError> {
+    use rand::seq::SliceRandom;
     let mut stats = FetchStats::default();
     let s = store.clone();
     let meta = tokio::task::spawn_blocking(move || s.begin_partial(&hash, size))
@@ -344,62 +443,221 @@ pub async fn fetch_blob(
     let held = meta.ranges();
     stats.already_held = held.bytes(size);
     on_bytes(stats.already_held);
-    let pieces = missing_pieces(size, &held);
-    let banned: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
-    // Verified pieces are synced and recorded in batches: one fsync per batch, not per piece.
+    let mut todo = missing_pieces(size, &held);
+    todo.shuffle(&mut rand::rng());
+    let all = RangeList::all(size).to_chunk_ranges();
+    let new_source = |p: Provider| Source {
+        have: if p.is_origin {
+            all.clone()
+        } else {
+            bao_tree::ChunkRanges::empty()
+        },
+        complete: p.is_origin,
+        p,
+        have_asked: None,
+        have_in_flight: false,
+        in_flight: 0,
+        failures: 0,
+        banned: false,
+    };
+    let mut sources: Vec<Source> = swarm.providers.iter().cloned().map(new_source).collect();
+    let mut last_lookup = std::time::Instant::now();
+    let mut lookup_in_flight = false;
+    let mut looked_twice = false;
+    let mut set: tokio::task::JoinSet<Done> = tokio::task::JoinSet::new();
+    let mut pieces_in_flight = 0usize;
     let mut pending = bao_tree::ChunkRanges::empty();
     let mut pending_bytes = 0u64;
     let mut last_record = std::time::Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    let mut queue = pieces.into_iter();
-    let mut last_err = None;
-    loop {
-        while set.len() < PIECES_IN_FLIGHT {
-            let Some(piece) = queue.next() else { break };
+    let mut last_err: Option<FetchError> = None;
+    let mut last_progress = std::time::Instant::now();
+    let result = loop {
+        if let Some(refresh) = &swarm.refresh
+            && !lookup_in_flight
+            && last_lookup.elapsed() >= LOOKUP_REFRESH
+        {
+            lookup_in_flight = true;
+            last_lookup = std::time::Instant::now();
+            let refresh = refresh.clone();
+            set.spawn(async move { Done::Providers(refresh().await) });
+        }
+        // Nodes downloading this blob now: the origin's pieces are shared out among them.
+        let mut downloaders: Vec<EndpointId> = sources
+            .iter()
+            .filter(|s| !s.p.is_origin && !s.complete && s.usable())
+            .map(|s| s.p.addr.id)
+            .collect();
+        downloaders.push(swarm.me);
+        // Full speed from the origin only once a second look at the tracker shows nobody
+        // else downloading (downloaders that start together find each other that late).
+        let alone = looked_twice && downloaders.len() == 1 && sources.iter().all(|s| s.p.is_origin);
+        let origin_slots = if alone || swarm.refresh.is_none() && sources.len() == 1 {
+            PIECES_IN_FLIGHT
+        } else {
+            2
+        };
+        // Ask partial holders what they have now.
+        for (i, src) in sources.iter_mut().enumerate() {
+            if src.complete || !src.usable() || src.have_in_flight {
+                continue;
+            }
+            if src.have_asked.is_some_and(|t| t.elapsed() < HAVE_REFRESH) {
+                continue;
+            }
+            src.have_asked = Some(std::time::Instant::now());
+            src.have_in_flight = true;
             let pool = pool.clone();
-            let store = store.clone();
-            let providers = providers.to_vec();
-            let banned = banned.clone();
+            let addr = src.p.addr.clone();
             set.spawn(async move {
-                fetch_piece(&pool, &store, &providers, &banned, hash, size, piece).await
+                let r = async {
+                    let c = pool.get(&addr).await.ok()?;
+                    tokio::time::timeout(PIECE_TIMEOUT, have(&c, hash))
+                        .await
+                        .ok()?
+                        .ok()
+                }
+                .await;
+                Done::Have(i, r)
             });
         }
-        let Some(done) = set.join_next().await else {
-            break;
+        // Hand out pieces: to a usable peer holding the piece with a free slot (fewest in
+        // flight first, then list order: nearest first), else to the origin.
+        let idle = pieces_in_flight == 0 && last_progress.elapsed() >= IDLE_GRACE;
+        let mut k = 0;
+        while k < todo.len() && pieces_in_flight < PIECES_IN_FLIGHT {
+            let want = todo[k].to_chunk_ranges();
+            let index = todo[k].0[0].0 / PIECE_CHUNKS;
+            // From the origin: this node's share of the pieces, or anything when nothing
+            // else is coming in (no peer can serve in time).
+            let origin_ok = idle || origin_owner(&downloaders, &hash, index) == Some(swarm.me);
+            let pick = sources
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    s.usable()
+                        && !s.p.is_origin
+                        && s.in_flight < PIECES_PER_PROVIDER
+                        && (s.have.clone() & want.clone()) == want
+                })
+                .min_by_key(|(i, s)| (s.in_flight, *i))
+                .map(|(i, _)| i)
+                .or_else(|| {
+                    sources.iter().position(|s| {
+                        origin_ok && s.p.is_origin && s.usable() && s.in_flight < origin_slots
+                    })
+                });
+            let Some(i) = pick else {
+                k += 1;
+                continue;
+            };
+            let piece = todo.swap_remove(k);
+            sources[i].in_flight += 1;
+            pieces_in_flight += 1;
+            let (pool, store, p) = (pool.clone(), store.clone(), sources[i].p.clone());
+            set.spawn(async move {
+                let r = fetch_piece(&pool, &store, &p, hash, size, &piece).await;
+                Done::Piece(i, piece, r)
+            });
+        }
+        if todo.is_empty() && pieces_in_flight == 0 {
+            break Ok(());
+        }
+        let nobody = !sources.iter().any(|s| s.usable());
+        if pieces_in_flight == 0 && (nobody || last_progress.elapsed() > PIECE_TIMEOUT) {
+            // Nothing in flight and nobody can take what is left.
+            break Err(last_err.take().unwrap_or(FetchError::NotFound));
+        }
+        if set.is_empty() {
+            // Waiting for the grace period or the next look at the tracker.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let done = match tokio::time::timeout(HAVE_REFRESH, set.join_next()).await {
+            Ok(Some(d)) => d.map_err(|e| FetchError::Net(NetError::stream(e)))?,
+            Ok(None) | Err(_) => continue,
         };
-        match done.map_err(|e| FetchError::Net(NetError::stream(e)))? {
-            Ok((who, is_origin, piece)) => {
-                let bytes = piece.bytes(size);
-                pending |= piece.to_chunk_ranges();
-                pending_bytes += bytes;
-                if pending_bytes >= RECORD_BATCH_BYTES || last_record.elapsed() >= RECORD_INTERVAL {
-                    record(store, hash, size, std::mem::take(&mut pending)).await?;
-                    pending_bytes = 0;
-                    last_record = std::time::Instant::now();
-                }
-                on_bytes(bytes);
-                if is_origin {
-                    stats.from_origin += bytes;
-                } else {
-                    *stats.from_peers.entry(who).or_default() += bytes;
+        match done {
+            Done::Providers(list) => {
+                lookup_in_flight = false;
+                looked_twice = true;
+                for p in list {
+                    if !sources.iter().any(|s| s.p.addr.id == p.addr.id) {
+                        debug!(provider = %p.addr.id.fmt_short(), "new provider");
+                        // Appended: in-flight work refers to sources by index.
+                        sources.push(new_source(p));
+                    }
                 }
             }
-            Err(e) => {
-                last_err = Some(e);
-                set.abort_all();
-                break;
+            Done::Have(i, r) => {
+                let src = &mut sources[i];
+                src.have_in_flight = false;
+                match r {
+                    Some(h) if h.size == Some(size) => {
+                        src.have = h.ranges.to_chunk_ranges();
+                        src.complete = (src.have.clone() & all.clone()) == all;
+                    }
+                    Some(_) => {}
+                    None => src.failures += 1,
+                }
+            }
+            Done::Piece(i, piece, r) => {
+                pieces_in_flight -= 1;
+                let src = &mut sources[i];
+                src.in_flight -= 1;
+                match r {
+                    Ok(()) => {
+                        last_progress = std::time::Instant::now();
+                        let bytes = piece.bytes(size);
+                        if src.p.is_origin {
+                            stats.from_origin += bytes;
+                        } else {
+                            *stats
+                                .from_peers
+                                .entry(src.p.addr.id.to_string())
+                                .or_default() += bytes;
+                        }
+                        pending |= piece.to_chunk_ranges();
+                        pending_bytes += bytes;
+                        on_bytes(bytes);
+                        if pending_bytes >= RECORD_BATCH_BYTES
+                            || last_record.elapsed() >= RECORD_INTERVAL
+                        {
+                            record(store, hash, size, std::mem::take(&mut pending)).await?;
+                            pending_bytes = 0;
+                            last_record = std::time::Instant::now();
+                        }
+                    }
+                    Err(e) => {
+                        todo.push(piece);
+                        match &e {
+                            FetchError::Corrupt(_) => {
+                                if !src.banned {
+                                    warn!(provider = %src.p.addr.id.fmt_short(), blob = %hash.short(), "banned for this download: {e}");
+                                    src.banned = true;
+                                    stats.banned.push(src.p.addr.id.to_string());
+                                }
+                            }
+                            FetchError::Missing => {
+                                // It announced more than it holds, or lost it: ask again.
+                                src.have = bao_tree::ChunkRanges::empty();
+                                src.complete = src.p.is_origin;
+                                src.failures += 1;
+                            }
+                            _ => src.failures += 1,
+                        }
+                        debug!(provider = %src.p.addr.id.fmt_short(), "piece failed: {e}");
+                        last_err = Some(e);
+                    }
+                }
             }
         }
-    }
-    stats.banned = banned.lock().expect("not poisoned").clone();
+    };
+    set.abort_all();
     // Keep what was verified, also when the fetch failed: a retry resumes from it.
     if !pending.is_empty() {
         record(store, hash, size, pending).await?;
     }
-    match last_err {
-        Some(e) => Err(e),
-        None => Ok(stats),
-    }
+    result.map(|()| stats)
 }
 
 /// Verified bytes written before their ranges are synced and recorded.
@@ -423,67 +681,37 @@ async fn record(
     Ok(())
 }
 
+/// Fetches one piece from one provider and writes it, verified, into the store.
 async fn fetch_piece(
     pool: &ConnPool,
     store: &Store,
-    providers: &[Provider],
-    banned: &std::sync::Mutex<Vec<String>>,
+    p: &Provider,
     hash: Hash,
     size: u64,
-    piece: RangeList,
-) -> Result<(String, bool, RangeList), FetchError> {
-    let mut last = FetchError::NotFound;
-    for p in providers {
-        let who = p.addr.id.to_string();
-        if banned.lock().expect("not poisoned").contains(&who) {
-            continue;
-        }
-        let conn = match pool.get(&p.addr).await {
-            Ok(c) => c,
-            Err(e) => {
-                last = FetchError::Net(e);
-                continue;
-            }
-        };
-        let encoded =
-            match tokio::time::timeout(PIECE_TIMEOUT, get_encoded(&conn, hash, size, &piece)).await
-            {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => {
-                    debug!(provider = %p.addr.id.fmt_short(), "piece failed: {e}");
-                    last = e;
-                    continue;
-                }
-                Err(_) => {
-                    last = FetchError::Timeout;
-                    continue;
-                }
-            };
-        if let Some(b) = &pool.ingress {
-            b.acquire(encoded.len() as u64).await;
-        }
-        let s = store.clone();
-        let pc = piece.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            s.write_encoded_unsynced(&hash, size, &pc, &encoded)
-        })
+    piece: &RangeList,
+) -> Result<(), FetchError> {
+    let conn = pool.get(&p.addr).await?;
+    let encoded = tokio::time::timeout(PIECE_TIMEOUT, get_encoded(&conn, hash, size, piece))
         .await
-        .map_err(|e| FetchError::Net(NetError::stream(e)))?;
-        match r {
-            Ok(()) => return Ok((who, p.is_origin, piece)),
-            Err(StoreError::Corrupt { message, .. }) => {
-                warn!(provider = %p.addr.id.fmt_short(), blob = %hash.short(), "banned: sent bytes that fail verification: {message}");
-                banned.lock().expect("not poisoned").push(who);
-                last = FetchError::Corrupt(format!(
-                    "{} sent bytes of blob {} that fail verification ({message})",
-                    if p.is_origin { "the origin" } else { "a peer" },
-                    hash.short()
-                ));
-            }
-            Err(e) => return Err(FetchError::Store(e)),
-        }
+        .map_err(|_| FetchError::Timeout)??;
+    if let Some(b) = &pool.ingress {
+        b.acquire(encoded.len() as u64).await;
     }
-    Err(last)
+    let s = store.clone();
+    let pc = piece.clone();
+    let r =
+        tokio::task::spawn_blocking(move || s.write_encoded_unsynced(&hash, size, &pc, &encoded))
+            .await
+            .map_err(|e| FetchError::Net(NetError::stream(e)))?;
+    match r {
+        Ok(()) => Ok(()),
+        Err(StoreError::Corrupt { message, .. }) => Err(FetchError::Corrupt(format!(
+            "{} sent bytes of blob {} that fail verification ({message})",
+            if p.is_origin { "the origin" } else { "a peer" },
+            hash.short()
+        ))),
+        Err(e) => Err(FetchError::Store(e)),
+    }
 }
 
 /// Open connections on the blob ALPN, reused across requests.

@@ -1,7 +1,7 @@
 //! The coordinator role: volume registry, signed heads, commits (per-path last writer
 //! wins), and the origin blob store, all behind `voltool/coord/1` and `voltool/blobs/1`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -95,6 +95,10 @@ struct State {
     origin: Store,
     members: Option<HashSet<EndpointId>>,
     egress: crate::blobs::Egress,
+    /// Where the origin serves blobs (handed out as the last provider).
+    addr: NodeAddr,
+    /// Who holds what (in memory: agents announce again when they start).
+    tracker: std::sync::Mutex<Tracker>,
     /// Serialises commits and registry changes.
     write_lock: tokio::sync::Mutex<()>,
 }
@@ -181,6 +185,8 @@ impl Coordinator {
             origin,
             members: opts.members,
             egress: opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
+            addr: addr.clone(),
+            tracker: Default::default(),
             write_lock: Default::default(),
         });
         let cancel = CancellationToken::new();
@@ -376,6 +382,42 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             changes,
             priors,
         } => commit(state, &name, volume, base_version, changes, priors, peer),
+        CoordRequest::Announce {
+            addr,
+            zone,
+            blobs,
+            complete,
+        } => {
+            let mut t = state.tracker.lock().expect("not poisoned");
+            t.peers.insert(peer, (addr, zone));
+            for h in blobs {
+                t.holders.entry(h).or_default().insert(peer, complete);
+            }
+            Ok(CoordResponse::Ok)
+        }
+        CoordRequest::Withdraw { blobs } => {
+            let mut t = state.tracker.lock().expect("not poisoned");
+            if blobs.is_empty() {
+                t.forget(&peer);
+            } else {
+                for h in blobs {
+                    if let Some(m) = t.holders.get_mut(&h) {
+                        m.remove(&peer);
+                    }
+                }
+            }
+            Ok(CoordResponse::Ok)
+        }
+        CoordRequest::Lookup { hash } => Ok(CoordResponse::Providers(lookup(state, &peer, &hash))),
+        CoordRequest::Members => {
+            let t = state.tracker.lock().expect("not poisoned");
+            let mut ids: Vec<[u8; 32]> = match &state.members {
+                Some(m) => m.iter().map(|id| *id.as_bytes()).collect(),
+                None => t.peers.keys().map(|id| *id.as_bytes()).collect(),
+            };
+            ids.push(*state.key.public().as_bytes());
+            Ok(CoordResponse::Members(ids))
+        }
         CoordRequest::Upload { .. } => Err(fail(ErrorKind::Invalid, "upload out of place")),
         _ => Err(fail(ErrorKind::Invalid, "unknown request")),
     };
@@ -637,6 +679,66 @@ fn commit(
         head: new,
         overwritten,
     })
+}
+
+/// Who holds which blobs, and where they listen.
+#[derive(Debug, Default)]
+struct Tracker {
+    peers: HashMap<EndpointId, (SocketAddr, Option<String>)>,
+    holders: HashMap<Hash, HashMap<EndpointId, bool>>,
+}
+
+impl Tracker {
+    fn forget(&mut self, peer: &EndpointId) {
+        self.peers.remove(peer);
+        for m in self.holders.values_mut() {
+            m.remove(peer);
+        }
+        self.holders.retain(|_, m| !m.is_empty());
+    }
+}
+
+/// Providers of a blob for `asker`: fleet members that announced it (never the asker), those
+/// in the asker's zone first, complete holders before partial ones, in random order within
+/// each group so that askers spread over them; then the origin if it holds the blob.
+fn lookup(state: &State, asker: &EndpointId, hash: &Hash) -> Vec<coord::ProviderInfo> {
+    let t = state.tracker.lock().expect("not poisoned");
+    let my_zone = t.peers.get(asker).and_then(|(_, z)| z.clone());
+    let mut out: Vec<(bool, bool, u64, coord::ProviderInfo)> = t
+        .holders
+        .get(hash)
+        .into_iter()
+        .flatten()
+        .filter(|(id, _)| *id != asker && state.is_member(id))
+        .filter_map(|(id, complete)| {
+            let (addr, zone) = t.peers.get(id)?;
+            let same_zone = my_zone.is_some() && *zone == my_zone;
+            Some((
+                !same_zone,
+                !complete,
+                rand::random::<u64>(),
+                coord::ProviderInfo {
+                    id: *id.as_bytes(),
+                    addr: *addr,
+                    zone: zone.clone(),
+                    complete: *complete,
+                    origin: false,
+                },
+            ))
+        })
+        .collect();
+    out.sort_by_key(|(z, c, r, _)| (*z, *c, *r));
+    let mut out: Vec<coord::ProviderInfo> = out.into_iter().map(|(_, _, _, p)| p).collect();
+    if state.origin.has_complete(hash).unwrap_or(false) {
+        out.push(coord::ProviderInfo {
+            id: *state.addr.id.as_bytes(),
+            addr: state.addr.addr,
+            zone: None,
+            complete: true,
+            origin: true,
+        });
+    }
+    out
 }
 
 /// Reads the members file: one node id per line, `#` comments.

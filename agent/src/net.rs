@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use iroh::endpoint::{
-    Connection, PortmapperConfig, ReadExactError, RecvStream, SendStream, presets,
+    Connection, PortmapperConfig, ReadError, ReadExactError, RecvStream, SendStream, presets,
 };
 use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey};
 use serde::Serialize;
@@ -34,6 +34,9 @@ pub enum NetError {
     /// The stream broke or ended early.
     #[error("stream failed: {0}")]
     Stream(String),
+    /// The peer reset the stream with this application error code.
+    #[error("stream reset by the peer (code {0})")]
+    Reset(u64),
     /// The peer sent a frame we cannot accept.
     #[error("peer sent a bad frame: {0}")]
     Frame(#[from] frame::FrameError),
@@ -151,6 +154,7 @@ fn read_exact_err(e: ReadExactError) -> NetError {
         ReadExactError::FinishedEarly(n) => {
             NetError::Stream(format!("stream ended early, after {n} bytes of a frame"))
         }
+        ReadExactError::ReadError(ReadError::Reset(code)) => NetError::Reset(code.into_inner()),
         ReadExactError::ReadError(e) => NetError::stream(e),
     }
 }

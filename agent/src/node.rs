@@ -171,11 +171,13 @@ struct Inner {
     ep: Endpoint,
     pool: ConnPool,
     egress: crate::blobs::Egress,
-    coord: CoordClient,
+    coord: Arc<CoordClient>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_reload: Mutex<HashMap<String, ReloadReport>>,
     /// Cancelled when the agent stops; background loops end with it.
     cancel: CancellationToken,
+    /// Fleet members as the coordinator last said, and when it said it.
+    members: Mutex<(HashSet<iroh::PublicKey>, Option<Instant>)>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -225,7 +227,7 @@ impl Agent {
             w.commit().map_err(|e| other(&e))?;
         }
         let ep = net::bind(key, opts.listen, vec![blobs::ALPN.to_vec()]).await?;
-        let coord = CoordClient::new(ep.clone(), opts.coordinator.clone());
+        let coord = Arc::new(CoordClient::new(ep.clone(), opts.coordinator.clone()));
         let inner = Arc::new(Inner {
             pool: ConnPool::new(
                 ep.clone(),
@@ -240,6 +242,7 @@ impl Agent {
             locks: Default::default(),
             last_reload: Default::default(),
             cancel: CancellationToken::new(),
+            members: Default::default(),
         });
         inner.recover().map_err(|e| other(&e))?;
         let cancel = inner.cancel.clone();
@@ -258,6 +261,14 @@ impl Agent {
                     cancel.clone(),
                 ));
             }
+        }
+        {
+            let inner = inner.clone();
+            tasks.spawn(async move {
+                if let Ok(held) = inner.store.complete_blobs() {
+                    inner.announce(held, true).await;
+                }
+            });
         }
         info!(
             node = %inner.ep.id(),
@@ -318,6 +329,11 @@ impl Agent {
                 }
             }
         }
+        let _ = self
+            .inner
+            .coord
+            .request(&CoordRequest::Withdraw { blobs: Vec::new() })
+            .await;
         let _ = std::fs::remove_file(self.inner.opts.data.join(control::SOCKET));
         self.inner.ep.close().await;
     }
@@ -372,9 +388,12 @@ async fn peer_loop(inner: Arc<Inner>, cancel: CancellationToken) {
                 return;
             };
             let Ok(conn) = accepting.await else { return };
-            // Until the tracker vouches for fleet members, only the coordinator may fetch.
-            let coordinator = inner.opts.coordinator.id;
-            let allow: crate::blobs::Allow = Arc::new(move |id| *id == coordinator);
+            // Only fleet members the coordinator vouches for may fetch.
+            let member = inner.is_member(&conn.remote_id()).await;
+            if !member {
+                warn!(peer = %conn.remote_id().fmt_short(), "refused a node that is not a fleet member");
+            }
+            let allow: crate::blobs::Allow = Arc::new(move |_| member);
             crate::blobs::serve(conn, inner.store.clone(), allow, inner.egress.clone()).await;
         });
     }
@@ -655,11 +674,52 @@ impl Inner {
         Ok(())
     }
 
-    fn providers(&self) -> Vec<Provider> {
-        vec![Provider {
-            addr: self.opts.coordinator.clone(),
-            is_origin: true,
-        }]
+    /// Providers of a blob from the tracker (nearest first, the origin last).
+    async fn providers_for(&self, hash: Hash) -> Vec<Provider> {
+        lookup_providers(&self.coord, self.ep.id(), &self.opts.coordinator, hash).await
+    }
+
+    /// Tells the tracker this node holds `blobs` (complete or in part).
+    async fn announce(&self, blobs: Vec<Hash>, complete: bool) {
+        for chunk in blobs.chunks(MAX_HAS) {
+            let req = CoordRequest::Announce {
+                addr: net::local_addr(&self.ep),
+                zone: self.opts.zone.clone(),
+                blobs: chunk.to_vec(),
+                complete,
+            };
+            if let Err(e) = self.coord.request(&req).await {
+                debug!("announce failed: {e}");
+            }
+        }
+    }
+
+    /// Whether `id` is a fleet member the coordinator vouches for (refreshing the list at
+    /// most once a second when an unknown node asks).
+    async fn is_member(&self, id: &iroh::PublicKey) -> bool {
+        if *id == self.opts.coordinator.id {
+            return true;
+        }
+        {
+            let m = self.members.lock().expect("not poisoned");
+            if m.0.contains(id) {
+                return true;
+            }
+            if m.1.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return false;
+            }
+        }
+        let fresh = match self.coord.request(&CoordRequest::Members).await {
+            Ok(CoordResponse::Members(ids)) => ids
+                .iter()
+                .filter_map(|b| iroh::PublicKey::from_bytes(b).ok())
+                .collect(),
+            _ => HashSet::new(),
+        };
+        let mut m = self.members.lock().expect("not poisoned");
+        m.0 = fresh;
+        m.1 = Some(Instant::now());
+        m.0.contains(id)
     }
 
     async fn manifest_of(&self, c: &Commit) -> OpResult<Manifest> {
@@ -684,7 +744,8 @@ impl Inner {
         Manifest::decode(&bytes).map_err(failed)
     }
 
-    /// Fetches blobs not held completely, a few at a time, from the providers.
+    /// Fetches blobs not held completely, a few at a time, from the swarm: peers that hold
+    /// them (complete or in part), the origin last.
     async fn fetch_blobs(&self, blobs: &[(Hash, u64)], events: &Events) -> OpResult<FetchStats> {
         let mut seen = HashSet::new();
         let wanted: Vec<(Hash, u64)> = blobs
@@ -693,22 +754,47 @@ impl Inner {
             .copied()
             .collect();
         let total = wanted.iter().map(|(_, s)| s).sum();
-        let counter = self.counter_for(events, total);
-        let providers = self.providers();
+        let counter = events.counter("download", total);
+        // Announce up front: peers reloading at the same moment learn of us at once and
+        // ask what we have as it lands.
+        self.announce(wanted.iter().map(|(h, _)| *h).collect(), false)
+            .await;
         let mut stats = FetchStats::default();
         let mut set = tokio::task::JoinSet::new();
-        let mut queue = wanted.into_iter();
+        let mut queue = wanted.iter().copied();
+        let mut failure = None;
         loop {
-            while set.len() < 8 {
+            while set.len() < 4 && failure.is_none() {
                 let Some((hash, size)) = queue.next() else {
                     break;
                 };
+                let providers = self.providers_for(hash).await;
                 let pool = self.pool.clone();
                 let store = self.store.clone();
-                let providers = providers.clone();
                 let counter = counter.clone();
+                let (coord, me, origin) = (
+                    self.coord.clone(),
+                    self.ep.id(),
+                    self.opts.coordinator.clone(),
+                );
+                let refresh: crate::blobs::Lookup = Arc::new(move || {
+                    let (coord, origin) = (coord.clone(), origin.clone());
+                    Box::pin(async move { lookup_providers(&coord, me, &origin, hash).await })
+                });
                 set.spawn(async move {
-                    crate::blobs::fetch_blob(&pool, &store, &providers, hash, size, counter).await
+                    crate::blobs::fetch_blob(
+                        &pool,
+                        &store,
+                        crate::blobs::Swarm {
+                            me,
+                            providers,
+                            refresh: Some(refresh),
+                        },
+                        hash,
+                        size,
+                        counter,
+                    )
+                    .await
                 });
             }
             let Some(r) = set.join_next().await else {
@@ -717,16 +803,20 @@ impl Inner {
             match r.map_err(failed)? {
                 Ok(s) => stats.merge(&s),
                 Err(e) => {
-                    set.abort_all();
-                    return Err(e.into());
+                    failure.get_or_insert(e);
                 }
             }
         }
-        Ok(stats)
-    }
-
-    fn counter_for(&self, events: &Events, total: u64) -> crate::blobs::OnBytes {
-        events.counter("download", total)
+        let complete: Vec<Hash> = wanted
+            .iter()
+            .filter(|(h, _)| self.store.has_complete(h).unwrap_or(false))
+            .map(|(h, _)| *h)
+            .collect();
+        self.announce(complete, true).await;
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(stats),
+        }
     }
 
     async fn status(&self) -> OpResult<StatusReport> {
@@ -814,6 +904,9 @@ impl Inner {
                 .upload(*hash, *size, &path, counter.as_ref())
                 .await?;
         }
+        // This node holds them complete too: peers may take them from here.
+        self.announce(blobs.iter().map(|(h, _)| *h).collect(), true)
+            .await;
         Ok(total)
     }
 
@@ -1364,21 +1457,21 @@ impl Inner {
                 format!("volume {name:?} was deleted and created again"),
             ));
         }
-        let unchanged = |info: &VolumeInfo, rec: &MountRecord| ReloadReport {
+        let unchanged = |version: u64, committed: Option<CommitReport>| ReloadReport {
             volume: name.to_string(),
             from_version,
-            version: rec.version.max(info.head.commit.version.min(rec.version)),
+            version,
             changed: false,
             fetched_files_bytes: 0,
             sources: Sources::default(),
-            committed: None,
+            committed,
             overwritten_by_others: Vec::new(),
             download_seconds: 0.0,
             build_seconds: 0.0,
             seconds: start.elapsed().as_secs_f64(),
         };
         if info.head.commit.version == rec.version {
-            return Ok(unchanged(&info, &rec));
+            return Ok(unchanged(rec.version, None));
         }
         // Uncommitted changes?
         let base = self.local_manifest(rec.manifest).await?;
@@ -1409,9 +1502,13 @@ impl Inner {
                     ));
                 }
                 ReloadMode::CommitFirst => {
-                    committed = Some(self.commit_locked(name, events).await?);
+                    let c = self.commit_locked(name, events).await?;
                     rec = self.mount(name)?;
                     info = self.verified_head(name).await?;
+                    if info.head.commit.version == rec.version {
+                        return Ok(unchanged(rec.version, Some(c)));
+                    }
+                    committed = Some(c);
                 }
                 ReloadMode::Discard => {}
             }
@@ -1533,8 +1630,40 @@ impl Inner {
             .lock()
             .expect("not poisoned")
             .insert(name.to_string(), report.clone());
-        let _ = unchanged;
         Ok(report)
+    }
+}
+
+/// Providers of a blob from the tracker (nearest first, the origin last), never this node;
+/// the origin alone if the tracker cannot be asked.
+async fn lookup_providers(
+    coord: &CoordClient,
+    me: iroh::PublicKey,
+    origin: &NodeAddr,
+    hash: Hash,
+) -> Vec<Provider> {
+    let origin = || Provider {
+        addr: origin.clone(),
+        is_origin: true,
+    };
+    match coord.request(&CoordRequest::Lookup { hash }).await {
+        Ok(CoordResponse::Providers(list)) => {
+            let mut out: Vec<Provider> = list
+                .into_iter()
+                .filter_map(|p| {
+                    let id = iroh::PublicKey::from_bytes(&p.id).ok()?;
+                    (id != me).then_some(Provider {
+                        addr: NodeAddr { id, addr: p.addr },
+                        is_origin: p.origin,
+                    })
+                })
+                .collect();
+            if !out.iter().any(|p| p.is_origin) {
+                out.push(origin());
+            }
+            out
+        }
+        _ => vec![origin()],
     }
 }
 

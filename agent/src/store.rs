@@ -8,11 +8,13 @@
 //!
 //! All methods block; async callers run them on the blocking pool.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bao_tree::ChunkRanges;
 use bao_tree::io::outboard::PreOrderOutboard;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -111,6 +113,9 @@ pub struct Store {
 struct Inner {
     dir: PathBuf,
     db: Database,
+    /// Ranges verified and written but not yet synced and recorded: served to peers at once
+    /// (pipelining), forgotten by a crash.
+    unsynced: std::sync::Mutex<HashMap<Hash, ChunkRanges>>,
 }
 
 impl Store {
@@ -130,6 +135,7 @@ impl Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 db,
+                unsynced: Default::default(),
             }),
         })
     }
@@ -166,10 +172,18 @@ impl Store {
         }
         let r = self.inner.db.begin_read().map_err(db_err)?;
         let t = r.open_table(BLOBS).map_err(db_err)?;
-        match t.get(hash.0).map_err(db_err)? {
-            Some(v) => Ok(Some(postcard::from_bytes(v.value()).map_err(db_err)?)),
-            None => Ok(None),
+        let Some(v) = t.get(hash.0).map_err(db_err)? else {
+            return Ok(None);
+        };
+        let mut meta: BlobMeta = postcard::from_bytes(v.value()).map_err(db_err)?;
+        if let BlobState::Partial(held) = &meta.state
+            && let Some(extra) = self.inner.unsynced.lock().expect("not poisoned").get(hash)
+        {
+            let merged = held.to_chunk_ranges() | extra.clone();
+            let chunks = meta.size.div_ceil(blob::CHUNK_BYTES).max(1);
+            meta.state = BlobState::Partial(RangeList::from_chunk_ranges(&merged, chunks));
         }
+        Ok(Some(meta))
     }
 
     /// Whether the blob is held completely.
@@ -408,7 +422,15 @@ impl Store {
                 hash: *hash,
                 message: e.to_string(),
             }
-        })
+        })?;
+        *self
+            .inner
+            .unsynced
+            .lock()
+            .expect("not poisoned")
+            .entry(*hash)
+            .or_insert_with(ChunkRanges::empty) |= want;
+        Ok(())
     }
 
     /// Syncs the blob's files and records `ranges` (already verified and written) as held.
@@ -446,7 +468,29 @@ impl Store {
             meta
         };
         w.commit().map_err(db_err)?;
+        let mut unsynced = self.inner.unsynced.lock().expect("not poisoned");
+        if let Some(u) = unsynced.get_mut(hash) {
+            *u = u.clone() - ranges.to_chunk_ranges();
+            if u.is_empty() || meta.is_complete() {
+                unsynced.remove(hash);
+            }
+        }
         Ok(meta)
+    }
+
+    /// Hashes of all complete blobs (to announce them).
+    pub fn complete_blobs(&self) -> Result<Vec<Hash>, StoreError> {
+        let r = self.inner.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(BLOBS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(db_err)? {
+            let (k, v) = e.map_err(db_err)?;
+            let m: BlobMeta = postcard::from_bytes(v.value()).map_err(db_err)?;
+            if m.is_complete() {
+                out.push(Hash(k.value()));
+            }
+        }
+        Ok(out)
     }
 }
 

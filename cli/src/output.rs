@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use voltool_agent::control::{self, ErrorCode, Event, Reply, Request};
+use voltool_agent::control::{self, Event, Reply, Request};
 
 /// Renders progress events as a bar on stderr, when it is a terminal.
 pub(crate) struct Progress {
@@ -87,14 +87,6 @@ pub(crate) fn ok() -> anyhow::Result<ExitCode> {
 pub(crate) fn usage(msg: impl std::fmt::Display) -> anyhow::Result<ExitCode> {
     eprintln!("error: {msg}");
     Ok(ExitCode::from(2))
-}
-
-/// Whether an error is the agent's `Invalid` (reported as a usage error by callers that
-/// choose so).
-#[allow(dead_code)]
-pub(crate) fn is_code(e: &anyhow::Error, code: ErrorCode) -> bool {
-    e.downcast_ref::<Refused>()
-        .is_some_and(|r| r.0.code == code)
 }
 
 /// Prints a value as one line of JSON.

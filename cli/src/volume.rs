@@ -1,6 +1,6 @@
 //! `voltool volume …`: the registry and files of volumes, as Modal's `modal volume`.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -331,7 +331,6 @@ async fn get_stdout(agent: &Path, name: String, remote: String) -> anyhow::Resul
         return Err(e.into());
     }
     out.flush()?;
-    let _ = std::io::stdout().is_terminal();
     match r {
         Ok(_) => ok(),
         Err(e) => Err(Refused(e).into()),

@@ -4,6 +4,8 @@
 //! for [`CoordRequest::Upload`], exactly `size` raw bytes after it, then finishes its send
 //! side; the coordinator answers with one [`CoordResponse`] frame and finishes.
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::commit::{SignedHead, VolumeId};
@@ -76,6 +78,45 @@ pub enum CoordRequest {
         /// the path meanwhile and is reported as overwritten.
         priors: Vec<Option<Entry>>,
     },
+    /// Tracker: the sender holds these blobs (complete, or in part and growing) and serves
+    /// them at `addr`. Replaces the sender's address and zone.
+    Announce {
+        /// Where the sender serves `voltool/blobs/1`.
+        addr: SocketAddr,
+        /// Its zone label.
+        zone: Option<String>,
+        /// Blobs held.
+        blobs: Vec<Hash>,
+        /// Whether they are complete.
+        complete: bool,
+    },
+    /// Tracker: the sender no longer holds these blobs (eviction, shutdown).
+    Withdraw {
+        /// Blobs dropped; empty means all of them.
+        blobs: Vec<Hash>,
+    },
+    /// Tracker: who can serve this blob, nearest first, the origin last.
+    Lookup {
+        /// The blob.
+        hash: Hash,
+    },
+    /// The node ids of the fleet's members (who may fetch from a peer).
+    Members,
+}
+
+/// A node that can serve a blob, as the tracker hands it out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderInfo {
+    /// Node id.
+    pub id: [u8; 32],
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its zone label.
+    pub zone: Option<String>,
+    /// Whether it announced the blob complete (else it holds part of it and grows).
+    pub complete: bool,
+    /// Whether this is the origin (always last, always complete).
+    pub origin: bool,
 }
 
 /// Facts about a volume.
@@ -137,4 +178,8 @@ pub enum CoordResponse {
         /// For people.
         message: String,
     },
+    /// Answer to [`CoordRequest::Lookup`].
+    Providers(Vec<ProviderInfo>),
+    /// Answer to [`CoordRequest::Members`].
+    Members(Vec<[u8; 32]>),
 }

@@ -4,7 +4,7 @@
 //! reload on every other agent at once; compare every file byte for byte with the original;
 //! report where the bytes came from; tear down.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -148,7 +148,6 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             summary.bytes_from_peers,
             summary.seconds
         )?;
-        let _ = std::io::stdout().is_terminal();
     }
     Ok(if summary.verified_equal {
         ExitCode::SUCCESS

@@ -10,6 +10,7 @@ use tempfile::TempDir;
 use voltool_agent::control::{CommitReport, ErrorReply, ReloadMode, ReloadReport, Reply, Request};
 use voltool_agent::coordinator::{Coordinator, CoordinatorOptions};
 use voltool_agent::node::{Agent, AgentOptions, Events};
+use voltool_agent::rate::Rate;
 
 /// Writes a seeded key into a data directory.
 pub fn seed_key(dir: &Path, seed: u8) -> voltool_protocol::PublicKey {
@@ -31,11 +32,28 @@ pub struct TestFleet {
     /// The agents.
     pub agents: Vec<Agent>,
     members: HashSet<voltool_protocol::PublicKey>,
+    limits: Limits,
+}
+
+/// Bandwidth limits of a test fleet.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    /// The origin's egress.
+    pub origin_egress: Option<Rate>,
+    /// Every agent's ingress.
+    pub agent_ingress: Option<Rate>,
+    /// Every agent's egress.
+    pub agent_egress: Option<Rate>,
 }
 
 impl TestFleet {
     /// Starts a coordinator and `n` agents.
     pub async fn start(n: usize) -> Self {
+        Self::start_with(n, Limits::default()).await
+    }
+
+    /// Starts a coordinator and `n` agents with bandwidth limits.
+    pub async fn start_with(n: usize, limits: Limits) -> Self {
         let dir = tempfile::tempdir().unwrap();
         seed_key(&dir.path().join("coordinator"), 0xC0);
         let mut members = HashSet::new();
@@ -49,7 +67,7 @@ impl TestFleet {
             data: dir.path().join("coordinator"),
             listen: "127.0.0.1:0".parse().unwrap(),
             members: Some(members.clone()),
-            max_egress: None,
+            max_egress: limits.origin_egress,
         })
         .await
         .unwrap();
@@ -60,6 +78,7 @@ impl TestFleet {
             coord_listen,
             agents: Vec::new(),
             members,
+            limits,
         };
         for i in 0..n {
             let a = f.start_agent(i).await;
@@ -75,8 +94,8 @@ impl TestFleet {
             coordinator: self.coord.as_ref().expect("coordinator running").addr(),
             listen: "127.0.0.1:0".parse().unwrap(),
             zone: None,
-            max_ingress: None,
-            max_egress: None,
+            max_ingress: self.limits.agent_ingress,
+            max_egress: self.limits.agent_egress,
         })
         .await
         .unwrap()
@@ -101,15 +120,29 @@ impl TestFleet {
 
     /// Starts the coordinator again on the same address and data directory.
     pub async fn start_coordinator(&mut self) {
-        let c = Coordinator::start(CoordinatorOptions {
-            data: self.coord_dir(),
-            listen: self.coord_listen,
-            members: Some(self.members.clone()),
-            max_egress: None,
-        })
-        .await
-        .unwrap();
-        self.coord = Some(c);
+        // The old endpoint's socket is released asynchronously after shutdown: retry the
+        // bind on the same address for a bounded time.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Coordinator::start(CoordinatorOptions {
+                data: self.coord_dir(),
+                listen: self.coord_listen,
+                members: Some(self.members.clone()),
+                max_egress: self.limits.origin_egress,
+            })
+            .await
+            {
+                Ok(c) => {
+                    self.coord = Some(c);
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("coordinator restart: {e}"),
+            }
+        }
     }
 
     /// Where agent `i` mounts volumes.

@@ -70,7 +70,7 @@ async fn forged_and_replayed_heads_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_origin_byte_is_detected_and_nothing_unverified_lands() {
-    let f = TestFleet::start(2).await;
+    let mut f = TestFleet::start(2).await;
     f.create("vol").await;
     let a = f.mount(0, "vol").await;
     let b = f.mount(1, "vol").await;
@@ -83,14 +83,17 @@ async fn corrupt_origin_byte_is_detected_and_nothing_unverified_lands() {
     on_disk[2 * 1024 * 1024 + 7] ^= 0x01;
     std::fs::write(&origin_file, &on_disk).unwrap();
 
-    let e = f.reload(1, "vol", ReloadMode::Refuse).await.unwrap_err();
+    // The writer leaves, so the origin is the only provider.
+    let writer = f.agents.remove(0);
+    writer.shutdown().await;
+    let e = f.reload(0, "vol", ReloadMode::Refuse).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::Verify, "{}", e.message);
     assert!(e.message.contains("verification"), "{}", e.message);
     assert!(
         !b.join("weights").exists(),
         "the mount keeps its old snapshot"
     );
-    let held = f.agents[1].store().meta(&hash).unwrap();
+    let held = f.agents[0].store().meta(&hash).unwrap();
     assert!(
         held.as_ref().is_none_or(|m| !m.is_complete()),
         "no unverified blob recorded: {held:?}"
