@@ -27,8 +27,18 @@ pub type Allow = Arc<dyn Fn(&EndpointId) -> bool + Send + Sync>;
 /// Optional egress limit shared by everything a node sends.
 pub type Egress = Option<Arc<TokenBucket>>;
 
+/// How a node serves blobs.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// Egress limit.
+    pub egress: Egress,
+    /// Fault injection for tests and the testnet's hostile-peer scenario: flip a byte in
+    /// everything sent, after the store's own check, so receivers must catch it.
+    pub corrupt: bool,
+}
+
 /// Serves one incoming connection on the blob ALPN until it closes.
-pub async fn serve(conn: Connection, store: Store, allow: Allow, egress: Egress) {
+pub async fn serve(conn: Connection, store: Store, allow: Allow, opts: ServeOptions) {
     let peer = conn.remote_id();
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -40,9 +50,9 @@ pub async fn serve(conn: Connection, store: Store, allow: Allow, egress: Egress)
         };
         let store = store.clone();
         let allowed = allow(&peer);
-        let egress = egress.clone();
+        let opts = opts.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(send, recv, store, allowed, egress).await {
+            if let Err(e) = serve_stream(send, recv, store, allowed, opts).await {
                 debug!(peer = %peer.fmt_short(), "blob request failed: {e}");
             }
         });
@@ -54,7 +64,7 @@ async fn serve_stream(
     mut recv: RecvStream,
     store: Store,
     allowed: bool,
-    egress: Egress,
+    opts: ServeOptions,
 ) -> Result<(), NetError> {
     let req: BlobRequest = net::read_frame(&mut recv, MAX_REQUEST).await?;
     if !allowed {
@@ -96,7 +106,7 @@ async fn serve_stream(
             };
             net::write_frame(&mut send, &header).await?;
             if header == GetHeader::Ok {
-                stream_encoded(&mut send, store, hash, size, ranges, egress).await?;
+                stream_encoded(&mut send, store, hash, size, ranges, opts).await?;
             }
         }
         _ => {
@@ -123,7 +133,7 @@ async fn stream_encoded(
     hash: Hash,
     size: u64,
     ranges: RangeList,
-    egress: Egress,
+    opts: ServeOptions,
 ) -> Result<(), NetError> {
     let (tx, mut rx) = mpsc::channel::<Bytes>(4);
     let task = tokio::task::spawn_blocking(move || {
@@ -135,9 +145,15 @@ async fn stream_encoded(
         let r2 = std::io::Write::flush(&mut w);
         r.and(r2.map_err(|_| StoreError::NotFound(hash)))
     });
-    while let Some(chunk) = rx.recv().await {
-        if let Some(b) = &egress {
+    while let Some(mut chunk) = rx.recv().await {
+        if let Some(b) = &opts.egress {
             b.acquire(chunk.len() as u64).await;
+        }
+        if opts.corrupt && !chunk.is_empty() {
+            let mut v = chunk.to_vec();
+            let mid = v.len() / 2;
+            v[mid] ^= 0x55;
+            chunk = Bytes::from(v);
         }
         send.write_chunk(chunk).await.map_err(NetError::stream)?;
     }
@@ -643,6 +659,10 @@ pub async fn fetch_blob(
                                 src.complete = src.p.is_origin;
                                 src.failures += 1;
                             }
+                            // Unreachable or gone: drop it for the rest of this download.
+                            FetchError::Net(NetError::Connect { .. }) => {
+                                src.failures = MAX_FAILURES
+                            }
                             _ => src.failures += 1,
                         }
                         debug!(provider = %src.p.addr.id.fmt_short(), "piece failed: {e}");
@@ -714,6 +734,9 @@ async fn fetch_piece(
     }
 }
 
+/// Longest wait for a connection to a provider.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Open connections on the blob ALPN, reused across requests.
 #[derive(Clone, Debug)]
 pub struct ConnPool {
@@ -734,14 +757,19 @@ impl ConnPool {
 
     /// A connection to `addr`, reusing a live one.
     pub async fn get(&self, addr: &NodeAddr) -> Result<Connection, NetError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&addr.id)
+        if let Some(c) = self.conns.lock().await.get(&addr.id)
             && c.close_reason().is_none()
         {
             return Ok(c.clone());
         }
-        let c = net::connect(&self.ep, addr, ALPN).await?;
-        conns.insert(addr.id, c.clone());
+        // Connect without holding the lock: a dead peer must not hold up the others.
+        let c = tokio::time::timeout(CONNECT_TIMEOUT, net::connect(&self.ep, addr, ALPN))
+            .await
+            .map_err(|_| NetError::Connect {
+                peer: addr.to_string(),
+                message: format!("no answer within {CONNECT_TIMEOUT:?}"),
+            })??;
+        self.conns.lock().await.insert(addr.id, c.clone());
         Ok(c)
     }
 }

@@ -246,8 +246,16 @@ async fn accept_loop(ep: Endpoint, state: Arc<State>, cancel: CancellationToken)
                 a if a == blobs::ALPN => {
                     let st = state.clone();
                     let allow: crate::blobs::Allow = Arc::new(move |id| st.is_member(id));
-                    crate::blobs::serve(conn, state.origin.clone(), allow, state.egress.clone())
-                        .await
+                    crate::blobs::serve(
+                        conn,
+                        state.origin.clone(),
+                        allow,
+                        crate::blobs::ServeOptions {
+                            egress: state.egress.clone(),
+                            corrupt: false,
+                        },
+                    )
+                    .await
                 }
                 _ => conn.close(2u32.into(), b"unknown protocol"),
             }

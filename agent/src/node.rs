@@ -49,6 +49,8 @@ pub struct AgentOptions {
     pub max_ingress: Option<Rate>,
     /// Egress limit (bytes/s) for everything served.
     pub max_egress: Option<Rate>,
+    /// Fault injection (tests, the testnet's hostile peers): serve corrupt bytes.
+    pub corrupt_served_bytes: bool,
 }
 
 /// An error of an agent operation, as the CLI shows it.
@@ -394,7 +396,11 @@ async fn peer_loop(inner: Arc<Inner>, cancel: CancellationToken) {
                 warn!(peer = %conn.remote_id().fmt_short(), "refused a node that is not a fleet member");
             }
             let allow: crate::blobs::Allow = Arc::new(move |_| member);
-            crate::blobs::serve(conn, inner.store.clone(), allow, inner.egress.clone()).await;
+            let opts = crate::blobs::ServeOptions {
+                egress: inner.egress.clone(),
+                corrupt: inner.opts.corrupt_served_bytes,
+            };
+            crate::blobs::serve(conn, inner.store.clone(), allow, opts).await;
         });
     }
 }

@@ -142,10 +142,14 @@ impl Store {
 
     /// The data file of a blob.
     pub fn data_path(&self, hash: &Hash) -> PathBuf {
+        Self::blob_path_in(&self.inner.dir, hash)
+    }
+
+    /// The data file of a blob in the store at `dir` (for tools that watch a store from
+    /// outside).
+    pub fn blob_path_in(dir: &Path, hash: &Hash) -> PathBuf {
         let hex = hash.to_hex();
-        self.inner
-            .dir
-            .join("blobs")
+        dir.join("blobs")
             .join(&hex[..2])
             .join(format!("{hex}.data"))
     }

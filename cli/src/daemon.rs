@@ -59,6 +59,10 @@ pub(crate) struct AgentArgs {
     /// Egress limit, e.g. 50mbit, 12MiB/s.
     #[arg(long, value_name = "RATE")]
     max_egress: Option<Rate>,
+    /// Fault injection for tests and the testnet's hostile-peer scenario: serve corrupt
+    /// bytes to peers (they must detect them and ban this node).
+    #[arg(long, hide = true)]
+    evil: bool,
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +121,7 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         zone: a.zone,
         max_ingress: a.max_ingress,
         max_egress: a.max_egress,
+        corrupt_served_bytes: a.evil,
     })
     .await
     .context("starting the agent")?;

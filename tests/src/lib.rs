@@ -89,6 +89,11 @@ impl TestFleet {
 
     /// Starts (or restarts) agent `i` on its data directory.
     pub async fn start_agent(&self, i: usize) -> Agent {
+        self.start_agent_with(i, false).await
+    }
+
+    /// Starts agent `i`, serving corrupt bytes if `evil`.
+    pub async fn start_agent_with(&self, i: usize, evil: bool) -> Agent {
         Agent::start(AgentOptions {
             data: self.agent_dir(i),
             coordinator: self.coord.as_ref().expect("coordinator running").addr(),
@@ -96,6 +101,7 @@ impl TestFleet {
             zone: None,
             max_ingress: self.limits.agent_ingress,
             max_egress: self.limits.agent_egress,
+            corrupt_served_bytes: evil,
         })
         .await
         .unwrap()

@@ -51,3 +51,95 @@ async fn simultaneous_reloads_feed_each_other() {
         bytes(7, SIZE)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_is_banned_and_the_reload_completes_with_correct_bytes() {
+    let mut f = TestFleet::start(2).await;
+    // Agent 0 holds the blob complete but flips bytes in everything it serves.
+    let liar = f.agents.remove(0);
+    liar.shutdown().await;
+    let liar = f.start_agent_with(0, true).await;
+    f.agents.insert(0, liar);
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    f.mount(1, "vol").await;
+    std::fs::write(a.join("model.bin"), bytes(8, SIZE)).unwrap();
+    f.commit(0, "vol").await.unwrap();
+
+    let r = f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
+    let liar_id = f.agents[0].addr().id.to_string();
+    assert!(r.sources.banned.contains(&liar_id), "{r:?}");
+    assert_eq!(
+        r.sources.peer_bytes, 0,
+        "no byte of the liar was accepted: {r:?}"
+    );
+    assert_eq!(r.sources.origin_bytes, SIZE as u64);
+    assert_eq!(
+        std::fs::read(f.mount_path(1).join("model.bin")).unwrap(),
+        bytes(8, SIZE)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_dying_mid_transfer_does_not_fail_the_reload() {
+    // The peer sends at 4 MiB/s, the origin at 1 MiB/s: most of the first half comes
+    // from the peer, the rest must come from the origin once the peer is gone.
+    let mut f = TestFleet::start_with(
+        2,
+        Limits {
+            agent_egress: Some(Rate(4 << 20)),
+            origin_egress: Some(Rate(1 << 20)),
+            ..Limits::default()
+        },
+    )
+    .await;
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    f.mount(1, "vol").await;
+    let data = bytes(9, SIZE);
+    std::fs::write(a.join("model.bin"), &data).unwrap();
+    f.commit(0, "vol").await.unwrap();
+    let hash = voltool_protocol::Hash::of(&data);
+
+    let downloader = f.agents.remove(1);
+    let reload = tokio::spawn(async move {
+        let r = downloader
+            .request(
+                voltool_agent::control::Request::Reload {
+                    name: Some("vol".into()),
+                    mode: ReloadMode::Refuse,
+                },
+                voltool_agent::node::Events::none(),
+            )
+            .await;
+        (downloader, r)
+    });
+    // Wait (bounded) until part of the blob has arrived, then stop the provider.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let part = std::fs::metadata(voltool_agent::store::Store::blob_path_in(
+            &f.agent_dir(1).join("store"),
+            &hash,
+        ))
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap_or(0);
+        if part >= (SIZE / 2) as u64 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let provider = f.agents.remove(0);
+    provider.shutdown().await;
+    let (_downloader, r) = reload.await.unwrap();
+    let r = match r.unwrap() {
+        voltool_agent::control::Reply::Reloaded(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert!(r.sources.peer_bytes > 0, "{r:?}");
+    assert!(r.sources.origin_bytes > 0, "{r:?}");
+    assert_eq!(
+        std::fs::read(f.mount_path(1).join("model.bin")).unwrap(),
+        data
+    );
+}
