@@ -1,4 +1,5 @@
-//! kill -9 of an agent in the middle of a reload, then restart.
+//! kill -9 of an agent in the middle of a reload, then restart: the partial blob resumes,
+//! from a peer.
 
 mod util;
 
@@ -77,6 +78,8 @@ fn kill_9_mid_reload_keeps_old_snapshot_and_resumes_verified_ranges() {
         + r["sources"]["peer_bytes"].as_u64().unwrap();
     let local = r["sources"]["local_bytes"].as_u64().unwrap();
     assert!(local > 0, "nothing resumed: {r}");
+    // The writer holds the blob complete: the rest comes from it as a peer.
+    assert!(r["sources"]["peer_bytes"].as_u64().unwrap() > 0, "{r}");
     assert!(fetched < SIZE as u64, "re-downloaded everything: {r}");
     assert_eq!(fetched + local, SIZE as u64, "{r}\n{}", stderr(&o));
     assert_eq!(std::fs::read(m1.join("weights.bin")).unwrap(), data);
