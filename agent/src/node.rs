@@ -51,6 +51,8 @@ pub struct AgentOptions {
     pub max_egress: Option<Rate>,
     /// Fault injection (tests, the testnet's hostile peers): serve corrupt bytes.
     pub corrupt_served_bytes: bool,
+    /// Fetch from the origin only, never from peers (the baseline of the fan-out bench).
+    pub origin_only: bool,
 }
 
 /// An error of an agent operation, as the CLI shows it.
@@ -774,7 +776,10 @@ impl Inner {
                 let Some((hash, size)) = queue.next() else {
                     break;
                 };
-                let providers = self.providers_for(hash).await;
+                let mut providers = self.providers_for(hash).await;
+                if self.opts.origin_only {
+                    providers.retain(|p| p.is_origin);
+                }
                 let pool = self.pool.clone();
                 let store = self.store.clone();
                 let counter = counter.clone();
@@ -783,6 +788,7 @@ impl Inner {
                     self.ep.id(),
                     self.opts.coordinator.clone(),
                 );
+                let origin_only = self.opts.origin_only;
                 let refresh: crate::blobs::Lookup = Arc::new(move || {
                     let (coord, origin) = (coord.clone(), origin.clone());
                     Box::pin(async move { lookup_providers(&coord, me, &origin, hash).await })
@@ -794,7 +800,7 @@ impl Inner {
                         crate::blobs::Swarm {
                             me,
                             providers,
-                            refresh: Some(refresh),
+                            refresh: (!origin_only).then_some(refresh),
                         },
                         hash,
                         size,

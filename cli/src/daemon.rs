@@ -63,6 +63,9 @@ pub(crate) struct AgentArgs {
     /// bytes to peers (they must detect them and ban this node).
     #[arg(long, hide = true)]
     evil: bool,
+    /// Fetch from the origin only, never from peers (a baseline for benchmarks).
+    #[arg(long)]
+    origin_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +125,7 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         max_ingress: a.max_ingress,
         max_egress: a.max_egress,
         corrupt_served_bytes: a.evil,
+        origin_only: a.origin_only,
     })
     .await
     .context("starting the agent")?;

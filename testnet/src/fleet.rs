@@ -123,6 +123,17 @@ pub(crate) async fn up(
     max_ingress: Option<&str>,
     max_egress: Option<&str>,
 ) -> anyhow::Result<Fleet> {
+    up_with(root, n, max_ingress, max_egress, &|_| Vec::new()).await
+}
+
+/// [`up`], with extra arguments for agent `i`.
+pub(crate) async fn up_with(
+    root: &Path,
+    n: usize,
+    max_ingress: Option<&str>,
+    max_egress: Option<&str>,
+    agent_args: &dyn Fn(usize) -> Vec<String>,
+) -> anyhow::Result<Fleet> {
     std::fs::create_dir_all(root)?;
     let root = std::path::absolute(root)?;
     let mut members = String::new();
@@ -150,7 +161,7 @@ pub(crate) async fn up(
     let cpid = spawn_node(&cdir, &cargs)?;
     let coordinator = wait_file(&cdir.join(ADDR_FILE), cpid, "the coordinator").await?;
     let mut pids = Vec::new();
-    for dir in &agents {
+    for (i, dir) in agents.iter().enumerate() {
         let _ = std::fs::remove_file(dir.join("agent.addr"));
         let mut args = vec![
             "agent".to_string(),
@@ -165,6 +176,7 @@ pub(crate) async fn up(
         if let Some(r) = max_egress {
             args.extend(["--max-egress".into(), r.to_string()]);
         }
+        args.extend(agent_args(i));
         pids.push(spawn_node(dir, &args)?);
     }
     for (dir, pid) in agents.iter().zip(pids) {

@@ -8,6 +8,7 @@
 //! Nodes are this same binary run as `voltool-testnet exec -- <voltool arguments>`, so the
 //! testnet needs nothing but itself.
 
+mod bench;
 mod demo;
 mod fleet;
 
@@ -31,6 +32,8 @@ enum Cmd {
     /// End to end: a synthetic model committed on one agent, reloaded on all others,
     /// compared byte for byte.
     Demo(demo::DemoArgs),
+    /// Measure a scenario of shared/BENCH.md (B1 fan-out; B5 with --evil K).
+    Bench(bench::BenchArgs),
     /// Run `voltool` with the given arguments (how the testnet starts its nodes).
     #[command(hide = true)]
     Exec {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
             Cmd::Up(a) => fleet::up_cmd(a).await,
             Cmd::Down(a) => fleet::down_cmd(a).await,
             Cmd::Demo(a) => demo::run(a).await,
+            Cmd::Bench(a) => bench::run(a).await,
             Cmd::Exec { .. } => unreachable!("handled above"),
         }
     });

@@ -102,6 +102,7 @@ impl TestFleet {
             max_ingress: self.limits.agent_ingress,
             max_egress: self.limits.agent_egress,
             corrupt_served_bytes: evil,
+            origin_only: false,
         })
         .await
         .unwrap()

@@ -1,0 +1,350 @@
+//! `voltool-testnet bench --scenario fanout`: scenario B1 (and B5 with `--evil K`) of
+//! shared/BENCH.md on loopback, with every node's links capped by its own token buckets.
+//!
+//! One agent writes a volume of `--size` bytes in 4 files and commits; all other agents
+//! reload at once. Reported against the Kumar–Ross bound for the run's caps.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use voltool_agent::control::{self, Event, ReloadMode, Reply, Request};
+use voltool_agent::rate::Rate;
+
+use crate::fleet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Scenario {
+    /// B1: one writer, every other agent reloads at once.
+    Fanout,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Mode {
+    /// Peers feed each other.
+    P2p,
+    /// Every agent fetches from the origin alone.
+    OriginOnly,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Net {
+    /// All nodes on 127.0.0.1, links capped by each node's token buckets (no root needed).
+    Loopback,
+    /// One network namespace per node with tbf caps (needs root).
+    Netns,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Scenario.
+    #[arg(long, value_enum, default_value = "fanout")]
+    scenario: Scenario,
+    /// Agents, the writer included.
+    #[arg(long, default_value_t = 8)]
+    agents: usize,
+    /// Volume size in bytes (split in 4 files).
+    #[arg(long, default_value_t = 128 << 20)]
+    size: u64,
+    /// Every node's link speed each way, e.g. 50mbit.
+    #[arg(long, default_value = "50mbit")]
+    rate: String,
+    /// p2p or origin-only.
+    #[arg(long, value_enum, default_value = "p2p")]
+    mode: Mode,
+    /// How links are emulated.
+    #[arg(long, value_enum, default_value = "loopback")]
+    net: Net,
+    /// Agents (among the reloading ones) that serve corrupt bytes.
+    #[arg(long, default_value_t = 0)]
+    evil: usize,
+    /// Fleet directory (default: a temporary one).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Where to write the plot of per-node progress over time (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Print only the JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    scenario: Scenario,
+    mode: Mode,
+    agents: usize,
+    volume_bytes: u64,
+    rate_bytes_per_s: u64,
+    t_min_s: f64,
+    fleet_s: f64,
+    p50_s: f64,
+    p99_s: f64,
+    ratio: f64,
+    origin_bytes: u64,
+    origin_ratio: f64,
+    peer_bytes: u64,
+    corrupt_bytes_accepted: u64,
+    bans: usize,
+    loadavg: String,
+    plot: Option<String>,
+}
+
+/// Kumar & Ross: no schedule finishes before
+/// `max(F / u_s, F / min d_i, N·F / (u_s + Σ u_i))`, with the origin and the writer as the
+/// two seeds (u_s = 2R) and N downloaders of link R each way.
+fn t_min(f: f64, r: f64, downloaders: usize) -> f64 {
+    let n = downloaders as f64;
+    let u_s = 2.0 * r;
+    (f / u_s).max(f / r).max(n * f / (u_s + n * r))
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub(crate) async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    if a.net == Net::Netns {
+        bail!("--net netns is not implemented yet; use --net loopback");
+    }
+    if a.agents < 2 || a.evil >= a.agents - 1 {
+        bail!("need at least 2 agents, and fewer evil ones than reloading ones");
+    }
+    let rate: Rate = a.rate.parse()?;
+    let tmp;
+    let root = match &a.root {
+        Some(r) => r.clone(),
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("voltool-bench-")
+                .tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let evil = a.evil;
+    let origin_only = a.mode == Mode::OriginOnly;
+    let extra = move |i: usize| {
+        let mut v = Vec::new();
+        // Agents 1..=evil serve corrupt bytes (agent 0 is the writer).
+        if i >= 1 && i <= evil {
+            v.push("--evil".to_string());
+        }
+        if origin_only {
+            v.push("--origin-only".to_string());
+        }
+        v
+    };
+    let f = fleet::up_with(&root, a.agents, Some(&a.rate), Some(&a.rate), &extra).await?;
+    let result = bench(&a, &f, rate).await;
+    let stopped = fleet::down(&f.root).await;
+    let report = result?;
+    stopped?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Report> {
+    let volume = "bench";
+    let call = |agent: PathBuf, req: Request| async move {
+        control::call(&agent, &req, |_| {})
+            .await?
+            .map_err(|e| anyhow::anyhow!("{}: {}", agent.display(), e.message))
+    };
+    call(
+        f.agents[0].clone(),
+        Request::VolumeCreate {
+            name: volume.into(),
+        },
+    )
+    .await?;
+    let mounts: Vec<PathBuf> = (0..a.agents)
+        .map(|i| f.root.join(format!("mnt-{i}")))
+        .collect();
+    for (agent, m) in f.agents.iter().zip(&mounts) {
+        call(
+            agent.clone(),
+            Request::Mount {
+                name: volume.into(),
+                path: m.clone(),
+                background_commit_secs: None,
+            },
+        )
+        .await?;
+    }
+    let per_file = a.size / 4;
+    for i in 0..4u64 {
+        let len = if i == 3 {
+            a.size - 3 * per_file
+        } else {
+            per_file
+        };
+        let mut key = [0u8; 32];
+        key[0] = i as u8 + 1;
+        let mut xof = blake3::Hasher::new_keyed(&key).finalize_xof();
+        let mut buf = vec![0u8; len as usize];
+        xof.fill(&mut buf);
+        std::fs::write(mounts[0].join(format!("part-{i}.bin")), &buf)?;
+    }
+    call(
+        f.agents[0].clone(),
+        Request::Commit {
+            name: Some(volume.into()),
+        },
+    )
+    .await?;
+
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, agent) in f.agents.iter().enumerate().skip(1) {
+        let agent = agent.clone();
+        set.spawn(async move {
+            let mut trace: Vec<(f64, u64)> = Vec::new();
+            let r = control::call(
+                &agent,
+                &Request::Reload {
+                    name: Some(volume.into()),
+                    mode: ReloadMode::Refuse,
+                },
+                |ev| {
+                    if let Event::Progress { phase, done, .. } = ev {
+                        if phase == "download" {
+                            trace.push((start.elapsed().as_secs_f64(), done));
+                        }
+                    }
+                },
+            )
+            .await;
+            (i, start.elapsed().as_secs_f64(), r, trace)
+        });
+    }
+    let mut finish = Vec::new();
+    let mut traces = BTreeMap::new();
+    let (mut origin, mut peers, mut bans) = (0u64, 0u64, 0usize);
+    while let Some(j) = set.join_next().await {
+        let (i, t, r, trace) = j?;
+        match r?.map_err(|e| anyhow::anyhow!("agent-{i}: {}", e.message))? {
+            Reply::Reloaded(rep) => {
+                origin += rep.sources.origin_bytes;
+                peers += rep.sources.peer_bytes;
+                bans += rep.sources.banned.len();
+            }
+            _ => bail!("unexpected answer to reload"),
+        }
+        finish.push(t);
+        traces.insert(i, trace);
+    }
+    finish.sort_by(f64::total_cmp);
+    let fleet_s = *finish.last().unwrap_or(&0.0);
+    // Every reloaded byte compared with the writer's.
+    let mut corrupt = 0u64;
+    for m in &mounts[1..] {
+        for i in 0..4 {
+            let name = format!("part-{i}.bin");
+            let want = std::fs::read(mounts[0].join(&name))?;
+            let got = std::fs::read(m.join(&name))
+                .with_context(|| m.join(&name).display().to_string())?;
+            corrupt += want.iter().zip(&got).filter(|(x, y)| x != y).count() as u64
+                + want.len().abs_diff(got.len()) as u64;
+        }
+    }
+    let r = rate.0 as f64;
+    let t_min_s = t_min(a.size as f64, r, a.agents - 1);
+    let mode = match a.mode {
+        Mode::P2p => "p2p",
+        Mode::OriginOnly => "origin-only",
+    };
+    let plot = a
+        .plot
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("fanout-{mode}.svg")));
+    write_svg(&plot, &traces, a.size, t_min_s)?;
+    Ok(Report {
+        scenario: a.scenario,
+        mode: a.mode,
+        agents: a.agents,
+        volume_bytes: a.size,
+        rate_bytes_per_s: rate.0,
+        t_min_s,
+        fleet_s,
+        p50_s: quantile(&finish, 0.5),
+        p99_s: quantile(&finish, 0.99),
+        ratio: fleet_s / t_min_s,
+        origin_bytes: origin,
+        origin_ratio: origin as f64 / a.size as f64,
+        peer_bytes: peers,
+        corrupt_bytes_accepted: corrupt,
+        bans,
+        loadavg: std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        plot: Some(plot.display().to_string()),
+    })
+}
+
+/// Per-node download progress over time, with T_min marked.
+fn write_svg(
+    path: &Path,
+    traces: &BTreeMap<usize, Vec<(f64, u64)>>,
+    size: u64,
+    t_min: f64,
+) -> anyhow::Result<()> {
+    let (w, h, pad) = (800.0, 480.0, 50.0);
+    let t_max = traces
+        .values()
+        .flat_map(|t| t.iter().map(|(x, _)| *x))
+        .fold(t_min * 1.1, f64::max);
+    let x = |t: f64| pad + (w - 2.0 * pad) * t / t_max;
+    let y = |b: u64| h - pad - (h - 2.0 * pad) * b as f64 / size.max(1) as f64;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <text x=\"{cx}\" y=\"{ty}\" text-anchor=\"middle\">seconds (0 to {t_max:.1})</text>\n\
+         <text x=\"12\" y=\"{pad}\">bytes (0 to {size})</text>\n\
+         <line x1=\"{tm}\" y1=\"{pad}\" x2=\"{tm}\" y2=\"{b}\" stroke=\"red\" stroke-dasharray=\"4 4\"/>\n\
+         <text x=\"{tm}\" y=\"{lt}\" fill=\"red\">T_min {t_min:.1}s</text>\n",
+        b = h - pad,
+        r = w - pad,
+        cx = w / 2.0,
+        ty = h - 15.0,
+        tm = x(t_min),
+        lt = pad - 8.0,
+    );
+    let colors = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+        "#bcbd22", "#17becf",
+    ];
+    for (k, (node, trace)) in traces.iter().enumerate() {
+        let pts: Vec<String> = std::iter::once((0.0, 0))
+            .chain(trace.iter().copied())
+            .map(|(t, b)| format!("{:.1},{:.1}", x(t), y(b)))
+            .collect();
+        let c = colors[k % colors.len()];
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1.5\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{c}\">agent-{node}</text>\n",
+            pts.join(" "),
+            w - pad + 2.0,
+            pad + 14.0 * k as f64
+        ));
+    }
+    svg.push_str("</svg>\n");
+    std::fs::write(path, svg).with_context(|| path.display().to_string())
+}
