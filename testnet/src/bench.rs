@@ -220,10 +220,10 @@ async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Re
                     mode: ReloadMode::Refuse,
                 },
                 |ev| {
-                    if let Event::Progress { phase, done, .. } = ev {
-                        if phase == "download" {
-                            trace.push((start.elapsed().as_secs_f64(), done));
-                        }
+                    if let Event::Progress { phase, done, .. } = ev
+                        && phase == "download"
+                    {
+                        trace.push((start.elapsed().as_secs_f64(), done));
                     }
                 },
             )
