@@ -35,6 +35,24 @@ pub struct ServeOptions {
     /// Fault injection for tests and the testnet's hostile-peer scenario: flip a byte in
     /// everything sent, after the store's own check, so receivers must catch it.
     pub corrupt: bool,
+    /// Pieces sent at once; further requests wait their turn (first come, first served),
+    /// so each piece finishes soon and its receiver can pass it on, instead of every piece
+    /// crawling along at a fraction of the link.
+    pub slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// Pieces a node sends at once by default.
+pub const SERVE_SLOTS: usize = 3;
+
+impl ServeOptions {
+    /// Options with the default number of sending slots.
+    pub fn new(egress: Egress, corrupt: bool) -> Self {
+        ServeOptions {
+            egress,
+            corrupt,
+            slots: Some(Arc::new(tokio::sync::Semaphore::new(SERVE_SLOTS))),
+        }
+    }
 }
 
 /// Serves one incoming connection on the blob ALPN until it closes.
@@ -103,6 +121,10 @@ async fn serve_stream(
                         GetHeader::Missing
                     }
                 }
+            };
+            let _turn = match (&opts.slots, header) {
+                (Some(s), GetHeader::Ok) => Some(s.clone().acquire_owned().await),
+                _ => None,
             };
             net::write_frame(&mut send, &header).await?;
             if header == GetHeader::Ok {

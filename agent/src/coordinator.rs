@@ -94,7 +94,7 @@ struct State {
     db: Database,
     origin: Store,
     members: Option<HashSet<EndpointId>>,
-    egress: crate::blobs::Egress,
+    serve: crate::blobs::ServeOptions,
     /// Where the origin serves blobs (handed out as the last provider).
     addr: NodeAddr,
     /// Who holds what (in memory: agents announce again when they start).
@@ -184,7 +184,10 @@ impl Coordinator {
             db,
             origin,
             members: opts.members,
-            egress: opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
+            serve: crate::blobs::ServeOptions::new(
+                opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
+                false,
+            ),
             addr: addr.clone(),
             tracker: Default::default(),
             write_lock: Default::default(),
@@ -246,16 +249,8 @@ async fn accept_loop(ep: Endpoint, state: Arc<State>, cancel: CancellationToken)
                 a if a == blobs::ALPN => {
                     let st = state.clone();
                     let allow: crate::blobs::Allow = Arc::new(move |id| st.is_member(id));
-                    crate::blobs::serve(
-                        conn,
-                        state.origin.clone(),
-                        allow,
-                        crate::blobs::ServeOptions {
-                            egress: state.egress.clone(),
-                            corrupt: false,
-                        },
-                    )
-                    .await
+                    crate::blobs::serve(conn, state.origin.clone(), allow, state.serve.clone())
+                        .await
                 }
                 _ => conn.close(2u32.into(), b"unknown protocol"),
             }

@@ -30,6 +30,9 @@ use crate::rate::{Rate, TokenBucket};
 use crate::scan::{self, ScanMode, StatCache};
 use crate::store::Store;
 
+/// Blobs fetched at once by one reload (each in up to `PIECES_IN_FLIGHT` pieces).
+const BLOBS_IN_FLIGHT: usize = 2;
+
 const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-0");
 const STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("stats-0");
 const SEEN: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("seen-heads-0");
@@ -174,7 +177,7 @@ struct Inner {
     db: Database,
     ep: Endpoint,
     pool: ConnPool,
-    egress: crate::blobs::Egress,
+    serve: crate::blobs::ServeOptions,
     coord: Arc<CoordClient>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_reload: Mutex<HashMap<String, ReloadReport>>,
@@ -237,7 +240,10 @@ impl Agent {
                 ep.clone(),
                 opts.max_ingress.map(|r| Arc::new(TokenBucket::new(r))),
             ),
-            egress: opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
+            serve: crate::blobs::ServeOptions::new(
+                opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
+                opts.corrupt_served_bytes,
+            ),
             opts,
             store,
             db,
@@ -398,11 +404,7 @@ async fn peer_loop(inner: Arc<Inner>, cancel: CancellationToken) {
                 warn!(peer = %conn.remote_id().fmt_short(), "refused a node that is not a fleet member");
             }
             let allow: crate::blobs::Allow = Arc::new(move |_| member);
-            let opts = crate::blobs::ServeOptions {
-                egress: inner.egress.clone(),
-                corrupt: inner.opts.corrupt_served_bytes,
-            };
-            crate::blobs::serve(conn, inner.store.clone(), allow, opts).await;
+            crate::blobs::serve(conn, inner.store.clone(), allow, inner.serve.clone()).await;
         });
     }
 }
@@ -772,7 +774,7 @@ impl Inner {
         let mut queue = wanted.iter().copied();
         let mut failure = None;
         loop {
-            while set.len() < 4 && failure.is_none() {
+            while set.len() < BLOBS_IN_FLIGHT && failure.is_none() {
                 let Some((hash, size)) = queue.next() else {
                     break;
                 };
