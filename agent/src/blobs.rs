@@ -509,6 +509,11 @@ pub async fn fetch_blob(
     let mut last_record = std::time::Instant::now();
     let mut last_err: Option<FetchError> = None;
     let mut last_progress = std::time::Instant::now();
+    // Pieces in flight by first chunk: when asked first, and the tasks fetching them (a
+    // second one in the endgame). Finished pieces whose duplicate is still running.
+    let mut running: HashMap<u64, Running> = HashMap::new();
+    let mut tasks: HashMap<tokio::task::Id, (usize, u64, tokio::task::AbortHandle)> =
+        HashMap::new();
     let result = loop {
         if let Some(refresh) = &swarm.refresh
             && !lookup_in_flight
@@ -589,13 +594,60 @@ pub async fn fetch_blob(
                 continue;
             };
             let piece = todo.swap_remove(k);
-            sources[i].in_flight += 1;
+            let start = piece.0[0].0;
+            let h = spawn_piece(
+                &mut set,
+                pool,
+                store,
+                &mut sources[i],
+                i,
+                hash,
+                size,
+                piece.clone(),
+            );
+            let id = h.id();
             pieces_in_flight += 1;
-            let (pool, store, p) = (pool.clone(), store.clone(), sources[i].p.clone());
-            set.spawn(async move {
-                let r = fetch_piece(&pool, &store, &p, hash, size, &piece).await;
-                Done::Piece(i, piece, r)
-            });
+            tasks.insert(id, (i, start, h));
+            running
+                .entry(start)
+                .or_insert_with(|| (piece, std::time::Instant::now(), Vec::new()))
+                .2
+                .push((i, id));
+        }
+        // Endgame: nothing left to hand out, so ask a second provider for pieces that have
+        // been in flight long; the first copy to arrive wins and the other is cancelled.
+        if todo.is_empty() {
+            let mut slow: Vec<(u64, std::time::Instant)> = running
+                .iter()
+                .filter(|(_, (_, t, copies))| copies.len() == 1 && t.elapsed() >= ENDGAME_AFTER)
+                .map(|(s, (_, t, _))| (*s, *t))
+                .collect();
+            slow.sort_by_key(|(_, t)| *t);
+            for (start, _) in slow {
+                if pieces_in_flight >= PIECES_IN_FLIGHT {
+                    break;
+                }
+                let (piece, _, copies) = &running[&start];
+                let want = piece.to_chunk_ranges();
+                let busy = copies[0].0;
+                let Some(i) = sources
+                    .iter()
+                    .position(|s| {
+                        s.usable()
+                            && s.in_flight < PIECES_PER_PROVIDER
+                            && (s.have.clone() & want.clone()) == want
+                    })
+                    .filter(|i| *i != busy)
+                else {
+                    continue;
+                };
+                let piece = piece.clone();
+                let h = spawn_piece(&mut set, pool, store, &mut sources[i], i, hash, size, piece);
+                let id = h.id();
+                pieces_in_flight += 1;
+                tasks.insert(id, (i, start, h));
+                running.get_mut(&start).expect("running").2.push((i, id));
+            }
         }
         if todo.is_empty() && pieces_in_flight == 0 {
             break Ok(());
@@ -610,8 +662,26 @@ pub async fn fetch_blob(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
-        let done = match tokio::time::timeout(HAVE_REFRESH, set.join_next()).await {
-            Ok(Some(d)) => d.map_err(|e| FetchError::Net(NetError::stream(e)))?,
+        let done = match tokio::time::timeout(HAVE_REFRESH, set.join_next_with_id()).await {
+            Ok(Some(Ok((id, d)))) => {
+                tasks.remove(&id);
+                d
+            }
+            Ok(Some(Err(e))) if e.is_cancelled() => {
+                // A duplicate whose twin arrived first.
+                if let Some((i, start, _)) = tasks.remove(&e.id()) {
+                    pieces_in_flight -= 1;
+                    sources[i].in_flight -= 1;
+                    if let Some(r) = running.get_mut(&start) {
+                        r.2.retain(|(_, t)| *t != e.id());
+                        if r.2.is_empty() {
+                            running.remove(&start);
+                        }
+                    }
+                }
+                continue;
+            }
+            Ok(Some(Err(e))) => return Err(FetchError::Net(NetError::stream(e))),
             Ok(None) | Err(_) => continue,
         };
         match done {
@@ -640,10 +710,29 @@ pub async fn fetch_blob(
             }
             Done::Piece(i, piece, r) => {
                 pieces_in_flight -= 1;
+                sources[i].in_flight -= 1;
+                let start = piece.0[0].0;
+                if !running.contains_key(&start) {
+                    // The late twin of a piece that already arrived: nothing to count.
+                    continue;
+                }
+                let twins: Vec<tokio::task::Id> = running
+                    .get_mut(&start)
+                    .map(|r| {
+                        r.2.retain(|(j, _)| *j != i);
+                        r.2.iter().map(|(_, t)| *t).collect()
+                    })
+                    .unwrap_or_default();
                 let src = &mut sources[i];
-                src.in_flight -= 1;
                 match r {
                     Ok(()) => {
+                        // Cancel the other copy, if any; it reports back as cancelled.
+                        running.remove(&start);
+                        for t in twins {
+                            if let Some((_, _, h)) = tasks.get(&t) {
+                                h.abort();
+                            }
+                        }
                         last_progress = std::time::Instant::now();
                         let bytes = piece.bytes(size);
                         if src.p.is_origin {
@@ -666,7 +755,10 @@ pub async fn fetch_blob(
                         }
                     }
                     Err(e) => {
-                        todo.push(piece);
+                        if twins.is_empty() {
+                            running.remove(&start);
+                            todo.push(piece);
+                        }
                         match &e {
                             FetchError::Corrupt(_) => {
                                 if !src.banned {
@@ -701,6 +793,33 @@ pub async fn fetch_blob(
     }
     result.map(|()| stats)
 }
+
+/// A piece in flight: the piece, when it was first asked for, and the (source, task) pairs
+/// fetching it.
+type Running = (RangeList, std::time::Instant, Vec<(usize, tokio::task::Id)>);
+
+/// Starts fetching one piece from source `i`; returns the task's abort handle.
+#[allow(clippy::too_many_arguments)]
+fn spawn_piece(
+    set: &mut tokio::task::JoinSet<Done>,
+    pool: &ConnPool,
+    store: &Store,
+    src: &mut Source,
+    i: usize,
+    hash: Hash,
+    size: u64,
+    piece: RangeList,
+) -> tokio::task::AbortHandle {
+    src.in_flight += 1;
+    let (pool, store, p) = (pool.clone(), store.clone(), src.p.clone());
+    set.spawn(async move {
+        let r = fetch_piece(&pool, &store, &p, hash, size, &piece).await;
+        Done::Piece(i, piece, r)
+    })
+}
+
+/// How long a piece is in flight before the endgame asks a second provider for it.
+pub const ENDGAME_AFTER: Duration = Duration::from_secs(2);
 
 /// Verified bytes written before their ranges are synced and recorded.
 pub const RECORD_BATCH_BYTES: u64 = 64 << 20;
