@@ -15,7 +15,7 @@ use serde::Serialize;
 use voltool_agent::control::{self, Event, ReloadMode, Reply, Request};
 use voltool_agent::rate::Rate;
 
-use crate::fleet;
+use crate::fleet::{self, ask};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -159,32 +159,7 @@ pub(crate) async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
 
 async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Report> {
     let volume = "bench";
-    let call = |agent: PathBuf, req: Request| async move {
-        control::call(&agent, &req, |_| {})
-            .await?
-            .map_err(|e| anyhow::anyhow!("{}: {}", agent.display(), e.message))
-    };
-    call(
-        f.agents[0].clone(),
-        Request::VolumeCreate {
-            name: volume.into(),
-        },
-    )
-    .await?;
-    let mounts: Vec<PathBuf> = (0..a.agents)
-        .map(|i| f.root.join(format!("mnt-{i}")))
-        .collect();
-    for (agent, m) in f.agents.iter().zip(&mounts) {
-        call(
-            agent.clone(),
-            Request::Mount {
-                name: volume.into(),
-                path: m.clone(),
-                background_commit_secs: None,
-            },
-        )
-        .await?;
-    }
+    let mounts = f.create_and_mount_all(volume).await?;
     let per_file = a.size / 4;
     for i in 0..4u64 {
         let len = if i == 3 {
@@ -199,8 +174,8 @@ async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Re
         xof.fill(&mut buf);
         std::fs::write(mounts[0].join(format!("part-{i}.bin")), &buf)?;
     }
-    call(
-        f.agents[0].clone(),
+    ask(
+        &f.agents[0],
         Request::Commit {
             name: Some(volume.into()),
         },

@@ -12,9 +12,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use serde::Serialize;
-use voltool_agent::control::{self, ReloadMode, ReloadReport, Reply, Request};
+use voltool_agent::control::{ReloadMode, ReloadReport, Reply, Request};
 
-use crate::fleet;
+use crate::fleet::{self, ask};
 
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
@@ -96,12 +96,6 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-async fn ask(agent: &Path, req: Request) -> anyhow::Result<Reply> {
-    control::call(agent, &req, |_| {})
-        .await?
-        .map_err(|e| anyhow::anyhow!("{}: {}", agent.display(), e.message))
-}
-
 pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     if a.agents < 2 {
         bail!("the demo needs at least 2 agents");
@@ -159,27 +153,7 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 async fn demo(a: &DemoArgs, f: &fleet::Fleet, say: &dyn Fn(String)) -> anyhow::Result<Summary> {
     let volume = "demo-model";
     let writer = &f.agents[0];
-    ask(
-        writer,
-        Request::VolumeCreate {
-            name: volume.into(),
-        },
-    )
-    .await?;
-    let mounts: Vec<PathBuf> = (0..a.agents)
-        .map(|i| f.root.join(format!("mnt-{i}")))
-        .collect();
-    for (agent, mnt) in f.agents.iter().zip(&mounts) {
-        ask(
-            agent,
-            Request::Mount {
-                name: volume.into(),
-                path: mnt.clone(),
-                background_commit_secs: None,
-            },
-        )
-        .await?;
-    }
+    let mounts = f.create_and_mount_all(volume).await?;
     say(format!(
         "writing a synthetic model: {} shards of {} bytes (seed {})",
         a.shards, a.shard_bytes, a.seed

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use voltool_agent::control;
+use voltool_agent::control::{self, Reply, Request};
 use voltool_agent::coordinator::ADDR_FILE;
 
 /// How long a node may take to come up or go down.
@@ -41,6 +41,41 @@ pub(crate) struct Fleet {
     pub(crate) root: PathBuf,
     pub(crate) coordinator: String,
     pub(crate) agents: Vec<PathBuf>,
+}
+
+/// Sends a request to an agent; a refusal becomes an error naming the agent.
+pub(crate) async fn ask(agent: &Path, req: Request) -> anyhow::Result<Reply> {
+    control::call(agent, &req, |_| {})
+        .await?
+        .map_err(|e| anyhow::anyhow!("{}: {}", agent.display(), e.message))
+}
+
+impl Fleet {
+    /// Creates `volume` through agent 0 and mounts it on every agent, at `ROOT/mnt-I`.
+    pub(crate) async fn create_and_mount_all(&self, volume: &str) -> anyhow::Result<Vec<PathBuf>> {
+        ask(
+            &self.agents[0],
+            Request::VolumeCreate {
+                name: volume.into(),
+            },
+        )
+        .await?;
+        let mut mounts = Vec::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            let path = self.root.join(format!("mnt-{i}"));
+            ask(
+                agent,
+                Request::Mount {
+                    name: volume.into(),
+                    path: path.clone(),
+                    background_commit_secs: None,
+                },
+            )
+            .await?;
+            mounts.push(path);
+        }
+        Ok(mounts)
+    }
 }
 
 fn coordinator_dir(root: &Path) -> PathBuf {
