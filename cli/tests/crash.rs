@@ -39,7 +39,13 @@ fn kill_9_mid_reload_keeps_old_snapshot_and_resumes_verified_ranges() {
         .join(format!("{hash}.data"));
 
     // Start the reload, wait until a good part of the blob is on disk, then SIGKILL.
-    let mut reload = f.cmd(1, &["reload", "--json"]).spawn().unwrap();
+    // Its output is of no interest: it dies with the agent.
+    let mut reload = f
+        .cmd(1, &["reload", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let start = Instant::now();
     loop {
         let written = std::fs::metadata(&partial)
