@@ -732,26 +732,22 @@ impl Inner {
         m.0.contains(id)
     }
 
+    /// The manifest of a head, fetched (and verified) if not held yet.
     async fn manifest_of(&self, c: &Commit) -> OpResult<Manifest> {
         self.fetch_blobs(&[(c.manifest, c.manifest_size)], &Events::none())
             .await?;
+        self.read_manifest(c.manifest).await
+    }
+
+    /// A manifest held in the local store.
+    async fn read_manifest(&self, h: Hash) -> OpResult<Manifest> {
         let store = self.store.clone();
-        let h = c.manifest;
         let bytes = tokio::task::spawn_blocking(move || store.read_all(&h))
             .await
             .map_err(failed)?
             .map_err(failed)?;
         Manifest::decode(&bytes)
             .map_err(|e| err(ErrorCode::Verify, format!("refused manifest: {e}")))
-    }
-
-    async fn local_manifest(&self, h: Hash) -> OpResult<Manifest> {
-        let store = self.store.clone();
-        let bytes = tokio::task::spawn_blocking(move || store.read_all(&h))
-            .await
-            .map_err(failed)?
-            .map_err(failed)?;
-        Manifest::decode(&bytes).map_err(failed)
     }
 
     /// Fetches blobs not held completely, a few at a time, from the swarm: peers that hold
@@ -1364,7 +1360,7 @@ impl Inner {
     async fn commit_locked(&self, name: &str, events: &Events) -> OpResult<CommitReport> {
         let start = Instant::now();
         let rec = self.mount(name)?;
-        let base = self.local_manifest(rec.manifest).await?;
+        let base = self.read_manifest(rec.manifest).await?;
         let cache = self.stats(name)?;
         let snap = self.mounts_dir(rec.id).join(&rec.snapshot);
         let store = self.store.clone();
@@ -1488,7 +1484,7 @@ impl Inner {
             return Ok(unchanged(rec.version, None));
         }
         // Uncommitted changes?
-        let base = self.local_manifest(rec.manifest).await?;
+        let mut base = self.read_manifest(rec.manifest).await?;
         let cache = self.stats(name)?;
         let old_snap = self.mounts_dir(rec.id).join(&rec.snapshot);
         let (b2, s2) = (base.clone(), old_snap.clone());
@@ -1522,12 +1518,12 @@ impl Inner {
                     if info.head.commit.version == rec.version {
                         return Ok(unchanged(rec.version, Some(c)));
                     }
+                    base = self.read_manifest(rec.manifest).await?;
                     committed = Some(c);
                 }
                 ReloadMode::Discard => {}
             }
         }
-        let base = self.local_manifest(rec.manifest).await?;
         let dirty_paths: HashSet<VolPath> = if mode == ReloadMode::Discard {
             dirty.iter().map(|c| c.path.clone()).collect()
         } else {
