@@ -1000,57 +1000,36 @@ impl Inner {
         let store = self.store.clone();
         let local_owned = local.to_path_buf();
         let is_dir = meta.is_dir();
-        let entries: Vec<(VolPath, Entry)> = tokio::task::spawn_blocking(move || {
-            if is_dir {
-                let s = scan::scan(
-                    &local_owned,
-                    &Manifest::new(),
-                    &StatCache::new(),
-                    ScanMode::Import(&store),
-                )?;
-                Ok::<_, scan::ScanError>(s.manifest.into_entries().into_iter().collect())
-            } else {
-                let (hash, size) = store.import_file(&local_owned)?;
-                let m = std::fs::metadata(&local_owned).map_err(|source| scan::ScanError::Io {
-                    path: local_owned.display().to_string(),
-                    source,
-                })?;
-                use std::os::unix::fs::{MetadataExt, PermissionsExt};
-                Ok(vec![(
-                    VolPath::new("x").expect("valid"),
-                    Entry::File {
-                        size,
-                        mode: m.permissions().mode() & 0o7777,
-                        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-                        hash,
-                    },
-                )])
+        let dir_mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions())
+            & voltool_protocol::manifest::MODE_MASK;
+        let to = target.clone();
+        let changes: Vec<Change> = tokio::task::spawn_blocking(move || {
+            if !is_dir {
+                let entry = scan::import_file_entry(&store, &local_owned)?;
+                return Ok::<_, scan::ScanError>(vec![Change {
+                    path: to,
+                    entry: Some(entry),
+                }]);
             }
+            let s = scan::scan(
+                &local_owned,
+                &Manifest::new(),
+                &StatCache::new(),
+                ScanMode::Import(&store),
+            )?;
+            let mut out = vec![Change {
+                path: to.clone(),
+                entry: Some(Entry::Dir { mode: dir_mode }),
+            }];
+            out.extend(s.manifest.into_entries().into_iter().map(|(p, e)| Change {
+                path: to.join(&p),
+                entry: Some(e),
+            }));
+            Ok(out)
         })
         .await
         .map_err(failed)?
         .map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
-        let mut changes = Vec::new();
-        if is_dir {
-            changes.push(Change {
-                path: target.clone(),
-                entry: Some(Entry::Dir {
-                    mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
-                }),
-            });
-            for (p, e) in entries {
-                changes.push(Change {
-                    path: target.join(&p),
-                    entry: Some(e),
-                });
-            }
-        } else {
-            let (_, e) = entries.into_iter().next().expect("one file");
-            changes.push(Change {
-                path: target.clone(),
-                entry: Some(e),
-            });
-        }
         if !force
             && let Some(c) = changes.iter().find(|c| {
                 current

@@ -202,6 +202,19 @@ pub fn scan(
     })
 }
 
+/// Copies one file into the store and describes it as a manifest entry.
+pub fn import_file_entry(store: &Store, path: &Path) -> Result<Entry, ScanError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    let st = Stat::of(&meta);
+    let (hash, size) = store.import_file(path)?;
+    Ok(Entry::File {
+        size,
+        mode: meta.permissions().mode() & MODE_MASK,
+        mtime_ns: st.mtime_ns,
+        hash,
+    })
+}
+
 /// Hashes a file by reading it (not mapping it: mapped pages would count against the
 /// agent's memory while large files are checked).
 fn hash_file(path: &Path) -> Result<(Hash, u64), ScanError> {
