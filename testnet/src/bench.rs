@@ -1,6 +1,10 @@
 //! `voltool-testnet bench --scenario fanout`: scenario B1 (and B5 with `--evil K`) of
 //! shared/BENCH.md on loopback, with every node's links capped by its own token buckets.
 //!
+//! `--net netns` runs every node in a network namespace of its own with `tc tbf` links
+//! instead (see `netns`); `--compare bittorrent` runs the same bytes through aria2c and
+//! opentracker at the same caps afterwards (see `torrent`).
+//!
 //! One agent writes a volume of `--size` bytes in 4 files and commits; all other agents
 //! reload at once. Reported against the Kumar–Ross bound for the run's caps.
 
@@ -16,6 +20,8 @@ use voltool_agent::control::{self, Event, ReloadMode, Reply, Request};
 use voltool_agent::rate::Rate;
 
 use crate::fleet::{self, ask};
+use crate::netns::Netns;
+use crate::torrent;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -33,12 +39,19 @@ enum Mode {
     OriginOnly,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
 enum Net {
     /// All nodes on 127.0.0.1, links capped by each node's token buckets (no root needed).
     Loopback,
     /// One network namespace per node with tbf caps (needs root).
     Netns,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Compare {
+    /// The same data through aria2c peers and an opentracker tracker, at the same caps.
+    Bittorrent,
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +74,9 @@ pub(crate) struct BenchArgs {
     /// How links are emulated.
     #[arg(long, value_enum, default_value = "loopback")]
     net: Net,
+    /// Also run the same data through another swarm, at the same caps, in the same run.
+    #[arg(long, value_enum)]
+    compare: Option<Compare>,
     /// Agents (among the reloading ones) that serve corrupt bytes.
     #[arg(long, default_value_t = 0)]
     evil: usize,
@@ -79,6 +95,7 @@ pub(crate) struct BenchArgs {
 struct Report {
     scenario: Scenario,
     mode: Mode,
+    net: Net,
     agents: usize,
     volume_bytes: u64,
     rate_bytes_per_s: u64,
@@ -94,6 +111,8 @@ struct Report {
     bans: usize,
     loadavg: String,
     plot: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bittorrent: Option<torrent::BtReport>,
 }
 
 /// Kumar & Ross: no schedule finishes before
@@ -105,7 +124,15 @@ fn t_min(f: f64, r: f64, downloaders: usize) -> f64 {
     (f / u_s).max(f / r).max(n * f / (u_s + n * r))
 }
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+/// Bytes of `got` that differ from `want` (a missing or extra byte counts as one).
+pub(crate) fn differing_bytes(want: &Path, got: &Path) -> anyhow::Result<u64> {
+    let want = std::fs::read(want).with_context(|| want.display().to_string())?;
+    let got = std::fs::read(got).with_context(|| got.display().to_string())?;
+    Ok(want.iter().zip(&got).filter(|(x, y)| x != y).count() as u64
+        + want.len().abs_diff(got.len()) as u64)
+}
+
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -114,13 +141,13 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 pub(crate) async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
-    if a.net == Net::Netns {
-        bail!("--net netns is not implemented yet; use --net loopback");
-    }
     if a.agents < 2 || a.evil >= a.agents - 1 {
         bail!("need at least 2 agents, and fewer evil ones than reloading ones");
     }
     let rate: Rate = a.rate.parse()?;
+    if a.compare == Some(Compare::Bittorrent) {
+        torrent::check_tools()?;
+    }
     let tmp;
     let root = match &a.root {
         Some(r) => r.clone(),
@@ -131,6 +158,53 @@ pub(crate) async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             tmp.path().to_path_buf()
         }
     };
+    // Node 0 is the coordinator, agent i is node i + 1; deleted on drop, even on error.
+    let net = match a.net {
+        Net::Netns => Some(Netns::create(a.agents + 1, rate)?),
+        Net::Loopback => None,
+    };
+    let work = measure(&a, &root, rate, net.as_ref());
+    let report = tokio::select! {
+        r = work => r,
+        sig = interrupted() => {
+            // The measuring future is dropped (BitTorrent processes with it); stop the fleet,
+            // then `net` is dropped and its namespaces deleted.
+            let _ = fleet::down(&root).await;
+            Err(anyhow::anyhow!("interrupted by {sig}; nodes stopped, namespaces removed"))
+        }
+    };
+    drop(net);
+    let report = report?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT, SIGTERM or SIGHUP, with the signal's name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
+
+/// Starts the fleet, runs the scenario, stops the fleet (also when the scenario fails), then
+/// runs the comparison swarm if asked.
+async fn measure(
+    a: &BenchArgs,
+    root: &Path,
+    rate: Rate,
+    net: Option<&Netns>,
+) -> anyhow::Result<Report> {
     let evil = a.evil;
     let origin_only = a.mode == Mode::OriginOnly;
     let extra = move |i: usize| {
@@ -144,17 +218,36 @@ pub(crate) async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         v
     };
-    let f = fleet::up_with(&root, a.agents, Some(&a.rate), Some(&a.rate), &extra).await?;
-    let result = bench(&a, &f, rate).await;
+    // With namespaces the links are capped by tc; on loopback by each node's token buckets.
+    let caps = net.is_none().then_some(a.rate.as_str());
+    let up = fleet::up_with(root, a.agents, caps, caps, &extra, net).await;
+    let f = match up {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = fleet::down(root).await;
+            return Err(e);
+        }
+    };
+    let result = bench(a, &f, rate).await;
     let stopped = fleet::down(&f.root).await;
-    let report = result?;
+    let mut report = result?;
     stopped?;
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    if a.compare == Some(Compare::Bittorrent) {
+        let files = (0..4)
+            .map(|i| f.root.join("mnt-0").join(format!("part-{i}.bin")))
+            .collect();
+        let bt = torrent::run(torrent::BtRun {
+            dir: f.root.join("bittorrent"),
+            files,
+            leechers: a.agents - 1,
+            rate,
+            net,
+            t_min: report.t_min_s,
+        })
+        .await?;
+        report.bittorrent = Some(bt);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(report)
 }
 
 async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Report> {
@@ -229,11 +322,7 @@ async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Re
     for m in &mounts[1..] {
         for i in 0..4 {
             let name = format!("part-{i}.bin");
-            let want = std::fs::read(mounts[0].join(&name))?;
-            let got = std::fs::read(m.join(&name))
-                .with_context(|| m.join(&name).display().to_string())?;
-            corrupt += want.iter().zip(&got).filter(|(x, y)| x != y).count() as u64
-                + want.len().abs_diff(got.len()) as u64;
+            corrupt += differing_bytes(&mounts[0].join(&name), &m.join(&name))?;
         }
     }
     let r = rate.0 as f64;
@@ -250,6 +339,7 @@ async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Re
     Ok(Report {
         scenario: a.scenario,
         mode: a.mode,
+        net: a.net,
         agents: a.agents,
         volume_bytes: a.size,
         rate_bytes_per_s: rate.0,
@@ -270,6 +360,7 @@ async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Re
             .collect::<Vec<_>>()
             .join(" "),
         plot: Some(plot.display().to_string()),
+        bittorrent: None,
     })
 }
 

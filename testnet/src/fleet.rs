@@ -9,6 +9,8 @@ use clap::Args;
 use voltool_agent::control::{self, Reply, Request};
 use voltool_agent::coordinator::ADDR_FILE;
 
+use crate::netns::Netns;
+
 /// How long a node may take to come up or go down.
 const NODE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -90,11 +92,21 @@ fn pid_file(dir: &Path) -> PathBuf {
     dir.join("pid")
 }
 
-fn spawn_node(dir: &Path, args: &[String]) -> anyhow::Result<u32> {
+/// Starts this binary as `exec -- ARGS`, behind `prefix` (e.g. `ip netns exec NS`) if any.
+fn spawn_node(dir: &Path, prefix: &[String], args: &[String]) -> anyhow::Result<u32> {
     std::fs::create_dir_all(dir)?;
     let log = std::fs::File::create(dir.join("log")).context("log file")?;
     let exe = std::env::current_exe().context("own executable")?;
-    let child = std::process::Command::new(exe)
+    let mut cmd = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = std::process::Command::new(program);
+            c.args(rest).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
+    // `ip netns exec` enters the namespace and then execs: the pid is the node's own.
+    let child = cmd
         .arg("exec")
         .arg("--")
         .args(args)
@@ -158,7 +170,7 @@ pub(crate) async fn up(
     max_ingress: Option<&str>,
     max_egress: Option<&str>,
 ) -> anyhow::Result<Fleet> {
-    up_with(root, n, max_ingress, max_egress, &|_| Vec::new()).await
+    up_with(root, n, max_ingress, max_egress, &|_| Vec::new(), None).await
 }
 
 /// [`up`], with extra arguments for agent `i`.
@@ -168,7 +180,18 @@ pub(crate) async fn up_with(
     max_ingress: Option<&str>,
     max_egress: Option<&str>,
     agent_args: &dyn Fn(usize) -> Vec<String>,
+    net: Option<&Netns>,
 ) -> anyhow::Result<Fleet> {
+    // Node k of the namespaces: the coordinator is 0, agent i is i + 1.
+    let place = |k: usize, args: &mut Vec<String>| -> Vec<String> {
+        match net {
+            Some(net) => {
+                args.extend(["--listen".into(), format!("{}:0", net.ip(k))]);
+                net.exec_prefix(k)
+            }
+            None => Vec::new(),
+        }
+    };
     std::fs::create_dir_all(root)?;
     let root = std::path::absolute(root)?;
     let mut members = String::new();
@@ -193,7 +216,8 @@ pub(crate) async fn up_with(
     if let Some(r) = max_egress {
         cargs.extend(["--max-egress".into(), r.to_string()]);
     }
-    let cpid = spawn_node(&cdir, &cargs)?;
+    let prefix = place(0, &mut cargs);
+    let cpid = spawn_node(&cdir, &prefix, &cargs)?;
     let coordinator = wait_file(&cdir.join(ADDR_FILE), cpid, "the coordinator").await?;
     let mut pids = Vec::new();
     for (i, dir) in agents.iter().enumerate() {
@@ -212,7 +236,8 @@ pub(crate) async fn up_with(
             args.extend(["--max-egress".into(), r.to_string()]);
         }
         args.extend(agent_args(i));
-        pids.push(spawn_node(dir, &args)?);
+        let prefix = place(i + 1, &mut args);
+        pids.push(spawn_node(dir, &prefix, &args)?);
     }
     for (dir, pid) in agents.iter().zip(pids) {
         wait_file(

@@ -11,6 +11,8 @@
 mod bench;
 mod demo;
 mod fleet;
+mod netns;
+mod torrent;
 
 use std::process::ExitCode;
 
