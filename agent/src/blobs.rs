@@ -896,6 +896,22 @@ impl ConnPool {
         }
     }
 
+    /// Smoothed round-trip times of the live connections, by peer (what the tracker ranks
+    /// providers by).
+    pub async fn rtts(&self) -> Vec<(EndpointId, Duration)> {
+        self.conns
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, c)| c.close_reason().is_none())
+            .filter_map(|(id, c)| {
+                let paths = c.paths();
+                let rtt = paths.iter().find(|p| p.is_selected())?.rtt();
+                Some((*id, rtt))
+            })
+            .collect()
+    }
+
     /// A connection to `addr`, reusing a live one.
     pub async fn get(&self, addr: &NodeAddr) -> Result<Connection, NetError> {
         if let Some(c) = self.conns.lock().await.get(&addr.id)

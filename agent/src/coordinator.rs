@@ -411,6 +411,26 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             }
             Ok(CoordResponse::Ok)
         }
+        CoordRequest::Rtts { rtts } => {
+            if rtts.len() > coord::MAX_RTTS {
+                return fail(
+                    ErrorKind::Invalid,
+                    format!(
+                        "{} round-trip times; at most {}",
+                        rtts.len(),
+                        coord::MAX_RTTS
+                    ),
+                )
+                .into();
+            }
+            let mine: HashMap<EndpointId, u32> = rtts
+                .iter()
+                .filter_map(|r| Some((EndpointId::from_bytes(&r.id).ok()?, r.micros)))
+                .collect();
+            let mut t = state.tracker.lock().expect("not poisoned");
+            t.rtts.insert(peer, mine);
+            Ok(CoordResponse::Ok)
+        }
         CoordRequest::Lookup { hash } => Ok(CoordResponse::Providers(lookup(state, &peer, &hash))),
         CoordRequest::Members => {
             let t = state.tracker.lock().expect("not poisoned");
@@ -689,11 +709,24 @@ fn commit(
 struct Tracker {
     peers: HashMap<EndpointId, (SocketAddr, Option<String>)>,
     holders: HashMap<Hash, HashMap<EndpointId, bool>>,
+    /// Round-trip times each node reported to its peers, microseconds.
+    rtts: HashMap<EndpointId, HashMap<EndpointId, u32>>,
+}
+
+/// Coarse band of a round-trip time, so that peers within a factor of two of each other
+/// tie (and askers spread over them at random): below 1 ms is band 0, 1-2 ms band 1,
+/// 2-4 ms band 2, and so on; unmeasured peers come after all measured ones.
+fn rtt_band(micros: Option<u32>) -> u32 {
+    match micros {
+        Some(us) => u32::BITS - (us / 1000).leading_zeros(),
+        None => u32::MAX,
+    }
 }
 
 impl Tracker {
     fn forget(&mut self, peer: &EndpointId) {
         self.peers.remove(peer);
+        self.rtts.remove(peer);
         for m in self.holders.values_mut() {
             m.remove(peer);
         }
@@ -702,12 +735,15 @@ impl Tracker {
 }
 
 /// Providers of a blob for `asker`: fleet members that announced it (never the asker), those
-/// in the asker's zone first, complete holders before partial ones, in random order within
-/// each group so that askers spread over them; then the origin if it holds the blob.
+/// in the asker's zone first, then by the round-trip time the asker measured to them (in
+/// bands of a factor of two, unmeasured last), complete holders before partial ones, in
+/// random order within each group so that askers spread over them; then the origin if it
+/// holds the blob.
 fn lookup(state: &State, asker: &EndpointId, hash: &Hash) -> Vec<coord::ProviderInfo> {
     let t = state.tracker.lock().expect("not poisoned");
     let my_zone = t.peers.get(asker).and_then(|(_, z)| z.clone());
-    let mut out: Vec<(bool, bool, u64, coord::ProviderInfo)> = t
+    let my_rtts = t.rtts.get(asker);
+    let mut out: Vec<((bool, u32, bool, u64), coord::ProviderInfo)> = t
         .holders
         .get(hash)
         .into_iter()
@@ -716,10 +752,9 @@ fn lookup(state: &State, asker: &EndpointId, hash: &Hash) -> Vec<coord::Provider
         .filter_map(|(id, complete)| {
             let (addr, zone) = t.peers.get(id)?;
             let same_zone = my_zone.is_some() && *zone == my_zone;
+            let rtt = rtt_band(my_rtts.and_then(|m| m.get(id)).copied());
             Some((
-                !same_zone,
-                !complete,
-                rand::random::<u64>(),
+                (!same_zone, rtt, !complete, rand::random::<u64>()),
                 coord::ProviderInfo {
                     id: *id.as_bytes(),
                     addr: *addr,
@@ -730,8 +765,8 @@ fn lookup(state: &State, asker: &EndpointId, hash: &Hash) -> Vec<coord::Provider
             ))
         })
         .collect();
-    out.sort_by_key(|(z, c, r, _)| (*z, *c, *r));
-    let mut out: Vec<coord::ProviderInfo> = out.into_iter().map(|(_, _, _, p)| p).collect();
+    out.sort_by_key(|(rank, _)| *rank);
+    let mut out: Vec<coord::ProviderInfo> = out.into_iter().map(|(_, p)| p).collect();
     if state.origin.has_complete(hash).unwrap_or(false) {
         out.push(coord::ProviderInfo {
             id: *state.addr.id.as_bytes(),
@@ -763,4 +798,20 @@ pub fn read_members(path: &Path) -> Result<HashSet<EndpointId>, CoordinatorError
         out.insert(id);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rtt_band;
+
+    #[test]
+    fn rtt_bands_double() {
+        assert_eq!(rtt_band(Some(0)), 0);
+        assert_eq!(rtt_band(Some(999)), 0);
+        assert_eq!(rtt_band(Some(1_000)), 1);
+        assert_eq!(rtt_band(Some(1_999)), 1);
+        assert_eq!(rtt_band(Some(2_000)), 2);
+        assert_eq!(rtt_band(Some(40_000)), 6);
+        assert!(rtt_band(Some(u32::MAX)) < rtt_band(None));
+    }
 }

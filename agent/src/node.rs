@@ -13,7 +13,9 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use voltool_protocol::coord::{CoordRequest, CoordResponse, ErrorKind, MAX_HAS, VolumeInfo};
+use voltool_protocol::coord::{
+    self, CoordRequest, CoordResponse, ErrorKind, MAX_HAS, PeerRtt, VolumeInfo,
+};
 use voltool_protocol::volume::check_volume_name;
 use voltool_protocol::{
     Change, Commit, Entry, Hash, HeadError, Manifest, SignedHead, VolPath, VolumeId, blobs,
@@ -701,6 +703,24 @@ impl Inner {
             if let Err(e) = self.coord.request(&req).await {
                 debug!("announce failed: {e}");
             }
+        }
+        // With what we hold, the round-trip times to the peers we talk to: the tracker
+        // ranks providers for our next lookups by them.
+        let rtts: Vec<PeerRtt> = self
+            .pool
+            .rtts()
+            .await
+            .into_iter()
+            .take(coord::MAX_RTTS)
+            .map(|(id, rtt)| PeerRtt {
+                id: *id.as_bytes(),
+                micros: u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX),
+            })
+            .collect();
+        if !rtts.is_empty()
+            && let Err(e) = self.coord.request(&CoordRequest::Rtts { rtts }).await
+        {
+            debug!("reporting round-trip times failed: {e}");
         }
     }
 

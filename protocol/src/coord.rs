@@ -102,6 +102,24 @@ pub enum CoordRequest {
     },
     /// The node ids of the fleet's members (who may fetch from a peer).
     Members,
+    /// Tracker: round-trip times the sender measured to peers on its connections; its later
+    /// lookups rank providers by them (after the zone). Replaces what it reported before.
+    Rtts {
+        /// At most [`MAX_RTTS`] peers.
+        rtts: Vec<PeerRtt>,
+    },
+}
+
+/// Most peers one [`CoordRequest::Rtts`] may report.
+pub const MAX_RTTS: usize = 4096;
+
+/// A round-trip time measured to a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRtt {
+    /// The peer's node id.
+    pub id: [u8; 32],
+    /// Smoothed round-trip time, microseconds.
+    pub micros: u32,
 }
 
 /// A node that can serve a blob, as the tracker hands it out.

@@ -186,8 +186,10 @@ pub(crate) async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
 /// Resolves on SIGINT, SIGTERM or SIGHUP, with the signal's name.
 async fn interrupted() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-    else {
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {

@@ -54,7 +54,8 @@ fn owner(name: &str) -> Option<i32> {
     name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
 }
 
-/// Deletes namespaces left by runs whose process is gone.
+/// Deletes namespaces left by runs whose process is gone (killed with SIGKILL), and kills
+/// what still runs in them.
 fn sweep_stale() {
     for name in list() {
         if let Some(pid) = owner(&name)
@@ -62,6 +63,14 @@ fn sweep_stale() {
                 .is_none_or(|p| rustix::process::test_kill_process(p).is_err())
         {
             note(&format!("removing namespace {name} left by an earlier run"));
+            // Its nodes outlived the run (they have process groups of their own).
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Some(p) = pid.parse().ok().and_then(rustix::process::Pid::from_raw) {
+                        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                    }
+                }
+            }
             let _ = run(&["ip", "netns", "del", &name]);
         }
     }

@@ -140,7 +140,13 @@ async fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Starts `program args` in node `k`'s namespace (if any), killed when dropped.
-fn spawn(net: Option<&Netns>, k: usize, log: &Path, program: &str, args: &[String]) -> anyhow::Result<Child> {
+fn spawn(
+    net: Option<&Netns>,
+    k: usize,
+    log: &Path,
+    program: &str,
+    args: &[String],
+) -> anyhow::Result<Child> {
     let mut argv: Vec<String> = net.map(|n| n.exec_prefix(k)).unwrap_or_default();
     argv.push(program.into());
     argv.extend(args.iter().cloned());
@@ -274,7 +280,10 @@ pub(crate) async fn run(r: BtRun<'_>) -> anyhow::Result<BtReport> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("the BitTorrent seeds did not reach the tracker within 30 s: {seen:?}; see {}", dir.display());
+            bail!(
+                "the BitTorrent seeds did not reach the tracker within 30 s: {seen:?}; see {}",
+                dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -313,7 +322,10 @@ pub(crate) async fn run(r: BtRun<'_>) -> anyhow::Result<BtReport> {
         }
         for p in procs.iter_mut() {
             if let Some(status) = p.try_wait()? {
-                bail!("a BitTorrent process exited early ({status}); logs under {}", dir.display());
+                bail!(
+                    "a BitTorrent process exited early ({status}); logs under {}",
+                    dir.display()
+                );
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -143,3 +143,88 @@ async fn a_provider_dying_mid_transfer_does_not_fail_the_reload() {
         data
     );
 }
+
+/// A raw tracker client speaking as agent `i` (same key), for crafting announcements.
+async fn tracker_client(f: &TestFleet, i: usize) -> voltool_agent::coord_client::CoordClient {
+    let key = voltool_agent::keys::load_or_create(&f.agent_dir(i)).unwrap();
+    let ep = voltool_agent::net::bind(
+        key,
+        "127.0.0.1:0".parse().unwrap(),
+        vec![voltool_protocol::coord::ALPN.to_vec()],
+    )
+    .await
+    .unwrap();
+    let coord = f.coord.as_ref().unwrap().addr();
+    voltool_agent::coord_client::CoordClient::new(ep, coord)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
+    use voltool_protocol::coord::{CoordRequest, CoordResponse, PeerRtt};
+    let f = TestFleet::start(3).await;
+    let hash = voltool_protocol::Hash(*blake3::hash(b"not held by the origin").as_bytes());
+    let ids: Vec<[u8; 32]> = (0..3)
+        .map(|i| {
+            *voltool_agent::keys::load_or_create(&f.agent_dir(i))
+                .unwrap()
+                .public()
+                .as_bytes()
+        })
+        .collect();
+    for i in [1, 2] {
+        let c = tracker_client(&f, i).await;
+        let r = c
+            .request(&CoordRequest::Announce {
+                addr: format!("127.0.0.{}:9", i + 1).parse().unwrap(),
+                zone: None,
+                blobs: vec![hash],
+                complete: true,
+            })
+            .await
+            .unwrap();
+        assert_eq!(r, CoordResponse::Ok);
+    }
+    let asker = tracker_client(&f, 0).await;
+    for (near, far) in [(1usize, 2usize), (2, 1)] {
+        let r = asker
+            .request(&CoordRequest::Rtts {
+                rtts: vec![
+                    PeerRtt {
+                        id: ids[near],
+                        micros: 300,
+                    },
+                    PeerRtt {
+                        id: ids[far],
+                        micros: 40_000,
+                    },
+                ],
+            })
+            .await
+            .unwrap();
+        assert_eq!(r, CoordResponse::Ok);
+        // Both are complete holders in no zone: only the round-trip time orders them
+        // (within a band the order would be random, so ask several times).
+        for _ in 0..8 {
+            let CoordResponse::Providers(p) =
+                asker.request(&CoordRequest::Lookup { hash }).await.unwrap()
+            else {
+                panic!("not a provider list");
+            };
+            let order: Vec<[u8; 32]> = p.iter().map(|p| p.id).collect();
+            assert_eq!(order, vec![ids[near], ids[far]]);
+        }
+    }
+    // Too many entries are refused with a clear error.
+    let many = vec![
+        PeerRtt {
+            id: ids[1],
+            micros: 1
+        };
+        voltool_protocol::coord::MAX_RTTS + 1
+    ];
+    let e = asker
+        .request(&CoordRequest::Rtts { rtts: many })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 4096"), "{e}");
+}
