@@ -387,6 +387,9 @@ pub struct Swarm {
     pub providers: Vec<Provider>,
     /// Asked every [`LOOKUP_REFRESH`] for providers that joined since.
     pub refresh: Option<Lookup>,
+    /// Told once when every missing piece has been handed out (only the last ones are in
+    /// flight), so the caller can start on the next blob and keep the link busy.
+    pub on_tail: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Swarm {
@@ -499,6 +502,7 @@ pub async fn fetch_blob(
         banned: false,
     };
     let mut sources: Vec<Source> = swarm.providers.iter().cloned().map(new_source).collect();
+    let mut on_tail = swarm.on_tail.clone();
     let mut last_lookup = std::time::Instant::now();
     let mut lookup_in_flight = false;
     let mut looked_twice = false;
@@ -617,6 +621,9 @@ pub async fn fetch_blob(
         // Endgame: nothing left to hand out, so ask a second provider for pieces that have
         // been in flight long; the first copy to arrive wins and the other is cancelled.
         if todo.is_empty() {
+            if let Some(tail) = on_tail.take() {
+                tail();
+            }
             let mut slow: Vec<(u64, std::time::Instant)> = running
                 .iter()
                 .filter(|(_, (_, t, copies))| copies.len() == 1 && t.elapsed() >= ENDGAME_AFTER)

@@ -789,8 +789,13 @@ impl Inner {
         let mut set = tokio::task::JoinSet::new();
         let mut queue = wanted.iter().copied();
         let mut failure = None;
+        // Blobs whose pieces are not all handed out yet: at most BLOBS_IN_FLIGHT of them.
+        // A blob in its tail (last pieces in flight) no longer counts, so the next one
+        // starts while the tail finishes and the link stays busy.
+        let (tail_tx, mut tail_rx) = tokio::sync::mpsc::unbounded_channel::<Hash>();
+        let mut heads: HashSet<Hash> = HashSet::new();
         loop {
-            while set.len() < BLOBS_IN_FLIGHT && failure.is_none() {
+            while heads.len() < BLOBS_IN_FLIGHT && failure.is_none() {
                 let Some((hash, size)) = queue.next() else {
                     break;
                 };
@@ -811,26 +816,40 @@ impl Inner {
                     let (coord, origin) = (coord.clone(), origin.clone());
                     Box::pin(async move { lookup_providers(&coord, me, &origin, hash).await })
                 });
+                let tail_tx = tail_tx.clone();
+                heads.insert(hash);
                 set.spawn(async move {
-                    crate::blobs::fetch_blob(
+                    let r = crate::blobs::fetch_blob(
                         &pool,
                         &store,
                         crate::blobs::Swarm {
                             me,
                             providers,
                             refresh: (!origin_only).then_some(refresh),
+                            on_tail: Some(Arc::new(move || {
+                                let _ = tail_tx.send(hash);
+                            })),
                         },
                         hash,
                         size,
                         counter,
                     )
-                    .await
+                    .await;
+                    (hash, r)
                 });
             }
-            let Some(r) = set.join_next().await else {
-                break;
+            let (hash, r) = tokio::select! {
+                Some(tailed) = tail_rx.recv() => {
+                    heads.remove(&tailed);
+                    continue;
+                }
+                joined = set.join_next() => match joined {
+                    Some(j) => j.map_err(failed)?,
+                    None => break,
+                },
             };
-            match r.map_err(failed)? {
+            heads.remove(&hash);
+            match r {
                 Ok(s) => stats.merge(&s),
                 Err(e) => {
                     failure.get_or_insert(e);
