@@ -39,10 +39,18 @@ pub struct ServeOptions {
     /// so each piece finishes soon and its receiver can pass it on, instead of every piece
     /// crawling along at a fraction of the link.
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Requests waiting for a slot; beyond [`SERVE_QUEUE`] of them a request is answered
+    /// [`GetHeader::Busy`] at once, so its sender takes the piece from a provider that can
+    /// send it now instead of queueing (BitTorrent's choking, by another route).
+    pub waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Pieces a node sends at once by default.
 pub const SERVE_SLOTS: usize = 3;
+/// Requests that may wait for a sending slot; more are answered busy.
+pub const SERVE_QUEUE: usize = 3;
+/// How long a downloader leaves a provider that answered busy alone.
+pub const BUSY_BACKOFF: Duration = Duration::from_millis(200);
 
 impl ServeOptions {
     /// Options with the default number of sending slots.
@@ -51,6 +59,7 @@ impl ServeOptions {
             egress,
             corrupt,
             slots: Some(Arc::new(tokio::sync::Semaphore::new(SERVE_SLOTS))),
+            waiting: Default::default(),
         }
     }
 }
@@ -123,7 +132,22 @@ async fn serve_stream(
                 }
             };
             let _turn = match (&opts.slots, header) {
-                (Some(s), GetHeader::Ok) => Some(s.clone().acquire_owned().await),
+                (Some(s), GetHeader::Ok) => {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    let queued = opts.waiting.fetch_add(1, SeqCst);
+                    let turn = if s.available_permits() == 0 && queued >= SERVE_QUEUE {
+                        None
+                    } else {
+                        Some(s.clone().acquire_owned().await)
+                    };
+                    opts.waiting.fetch_sub(1, SeqCst);
+                    if turn.is_none() {
+                        net::write_frame(&mut send, &GetHeader::Busy).await?;
+                        send.finish().map_err(NetError::stream)?;
+                        return Ok(());
+                    }
+                    turn
+                }
                 _ => None,
             };
             net::write_frame(&mut send, &header).await?;
@@ -244,6 +268,9 @@ pub enum FetchError {
     /// Timed out.
     #[error("provider did not answer in time")]
     Timeout,
+    /// The provider is sending all it will now; not a failure.
+    #[error("provider is busy")]
+    Busy,
 }
 
 /// Asks a provider for the bao encoding of `ranges` of a blob; returns the raw response,
@@ -279,6 +306,7 @@ pub async fn get_encoded(
         GetHeader::Ok => {}
         GetHeader::NotFound => return Err(FetchError::NotFound),
         GetHeader::Missing => return Err(FetchError::Missing),
+        GetHeader::Busy => return Err(FetchError::Busy),
         other => return Err(FetchError::Refused(other)),
     }
     let bound = ranges.encoded_bound(size) as usize;
@@ -437,11 +465,20 @@ struct Source {
     in_flight: usize,
     failures: u32,
     banned: bool,
+    /// Answered busy: left alone until then.
+    busy_until: Option<std::time::Instant>,
 }
 
 impl Source {
     fn usable(&self) -> bool {
         !self.banned && self.failures < MAX_FAILURES
+    }
+
+    /// Usable, not resting after a busy answer, and with a free slot of `limit`.
+    fn can_take(&self, limit: usize) -> bool {
+        self.usable()
+            && self.in_flight < limit
+            && self.busy_until.is_none_or(|t| t <= std::time::Instant::now())
     }
 }
 
@@ -500,6 +537,7 @@ pub async fn fetch_blob(
         in_flight: 0,
         failures: 0,
         banned: false,
+        busy_until: None,
     };
     let mut sources: Vec<Source> = swarm.providers.iter().cloned().map(new_source).collect();
     let mut on_tail = swarm.on_tail.clone();
@@ -581,17 +619,16 @@ pub async fn fetch_blob(
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| {
-                    s.usable()
-                        && !s.p.is_origin
-                        && s.in_flight < PIECES_PER_PROVIDER
+                    !s.p.is_origin
+                        && s.can_take(PIECES_PER_PROVIDER)
                         && (s.have.clone() & want.clone()) == want
                 })
                 .min_by_key(|(i, s)| (s.in_flight, *i))
                 .map(|(i, _)| i)
                 .or_else(|| {
-                    sources.iter().position(|s| {
-                        origin_ok && s.p.is_origin && s.usable() && s.in_flight < origin_slots
-                    })
+                    sources
+                        .iter()
+                        .position(|s| origin_ok && s.p.is_origin && s.can_take(origin_slots))
                 });
             let Some(i) = pick else {
                 k += 1;
@@ -640,9 +677,7 @@ pub async fn fetch_blob(
                 let Some(i) = sources
                     .iter()
                     .position(|s| {
-                        s.usable()
-                            && s.in_flight < PIECES_PER_PROVIDER
-                            && (s.have.clone() & want.clone()) == want
+                        s.can_take(PIECES_PER_PROVIDER) && (s.have.clone() & want.clone()) == want
                     })
                     .filter(|i| *i != busy)
                 else {
@@ -774,6 +809,11 @@ pub async fn fetch_blob(
                                     stats.banned.push(src.p.addr.id.to_string());
                                 }
                             }
+                            FetchError::Busy => {
+                                src.busy_until =
+                                    Some(std::time::Instant::now() + BUSY_BACKOFF);
+                                continue;
+                            }
                             FetchError::Missing => {
                                 // It announced more than it holds, or lost it: ask again.
                                 src.have = bao_tree::ChunkRanges::empty();
@@ -826,7 +866,7 @@ fn spawn_piece(
 }
 
 /// How long a piece is in flight before the endgame asks a second provider for it.
-pub const ENDGAME_AFTER: Duration = Duration::from_secs(2);
+pub const ENDGAME_AFTER: Duration = Duration::from_millis(750);
 
 /// Verified bytes written before their ranges are synced and recorded.
 pub const RECORD_BATCH_BYTES: u64 = 64 << 20;

@@ -57,6 +57,9 @@ pub enum GetHeader {
     Forbidden,
     /// The request is malformed.
     Invalid,
+    /// The provider is sending as much as it will and has a queue already: ask someone
+    /// else, or again a little later (not a failure).
+    Busy,
 }
 
 /// Answer to [`BlobRequest::Have`].
