@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use iroh::EndpointId;
-use iroh::endpoint::{Connection, ReadError, ReadToEndError, RecvStream, SendStream, VarInt};
+use iroh::endpoint::{Connection, ReadError, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use voltool_protocol::blobs::{
@@ -46,7 +46,7 @@ pub struct ServeOptions {
 }
 
 /// Pieces a node sends at once by default.
-pub const SERVE_SLOTS: usize = 3;
+pub const SERVE_SLOTS: usize = 2;
 /// Requests that may wait for a sending slot; more are answered busy.
 pub const SERVE_QUEUE: usize = 3;
 /// How long a downloader leaves a provider that answered busy alone.
@@ -280,6 +280,7 @@ pub async fn get_encoded(
     hash: Hash,
     size: u64,
     ranges: &RangeList,
+    ingress: Option<&TokenBucket>,
 ) -> Result<Vec<u8>, FetchError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::stream)?;
     let req = BlobRequest::Get {
@@ -309,13 +310,29 @@ pub async fn get_encoded(
         GetHeader::Busy => return Err(FetchError::Busy),
         other => return Err(FetchError::Refused(other)),
     }
+    // Read as it arrives, taking ingress tokens chunk by chunk: a capped link is paced
+    // while the bytes come in (the stream's flow control holds the sender back), not after.
     let bound = ranges.encoded_bound(size) as usize;
-    recv.read_to_end(bound).await.map_err(|e| match e {
-        ReadToEndError::Read(ReadError::Reset(code)) if code == RESET_SELF_CHECK => {
-            self_check_failed()
+    let mut out = Vec::with_capacity(bound.min(4 << 20));
+    loop {
+        let chunk = recv.read_chunk(64 * 1024).await.map_err(|e| match e {
+            ReadError::Reset(code) if code == RESET_SELF_CHECK => self_check_failed(),
+            e => FetchError::Net(NetError::stream(e)),
+        })?;
+        let Some(chunk) = chunk else {
+            break Ok(out);
+        };
+        if out.len() + chunk.len() > bound {
+            break Err(FetchError::Corrupt(format!(
+                "a provider sent more than the {bound} bytes blob {} can encode to",
+                hash.short()
+            )));
         }
-        e => FetchError::Net(NetError::stream(e)),
-    })
+        if let Some(b) = ingress {
+            b.acquire(chunk.len() as u64).await;
+        }
+        out.extend_from_slice(&chunk);
+    }
 }
 
 /// Asks a provider which ranges of a blob it holds.
@@ -375,7 +392,7 @@ pub const PIECES_PER_PROVIDER: usize = 4;
 /// Longest wait for one piece before the provider is given up on for it.
 pub const PIECE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often a partial holder is asked again which ranges it has.
-pub const HAVE_REFRESH: Duration = Duration::from_millis(250);
+pub const HAVE_REFRESH: Duration = Duration::from_millis(100);
 /// Failures (other than bad bytes) after which a provider is dropped for this blob.
 pub const MAX_FAILURES: u32 = 3;
 
@@ -478,7 +495,9 @@ impl Source {
     fn can_take(&self, limit: usize) -> bool {
         self.usable()
             && self.in_flight < limit
-            && self.busy_until.is_none_or(|t| t <= std::time::Instant::now())
+            && self
+                .busy_until
+                .is_none_or(|t| t <= std::time::Instant::now())
     }
 }
 
@@ -810,8 +829,7 @@ pub async fn fetch_blob(
                                 }
                             }
                             FetchError::Busy => {
-                                src.busy_until =
-                                    Some(std::time::Instant::now() + BUSY_BACKOFF);
+                                src.busy_until = Some(std::time::Instant::now() + BUSY_BACKOFF);
                                 continue;
                             }
                             FetchError::Missing => {
@@ -899,12 +917,13 @@ async fn fetch_piece(
     piece: &RangeList,
 ) -> Result<(), FetchError> {
     let conn = pool.get(&p.addr).await?;
-    let encoded = tokio::time::timeout(PIECE_TIMEOUT, get_encoded(&conn, hash, size, piece))
-        .await
-        .map_err(|_| FetchError::Timeout)??;
-    if let Some(b) = &pool.ingress {
-        b.acquire(encoded.len() as u64).await;
-    }
+    let ingress = pool.ingress.as_deref();
+    let encoded = tokio::time::timeout(
+        PIECE_TIMEOUT,
+        get_encoded(&conn, hash, size, piece, ingress),
+    )
+    .await
+    .map_err(|_| FetchError::Timeout)??;
     let s = store.clone();
     let pc = piece.clone();
     let r =
