@@ -28,9 +28,12 @@
 //!
 //! ## Messages
 //! - [`coord::CoordRequest`] / [`coord::CoordResponse`]: volume registry, heads, uploads
-//!   (raw bytes after the frame), commits (change sets).
+//!   (raw bytes after the frame), commits (change sets), and the tracker: `Announce`,
+//!   `Withdraw`, `Lookup` (providers ranked by zone, then the asker's reported round-trip
+//!   times, then completeness; the origin last), `Rtts`, `Members`.
 //! - [`blobs::BlobRequest`]: `Get { hash, size, ranges }` is answered by a
-//!   [`blobs::GetHeader`] frame and the bao encoding of the ranges; `Have { hash }` by a
+//!   [`blobs::GetHeader`] frame and the bao encoding of the ranges (or `Busy` at once when
+//!   the provider's sending slots and queue are full); `Have { hash }` by a
 //!   [`blobs::HaveResponse`].
 //!
 //! ## Blobs

@@ -51,6 +51,10 @@ fn blob_get_frame_is_pinned() {
         frame::encode(&GetHeader::Missing),
         hexdump("01 00 00 00  02")
     );
+    assert_eq!(
+        frame::encode(&GetHeader::Busy),
+        hexdump("01 00 00 00  05  # Busy: variant 5, nothing follows")
+    );
 }
 
 #[test]
@@ -68,6 +72,16 @@ fn coord_frames_are_pinned() {
         frame::encode(&err),
         hexdump("04 00 00 00  05  00  01 78  # Error (variant 5), NotFound, \"x\"")
     );
+    let rtts = CoordRequest::Rtts {
+        rtts: vec![crate::coord::PeerRtt {
+            id: [7; 32],
+            micros: 300,
+        }],
+    };
+    let mut expected = hexdump("24 00 00 00  0c  01  # Rtts (variant 12), one entry");
+    expected.extend([7u8; 32]);
+    expected.extend(hexdump("ac 02  # 300 as a varint"));
+    assert_eq!(frame::encode(&rtts), expected);
 }
 
 #[test]
