@@ -132,22 +132,18 @@ async fn serve_stream(
                 }
             };
             let _turn = match (&opts.slots, header) {
-                (Some(s), GetHeader::Ok) => {
-                    use std::sync::atomic::Ordering::SeqCst;
-                    let queued = opts.waiting.fetch_add(1, SeqCst);
-                    let turn = if s.available_permits() == 0 && queued >= SERVE_QUEUE {
-                        None
-                    } else {
-                        Some(s.clone().acquire_owned().await)
-                    };
-                    opts.waiting.fetch_sub(1, SeqCst);
-                    if turn.is_none() {
-                        net::write_frame(&mut send, &GetHeader::Busy).await?;
-                        send.finish().map_err(NetError::stream)?;
-                        return Ok(());
+                (Some(s), GetHeader::Ok) => match s.clone().try_acquire_owned() {
+                    Ok(turn) => Some(turn),
+                    // Every slot is sending: wait in the queue if it has room, else busy.
+                    Err(_) => {
+                        let Some(_place) = QueuePlace::take(&opts.waiting) else {
+                            net::write_frame(&mut send, &GetHeader::Busy).await?;
+                            send.finish().map_err(NetError::stream)?;
+                            return Ok(());
+                        };
+                        s.clone().acquire_owned().await.ok()
                     }
-                    turn
-                }
+                },
                 _ => None,
             };
             net::write_frame(&mut send, &header).await?;
@@ -161,6 +157,26 @@ async fn serve_stream(
     }
     send.finish().map_err(NetError::stream)?;
     Ok(())
+}
+
+/// A place in a provider's queue for a sending slot, given back when dropped.
+struct QueuePlace(Arc<std::sync::atomic::AtomicUsize>);
+
+impl QueuePlace {
+    /// A place, if fewer than [`SERVE_QUEUE`] requests wait.
+    fn take(waiting: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Self> {
+        use std::sync::atomic::Ordering::SeqCst;
+        waiting
+            .fetch_update(SeqCst, SeqCst, |n| (n < SERVE_QUEUE).then_some(n + 1))
+            .ok()?;
+        Some(QueuePlace(waiting.clone()))
+    }
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 async fn meta_of(store: &Store, hash: Hash) -> Result<Option<crate::store::BlobMeta>, NetError> {
@@ -994,5 +1010,25 @@ impl ConnPool {
             })??;
         self.conns.lock().await.insert(addr.id, c.clone());
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_places_run_out_and_come_back() {
+        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let places: Vec<QueuePlace> = (0..SERVE_QUEUE)
+            .map(|_| QueuePlace::take(&waiting).expect("room in the queue"))
+            .collect();
+        assert!(
+            QueuePlace::take(&waiting).is_none(),
+            "a full queue answers busy"
+        );
+        drop(places);
+        assert_eq!(waiting.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(QueuePlace::take(&waiting).is_some());
     }
 }

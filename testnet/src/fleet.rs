@@ -9,7 +9,7 @@ use clap::Args;
 use voltool_agent::control::{self, Reply, Request};
 use voltool_agent::coordinator::ADDR_FILE;
 
-use crate::netns::Netns;
+use crate::netns::{self, Netns};
 
 /// How long a node may take to come up or go down.
 const NODE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -92,21 +92,12 @@ fn pid_file(dir: &Path) -> PathBuf {
     dir.join("pid")
 }
 
-/// Starts this binary as `exec -- ARGS`, behind `prefix` (e.g. `ip netns exec NS`) if any.
-fn spawn_node(dir: &Path, prefix: &[String], args: &[String]) -> anyhow::Result<u32> {
+/// Starts this binary as `exec -- ARGS`, in node `k`'s namespace if there are namespaces.
+fn spawn_node(dir: &Path, net: Option<&Netns>, k: usize, args: &[String]) -> anyhow::Result<u32> {
     std::fs::create_dir_all(dir)?;
     let log = std::fs::File::create(dir.join("log")).context("log file")?;
     let exe = std::env::current_exe().context("own executable")?;
-    let mut cmd = match prefix.split_first() {
-        Some((program, rest)) => {
-            let mut c = std::process::Command::new(program);
-            c.args(rest).arg(exe);
-            c
-        }
-        None => std::process::Command::new(exe),
-    };
-    // `ip netns exec` enters the namespace and then execs: the pid is the node's own.
-    let child = cmd
+    let child = netns::command(net, k, exe)
         .arg("exec")
         .arg("--")
         .args(args)
@@ -183,13 +174,9 @@ pub(crate) async fn up_with(
     net: Option<&Netns>,
 ) -> anyhow::Result<Fleet> {
     // Node k of the namespaces: the coordinator is 0, agent i is i + 1.
-    let place = |k: usize, args: &mut Vec<String>| -> Vec<String> {
-        match net {
-            Some(net) => {
-                args.extend(["--listen".into(), format!("{}:0", net.ip(k))]);
-                net.exec_prefix(k)
-            }
-            None => Vec::new(),
+    let listen = |k: usize, args: &mut Vec<String>| {
+        if let Some(net) = net {
+            args.extend(["--listen".into(), format!("{}:0", net.ip(k))]);
         }
     };
     std::fs::create_dir_all(root)?;
@@ -216,8 +203,8 @@ pub(crate) async fn up_with(
     if let Some(r) = max_egress {
         cargs.extend(["--max-egress".into(), r.to_string()]);
     }
-    let prefix = place(0, &mut cargs);
-    let cpid = spawn_node(&cdir, &prefix, &cargs)?;
+    listen(0, &mut cargs);
+    let cpid = spawn_node(&cdir, net, 0, &cargs)?;
     let coordinator = wait_file(&cdir.join(ADDR_FILE), cpid, "the coordinator").await?;
     let mut pids = Vec::new();
     for (i, dir) in agents.iter().enumerate() {
@@ -236,8 +223,8 @@ pub(crate) async fn up_with(
             args.extend(["--max-egress".into(), r.to_string()]);
         }
         args.extend(agent_args(i));
-        let prefix = place(i + 1, &mut args);
-        pids.push(spawn_node(dir, &prefix, &args)?);
+        listen(i + 1, &mut args);
+        pids.push(spawn_node(dir, net, i + 1, &args)?);
     }
     for (dir, pid) in agents.iter().zip(pids) {
         wait_file(

@@ -7,6 +7,7 @@
 //! are swept away by the next run (their process id is no longer alive). Traffic stays inside
 //! the namespaces made here: the bridge has no uplink and no address of the host is routed.
 
+use std::ffi::OsStr;
 use std::net::Ipv4Addr;
 use std::process::Command;
 
@@ -23,7 +24,9 @@ pub(crate) struct Netns {
     made: Vec<String>,
 }
 
-fn run(args: &[&str]) -> anyhow::Result<()> {
+/// Runs a command to completion; its standard output, or an error naming the command and
+/// quoting what it printed on standard error.
+pub(crate) fn run(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -35,14 +38,25 @@ fn run(args: &[&str]) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `program`, to be run in node `k`'s namespace when there are namespaces (`ip netns exec`
+/// enters it and then execs, so the child's pid is the program's own).
+pub(crate) fn command(net: Option<&Netns>, k: usize, program: impl AsRef<OsStr>) -> Command {
+    match net {
+        Some(net) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &net.ns(k)]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 fn list() -> Vec<String> {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
+    run(&["ip", "netns", "list"])
+        .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_string)
@@ -64,11 +78,10 @@ fn sweep_stale() {
         {
             note(&format!("removing namespace {name} left by an earlier run"));
             // Its nodes outlived the run (they have process groups of their own).
-            if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    if let Some(p) = pid.parse().ok().and_then(rustix::process::Pid::from_raw) {
-                        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-                    }
+            let pids = run(&["ip", "netns", "pids", &name]).unwrap_or_default();
+            for pid in pids.split_whitespace() {
+                if let Some(p) = pid.parse().ok().and_then(rustix::process::Pid::from_raw) {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
                 }
             }
             let _ = run(&["ip", "netns", "del", &name]);
@@ -161,11 +174,6 @@ impl Netns {
     /// The address of node `k`.
     pub(crate) fn ip(&self, k: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, 77, 0, k as u8 + 2)
-    }
-
-    /// The command prefix that runs a program in node `k`'s namespace.
-    pub(crate) fn exec_prefix(&self, k: usize) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.ns(k)]
     }
 
     /// Deletes every namespace made (the veth pairs go with them).

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::process::{Child, Command};
 use voltool_agent::rate::Rate;
 
-use crate::netns::Netns;
+use crate::netns::{self, Netns};
 
 /// The figures of one BitTorrent run, against the same T_min as ours.
 #[derive(Debug, Serialize)]
@@ -123,22 +123,6 @@ fn hex20(s: &str) -> Option<[u8; 20]> {
     Some(out)
 }
 
-async fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Starts `program args` in node `k`'s namespace (if any), killed when dropped.
 fn spawn(
     net: Option<&Netns>,
@@ -147,12 +131,9 @@ fn spawn(
     program: &str,
     args: &[String],
 ) -> anyhow::Result<Child> {
-    let mut argv: Vec<String> = net.map(|n| n.exec_prefix(k)).unwrap_or_default();
-    argv.push(program.into());
-    argv.extend(args.iter().cloned());
     let log = std::fs::File::create(log)?;
-    Command::new(&argv[0])
-        .args(&argv[1..])
+    Command::from(netns::command(net, k, program))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -189,22 +170,19 @@ pub(crate) async fn run(r: BtRun<'_>) -> anyhow::Result<BtReport> {
     }
     let torrent = dir.join("bench.torrent");
     let announce = format!("http://{tracker}/announce");
-    output(
+    netns::run(&[
         "mktorrent",
-        &[
-            "-a",
-            &announce,
-            "-l",
-            "20", // 1 MiB pieces, as our own
-            "-n",
-            "bench",
-            "-o",
-            &torrent.display().to_string(),
-            &seeds[0].join("bench").display().to_string(),
-        ],
-    )
-    .await?;
-    let shown = output("aria2c", &["-S", &torrent.display().to_string()]).await?;
+        "-a",
+        &announce,
+        "-l",
+        "20", // 1 MiB pieces, as our own
+        "-n",
+        "bench",
+        "-o",
+        &torrent.display().to_string(),
+        &seeds[0].join("bench").display().to_string(),
+    ])?;
+    let shown = netns::run(&["aria2c", "-S", &torrent.display().to_string()])?;
     let info_hash = shown
         .lines()
         .find_map(|l| l.trim().strip_prefix("Info Hash: "))
