@@ -1,6 +1,6 @@
 //! The agent's side of `voltool/coord/1`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use iroh::Endpoint;
 use iroh::endpoint::Connection;
@@ -101,32 +101,49 @@ impl CoordClient {
         }
     }
 
-    /// Uploads a blob from a file; the origin verifies it against `hash`.
+    /// Uploads blobs from the files that hold them, on one stream; the origin verifies
+    /// each against its hash and answers once all are durable.
     pub async fn upload(
         &self,
-        hash: Hash,
-        size: u64,
-        path: &Path,
+        blobs: &[(Hash, u64, PathBuf)],
         on_bytes: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), ClientError> {
-        let io = |source| ClientError::Io {
-            path: path.display().to_string(),
-            source,
-        };
         let (mut send, mut recv) = self.open().await?;
-        net::write_frame(&mut send, &CoordRequest::Upload { hash, size }).await?;
-        let mut f = tokio::fs::File::open(path).await.map_err(io)?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut sent = 0u64;
-        while sent < size {
-            let want = buf.len().min((size - sent) as usize);
-            let n = f.read(&mut buf[..want]).await.map_err(io)?;
-            if n == 0 {
-                break;
+        let names = blobs.iter().map(|(h, s, _)| (*h, *s)).collect();
+        net::write_frame(&mut send, &CoordRequest::Upload { blobs: names }).await?;
+        let mut rest = blobs;
+        while !rest.is_empty() {
+            // Small blobs are read a group at a time on the blocking pool, large ones
+            // streamed from their file.
+            let small = rest
+                .iter()
+                .take_while(|(_, s, _)| *s <= SMALL_UPLOAD)
+                .scan(0u64, |total, b| {
+                    *total += b.1;
+                    (*total <= UPLOAD_READ_GROUP).then_some(b)
+                })
+                .count();
+            if small > 0 {
+                let group: Vec<(u64, PathBuf)> = rest[..small]
+                    .iter()
+                    .map(|(_, s, p)| (*s, p.clone()))
+                    .collect();
+                let bufs = tokio::task::spawn_blocking(move || read_group(&group))
+                    .await
+                    .map_err(|e| ClientError::Io {
+                        path: String::new(),
+                        source: std::io::Error::other(e),
+                    })??;
+                for b in bufs {
+                    send.write_all(&b).await.map_err(NetError::stream)?;
+                    on_bytes(b.len() as u64);
+                }
+                rest = &rest[small..];
+            } else {
+                let (_, size, path) = &rest[0];
+                send_file(&mut send, path, *size, on_bytes).await?;
+                rest = &rest[1..];
             }
-            send.write_all(&buf[..n]).await.map_err(NetError::stream)?;
-            sent += n as u64;
-            on_bytes(n as u64);
         }
         send.finish().map_err(NetError::stream)?;
         match net::read_frame(&mut recv, MAX_RESPONSE).await? {
@@ -135,4 +152,58 @@ impl CoordClient {
             _ => Err(ClientError::Unexpected),
         }
     }
+}
+
+/// Blobs up to this size are read whole, a group at a time.
+const SMALL_UPLOAD: u64 = 1 << 20;
+/// Bytes of small blobs read at once.
+const UPLOAD_READ_GROUP: u64 = 4 << 20;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    move |source| ClientError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Reads small blob files whole, each exactly its size.
+fn read_group(group: &[(u64, PathBuf)]) -> Result<Vec<Vec<u8>>, ClientError> {
+    group
+        .iter()
+        .map(|(size, path)| {
+            let b = std::fs::read(path).map_err(io_err(path))?;
+            if b.len() as u64 != *size {
+                return Err(io_err(path)(std::io::Error::other(format!(
+                    "holds {} bytes where {size} were expected",
+                    b.len()
+                ))));
+            }
+            Ok(b)
+        })
+        .collect()
+}
+
+/// Streams exactly `size` bytes of a file.
+async fn send_file(
+    send: &mut iroh::endpoint::SendStream,
+    path: &Path,
+    size: u64,
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+) -> Result<(), ClientError> {
+    let mut f = tokio::fs::File::open(path).await.map_err(io_err(path))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut sent = 0u64;
+    while sent < size {
+        let want = buf.len().min((size - sent) as usize);
+        let n = f.read(&mut buf[..want]).await.map_err(io_err(path))?;
+        if n == 0 {
+            return Err(io_err(path)(std::io::Error::other(format!(
+                "ends after {sent} of {size} bytes"
+            ))));
+        }
+        send.write_all(&buf[..n]).await.map_err(NetError::stream)?;
+        sent += n as u64;
+        on_bytes(n as u64);
+    }
+    Ok(())
 }

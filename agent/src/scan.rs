@@ -13,7 +13,7 @@ use voltool_protocol::manifest::MODE_MASK;
 use voltool_protocol::path::check_symlink_target;
 use voltool_protocol::{Change, Entry, Hash, Manifest, ManifestError, PathError, VolPath};
 
-use crate::store::{Store, StoreError};
+use crate::store::{ImportBatch, Store, StoreError, sync_fs_of};
 
 /// A scan or build failure.
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +85,9 @@ pub type StatCache = HashMap<VolPath, Stat>;
 pub enum ScanMode<'a> {
     /// Hash them only (to find uncommitted changes).
     HashOnly,
-    /// Copy them into the store while hashing (to commit them).
-    Import(&'a Store),
+    /// Copy them into the store while hashing (to commit them); durable once the batch
+    /// is finished.
+    Import(&'a ImportBatch),
 }
 
 /// The result of a scan.
@@ -178,7 +179,7 @@ pub fn scan(
         .map(|(vp, full, st, mode)| {
             let (hash, size) = match how {
                 ScanMode::HashOnly => hash_file(&full)?,
-                ScanMode::Import(store) => store.import_file(&full)?,
+                ScanMode::Import(batch) => batch.import_file(&full)?,
             };
             let e = Entry::File {
                 size,
@@ -202,11 +203,12 @@ pub fn scan(
     })
 }
 
-/// Copies one file into the store and describes it as a manifest entry.
-pub fn import_file_entry(store: &Store, path: &Path) -> Result<Entry, ScanError> {
+/// Copies one file into the store (durable once the batch is finished) and describes it
+/// as a manifest entry.
+pub fn import_file_entry(batch: &ImportBatch, path: &Path) -> Result<Entry, ScanError> {
     let meta = std::fs::metadata(path).map_err(io_err(path))?;
     let st = Stat::of(&meta);
-    let (hash, size) = store.import_file(path)?;
+    let (hash, size) = batch.import_file(path)?;
     Ok(Entry::File {
         size,
         mode: meta.permissions().mode() & MODE_MASK,
@@ -252,8 +254,9 @@ pub fn changes(base: &Manifest, scanned: &Manifest) -> Vec<Change> {
 /// Builds a snapshot of `manifest` in `dir` (which must not exist): directories, symlinks,
 /// and files copied out of the store (the snapshot never shares an inode with the store, so
 /// writes into a mount cannot reach what the agent serves). Files in `reuse` are hard-linked
-/// from `old` instead (unchanged, clean files of the previous snapshot). Every file is synced
-/// before this returns. Returns the stats of the files built.
+/// from `old` instead (unchanged, clean files of the previous snapshot). The snapshot is
+/// durable before this returns (one `syncfs` of its file system, not a sync per file).
+/// Returns the stats of the files built.
 pub fn build_snapshot(
     dir: &Path,
     manifest: &Manifest,
@@ -303,7 +306,7 @@ pub fn build_snapshot(
                     std::fs::copy(&src, &full).map_err(io_err(&full))?;
                 }
             }
-            // Read-only is enough to set times (we own it) and to sync.
+            // Read-only is enough to set times (we own it).
             let f = std::fs::File::open(&full).map_err(io_err(&full))?;
             f.set_permissions(std::fs::Permissions::from_mode(*mode))
                 .map_err(io_err(&full))?;
@@ -313,7 +316,6 @@ pub fn build_snapshot(
                 UNIX_EPOCH - Duration::from_nanos(mtime_ns.unsigned_abs())
             };
             f.set_modified(t).map_err(io_err(&full))?;
-            f.sync_all().map_err(io_err(&full))?;
             let m = f.metadata().map_err(io_err(&full))?;
             Ok((p.clone(), Stat::of(&m)))
         })
@@ -326,9 +328,7 @@ pub fn build_snapshot(
                 .map_err(io_err(&full))?;
         }
     }
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
+    sync_fs_of(dir).map_err(io_err(dir))?;
     Ok(stats.into_iter().collect())
 }
 

@@ -1,8 +1,9 @@
 //! `voltool/coord/1`: what agents ask the coordinator.
 //!
 //! One request per bidirectional QUIC stream: the agent sends a [`CoordRequest`] frame and,
-//! for [`CoordRequest::Upload`], exactly `size` raw bytes after it, then finishes its send
-//! side; the coordinator answers with one [`CoordResponse`] frame and finishes.
+//! for [`CoordRequest::Upload`], the raw bytes of every blob it names after it, one after
+//! another, then finishes its send side; the coordinator answers with one [`CoordResponse`]
+//! frame and finishes.
 
 use std::net::SocketAddr;
 
@@ -14,13 +15,15 @@ use crate::manifest::{Change, Entry};
 use crate::path::VolPath;
 
 /// ALPN of the coordinator protocol.
-pub const ALPN: &[u8] = b"voltool/coord/1";
+pub const ALPN: &[u8] = b"voltool/coord/2";
 /// Largest request frame (a change set of a large volume).
 pub const MAX_REQUEST: usize = 256 << 20;
 /// Largest response frame.
 pub const MAX_RESPONSE: usize = 64 << 20;
 /// Most hashes in one [`CoordRequest::HasBlobs`].
 pub const MAX_HAS: usize = 65_536;
+/// Most blobs in one [`CoordRequest::Upload`].
+pub const MAX_UPLOAD_BLOBS: usize = 4096;
 
 /// A request to the coordinator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,13 +58,12 @@ pub enum CoordRequest {
         /// Hashes asked about (at most [`MAX_HAS`]).
         hashes: Vec<Hash>,
     },
-    /// Upload a blob: `size` raw bytes follow the frame. The origin hashes them and stores
-    /// them only if they hash to `hash`.
+    /// Upload blobs: for each of `blobs` in order, exactly its size in raw bytes follow the
+    /// frame, and nothing after the last. The origin hashes each and keeps them only if
+    /// every one hashes to its claimed hash; they are durable before it answers `Ok`.
     Upload {
-        /// Claimed hash.
-        hash: Hash,
-        /// Exact size.
-        size: u64,
+        /// Claimed hash and exact size of each blob (at most [`MAX_UPLOAD_BLOBS`]).
+        blobs: Vec<(Hash, u64)>,
     },
     /// Apply a change set on the current head, per path, last writer wins.
     Commit {

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -154,7 +154,7 @@ impl Store {
             .join(format!("{hex}.data"))
     }
 
-    fn outboard_path(&self, hash: &Hash) -> PathBuf {
+    pub(super) fn outboard_path(&self, hash: &Hash) -> PathBuf {
         self.data_path(hash).with_extension("obao")
     }
 
@@ -195,7 +195,7 @@ impl Store {
         Ok(self.meta(hash)?.is_some_and(|m| m.is_complete()))
     }
 
-    fn put_meta(&self, hash: &Hash, meta: &BlobMeta) -> Result<(), StoreError> {
+    pub(super) fn put_meta(&self, hash: &Hash, meta: &BlobMeta) -> Result<(), StoreError> {
         let w = self.inner.db.begin_write().map_err(db_err)?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
@@ -218,98 +218,6 @@ impl Store {
         Ok(())
     }
 
-    /// Copies a file into the store, hashing it and building its outboard in the same read.
-    /// The store keeps its own copy: later writes to `src` never touch it.
-    pub fn import_file(&self, src: &Path) -> Result<(Hash, u64), StoreError> {
-        let f = File::open(src).ctx(src)?;
-        self.import_reader(f, src)
-    }
-
-    /// Imports bytes held in memory (manifests).
-    pub fn import_bytes(&self, bytes: &[u8]) -> Result<Hash, StoreError> {
-        Ok(self.import_reader(bytes, Path::new("<memory>"))?.0)
-    }
-
-    fn import_reader(&self, src: impl Read, what: &Path) -> Result<(Hash, u64), StoreError> {
-        let tmp_data = self.tmp_path("import");
-        let out = File::create(&tmp_data).ctx(&tmp_data)?;
-        let mut tee = Tee {
-            r: src,
-            w: BufWriter::with_capacity(1 << 20, out),
-            n: 0,
-        };
-        // The size is not known before the read ends; hash first into a growing outboard
-        // is not possible with a pre-order layout, so build the outboard after the copy
-        // from the copy itself (it is in the page cache).
-        io::copy(&mut tee, &mut io::sink()).ctx(what)?;
-        let size = tee.n;
-        let out = tee
-            .w
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .ctx(&tmp_data)?;
-        out.sync_data().ctx(&tmp_data)?;
-        drop(out);
-        self.adopt_tmp(&tmp_data, size, None)
-    }
-
-    /// Takes a complete temporary data file into the store: builds its outboard, checks the
-    /// hash against `expected` if given, syncs, and moves both files into place.
-    pub fn adopt_tmp(
-        &self,
-        tmp_data: &Path,
-        size: u64,
-        expected: Option<Hash>,
-    ) -> Result<(Hash, u64), StoreError> {
-        let tree = blob::tree(size);
-        let tmp_ob = tmp_data.with_extension("obao");
-        let ob_file = File::create(&tmp_ob).ctx(&tmp_ob)?;
-        ob_file.set_len(tree.outboard_size()).ctx(&tmp_ob)?;
-        let data = File::open(tmp_data).ctx(tmp_data)?;
-        let mut ob = PreOrderOutboard {
-            root: blake3::Hash::from_bytes([0; 32]),
-            tree,
-            data: ob_file,
-        };
-        let root = bao_tree::io::sync::outboard(
-            io::BufReader::with_capacity(1 << 20, data),
-            tree,
-            &mut ob,
-        )
-        .ctx(tmp_data)?;
-        let hash = Hash::from(root);
-        if let Some(exp) = expected
-            && exp != hash
-        {
-            let _ = std::fs::remove_file(tmp_data);
-            let _ = std::fs::remove_file(&tmp_ob);
-            return Err(StoreError::Corrupt {
-                hash: exp,
-                message: format!("content hashes to {hash}"),
-            });
-        }
-        ob.data.sync_data().ctx(&tmp_ob)?;
-        if self.has_complete(&hash)? {
-            let _ = std::fs::remove_file(tmp_data);
-            let _ = std::fs::remove_file(&tmp_ob);
-            return Ok((hash, size));
-        }
-        let dst = self.data_path(&hash);
-        let parent = dst.parent().expect("blob paths have a parent");
-        std::fs::create_dir_all(parent).ctx(parent)?;
-        std::fs::rename(&tmp_ob, self.outboard_path(&hash)).ctx(&tmp_ob)?;
-        std::fs::rename(tmp_data, &dst).ctx(&dst)?;
-        File::open(parent).and_then(|d| d.sync_all()).ctx(parent)?;
-        self.put_meta(
-            &hash,
-            &BlobMeta {
-                size,
-                state: BlobState::Complete,
-            },
-        )?;
-        Ok((hash, size))
-    }
-
     /// Reads a whole complete blob into memory (manifests; small blobs).
     pub fn read_all(&self, hash: &Hash) -> Result<Vec<u8>, StoreError> {
         if *hash == Hash::EMPTY {
@@ -320,166 +228,6 @@ impl Store {
         }
         let p = self.data_path(hash);
         std::fs::read(&p).ctx(&p)
-    }
-
-    /// Writes the bao encoding of `ranges` of a held blob to `out`, checking every byte
-    /// against the outboard first: a store whose file was damaged on disk never sends it.
-    pub fn encode(
-        &self,
-        hash: &Hash,
-        size: u64,
-        ranges: &RangeList,
-        out: impl Write,
-    ) -> Result<(), StoreError> {
-        let meta = self.meta(hash)?.ok_or(StoreError::NotFound(*hash))?;
-        if meta.size != size {
-            return Err(StoreError::NotFound(*hash));
-        }
-        let want = ranges.to_chunk_ranges();
-        if !meta.is_complete() && (meta.ranges().to_chunk_ranges() & want.clone()) != want {
-            return Err(StoreError::MissingRanges(*hash));
-        }
-        let dp = self.data_path(hash);
-        let op = self.outboard_path(hash);
-        let data = File::open(&dp).ctx(&dp)?;
-        let ob = PreOrderOutboard {
-            root: hash.as_blake3(),
-            tree: blob::tree(size),
-            data: File::open(&op).ctx(&op)?,
-        };
-        bao_tree::io::sync::encode_ranges_validated(data, ob, &want, out).map_err(|e| {
-            StoreError::Corrupt {
-                hash: *hash,
-                message: e.to_string(),
-            }
-        })
-    }
-
-    /// Prepares to receive a blob in ranges: creates its (sparse) files and an empty record
-    /// if it has none. Returns what is held.
-    pub fn begin_partial(&self, hash: &Hash, size: u64) -> Result<BlobMeta, StoreError> {
-        if let Some(m) = self.meta(hash)? {
-            if m.size == size {
-                return Ok(m);
-            }
-            // A record with another size cannot be this blob; start over.
-            self.remove(hash)?;
-        }
-        let dp = self.data_path(hash);
-        let parent = dp.parent().expect("blob paths have a parent");
-        std::fs::create_dir_all(parent).ctx(parent)?;
-        let d = File::create(&dp).ctx(&dp)?;
-        d.set_len(size).ctx(&dp)?;
-        let op = self.outboard_path(hash);
-        let o = File::create(&op).ctx(&op)?;
-        o.set_len(blob::tree(size).outboard_size()).ctx(&op)?;
-        d.sync_all().ctx(&dp)?;
-        o.sync_all().ctx(&op)?;
-        File::open(parent).and_then(|d| d.sync_all()).ctx(parent)?;
-        let meta = BlobMeta {
-            size,
-            state: BlobState::Partial(RangeList::default()),
-        };
-        self.put_meta(hash, &meta)?;
-        Ok(meta)
-    }
-
-    /// Verifies a bao response for `ranges` and writes it into the blob's files, then syncs
-    /// and records the ranges. Returns the blob's state afterwards.
-    pub fn write_encoded(
-        &self,
-        hash: &Hash,
-        size: u64,
-        ranges: &RangeList,
-        encoded: &[u8],
-    ) -> Result<BlobMeta, StoreError> {
-        self.write_encoded_unsynced(hash, size, ranges, encoded)?;
-        self.record_ranges(hash, size, ranges)
-    }
-
-    /// Verifies a bao response for `ranges` and writes it into the blob's files, without
-    /// syncing or recording: nothing is claimed until [`Store::record_ranges`]. A response
-    /// with one bad byte fails before that byte is written.
-    pub fn write_encoded_unsynced(
-        &self,
-        hash: &Hash,
-        size: u64,
-        ranges: &RangeList,
-        encoded: &[u8],
-    ) -> Result<(), StoreError> {
-        let dp = self.data_path(hash);
-        let op = self.outboard_path(hash);
-        let mut data = OpenOptions::new().write(true).open(&dp).ctx(&dp)?;
-        let ob_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&op)
-            .ctx(&op)?;
-        let mut ob = PreOrderOutboard {
-            root: hash.as_blake3(),
-            tree: blob::tree(size),
-            data: ob_file,
-        };
-        let want = ranges.to_chunk_ranges();
-        bao_tree::io::sync::decode_ranges(encoded, &want, &mut data, &mut ob).map_err(|e| {
-            StoreError::Corrupt {
-                hash: *hash,
-                message: e.to_string(),
-            }
-        })?;
-        *self
-            .inner
-            .unsynced
-            .lock()
-            .expect("not poisoned")
-            .entry(*hash)
-            .or_insert_with(ChunkRanges::empty) |= want;
-        Ok(())
-    }
-
-    /// Syncs the blob's files and records `ranges` (already verified and written) as held.
-    /// Returns the blob's state afterwards.
-    pub fn record_ranges(
-        &self,
-        hash: &Hash,
-        size: u64,
-        ranges: &RangeList,
-    ) -> Result<BlobMeta, StoreError> {
-        let dp = self.data_path(hash);
-        let op = self.outboard_path(hash);
-        File::open(&dp).and_then(|f| f.sync_data()).ctx(&dp)?;
-        File::open(&op).and_then(|f| f.sync_data()).ctx(&op)?;
-        // Merge under the write transaction, so concurrent writers never lose each other.
-        let w = self.inner.db.begin_write().map_err(db_err)?;
-        let meta = {
-            let mut t = w.open_table(BLOBS).map_err(db_err)?;
-            let old: Option<BlobMeta> = match t.get(hash.0).map_err(db_err)? {
-                Some(v) => Some(postcard::from_bytes(v.value()).map_err(db_err)?),
-                None => None,
-            };
-            let held = old.map(|m| m.ranges()).unwrap_or_default();
-            let merged = held.to_chunk_ranges() | ranges.to_chunk_ranges();
-            let chunks = size.div_ceil(blob::CHUNK_BYTES).max(1);
-            let list = RangeList::from_chunk_ranges(&merged, chunks);
-            let state = if list.covers_all(size) {
-                BlobState::Complete
-            } else {
-                BlobState::Partial(list)
-            };
-            let meta = BlobMeta { size, state };
-            let v = postcard::to_stdvec(&meta).map_err(db_err)?;
-            t.insert(hash.0, v.as_slice()).map_err(db_err)?;
-            meta
-        };
-        w.commit().map_err(db_err)?;
-        let mut unsynced = self.inner.unsynced.lock().expect("not poisoned");
-        if let Some(u) = unsynced.get_mut(hash) {
-            *u = u.clone() - ranges.to_chunk_ranges();
-            if u.is_empty() || meta.is_complete() {
-                unsynced.remove(hash);
-            }
-        }
-        Ok(meta)
     }
 
     /// Hashes of all complete blobs (to announce them).
@@ -498,20 +246,18 @@ impl Store {
     }
 }
 
-struct Tee<R, W> {
-    r: R,
-    w: W,
-    n: u64,
+/// Flushes everything written to the file system that holds `path` (`syncfs`): data,
+/// metadata and directory entries of every file there, in one call.
+pub fn sync_fs_of(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let f = File::open(path)?;
+    rustix::fs::syncfs(f.as_fd()).map_err(io::Error::from)
 }
 
-impl<R: Read, W: Write> Read for Tee<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.r.read(buf)?;
-        self.w.write_all(&buf[..n])?;
-        self.n += n as u64;
-        Ok(n)
-    }
-}
+mod import;
+mod ranges;
+
+pub use import::{IN_MEMORY_MAX, ImportBatch, PER_FILE_SYNC_MAX};
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,95 @@
+//! The tracker: who holds which blobs, where they listen, and how to rank them for an
+//! asker.
+
+use super::*;
+
+/// Who holds which blobs, and where they listen.
+#[derive(Debug, Default)]
+pub(super) struct Tracker {
+    pub(super) peers: HashMap<EndpointId, (SocketAddr, Option<String>)>,
+    pub(super) holders: HashMap<Hash, HashMap<EndpointId, bool>>,
+    /// Round-trip times each node reported to its peers, microseconds.
+    pub(super) rtts: HashMap<EndpointId, HashMap<EndpointId, u32>>,
+}
+
+/// Coarse band of a round-trip time, so that peers within a factor of two of each other
+/// tie (and askers spread over them at random): below 1 ms is band 0, 1-2 ms band 1,
+/// 2-4 ms band 2, and so on; unmeasured peers come after all measured ones.
+pub(super) fn rtt_band(micros: Option<u32>) -> u32 {
+    match micros {
+        Some(us) => u32::BITS - (us / 1000).leading_zeros(),
+        None => u32::MAX,
+    }
+}
+
+impl Tracker {
+    pub(super) fn forget(&mut self, peer: &EndpointId) {
+        self.peers.remove(peer);
+        self.rtts.remove(peer);
+        for m in self.holders.values_mut() {
+            m.remove(peer);
+        }
+        self.holders.retain(|_, m| !m.is_empty());
+    }
+}
+
+/// Providers of a blob for `asker`: fleet members that announced it (never the asker), those
+/// in the asker's zone first, then by the round-trip time the asker measured to them (in
+/// bands of a factor of two, unmeasured last), complete holders before partial ones, in
+/// random order within each group so that askers spread over them; then the origin if it
+/// holds the blob.
+pub(super) fn lookup(state: &State, asker: &EndpointId, hash: &Hash) -> Vec<coord::ProviderInfo> {
+    let t = state.tracker.lock().expect("not poisoned");
+    let my_zone = t.peers.get(asker).and_then(|(_, z)| z.clone());
+    let my_rtts = t.rtts.get(asker);
+    let mut out: Vec<((bool, u32, bool, u64), coord::ProviderInfo)> = t
+        .holders
+        .get(hash)
+        .into_iter()
+        .flatten()
+        .filter(|(id, _)| *id != asker && state.is_member(id))
+        .filter_map(|(id, complete)| {
+            let (addr, zone) = t.peers.get(id)?;
+            let same_zone = my_zone.is_some() && *zone == my_zone;
+            let rtt = rtt_band(my_rtts.and_then(|m| m.get(id)).copied());
+            Some((
+                (!same_zone, rtt, !complete, rand::random::<u64>()),
+                coord::ProviderInfo {
+                    id: *id.as_bytes(),
+                    addr: *addr,
+                    zone: zone.clone(),
+                    complete: *complete,
+                    origin: false,
+                },
+            ))
+        })
+        .collect();
+    out.sort_by_key(|(rank, _)| *rank);
+    let mut out: Vec<coord::ProviderInfo> = out.into_iter().map(|(_, p)| p).collect();
+    if state.origin.has_complete(hash).unwrap_or(false) {
+        out.push(coord::ProviderInfo {
+            id: *state.addr.id.as_bytes(),
+            addr: state.addr.addr,
+            zone: None,
+            complete: true,
+            origin: true,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rtt_band;
+
+    #[test]
+    fn rtt_bands_double() {
+        assert_eq!(rtt_band(Some(0)), 0);
+        assert_eq!(rtt_band(Some(999)), 0);
+        assert_eq!(rtt_band(Some(1_000)), 1);
+        assert_eq!(rtt_band(Some(1_999)), 1);
+        assert_eq!(rtt_band(Some(2_000)), 2);
+        assert_eq!(rtt_band(Some(40_000)), 6);
+        assert!(rtt_band(Some(u32::MAX)) < rtt_band(None));
+    }
+}

@@ -1,0 +1,110 @@
+//! `voltool commit`: scan the mount, upload what the origin lacks, send the change set.
+
+use super::*;
+
+impl Inner {
+    pub(super) async fn commit(&self, name: &str, events: &Events) -> OpResult<CommitReport> {
+        let lock = self.lock_for(name);
+        let _g = lock.lock().await;
+        self.commit_locked(name, events).await
+    }
+
+    pub(super) async fn commit_locked(
+        &self,
+        name: &str,
+        events: &Events,
+    ) -> OpResult<CommitReport> {
+        let start = Instant::now();
+        let rec = self.mount(name)?;
+        let base = self.read_manifest(rec.manifest).await?;
+        let cache = self.stats(name)?;
+        let snap = self.mounts_dir(rec.id).join(&rec.snapshot);
+        let store = self.store.clone();
+        let base2 = base.clone();
+        events.progress("scan", 0, 0);
+        let scanned = tokio::task::spawn_blocking(move || {
+            let batch = store.batch();
+            let s = scan::scan(&snap, &base2, &cache, ScanMode::Import(&batch))?;
+            batch.finish()?;
+            Ok::<_, scan::ScanError>(s)
+        })
+        .await
+        .map_err(failed)?
+        .map_err(|e| err(ErrorCode::Invalid, format!("cannot commit: {e}")))?;
+        let scan_seconds = start.elapsed().as_secs_f64();
+        let changes = scan::changes(&base, &scanned.manifest);
+        if changes.is_empty() {
+            return Ok(CommitReport {
+                volume: name.to_string(),
+                version: rec.version,
+                changed: 0,
+                uploaded_bytes: 0,
+                hashed_bytes: scanned.hashed_bytes,
+                overwritten: Vec::new(),
+                scan_seconds,
+                upload_seconds: 0.0,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
+        let info = self.verified_head(name).await?;
+        if info.id != rec.id {
+            return Err(err(
+                ErrorCode::NotFound,
+                format!("volume {name:?} was deleted and created again"),
+            ));
+        }
+        let blobs: Vec<(Hash, u64)> = changes
+            .iter()
+            .filter_map(|c| c.entry.as_ref().and_then(|e| e.blob()))
+            .collect();
+        let t_upload = Instant::now();
+        let uploaded = self.upload_missing(&blobs, events).await?;
+        let upload_seconds = t_upload.elapsed().as_secs_f64();
+        let priors = changes.iter().map(|c| base.get(&c.path).cloned()).collect();
+        let n = changes.len();
+        let mut own: BTreeMap<VolPath, Option<Entry>> = rec
+            .own
+            .iter()
+            .map(|c| (c.path.clone(), c.entry.clone()))
+            .collect();
+        own.extend(changes.iter().map(|c| (c.path.clone(), c.entry.clone())));
+        let (head, overwritten) = self
+            .send_commit(&info, rec.version, changes, priors)
+            .await?;
+        let local_hash = self
+            .store
+            .import_bytes(&scanned.manifest.encode())
+            .map_err(failed)?;
+        // Other writers' changes merged into the head are not in this snapshot yet: keep
+        // the old version then, so the next reload brings them in.
+        let version = if head.commit.manifest == local_hash {
+            head.commit.version
+        } else {
+            rec.version
+        };
+        let new = MountRecord {
+            version,
+            manifest: local_hash,
+            own: own
+                .into_iter()
+                .map(|(path, entry)| Change { path, entry })
+                .collect(),
+            ..rec
+        };
+        self.put_mount(&new, &scanned.stats)?;
+        if !overwritten.is_empty() {
+            warn!(volume = name, paths = ?overwritten, "this commit overwrote other writers' changes");
+        }
+        Ok(CommitReport {
+            volume: name.to_string(),
+            version: head.commit.version,
+            changed: n,
+            uploaded_bytes: uploaded,
+            hashed_bytes: scanned.hashed_bytes,
+            overwritten: overwritten.into_iter().map(|p| p.to_string()).collect(),
+            scan_seconds,
+            upload_seconds,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}

@@ -1,0 +1,50 @@
+//! Progress and data events of one operation.
+
+use super::*;
+
+/// Progress and data sink of one operation.
+#[derive(Clone, Debug)]
+pub struct Events {
+    pub(super) tx: Option<mpsc::Sender<Event>>,
+}
+
+impl Events {
+    /// Events that go nowhere.
+    pub fn none() -> Self {
+        Events { tx: None }
+    }
+
+    pub(super) fn progress(&self, phase: &str, done: u64, total: u64) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(Event::Progress {
+                phase: phase.to_string(),
+                done,
+                total,
+            });
+        }
+    }
+
+    pub(super) async fn data(&self, bytes: Vec<u8>) -> OpResult<()> {
+        match &self.tx {
+            Some(tx) => tx
+                .send(Event::Data(bytes))
+                .await
+                .map_err(|_| failed("client went away")),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn counter(
+        &self,
+        phase: &'static str,
+        total: u64,
+    ) -> Arc<dyn Fn(u64) + Send + Sync> {
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ev = self.clone();
+        ev.progress(phase, 0, total);
+        Arc::new(move |n| {
+            let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+            ev.progress(phase, d, total);
+        })
+    }
+}

@@ -1,0 +1,203 @@
+//! Fetching blobs from the swarm, and the manifests of heads.
+
+use super::*;
+
+/// Blobs fetched at once by one reload (each in up to `PIECES_IN_FLIGHT` pieces).
+const BLOBS_IN_FLIGHT: usize = 2;
+
+impl Inner {
+    /// Providers of a blob from the tracker (nearest first, the origin last).
+    pub(super) async fn providers_for(&self, hash: Hash) -> Vec<Provider> {
+        lookup_providers(&self.coord, self.ep.id(), &self.opts.coordinator, hash).await
+    }
+
+    /// Tells the tracker this node holds `blobs` (complete or in part).
+    pub(super) async fn announce(&self, blobs: Vec<Hash>, complete: bool) {
+        for chunk in blobs.chunks(MAX_HAS) {
+            let req = CoordRequest::Announce {
+                addr: net::local_addr(&self.ep),
+                zone: self.opts.zone.clone(),
+                blobs: chunk.to_vec(),
+                complete,
+            };
+            if let Err(e) = self.coord.request(&req).await {
+                debug!("announce failed: {e}");
+            }
+        }
+        // With what we hold, the round-trip times to the peers we talk to: the tracker
+        // ranks providers for our next lookups by them.
+        let rtts: Vec<PeerRtt> = self
+            .pool
+            .rtts()
+            .await
+            .into_iter()
+            .take(coord::MAX_RTTS)
+            .map(|(id, rtt)| PeerRtt {
+                id: *id.as_bytes(),
+                micros: u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX),
+            })
+            .collect();
+        if !rtts.is_empty()
+            && let Err(e) = self.coord.request(&CoordRequest::Rtts { rtts }).await
+        {
+            debug!("reporting round-trip times failed: {e}");
+        }
+    }
+}
+
+impl Inner {
+    /// The manifest of a head, fetched (and verified) if not held yet.
+    pub(super) async fn manifest_of(&self, c: &Commit) -> OpResult<Manifest> {
+        self.fetch_blobs(&[(c.manifest, c.manifest_size)], &Events::none())
+            .await?;
+        self.read_manifest(c.manifest).await
+    }
+
+    /// A manifest held in the local store.
+    pub(super) async fn read_manifest(&self, h: Hash) -> OpResult<Manifest> {
+        let store = self.store.clone();
+        let bytes = tokio::task::spawn_blocking(move || store.read_all(&h))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
+        Manifest::decode(&bytes)
+            .map_err(|e| err(ErrorCode::Verify, format!("refused manifest: {e}")))
+    }
+
+    /// Fetches blobs not held completely, a few at a time, from the swarm: peers that hold
+    /// them (complete or in part), the origin last.
+    pub(super) async fn fetch_blobs(
+        &self,
+        blobs: &[(Hash, u64)],
+        events: &Events,
+    ) -> OpResult<FetchStats> {
+        let mut seen = HashSet::new();
+        let wanted: Vec<(Hash, u64)> = blobs
+            .iter()
+            .filter(|(h, _)| seen.insert(*h))
+            .copied()
+            .collect();
+        let total = wanted.iter().map(|(_, s)| s).sum();
+        let counter = events.counter("download", total);
+        // Announce up front: peers reloading at the same moment learn of us at once and
+        // ask what we have as it lands.
+        self.announce(wanted.iter().map(|(h, _)| *h).collect(), false)
+            .await;
+        let mut stats = FetchStats::default();
+        let mut set = tokio::task::JoinSet::new();
+        let mut queue = wanted.iter().copied();
+        let mut failure = None;
+        // Blobs whose pieces are not all handed out yet: at most BLOBS_IN_FLIGHT of them.
+        // A blob in its tail (last pieces in flight) no longer counts, so the next one
+        // starts while the tail finishes and the link stays busy.
+        let (tail_tx, mut tail_rx) = tokio::sync::mpsc::unbounded_channel::<Hash>();
+        let mut heads: HashSet<Hash> = HashSet::new();
+        loop {
+            while heads.len() < BLOBS_IN_FLIGHT && failure.is_none() {
+                let Some((hash, size)) = queue.next() else {
+                    break;
+                };
+                let mut providers = self.providers_for(hash).await;
+                if self.opts.origin_only {
+                    providers.retain(|p| p.is_origin);
+                }
+                let pool = self.pool.clone();
+                let store = self.store.clone();
+                let counter = counter.clone();
+                let (coord, me, origin) = (
+                    self.coord.clone(),
+                    self.ep.id(),
+                    self.opts.coordinator.clone(),
+                );
+                let origin_only = self.opts.origin_only;
+                let refresh: crate::blobs::Lookup = Arc::new(move || {
+                    let (coord, origin) = (coord.clone(), origin.clone());
+                    Box::pin(async move { lookup_providers(&coord, me, &origin, hash).await })
+                });
+                let tail_tx = tail_tx.clone();
+                heads.insert(hash);
+                set.spawn(async move {
+                    let r = crate::blobs::fetch_blob(
+                        &pool,
+                        &store,
+                        crate::blobs::Swarm {
+                            me,
+                            providers,
+                            refresh: (!origin_only).then_some(refresh),
+                            on_tail: Some(Arc::new(move || {
+                                let _ = tail_tx.send(hash);
+                            })),
+                        },
+                        hash,
+                        size,
+                        counter,
+                    )
+                    .await;
+                    (hash, r)
+                });
+            }
+            let (hash, r) = tokio::select! {
+                Some(tailed) = tail_rx.recv() => {
+                    heads.remove(&tailed);
+                    continue;
+                }
+                joined = set.join_next() => match joined {
+                    Some(j) => j.map_err(failed)?,
+                    None => break,
+                },
+            };
+            heads.remove(&hash);
+            match r {
+                Ok(s) => stats.merge(&s),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let hashes: Vec<Hash> = wanted.iter().map(|(h, _)| *h).collect();
+        let held = self.store.has_complete_many(&hashes).unwrap_or_default();
+        let complete: Vec<Hash> = hashes
+            .into_iter()
+            .zip(held)
+            .filter_map(|(h, held)| held.then_some(h))
+            .collect();
+        self.announce(complete, true).await;
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(stats),
+        }
+    }
+}
+
+/// Providers of a blob from the tracker (nearest first, the origin last), never this node;
+/// the origin alone if the tracker cannot be asked.
+async fn lookup_providers(
+    coord: &CoordClient,
+    me: iroh::PublicKey,
+    origin: &NodeAddr,
+    hash: Hash,
+) -> Vec<Provider> {
+    let origin = || Provider {
+        addr: origin.clone(),
+        is_origin: true,
+    };
+    match coord.request(&CoordRequest::Lookup { hash }).await {
+        Ok(CoordResponse::Providers(list)) => {
+            let mut out: Vec<Provider> = list
+                .into_iter()
+                .filter_map(|p| {
+                    let id = iroh::PublicKey::from_bytes(&p.id).ok()?;
+                    (id != me).then_some(Provider {
+                        addr: NodeAddr { id, addr: p.addr },
+                        is_origin: p.origin,
+                    })
+                })
+                .collect();
+            if !out.iter().any(|p| p.is_origin) {
+                out.push(origin());
+            }
+            out
+        }
+        _ => vec![origin()],
+    }
+}

@@ -1,0 +1,454 @@
+//! The agent role: mounts, commit, reload and volume operations for the local CLI.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iroh::{Endpoint, SecretKey};
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use voltool_protocol::coord::{
+    self, CoordRequest, CoordResponse, ErrorKind, MAX_HAS, PeerRtt, VolumeInfo,
+};
+use voltool_protocol::volume::check_volume_name;
+use voltool_protocol::{
+    Change, Commit, Entry, Hash, HeadError, Manifest, SignedHead, VolPath, VolumeId, blobs,
+};
+
+use crate::blobs::{ConnPool, FetchError, FetchStats, Provider};
+use crate::control::{
+    self, CommitReport, ErrorCode, ErrorReply, Event, LsEntry, MountStatus, ReloadMode,
+    ReloadReport, Reply, Request, Sources, StatusReport, VolumeView,
+};
+use crate::coord_client::{ClientError, CoordClient};
+use crate::net::{self, NodeAddr};
+use crate::rate::{Rate, TokenBucket};
+use crate::scan::{self, ScanMode, StatCache};
+use crate::store::Store;
+
+mod commit;
+mod error;
+mod events;
+mod fetch;
+mod mount;
+mod mounts;
+mod reload;
+mod remote;
+mod status;
+mod volume;
+
+pub use error::OpError;
+use error::{OpResult, db_err, err, failed};
+pub use events::Events;
+use mounts::{MOUNTS, MountRecord, STATS, switch_link};
+use remote::SEEN;
+
+/// Agent options.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Data directory: key, store, database, snapshots, control socket.
+    pub data: PathBuf,
+    /// The coordinator (the fleet's root of trust).
+    pub coordinator: NodeAddr,
+    /// Address to listen on for peers.
+    pub listen: SocketAddr,
+    /// Zone label (locality for the swarm).
+    pub zone: Option<String>,
+    /// Ingress limit (bytes/s) for everything fetched.
+    pub max_ingress: Option<Rate>,
+    /// Egress limit (bytes/s) for everything served.
+    pub max_egress: Option<Rate>,
+    /// Fault injection (tests, the testnet's hostile peers): serve corrupt bytes.
+    pub corrupt_served_bytes: bool,
+    /// Fetch from the origin only, never from peers (the baseline of the fan-out bench).
+    pub origin_only: bool,
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    inner: Arc<Inner>,
+    cancel: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+struct Inner {
+    opts: AgentOptions,
+    store: Store,
+    db: Database,
+    ep: Endpoint,
+    pool: ConnPool,
+    serve: crate::blobs::ServeOptions,
+    coord: Arc<CoordClient>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    last_reload: Mutex<HashMap<String, ReloadReport>>,
+    /// Cancelled when the agent stops; background loops end with it.
+    cancel: CancellationToken,
+    /// Fleet members as the coordinator last said, and when it said it.
+    members: Mutex<(HashSet<iroh::PublicKey>, Option<Instant>)>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("data", &self.opts.data)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failure to start the agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Key trouble.
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    /// Store trouble.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Transport trouble.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Agent {
+    /// Opens the data directory, binds, recovers mounts and starts serving the control
+    /// socket and peers.
+    pub async fn start(opts: AgentOptions) -> Result<Self, StartError> {
+        let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
+        std::fs::create_dir_all(&opts.data).map_err(|e| other(&e))?;
+        let key: SecretKey = crate::keys::load_or_create(&opts.data)?;
+        let store = Store::open(&opts.data.join("store"))?;
+        let db = Database::create(opts.data.join("agent.redb")).map_err(|e| other(&e))?;
+        {
+            let w = db.begin_write().map_err(|e| other(&e))?;
+            w.open_table(MOUNTS).map_err(|e| other(&e))?;
+            w.open_table(STATS).map_err(|e| other(&e))?;
+            w.open_table(SEEN).map_err(|e| other(&e))?;
+            w.commit().map_err(|e| other(&e))?;
+        }
+        let ep = net::bind(key, opts.listen, vec![blobs::ALPN.to_vec()]).await?;
+        let coord = Arc::new(CoordClient::new(ep.clone(), opts.coordinator.clone()));
+        let inner = Arc::new(Inner {
+            pool: ConnPool::new(
+                ep.clone(),
+                opts.max_ingress.map(|r| Arc::new(TokenBucket::new(r))),
+            ),
+            serve: crate::blobs::ServeOptions::new(
+                opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
+                opts.corrupt_served_bytes,
+            ),
+            opts,
+            store,
+            db,
+            ep,
+            coord,
+            locks: Default::default(),
+            last_reload: Default::default(),
+            cancel: CancellationToken::new(),
+            members: Default::default(),
+        });
+        inner.recover().map_err(|e| other(&e))?;
+        let cancel = inner.cancel.clone();
+        let mut tasks = tokio::task::JoinSet::new();
+        let sock = inner.opts.data.join(control::SOCKET);
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).map_err(|e| other(&e))?;
+        tasks.spawn(control_loop(inner.clone(), listener, cancel.clone()));
+        tasks.spawn(peer_loop(inner.clone(), cancel.clone()));
+        for m in inner.mounts().map_err(|e| other(&e))? {
+            if let Some(secs) = m.background_commit_secs {
+                tasks.spawn(background_commits(
+                    inner.clone(),
+                    m.name,
+                    secs,
+                    cancel.clone(),
+                ));
+            }
+        }
+        {
+            let inner = inner.clone();
+            tasks.spawn(async move {
+                if let Ok(held) = inner.store.complete_blobs() {
+                    inner.announce(held, true).await;
+                }
+            });
+        }
+        info!(
+            node = %inner.ep.id(),
+            addr = %net::local_addr(&inner.ep),
+            coordinator = %inner.opts.coordinator,
+            "agent running"
+        );
+        Ok(Agent {
+            inner,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// This node's address.
+    pub fn addr(&self) -> NodeAddr {
+        NodeAddr {
+            id: self.inner.ep.id(),
+            addr: net::local_addr(&self.inner.ep),
+        }
+    }
+
+    /// The local content store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Checks a head as reload does: the coordinator's signature, and no rollback below the
+    /// newest head seen for its volume. Accepted heads become the newest seen.
+    pub fn verify_head(&self, head: &SignedHead) -> Result<(), ErrorReply> {
+        self.inner.accept_head(head)
+    }
+
+    /// Runs one request as if it came over the control socket.
+    pub async fn request(&self, req: Request, events: Events) -> Result<Reply, ErrorReply> {
+        self.inner.clone().handle(req, events).await
+    }
+
+    /// Stops: final commits of mounts with background commits, then closes everything.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        if let Ok(mounts) = self.inner.mounts() {
+            for m in mounts
+                .into_iter()
+                .filter(|m| m.background_commit_secs.is_some())
+            {
+                match self.inner.commit(&m.name, &Events::none()).await {
+                    Ok(r) if r.changed > 0 => {
+                        info!(
+                            volume = m.name,
+                            version = r.version,
+                            "final commit at shutdown"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(volume = m.name, "final commit failed: {e}"),
+                }
+            }
+        }
+        let _ = self
+            .inner
+            .coord
+            .request(&CoordRequest::Withdraw { blobs: Vec::new() })
+            .await;
+        let _ = std::fs::remove_file(self.inner.opts.data.join(control::SOCKET));
+        self.inner.ep.close().await;
+    }
+}
+
+async fn control_loop(inner: Arc<Inner>, listener: UnixListener, cancel: CancellationToken) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => { warn!("control socket: {e}"); continue; }
+            },
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let req: Request = match control::read_msg(&mut stream).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    let done = Event::Done(Box::new(Err(err(ErrorCode::Invalid, e.to_string()))));
+                    let _ = control::write_msg(&mut stream, &done).await;
+                    return;
+                }
+            };
+            debug!(?req, "control request");
+            let (tx, mut rx) = mpsc::channel(64);
+            let events = Events { tx: Some(tx) };
+            let op = tokio::spawn(inner.handle(req, events));
+            while let Some(ev) = rx.recv().await {
+                if control::write_msg(&mut stream, &ev).await.is_err() {
+                    break;
+                }
+            }
+            let result = op
+                .await
+                .unwrap_or_else(|e| Err(failed(format!("operation panicked: {e}"))));
+            let _ = control::write_msg(&mut stream, &Event::Done(Box::new(result))).await;
+        });
+    }
+}
+
+async fn peer_loop(inner: Arc<Inner>, cancel: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => return,
+            i = inner.ep.accept() => match i { Some(i) => i, None => return },
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let Ok(accepting) = incoming.accept() else {
+                return;
+            };
+            let Ok(conn) = accepting.await else { return };
+            // Only fleet members the coordinator vouches for may fetch.
+            let member = inner.is_member(&conn.remote_id()).await;
+            if !member {
+                warn!(peer = %conn.remote_id().fmt_short(), "refused a node that is not a fleet member");
+            }
+            let allow: crate::blobs::Allow = Arc::new(move |_| member);
+            crate::blobs::serve(conn, inner.store.clone(), allow, inner.serve.clone()).await;
+        });
+    }
+}
+
+async fn background_commits(inner: Arc<Inner>, name: String, secs: u64, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(secs.max(1)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match inner.commit(&name, &Events::none()).await {
+            Ok(r) if r.changed > 0 => {
+                info!(volume = name, version = r.version, "background commit")
+            }
+            Ok(_) => {}
+            Err(e) if e.code == ErrorCode::NotFound => return,
+            Err(e) => warn!(volume = name, "background commit failed: {e}"),
+        }
+    }
+}
+
+impl Inner {
+    pub(super) async fn handle(
+        self: Arc<Self>,
+        req: Request,
+        events: Events,
+    ) -> Result<Reply, ErrorReply> {
+        match req {
+            Request::Status => self.status().await.map(Reply::Status),
+            Request::VolumeCreate { name } => {
+                check_volume_name(&name).map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
+                self.coord
+                    .request(&CoordRequest::CreateVolume { name: name.clone() })
+                    .await?;
+                Ok(Reply::Done(format!("created volume {name}")))
+            }
+            Request::VolumeList => match self.coord.request(&CoordRequest::ListVolumes).await? {
+                CoordResponse::Volumes(v) => Ok(Reply::Volumes(
+                    v.into_iter()
+                        .map(|i| VolumeView {
+                            name: i.name,
+                            id: i.id.to_string(),
+                            version: i.head.commit.version,
+                            created_ms: i.created_ms,
+                            updated_ms: i.head.commit.time_ms,
+                        })
+                        .collect(),
+                )),
+                _ => Err(failed("unexpected answer from the coordinator")),
+            },
+            Request::VolumeLs { name, path } => {
+                self.ls(&name, path.as_deref()).await.map(Reply::Ls)
+            }
+            Request::VolumePut {
+                name,
+                local,
+                remote,
+                force,
+            } => {
+                self.put(&name, &local, remote.as_deref(), force, &events)
+                    .await
+            }
+            Request::VolumeGet {
+                name,
+                remote,
+                local,
+                force,
+            } => {
+                self.get(&name, &remote, local.as_deref(), force, &events)
+                    .await
+            }
+            Request::VolumeRm {
+                name,
+                path,
+                recursive,
+            } => self.rm(&name, &path, recursive).await,
+            Request::VolumeCp {
+                name,
+                srcs,
+                dst,
+                recursive,
+            } => self.cp(&name, &srcs, &dst, recursive).await,
+            Request::VolumeRename { from, to } => {
+                check_volume_name(&to).map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
+                self.coord
+                    .request(&CoordRequest::RenameVolume {
+                        from: from.clone(),
+                        to: to.clone(),
+                    })
+                    .await?;
+                Ok(Reply::Done(format!("renamed volume {from} to {to}")))
+            }
+            Request::VolumeDelete {
+                name,
+                allow_missing,
+            } => match self
+                .coord
+                .request(&CoordRequest::DeleteVolume { name: name.clone() })
+                .await
+            {
+                Ok(_) => Ok(Reply::Done(format!("deleted volume {name}"))),
+                Err(ClientError::Remote {
+                    kind: ErrorKind::NotFound,
+                    ..
+                }) if allow_missing => Ok(Reply::Done(format!("volume {name} does not exist"))),
+                Err(e) => Err(e.into()),
+            },
+            Request::Mount {
+                name,
+                path,
+                background_commit_secs,
+            } => {
+                self.clone()
+                    .mount_volume(&name, &path, background_commit_secs, &events)
+                    .await
+            }
+            Request::Commit { name } => {
+                let name = self.which_mount(name)?;
+                self.commit(&name, &events).await.map(Reply::Committed)
+            }
+            Request::Reload { name, mode } => {
+                let name = self.which_mount(name)?;
+                self.reload(&name, mode, &events).await.map(Reply::Reloaded)
+            }
+        }
+    }
+
+    pub(super) fn which_mount(&self, name: Option<String>) -> OpResult<String> {
+        if let Some(n) = name {
+            return Ok(n);
+        }
+        let mounts = self.mounts()?;
+        match mounts.as_slice() {
+            [one] => Ok(one.name.clone()),
+            [] => Err(err(ErrorCode::NotFound, "no volume is mounted here")),
+            _ => Err(err(
+                ErrorCode::Invalid,
+                "several volumes are mounted here: name one",
+            )),
+        }
+    }
+}

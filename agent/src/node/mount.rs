@@ -1,0 +1,88 @@
+//! `voltool mount`: a first snapshot of a volume at a host path.
+
+use super::*;
+
+impl Inner {
+    pub(super) async fn mount_volume(
+        self: Arc<Self>,
+        name: &str,
+        path: &Path,
+        background_commit_secs: Option<u64>,
+        events: &Events,
+    ) -> OpResult<Reply> {
+        let lock = self.lock_for(name);
+        let _g = lock.lock().await;
+        if self.mount(name).is_ok() {
+            return Err(err(
+                ErrorCode::Exists,
+                format!("volume {name:?} is already mounted here"),
+            ));
+        }
+        if !path.is_absolute() {
+            return Err(err(ErrorCode::Invalid, "mount path must be absolute"));
+        }
+        match std::fs::symlink_metadata(path) {
+            Err(_) => {}
+            Ok(md) if md.is_dir() && std::fs::read_dir(path).map_err(failed)?.next().is_none() => {
+                std::fs::remove_dir(path).map_err(failed)?;
+            }
+            Ok(_) => {
+                return Err(err(
+                    ErrorCode::Exists,
+                    format!(
+                        "{} exists; mount on a new path or an empty directory",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        let info = self.verified_head(name).await?;
+        let m = self.manifest_of(&info.head.commit).await?;
+        let blobs: Vec<(Hash, u64)> = m.entries().values().filter_map(|e| e.blob()).collect();
+        let fetched = self.fetch_blobs(&blobs, events).await?;
+        let snap_name = format!(
+            "v{}-{:08x}",
+            info.head.commit.version,
+            rand::random::<u32>()
+        );
+        let dir = self.mounts_dir(info.id);
+        std::fs::create_dir_all(&dir).map_err(failed)?;
+        let snap = dir.join(&snap_name);
+        let store = self.store.clone();
+        let (m2, snap2) = (m.clone(), snap.clone());
+        let stats = tokio::task::spawn_blocking(move || {
+            scan::build_snapshot(&snap2, &m2, &store, None, &HashSet::new())
+        })
+        .await
+        .map_err(failed)?
+        .map_err(failed)?;
+        let mhash = self.store.import_bytes(&m.encode()).map_err(failed)?;
+        let rec = MountRecord {
+            name: name.to_string(),
+            id: info.id,
+            path: path.to_path_buf(),
+            version: info.head.commit.version,
+            manifest: mhash,
+            snapshot: snap_name,
+            background_commit_secs,
+            own: Vec::new(),
+        };
+        self.put_mount(&rec, &stats)?;
+        switch_link(path, &snap)?;
+        if let Some(secs) = background_commit_secs {
+            let cancel = self.cancel.clone();
+            tokio::spawn(background_commits(
+                self.clone(),
+                name.to_string(),
+                secs,
+                cancel,
+            ));
+        }
+        Ok(Reply::Done(format!(
+            "mounted {name} (version {}) at {}; {} bytes from the origin",
+            rec.version,
+            path.display(),
+            fetched.from_origin
+        )))
+    }
+}

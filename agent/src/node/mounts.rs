@@ -1,0 +1,136 @@
+//! Mount records, their stat caches, crash recovery and the atomic switch of a mount.
+
+use super::*;
+
+pub(super) const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-0");
+pub(super) const STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("stats-0");
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct MountRecord {
+    pub(super) name: String,
+    pub(super) id: VolumeId,
+    pub(super) path: PathBuf,
+    pub(super) version: u64,
+    /// Hash (in the local store) of the manifest the snapshot holds as last synced.
+    pub(super) manifest: Hash,
+    pub(super) snapshot: String,
+    pub(super) background_commit_secs: Option<u64>,
+    /// This mount's committed changes not yet seen back in a reload: on reload, those the
+    /// new head does not hold were overwritten by another writer, and are reported.
+    pub(super) own: Vec<Change>,
+}
+
+impl Inner {
+    pub(super) fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .expect("not poisoned")
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub(super) fn mounts_dir(&self, id: VolumeId) -> PathBuf {
+        self.opts.data.join("mounts").join(id.to_string())
+    }
+
+    pub(super) fn mounts(&self) -> OpResult<Vec<MountRecord>> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(MOUNTS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for e in redb::ReadableTable::iter(&t).map_err(db_err)? {
+            let (_, v) = e.map_err(db_err)?;
+            out.push(postcard::from_bytes(v.value()).map_err(db_err)?);
+        }
+        Ok(out)
+    }
+
+    pub(super) fn mount(&self, name: &str) -> OpResult<MountRecord> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(MOUNTS).map_err(db_err)?;
+        let v = t.get(name).map_err(db_err)?.ok_or_else(|| {
+            err(
+                ErrorCode::NotFound,
+                format!("volume {name:?} is not mounted here"),
+            )
+        })?;
+        postcard::from_bytes(v.value()).map_err(db_err)
+    }
+
+    pub(super) fn stats(&self, name: &str) -> OpResult<StatCache> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(STATS).map_err(db_err)?;
+        match t.get(name).map_err(db_err)? {
+            Some(v) => {
+                let list: Vec<(VolPath, scan::Stat)> =
+                    postcard::from_bytes(v.value()).map_err(db_err)?;
+                Ok(list.into_iter().collect())
+            }
+            None => Ok(StatCache::new()),
+        }
+    }
+
+    pub(super) fn put_mount(&self, m: &MountRecord, stats: &StatCache) -> OpResult<()> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            let enc = postcard::to_stdvec(m).map_err(db_err)?;
+            w.open_table(MOUNTS)
+                .map_err(db_err)?
+                .insert(m.name.as_str(), enc.as_slice())
+                .map_err(db_err)?;
+            let list: Vec<(&VolPath, &scan::Stat)> = stats.iter().collect();
+            let enc = postcard::to_stdvec(&list).map_err(db_err)?;
+            w.open_table(STATS)
+                .map_err(db_err)?
+                .insert(m.name.as_str(), enc.as_slice())
+                .map_err(db_err)?;
+        }
+        w.commit().map_err(db_err)
+    }
+
+    /// After a crash: point every mount at the snapshot its record names (the record is
+    /// written only once that snapshot is complete), and remove snapshots no record names.
+    pub(super) fn recover(&self) -> OpResult<()> {
+        let mounts = self.mounts()?;
+        let keep: HashSet<PathBuf> = mounts
+            .iter()
+            .map(|m| self.mounts_dir(m.id).join(&m.snapshot))
+            .collect();
+        for m in &mounts {
+            let snap = self.mounts_dir(m.id).join(&m.snapshot);
+            if std::fs::read_link(&m.path).ok().as_deref() != Some(snap.as_path()) {
+                warn!(
+                    volume = m.name,
+                    "re-pointing mount at its recorded snapshot"
+                );
+                switch_link(&m.path, &snap)?;
+            }
+        }
+        let root = self.opts.data.join("mounts");
+        if let Ok(rd) = std::fs::read_dir(&root) {
+            for vol in rd.flatten() {
+                if let Ok(snaps) = std::fs::read_dir(vol.path()) {
+                    for s in snaps.flatten() {
+                        if !keep.contains(&s.path()) {
+                            debug!(path = %s.path().display(), "removing stale snapshot");
+                            let _ = scan::remove_tree(&s.path());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Points `link` at `target` atomically (a new symlink renamed over the old one).
+pub(super) fn switch_link(link: &Path, target: &Path) -> OpResult<()> {
+    let tmp = link.with_file_name(format!(
+        ".{}.voltool-{:08x}",
+        link.file_name().and_then(|n| n.to_str()).unwrap_or("mount"),
+        rand::random::<u32>()
+    ));
+    std::os::unix::fs::symlink(target, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, link))
+        .map_err(|e| failed(format!("cannot switch {}: {e}", link.display())))
+}

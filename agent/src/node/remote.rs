@@ -1,0 +1,197 @@
+//! Talking to the coordinator: verified heads, membership, uploads and change sets.
+
+use voltool_protocol::coord::MAX_UPLOAD_BLOBS;
+
+use super::*;
+
+pub(super) const SEEN: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("seen-heads-0");
+
+impl Inner {
+    /// The volume's head from the coordinator, verified: signature under the configured
+    /// coordinator key, and no rollback below the newest head seen.
+    pub(super) async fn verified_head(&self, name: &str) -> OpResult<VolumeInfo> {
+        let info = match self
+            .coord
+            .request(&CoordRequest::GetHead {
+                name: name.to_string(),
+            })
+            .await?
+        {
+            CoordResponse::Volume(v) => v,
+            _ => return Err(failed("unexpected answer from the coordinator")),
+        };
+        self.accept_head(&info.head)?;
+        Ok(info)
+    }
+
+    pub(super) fn accept_head(&self, head: &SignedHead) -> OpResult<()> {
+        let seen: Option<Commit> = {
+            let r = self.db.begin_read().map_err(db_err)?;
+            let t = r.open_table(SEEN).map_err(db_err)?;
+            match t.get(head.commit.volume.0).map_err(db_err)? {
+                Some(v) => Some(postcard::from_bytes(v.value()).map_err(db_err)?),
+                None => None,
+            }
+        };
+        head.verify_against(&self.opts.coordinator.id, seen.as_ref())?;
+        if seen.is_none_or(|s| s.version < head.commit.version) {
+            let w = self.db.begin_write().map_err(db_err)?;
+            w.open_table(SEEN)
+                .map_err(db_err)?
+                .insert(head.commit.volume.0, head.commit.encode().as_slice())
+                .map_err(db_err)?;
+            w.commit().map_err(db_err)?;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Whether `id` is a fleet member the coordinator vouches for (refreshing the list at
+    /// most once a second when an unknown node asks).
+    pub(super) async fn is_member(&self, id: &iroh::PublicKey) -> bool {
+        if *id == self.opts.coordinator.id {
+            return true;
+        }
+        {
+            let m = self.members.lock().expect("not poisoned");
+            if m.0.contains(id) {
+                return true;
+            }
+            if m.1.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return false;
+            }
+        }
+        let fresh = match self.coord.request(&CoordRequest::Members).await {
+            Ok(CoordResponse::Members(ids)) => ids
+                .iter()
+                .filter_map(|b| iroh::PublicKey::from_bytes(b).ok())
+                .collect(),
+            _ => HashSet::new(),
+        };
+        let mut m = self.members.lock().expect("not poisoned");
+        m.0 = fresh;
+        m.1 = Some(Instant::now());
+        m.0.contains(id)
+    }
+}
+
+impl Inner {
+    /// Uploads blobs the origin lacks.
+    pub(super) async fn upload_missing(
+        &self,
+        blobs: &[(Hash, u64)],
+        events: &Events,
+    ) -> OpResult<u64> {
+        let mut uniq = HashSet::new();
+        let blobs: Vec<(Hash, u64)> = blobs
+            .iter()
+            .filter(|(h, s)| *s > 0 && uniq.insert(*h))
+            .copied()
+            .collect();
+        let mut missing = Vec::new();
+        for chunk in blobs.chunks(MAX_HAS) {
+            let hashes = chunk.iter().map(|(h, _)| *h).collect();
+            match self
+                .coord
+                .request(&CoordRequest::HasBlobs { hashes })
+                .await?
+            {
+                CoordResponse::Has(has) if has.len() == chunk.len() => {
+                    missing.extend(chunk.iter().zip(has).filter(|(_, h)| !h).map(|(b, _)| *b))
+                }
+                _ => return Err(failed("unexpected answer from the coordinator")),
+            }
+        }
+        let total: u64 = missing.iter().map(|(_, s)| s).sum();
+        let counter = events.counter("upload", total);
+        // Batches of many small blobs (or one large one), two on the way at once so the
+        // origin checks and syncs one while the next travels.
+        let mut set = tokio::task::JoinSet::new();
+        for batch in upload_batches(&missing) {
+            if set.len() >= UPLOADS_IN_FLIGHT
+                && let Some(r) = set.join_next().await
+            {
+                r.map_err(failed)??;
+            }
+            let list: Vec<(Hash, u64, PathBuf)> = batch
+                .iter()
+                .map(|(h, s)| (*h, *s, self.store.data_path(h)))
+                .collect();
+            let (coord, counter) = (self.coord.clone(), counter.clone());
+            set.spawn(async move { coord.upload(&list, counter.as_ref()).await });
+        }
+        while let Some(r) = set.join_next().await {
+            r.map_err(failed)??;
+        }
+        // This node holds them complete too: peers may take them from here.
+        self.announce(blobs.iter().map(|(h, _)| *h).collect(), true)
+            .await;
+        Ok(total)
+    }
+
+    /// Sends a change set; returns the verified new head and the overwritten paths.
+    pub(super) async fn send_commit(
+        &self,
+        info: &VolumeInfo,
+        base_version: u64,
+        changes: Vec<Change>,
+        priors: Vec<Option<Entry>>,
+    ) -> OpResult<(SignedHead, Vec<VolPath>)> {
+        let req = CoordRequest::Commit {
+            name: info.name.clone(),
+            volume: info.id,
+            base_version,
+            changes,
+            priors,
+        };
+        match self.coord.request(&req).await? {
+            CoordResponse::Committed { head, overwritten } => {
+                self.accept_head(&head)?;
+                Ok((head, overwritten))
+            }
+            _ => Err(failed("unexpected answer from the coordinator")),
+        }
+    }
+
+    /// Commits a change set made by a volume command (put, rm, cp) on the current head.
+    pub(super) async fn commit_changes(
+        &self,
+        info: &VolumeInfo,
+        current: &Manifest,
+        changes: Vec<Change>,
+    ) -> OpResult<u64> {
+        let priors = changes
+            .iter()
+            .map(|c| current.get(&c.path).cloned())
+            .collect();
+        let (head, _) = self
+            .send_commit(info, info.head.commit.version, changes, priors)
+            .await?;
+        Ok(head.commit.version)
+    }
+}
+
+/// Upload batches on the way at once.
+const UPLOADS_IN_FLIGHT: usize = 2;
+/// Bytes in one upload batch (a larger blob travels alone).
+const UPLOAD_BATCH_BYTES: u64 = 64 << 20;
+
+/// Splits blobs into upload batches of at most [`MAX_UPLOAD_BLOBS`] blobs and about
+/// [`UPLOAD_BATCH_BYTES`].
+fn upload_batches(blobs: &[(Hash, u64)]) -> Vec<&[(Hash, u64)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, (_, size)) in blobs.iter().enumerate() {
+        let full = i - start >= MAX_UPLOAD_BLOBS || bytes + size > UPLOAD_BATCH_BYTES;
+        if i > start && full {
+            out.push(&blobs[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < blobs.len() {
+        out.push(&blobs[start..]);
+    }
+    out
+}

@@ -1,0 +1,43 @@
+//! `voltool status`.
+
+use super::*;
+
+impl Inner {
+    pub(super) async fn status(&self) -> OpResult<StatusReport> {
+        let mut mounts = Vec::new();
+        for m in self.mounts()? {
+            let remote = match self
+                .coord
+                .request(&CoordRequest::GetHead {
+                    name: m.name.clone(),
+                })
+                .await
+            {
+                Ok(CoordResponse::Volume(v)) if self.accept_head(&v.head).is_ok() => {
+                    Some(v.head.commit.version)
+                }
+                _ => None,
+            };
+            mounts.push(MountStatus {
+                last_reload: self
+                    .last_reload
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&m.name)
+                    .cloned(),
+                volume: m.name,
+                path: m.path,
+                local_version: m.version,
+                remote_version: remote,
+                background_commit_secs: m.background_commit_secs,
+            });
+        }
+        Ok(StatusReport {
+            node_id: self.ep.id().to_string(),
+            addr: net::local_addr(&self.ep).to_string(),
+            coordinator: self.opts.coordinator.to_string(),
+            zone: self.opts.zone.clone(),
+            mounts,
+        })
+    }
+}

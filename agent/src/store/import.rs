@@ -1,0 +1,343 @@
+//! Imports: blobs written whole (committed or uploaded files, received uploads, manifests),
+//! made durable together.
+//!
+//! A batch writes each blob to a temporary file, builds its outboard, checks its hash and
+//! renames both into place without syncing them one by one. [`ImportBatch::finish`] then
+//! makes all of them durable at once and records them in one redb transaction: until then
+//! the store claims none of them, so a crash leaves only unclaimed files that a later import
+//! of the same blob replaces.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use super::*;
+
+/// At most this many blobs are made durable file by file (`fdatasync` of each, `fsync` of
+/// each directory); a larger batch syncs the store's whole file system at once (`syncfs`),
+/// which costs one call instead of two per blob and one per directory.
+pub const PER_FILE_SYNC_MAX: usize = 16;
+
+/// Files up to this size are read whole into memory and hashed there when imported.
+pub const IN_MEMORY_MAX: u64 = 1 << 20;
+
+/// Blobs imported by one operation, made durable and recorded together by
+/// [`ImportBatch::finish`]. Safe to fill from several threads at once.
+#[derive(Debug)]
+pub struct ImportBatch {
+    store: Store,
+    placed: Mutex<Vec<(Hash, u64)>>,
+}
+
+impl Store {
+    /// A new batch of imports.
+    pub fn batch(&self) -> ImportBatch {
+        ImportBatch {
+            store: self.clone(),
+            placed: Mutex::default(),
+        }
+    }
+
+    /// Copies one file into the store and makes it durable (a batch of one).
+    pub fn import_file(&self, src: &Path) -> Result<(Hash, u64), StoreError> {
+        let b = self.batch();
+        let r = b.import_file(src)?;
+        b.finish()?;
+        Ok(r)
+    }
+
+    /// Imports bytes held in memory (manifests) and makes them durable.
+    pub fn import_bytes(&self, bytes: &[u8]) -> Result<Hash, StoreError> {
+        let b = self.batch();
+        let h = b.import_bytes(bytes)?;
+        b.finish()?;
+        Ok(h)
+    }
+
+    /// Takes a complete temporary data file into the store (see [`ImportBatch::adopt_tmp`])
+    /// and makes it durable.
+    pub fn adopt_tmp(
+        &self,
+        tmp_data: &Path,
+        size: u64,
+        expected: Option<Hash>,
+    ) -> Result<(Hash, u64), StoreError> {
+        let b = self.batch();
+        let r = b.adopt_tmp(tmp_data, size, expected)?;
+        b.finish()?;
+        Ok(r)
+    }
+
+    /// Whether each blob is held completely, in one read transaction.
+    pub fn has_complete_many(&self, hashes: &[Hash]) -> Result<Vec<bool>, StoreError> {
+        let r = self.inner.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(BLOBS).map_err(db_err)?;
+        hashes
+            .iter()
+            .map(|h| {
+                if *h == Hash::EMPTY {
+                    return Ok(true);
+                }
+                match t.get(h.0).map_err(db_err)? {
+                    Some(v) => {
+                        let m: BlobMeta = postcard::from_bytes(v.value()).map_err(db_err)?;
+                        Ok(m.is_complete())
+                    }
+                    None => Ok(false),
+                }
+            })
+            .collect()
+    }
+}
+
+impl ImportBatch {
+    /// The store this batch writes to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Copies a file into the store, hashing it in the same read. The store keeps its own
+    /// copy: later writes to `src` never touch it.
+    pub fn import_file(&self, src: &Path) -> Result<(Hash, u64), StoreError> {
+        let mut f = File::open(src).ctx(src)?;
+        let hint = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if hint <= IN_MEMORY_MAX {
+            // Small files: one read, hashed in memory, one write.
+            let mut bytes = Vec::with_capacity(hint as usize + 1);
+            (&mut f)
+                .take(IN_MEMORY_MAX + 1)
+                .read_to_end(&mut bytes)
+                .ctx(src)?;
+            if bytes.len() as u64 <= IN_MEMORY_MAX {
+                let size = bytes.len() as u64;
+                return Ok((self.import_bytes_checked(&bytes, None)?, size));
+            }
+            // It grew while we read: copy what was read, then the rest.
+            return self.import_reader(io::Cursor::new(bytes).chain(f), src);
+        }
+        self.import_reader(f, src)
+    }
+
+    /// Imports bytes held in memory.
+    pub fn import_bytes(&self, bytes: &[u8]) -> Result<Hash, StoreError> {
+        self.import_bytes_checked(bytes, None)
+    }
+
+    /// Imports bytes held in memory, refusing them unless they hash to `expected` (if
+    /// given). A blob of one chunk group is checked before anything is written.
+    pub fn import_bytes_checked(
+        &self,
+        bytes: &[u8],
+        expected: Option<Hash>,
+    ) -> Result<Hash, StoreError> {
+        let size = bytes.len() as u64;
+        if blob::tree(size).outboard_size() > 0 {
+            let tmp = self.write_tmp(bytes)?;
+            return Ok(self.adopt_tmp(&tmp, size, expected)?.0);
+        }
+        let hash = Hash::of(bytes);
+        if let Some(exp) = expected
+            && exp != hash
+        {
+            return Err(StoreError::Corrupt {
+                hash: exp,
+                message: format!("content hashes to {hash}"),
+            });
+        }
+        if self.store.has_complete(&hash)? {
+            return Ok(hash);
+        }
+        let tmp = self.write_tmp(bytes)?;
+        self.place(&tmp, hash, size, false)?;
+        Ok(hash)
+    }
+
+    fn write_tmp(&self, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+        let tmp = self.store.tmp_path("import");
+        std::fs::write(&tmp, bytes).ctx(&tmp)?;
+        Ok(tmp)
+    }
+
+    fn import_reader(&self, mut src: impl Read, what: &Path) -> Result<(Hash, u64), StoreError> {
+        let tmp_data = self.store.tmp_path("import");
+        let mut out = File::create(&tmp_data).ctx(&tmp_data)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        let copied = (|| {
+            loop {
+                let n = match src.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err((e, what)),
+                };
+                out.write_all(&buf[..n])
+                    .map_err(|e| (e, tmp_data.as_path()))?;
+                size += n as u64;
+            }
+        })();
+        drop(out);
+        if let Err((e, path)) = copied {
+            let _ = std::fs::remove_file(&tmp_data);
+            return Err(e).ctx(path);
+        }
+        self.adopt_tmp(&tmp_data, size, None)
+    }
+
+    /// Takes a complete temporary data file (from [`Store::tmp_path`]) into the store:
+    /// builds its outboard, checks the hash against `expected` if given, and moves it into
+    /// place. Durable and recorded only at [`ImportBatch::finish`].
+    pub fn adopt_tmp(
+        &self,
+        tmp_data: &Path,
+        size: u64,
+        expected: Option<Hash>,
+    ) -> Result<(Hash, u64), StoreError> {
+        let tree = blob::tree(size);
+        let with_outboard = tree.outboard_size() > 0;
+        let tmp_ob = tmp_data.with_extension("obao");
+        let cleanup = || {
+            let _ = std::fs::remove_file(tmp_data);
+            let _ = std::fs::remove_file(&tmp_ob);
+        };
+        let hash = match self.hash_and_outboard(tmp_data, &tmp_ob, size, with_outboard) {
+            Ok(h) => h,
+            Err(e) => {
+                cleanup();
+                return Err(e);
+            }
+        };
+        if let Some(exp) = expected
+            && exp != hash
+        {
+            cleanup();
+            return Err(StoreError::Corrupt {
+                hash: exp,
+                message: format!("content hashes to {hash}"),
+            });
+        }
+        if self.store.has_complete(&hash)? {
+            cleanup();
+            return Ok((hash, size));
+        }
+        self.place(tmp_data, hash, size, with_outboard)?;
+        Ok((hash, size))
+    }
+
+    /// Moves a checked temporary data file (and its outboard) to the blob's place.
+    fn place(
+        &self,
+        tmp_data: &Path,
+        hash: Hash,
+        size: u64,
+        with_outboard: bool,
+    ) -> Result<(), StoreError> {
+        let dst = self.store.data_path(&hash);
+        let parent = dst.parent().expect("blob paths have a parent");
+        std::fs::create_dir_all(parent).ctx(parent)?;
+        if with_outboard {
+            let tmp_ob = tmp_data.with_extension("obao");
+            std::fs::rename(&tmp_ob, self.store.outboard_path(&hash)).ctx(&tmp_ob)?;
+        }
+        std::fs::rename(tmp_data, &dst).ctx(&dst)?;
+        self.placed.lock().expect("not poisoned").push((hash, size));
+        Ok(())
+    }
+
+    /// Hashes a data file; writes its outboard to `ob_path` when it has one (blobs of more
+    /// than one chunk group).
+    fn hash_and_outboard(
+        &self,
+        data_path: &Path,
+        ob_path: &Path,
+        size: u64,
+        with_outboard: bool,
+    ) -> Result<Hash, StoreError> {
+        let data = File::open(data_path).ctx(data_path)?;
+        if !with_outboard {
+            let mut h = blake3::Hasher::new();
+            h.update_reader(data).ctx(data_path)?;
+            if h.count() != size {
+                return Err(StoreError::Corrupt {
+                    hash: Hash::from(h.finalize()),
+                    message: format!("{} bytes where {size} were expected", h.count()),
+                });
+            }
+            return Ok(Hash::from(h.finalize()));
+        }
+        let tree = blob::tree(size);
+        let ob_file = File::create(ob_path).ctx(ob_path)?;
+        ob_file.set_len(tree.outboard_size()).ctx(ob_path)?;
+        let mut ob = PreOrderOutboard {
+            root: blake3::Hash::from_bytes([0; 32]),
+            tree,
+            data: ob_file,
+        };
+        let root = bao_tree::io::sync::outboard(
+            io::BufReader::with_capacity(1 << 20, data),
+            tree,
+            &mut ob,
+        )
+        .ctx(data_path)?;
+        Ok(Hash::from(root))
+    }
+
+    /// Blobs placed so far (not counting those the store already held).
+    pub fn len(&self) -> usize {
+        self.placed.lock().expect("not poisoned").len()
+    }
+
+    /// Whether nothing was placed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes every placed blob durable, then records them all as complete in one
+    /// transaction. Nothing of the batch is claimed before this returns.
+    pub fn finish(self) -> Result<(), StoreError> {
+        let mut placed = self.placed.into_inner().expect("not poisoned");
+        placed.sort_unstable_by_key(|(h, _)| h.0);
+        placed.dedup_by_key(|(h, _)| h.0);
+        if placed.is_empty() {
+            return Ok(());
+        }
+        self.store.sync_placed(&placed)?;
+        let w = self.store.inner.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(BLOBS).map_err(db_err)?;
+            for (hash, size) in &placed {
+                let meta = BlobMeta {
+                    size: *size,
+                    state: BlobState::Complete,
+                };
+                let v = postcard::to_stdvec(&meta).map_err(db_err)?;
+                t.insert(hash.0, v.as_slice()).map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)
+    }
+}
+
+impl Store {
+    /// Makes blob files (and their directory entries) durable: file by file for a few,
+    /// the whole file system at once for many.
+    fn sync_placed(&self, placed: &[(Hash, u64)]) -> Result<(), StoreError> {
+        if placed.len() > PER_FILE_SYNC_MAX {
+            let dir = self.inner.dir.join("blobs");
+            return sync_fs_of(&dir).ctx(&dir);
+        }
+        let mut dirs = HashSet::new();
+        for (hash, size) in placed {
+            let dp = self.data_path(hash);
+            File::open(&dp).and_then(|f| f.sync_data()).ctx(&dp)?;
+            if blob::tree(*size).outboard_size() > 0 {
+                let op = self.outboard_path(hash);
+                File::open(&op).and_then(|f| f.sync_data()).ctx(&op)?;
+            }
+            dirs.insert(dp.parent().expect("blob paths have a parent").to_path_buf());
+        }
+        for d in dirs {
+            File::open(&d).and_then(|f| f.sync_all()).ctx(&d)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,215 @@
+//! Partial blobs: verified ranges received from providers, and ranges sent to them.
+
+use bao_tree::io::sync::{ReadAt, WriteAt};
+
+use super::*;
+
+impl Store {
+    /// Writes the bao encoding of `ranges` of a held blob to `out`, checking every byte
+    /// against the outboard first: a store whose file was damaged on disk never sends it.
+    pub fn encode(
+        &self,
+        hash: &Hash,
+        size: u64,
+        ranges: &RangeList,
+        out: impl Write,
+    ) -> Result<(), StoreError> {
+        let meta = self.meta(hash)?.ok_or(StoreError::NotFound(*hash))?;
+        if meta.size != size {
+            return Err(StoreError::NotFound(*hash));
+        }
+        let want = ranges.to_chunk_ranges();
+        if !meta.is_complete() && (meta.ranges().to_chunk_ranges() & want.clone()) != want {
+            return Err(StoreError::MissingRanges(*hash));
+        }
+        let dp = self.data_path(hash);
+        let data = File::open(&dp).ctx(&dp)?;
+        let ob = PreOrderOutboard {
+            root: hash.as_blake3(),
+            tree: blob::tree(size),
+            data: self.open_outboard(hash, size, false)?,
+        };
+        bao_tree::io::sync::encode_ranges_validated(data, ob, &want, out).map_err(|e| {
+            StoreError::Corrupt {
+                hash: *hash,
+                message: e.to_string(),
+            }
+        })
+    }
+
+    /// Prepares to receive a blob in ranges: creates its (sparse) files and an empty record
+    /// if it has none. Returns what is held.
+    pub fn begin_partial(&self, hash: &Hash, size: u64) -> Result<BlobMeta, StoreError> {
+        if let Some(m) = self.meta(hash)? {
+            if m.size == size {
+                return Ok(m);
+            }
+            // A record with another size cannot be this blob; start over.
+            self.remove(hash)?;
+        }
+        let dp = self.data_path(hash);
+        let parent = dp.parent().expect("blob paths have a parent");
+        std::fs::create_dir_all(parent).ctx(parent)?;
+        let d = File::create(&dp).ctx(&dp)?;
+        d.set_len(size).ctx(&dp)?;
+        d.sync_all().ctx(&dp)?;
+        let ob_size = blob::tree(size).outboard_size();
+        if ob_size > 0 {
+            let op = self.outboard_path(hash);
+            let o = File::create(&op).ctx(&op)?;
+            o.set_len(ob_size).ctx(&op)?;
+            o.sync_all().ctx(&op)?;
+        }
+        File::open(parent).and_then(|d| d.sync_all()).ctx(parent)?;
+        let meta = BlobMeta {
+            size,
+            state: BlobState::Partial(RangeList::default()),
+        };
+        self.put_meta(hash, &meta)?;
+        Ok(meta)
+    }
+
+    /// Verifies a bao response for `ranges` and writes it into the blob's files, then syncs
+    /// and records the ranges. Returns the blob's state afterwards.
+    pub fn write_encoded(
+        &self,
+        hash: &Hash,
+        size: u64,
+        ranges: &RangeList,
+        encoded: &[u8],
+    ) -> Result<BlobMeta, StoreError> {
+        self.write_encoded_unsynced(hash, size, ranges, encoded)?;
+        self.record_ranges(hash, size, ranges)
+    }
+
+    /// Verifies a bao response for `ranges` and writes it into the blob's files, without
+    /// syncing or recording: nothing is claimed until [`Store::record_ranges`]. A response
+    /// with one bad byte fails before that byte is written.
+    pub fn write_encoded_unsynced(
+        &self,
+        hash: &Hash,
+        size: u64,
+        ranges: &RangeList,
+        encoded: &[u8],
+    ) -> Result<(), StoreError> {
+        let dp = self.data_path(hash);
+        let mut data = OpenOptions::new().write(true).open(&dp).ctx(&dp)?;
+        let mut ob = PreOrderOutboard {
+            root: hash.as_blake3(),
+            tree: blob::tree(size),
+            data: self.open_outboard(hash, size, true)?,
+        };
+        let want = ranges.to_chunk_ranges();
+        bao_tree::io::sync::decode_ranges(encoded, &want, &mut data, &mut ob).map_err(|e| {
+            StoreError::Corrupt {
+                hash: *hash,
+                message: e.to_string(),
+            }
+        })?;
+        *self
+            .inner
+            .unsynced
+            .lock()
+            .expect("not poisoned")
+            .entry(*hash)
+            .or_insert_with(ChunkRanges::empty) |= want;
+        Ok(())
+    }
+
+    /// Syncs the blob's files and records `ranges` (already verified and written) as held.
+    /// Returns the blob's state afterwards.
+    pub fn record_ranges(
+        &self,
+        hash: &Hash,
+        size: u64,
+        ranges: &RangeList,
+    ) -> Result<BlobMeta, StoreError> {
+        let dp = self.data_path(hash);
+        File::open(&dp).and_then(|f| f.sync_data()).ctx(&dp)?;
+        if let ObFile(Some(f)) = self.open_outboard(hash, size, false)? {
+            f.sync_data().ctx(&self.outboard_path(hash))?;
+        }
+        // Merge under the write transaction, so concurrent writers never lose each other.
+        let w = self.inner.db.begin_write().map_err(db_err)?;
+        let meta = {
+            let mut t = w.open_table(BLOBS).map_err(db_err)?;
+            let old: Option<BlobMeta> = match t.get(hash.0).map_err(db_err)? {
+                Some(v) => Some(postcard::from_bytes(v.value()).map_err(db_err)?),
+                None => None,
+            };
+            let held = old.map(|m| m.ranges()).unwrap_or_default();
+            let merged = held.to_chunk_ranges() | ranges.to_chunk_ranges();
+            let chunks = size.div_ceil(blob::CHUNK_BYTES).max(1);
+            let list = RangeList::from_chunk_ranges(&merged, chunks);
+            let state = if list.covers_all(size) {
+                BlobState::Complete
+            } else {
+                BlobState::Partial(list)
+            };
+            let meta = BlobMeta { size, state };
+            let v = postcard::to_stdvec(&meta).map_err(db_err)?;
+            t.insert(hash.0, v.as_slice()).map_err(db_err)?;
+            meta
+        };
+        w.commit().map_err(db_err)?;
+        let mut unsynced = self.inner.unsynced.lock().expect("not poisoned");
+        if let Some(u) = unsynced.get_mut(hash) {
+            *u = u.clone() - ranges.to_chunk_ranges();
+            if u.is_empty() || meta.is_complete() {
+                unsynced.remove(hash);
+            }
+        }
+        Ok(meta)
+    }
+}
+
+/// A blob's outboard file. A blob of one chunk group has an empty outboard, and no file.
+#[derive(Debug)]
+pub(super) struct ObFile(Option<File>);
+
+impl Store {
+    /// Opens a blob's outboard (for writing too if `write`).
+    pub(super) fn open_outboard(
+        &self,
+        hash: &Hash,
+        size: u64,
+        write: bool,
+    ) -> Result<ObFile, StoreError> {
+        if blob::tree(size).outboard_size() == 0 {
+            return Ok(ObFile(None));
+        }
+        let op = self.outboard_path(hash);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&op)
+            .ctx(&op)?;
+        Ok(ObFile(Some(f)))
+    }
+}
+
+fn no_outboard() -> io::Error {
+    io::Error::other("a blob of one chunk group has no outboard")
+}
+
+impl ReadAt for ObFile {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        match &self.0 {
+            Some(f) => f.read_at(pos, buf),
+            None => Err(no_outboard()),
+        }
+    }
+}
+
+impl WriteAt for ObFile {
+    fn write_at(&mut self, pos: u64, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            Some(f) => f.write_at(pos, buf),
+            None => Err(no_outboard()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
