@@ -1,4 +1,4 @@
-//! `voltool/blobs/1`: verified ranges of blobs, between any two fleet members.
+//! `voltool/blobs/2`: verified ranges of blobs, between any two fleet members.
 //!
 //! The origin (coordinator) and every agent serve the same protocol, so "fall back to the
 //! origin" only means the origin is the last provider in the list.
@@ -10,6 +10,13 @@
 //! ranges, then finishes. The requester verifies every parent and leaf against the hash
 //! before it writes a byte; a provider that sends one bad byte fails the whole response.
 //! For [`BlobRequest::Have`] the provider answers with one [`HaveResponse`] frame.
+//!
+//! [`BlobRequest::GetMany`] asks for many small blobs whole, on one stream. For each blob
+//! in order the provider sends a [`GetHeader`] frame and, when it is `Ok`, exactly the
+//! blob's bytes (its size comes from the signed manifest), then goes on with the next; a
+//! blob it does not hold gets its header (`NotFound`) and no bytes. The requester hashes
+//! each blob whole and compares the hash before it keeps a byte. A provider checks its own
+//! copy the same way before it sends it.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,11 +24,15 @@ use crate::blob::RangeList;
 use crate::hash::Hash;
 
 /// ALPN of the blob protocol.
-pub const ALPN: &[u8] = b"voltool/blobs/1";
+pub const ALPN: &[u8] = b"voltool/blobs/2";
 /// Largest request frame.
 pub const MAX_REQUEST: usize = 64 << 10;
 /// Largest header or have frame.
 pub const MAX_RESPONSE: usize = 64 << 10;
+/// Most blobs in one [`BlobRequest::GetMany`].
+pub const MAX_GET_MANY: usize = 1024;
+/// Largest blob [`BlobRequest::GetMany`] may name: one piece of the swarm downloader.
+pub const MAX_GET_MANY_SIZE: u64 = 1 << 20;
 
 /// A request to a provider.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +51,12 @@ pub enum BlobRequest {
     Have {
         /// The blob.
         hash: Hash,
+    },
+    /// Send these small blobs whole, one after another.
+    GetMany {
+        /// Each blob and its size from the signed manifest (at most [`MAX_GET_MANY`], each
+        /// at most [`MAX_GET_MANY_SIZE`] bytes).
+        blobs: Vec<(Hash, u64)>,
     },
 }
 

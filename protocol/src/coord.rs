@@ -110,7 +110,16 @@ pub enum CoordRequest {
         /// At most [`MAX_RTTS`] peers.
         rtts: Vec<PeerRtt>,
     },
+    /// Tracker: who can serve every one of these blobs complete (a batch of small blobs
+    /// that one provider sends on one stream), nearest first, the origin last.
+    LookupAll {
+        /// The blobs (at most [`MAX_LOOKUP_ALL`]).
+        hashes: Vec<Hash>,
+    },
 }
+
+/// Most hashes in one [`CoordRequest::LookupAll`].
+pub const MAX_LOOKUP_ALL: usize = 4096;
 
 /// Most peers one [`CoordRequest::Rtts`] may report.
 pub const MAX_RTTS: usize = 4096;

@@ -16,7 +16,7 @@
 //!
 //! ## Transport
 //! QUIC (iroh) between node keys. One ALPN per protocol: [`coord::ALPN`]
-//! (`voltool/coord/2`) and [`blobs::ALPN`] (`voltool/blobs/1`). Each request uses its own
+//! (`voltool/coord/2`) and [`blobs::ALPN`] (`voltool/blobs/2`). Each request uses its own
 //! bidirectional stream: request frame, requester finishes; response, provider finishes.
 //!
 //! ## Frames
@@ -34,7 +34,8 @@
 //! - [`blobs::BlobRequest`]: `Get { hash, size, ranges }` is answered by a
 //!   [`blobs::GetHeader`] frame and the bao encoding of the ranges (or `Busy` at once when
 //!   the provider's sending slots and queue are full); `Have { hash }` by a
-//!   [`blobs::HaveResponse`].
+//!   [`blobs::HaveResponse`]; `GetMany { blobs }` by a header and the whole bytes of each
+//!   small blob in turn.
 //!
 //! ## Blobs
 //! A blob is a file's bytes or an encoded manifest. Its bao tree uses 16 KiB chunk groups

@@ -22,6 +22,41 @@ fn hexdump(s: &str) -> Vec<u8> {
 }
 
 #[test]
+fn batched_requests_are_pinned() {
+    let many = BlobRequest::GetMany {
+        blobs: vec![(Hash([0xcd; 32]), 4096), (Hash([0xef; 32]), 5)],
+    };
+    let expected = hexdump(
+        "
+        45 00 00 00   # frame length 69 (u32 LE)
+        02            # BlobRequest::GetMany
+        02            # 2 blobs
+        cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd
+        cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd # hash, 32 bytes
+        80 20         # size 4096 (varint)
+        efefefefefefefefefefefefefefefef
+        efefefefefefefefefefefefefefefef # hash
+        05            # size 5
+        ",
+    );
+    assert_eq!(frame::encode(&many), expected);
+    let upload = CoordRequest::Upload {
+        blobs: vec![(Hash([0x11; 32]), 300)],
+    };
+    let expected = hexdump(
+        "
+        24 00 00 00   # frame length 36
+        06            # CoordRequest::Upload
+        01            # 1 blob; its 300 raw bytes follow the frame
+        11111111111111111111111111111111
+        11111111111111111111111111111111 # hash
+        ac 02         # size 300
+        ",
+    );
+    assert_eq!(frame::encode(&upload), expected);
+}
+
+#[test]
 fn blob_get_frame_is_pinned() {
     let msg = BlobRequest::Get {
         hash: Hash([0xab; 32]),
@@ -174,6 +209,9 @@ proptest! {
         let _ = frame::decode::<CoordRequest>(&bytes);
         let _ = frame::decode::<CoordResponse>(&bytes);
         let _ = frame::decode::<BlobRequest>(&bytes);
+        // The batched requests, reached on purpose (random bytes seldom start with their tag).
+        let _ = frame::decode::<BlobRequest>(&[&[2u8][..], &bytes].concat());
+        let _ = frame::decode::<CoordRequest>(&[&[6u8][..], &bytes].concat());
     }
 
     #[test]

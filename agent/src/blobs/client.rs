@@ -95,6 +95,53 @@ pub async fn get_encoded(
     }
 }
 
+/// Asks a provider for small blobs whole, on one stream. `on_blob` gets each blob's bytes
+/// as they arrive, verified against its hash, or `None` if the provider does not hold it;
+/// it may stop the transfer with an error. Bytes that fail their hash end the transfer
+/// with [`FetchError::Corrupt`]; blobs not reached stay the caller's to fetch elsewhere.
+pub async fn get_many(
+    conn: &Connection,
+    blobs: &[(Hash, u64)],
+    ingress: Option<&TokenBucket>,
+    mut on_blob: impl FnMut(usize, Option<Vec<u8>>) -> Result<(), FetchError>,
+) -> Result<(), FetchError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::stream)?;
+    let req = BlobRequest::GetMany {
+        blobs: blobs.to_vec(),
+    };
+    net::write_frame(&mut send, &req).await?;
+    send.finish().map_err(NetError::stream)?;
+    for (i, &(hash, size)) in blobs.iter().enumerate() {
+        match net::read_frame::<GetHeader>(&mut recv, MAX_RESPONSE).await? {
+            GetHeader::Ok => {}
+            GetHeader::NotFound => {
+                on_blob(i, None)?;
+                continue;
+            }
+            GetHeader::Busy if i == 0 => return Err(FetchError::Busy),
+            other => return Err(FetchError::Refused(other)),
+        }
+        if size > MAX_GET_MANY_SIZE {
+            return Err(FetchError::Refused(GetHeader::Invalid));
+        }
+        if let Some(b) = ingress {
+            b.acquire(size).await;
+        }
+        let mut bytes = vec![0u8; size as usize];
+        recv.read_exact(&mut bytes)
+            .await
+            .map_err(|e| FetchError::Net(NetError::stream(e)))?;
+        if Hash::of(&bytes) != hash {
+            return Err(FetchError::Corrupt(format!(
+                "sent bytes of blob {} that fail verification",
+                hash.short()
+            )));
+        }
+        on_blob(i, Some(bytes))?;
+    }
+    Ok(())
+}
+
 /// Asks a provider which ranges of a blob it holds.
 pub async fn have(conn: &Connection, hash: Hash) -> Result<HaveResponse, FetchError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::stream)?;
@@ -161,6 +208,11 @@ impl ConnPool {
             conns: Default::default(),
             ingress,
         }
+    }
+
+    /// The ingress limit of everything fetched through this pool.
+    pub fn ingress(&self) -> Option<&TokenBucket> {
+        self.ingress.as_deref()
     }
 
     /// Smoothed round-trip times of the live connections, by peer (what the tracker ranks

@@ -10,7 +10,8 @@ use iroh::endpoint::{Connection, ReadError, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use voltool_protocol::blobs::{
-    ALPN, BlobRequest, GetHeader, HaveResponse, MAX_REQUEST, MAX_RESPONSE,
+    ALPN, BlobRequest, GetHeader, HaveResponse, MAX_GET_MANY, MAX_GET_MANY_SIZE, MAX_REQUEST,
+    MAX_RESPONSE,
 };
 use voltool_protocol::{Hash, RangeList, blob};
 

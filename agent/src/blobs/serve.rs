@@ -113,18 +113,10 @@ async fn serve_stream(
                     }
                 }
             };
-            let _turn = match (&opts.slots, header) {
-                (Some(s), GetHeader::Ok) => match s.clone().try_acquire_owned() {
-                    Ok(turn) => Some(turn),
-                    // Every slot is sending: wait in the queue if it has room, else busy.
-                    Err(_) => {
-                        let Some(_place) = QueuePlace::take(&opts.waiting) else {
-                            net::write_frame(&mut send, &GetHeader::Busy).await?;
-                            send.finish().map_err(NetError::stream)?;
-                            return Ok(());
-                        };
-                        s.clone().acquire_owned().await.ok()
-                    }
+            let _turn = match header {
+                GetHeader::Ok => match admit(&opts).await {
+                    Some(turn) => Some(turn),
+                    None => return answer_busy(&mut send).await,
                 },
                 _ => None,
             };
@@ -133,11 +125,103 @@ async fn serve_stream(
                 stream_encoded(&mut send, store, hash, size, ranges, opts).await?;
             }
         }
+        BlobRequest::GetMany { blobs } => {
+            if blobs.len() > MAX_GET_MANY || blobs.iter().any(|(_, s)| *s > MAX_GET_MANY_SIZE) {
+                net::write_frame(&mut send, &GetHeader::Invalid).await?;
+            } else {
+                let Some(_turn) = admit(&opts).await else {
+                    return answer_busy(&mut send).await;
+                };
+                send_many(&mut send, store, blobs, &opts).await?;
+            }
+        }
         _ => {
             net::write_frame(&mut send, &GetHeader::Invalid).await?;
         }
     }
     send.finish().map_err(NetError::stream)?;
+    Ok(())
+}
+
+/// A sending turn: a slot at once if one is free, else after a wait in the queue if it
+/// has room. `None` when the queue is full too: the request is answered busy.
+async fn admit(opts: &ServeOptions) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+    let Some(s) = &opts.slots else {
+        return Some(None);
+    };
+    match s.clone().try_acquire_owned() {
+        Ok(turn) => Some(Some(turn)),
+        Err(_) => {
+            let _place = QueuePlace::take(&opts.waiting)?;
+            Some(s.clone().acquire_owned().await.ok())
+        }
+    }
+}
+
+async fn answer_busy(send: &mut SendStream) -> Result<(), NetError> {
+    net::write_frame(send, &GetHeader::Busy).await?;
+    send.finish().map_err(NetError::stream)
+}
+
+/// Bytes of small blobs read from the store at once when answering `GetMany`.
+const MANY_READ_GROUP: u64 = 4 << 20;
+
+/// Sends each small blob whole after its header, reading them from the store a group at a
+/// time; a blob not held (or whose copy here fails its hash) gets `NotFound` and no bytes.
+async fn send_many(
+    send: &mut SendStream,
+    store: Store,
+    blobs: Vec<(Hash, u64)>,
+    opts: &ServeOptions,
+) -> Result<(), NetError> {
+    let mut rest = blobs.as_slice();
+    while !rest.is_empty() {
+        let n = rest
+            .iter()
+            .scan(0u64, |total, (_, s)| {
+                *total += s;
+                (*total <= MANY_READ_GROUP).then_some(())
+            })
+            .count()
+            .max(1);
+        let group = rest[..n].to_vec();
+        rest = &rest[n..];
+        let s = store.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            group
+                .iter()
+                .map(|(h, size)| s.read_verified(h, *size))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(NetError::stream)?;
+        for r in read {
+            let bytes = match r {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    net::write_frame(send, &GetHeader::NotFound).await?;
+                    continue;
+                }
+                Err(e) => {
+                    warn!("not sending a blob whose copy here fails its check: {e}");
+                    net::write_frame(send, &GetHeader::NotFound).await?;
+                    continue;
+                }
+            };
+            net::write_frame(send, &GetHeader::Ok).await?;
+            if let Some(b) = &opts.egress {
+                b.acquire(bytes.len() as u64).await;
+            }
+            let mut bytes = bytes;
+            if opts.corrupt && !bytes.is_empty() {
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x55;
+            }
+            send.write_chunk(Bytes::from(bytes))
+                .await
+                .map_err(NetError::stream)?;
+        }
+    }
     Ok(())
 }
 

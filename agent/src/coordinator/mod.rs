@@ -384,6 +384,12 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             Ok(CoordResponse::Ok)
         }
         CoordRequest::Lookup { hash } => Ok(CoordResponse::Providers(lookup(state, &peer, &hash))),
+        CoordRequest::LookupAll { hashes } => {
+            if hashes.len() > coord::MAX_LOOKUP_ALL {
+                return fail(ErrorKind::Invalid, "too many hashes in one lookup").into();
+            }
+            Ok(CoordResponse::Providers(lookup_all(state, &peer, &hashes)))
+        }
         CoordRequest::Members => {
             let t = state.tracker.lock().expect("not poisoned");
             let mut ids: Vec<[u8; 32]> = match &state.members {
@@ -424,6 +430,6 @@ mod tracker;
 mod upload;
 mod volumes;
 
-use tracker::{Tracker, lookup};
+use tracker::{Tracker, lookup, lookup_all};
 use upload::upload;
 use volumes::*;

@@ -40,25 +40,72 @@ impl Tracker {
 /// holds the blob.
 pub(super) fn lookup(state: &State, asker: &EndpointId, hash: &Hash) -> Vec<coord::ProviderInfo> {
     let t = state.tracker.lock().expect("not poisoned");
-    let my_zone = t.peers.get(asker).and_then(|(_, z)| z.clone());
-    let my_rtts = t.rtts.get(asker);
-    let mut out: Vec<((bool, u32, bool, u64), coord::ProviderInfo)> = t
+    let holders: Vec<(EndpointId, bool)> = t
         .holders
         .get(hash)
         .into_iter()
         .flatten()
-        .filter(|(id, _)| *id != asker && state.is_member(id))
+        .map(|(id, c)| (*id, *c))
+        .collect();
+    let origin_holds = state.origin.has_complete(hash).unwrap_or(false);
+    rank(state, &t, asker, holders, origin_holds)
+}
+
+/// Providers that hold every one of `hashes` complete, ranked for `asker` as [`lookup`]
+/// ranks them; then the origin if it holds them all. One lookup for a batch of small
+/// blobs that one provider sends on one stream.
+pub(super) fn lookup_all(
+    state: &State,
+    asker: &EndpointId,
+    hashes: &[Hash],
+) -> Vec<coord::ProviderInfo> {
+    let t = state.tracker.lock().expect("not poisoned");
+    let Some((first, rest)) = hashes.split_first() else {
+        return Vec::new();
+    };
+    let holders: Vec<(EndpointId, bool)> = t
+        .holders
+        .get(first)
+        .into_iter()
+        .flatten()
+        .filter(|(id, complete)| {
+            **complete
+                && rest
+                    .iter()
+                    .all(|h| t.holders.get(h).is_some_and(|m| m.get(*id) == Some(&true)))
+        })
+        .map(|(id, c)| (*id, *c))
+        .collect();
+    let origin_holds = state
+        .origin
+        .has_complete_many(hashes)
+        .is_ok_and(|v| v.iter().all(|h| *h));
+    rank(state, &t, asker, holders, origin_holds)
+}
+
+fn rank(
+    state: &State,
+    t: &Tracker,
+    asker: &EndpointId,
+    holders: Vec<(EndpointId, bool)>,
+    origin_holds: bool,
+) -> Vec<coord::ProviderInfo> {
+    let my_zone = t.peers.get(asker).and_then(|(_, z)| z.clone());
+    let my_rtts = t.rtts.get(asker);
+    let mut out: Vec<((bool, u32, bool, u64), coord::ProviderInfo)> = holders
+        .into_iter()
+        .filter(|(id, _)| id != asker && state.is_member(id))
         .filter_map(|(id, complete)| {
-            let (addr, zone) = t.peers.get(id)?;
+            let (addr, zone) = t.peers.get(&id)?;
             let same_zone = my_zone.is_some() && *zone == my_zone;
-            let rtt = rtt_band(my_rtts.and_then(|m| m.get(id)).copied());
+            let rtt = rtt_band(my_rtts.and_then(|m| m.get(&id)).copied());
             Some((
                 (!same_zone, rtt, !complete, rand::random::<u64>()),
                 coord::ProviderInfo {
                     id: *id.as_bytes(),
                     addr: *addr,
                     zone: zone.clone(),
-                    complete: *complete,
+                    complete,
                     origin: false,
                 },
             ))
@@ -66,7 +113,7 @@ pub(super) fn lookup(state: &State, asker: &EndpointId, hash: &Hash) -> Vec<coor
         .collect();
     out.sort_by_key(|(rank, _)| *rank);
     let mut out: Vec<coord::ProviderInfo> = out.into_iter().map(|(_, p)| p).collect();
-    if state.origin.has_complete(hash).unwrap_or(false) {
+    if origin_holds {
         out.push(coord::ProviderInfo {
             id: *state.addr.id.as_bytes(),
             addr: state.addr.addr,

@@ -1,5 +1,9 @@
 //! Fetching blobs from the swarm, and the manifests of heads.
 
+use voltool_protocol::blobs::MAX_GET_MANY_SIZE;
+
+use crate::blobs::OnBytes;
+
 use super::*;
 
 /// Blobs fetched at once by one reload (each in up to `PIECES_IN_FLIGHT` pieces).
@@ -64,8 +68,9 @@ impl Inner {
             .map_err(|e| err(ErrorCode::Verify, format!("refused manifest: {e}")))
     }
 
-    /// Fetches blobs not held completely, a few at a time, from the swarm: peers that hold
-    /// them (complete or in part), the origin last.
+    /// Fetches blobs not held completely from the swarm: small ones whole, in batches
+    /// (one lookup, one stream from one provider and one durable store batch each), the
+    /// others in pieces from several providers at once; peers first, the origin last.
     pub(super) async fn fetch_blobs(
         &self,
         blobs: &[(Hash, u64)],
@@ -79,6 +84,31 @@ impl Inner {
             .collect();
         let total = wanted.iter().map(|(_, s)| s).sum();
         let counter = events.counter("download", total);
+        let hashes: Vec<Hash> = wanted.iter().map(|(h, _)| *h).collect();
+        let held = self.store.has_complete_many(&hashes).map_err(failed)?;
+        let mut stats = FetchStats::default();
+        let (mut small, mut large) = (Vec::new(), Vec::new());
+        for ((h, size), held) in wanted.into_iter().zip(held) {
+            if held {
+                stats.already_held += size;
+                counter(size);
+            } else if size <= MAX_GET_MANY_SIZE {
+                small.push((h, size));
+            } else {
+                large.push((h, size));
+            }
+        }
+        if !small.is_empty() {
+            stats.merge(&self.fetch_small(&small, &counter).await?);
+        }
+        if !large.is_empty() {
+            stats.merge(&self.fetch_large(&large, counter).await?);
+        }
+        Ok(stats)
+    }
+
+    /// Fetches blobs a few at a time, each in pieces from several providers at once.
+    async fn fetch_large(&self, wanted: &[(Hash, u64)], counter: OnBytes) -> OpResult<FetchStats> {
         // Announce up front: peers reloading at the same moment learn of us at once and
         // ask what we have as it lands.
         self.announce(wanted.iter().map(|(h, _)| *h).collect(), false)
@@ -177,11 +207,22 @@ async fn lookup_providers(
     origin: &NodeAddr,
     hash: Hash,
 ) -> Vec<Provider> {
+    ask_providers(coord, me, origin, &CoordRequest::Lookup { hash }).await
+}
+
+/// Providers from a tracker lookup (`Lookup` or `LookupAll`), never this node, the origin
+/// last; the origin alone if the tracker cannot be asked.
+pub(super) async fn ask_providers(
+    coord: &CoordClient,
+    me: iroh::PublicKey,
+    origin: &NodeAddr,
+    req: &CoordRequest,
+) -> Vec<Provider> {
     let origin = || Provider {
         addr: origin.clone(),
         is_origin: true,
     };
-    match coord.request(&CoordRequest::Lookup { hash }).await {
+    match coord.request(req).await {
         Ok(CoordResponse::Providers(list)) => {
             let mut out: Vec<Provider> = list
                 .into_iter()

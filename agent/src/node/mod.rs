@@ -36,6 +36,7 @@ mod commit;
 mod error;
 mod events;
 mod fetch;
+mod fetch_small;
 mod mount;
 mod mounts;
 mod reload;

@@ -230,6 +230,27 @@ impl Store {
         std::fs::read(&p).ctx(&p)
     }
 
+    /// A complete blob of `size` bytes read whole and checked against its hash (small
+    /// blobs, sent whole); `None` if it is not held complete with that size.
+    pub fn read_verified(&self, hash: &Hash, size: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.meta(hash)? {
+            Some(m) if m.is_complete() && m.size == size => {}
+            _ => return Ok(None),
+        }
+        let bytes = self.read_all(hash)?;
+        let actual = Hash::of(&bytes);
+        if bytes.len() as u64 != size || actual != *hash {
+            return Err(StoreError::Corrupt {
+                hash: *hash,
+                message: format!(
+                    "the copy here holds {} bytes hashing to {actual}",
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(Some(bytes))
+    }
+
     /// Hashes of all complete blobs (to announce them).
     pub fn complete_blobs(&self) -> Result<Vec<Hash>, StoreError> {
         let r = self.inner.db.begin_read().map_err(db_err)?;

@@ -1,0 +1,177 @@
+//! Small blobs in batches: one tracker lookup, one stream from one provider, and one durable
+//! store batch for many blobs, so a volume of many small files costs what its bytes cost.
+//!
+//! Scheduling stays simple on purpose: a batch goes to the best provider that holds all of
+//! it, what it lacks to the next, the origin last.
+
+use voltool_protocol::blobs::MAX_GET_MANY;
+use voltool_protocol::coord::MAX_LOOKUP_ALL;
+
+use crate::blobs::{BUSY_BACKOFF, OnBytes, get_many};
+use crate::store::ImportBatch;
+
+use super::fetch::ask_providers;
+use super::*;
+
+/// Bytes of small blobs asked of one provider at once.
+const SMALL_BATCH_BYTES: u64 = 16 << 20;
+/// Rounds over all providers before a batch that none could serve fails.
+const SMALL_ROUNDS: u32 = 4;
+
+/// What one batch's transfers are handing to the store.
+struct Sink<'a> {
+    tx: tokio::sync::mpsc::Sender<(Hash, Vec<u8>)>,
+    stats: FetchStats,
+    banned: HashSet<iroh::PublicKey>,
+    counter: &'a OnBytes,
+}
+
+impl Inner {
+    /// Fetches small blobs (each at most [`MAX_GET_MANY_SIZE`]) whole, in batches. They
+    /// are durable and recorded together before this returns, and announced once.
+    pub(super) async fn fetch_small(
+        &self,
+        blobs: &[(Hash, u64)],
+        counter: &OnBytes,
+    ) -> OpResult<FetchStats> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Hash, Vec<u8>)>(256);
+        let batch: ImportBatch = self.store.batch();
+        let writer = tokio::task::spawn_blocking(move || {
+            while let Some((hash, bytes)) = rx.blocking_recv() {
+                batch.import_bytes_checked(&bytes, Some(hash))?;
+            }
+            batch.finish()
+        });
+        let mut sink = Sink {
+            tx,
+            stats: FetchStats::default(),
+            banned: HashSet::new(),
+            counter,
+        };
+        let mut result = Ok(());
+        for group in small_batches(blobs) {
+            result = self.fetch_group(group, &mut sink).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        let Sink { tx, stats, .. } = sink;
+        drop(tx);
+        let written = writer.await.map_err(failed)?;
+        result?;
+        written.map_err(|e| failed(format!("cannot store fetched blobs: {e}")))?;
+        self.announce(blobs.iter().map(|(h, _)| *h).collect(), true)
+            .await;
+        Ok(stats)
+    }
+
+    /// One batch: asked of the best provider holding all of it, what is left of the next.
+    async fn fetch_group(&self, group: &[(Hash, u64)], sink: &mut Sink<'_>) -> OpResult<()> {
+        let mut left = group.to_vec();
+        for round in 0..SMALL_ROUNDS {
+            let hashes = left.iter().map(|(h, _)| *h).collect();
+            let req = CoordRequest::LookupAll { hashes };
+            let providers =
+                ask_providers(&self.coord, self.ep.id(), &self.opts.coordinator, &req).await;
+            let mut busy = false;
+            for p in providers {
+                if left.is_empty() {
+                    return Ok(());
+                }
+                if sink.banned.contains(&p.addr.id) || (self.opts.origin_only && !p.is_origin) {
+                    continue;
+                }
+                busy |= self.fetch_from(&p, &mut left, sink).await?;
+            }
+            if left.is_empty() {
+                return Ok(());
+            }
+            if busy && round + 1 < SMALL_ROUNDS {
+                tokio::time::sleep(BUSY_BACKOFF).await;
+            }
+        }
+        Err(failed(format!(
+            "no provider could send {} small blob(s), e.g. {}",
+            left.len(),
+            left[0].0.short()
+        )))
+    }
+
+    /// Takes what `p` sends of `left` and removes it from `left`. Returns whether `p`
+    /// answered busy. A provider that sends bad bytes is banned for the rest of the fetch.
+    async fn fetch_from(
+        &self,
+        p: &Provider,
+        left: &mut Vec<(Hash, u64)>,
+        sink: &mut Sink<'_>,
+    ) -> OpResult<bool> {
+        let Ok(conn) = self.pool.get(&p.addr).await else {
+            return Ok(false);
+        };
+        let mut got: Vec<(usize, Vec<u8>)> = Vec::new();
+        let r = get_many(&conn, left, self.pool.ingress(), |i, bytes| {
+            if let Some(b) = bytes {
+                got.push((i, b));
+            }
+            Ok(())
+        })
+        .await;
+        let mut done = vec![false; left.len()];
+        for (i, bytes) in got {
+            let n = bytes.len() as u64;
+            sink.tx
+                .send((left[i].0, bytes))
+                .await
+                .map_err(|_| failed("the store stopped taking fetched blobs"))?;
+            done[i] = true;
+            (sink.counter)(n);
+            if p.is_origin {
+                sink.stats.from_origin += n;
+            } else {
+                *sink
+                    .stats
+                    .from_peers
+                    .entry(p.addr.id.to_string())
+                    .or_default() += n;
+            }
+        }
+        let mut i = 0;
+        left.retain(|_| {
+            i += 1;
+            !done[i - 1]
+        });
+        match r {
+            Ok(()) => Ok(false),
+            Err(FetchError::Busy) => Ok(true),
+            Err(FetchError::Corrupt(why)) => {
+                warn!(provider = %p.addr.id.fmt_short(), "banned: {why}");
+                sink.banned.insert(p.addr.id);
+                sink.stats.banned.push(p.addr.id.to_string());
+                Ok(false)
+            }
+            Err(e) => {
+                debug!(provider = %p.addr.id.fmt_short(), "small blobs: {e}");
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// Splits small blobs into batches of at most [`MAX_GET_MANY`] blobs and about
+/// [`SMALL_BATCH_BYTES`].
+fn small_batches(blobs: &[(Hash, u64)]) -> Vec<&[(Hash, u64)]> {
+    let max = MAX_GET_MANY.min(MAX_LOOKUP_ALL);
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, (_, size)) in blobs.iter().enumerate() {
+        if i > start && (i - start >= max || bytes + size > SMALL_BATCH_BYTES) {
+            out.push(&blobs[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < blobs.len() {
+        out.push(&blobs[start..]);
+    }
+    out
+}
