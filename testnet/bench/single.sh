@@ -7,7 +7,8 @@
 #   cargo build --release && bash testnet/bench/single.sh
 #
 # Needs: nginx (apt-get install -y nginx-light), curl, and optionally sendme and b3sum
-# (cargo install --locked sendme b3sum); a missing peer tool is reported, not faked.
+# (cargo install --locked sendme b3sum); a missing (or failing) peer tool is reported as
+# null and named in the summary's "missing", not faked, and the other figures go on.
 # Env: SIZE_MIB (default 1024), RUNS (default 3), BIN (default target/release).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -63,8 +64,16 @@ if command -v nginx >/dev/null; then
   for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.05; done
 fi
 
-declare -a T_COMMIT T_B3SUM T_RELOAD T_CURL T_SENDME
+# A peer tool that is not installed leaves its array empty: each run prints its own figures
+# (null when not measured), never "${ARR[-1]}" of a possibly empty array (fatal under set -u).
+declare -a T_COMMIT=() T_B3SUM=() T_RELOAD=() T_CURL=() T_SENDME=()
+declare -a MISSING=()
+command -v b3sum >/dev/null || MISSING+=("b3sum: cargo install --locked b3sum")
+command -v sendme >/dev/null || MISSING+=("sendme: cargo install --locked sendme")
+[ -n "$NGINX_PID" ] || MISSING+=("nginx: apt-get install -y nginx-light")
+for x in ${MISSING[@]+"${MISSING[@]}"}; do echo "single.sh: missing $x (reported as null)" >&2; done
 for run in $(seq "$RUNS"); do
+  t_b3sum=null; t_curl=null; t_sendme=null
   f="$ROOT/www/data-$run"
   head -c $((SIZE_MIB << 20)) /dev/urandom > "$f"
   cp "$f" "$ROOT/m0/data-$run"
@@ -73,7 +82,7 @@ for run in $(seq "$RUNS"); do
   # store, upload to the origin, signed head).
   if command -v b3sum >/dev/null; then
     sync
-    t=$(now); b3sum "$ROOT/m0/data-$run" >/dev/null; T_B3SUM+=("$(elapsed "$t")")
+    t=$(now); b3sum "$ROOT/m0/data-$run" >/dev/null; t_b3sum=$(elapsed "$t"); T_B3SUM+=("$t_b3sum")
   fi
   sync
   t=$(now); "$VT" --agent "$A0" commit --json > "$ROOT/commit.json"; T_COMMIT+=("$(elapsed "$t")")
@@ -84,7 +93,7 @@ for run in $(seq "$RUNS"); do
   if [ -n "$NGINX_PID" ]; then
     sync
     t=$(now); got=$(curl -s -o "$ROOT/curl.out" -w '%{http_code} %{size_download}' "http://127.0.0.1:$PORT/data-$run")
-    T_CURL+=("$(elapsed "$t")")
+    t_curl=$(elapsed "$t"); T_CURL+=("$t_curl")
     [ "$got" = "200 $((SIZE_MIB << 20))" ] || { echo "curl got: $got" >&2; exit 1; }
     rm -f "$ROOT/curl.out"
   fi
@@ -98,9 +107,15 @@ for run in $(seq "$RUNS"); do
     done
     mkdir -p "$ROOT/recv" && rm -rf "$ROOT/recv/"*
     sync
-    t=$(now); (cd "$ROOT/recv" && timeout 300 sendme receive --relay disabled --no-progress \
-      --magic-ipv4-addr 127.0.0.1:0 "$ticket" >/dev/null 2>&1); T_SENDME+=("$(elapsed "$t")")
-    cmp -s "$f" "$ROOT/recv/data-$run" || { echo "sendme received other bytes" >&2; exit 1; }
+    if [ -z "$ticket" ]; then
+      echo "sendme send gave no ticket (sendme_s null): $(tail -3 "$ROOT/sendme.out")" >&2
+    elif t=$(now); (cd "$ROOT/recv" && timeout 300 sendme receive --relay disabled --no-progress \
+      --magic-ipv4-addr 127.0.0.1:0 "$ticket" >/dev/null 2>&1); then
+      t_sendme=$(elapsed "$t"); T_SENDME+=("$t_sendme")
+      cmp -s "$f" "$ROOT/recv/data-$run" || { echo "sendme received other bytes" >&2; exit 1; }
+    else
+      echo "sendme receive failed (sendme_s null)" >&2
+    fi
     kill "$SENDME_PID" 2>/dev/null || true; wait "$SENDME_PID" 2>/dev/null || true; SENDME_PID=""
     rm -rf "$ROOT/recv" "$ROOT/www/.sendme"*
   fi
@@ -108,18 +123,20 @@ for run in $(seq "$RUNS"); do
   field() { grep -o "\"$2\":[0-9.]*" "$1" | head -1 | cut -d: -f2; }
   printf '{"run":%d,"bytes":%d,"commit_s":%s,"commit_scan_s":%s,"commit_upload_s":%s,"b3sum_s":%s,"reload_s":%s,"reload_download_s":%s,"reload_build_s":%s,"curl_s":%s,"sendme_s":%s,"loadavg":"%s"}\n' \
     "$run" $((SIZE_MIB << 20)) "${T_COMMIT[-1]}" "$(field "$ROOT/commit.json" scan_seconds)" \
-    "$(field "$ROOT/commit.json" upload_seconds)" "${T_B3SUM[-1]:-null}" "${T_RELOAD[-1]}" \
+    "$(field "$ROOT/commit.json" upload_seconds)" "$t_b3sum" "${T_RELOAD[-1]}" \
     "$(field "$ROOT/reload.json" download_seconds)" "$(field "$ROOT/reload.json" build_seconds)" \
-    "${T_CURL[-1]:-null}" "${T_SENDME[-1]:-null}" "$(cut -d' ' -f1-3 /proc/loadavg)"
+    "$t_curl" "$t_sendme" "$(cut -d' ' -f1-3 /proc/loadavg)"
   rm -f "$f"
 done
 
 rss() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$1/pid")/status" 2>/dev/null || echo 0; }
 m() { if [ "$#" -gt 0 ]; then printf '%s\n' "$@" | median; else echo null; fi; }
-mc=$(m "${T_COMMIT[@]}"); mb=$(m "${T_B3SUM[@]}"); mr=$(m "${T_RELOAD[@]}")
-mcu=$(m "${T_CURL[@]}"); ms=$(m "${T_SENDME[@]}")
+# ${A[@]+"${A[@]}"}: an empty array expands to nothing (and m prints null), on any bash.
+mc=$(m "${T_COMMIT[@]}"); mb=$(m ${T_B3SUM[@]+"${T_B3SUM[@]}"}); mr=$(m "${T_RELOAD[@]}")
+mcu=$(m ${T_CURL[@]+"${T_CURL[@]}"}); ms=$(m ${T_SENDME[@]+"${T_SENDME[@]}"})
+missing=$(for x in ${MISSING[@]+"${MISSING[@]}"}; do printf '"%s",' "$x"; done)
 ratio() { if [ "$2" = null ]; then echo null; else awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; fi; }
 mib_s() { awk -v a="$SIZE_MIB" -v b="$1" 'BEGIN { printf "%.1f", a / b }'; }
-printf '{"summary":true,"runs":%d,"mib":%d,"commit_s":%s,"b3sum_s":%s,"commit_over_b3sum":%s,"reload_s":%s,"reload_mib_s":%s,"curl_s":%s,"reload_over_curl":%s,"sendme_s":%s,"reload_over_sendme":%s,"agent_reload_peak_rss_kib":%s,"agent_commit_peak_rss_kib":%s,"coordinator_peak_rss_kib":%s,"loadavg":"%s"}\n' \
+printf '{"summary":true,"runs":%d,"mib":%d,"commit_s":%s,"b3sum_s":%s,"commit_over_b3sum":%s,"reload_s":%s,"reload_mib_s":%s,"curl_s":%s,"reload_over_curl":%s,"sendme_s":%s,"reload_over_sendme":%s,"agent_reload_peak_rss_kib":%s,"agent_commit_peak_rss_kib":%s,"coordinator_peak_rss_kib":%s,"missing":[%s],"loadavg":"%s"}\n' \
   "$RUNS" "$SIZE_MIB" "$mc" "$mb" "$(ratio "$mc" "$mb")" "$mr" "$(mib_s "$mr")" "$mcu" "$(ratio "$mr" "$mcu")" \
-  "$ms" "$(ratio "$mr" "$ms")" "$(rss "$A1")" "$(rss "$A0")" "$(rss "$ROOT/fleet/coordinator")" "$(cut -d' ' -f1-3 /proc/loadavg)"
+  "$ms" "$(ratio "$mr" "$ms")" "$(rss "$A1")" "$(rss "$A0")" "$(rss "$ROOT/fleet/coordinator")" "${missing%,}" "$(cut -d' ' -f1-3 /proc/loadavg)"
