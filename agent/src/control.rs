@@ -247,6 +247,9 @@ pub struct StatusReport {
     pub coordinator: String,
     /// Zone label.
     pub zone: Option<String>,
+    /// How snapshots are made here: `overlay` (layers over the store, one write per byte)
+    /// or `copy` (copies or reflinks, and a scan to find changes).
+    pub snapshots: String,
     /// Mounts.
     pub mounts: Vec<MountStatus>,
 }

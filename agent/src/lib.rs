@@ -7,6 +7,7 @@ pub mod coordinator;
 pub mod keys;
 pub mod net;
 pub mod node;
+pub mod overlay;
 pub mod rate;
 pub mod scan;
 pub mod store;

@@ -44,6 +44,28 @@ pub enum ScanError {
     /// The scanned tree is not a valid manifest.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// A file kept changing while it was read: committing it would record torn content.
+    #[error("{0} changed while it was read (twice); try again once it is written")]
+    Unstable(String),
+}
+
+/// Hashes a file, or imports it into the store, as `how` says, checking its stat before
+/// and after: a file that changed meanwhile is read again, and refused if it changes again,
+/// so torn content is never recorded. Returns hash, size, the stat it had, and its mode.
+pub fn read_stable(full: &Path, how: ScanMode<'_>) -> Result<(Hash, u64, Stat, u32), ScanError> {
+    for _ in 0..2 {
+        let before = std::fs::symlink_metadata(full).map_err(io_err(full))?;
+        let (hash, size) = match how {
+            ScanMode::HashOnly => hash_file(full)?,
+            ScanMode::Import(batch) => batch.import_file(full)?,
+        };
+        let after = std::fs::symlink_metadata(full).map_err(io_err(full))?;
+        let st = Stat::of(&after);
+        if Stat::of(&before) == st && size == st.size {
+            return Ok((hash, size, st, after.permissions().mode() & MODE_MASK));
+        }
+    }
+    Err(ScanError::Unstable(full.display().to_string()))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ScanError + '_ {
@@ -67,7 +89,8 @@ pub struct Stat {
 }
 
 impl Stat {
-    fn of(m: &std::fs::Metadata) -> Self {
+    /// The stat of a file's metadata.
+    pub fn of(m: &std::fs::Metadata) -> Self {
         Stat {
             size: m.len(),
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
@@ -176,11 +199,8 @@ pub fn scan(
     }
     let hashed: Vec<(VolPath, Entry, Stat, u64)> = to_hash
         .into_par_iter()
-        .map(|(vp, full, st, mode)| {
-            let (hash, size) = match how {
-                ScanMode::HashOnly => hash_file(&full)?,
-                ScanMode::Import(batch) => batch.import_file(&full)?,
-            };
+        .map(|(vp, full, _, _)| {
+            let (hash, size, st, mode) = read_stable(&full, how)?;
             let e = Entry::File {
                 size,
                 mode,

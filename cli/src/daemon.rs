@@ -9,7 +9,7 @@ use clap::Args;
 use tracing_subscriber::EnvFilter;
 use voltool_agent::coordinator::{Coordinator, CoordinatorOptions, read_members};
 use voltool_agent::net::NodeAddr;
-use voltool_agent::node::{Agent, AgentOptions};
+use voltool_agent::node::{Agent, AgentOptions, SnapshotMode};
 use voltool_agent::rate::Rate;
 
 /// File in an agent's data directory holding `NODE_ID@IP:PORT` once it listens.
@@ -66,6 +66,15 @@ pub(crate) struct AgentArgs {
     /// Fetch from the origin only, never from peers (a baseline for benchmarks).
     #[arg(long)]
     origin_only: bool,
+    /// How snapshots are made: `auto` (overlays where they can be mounted, else copies),
+    /// `overlay` (refuse to start without them) or `copy`.
+    #[arg(
+        long,
+        env = "VOLTOOL_SNAPSHOTS",
+        default_value = "auto",
+        value_name = "MODE"
+    )]
+    snapshots: SnapshotMode,
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +135,7 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         max_egress: a.max_egress,
         corrupt_served_bytes: a.evil,
         origin_only: a.origin_only,
+        snapshots: a.snapshots,
     })
     .await
     .context("starting the agent")?;

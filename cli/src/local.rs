@@ -137,6 +137,7 @@ pub(crate) async fn status(agent: &Path, a: StatusArgs) -> anyhow::Result<ExitCo
     println!("node        {}", s.node_id);
     println!("address     {}", s.addr);
     println!("coordinator {}", s.coordinator);
+    println!("snapshots   {}", s.snapshots);
     if s.mounts.is_empty() {
         println!("no mounts");
     }

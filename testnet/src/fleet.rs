@@ -274,6 +274,9 @@ pub(crate) async fn down(root: &Path) -> anyhow::Result<usize> {
             stopped += 1;
         }
     }
+    // Agents leave their overlay snapshots mounted when they stop (a restart mounts them
+    // again); a fleet taken down detaches them, so its root can be removed.
+    voltool_agent::overlay::unmount_all_under(root);
     Ok(stopped)
 }
 

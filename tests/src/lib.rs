@@ -54,7 +54,7 @@ impl TestFleet {
 
     /// Starts a coordinator and `n` agents with bandwidth limits.
     pub async fn start_with(n: usize, limits: Limits) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         seed_key(&dir.path().join("coordinator"), 0xC0);
         let mut members = HashSet::new();
         for i in 0..n {
@@ -103,6 +103,7 @@ impl TestFleet {
             max_egress: self.limits.agent_egress,
             corrupt_served_bytes: evil,
             origin_only: false,
+            snapshots: snapshot_mode(),
         })
         .await
         .unwrap()
@@ -266,4 +267,54 @@ pub fn bytes(seed: u8, len: usize) -> Vec<u8> {
 /// Inode of a file (to check snapshots never share one with the store).
 pub fn ino(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().ino()
+}
+
+/// The snapshot mode the suite runs in: `VOLTOOL_SNAPSHOTS` (auto, overlay or copy), auto
+/// by default, so one run covers overlays (as root) and another the copy fallback.
+pub fn snapshot_mode() -> voltool_agent::node::SnapshotMode {
+    std::env::var("VOLTOOL_SNAPSHOTS")
+        .ok()
+        .map(|s| {
+            s.parse()
+                .expect("VOLTOOL_SNAPSHOTS is auto, overlay or copy")
+        })
+        .unwrap_or_default()
+}
+
+/// Prefix of the temporary directories of fleets started by tests.
+pub const TEST_DIR_PREFIX: &str = "voltool-test-";
+
+/// A temporary directory for a test fleet, named after this process. Mounts left under the
+/// directories of test processes that are gone (a run killed before it could clean up)
+/// are detached and their directories removed first.
+pub fn test_dir() -> TempDir {
+    let tmp = std::env::temp_dir();
+    if let Ok(rd) = std::fs::read_dir(&tmp) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(TEST_DIR_PREFIX)
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                voltool_agent::overlay::unmount_all_under(&e.path());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    tempfile::Builder::new()
+        .prefix(&format!("{TEST_DIR_PREFIX}{}-", std::process::id()))
+        .tempdir()
+        .unwrap()
+}
+
+impl Drop for TestFleet {
+    fn drop(&mut self) {
+        // Agents leave their overlays mounted when they stop (as a daemon does): detach
+        // them, or the directory cannot be removed.
+        voltool_agent::overlay::unmount_all_under(self.dir.path());
+    }
 }

@@ -17,20 +17,11 @@ impl Inner {
         let start = Instant::now();
         let rec = self.mount(name)?;
         let base = self.read_manifest(rec.manifest).await?;
-        let cache = self.stats(name)?;
-        let snap = self.mounts_dir(rec.id).join(&rec.snapshot);
-        let store = self.store.clone();
-        let base2 = base.clone();
         events.progress("scan", 0, 0);
-        let scanned = tokio::task::spawn_blocking(move || {
-            let batch = store.batch();
-            let s = scan::scan(&snap, &base2, &cache, ScanMode::Import(&batch))?;
-            batch.finish()?;
-            Ok::<_, scan::ScanError>(s)
-        })
-        .await
-        .map_err(failed)?
-        .map_err(|e| err(ErrorCode::Invalid, format!("cannot commit: {e}")))?;
+        let scanned = self
+            .local_state(&rec, &base, true)
+            .await
+            .map_err(|e| err(e.code, format!("cannot commit: {}", e.message)))?;
         let scan_seconds = start.elapsed().as_secs_f64();
         let changes = scan::changes(&base, &scanned.manifest);
         if changes.is_empty() {

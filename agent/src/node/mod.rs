@@ -41,6 +41,7 @@ mod mount;
 mod mounts;
 mod reload;
 mod remote;
+mod snapshot;
 mod status;
 mod volume;
 
@@ -49,6 +50,7 @@ use error::{OpResult, db_err, err, failed};
 pub use events::Events;
 use mounts::{MOUNTS, MountRecord, STATS, switch_link};
 use remote::SEEN;
+pub use snapshot::{MAX_LAYERS, SnapshotMode};
 
 /// Agent options.
 #[derive(Clone, Debug)]
@@ -69,6 +71,8 @@ pub struct AgentOptions {
     pub corrupt_served_bytes: bool,
     /// Fetch from the origin only, never from peers (the baseline of the fan-out bench).
     pub origin_only: bool,
+    /// How snapshots are made: overlays where possible (the default), or copies.
+    pub snapshots: SnapshotMode,
 }
 
 /// A running agent.
@@ -93,6 +97,8 @@ struct Inner {
     cancel: CancellationToken,
     /// Fleet members as the coordinator last said, and when it said it.
     members: Mutex<(HashSet<iroh::PublicKey>, Option<Instant>)>,
+    /// Whether snapshots are overlays (else copies).
+    overlays: bool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -137,6 +143,8 @@ impl Agent {
             w.open_table(SEEN).map_err(|e| other(&e))?;
             w.commit().map_err(|e| other(&e))?;
         }
+        let overlays =
+            snapshot::resolve_mode(&opts.data, opts.snapshots).map_err(StartError::Other)?;
         let ep = net::bind(key, opts.listen, vec![blobs::ALPN.to_vec()]).await?;
         let coord = Arc::new(CoordClient::new(ep.clone(), opts.coordinator.clone()));
         let inner = Arc::new(Inner {
@@ -157,6 +165,7 @@ impl Agent {
             last_reload: Default::default(),
             cancel: CancellationToken::new(),
             members: Default::default(),
+            overlays,
         });
         inner.recover().map_err(|e| other(&e))?;
         let cancel = inner.cancel.clone();

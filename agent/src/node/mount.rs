@@ -40,22 +40,9 @@ impl Inner {
         let m = self.manifest_of(&info.head.commit).await?;
         let blobs: Vec<(Hash, u64)> = m.entries().values().filter_map(|e| e.blob()).collect();
         let fetched = self.fetch_blobs(&blobs, events).await?;
-        let snap_name = format!(
-            "v{}-{:08x}",
-            info.head.commit.version,
-            rand::random::<u32>()
-        );
-        let dir = self.mounts_dir(info.id);
-        std::fs::create_dir_all(&dir).map_err(failed)?;
-        let snap = dir.join(&snap_name);
-        let store = self.store.clone();
-        let (m2, snap2) = (m.clone(), snap.clone());
-        let stats = tokio::task::spawn_blocking(move || {
-            scan::build_snapshot(&snap2, &m2, &store, None, &HashSet::new())
-        })
-        .await
-        .map_err(failed)?
-        .map_err(failed)?;
+        let built = self
+            .build(info.id, info.head.commit.version, &m, None, HashSet::new())
+            .await?;
         let mhash = self.store.import_bytes(&m.encode()).map_err(failed)?;
         let rec = MountRecord {
             name: name.to_string(),
@@ -63,12 +50,14 @@ impl Inner {
             path: path.to_path_buf(),
             version: info.head.commit.version,
             manifest: mhash,
-            snapshot: snap_name,
+            snapshot: built.snapshot,
             background_commit_secs,
             own: Vec::new(),
+            layers: built.layers,
+            lower_manifest: mhash,
         };
-        self.put_mount(&rec, &stats)?;
-        switch_link(path, &snap)?;
+        self.put_mount(&rec, &built.stats)?;
+        switch_link(path, &self.link_target(rec.id, &rec.snapshot))?;
         if let Some(secs) = background_commit_secs {
             let cancel = self.cancel.clone();
             tokio::spawn(background_commits(

@@ -2,8 +2,8 @@
 
 use super::*;
 
-pub(super) const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-0");
-pub(super) const STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("stats-0");
+pub(super) const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-1");
+pub(super) const STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("stats-1");
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct MountRecord {
@@ -18,6 +18,10 @@ pub(super) struct MountRecord {
     /// This mount's committed changes not yet seen back in a reload: on reload, those the
     /// new head does not hold were overwritten by another writer, and are reported.
     pub(super) own: Vec<Change>,
+    /// Overlay mode: the snapshot's metadata layers, topmost first.
+    pub(super) layers: Vec<String>,
+    /// Overlay mode: the manifest those layers show (its upper layer holds the rest).
+    pub(super) lower_manifest: Hash,
 }
 
 impl Inner {
@@ -88,38 +92,70 @@ impl Inner {
         w.commit().map_err(db_err)
     }
 
-    /// After a crash: point every mount at the snapshot its record names (the record is
-    /// written only once that snapshot is complete), and remove snapshots no record names.
+    /// After a crash, a restart or a reboot: mount every recorded snapshot again (overlay
+    /// mode; the upper layer with uncommitted changes is kept), point every mount at the
+    /// snapshot its record names (the record is written only once that snapshot is
+    /// complete), then detach and remove snapshots and layers no record names.
     pub(super) fn recover(&self) -> OpResult<()> {
         let mounts = self.mounts()?;
-        let keep: HashSet<PathBuf> = mounts
-            .iter()
-            .map(|m| self.mounts_dir(m.id).join(&m.snapshot))
-            .collect();
+        let mut keep: HashSet<PathBuf> = HashSet::new();
         for m in &mounts {
-            let snap = self.mounts_dir(m.id).join(&m.snapshot);
-            if std::fs::read_link(&m.path).ok().as_deref() != Some(snap.as_path()) {
+            if self.overlays == m.layers.is_empty() {
+                return Err(failed(format!(
+                    "volume {} was mounted with {} snapshots; start the agent with --snapshots {} (or from another data directory)",
+                    m.name,
+                    if self.overlays { "copied" } else { "overlay" },
+                    if self.overlays { "copy" } else { "overlay" },
+                )));
+            }
+            let vol = self.mounts_dir(m.id);
+            keep.insert(vol.join(&m.snapshot));
+            keep.insert(vol.join("layers"));
+            keep.extend(m.layers.iter().map(|l| vol.join("layers").join(l)));
+            let target = self.link_target(m.id, &m.snapshot);
+            if self.overlays && !crate::overlay::is_mounted(&target) {
+                info!(volume = m.name, "mounting the recorded snapshot again");
+                self.mount_overlay(m.id, &m.snapshot, &m.layers)?;
+            }
+            if std::fs::read_link(&m.path).ok().as_deref() != Some(target.as_path()) {
                 warn!(
                     volume = m.name,
                     "re-pointing mount at its recorded snapshot"
                 );
-                switch_link(&m.path, &snap)?;
+                switch_link(&m.path, &target)?;
             }
         }
+        self.sweep(&keep);
+        Ok(())
+    }
+
+    /// Detaches overlays and removes snapshots and layers under the mounts directory that
+    /// are not in `keep`.
+    fn sweep(&self, keep: &HashSet<PathBuf>) {
         let root = self.opts.data.join("mounts");
-        if let Ok(rd) = std::fs::read_dir(&root) {
-            for vol in rd.flatten() {
-                if let Ok(snaps) = std::fs::read_dir(vol.path()) {
-                    for s in snaps.flatten() {
-                        if !keep.contains(&s.path()) {
-                            debug!(path = %s.path().display(), "removing stale snapshot");
-                            let _ = scan::remove_tree(&s.path());
-                        }
-                    }
+        for m in crate::overlay::mounts_under(&root).unwrap_or_default() {
+            let snapshot = m.parent().map(Path::to_path_buf).unwrap_or_default();
+            if !keep.contains(&snapshot) {
+                debug!(path = %m.display(), "detaching a stale snapshot");
+                let _ = crate::overlay::unmount_lazy(&m);
+            }
+        }
+        let Ok(vols) = std::fs::read_dir(&root) else {
+            return;
+        };
+        for vol in vols.flatten() {
+            let layers = vol.path().join("layers");
+            let entries = std::fs::read_dir(vol.path())
+                .into_iter()
+                .chain(std::fs::read_dir(&layers))
+                .flat_map(|rd| rd.flatten());
+            for s in entries {
+                if !keep.contains(&s.path()) && s.path() != layers {
+                    debug!(path = %s.path().display(), "removing stale snapshot");
+                    let _ = scan::remove_tree(&s.path());
                 }
             }
         }
-        Ok(())
     }
 }
 

@@ -12,9 +12,9 @@ impl Inner {
         let start = Instant::now();
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
-        let mut rec = self.mount(name)?;
+        let rec = self.mount(name)?;
         let from_version = rec.version;
-        let mut info = self.verified_head(name).await?;
+        let info = self.verified_head(name).await?;
         if info.id != rec.id {
             return Err(err(
                 ErrorCode::NotFound,
@@ -37,52 +37,11 @@ impl Inner {
         if info.head.commit.version == rec.version {
             return Ok(unchanged(rec.version, None));
         }
-        // Uncommitted changes?
-        let mut base = self.read_manifest(rec.manifest).await?;
-        let cache = self.stats(name)?;
-        let old_snap = self.mounts_dir(rec.id).join(&rec.snapshot);
-        let (b2, s2) = (base.clone(), old_snap.clone());
-        let scanned =
-            tokio::task::spawn_blocking(move || scan::scan(&s2, &b2, &cache, ScanMode::HashOnly))
-                .await
-                .map_err(failed)?
-                .map_err(failed)?;
-        let dirty = scan::changes(&base, &scanned.manifest);
-        let mut committed = None;
-        if !dirty.is_empty() {
-            match mode {
-                ReloadMode::Refuse => {
-                    let some: Vec<String> =
-                        dirty.iter().take(5).map(|c| c.path.to_string()).collect();
-                    return Err(err(
-                        ErrorCode::Dirty,
-                        format!(
-                            "{} has {} uncommitted change(s) ({}{}); commit them, or reload with --commit-first or --discard",
-                            name,
-                            dirty.len(),
-                            some.join(", "),
-                            if dirty.len() > 5 { ", …" } else { "" }
-                        ),
-                    ));
-                }
-                ReloadMode::CommitFirst => {
-                    let c = self.commit_locked(name, events).await?;
-                    rec = self.mount(name)?;
-                    info = self.verified_head(name).await?;
-                    if info.head.commit.version == rec.version {
-                        return Ok(unchanged(rec.version, Some(c)));
-                    }
-                    base = self.read_manifest(rec.manifest).await?;
-                    committed = Some(c);
-                }
-                ReloadMode::Discard => {}
-            }
-        }
-        let dirty_paths: HashSet<VolPath> = if mode == ReloadMode::Discard {
-            dirty.iter().map(|c| c.path.clone()).collect()
-        } else {
-            HashSet::new()
-        };
+        let (rec, info, base, dirty_paths, committed) =
+            match self.settle(name, rec, info, mode, events).await? {
+                Settled::Ready(r) => (r.rec, r.info, r.base, r.dirty, r.committed),
+                Settled::UpToDate(version, c) => return Ok(unchanged(version, Some(*c))),
+            };
         let new = self.manifest_of(&info.head.commit).await?;
         let reuse: HashSet<VolPath> = new
             .entries()
@@ -106,58 +65,42 @@ impl Inner {
         let stats = self.fetch_blobs(&needed, events).await?;
         let download_seconds = t_fetch.elapsed().as_secs_f64();
         let t_build = Instant::now();
-        let snap_name = format!(
-            "v{}-{:08x}",
-            info.head.commit.version,
-            rand::random::<u32>()
-        );
-        let snap = self.mounts_dir(rec.id).join(&snap_name);
-        let store = self.store.clone();
-        let (n2, sn2, old2) = (new.clone(), snap.clone(), old_snap.clone());
-        let reuse2 = reuse.clone();
         events.progress("build", 0, 0);
-        let new_stats = tokio::task::spawn_blocking(move || {
-            scan::build_snapshot(&sn2, &n2, &store, Some(&old2), &reuse2)
-        })
-        .await
-        .map_err(failed)?
-        .map_err(failed)?;
-        let lost: Vec<String> = rec
-            .own
-            .iter()
-            .filter(|c| match (&c.entry, new.get(&c.path)) {
-                (Some(mine), Some(now)) => !mine.same_content(now),
-                (None, None) => false,
-                _ => true,
-            })
-            .map(|c| c.path.to_string())
-            .collect();
+        self.refuse_if_writers(&rec)?;
+        let lowers = match self.overlays {
+            true => self.read_manifest(rec.lower_manifest).await?,
+            false => base.clone(),
+        };
+        let built = self
+            .build(
+                rec.id,
+                info.head.commit.version,
+                &new,
+                Some((&rec, &lowers)),
+                reuse.clone(),
+            )
+            .await?;
+        let lost = lost_changes(&rec, &new);
         if !lost.is_empty() {
             warn!(volume = name, paths = ?lost, "changes committed here were overwritten by another writer");
         }
         let new_rec = MountRecord {
             version: info.head.commit.version,
             manifest: info.head.commit.manifest,
-            snapshot: snap_name,
+            snapshot: built.snapshot,
             own: Vec::new(),
-            ..rec
+            layers: built.layers,
+            lower_manifest: info.head.commit.manifest,
+            ..rec.clone()
         };
-        self.put_mount(&new_rec, &new_stats)?;
-        switch_link(&new_rec.path, &snap)?;
-        // Removing the old snapshot changes the change time of the files the new one shares
-        // with it: refresh their stats, or the next scan would rehash them all.
-        let (old, snap2) = (old_snap.clone(), snap.clone());
-        let fresh = tokio::task::spawn_blocking(move || {
-            if let Err(e) = scan::remove_tree(&old) {
-                warn!(path = %old.display(), "cannot remove the old snapshot: {e}");
-            }
-            scan::restat(&snap2, &reuse)
-        })
-        .await
-        .map_err(failed)?
-        .map_err(failed)?;
+        self.put_mount(&new_rec, &built.stats)?;
+        switch_link(
+            &new_rec.path,
+            &self.link_target(new_rec.id, &new_rec.snapshot),
+        )?;
+        let fresh = self.retire(&rec, &new_rec, reuse).await?;
         if !fresh.is_empty() {
-            let mut stats = new_stats;
+            let mut stats = built.stats;
             stats.extend(fresh);
             self.put_mount(&new_rec, &stats)?;
         }
@@ -195,5 +138,135 @@ impl Inner {
             .expect("not poisoned")
             .insert(name.to_string(), report.clone());
         Ok(report)
+    }
+}
+
+/// This mount's committed changes that the new head no longer holds: another writer
+/// overwrote them.
+fn lost_changes(rec: &MountRecord, new: &Manifest) -> Vec<String> {
+    rec.own
+        .iter()
+        .filter(|c| match (&c.entry, new.get(&c.path)) {
+            (Some(mine), Some(now)) => !mine.same_content(now),
+            (None, None) => false,
+            _ => true,
+        })
+        .map(|c| c.path.to_string())
+        .collect()
+}
+
+/// Where a reload goes on from once uncommitted changes are dealt with.
+struct Ready {
+    rec: MountRecord,
+    info: VolumeInfo,
+    base: Manifest,
+    /// Uncommitted paths being discarded.
+    dirty: HashSet<VolPath>,
+    /// The commit made first, if any.
+    committed: Option<CommitReport>,
+}
+
+/// Where a reload stands once uncommitted changes are dealt with.
+enum Settled {
+    /// Go on.
+    Ready(Box<Ready>),
+    /// Committing first left the mount at the head (this version): nothing to reload.
+    UpToDate(u64, Box<CommitReport>),
+}
+
+impl Inner {
+    /// Deals with uncommitted changes as `mode` says: refuses, commits them first, or marks
+    /// them to be discarded.
+    async fn settle(
+        &self,
+        name: &str,
+        rec: MountRecord,
+        info: VolumeInfo,
+        mode: ReloadMode,
+        events: &Events,
+    ) -> OpResult<Settled> {
+        let base = self.read_manifest(rec.manifest).await?;
+        let local = self.local_state(&rec, &base, false).await.map_err(|e| {
+            err(
+                e.code,
+                format!("cannot check for uncommitted changes: {}", e.message),
+            )
+        })?;
+        let dirty = scan::changes(&base, &local.manifest);
+        if dirty.is_empty() {
+            return Ok(Settled::Ready(Box::new(Ready {
+                rec,
+                info,
+                base,
+                dirty: HashSet::new(),
+                committed: None,
+            })));
+        }
+        match mode {
+            ReloadMode::Refuse => {
+                let some: Vec<String> = dirty.iter().take(5).map(|c| c.path.to_string()).collect();
+                Err(err(
+                    ErrorCode::Dirty,
+                    format!(
+                        "{} has {} uncommitted change(s) ({}{}); commit them, or reload with --commit-first or --discard",
+                        name,
+                        dirty.len(),
+                        some.join(", "),
+                        if dirty.len() > 5 { ", …" } else { "" }
+                    ),
+                ))
+            }
+            ReloadMode::CommitFirst => {
+                let c = self.commit_locked(name, events).await?;
+                let rec = self.mount(name)?;
+                let info = self.verified_head(name).await?;
+                if info.head.commit.version == rec.version {
+                    return Ok(Settled::UpToDate(rec.version, Box::new(c)));
+                }
+                let base = self.read_manifest(rec.manifest).await?;
+                Ok(Settled::Ready(Box::new(Ready {
+                    rec,
+                    info,
+                    base,
+                    dirty: HashSet::new(),
+                    committed: Some(c),
+                })))
+            }
+            ReloadMode::Discard => {
+                let paths = dirty.iter().map(|c| c.path.clone()).collect();
+                Ok(Settled::Ready(Box::new(Ready {
+                    rec,
+                    info,
+                    base,
+                    dirty: paths,
+                    committed: None,
+                })))
+            }
+        }
+    }
+
+    /// Overlay mode: refuses a switch while a file in the mount is open for writing, since
+    /// the writer would stay on the old snapshot and its later writes would be lost.
+    fn refuse_if_writers(&self, rec: &MountRecord) -> OpResult<()> {
+        if !self.overlays {
+            return Ok(());
+        }
+        let merged = self.link_target(rec.id, &rec.snapshot);
+        match crate::overlay::openfiles::first_open_for_writing(&merged) {
+            Some(p) => {
+                let shown = p
+                    .strip_prefix(&merged)
+                    .map(|r| rec.path.join(r))
+                    .unwrap_or(p);
+                Err(err(
+                    ErrorCode::Dirty,
+                    format!(
+                        "{} is open for writing; close it, then reload (its writes would be lost)",
+                        shown.display()
+                    ),
+                ))
+            }
+            None => Ok(()),
+        }
     }
 }

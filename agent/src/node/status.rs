@@ -37,6 +37,7 @@ impl Inner {
             addr: net::local_addr(&self.ep).to_string(),
             coordinator: self.opts.coordinator.to_string(),
             zone: self.opts.zone.clone(),
+            snapshots: if self.overlays { "overlay" } else { "copy" }.to_string(),
             mounts,
         })
     }

@@ -140,6 +140,11 @@ impl Store {
         })
     }
 
+    /// The directory of blob files (an overlay's data-only layer).
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.inner.dir.join("blobs")
+    }
+
     /// The data file of a blob.
     pub fn data_path(&self, hash: &Hash) -> PathBuf {
         Self::blob_path_in(&self.inner.dir, hash)

@@ -52,7 +52,7 @@ impl Fleet {
     }
 
     pub fn start_with(agents: usize, agent_args: &[&str]) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = voltool_tests::test_dir();
         let cdir = dir.path().join("coordinator");
         std::fs::create_dir_all(&cdir).unwrap();
         let mut c = voltool()
@@ -131,6 +131,7 @@ impl Drop for Fleet {
             let _ = c.kill();
             let _ = c.wait();
         }
+        voltool_agent::overlay::unmount_all_under(self.dir.path());
     }
 }
 

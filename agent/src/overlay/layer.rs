@@ -1,0 +1,109 @@
+//! Metadata layers: a directory tree that describes entries of a manifest for an overlay,
+//! with no file data in it.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use rayon::prelude::*;
+use rustix::fs::{CWD, FileType, Mode, XattrFlags, lsetxattr, mknodat};
+use voltool_protocol::{Entry, Hash, VolPath};
+
+use super::{XATTR_METACOPY, XATTR_REDIRECT};
+
+/// Where a blob lies in the data-only layer (the store's blob directory).
+pub fn data_redirect(hash: &Hash) -> String {
+    let hex = hash.to_hex();
+    format!("/{}/{hex}.data", &hex[..2])
+}
+
+fn ctx(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// Creates a file whose data is the data-only layer's file at `redirect`: empty and sparse
+/// here, with the size, mode and mtime it shows through the overlay.
+pub fn metacopy_file(
+    path: &Path,
+    size: u64,
+    mode: u32,
+    mtime_ns: i64,
+    redirect: &str,
+) -> io::Result<()> {
+    let f = std::fs::File::create(path).map_err(ctx(path))?;
+    f.set_len(size).map_err(ctx(path))?;
+    set_meta(&f, path, mode, mtime_ns)?;
+    let x = |e: rustix::io::Errno| ctx(path)(io::Error::from(e));
+    lsetxattr(path, XATTR_METACOPY, b"", XattrFlags::empty()).map_err(x)?;
+    lsetxattr(
+        path,
+        XATTR_REDIRECT,
+        redirect.as_bytes(),
+        XattrFlags::empty(),
+    )
+    .map_err(x)?;
+    Ok(())
+}
+
+fn set_meta(f: &std::fs::File, path: &Path, mode: u32, mtime_ns: i64) -> io::Result<()> {
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(ctx(path))?;
+    let t = if mtime_ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(mtime_ns.unsigned_abs())
+    };
+    f.set_modified(t).map_err(ctx(path))
+}
+
+/// Writes a layer into `dir` (which must not exist): each path with `Some(entry)` gets
+/// that entry, each with `None` a whiteout that hides what the layers below hold there.
+/// The parent directories of every path must be among the entries (with their modes).
+/// Blocking; files are written on all cores.
+pub fn write_layer(dir: &Path, entries: &BTreeMap<VolPath, Option<Entry>>) -> io::Result<()> {
+    std::fs::create_dir(dir).map_err(ctx(dir))?;
+    // Directories first, in path order (parents before children).
+    for (p, e) in entries {
+        let full = dir.join(p.as_str());
+        match e {
+            Some(Entry::Dir { .. }) => std::fs::create_dir(&full).map_err(ctx(&full))?,
+            Some(Entry::Symlink { target }) => {
+                std::os::unix::fs::symlink(target, &full).map_err(ctx(&full))?
+            }
+            Some(Entry::File { .. }) => {}
+            None => mknodat(CWD, &full, FileType::CharacterDevice, Mode::empty(), 0)
+                .map_err(|e| ctx(&full)(io::Error::from(e)))?,
+        }
+    }
+    entries
+        .par_iter()
+        .filter_map(|(p, e)| match e {
+            Some(Entry::File {
+                size,
+                mode,
+                mtime_ns,
+                hash,
+            }) => Some((p, *size, *mode, *mtime_ns, hash)),
+            _ => None,
+        })
+        .try_for_each(|(p, size, mode, mtime_ns, hash)| {
+            let full = dir.join(p.as_str());
+            if size == 0 {
+                let f = std::fs::File::create(&full).map_err(ctx(&full))?;
+                set_meta(&f, &full, mode, mtime_ns)
+            } else {
+                metacopy_file(&full, size, mode, mtime_ns, &data_redirect(hash))
+            }
+        })?;
+    // Directory modes last, deepest first, so a read-only directory can still be filled.
+    for (p, e) in entries.iter().rev() {
+        if let Some(Entry::Dir { mode }) = e {
+            let full = dir.join(p.as_str());
+            std::fs::set_permissions(&full, std::fs::Permissions::from_mode(*mode))
+                .map_err(ctx(&full))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! Reading an overlay's upper layer as changes to the manifest its lower layers show: what
+//! a mount changed, found without looking at anything it did not change.
+//!
+//! What the kernel leaves in an upper layer (metacopy and redirect_dir on):
+//! - a whiteout (character device 0/0) where a lower entry was removed;
+//! - a directory marked opaque (`trusted.overlay.opaque=y`) where a directory was removed
+//!   and made again (`rm -r d; mkdir d`): nothing below it comes from the lower layers;
+//! - a directory with `trusted.overlay.redirect` where a directory was renamed: its lower
+//!   contents are those of the redirect's path (relative to the parent's origin, or
+//!   absolute from the volume root);
+//! - a file with `trusted.overlay.metacopy` where only metadata changed (mode, times) or a
+//!   file was renamed without being written: its data is still the lower file's at its
+//!   origin (its redirect, or the same path);
+//! - any other file whole, as written.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::lgetxattr;
+use voltool_protocol::manifest::MODE_MASK;
+use voltool_protocol::path::check_symlink_target;
+use voltool_protocol::{Change, Entry, Hash, Manifest, VolPath};
+
+use super::{XATTR_METACOPY, XATTR_OPAQUE, XATTR_REDIRECT};
+use crate::scan::{ScanError, ScanMode, Stat, StatCache, read_stable};
+
+/// Where the lower contents of an upper directory come from.
+#[derive(Clone, Debug)]
+enum Origin {
+    /// The volume root.
+    Root,
+    /// This path of the lower manifest.
+    At(VolPath),
+    /// Nothing: a new or opaque directory.
+    Nothing,
+}
+
+impl Origin {
+    fn join(&self, name: &str) -> Origin {
+        match self {
+            Origin::Root => VolPath::new(name).map_or(Origin::Nothing, Origin::At),
+            Origin::At(p) => VolPath::new(name).map_or(Origin::Nothing, |n| Origin::At(p.join(&n))),
+            Origin::Nothing => Origin::Nothing,
+        }
+    }
+
+    /// The origin a redirect names, relative to this (the parent's) origin or absolute.
+    fn redirect(&self, r: &str) -> Origin {
+        match r.strip_prefix('/') {
+            Some("") => Origin::Root,
+            Some(abs) => VolPath::new(abs).map_or(Origin::Nothing, Origin::At),
+            None => self.join(r),
+        }
+    }
+
+    fn path(&self) -> Option<&VolPath> {
+        match self {
+            Origin::At(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    let n = lgetxattr(path, name, &mut buf[..]).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// What an upper layer changed.
+#[derive(Debug, Default)]
+pub struct UpperChanges {
+    /// Changes to the lower manifest, to be applied in order.
+    pub changes: Vec<Change>,
+    /// Stats of the files written through the mount, as hashed.
+    pub stats: StatCache,
+    /// Bytes read and hashed (files written through the mount).
+    pub hashed_bytes: u64,
+    /// Entries in the upper layer.
+    pub entries: usize,
+}
+
+/// Reads `upper` as changes to `lowers` (the manifest its lower layers show). Files written
+/// through the mount are hashed, or imported into the store, as `how` says, unless their
+/// stat matches `cache` and `base` (the last synced state) names their content.
+pub fn read_upper(
+    upper: &Path,
+    lowers: &Manifest,
+    base: &Manifest,
+    cache: &StatCache,
+    how: ScanMode<'_>,
+) -> Result<UpperChanges, ScanError> {
+    let mut out = UpperChanges::default();
+    let mut written: Vec<(VolPath, PathBuf)> = Vec::new();
+    let mut stack: Vec<(PathBuf, Option<VolPath>, Origin)> =
+        vec![(upper.to_path_buf(), None, Origin::Root)];
+    while let Some((dir, rel, origin)) = stack.pop() {
+        for de in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let de = de.map_err(io_err(&dir))?;
+            let full = de.path();
+            let name = de
+                .file_name()
+                .into_string()
+                .map_err(|_| ScanError::NotUtf8(full.display().to_string()))?;
+            let vp = match &rel {
+                Some(r) => format!("{r}/{name}"),
+                None => name.clone(),
+            };
+            let vp = VolPath::new(&vp).map_err(|source| ScanError::BadPath {
+                path: full.display().to_string(),
+                source,
+            })?;
+            out.entries += 1;
+            let md = std::fs::symlink_metadata(&full).map_err(io_err(&full))?;
+            let ft = md.file_type();
+            let mode = md.permissions().mode() & MODE_MASK;
+            if ft.is_char_device() && md.rdev() == 0 {
+                out.changes.push(Change {
+                    path: vp,
+                    entry: None,
+                });
+            } else if ft.is_dir() {
+                let child = dir_change(&full, &vp, &origin, &name, mode, lowers, &mut out);
+                stack.push((full, Some(vp), child));
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&full).map_err(io_err(&full))?;
+                let target = target
+                    .into_os_string()
+                    .into_string()
+                    .map_err(|_| ScanError::NotUtf8(full.display().to_string()))?;
+                check_symlink_target(&vp, &target).map_err(|source| ScanError::BadPath {
+                    path: full.display().to_string(),
+                    source,
+                })?;
+                out.changes.push(Change {
+                    path: vp,
+                    entry: Some(Entry::Symlink { target }),
+                });
+            } else if ft.is_file() && xattr(&full, XATTR_METACOPY).is_some() {
+                let entry = metacopy_entry(&full, &md, &origin, &name, lowers)?;
+                out.changes.push(Change {
+                    path: vp,
+                    entry: Some(entry),
+                });
+            } else if ft.is_file() {
+                let st = Stat::of(&md);
+                match (cache.get(&vp), base.get(&vp)) {
+                    (Some(c), Some(Entry::File { hash, size, .. })) if *c == st => {
+                        out.stats.insert(vp.clone(), st);
+                        out.changes.push(Change {
+                            path: vp,
+                            entry: Some(Entry::File {
+                                size: *size,
+                                mode,
+                                mtime_ns: st.mtime_ns,
+                                hash: *hash,
+                            }),
+                        });
+                    }
+                    _ => written.push((vp, full)),
+                }
+            } else {
+                tracing::warn!(path = %full.display(), "skipping a special file (not a file, directory or symlink)");
+            }
+        }
+    }
+    hash_written(written, how, &mut out)?;
+    Ok(out)
+}
+
+/// The changes an upper directory stands for; returns the origin of its lower contents.
+fn dir_change(
+    full: &Path,
+    vp: &VolPath,
+    parent: &Origin,
+    name: &str,
+    mode: u32,
+    lowers: &Manifest,
+    out: &mut UpperChanges,
+) -> Origin {
+    let opaque = xattr(full, XATTR_OPAQUE).is_some_and(|v| v == b"y");
+    let redirect = xattr(full, XATTR_REDIRECT).and_then(|v| String::from_utf8(v).ok());
+    let origin = match (&redirect, opaque) {
+        (_, true) => Origin::Nothing,
+        (Some(r), false) => parent.redirect(r),
+        (None, false) => parent.join(name),
+    };
+    let replaced = opaque || origin.path() != Some(vp);
+    let dir = Change {
+        path: vp.clone(),
+        entry: Some(Entry::Dir { mode }),
+    };
+    if !replaced {
+        out.changes.push(dir);
+        return origin;
+    }
+    // Whatever stood here is gone; the directory holds its origin's lower contents (a
+    // rename) or nothing (opaque), then what the upper layer holds below it.
+    out.changes.push(Change {
+        path: vp.clone(),
+        entry: None,
+    });
+    out.changes.push(dir);
+    if let Some(o) = origin.path() {
+        for (q, e) in lowers.under(Some(o)) {
+            if let Some(np) = q.rebase(o, vp) {
+                out.changes.push(Change {
+                    path: np,
+                    entry: Some(e.clone()),
+                });
+            }
+        }
+    }
+    origin
+}
+
+/// The entry of a file whose data lies in a lower layer (metacopy).
+fn metacopy_entry(
+    full: &Path,
+    md: &std::fs::Metadata,
+    parent: &Origin,
+    name: &str,
+    lowers: &Manifest,
+) -> Result<Entry, ScanError> {
+    let redirect = xattr(full, XATTR_REDIRECT).and_then(|v| String::from_utf8(v).ok());
+    let origin = match &redirect {
+        Some(r) => parent.redirect(r),
+        None => parent.join(name),
+    };
+    let st = Stat::of(md);
+    let mode = md.permissions().mode() & MODE_MASK;
+    let known = origin.path().and_then(|o| lowers.get(o));
+    let (hash, size) = match (known, redirect.as_deref().and_then(data_path_hash)) {
+        (Some(Entry::File { hash, size, .. }), _) => (*hash, *size),
+        (_, Some(hash)) => (hash, md.len()),
+        _ => {
+            return Err(ScanError::Io {
+                path: full.display().to_string(),
+                source: std::io::Error::other(
+                    "an overlay metacopy file whose data cannot be found in the layers below",
+                ),
+            });
+        }
+    };
+    Ok(Entry::File {
+        size,
+        mode,
+        mtime_ns: st.mtime_ns,
+        hash,
+    })
+}
+
+/// The hash named by a redirect into the data-only layer (`/<xx>/<hex>.data`).
+fn data_path_hash(r: &str) -> Option<Hash> {
+    let hex = r
+        .strip_prefix('/')?
+        .split_once('/')?
+        .1
+        .strip_suffix(".data")?;
+    let bytes: [u8; 32] = hex::decode(hex).ok()?.try_into().ok()?;
+    Some(Hash(bytes))
+}
+
+/// Hashes (or imports) the files written through the mount, on all cores.
+fn hash_written(
+    written: Vec<(VolPath, PathBuf)>,
+    how: ScanMode<'_>,
+    out: &mut UpperChanges,
+) -> Result<(), ScanError> {
+    use rayon::prelude::*;
+    let hashed: Vec<(VolPath, Entry, Stat)> = written
+        .into_par_iter()
+        .map(|(vp, full)| {
+            let (hash, size, st, mode) = read_stable(&full, how)?;
+            let e = Entry::File {
+                size,
+                mode,
+                mtime_ns: st.mtime_ns,
+                hash,
+            };
+            Ok((vp, e, st))
+        })
+        .collect::<Result<_, ScanError>>()?;
+    for (vp, e, st) in hashed {
+        out.hashed_bytes += e.blob().map_or(0, |(_, s)| s);
+        out.stats.insert(vp.clone(), st);
+        out.changes.push(Change {
+            path: vp,
+            entry: Some(e),
+        });
+    }
+    Ok(())
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ScanError + '_ {
+    move |source| ScanError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
