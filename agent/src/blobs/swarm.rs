@@ -453,6 +453,9 @@ pub async fn fetch_blob(
                                 src.busy_until = Some(std::time::Instant::now() + BUSY_BACKOFF);
                                 continue;
                             }
+                            // The local store failed (a full disk): no provider is at
+                            // fault, and none can help.
+                            FetchError::Store(_) => break Err(e),
                             FetchError::Missing => {
                                 // It announced more than it holds, or lost it: ask again.
                                 src.have = bao_tree::ChunkRanges::empty();

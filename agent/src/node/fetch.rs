@@ -3,6 +3,7 @@
 use voltool_protocol::blobs::MAX_GET_MANY_SIZE;
 
 use crate::blobs::OnBytes;
+use crate::store::StoreError;
 
 use super::*;
 
@@ -186,15 +187,45 @@ impl Inner {
         }
         let hashes: Vec<Hash> = wanted.iter().map(|(h, _)| *h).collect();
         let held = self.store.has_complete_many(&hashes).unwrap_or_default();
-        let complete: Vec<Hash> = hashes
-            .into_iter()
-            .zip(held)
-            .filter_map(|(h, held)| held.then_some(h))
-            .collect();
-        self.announce(complete, true).await;
+        let (complete, partial): (Vec<_>, Vec<_>) =
+            hashes.into_iter().zip(held).partition(|(_, held)| *held);
+        self.announce(complete.into_iter().map(|(h, _)| h).collect(), true)
+            .await;
         match failure {
-            Some(e) => Err(e.into()),
+            Some(e) => {
+                if matches!(e, FetchError::Store(StoreError::DiskFull { .. })) {
+                    // What was verified so far would be resumable, but it takes the space
+                    // the disk lacks: free it, so the agent works again once the volume
+                    // needs less or space returns.
+                    self.free_partials(partial.into_iter().map(|(h, _)| h).collect())
+                        .await;
+                }
+                Err(e.into())
+            }
             None => Ok(stats),
+        }
+    }
+
+    /// Drops blobs held only in part, and tells the tracker.
+    async fn free_partials(&self, hashes: Vec<Hash>) {
+        let store = self.store.clone();
+        let dropped = tokio::task::spawn_blocking(move || {
+            hashes
+                .into_iter()
+                .filter(|h| store.remove(h).is_ok())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        if !dropped.is_empty() {
+            warn!(
+                blobs = dropped.len(),
+                "freed partial downloads after the local disk filled up"
+            );
+            let _ = self
+                .coord
+                .request(&CoordRequest::Withdraw { blobs: dropped })
+                .await;
         }
     }
 }

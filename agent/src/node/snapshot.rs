@@ -98,7 +98,12 @@ impl Inner {
             let (m, dir) = (new.clone(), vol_dir.join(&snapshot));
             let old = prev.map(|(r, _)| vol_dir.join(&r.snapshot));
             let stats = tokio::task::spawn_blocking(move || {
-                scan::build_snapshot(&dir, &m, &store, old.as_deref(), &reuse)
+                let r = scan::build_snapshot(&dir, &m, &store, old.as_deref(), &reuse);
+                if r.is_err() {
+                    // Leave nothing of a failed build behind (a full disk must not stay full).
+                    let _ = scan::remove_tree(&dir);
+                }
+                r
             })
             .await
             .map_err(failed)?
@@ -119,12 +124,20 @@ impl Inner {
         let dir = self.layers_dir(id).join(&name);
         std::fs::create_dir_all(self.layers_dir(id)).map_err(failed)?;
         let d2 = dir.clone();
-        tokio::task::spawn_blocking(move || layer::write_layer(&d2, &entries))
+        let written = tokio::task::spawn_blocking(move || layer::write_layer(&d2, &entries))
             .await
-            .map_err(failed)?
-            .map_err(|e| failed(format!("cannot write a snapshot layer: {e}")))?;
+            .map_err(failed)?;
         layers.insert(0, name);
-        self.mount_overlay(id, &snapshot, &layers)?;
+        let mounted = match written {
+            Ok(()) => self.mount_overlay(id, &snapshot, &layers),
+            Err(e) => Err(failed(format!("cannot write a snapshot layer: {e}"))),
+        };
+        if let Err(e) = mounted {
+            // Leave nothing of a failed build behind (a full disk must not stay full).
+            let _ = scan::remove_tree(&dir);
+            let _ = scan::remove_tree(&vol_dir.join(&snapshot));
+            return Err(e);
+        }
         Ok(Built {
             snapshot,
             layers,

@@ -1,11 +1,12 @@
 //! Imports: blobs written whole (committed or uploaded files, received uploads, manifests),
 //! made durable together.
 //!
-//! A batch writes each blob to a temporary file, builds its outboard, checks its hash and
-//! renames both into place without syncing them one by one. [`ImportBatch::finish`] then
-//! makes all of them durable at once and records them in one redb transaction: until then
-//! the store claims none of them, so a crash leaves only unclaimed files that a later import
-//! of the same blob replaces.
+//! A batch writes each blob to a temporary file, builds its outboard and checks its hash,
+//! without syncing them one by one. [`ImportBatch::finish`] then makes all of them durable
+//! at once, renames them into place, makes the renames durable and records them in one
+//! redb transaction. Until then nothing of the batch is at a blob's place or claimed; a
+//! batch dropped unfinished (a failed operation) removes its temporary files, so a failure
+//! (a full disk) leaves no space taken behind.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -25,7 +26,16 @@ pub const IN_MEMORY_MAX: u64 = 1 << 20;
 #[derive(Debug)]
 pub struct ImportBatch {
     store: Store,
-    placed: Mutex<Vec<(Hash, u64)>>,
+    placed: Mutex<Vec<Placed>>,
+}
+
+/// A checked blob waiting in temporary files for the batch to finish.
+#[derive(Debug)]
+struct Placed {
+    hash: Hash,
+    size: u64,
+    tmp_data: PathBuf,
+    with_outboard: bool,
 }
 
 impl Store {
@@ -223,7 +233,7 @@ impl ImportBatch {
         Ok((hash, size))
     }
 
-    /// Moves a checked temporary data file (and its outboard) to the blob's place.
+    /// Keeps a checked temporary data file (and its outboard) for [`ImportBatch::finish`].
     fn place(
         &self,
         tmp_data: &Path,
@@ -231,15 +241,12 @@ impl ImportBatch {
         size: u64,
         with_outboard: bool,
     ) -> Result<(), StoreError> {
-        let dst = self.store.data_path(&hash);
-        let parent = dst.parent().expect("blob paths have a parent");
-        std::fs::create_dir_all(parent).ctx(parent)?;
-        if with_outboard {
-            let tmp_ob = tmp_data.with_extension("obao");
-            std::fs::rename(&tmp_ob, self.store.outboard_path(&hash)).ctx(&tmp_ob)?;
-        }
-        std::fs::rename(tmp_data, &dst).ctx(&dst)?;
-        self.placed.lock().expect("not poisoned").push((hash, size));
+        self.placed.lock().expect("not poisoned").push(Placed {
+            hash,
+            size,
+            tmp_data: tmp_data.to_path_buf(),
+            with_outboard,
+        });
         Ok(())
     }
 
@@ -291,52 +298,103 @@ impl ImportBatch {
         self.len() == 0
     }
 
-    /// Makes every placed blob durable, then records them all as complete in one
-    /// transaction. Nothing of the batch is claimed before this returns.
+    /// Makes every blob of the batch durable, moves it into place, makes that durable
+    /// too, then records them all as complete in one transaction. Nothing of the batch is
+    /// claimed before this returns.
     pub fn finish(self) -> Result<(), StoreError> {
-        let mut placed = self.placed.into_inner().expect("not poisoned");
-        placed.sort_unstable_by_key(|(h, _)| h.0);
-        placed.dedup_by_key(|(h, _)| h.0);
+        let mut placed = std::mem::take(&mut *self.placed.lock().expect("not poisoned"));
+        placed.sort_unstable_by_key(|p| p.hash.0);
+        let mut dups = Vec::new();
+        placed.dedup_by(|a, b| {
+            let same = a.hash == b.hash;
+            if same {
+                dups.push(a.tmp_data.clone());
+            }
+            same
+        });
+        for d in dups {
+            remove_tmp(&d);
+        }
         if placed.is_empty() {
             return Ok(());
         }
-        self.store.sync_placed(&placed)?;
-        let w = self.store.inner.db.begin_write().map_err(db_err)?;
+        let store = &self.store;
+        let tmps: Vec<(PathBuf, bool)> = placed
+            .iter()
+            .map(|p| (p.tmp_data.clone(), p.with_outboard))
+            .collect();
+        store.sync_files(&tmps)?;
+        let mut dirs = HashSet::new();
+        for p in &placed {
+            let dst = store.data_path(&p.hash);
+            let parent = dst.parent().expect("blob paths have a parent");
+            if dirs.insert(parent.to_path_buf()) {
+                std::fs::create_dir_all(parent).ctx(parent)?;
+            }
+            if p.with_outboard {
+                let tmp_ob = p.tmp_data.with_extension("obao");
+                std::fs::rename(&tmp_ob, store.outboard_path(&p.hash)).ctx(&tmp_ob)?;
+            }
+            std::fs::rename(&p.tmp_data, &dst).ctx(&dst)?;
+        }
+        store.sync_dirs(&dirs, placed.len())?;
+        let w = store.inner.db.begin_write().map_err(db_err)?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
-            for (hash, size) in &placed {
+            for p in &placed {
                 let meta = BlobMeta {
-                    size: *size,
+                    size: p.size,
                     state: BlobState::Complete,
                 };
                 let v = postcard::to_stdvec(&meta).map_err(db_err)?;
-                t.insert(hash.0, v.as_slice()).map_err(db_err)?;
+                t.insert(p.hash.0, v.as_slice()).map_err(db_err)?;
             }
         }
         w.commit().map_err(db_err)
     }
 }
 
+impl Drop for ImportBatch {
+    /// A batch not finished (its operation failed) leaves nothing behind.
+    fn drop(&mut self) {
+        for p in self.placed.lock().expect("not poisoned").drain(..) {
+            remove_tmp(&p.tmp_data);
+        }
+    }
+}
+
+fn remove_tmp(tmp_data: &Path) {
+    let _ = std::fs::remove_file(tmp_data);
+    let _ = std::fs::remove_file(tmp_data.with_extension("obao"));
+}
+
 impl Store {
-    /// Makes blob files (and their directory entries) durable: file by file for a few,
-    /// the whole file system at once for many.
-    fn sync_placed(&self, placed: &[(Hash, u64)]) -> Result<(), StoreError> {
-        if placed.len() > PER_FILE_SYNC_MAX {
-            let dir = self.inner.dir.join("blobs");
+    /// Makes files durable: file by file (`fdatasync`) for a few, the whole file system at
+    /// once (`syncfs`) for many.
+    fn sync_files(&self, files: &[(PathBuf, bool)]) -> Result<(), StoreError> {
+        if files.len() > PER_FILE_SYNC_MAX {
+            let dir = self.blobs_dir();
             return sync_fs_of(&dir).ctx(&dir);
         }
-        let mut dirs = HashSet::new();
-        for (hash, size) in placed {
-            let dp = self.data_path(hash);
-            File::open(&dp).and_then(|f| f.sync_data()).ctx(&dp)?;
-            if blob::tree(*size).outboard_size() > 0 {
-                let op = self.outboard_path(hash);
-                File::open(&op).and_then(|f| f.sync_data()).ctx(&op)?;
+        for (data, with_outboard) in files {
+            File::open(data).and_then(|f| f.sync_data()).ctx(data)?;
+            if *with_outboard {
+                let ob = data.with_extension("obao");
+                File::open(&ob).and_then(|f| f.sync_data()).ctx(&ob)?;
             }
-            dirs.insert(dp.parent().expect("blob paths have a parent").to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// Makes renames into `dirs` durable: each directory for a few blobs, the whole file
+    /// system for many.
+    fn sync_dirs(&self, dirs: &HashSet<PathBuf>, blobs: usize) -> Result<(), StoreError> {
+        if blobs > PER_FILE_SYNC_MAX {
+            let dir = self.blobs_dir();
+            return sync_fs_of(&dir).ctx(&dir);
         }
         for d in dirs {
-            File::open(&d).and_then(|f| f.sync_all()).ctx(&d)?;
+            File::open(d).and_then(|f| f.sync_all()).ctx(d)?;
         }
         Ok(())
     }

@@ -34,6 +34,12 @@ pub enum StoreError {
         /// Cause.
         source: io::Error,
     },
+    /// The local disk is full.
+    #[error("the local disk is full (writing {path}); free some space and try again")]
+    DiskFull {
+        /// The file being written.
+        path: String,
+    },
     /// The metadata database failed.
     #[error("store database: {0}")]
     Db(String),
@@ -63,10 +69,19 @@ trait IoCtx<T> {
 
 impl<T> IoCtx<T> for io::Result<T> {
     fn ctx(self, path: &Path) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        self.map_err(|source| StoreError::io(path, source))
+    }
+}
+
+impl StoreError {
+    /// A failed file operation on `path`; a full disk says so.
+    pub fn io(path: &Path, source: io::Error) -> Self {
+        let path = path.display().to_string();
+        if source.kind() == io::ErrorKind::StorageFull {
+            StoreError::DiskFull { path }
+        } else {
+            StoreError::Io { path, source }
+        }
     }
 }
 

@@ -101,9 +101,15 @@ impl Store {
         };
         let want = ranges.to_chunk_ranges();
         bao_tree::io::sync::decode_ranges(encoded, &want, &mut data, &mut ob).map_err(|e| {
-            StoreError::Corrupt {
-                hash: *hash,
-                message: e.to_string(),
+            match e {
+                // Writing here failed (a full disk): not the sender's fault.
+                bao_tree::io::DecodeError::Io(io) if io.kind() != io::ErrorKind::UnexpectedEof => {
+                    StoreError::io(&dp, io)
+                }
+                e => StoreError::Corrupt {
+                    hash: *hash,
+                    message: e.to_string(),
+                },
             }
         })?;
         *self

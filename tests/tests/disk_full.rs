@@ -1,0 +1,88 @@
+//! A full local disk during a reload: a clear error that names it, the old snapshot intact,
+//! no space kept by the failed download, and the agent working again once the volume needs
+//! less. Needs the right to mount a tmpfs (root); says so and checks nothing otherwise.
+
+use std::process::Command;
+
+use voltool_agent::control::{ErrorCode, ReloadMode};
+use voltool_protocol::Hash;
+use voltool_tests::{TestFleet, bytes, tree};
+
+/// Puts agent `i`'s data directory on a tmpfs of `mib` MiB (the agent is stopped and
+/// started again around the move). `false` if a tmpfs cannot be mounted here.
+async fn on_small_disk(f: &mut TestFleet, i: usize, mib: u32) -> bool {
+    let agent = f.agents.remove(i);
+    agent.shutdown().await;
+    let dir = f.agent_dir(i);
+    let saved = f.dir.path().join("saved");
+    std::fs::rename(&dir, &saved).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("cannot mount a tmpfs here: full-disk checks skipped");
+        return false;
+    }
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(saved.join("."))
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let agent = f.start_agent(i).await;
+    f.agents.insert(i, agent);
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_a_reload_clearly_and_frees_what_it_took() {
+    let mut f = TestFleet::start(2).await;
+    if !on_small_disk(&mut f, 1, 12).await {
+        return;
+    }
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    std::fs::write(a.join("small"), bytes(1, 2 << 20)).unwrap();
+    f.commit(0, "vol").await.unwrap();
+    let b = f.mount(1, "vol").await;
+    let before = tree(&b);
+
+    // A version that does not fit: 20 MiB more, in one large file and many small ones.
+    let big = bytes(2, 20 << 20);
+    std::fs::write(a.join("big"), &big).unwrap();
+    std::fs::create_dir(a.join("many")).unwrap();
+    for k in 0..200u32 {
+        std::fs::write(
+            a.join(format!("many/{k}")),
+            bytes(k as u8, 8000 + k as usize),
+        )
+        .unwrap();
+    }
+    f.commit(0, "vol").await.unwrap();
+    let e = f.reload(1, "vol", ReloadMode::Refuse).await.unwrap_err();
+    eprintln!("the reload said: {}", e.message);
+    assert_eq!(e.code, ErrorCode::Failed, "{}", e.message);
+    assert!(e.message.contains("local disk is full"), "{}", e.message);
+    assert!(
+        !e.message.contains("verification"),
+        "no provider blamed: {}",
+        e.message
+    );
+    assert_eq!(tree(&b), before, "the old snapshot stays whole");
+    assert!(
+        f.agents[1].store().meta(&Hash::of(&big)).unwrap().is_none(),
+        "the failed download's partial blob is freed"
+    );
+
+    // The volume shrinks again: the next reload works.
+    std::fs::remove_file(a.join("big")).unwrap();
+    std::fs::remove_dir_all(a.join("many")).unwrap();
+    std::fs::write(a.join("after"), b"fits").unwrap();
+    f.commit(0, "vol").await.unwrap();
+    f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
+    assert_eq!(tree(&b), tree(&a));
+}
