@@ -58,10 +58,21 @@ pub fn read_stable(full: &Path, how: ScanMode<'_>) -> Result<(Hash, u64, Stat, u
         let (hash, size) = match how {
             ScanMode::HashOnly => hash_file(full)?,
             ScanMode::Import(batch) => batch.import_file(full)?,
+            ScanMode::Link(batch) => batch.link_file(full)?,
         };
         let after = std::fs::symlink_metadata(full).map_err(io_err(full))?;
         let st = Stat::of(&after);
-        if Stat::of(&before) == st && size == st.size {
+        // A hard link into the store changes the file's change time, and nothing else.
+        let same = match how {
+            ScanMode::Link(_) => {
+                Stat {
+                    ctime_ns: st.ctime_ns,
+                    ..Stat::of(&before)
+                } == st
+            }
+            _ => Stat::of(&before) == st,
+        };
+        if same && size == st.size {
             return Ok((hash, size, st, after.permissions().mode() & MODE_MASK));
         }
     }
@@ -111,6 +122,9 @@ pub enum ScanMode<'a> {
     /// Copy them into the store while hashing (to commit them); durable once the batch
     /// is finished.
     Import(&'a ImportBatch),
+    /// Hard-link them into the store (files that can no longer change: a frozen upper
+    /// layer); durable once the batch is finished.
+    Link(&'a ImportBatch),
 }
 
 /// The result of a scan.

@@ -147,3 +147,42 @@ async fn a_restart_after_a_reboot_mounts_the_snapshot_again_with_its_uncommitted
     let c = f.commit(0, "vol").await.unwrap();
     assert_eq!(c.changed, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_switches_to_a_fresh_upper_unless_a_file_is_open_for_writing() {
+    let f = TestFleet::start(1).await;
+    if !overlays(&f).await {
+        return;
+    }
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    let target = std::fs::read_link(&a).unwrap();
+    for k in 0..50u8 {
+        std::fs::write(a.join(format!("f{k}")), bytes(k, 10_000)).unwrap();
+    }
+    let c = f.commit(0, "vol").await.unwrap();
+    assert_eq!(c.hashed_bytes, 50 * 10_000);
+    let switched = std::fs::read_link(&a).unwrap();
+    assert_ne!(switched, target, "the mount moved to a fresh upper layer");
+    // The next commit reads only what was written since.
+    std::fs::write(a.join("g"), b"later").unwrap();
+    let c = f.commit(0, "vol").await.unwrap();
+    assert_eq!((c.changed, c.hashed_bytes), (1, 5));
+
+    // With a file open for writing the commit copies what it needs and the mount stays.
+    let here = std::fs::read_link(&a).unwrap();
+    let mut w = std::fs::File::create(a.join("open")).unwrap();
+    std::io::Write::write_all(&mut w, b"part one").unwrap();
+    let c = f.commit(0, "vol").await.unwrap();
+    assert_eq!(c.changed, 1);
+    assert_eq!(std::fs::read_link(&a).unwrap(), here);
+    std::io::Write::write_all(&mut w, b", part two").unwrap();
+    drop(w);
+    let c = f.commit(0, "vol").await.unwrap();
+    assert_eq!(c.changed, 1);
+    assert_ne!(std::fs::read_link(&a).unwrap(), here);
+    assert_eq!(
+        std::fs::read(a.join("open")).unwrap(),
+        b"part one, part two"
+    );
+}

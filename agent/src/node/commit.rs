@@ -9,23 +9,75 @@ impl Inner {
         self.commit_locked(name, events).await
     }
 
+    /// Commits a mount. In overlay mode the mount is frozen (read-only) first, unless a file
+    /// in it is open for writing: its upper layer then cannot change while it is read, its
+    /// files join the store by hard links (one write per byte), and after the commit it
+    /// becomes a layer of a new snapshot with a fresh upper, so the next commit reads only
+    /// what is written from now on. Otherwise the files are copied into the store and the
+    /// mount stays as it is.
     pub(super) async fn commit_locked(
         &self,
         name: &str,
         events: &Events,
     ) -> OpResult<CommitReport> {
-        let start = Instant::now();
         let rec = self.mount(name)?;
+        let merged = self.link_target(rec.id, &rec.snapshot);
+        let frozen = self.overlays
+            && crate::overlay::freeze(&merged)
+                .map_err(|e| failed(format!("cannot commit: {e}")))?;
+        let take = if frozen { Take::Link } else { Take::Copy };
+        let r = self.commit_once(rec, take, events).await;
+        if !frozen {
+            return r.map(|(report, _)| report);
+        }
+        let thaw = || {
+            if let Err(e) = crate::overlay::thaw(&merged) {
+                warn!(volume = name, "cannot make the mount writable again: {e}");
+            }
+        };
+        match r {
+            Ok((report, Some(new))) => {
+                if let Err(e) = self.switch_after_commit(&new, new.manifest).await {
+                    warn!(
+                        volume = name,
+                        "the mount stays on its view after the commit: {}", e.message
+                    );
+                    thaw();
+                }
+                Ok(report)
+            }
+            Ok((report, None)) => {
+                thaw();
+                Ok(report)
+            }
+            Err(e) => {
+                thaw();
+                Err(e)
+            }
+        }
+    }
+
+    /// Commits what the mount holds; returns the report and the mount's new record (`None`
+    /// when there was nothing to commit).
+    async fn commit_once(
+        &self,
+        rec: MountRecord,
+        take: Take,
+        events: &Events,
+    ) -> OpResult<(CommitReport, Option<MountRecord>)> {
+        let name = rec.name.clone();
+        let name = name.as_str();
+        let start = Instant::now();
         let base = self.read_manifest(rec.manifest).await?;
         events.progress("scan", 0, 0);
         let scanned = self
-            .local_state(&rec, &base, true)
+            .local_state(&rec, &base, take)
             .await
             .map_err(|e| err(e.code, format!("cannot commit: {}", e.message)))?;
         let scan_seconds = start.elapsed().as_secs_f64();
         let changes = scan::changes(&base, &scanned.manifest);
         if changes.is_empty() {
-            return Ok(CommitReport {
+            let report = CommitReport {
                 volume: name.to_string(),
                 version: rec.version,
                 changed: 0,
@@ -35,7 +87,8 @@ impl Inner {
                 scan_seconds,
                 upload_seconds: 0.0,
                 seconds: start.elapsed().as_secs_f64(),
-            });
+            };
+            return Ok((report, None));
         }
         let info = self.verified_head(name).await?;
         if info.id != rec.id {
@@ -86,7 +139,7 @@ impl Inner {
         if !overwritten.is_empty() {
             warn!(volume = name, paths = ?overwritten, "this commit overwrote other writers' changes");
         }
-        Ok(CommitReport {
+        let report = CommitReport {
             volume: name.to_string(),
             version: head.commit.version,
             changed: n,
@@ -96,6 +149,7 @@ impl Inner {
             scan_seconds,
             upload_seconds,
             seconds: start.elapsed().as_secs_f64(),
-        })
+        };
+        Ok((report, Some(new)))
     }
 }

@@ -50,6 +50,7 @@ use error::{OpResult, db_err, err, failed};
 pub use events::Events;
 use mounts::{MOUNTS, MountRecord, STATS, switch_link};
 use remote::SEEN;
+use snapshot::Take;
 pub use snapshot::{MAX_LAYERS, SnapshotMode};
 
 /// Agent options.

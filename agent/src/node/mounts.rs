@@ -110,12 +110,14 @@ impl Inner {
             }
             let vol = self.mounts_dir(m.id);
             keep.insert(vol.join(&m.snapshot));
-            keep.insert(vol.join("layers"));
-            keep.extend(m.layers.iter().map(|l| vol.join("layers").join(l)));
+            keep.extend(m.layers.iter().map(|l| vol.join(l)));
             let target = self.link_target(m.id, &m.snapshot);
             if self.overlays && !crate::overlay::is_mounted(&target) {
                 info!(volume = m.name, "mounting the recorded snapshot again");
                 self.mount_overlay(m.id, &m.snapshot, &m.layers)?;
+            } else if self.overlays {
+                // A commit that froze it may have been cut off.
+                let _ = crate::overlay::thaw(&target);
             }
             if std::fs::read_link(&m.path).ok().as_deref() != Some(target.as_path()) {
                 warn!(
@@ -125,17 +127,21 @@ impl Inner {
                 switch_link(&m.path, &target)?;
             }
         }
-        self.sweep(&keep);
+        let current: HashSet<PathBuf> = mounts
+            .iter()
+            .map(|m| self.mounts_dir(m.id).join(&m.snapshot))
+            .collect();
+        self.sweep(&current, &keep);
         Ok(())
     }
 
-    /// Detaches overlays and removes snapshots and layers under the mounts directory that
-    /// are not in `keep`.
-    fn sweep(&self, keep: &HashSet<PathBuf>) {
+    /// Detaches overlays that are not `current` snapshots, and removes what lies under the
+    /// mounts directory beside the paths in `keep` (snapshots and layers in use).
+    fn sweep(&self, current: &HashSet<PathBuf>, keep: &HashSet<PathBuf>) {
         let root = self.opts.data.join("mounts");
         for m in crate::overlay::mounts_under(&root).unwrap_or_default() {
             let snapshot = m.parent().map(Path::to_path_buf).unwrap_or_default();
-            if !keep.contains(&snapshot) {
+            if !current.contains(&snapshot) {
                 debug!(path = %m.display(), "detaching a stale snapshot");
                 let _ = crate::overlay::unmount_lazy(&m);
             }
@@ -150,9 +156,10 @@ impl Inner {
                 .chain(std::fs::read_dir(&layers))
                 .flat_map(|rd| rd.flatten());
             for s in entries {
-                if !keep.contains(&s.path()) && s.path() != layers {
-                    debug!(path = %s.path().display(), "removing stale snapshot");
-                    let _ = scan::remove_tree(&s.path());
+                let p = s.path();
+                if !keep.iter().any(|k| k.starts_with(&p)) && p != layers {
+                    debug!(path = %p.display(), "removing stale snapshot");
+                    let _ = scan::remove_tree(&p);
                 }
             }
         }

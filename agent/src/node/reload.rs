@@ -186,12 +186,15 @@ impl Inner {
         events: &Events,
     ) -> OpResult<Settled> {
         let base = self.read_manifest(rec.manifest).await?;
-        let local = self.local_state(&rec, &base, false).await.map_err(|e| {
-            err(
-                e.code,
-                format!("cannot check for uncommitted changes: {}", e.message),
-            )
-        })?;
+        let local = self
+            .local_state(&rec, &base, Take::Hash)
+            .await
+            .map_err(|e| {
+                err(
+                    e.code,
+                    format!("cannot check for uncommitted changes: {}", e.message),
+                )
+            })?;
         let dirty = scan::changes(&base, &local.manifest);
         if dirty.is_empty() {
             return Ok(Settled::Ready(Box::new(Ready {

@@ -49,8 +49,24 @@ pub(super) fn resolve_mode(data: &Path, mode: SnapshotMode) -> Result<bool, Stri
     }
 }
 
+/// Where built layers live in a volume's mounts directory. A layer is named by its path
+/// relative to that directory: `layers/<name>` for built ones, `<snapshot>/upper` for the
+/// upper layer of a snapshot frozen by a commit.
+const LAYERS: &str = "layers";
+
 /// Layers stacked on one mount before a reload writes one full layer instead of a thin one.
 pub const MAX_LAYERS: usize = 32;
+
+/// What [`Inner::local_state`] does with files written through a mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Take {
+    /// Hash them (to find uncommitted changes).
+    Hash,
+    /// Copy them into the store (to commit them while the mount stays writable).
+    Copy,
+    /// Hard-link them into the store (to commit a frozen upper layer: one write per byte).
+    Link,
+}
 
 /// A snapshot built, ready to be switched to.
 #[derive(Debug)]
@@ -75,7 +91,7 @@ impl Inner {
     }
 
     fn layers_dir(&self, id: VolumeId) -> PathBuf {
-        self.mounts_dir(id).join("layers")
+        self.mounts_dir(id).join(LAYERS)
     }
 
     /// Builds a snapshot of `new` for volume `id`. Overlay mode: the layers of `prev` (whose
@@ -120,8 +136,8 @@ impl Inner {
             }
             _ => (full_layer(new), Vec::new()),
         };
-        let name = format!("{snapshot}-layer");
-        let dir = self.layers_dir(id).join(&name);
+        let name = format!("{LAYERS}/{snapshot}");
+        let dir = vol_dir.join(&name);
         std::fs::create_dir_all(self.layers_dir(id)).map_err(failed)?;
         let d2 = dir.clone();
         let written = tokio::task::spawn_blocking(move || layer::write_layer(&d2, &entries))
@@ -145,6 +161,33 @@ impl Inner {
         })
     }
 
+    /// After a commit that froze the mount: the frozen upper layer becomes the top layer of
+    /// a new snapshot with a fresh upper, and the mount switches to it, so the next commit
+    /// reads only what is written from now on. `lowers` is the manifest the new layers show.
+    pub(super) async fn switch_after_commit(
+        &self,
+        rec: &MountRecord,
+        lowers: Hash,
+    ) -> OpResult<()> {
+        let snapshot = format!("v{}-{:08x}", rec.version, rand::random::<u32>());
+        let mut layers = rec.layers.clone();
+        layers.insert(0, format!("{}/upper", rec.snapshot));
+        if let Err(e) = self.mount_overlay(rec.id, &snapshot, &layers) {
+            let _ = scan::remove_tree(&self.mounts_dir(rec.id).join(&snapshot));
+            return Err(e);
+        }
+        let new = MountRecord {
+            snapshot,
+            layers,
+            lower_manifest: lowers,
+            ..rec.clone()
+        };
+        self.put_mount(&new, &StatCache::new())?;
+        switch_link(&new.path, &self.link_target(new.id, &new.snapshot))?;
+        self.retire(rec, &new, HashSet::new()).await?;
+        Ok(())
+    }
+
     /// Mounts the overlay of a snapshot: its layers, and its upper layer (new, or kept from
     /// before a restart).
     pub(super) fn mount_overlay(
@@ -160,7 +203,7 @@ impl Inner {
         }
         let data = self.store.blobs_dir();
         let ov = Overlay {
-            lowers: layers.iter().map(|l| self.layers_dir(id).join(l)).collect(),
+            lowers: layers.iter().map(|l| self.mounts_dir(id).join(l)).collect(),
             data: &data,
             upper: &dir.join("upper"),
             work: &dir.join("work"),
@@ -186,14 +229,21 @@ impl Inner {
             {
                 warn!("cannot detach the old snapshot: {e}");
             }
-            let keep: HashSet<String> = new.layers.iter().cloned().collect();
-            let layers = self.layers_dir(old.id);
+            let keep: HashSet<&String> = new.layers.iter().collect();
+            let vol = self.mounts_dir(old.id);
+            let old_upper = format!("{}/upper", old.snapshot);
+            // The old snapshot goes, but for its upper layer if a commit made it a layer.
+            let old_parts: Vec<PathBuf> = if keep.contains(&old_upper) {
+                vec![old_dir.join("work"), old_dir.join("merged")]
+            } else {
+                vec![old_dir]
+            };
             let stale: Vec<PathBuf> = old
                 .layers
                 .iter()
-                .filter(|l| !keep.contains(*l))
-                .map(|l| layers.join(l))
-                .chain(std::iter::once(old_dir))
+                .filter(|l| !keep.contains(l))
+                .map(|l| vol.join(l))
+                .chain(old_parts)
                 .collect();
             tokio::task::spawn_blocking(move || {
                 for p in stale {
@@ -220,13 +270,13 @@ impl Inner {
 
     /// The mount's local state: overlay mode, the manifest its layers show with the upper
     /// layer's changes; copy mode, a scan of its tree against `base` and the stat cache.
-    /// Files written through the mount are imported into the store (durable before this
-    /// returns) if `import`, else only hashed.
+    /// Files written through the mount are hashed, or taken into the store (durable
+    /// before this returns), as `take` says.
     pub(super) async fn local_state(
         &self,
         rec: &MountRecord,
         base: &Manifest,
-        import: bool,
+        take: Take,
     ) -> OpResult<scan::Scan> {
         let cache = self.stats(&rec.name)?;
         let dir = self.mounts_dir(rec.id).join(&rec.snapshot);
@@ -238,9 +288,10 @@ impl Inner {
         let (base, store) = (base.clone(), self.store.clone());
         tokio::task::spawn_blocking(move || {
             let batch = store.batch();
-            let how = match import {
-                true => ScanMode::Import(&batch),
-                false => ScanMode::HashOnly,
+            let how = match take {
+                Take::Hash => ScanMode::HashOnly,
+                Take::Copy => ScanMode::Import(&batch),
+                Take::Link => ScanMode::Link(&batch),
             };
             let state = match lowers {
                 None => scan::scan(&dir, &base, &cache, how)?,

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::CWD;
 use rustix::mount::{
-    FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags, fsconfig_create,
-    fsconfig_set_string, fsmount, fsopen, move_mount, unmount,
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags,
+    fsconfig_create, fsconfig_set_string, fsmount, fsopen, mount_remount, move_mount, unmount,
 };
 
 pub mod layer;
@@ -80,6 +80,22 @@ pub fn mount(ov: &Overlay<'_>, target: &Path) -> io::Result<()> {
         .map_err(with_path("overlay for", target))?;
     move_mount(&m, "", CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
         .map_err(with_path("mount at", target))
+}
+
+/// Makes the mount at `target` read-only, so its upper layer can no longer change; `false`
+/// (and nothing done) while a file in it is open for writing: the kernel refuses then, so
+/// the check and the freeze are one step.
+pub fn freeze(target: &Path) -> io::Result<bool> {
+    match mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "") {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::BUSY) => Ok(false),
+        Err(e) => Err(with_path("freeze", target)(e)),
+    }
+}
+
+/// Makes a frozen mount writable again.
+pub fn thaw(target: &Path) -> io::Result<()> {
+    mount_remount(target, MountFlags::BIND, "").map_err(with_path("thaw", target))
 }
 
 /// Detaches the overlay at `target` now; the kernel frees it once nothing uses it.

@@ -127,6 +127,20 @@ impl ImportBatch {
         self.import_reader(f, src)
     }
 
+    /// Takes a file into the store by a hard link to it, reading it only to hash it (and
+    /// build its outboard): for files nothing will write to again. Copies it where a link
+    /// cannot be made (another file system).
+    pub fn link_file(&self, src: &Path) -> Result<(Hash, u64), StoreError> {
+        let size = std::fs::symlink_metadata(src).ctx(src)?.len();
+        let tmp = self.store.tmp_path("link");
+        match std::fs::hard_link(src, &tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => return self.import_file(src),
+            Err(e) => return Err(StoreError::io(&tmp, e)),
+        }
+        self.adopt_tmp(&tmp, size, None)
+    }
+
     /// Imports bytes held in memory.
     pub fn import_bytes(&self, bytes: &[u8]) -> Result<Hash, StoreError> {
         self.import_bytes_checked(bytes, None)
