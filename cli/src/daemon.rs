@@ -75,6 +75,10 @@ pub(crate) struct AgentArgs {
         value_name = "MODE"
     )]
     snapshots: SnapshotMode,
+    /// Fault injection for crash tests: SIGKILL this agent when an operation reaches the
+    /// named point.
+    #[arg(long, hide = true, value_name = "POINT", value_parser = clap::builder::PossibleValuesParser::new(voltool_agent::node::CRASH_POINTS))]
+    crash_at: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +140,7 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         corrupt_served_bytes: a.evil,
         origin_only: a.origin_only,
         snapshots: a.snapshots,
+        crash_at: a.crash_at,
     })
     .await
     .context("starting the agent")?;

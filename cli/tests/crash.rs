@@ -90,3 +90,126 @@ fn kill_9_mid_reload_keeps_old_snapshot_and_resumes_verified_ranges() {
     assert_eq!(fetched + local, SIZE as u64, "{r}\n{}", stderr(&o));
     assert_eq!(std::fs::read(m1.join("weights.bin")).unwrap(), data);
 }
+
+/// Files of a small tree: a few small ones in a directory and one of several chunk groups.
+fn write_tree(root: &std::path::Path, seed: u8) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for k in 0..40u8 {
+        let mut b = vec![0u8; 3000 + k as usize * 10];
+        blake3::Hasher::new_keyed(&[seed ^ k; 32])
+            .finalize_xof()
+            .fill(&mut b);
+        files.push((format!("d/f{k}"), b));
+    }
+    let mut big = vec![0u8; 3 << 20];
+    blake3::Hasher::new_keyed(&[seed; 32])
+        .finalize_xof()
+        .fill(&mut big);
+    files.push(("big.bin".to_string(), big));
+    std::fs::create_dir_all(root.join("d")).unwrap();
+    for (p, b) in &files {
+        std::fs::write(root.join(p), b).unwrap();
+    }
+    files
+}
+
+fn holds(root: &std::path::Path, files: &[(String, Vec<u8>)]) -> bool {
+    files
+        .iter()
+        .all(|(p, b)| std::fs::read(root.join(p)).is_ok_and(|got| got == *b))
+}
+
+/// Opens a stopped agent's store and checks that every blob it records as complete holds
+/// exactly the bytes of its hash.
+fn store_claims_only_what_it_holds(f: &Fleet, i: usize) {
+    let store = voltool_agent::store::Store::open(&f.agent_dir(i).join("store")).unwrap();
+    for h in store.complete_blobs().unwrap() {
+        let bytes = store.read_all(&h).unwrap();
+        assert_eq!(voltool_protocol::Hash::of(&bytes), h, "store of agent {i}");
+    }
+}
+
+#[test]
+fn kill_9_at_every_point_of_a_batched_commit_loses_nothing() {
+    for point in [
+        "commit-sealing",
+        "commit-stored",
+        "commit-uploaded",
+        "commit-sent",
+    ] {
+        let mut f = Fleet::start(0);
+        f.start_agent(0, &["--crash-at", point]);
+        f.start_agent(1, &[]);
+        let status: serde_json::Value =
+            serde_json::from_str(&stdout(&f.run(0, &["status", "--json"]))).unwrap();
+        if point == "commit-sealing" && status["snapshots"] != "overlay" {
+            continue; // only overlay snapshots are sealed
+        }
+        let tmp = f.dir.path().to_path_buf();
+        let (m0, m1) = (tmp.join("m0"), tmp.join("m1"));
+        expect(&f.run(0, &["volume", "create", "v"]), 0);
+        expect(&f.run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
+        expect(&f.run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
+        let files = write_tree(&m0, 1);
+        let o = f.run(0, &["commit"]);
+        assert_ne!(
+            o.status.code(),
+            Some(0),
+            "{point}: the agent should have died"
+        );
+        f.kill9_agent(0);
+        store_claims_only_what_it_holds(&f, 0);
+
+        // After a restart the mount shows everything that was written, and the commit can
+        // be made (again, or found already made).
+        f.start_agent(0, &[]);
+        assert!(holds(&m0, &files), "{point}: the mount lost files");
+        expect(&f.run(0, &["commit"]), 0);
+        expect(&f.run(1, &["reload"]), 0);
+        assert!(
+            holds(&m1, &files),
+            "{point}: the other agent did not get them"
+        );
+        f.kill9_agent(0);
+        store_claims_only_what_it_holds(&f, 0);
+    }
+}
+
+#[test]
+fn kill_9_at_every_point_of_a_batched_reload_keeps_one_whole_snapshot() {
+    for point in ["reload-fetched", "reload-built", "reload-recorded"] {
+        let mut f = Fleet::start(1);
+        f.start_agent(1, &["--crash-at", point]);
+        let tmp = f.dir.path().to_path_buf();
+        let (m0, m1) = (tmp.join("m0"), tmp.join("m1"));
+        expect(&f.run(0, &["volume", "create", "v"]), 0);
+        expect(&f.run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
+        let old = write_tree(&m0, 1);
+        expect(&f.run(0, &["commit"]), 0);
+        expect(&f.run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
+        let new = write_tree(&m0, 2);
+        expect(&f.run(0, &["commit"]), 0);
+        let o = f.run(1, &["reload"]);
+        assert_ne!(
+            o.status.code(),
+            Some(0),
+            "{point}: the agent should have died"
+        );
+        f.kill9_agent(1);
+        // One whole snapshot, old or new, never a mix.
+        assert!(
+            holds(&m1, &old) || holds(&m1, &new),
+            "{point}: the mount shows neither snapshot whole"
+        );
+        store_claims_only_what_it_holds(&f, 1);
+        f.start_agent(1, &[]);
+        assert!(
+            holds(&m1, &old) || holds(&m1, &new),
+            "{point}: after restart"
+        );
+        expect(&f.run(1, &["reload"]), 0);
+        assert!(holds(&m1, &new), "{point}: the retried reload");
+        f.kill9_agent(1);
+        store_claims_only_what_it_holds(&f, 1);
+    }
+}

@@ -104,6 +104,7 @@ impl TestFleet {
             corrupt_served_bytes: evil,
             origin_only: false,
             snapshots: snapshot_mode(),
+            crash_at: None,
         })
         .await
         .unwrap()

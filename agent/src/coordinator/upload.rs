@@ -40,17 +40,31 @@ pub(super) async fn upload(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Received>(RECEIVED_QUEUE);
     let batch = state.origin.batch();
     let worker = tokio::task::spawn_blocking(move || {
+        let mut failed = None;
         while let Some(item) = rx.blocking_recv() {
-            match item {
-                Received::Bytes(hash, bytes) => {
-                    batch.import_bytes_checked(&bytes, Some(hash))?;
+            // After a bad blob the rest is only drained (their files removed), so the
+            // sender never blocks and nothing is left behind.
+            let r = match (item, &failed) {
+                (Received::File(_, _, tmp), Some(_)) => {
+                    let _ = std::fs::remove_file(tmp);
+                    continue;
                 }
-                Received::File(hash, size, tmp) => {
-                    batch.adopt_tmp(&tmp, size, Some(hash))?;
+                (Received::Bytes(..), Some(_)) => continue,
+                (Received::Bytes(hash, bytes), None) => {
+                    batch.import_bytes_checked(&bytes, Some(hash)).map(drop)
                 }
+                (Received::File(hash, size, tmp), None) => {
+                    batch.adopt_tmp(&tmp, size, Some(hash)).map(drop)
+                }
+            };
+            if let Err(e) = r {
+                failed = Some(e);
             }
         }
-        batch.finish()
+        match failed {
+            Some(e) => Err(e),
+            None => batch.finish().map(drop),
+        }
     });
     let received = receive_all(state, recv, &blobs, &tx).await;
     drop(tx);
@@ -96,8 +110,10 @@ async fn receive_all(
             }
             Received::File(hash, size, tmp)
         };
-        if tx.send(item).await.is_err() {
-            // The worker stopped on a bad blob; its error is the answer.
+        if let Err(unsent) = tx.send(item).await {
+            if let Received::File(_, _, tmp) = unsent.0 {
+                let _ = tokio::fs::remove_file(tmp).await;
+            }
             return Ok(());
         }
     }

@@ -9,62 +9,43 @@ impl Inner {
         self.commit_locked(name, events).await
     }
 
-    /// Commits a mount. In overlay mode the mount is frozen (read-only) first, unless a file
-    /// in it is open for writing: its upper layer then cannot change while it is read, its
-    /// files join the store by hard links (one write per byte), and after the commit it
-    /// becomes a layer of a new snapshot with a fresh upper, so the next commit reads only
-    /// what is written from now on. Otherwise the files are copied into the store and the
-    /// mount stays as it is.
+    /// Commits a mount. In overlay mode its upper layer is sealed first (see
+    /// [`Inner::seal`]): the mount is read-only only for that moment, the written files join
+    /// the store by hard links (one write per byte), and the commit reads the sealed state
+    /// while the mount takes new writes in a fresh upper. While a file in the mount is open
+    /// for writing, the files are copied into the store instead and the mount stays as it is.
     pub(super) async fn commit_locked(
         &self,
         name: &str,
         events: &Events,
     ) -> OpResult<CommitReport> {
-        let rec = self.mount(name)?;
-        let merged = self.link_target(rec.id, &rec.snapshot);
-        let frozen = self.overlays
-            && crate::overlay::freeze(&merged)
-                .map_err(|e| failed(format!("cannot commit: {e}")))?;
-        let take = if frozen { Take::Link } else { Take::Copy };
-        let r = self.commit_once(rec, take, events).await;
-        if !frozen {
-            return r.map(|(report, _)| report);
+        let start = Instant::now();
+        let mut rec = self.mount(name)?;
+        let mut sealed_bytes = 0;
+        if self.overlays
+            && let Some((sealed, hashed)) = self
+                .seal(&rec)
+                .await
+                .map_err(|e| err(e.code, format!("cannot commit: {}", e.message)))?
+        {
+            (rec, sealed_bytes) = (sealed, hashed);
         }
-        let thaw = || {
-            if let Err(e) = crate::overlay::thaw(&merged) {
-                warn!(volume = name, "cannot make the mount writable again: {e}");
-            }
-        };
-        match r {
-            Ok((report, Some(new))) => {
-                if let Err(e) = self.switch_after_commit(&new, new.manifest).await {
-                    warn!(
-                        volume = name,
-                        "the mount stays on its view after the commit: {}", e.message
-                    );
-                    thaw();
-                }
-                Ok(report)
-            }
-            Ok((report, None)) => {
-                thaw();
-                Ok(report)
-            }
-            Err(e) => {
-                thaw();
-                Err(e)
-            }
-        }
+        let seal_seconds = start.elapsed().as_secs_f64();
+        self.crash_point("commit-stored");
+        let mut report = self.commit_once(rec, Take::Copy, events).await?;
+        report.hashed_bytes += sealed_bytes;
+        report.scan_seconds += seal_seconds;
+        report.seconds += seal_seconds;
+        Ok(report)
     }
 
-    /// Commits what the mount holds; returns the report and the mount's new record (`None`
-    /// when there was nothing to commit).
+    /// Commits what the mount holds.
     async fn commit_once(
         &self,
         rec: MountRecord,
         take: Take,
         events: &Events,
-    ) -> OpResult<(CommitReport, Option<MountRecord>)> {
+    ) -> OpResult<CommitReport> {
         let name = rec.name.clone();
         let name = name.as_str();
         let start = Instant::now();
@@ -88,7 +69,7 @@ impl Inner {
                 upload_seconds: 0.0,
                 seconds: start.elapsed().as_secs_f64(),
             };
-            return Ok((report, None));
+            return Ok(report);
         }
         let info = self.verified_head(name).await?;
         if info.id != rec.id {
@@ -104,6 +85,7 @@ impl Inner {
         let t_upload = Instant::now();
         let uploaded = self.upload_missing(&blobs, events).await?;
         let upload_seconds = t_upload.elapsed().as_secs_f64();
+        self.crash_point("commit-uploaded");
         let priors = changes.iter().map(|c| base.get(&c.path).cloned()).collect();
         let n = changes.len();
         let mut own: BTreeMap<VolPath, Option<Entry>> = rec
@@ -115,6 +97,7 @@ impl Inner {
         let (head, overwritten) = self
             .send_commit(&info, rec.version, changes, priors)
             .await?;
+        self.crash_point("commit-sent");
         let local_hash = self
             .store
             .import_bytes(&scanned.manifest.encode())
@@ -150,6 +133,6 @@ impl Inner {
             upload_seconds,
             seconds: start.elapsed().as_secs_f64(),
         };
-        Ok((report, Some(new)))
+        Ok(report)
     }
 }

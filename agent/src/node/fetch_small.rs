@@ -17,6 +17,10 @@ use super::*;
 const SMALL_BATCH_BYTES: u64 = 16 << 20;
 /// Rounds over all providers before a batch that none could serve fails.
 const SMALL_ROUNDS: u32 = 4;
+/// How long a provider may take for a batch, beyond its bytes at [`SLOWEST_LINK`].
+const SMALL_BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The slowest link a batch is given time for, bytes per second.
+const SLOWEST_LINK: u64 = 1 << 20;
 
 /// What one batch's transfers are handing to the store.
 struct Sink<'a> {
@@ -58,8 +62,11 @@ impl Inner {
         let Sink { tx, stats, .. } = sink;
         drop(tx);
         let written = writer.await.map_err(failed)?;
+        // The store's own failure (a full disk) says more than "stopped taking blobs".
+        if let Err(e) = written {
+            return Err(failed(format!("cannot store fetched blobs: {e}")));
+        }
         result?;
-        written.map_err(|e| failed(format!("cannot store fetched blobs: {e}")))?;
         self.announce(blobs.iter().map(|(h, _)| *h).collect(), true)
             .await;
         Ok(stats)
@@ -109,13 +116,18 @@ impl Inner {
             return Ok(false);
         };
         let mut got: Vec<(usize, Vec<u8>)> = Vec::new();
-        let r = get_many(&conn, left, self.pool.ingress(), |i, bytes| {
+        let bytes: u64 = left.iter().map(|(_, s)| s).sum();
+        let deadline = SMALL_BATCH_TIMEOUT + Duration::from_secs(bytes / SLOWEST_LINK);
+        let asked = get_many(&conn, left, self.pool.ingress(), |i, bytes| {
             if let Some(b) = bytes {
                 got.push((i, b));
             }
             Ok(())
-        })
-        .await;
+        });
+        // A provider that goes silent is left for the next, with what it did send kept.
+        let r = tokio::time::timeout(deadline, asked)
+            .await
+            .unwrap_or(Err(FetchError::Timeout));
         let mut done = vec![false; left.len()];
         for (i, bytes) in got {
             let n = bytes.len() as u64;

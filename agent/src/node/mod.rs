@@ -74,7 +74,24 @@ pub struct AgentOptions {
     pub origin_only: bool,
     /// How snapshots are made: overlays where possible (the default), or copies.
     pub snapshots: SnapshotMode,
+    /// Fault injection for crash tests: the agent kills itself (SIGKILL) when an operation
+    /// reaches the point of this name (see [`CRASH_POINTS`]).
+    pub crash_at: Option<String>,
 }
+
+/// Where [`AgentOptions::crash_at`] can stop the agent: a batched commit once its files are
+/// linked into the store but before the switch to a fresh upper, once its files are in the
+/// store, once uploaded, once the coordinator took it; a reload once its blobs are fetched, once the new snapshot is built, once it is
+/// recorded but before the mount's link is switched.
+pub const CRASH_POINTS: &[&str] = &[
+    "commit-sealing",
+    "commit-stored",
+    "commit-uploaded",
+    "commit-sent",
+    "reload-fetched",
+    "reload-built",
+    "reload-recorded",
+];
 
 /// A running agent.
 #[derive(Debug)]
@@ -134,6 +151,9 @@ impl Agent {
     pub async fn start(opts: AgentOptions) -> Result<Self, StartError> {
         let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
         std::fs::create_dir_all(&opts.data).map_err(|e| other(&e))?;
+        // One spelling of every path under it: mounts are found by comparing paths.
+        let mut opts = opts;
+        opts.data = std::fs::canonicalize(&opts.data).map_err(|e| other(&e))?;
         let key: SecretKey = crate::keys::load_or_create(&opts.data)?;
         let store = Store::open(&opts.data.join("store"))?;
         let db = Database::create(opts.data.join("agent.redb")).map_err(|e| other(&e))?;
@@ -168,7 +188,7 @@ impl Agent {
             members: Default::default(),
             overlays,
         });
-        inner.recover().map_err(|e| other(&e))?;
+        inner.recover().await.map_err(|e| other(&e))?;
         let cancel = inner.cancel.clone();
         let mut tasks = tokio::task::JoinSet::new();
         let sock = inner.opts.data.join(control::SOCKET);
@@ -338,6 +358,17 @@ async fn background_commits(inner: Arc<Inner>, name: String, secs: u64, cancel: 
             Ok(_) => {}
             Err(e) if e.code == ErrorCode::NotFound => return,
             Err(e) => warn!(volume = name, "background commit failed: {e}"),
+        }
+    }
+}
+
+impl Inner {
+    /// Fault injection: dies here, as `kill -9` would, if told to.
+    pub(super) fn crash_point(&self, name: &str) {
+        if self.opts.crash_at.as_deref() == Some(name) {
+            warn!("fault injection: killing the agent at {name}");
+            let me = rustix::process::getpid();
+            let _ = rustix::process::kill_process(me, rustix::process::Signal::KILL);
         }
     }
 }

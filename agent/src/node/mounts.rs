@@ -93,13 +93,14 @@ impl Inner {
     }
 
     /// After a crash, a restart or a reboot: mount every recorded snapshot again (overlay
-    /// mode; the upper layer with uncommitted changes is kept), point every mount at the
-    /// snapshot its record names (the record is written only once that snapshot is
-    /// complete), then detach and remove snapshots and layers no record names.
-    pub(super) fn recover(&self) -> OpResult<()> {
-        let mounts = self.mounts()?;
-        let mut keep: HashSet<PathBuf> = HashSet::new();
-        for m in &mounts {
+    /// mode; the upper layer with uncommitted changes is kept), finish sealing an upper
+    /// layer a commit was cut off in (it may hold files linked into the store, so it never
+    /// becomes writable again), point every mount at the snapshot its record names (the
+    /// record is written only once that snapshot is complete), then detach and remove
+    /// snapshots and layers no record names. A volume that cannot be recovered is
+    /// reported and left; the others still are.
+    pub(super) async fn recover(&self) -> OpResult<()> {
+        for m in self.mounts()? {
             if self.overlays == m.layers.is_empty() {
                 return Err(failed(format!(
                     "volume {} was mounted with {} snapshots; start the agent with --snapshots {} (or from another data directory)",
@@ -108,30 +109,58 @@ impl Inner {
                     if self.overlays { "copy" } else { "overlay" },
                 )));
             }
+            if let Err(e) = self.recover_one(&m).await {
+                warn!(volume = m.name, "cannot recover this mount: {}", e.message);
+            }
+        }
+        let mounts = self.mounts()?;
+        let mut keep: HashSet<PathBuf> = HashSet::new();
+        for m in &mounts {
             let vol = self.mounts_dir(m.id);
             keep.insert(vol.join(&m.snapshot));
             keep.extend(m.layers.iter().map(|l| vol.join(l)));
-            let target = self.link_target(m.id, &m.snapshot);
-            if self.overlays && !crate::overlay::is_mounted(&target) {
-                info!(volume = m.name, "mounting the recorded snapshot again");
-                self.mount_overlay(m.id, &m.snapshot, &m.layers)?;
-            } else if self.overlays {
-                // A commit that froze it may have been cut off.
-                let _ = crate::overlay::thaw(&target);
-            }
-            if std::fs::read_link(&m.path).ok().as_deref() != Some(target.as_path()) {
-                warn!(
-                    volume = m.name,
-                    "re-pointing mount at its recorded snapshot"
-                );
-                switch_link(&m.path, &target)?;
-            }
         }
         let current: HashSet<PathBuf> = mounts
             .iter()
             .map(|m| self.mounts_dir(m.id).join(&m.snapshot))
             .collect();
         self.sweep(&current, &keep);
+        let trash = self.opts.data.join(super::snapshot::TRASH);
+        tokio::task::spawn_blocking(move || super::snapshot::discard(&trash, Vec::new()))
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+
+    async fn recover_one(&self, m: &MountRecord) -> OpResult<()> {
+        let target = self.link_target(m.id, &m.snapshot);
+        if self.overlays {
+            if !crate::overlay::is_mounted(&target) {
+                info!(volume = m.name, "mounting the recorded snapshot again");
+                self.mount_overlay(m.id, &m.snapshot, &m.layers)?;
+            }
+            let sealing = self
+                .mounts_dir(m.id)
+                .join(&m.snapshot)
+                .join(super::snapshot::SEALING);
+            if sealing.exists() || crate::overlay::is_frozen(&target) {
+                info!(
+                    volume = m.name,
+                    "finishing the seal of an upper layer a commit began"
+                );
+                if self.seal(m).await?.is_none() {
+                    return Err(failed("a file in the mount is open for writing"));
+                }
+                return Ok(());
+            }
+        }
+        if std::fs::read_link(&m.path).ok().as_deref() != Some(target.as_path()) {
+            warn!(
+                volume = m.name,
+                "re-pointing mount at its recorded snapshot"
+            );
+            switch_link(&m.path, &target)?;
+        }
         Ok(())
     }
 
@@ -149,6 +178,7 @@ impl Inner {
         let Ok(vols) = std::fs::read_dir(&root) else {
             return;
         };
+        let mut stale = Vec::new();
         for vol in vols.flatten() {
             let layers = vol.path().join("layers");
             let entries = std::fs::read_dir(vol.path())
@@ -159,10 +189,11 @@ impl Inner {
                 let p = s.path();
                 if !keep.iter().any(|k| k.starts_with(&p)) && p != layers {
                     debug!(path = %p.display(), "removing stale snapshot");
-                    let _ = scan::remove_tree(&p);
+                    stale.push(p);
                 }
             }
         }
+        super::snapshot::discard(&self.opts.data.join(super::snapshot::TRASH), stale);
     }
 }
 

@@ -64,22 +64,29 @@ impl Inner {
         let t_fetch = Instant::now();
         let stats = self.fetch_blobs(&needed, events).await?;
         let download_seconds = t_fetch.elapsed().as_secs_f64();
+        self.crash_point("reload-fetched");
         let t_build = Instant::now();
         events.progress("build", 0, 0);
-        self.refuse_if_writers(&rec)?;
+        self.freeze_for_switch(&rec, &base, mode).await?;
         let lowers = match self.overlays {
-            true => self.read_manifest(rec.lower_manifest).await?,
-            false => base.clone(),
+            true => self.read_manifest(rec.lower_manifest).await,
+            false => Ok(base.clone()),
         };
-        let built = self
-            .build(
-                rec.id,
-                info.head.commit.version,
-                &new,
-                Some((&rec, &lowers)),
-                reuse.clone(),
-            )
-            .await?;
+        let built = match lowers {
+            Ok(lowers) => {
+                self.build(
+                    rec.id,
+                    info.head.commit.version,
+                    &new,
+                    Some((&rec, &lowers)),
+                    reuse.clone(),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let built = built.inspect_err(|_| self.thaw(&rec))?;
+        self.crash_point("reload-built");
         let lost = lost_changes(&rec, &new);
         if !lost.is_empty() {
             warn!(volume = name, paths = ?lost, "changes committed here were overwritten by another writer");
@@ -93,7 +100,9 @@ impl Inner {
             lower_manifest: info.head.commit.manifest,
             ..rec.clone()
         };
-        self.put_mount(&new_rec, &built.stats)?;
+        self.put_mount(&new_rec, &built.stats)
+            .inspect_err(|_| self.thaw(&rec))?;
+        self.crash_point("reload-recorded");
         switch_link(
             &new_rec.path,
             &self.link_target(new_rec.id, &new_rec.snapshot),
@@ -248,28 +257,71 @@ impl Inner {
         }
     }
 
-    /// Overlay mode: refuses a switch while a file in the mount is open for writing, since
-    /// the writer would stay on the old snapshot and its later writes would be lost.
-    fn refuse_if_writers(&self, rec: &MountRecord) -> OpResult<()> {
+    /// Overlay mode: freezes the mount for the switch, so nothing written from now on can
+    /// be lost with the old upper layer. A file open for writing refuses it (its writer
+    /// would stay on the old snapshot), and so does a change made since the dirty check
+    /// (unless the reload discards changes).
+    async fn freeze_for_switch(
+        &self,
+        rec: &MountRecord,
+        base: &Manifest,
+        mode: ReloadMode,
+    ) -> OpResult<()> {
         if !self.overlays {
             return Ok(());
         }
         let merged = self.link_target(rec.id, &rec.snapshot);
-        match crate::overlay::openfiles::first_open_for_writing(&merged) {
-            Some(p) => {
-                let shown = p
-                    .strip_prefix(&merged)
-                    .map(|r| rec.path.join(r))
-                    .unwrap_or(p);
+        if !crate::overlay::freeze(&merged).map_err(failed)? {
+            let which = crate::overlay::openfiles::first_open_for_writing(&merged)
+                .map(|p| {
+                    p.strip_prefix(&merged)
+                        .map(|r| rec.path.join(r))
+                        .unwrap_or(p)
+                        .display()
+                        .to_string()
+                })
+                .unwrap_or_else(|| "a file in the mount".into());
+            return Err(err(
+                ErrorCode::Dirty,
+                format!(
+                    "{which} is open for writing; close it, then reload (its writes would be lost)"
+                ),
+            ));
+        }
+        if mode == ReloadMode::Discard {
+            return Ok(());
+        }
+        let local = self.local_state(rec, base, Take::Hash).await;
+        let written = local.map(|l| scan::changes(base, &l.manifest));
+        match written {
+            Ok(c) if c.is_empty() => Ok(()),
+            Ok(c) => {
+                self.thaw(rec);
                 Err(err(
                     ErrorCode::Dirty,
                     format!(
-                        "{} is open for writing; close it, then reload (its writes would be lost)",
-                        shown.display()
+                        "{} was written to during the reload ({}); commit it, or reload with --commit-first or --discard",
+                        rec.name, c[0].path
                     ),
                 ))
             }
-            None => Ok(()),
+            Err(e) => {
+                self.thaw(rec);
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a mount frozen for a switch that did not happen writable again.
+    fn thaw(&self, rec: &MountRecord) {
+        if self.overlays {
+            let merged = self.link_target(rec.id, &rec.snapshot);
+            if let Err(e) = crate::overlay::thaw(&merged) {
+                warn!(
+                    volume = rec.name,
+                    "cannot make the mount writable again: {e}"
+                );
+            }
         }
     }
 }

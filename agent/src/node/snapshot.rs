@@ -54,6 +54,39 @@ pub(super) fn resolve_mode(data: &Path, mode: SnapshotMode) -> Result<bool, Stri
 /// upper layer of a snapshot frozen by a commit.
 const LAYERS: &str = "layers";
 
+/// A file in a snapshot's directory while its upper layer is being sealed: a restart that
+/// finds it seals the upper again instead of making it writable (its files may already be
+/// linked into the store).
+pub(super) const SEALING: &str = "sealing";
+
+/// Where retired snapshots and layers wait before they are removed: a process may still be
+/// inside an old overlay (detached lazily), and its layers must not change under it.
+pub(super) const TRASH: &str = "trash";
+/// How long retired snapshots and layers wait in the trash.
+pub(super) const TRASH_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Moves `paths` into the trash, and removes from it what has waited [`TRASH_AGE`].
+pub(super) fn discard(trash: &Path, paths: Vec<PathBuf>) {
+    use std::os::unix::fs::MetadataExt;
+    let _ = std::fs::create_dir_all(trash);
+    for p in paths {
+        let to = trash.join(format!("{:016x}", rand::random::<u64>()));
+        if std::fs::rename(&p, &to).is_err() {
+            let _ = scan::remove_tree(&p);
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for e in std::fs::read_dir(trash).into_iter().flatten().flatten() {
+        // The change time is when it was moved here.
+        let age = e.metadata().map_or(i64::MAX, |m| now - m.ctime());
+        if age >= TRASH_AGE.as_secs() as i64 {
+            let _ = scan::remove_tree(&e.path());
+        }
+    }
+}
+
 /// Layers stacked on one mount before a reload writes one full layer instead of a thin one.
 pub const MAX_LAYERS: usize = 32;
 
@@ -64,8 +97,6 @@ pub(super) enum Take {
     Hash,
     /// Copy them into the store (to commit them while the mount stays writable).
     Copy,
-    /// Hard-link them into the store (to commit a frozen upper layer: one write per byte).
-    Link,
 }
 
 /// A snapshot built, ready to be switched to.
@@ -161,17 +192,84 @@ impl Inner {
         })
     }
 
-    /// After a commit that froze the mount: the frozen upper layer becomes the top layer of
-    /// a new snapshot with a fresh upper, and the mount switches to it, so the next commit
-    /// reads only what is written from now on. `lowers` is the manifest the new layers show.
-    pub(super) async fn switch_after_commit(
-        &self,
-        rec: &MountRecord,
-        lowers: Hash,
-    ) -> OpResult<()> {
-        let snapshot = format!("v{}-{:08x}", rec.version, rand::random::<u32>());
+    /// Seals a mount's upper layer (overlay mode): freezes the mount read-only (the kernel
+    /// refuses while a file in it is open for writing: then `None`), takes the files
+    /// written through it into the store by hard links, and switches the mount to a new
+    /// snapshot whose top layer is that upper and whose upper is fresh. The mount is
+    /// writable again at once, and what it held is from then on in its lower layers
+    /// (`lower_manifest`), where a commit finds it as a difference from its base. Once
+    /// files are linked the old mount never becomes writable again: a switch that fails
+    /// takes them back out of the store first. Returns the new record and the bytes read.
+    pub(super) async fn seal(&self, rec: &MountRecord) -> OpResult<Option<(MountRecord, u64)>> {
+        let merged = self.link_target(rec.id, &rec.snapshot);
+        if !overlay::freeze(&merged).map_err(failed)? {
+            return Ok(None);
+        }
+        let snap_dir = self.mounts_dir(rec.id).join(&rec.snapshot);
+        let marker = snap_dir.join(SEALING);
+        let r = self.seal_frozen(rec, &marker).await;
+        if r.as_ref().is_ok_and(|r| r.0.snapshot == rec.snapshot) || r.is_err() {
+            // Nothing was sealed (or it failed before any link): writable again.
+            let _ = overlay::thaw(&merged);
+        }
+        let _ = std::fs::remove_file(&marker);
+        r.map(Some)
+    }
+
+    async fn seal_frozen(&self, rec: &MountRecord, marker: &Path) -> OpResult<(MountRecord, u64)> {
+        let base = self.read_manifest(rec.manifest).await?;
+        let lowers = self.read_manifest(rec.lower_manifest).await?;
+        let cache = self.stats(&rec.name)?;
+        let snap_dir = self.mounts_dir(rec.id).join(&rec.snapshot);
+        std::fs::write(marker, b"").map_err(failed)?;
+        let (store, upper_dir, lowers2) = (self.store.clone(), snap_dir.join("upper"), lowers);
+        let (state, linked, entries, hashed) = tokio::task::spawn_blocking(move || {
+            let batch = store.batch();
+            let up =
+                upper::read_upper(&upper_dir, &lowers2, &base, &cache, ScanMode::Link(&batch))?;
+            let mut state = lowers2;
+            state.apply(&up.changes)?;
+            let linked = batch.finish()?;
+            Ok::<_, scan::ScanError>((state, linked, up.entries, up.hashed_bytes))
+        })
+        .await
+        .map_err(failed)?
+        .map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
+        self.crash_point("commit-sealing");
+        let state_hash = self.store.import_bytes(&state.encode()).map_err(failed)?;
         let mut layers = rec.layers.clone();
         layers.insert(0, format!("{}/upper", rec.snapshot));
+        let switched = if entries == 0 {
+            // Nothing was written: the mount stays as it is.
+            return Ok((rec.clone(), 0));
+        } else if layers.len() > MAX_LAYERS {
+            self.rebuild(rec, &state, state_hash).await
+        } else {
+            self.switch_to(rec, layers, state_hash).await
+        };
+        if switched.is_err() {
+            let store = self.store.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for h in linked {
+                    let _ = store.remove(&h);
+                }
+            })
+            .await;
+        }
+        switched.map(|r| (r, hashed))
+    }
+
+    /// Mounts a new snapshot over `layers` with a fresh upper, records it and switches the
+    /// mount to it; retires the old one.
+    async fn switch_to(
+        &self,
+        rec: &MountRecord,
+        layers: Vec<String>,
+        lowers: Hash,
+    ) -> OpResult<MountRecord> {
+        let snapshot = format!("v{}-{:08x}", rec.version, rand::random::<u32>());
+        // What the layers hold is durable before a record names them.
+        crate::store::sync_fs_of(&self.mounts_dir(rec.id)).map_err(failed)?;
         if let Err(e) = self.mount_overlay(rec.id, &snapshot, &layers) {
             let _ = scan::remove_tree(&self.mounts_dir(rec.id).join(&snapshot));
             return Err(e);
@@ -185,7 +283,29 @@ impl Inner {
         self.put_mount(&new, &StatCache::new())?;
         switch_link(&new.path, &self.link_target(new.id, &new.snapshot))?;
         self.retire(rec, &new, HashSet::new()).await?;
-        Ok(())
+        Ok(new)
+    }
+
+    /// Like [`Self::switch_to`], over one full layer of `state` (the stack grew too deep).
+    async fn rebuild(
+        &self,
+        rec: &MountRecord,
+        state: &Manifest,
+        hash: Hash,
+    ) -> OpResult<MountRecord> {
+        let built = self
+            .build(rec.id, rec.version, state, None, HashSet::new())
+            .await?;
+        let new = MountRecord {
+            snapshot: built.snapshot,
+            layers: built.layers,
+            lower_manifest: hash,
+            ..rec.clone()
+        };
+        self.put_mount(&new, &StatCache::new())?;
+        switch_link(&new.path, &self.link_target(new.id, &new.snapshot))?;
+        self.retire(rec, &new, HashSet::new()).await?;
+        Ok(new)
     }
 
     /// Mounts the overlay of a snapshot: its layers, and its upper layer (new, or kept from
@@ -245,13 +365,10 @@ impl Inner {
                 .map(|l| vol.join(l))
                 .chain(old_parts)
                 .collect();
-            tokio::task::spawn_blocking(move || {
-                for p in stale {
-                    let _ = scan::remove_tree(&p);
-                }
-            })
-            .await
-            .map_err(failed)?;
+            let trash = self.opts.data.join(TRASH);
+            tokio::task::spawn_blocking(move || discard(&trash, stale))
+                .await
+                .map_err(failed)?;
             return Ok(StatCache::new());
         }
         // Removing the old snapshot changes the change time of the files the new one shares
@@ -291,7 +408,6 @@ impl Inner {
             let how = match take {
                 Take::Hash => ScanMode::HashOnly,
                 Take::Copy => ScanMode::Import(&batch),
-                Take::Link => ScanMode::Link(&batch),
             };
             let state = match lowers {
                 None => scan::scan(&dir, &base, &cache, how)?,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use rayon::prelude::*;
-use rustix::fs::{CWD, FileType, Mode, XattrFlags, lsetxattr, mknodat};
+use rustix::fs::{CWD, FileType, Mode, XattrFlags, fsetxattr, mknodat};
 use voltool_protocol::{Entry, Hash, VolPath};
 
 use super::{XATTR_METACOPY, XATTR_REDIRECT};
@@ -34,17 +34,10 @@ pub fn metacopy_file(
 ) -> io::Result<()> {
     let f = std::fs::File::create(path).map_err(ctx(path))?;
     f.set_len(size).map_err(ctx(path))?;
-    set_meta(&f, path, mode, mtime_ns)?;
     let x = |e: rustix::io::Errno| ctx(path)(io::Error::from(e));
-    lsetxattr(path, XATTR_METACOPY, b"", XattrFlags::empty()).map_err(x)?;
-    lsetxattr(
-        path,
-        XATTR_REDIRECT,
-        redirect.as_bytes(),
-        XattrFlags::empty(),
-    )
-    .map_err(x)?;
-    Ok(())
+    fsetxattr(&f, XATTR_METACOPY, b"", XattrFlags::empty()).map_err(x)?;
+    fsetxattr(&f, XATTR_REDIRECT, redirect.as_bytes(), XattrFlags::empty()).map_err(x)?;
+    set_meta(&f, path, mode, mtime_ns)
 }
 
 fn set_meta(f: &std::fs::File, path: &Path, mode: u32, mtime_ns: i64) -> io::Result<()> {

@@ -67,7 +67,9 @@ pub fn mount(ov: &Overlay<'_>, target: &Path) -> io::Result<()> {
     fsconfig_set_string(&fs, "datadir+", ov.data).map_err(with_path("data layer", ov.data))?;
     fsconfig_set_string(&fs, "upperdir", ov.upper).map_err(with_path("upper layer", ov.upper))?;
     fsconfig_set_string(&fs, "workdir", ov.work).map_err(with_path("work dir", ov.work))?;
-    for (k, v) in [("metacopy", "on"), ("redirect_dir", "on")] {
+    // index=off: a frozen upper becomes a lower layer of the next snapshot while the old
+    // overlay may still live on (detached lazily); with an index the kernel refuses that.
+    for (k, v) in [("metacopy", "on"), ("redirect_dir", "on"), ("index", "off")] {
         fsconfig_set_string(&fs, k, v).map_err(with_path(k, target))?;
     }
     fsconfig_create(&fs).map_err(with_path("overlay for", target))?;
@@ -86,7 +88,9 @@ pub fn mount(ov: &Overlay<'_>, target: &Path) -> io::Result<()> {
 /// (and nothing done) while a file in it is open for writing: the kernel refuses then, so
 /// the check and the freeze are one step.
 pub fn freeze(target: &Path) -> io::Result<bool> {
-    match mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "") {
+    // The whole file system, not one mount of it: the kernel then counts writers on
+    // every mount of it (bind mounts, other namespaces), and all of them turn read-only.
+    match mount_remount(target, MountFlags::RDONLY, "") {
         Ok(()) => Ok(true),
         Err(rustix::io::Errno::BUSY) => Ok(false),
         Err(e) => Err(with_path("freeze", target)(e)),
@@ -95,7 +99,7 @@ pub fn freeze(target: &Path) -> io::Result<bool> {
 
 /// Makes a frozen mount writable again.
 pub fn thaw(target: &Path) -> io::Result<()> {
-    mount_remount(target, MountFlags::BIND, "").map_err(with_path("thaw", target))
+    mount_remount(target, MountFlags::empty(), "").map_err(with_path("thaw", target))
 }
 
 /// Detaches the overlay at `target` now; the kernel frees it once nothing uses it.
@@ -121,6 +125,22 @@ pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
 pub fn unmount_all_under(dir: &Path) -> usize {
     let mounts = mounts_under(dir).unwrap_or_default();
     mounts.iter().filter(|m| unmount_lazy(m).is_ok()).count()
+}
+
+/// Whether the file system mounted at `dir` is read-only (a frozen overlay).
+pub fn is_frozen(dir: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        let mut halves = l.splitn(2, " - ");
+        let (mount, sb) = (halves.next().unwrap_or(""), halves.next().unwrap_or(""));
+        mount.split(' ').nth(4).map(unescape).as_deref() == dir.to_str()
+            && sb
+                .split(' ')
+                .nth(2)
+                .is_some_and(|o| o.split(',').any(|o| o == "ro"))
+    })
 }
 
 /// Whether `dir` is a mount point.

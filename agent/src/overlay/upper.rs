@@ -61,11 +61,31 @@ impl Origin {
     }
 }
 
-fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+/// An overlay xattr of an upper-layer entry: `None` only when it is absent. Any other
+/// failure is an error, since reading a lost opaque flag or redirect as "absent" would
+/// bring back removed files or empty a renamed directory.
+fn xattr(path: &Path, name: &str) -> Result<Option<Vec<u8>>, ScanError> {
     let mut buf = vec![0u8; 4096];
-    let n = lgetxattr(path, name, &mut buf[..]).ok()?;
-    buf.truncate(n);
-    Some(buf)
+    match lgetxattr(path, name, &mut buf[..]) {
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(Some(buf))
+        }
+        Err(rustix::io::Errno::NODATA) => Ok(None),
+        Err(e) => Err(ScanError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::Error::from(e).kind(),
+                format!("reading {name}: {e}"),
+            ),
+        }),
+    }
+}
+
+fn xattr_str(path: &Path, name: &str) -> Result<Option<String>, ScanError> {
+    xattr(path, name)?
+        .map(|v| String::from_utf8(v).map_err(|_| ScanError::NotUtf8(path.display().to_string())))
+        .transpose()
 }
 
 /// What an upper layer changed.
@@ -121,7 +141,7 @@ pub fn read_upper(
                     entry: None,
                 });
             } else if ft.is_dir() {
-                let child = dir_change(&full, &vp, &origin, &name, mode, lowers, &mut out);
+                let child = dir_change(&full, &vp, &origin, &name, mode, lowers, &mut out)?;
                 stack.push((full, Some(vp), child));
             } else if ft.is_symlink() {
                 let target = std::fs::read_link(&full).map_err(io_err(&full))?;
@@ -137,7 +157,7 @@ pub fn read_upper(
                     path: vp,
                     entry: Some(Entry::Symlink { target }),
                 });
-            } else if ft.is_file() && xattr(&full, XATTR_METACOPY).is_some() {
+            } else if ft.is_file() && xattr(&full, XATTR_METACOPY)?.is_some() {
                 let entry = metacopy_entry(&full, &md, &origin, &name, lowers)?;
                 out.changes.push(Change {
                     path: vp,
@@ -161,7 +181,12 @@ pub fn read_upper(
                     _ => written.push((vp, full)),
                 }
             } else {
+                // A volume holds no special files; whatever stood here below is hidden.
                 tracing::warn!(path = %full.display(), "skipping a special file (not a file, directory or symlink)");
+                out.changes.push(Change {
+                    path: vp,
+                    entry: None,
+                });
             }
         }
     }
@@ -178,9 +203,9 @@ fn dir_change(
     mode: u32,
     lowers: &Manifest,
     out: &mut UpperChanges,
-) -> Origin {
-    let opaque = xattr(full, XATTR_OPAQUE).is_some_and(|v| v == b"y");
-    let redirect = xattr(full, XATTR_REDIRECT).and_then(|v| String::from_utf8(v).ok());
+) -> Result<Origin, ScanError> {
+    let opaque = xattr(full, XATTR_OPAQUE)?.is_some_and(|v| v == b"y");
+    let redirect = xattr_str(full, XATTR_REDIRECT)?;
     let origin = match (&redirect, opaque) {
         (_, true) => Origin::Nothing,
         (Some(r), false) => parent.redirect(r),
@@ -193,7 +218,7 @@ fn dir_change(
     };
     if !replaced {
         out.changes.push(dir);
-        return origin;
+        return Ok(origin);
     }
     // Whatever stood here is gone; the directory holds its origin's lower contents (a
     // rename) or nothing (opaque), then what the upper layer holds below it.
@@ -212,7 +237,7 @@ fn dir_change(
             }
         }
     }
-    origin
+    Ok(origin)
 }
 
 /// The entry of a file whose data lies in a lower layer (metacopy).
@@ -223,7 +248,7 @@ fn metacopy_entry(
     name: &str,
     lowers: &Manifest,
 ) -> Result<Entry, ScanError> {
-    let redirect = xattr(full, XATTR_REDIRECT).and_then(|v| String::from_utf8(v).ok());
+    let redirect = xattr_str(full, XATTR_REDIRECT)?;
     let origin = match &redirect {
         Some(r) => parent.redirect(r),
         None => parent.join(name),

@@ -314,8 +314,8 @@ impl ImportBatch {
 
     /// Makes every blob of the batch durable, moves it into place, makes that durable
     /// too, then records them all as complete in one transaction. Nothing of the batch is
-    /// claimed before this returns.
-    pub fn finish(self) -> Result<(), StoreError> {
+    /// claimed before this returns. Returns the blobs it added to the store.
+    pub fn finish(self) -> Result<Vec<Hash>, StoreError> {
         let mut placed = std::mem::take(&mut *self.placed.lock().expect("not poisoned"));
         placed.sort_unstable_by_key(|p| p.hash.0);
         let mut dups = Vec::new();
@@ -330,32 +330,46 @@ impl ImportBatch {
             remove_tmp(&d);
         }
         if placed.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let store = &self.store;
+        let r = self.store.place_all(&placed);
+        if r.is_err() {
+            // What was not moved yet goes; what was is unrecorded and replaced later.
+            for p in &placed {
+                remove_tmp(&p.tmp_data);
+            }
+        }
+        r.map(|()| placed.iter().map(|p| p.hash).collect())
+    }
+}
+
+impl Store {
+    fn place_all(&self, placed: &[Placed]) -> Result<(), StoreError> {
         let tmps: Vec<(PathBuf, bool)> = placed
             .iter()
             .map(|p| (p.tmp_data.clone(), p.with_outboard))
             .collect();
-        store.sync_files(&tmps)?;
+        self.sync_files(&tmps)?;
+        let _placing = self.inner.place_lock.lock().expect("not poisoned");
         let mut dirs = HashSet::new();
-        for p in &placed {
-            let dst = store.data_path(&p.hash);
+        for p in placed {
+            let dst = self.data_path(&p.hash);
             let parent = dst.parent().expect("blob paths have a parent");
             if dirs.insert(parent.to_path_buf()) {
                 std::fs::create_dir_all(parent).ctx(parent)?;
             }
             if p.with_outboard {
                 let tmp_ob = p.tmp_data.with_extension("obao");
-                std::fs::rename(&tmp_ob, store.outboard_path(&p.hash)).ctx(&tmp_ob)?;
+                std::fs::rename(&tmp_ob, self.outboard_path(&p.hash)).ctx(&tmp_ob)?;
             }
             std::fs::rename(&p.tmp_data, &dst).ctx(&dst)?;
         }
-        store.sync_dirs(&dirs, placed.len())?;
-        let w = store.inner.db.begin_write().map_err(db_err)?;
+        dirs.insert(self.blobs_dir());
+        self.sync_dirs(&dirs, placed.len())?;
+        let w = self.inner.db.begin_write().map_err(db_err)?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
-            for p in &placed {
+            for p in placed {
                 let meta = BlobMeta {
                     size: p.size,
                     state: BlobState::Complete,

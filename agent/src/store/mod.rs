@@ -131,6 +131,10 @@ struct Inner {
     /// Ranges verified and written but not yet synced and recorded: served to peers at once
     /// (pipelining), forgotten by a crash.
     unsynced: std::sync::Mutex<HashMap<Hash, ChunkRanges>>,
+    /// Held while files are moved to a blob's place and recorded (a batch finishing, a
+    /// partial blob begun, a blob removed), so that none of them meets another's
+    /// half-done work at the same place.
+    place_lock: std::sync::Mutex<()>,
 }
 
 impl Store {
@@ -151,6 +155,7 @@ impl Store {
                 dir: dir.to_path_buf(),
                 db,
                 unsynced: Default::default(),
+                place_lock: Default::default(),
             }),
         })
     }
@@ -227,6 +232,12 @@ impl Store {
 
     /// Removes a blob and its record (for eviction and tests).
     pub fn remove(&self, hash: &Hash) -> Result<(), StoreError> {
+        let _placing = self.inner.place_lock.lock().expect("not poisoned");
+        self.remove_placed(hash)
+    }
+
+    /// [`Store::remove`], with the place lock held.
+    pub(super) fn remove_placed(&self, hash: &Hash) -> Result<(), StoreError> {
         let w = self.inner.db.begin_write().map_err(db_err)?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;

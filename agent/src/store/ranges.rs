@@ -40,26 +40,33 @@ impl Store {
     /// Prepares to receive a blob in ranges: creates its (sparse) files and an empty record
     /// if it has none. Returns what is held.
     pub fn begin_partial(&self, hash: &Hash, size: u64) -> Result<BlobMeta, StoreError> {
+        let _placing = self.inner.place_lock.lock().expect("not poisoned");
         if let Some(m) = self.meta(hash)? {
             if m.size == size {
                 return Ok(m);
             }
             // A record with another size cannot be this blob; start over.
-            self.remove(hash)?;
+            self.remove_placed(hash)?;
         }
+        // New files renamed into place: a file already there (unrecorded) is replaced,
+        // never truncated, since it may be linked elsewhere.
         let dp = self.data_path(hash);
         let parent = dp.parent().expect("blob paths have a parent");
         std::fs::create_dir_all(parent).ctx(parent)?;
-        let d = File::create(&dp).ctx(&dp)?;
-        d.set_len(size).ctx(&dp)?;
-        d.sync_all().ctx(&dp)?;
+        let tmp = self.tmp_path("partial");
+        let d = File::create(&tmp).ctx(&tmp)?;
+        d.set_len(size).ctx(&tmp)?;
+        d.sync_all().ctx(&tmp)?;
         let ob_size = blob::tree(size).outboard_size();
         if ob_size > 0 {
             let op = self.outboard_path(hash);
-            let o = File::create(&op).ctx(&op)?;
-            o.set_len(ob_size).ctx(&op)?;
-            o.sync_all().ctx(&op)?;
+            let tmp_ob = tmp.with_extension("obao");
+            let o = File::create(&tmp_ob).ctx(&tmp_ob)?;
+            o.set_len(ob_size).ctx(&tmp_ob)?;
+            o.sync_all().ctx(&tmp_ob)?;
+            std::fs::rename(&tmp_ob, &op).ctx(&op)?;
         }
+        std::fs::rename(&tmp, &dp).ctx(&dp)?;
         File::open(parent).and_then(|d| d.sync_all()).ctx(parent)?;
         let meta = BlobMeta {
             size,

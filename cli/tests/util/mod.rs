@@ -42,6 +42,7 @@ pub fn voltool() -> Command {
     c.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
+        .envs(std::env::var_os("VOLTOOL_SNAPSHOTS").map(|v| ("VOLTOOL_SNAPSHOTS", v)))
         .stdin(Stdio::null());
     c
 }
