@@ -171,9 +171,13 @@ impl Inner {
         let dir = vol_dir.join(&name);
         std::fs::create_dir_all(self.layers_dir(id)).map_err(failed)?;
         let d2 = dir.clone();
-        let written = tokio::task::spawn_blocking(move || layer::write_layer(&d2, &entries))
-            .await
-            .map_err(failed)?;
+        // The layer is durable before a record names it (one syncfs, not one per file).
+        let written = tokio::task::spawn_blocking(move || {
+            layer::write_layer(&d2, &entries)?;
+            crate::store::sync_fs_of(&d2)
+        })
+        .await
+        .map_err(failed)?;
         layers.insert(0, name);
         let mounted = match written {
             Ok(()) => self.mount_overlay(id, &snapshot, &layers),
