@@ -49,6 +49,20 @@ pub enum ScanError {
     Unstable(String),
 }
 
+/// The target of the symlink at `full` (volume path `vp`), if it stays in the volume.
+pub fn read_symlink(full: &Path, vp: &VolPath) -> Result<String, ScanError> {
+    let target = std::fs::read_link(full).map_err(io_err(full))?;
+    let target = target
+        .into_os_string()
+        .into_string()
+        .map_err(|_| ScanError::NotUtf8(full.display().to_string()))?;
+    check_symlink_target(vp, &target).map_err(|source| ScanError::BadPath {
+        path: full.display().to_string(),
+        source,
+    })?;
+    Ok(target)
+}
+
 /// Hashes a file, or imports it into the store, as `how` says, checking its stat before
 /// and after: a file that changed meanwhile is read again, and refused if it changes again,
 /// so torn content is never recorded. Returns hash, size, the stat it had, and its mode.
@@ -173,15 +187,7 @@ pub fn scan(
                 entries.insert(vp.clone(), Entry::Dir { mode });
                 stack.push((full, Some(vp)));
             } else if ft.is_symlink() {
-                let target = std::fs::read_link(&full).map_err(io_err(&full))?;
-                let target = target
-                    .into_os_string()
-                    .into_string()
-                    .map_err(|_| ScanError::NotUtf8(full.display().to_string()))?;
-                check_symlink_target(&vp, &target).map_err(|source| ScanError::BadPath {
-                    path: full.display().to_string(),
-                    source,
-                })?;
+                let target = read_symlink(&full, &vp)?;
                 entries.insert(vp, Entry::Symlink { target });
             } else if ft.is_file() {
                 let st = Stat::of(&meta);

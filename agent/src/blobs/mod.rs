@@ -29,3 +29,44 @@ mod swarm;
 pub use client::*;
 pub use serve::*;
 pub use swarm::*;
+
+/// Splits blobs into runs of at most `max_count` blobs and about `max_bytes` (a larger blob
+/// goes alone), in order: the batches of a batched upload or fetch.
+pub fn batches(blobs: &[(Hash, u64)], max_count: usize, max_bytes: u64) -> Vec<&[(Hash, u64)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, (_, size)) in blobs.iter().enumerate() {
+        if i > start && (i - start >= max_count || bytes + size > max_bytes) {
+            out.push(&blobs[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < blobs.len() {
+        out.push(&blobs[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_keep_order_and_bounds_and_a_large_blob_goes_alone() {
+        let blob = |s: u64| (Hash([s as u8; 32]), s);
+        let blobs: Vec<_> = [3, 3, 3, 3, 100, 1, 1, 1, 1, 1]
+            .into_iter()
+            .map(blob)
+            .collect();
+        let b = batches(&blobs, 3, 8);
+        assert_eq!(b.concat(), blobs);
+        assert!(b.iter().all(|g| g.len() <= 3));
+        assert!(
+            b.iter()
+                .all(|g| g.len() == 1 || g.iter().map(|x| x.1).sum::<u64>() <= 8)
+        );
+        assert!(b.contains(&&blobs[4..5]));
+        assert!(batches(&[], 3, 8).is_empty());
+    }
+}

@@ -53,7 +53,8 @@ impl Inner {
             counter,
         };
         let mut result = Ok(());
-        for group in small_batches(blobs) {
+        let max = MAX_GET_MANY.min(MAX_LOOKUP_ALL);
+        for group in crate::blobs::batches(blobs, max, SMALL_BATCH_BYTES) {
             result = self.fetch_group(group, &mut sink).await;
             if result.is_err() {
                 break;
@@ -167,23 +168,4 @@ impl Inner {
             }
         }
     }
-}
-
-/// Splits small blobs into batches of at most [`MAX_GET_MANY`] blobs and about
-/// [`SMALL_BATCH_BYTES`].
-fn small_batches(blobs: &[(Hash, u64)]) -> Vec<&[(Hash, u64)]> {
-    let max = MAX_GET_MANY.min(MAX_LOOKUP_ALL);
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0u64);
-    for (i, (_, size)) in blobs.iter().enumerate() {
-        if i > start && (i - start >= max || bytes + size > SMALL_BATCH_BYTES) {
-            out.push(&blobs[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += size;
-    }
-    if start < blobs.len() {
-        out.push(&blobs[start..]);
-    }
-    out
 }

@@ -108,7 +108,7 @@ impl Inner {
         // Batches of many small blobs (or one large one), two on the way at once so the
         // origin checks and syncs one while the next travels.
         let mut set = tokio::task::JoinSet::new();
-        for batch in upload_batches(&missing) {
+        for batch in crate::blobs::batches(&missing, MAX_UPLOAD_BLOBS, UPLOAD_BATCH_BYTES) {
             if set.len() >= UPLOADS_IN_FLIGHT
                 && let Some(r) = set.join_next().await
             {
@@ -176,22 +176,3 @@ impl Inner {
 const UPLOADS_IN_FLIGHT: usize = 2;
 /// Bytes in one upload batch (a larger blob travels alone).
 const UPLOAD_BATCH_BYTES: u64 = 64 << 20;
-
-/// Splits blobs into upload batches of at most [`MAX_UPLOAD_BLOBS`] blobs and about
-/// [`UPLOAD_BATCH_BYTES`].
-fn upload_batches(blobs: &[(Hash, u64)]) -> Vec<&[(Hash, u64)]> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0u64);
-    for (i, (_, size)) in blobs.iter().enumerate() {
-        let full = i - start >= MAX_UPLOAD_BLOBS || bytes + size > UPLOAD_BATCH_BYTES;
-        if i > start && full {
-            out.push(&blobs[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += size;
-    }
-    if start < blobs.len() {
-        out.push(&blobs[start..]);
-    }
-    out
-}

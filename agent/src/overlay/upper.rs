@@ -18,11 +18,10 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::lgetxattr;
 use voltool_protocol::manifest::MODE_MASK;
-use voltool_protocol::path::check_symlink_target;
 use voltool_protocol::{Change, Entry, Hash, Manifest, VolPath};
 
 use super::{XATTR_METACOPY, XATTR_OPAQUE, XATTR_REDIRECT};
-use crate::scan::{ScanError, ScanMode, Stat, StatCache, read_stable};
+use crate::scan::{ScanError, ScanMode, Stat, StatCache, read_stable, read_symlink};
 
 /// Where the lower contents of an upper directory come from.
 #[derive(Clone, Debug)]
@@ -144,15 +143,7 @@ pub fn read_upper(
                 let child = dir_change(&full, &vp, &origin, &name, mode, lowers, &mut out)?;
                 stack.push((full, Some(vp), child));
             } else if ft.is_symlink() {
-                let target = std::fs::read_link(&full).map_err(io_err(&full))?;
-                let target = target
-                    .into_os_string()
-                    .into_string()
-                    .map_err(|_| ScanError::NotUtf8(full.display().to_string()))?;
-                check_symlink_target(&vp, &target).map_err(|source| ScanError::BadPath {
-                    path: full.display().to_string(),
-                    source,
-                })?;
+                let target = read_symlink(&full, &vp)?;
                 out.changes.push(Change {
                     path: vp,
                     entry: Some(Entry::Symlink { target }),
