@@ -164,7 +164,7 @@ async fn answer_busy(send: &mut SendStream) -> Result<(), NetError> {
 }
 
 /// Bytes of small blobs read from the store at once when answering `GetMany`.
-const MANY_READ_GROUP: u64 = 4 << 20;
+const MANY_READ_GROUP: u64 = 1 << 20;
 
 /// Sends each small blob whole after its header, reading them from the store a group at a
 /// time; a blob not held (or whose copy here fails its hash) gets `NotFound` and no bytes.

@@ -13,6 +13,8 @@ use crate::store::ImportBatch;
 use super::fetch::ask_providers;
 use super::*;
 
+/// Batches on the way at once.
+const SMALL_LANES: usize = 2;
 /// Bytes of small blobs asked of one provider at once.
 const SMALL_BATCH_BYTES: u64 = 16 << 20;
 /// Rounds over all providers before a batch that none could serve fails.
@@ -46,28 +48,38 @@ impl Inner {
             }
             batch.finish()
         });
-        let mut sink = Sink {
-            tx,
-            stats: FetchStats::default(),
-            banned: HashSet::new(),
-            counter,
-        };
-        let mut result = Ok(());
         let max = MAX_GET_MANY.min(MAX_LOOKUP_ALL);
-        for group in crate::blobs::batches(blobs, max, SMALL_BATCH_BYTES) {
-            result = self.fetch_group(group, &mut sink).await;
-            if result.is_err() {
-                break;
+        let groups = crate::blobs::batches(blobs, max, SMALL_BATCH_BYTES);
+        // Two batches on the way at once: while one provider reads a batch from its disk,
+        // another one's bytes travel and are written here.
+        let lane = |first: usize, tx: tokio::sync::mpsc::Sender<(Hash, Vec<u8>)>| {
+            let groups = &groups;
+            async move {
+                let mut sink = Sink {
+                    tx,
+                    stats: FetchStats::default(),
+                    banned: HashSet::new(),
+                    counter,
+                };
+                for group in groups.iter().skip(first).step_by(SMALL_LANES) {
+                    self.fetch_group(group, &mut sink).await?;
+                }
+                Ok::<_, OpError>(sink.stats)
             }
-        }
-        let Sink { tx, stats, .. } = sink;
-        drop(tx);
+        };
+        let (a, b) = tokio::join!(lane(0, tx.clone()), lane(1, tx));
+        let result = a.and_then(|mut s| {
+            s.merge(&b?);
+            s.banned.sort();
+            s.banned.dedup();
+            Ok(s)
+        });
         let written = writer.await.map_err(failed)?;
         // The store's own failure (a full disk) says more than "stopped taking blobs".
         if let Err(e) = written {
             return Err(failed(format!("cannot store fetched blobs: {e}")));
         }
-        result?;
+        let stats = result?;
         self.announce(blobs.iter().map(|(h, _)| *h).collect(), true)
             .await;
         Ok(stats)
