@@ -243,15 +243,23 @@ impl Inner {
         let state_hash = self.store.import_bytes(&state.encode()).map_err(failed)?;
         let mut layers = rec.layers.clone();
         layers.insert(0, format!("{}/upper", rec.snapshot));
-        let switched = if entries == 0 {
+        if entries == 0 {
             // Nothing was written: the mount stays as it is.
             return Ok((rec.clone(), 0));
-        } else if layers.len() > MAX_LAYERS {
+        }
+        // Its files are now the store's too: nobody but the agent reaches them by this path
+        // any more (the kernel reads lower layers with the mounter's rights).
+        let upper = snap_dir.join("upper");
+        let mode = std::fs::metadata(&upper).map_err(failed)?.permissions();
+        std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(failed)?;
+        let switched = if layers.len() > MAX_LAYERS {
             self.rebuild(rec, &state, state_hash).await
         } else {
             self.switch_to(rec, layers, state_hash).await
         };
         if switched.is_err() {
+            let _ = std::fs::set_permissions(&upper, mode);
             let store = self.store.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 for h in linked {

@@ -143,6 +143,12 @@ impl Store {
         let blobs = dir.join("blobs");
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&blobs).ctx(&blobs)?;
+        // Blob files may be hard links to files users wrote (sealed upper layers): only the
+        // agent reaches them here.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).ctx(dir)?;
+        }
         // Leftovers of imports interrupted by a crash: never referenced by metadata.
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).ctx(&tmp)?;
