@@ -141,9 +141,12 @@ async fn a_restart_after_a_reboot_mounts_the_snapshot_again_with_its_uncommitted
     // A reboot: the overlays are gone, the directories stay.
     voltool_agent::overlay::unmount_all_under(&f.agent_dir(0));
     assert!(!a.join("committed").exists());
+    // Never an empty directory: until the agent is back the path says why.
+    assert!(a.join(voltool_agent::node::NOT_MOUNTED).exists());
     let agent = f.start_agent(0).await;
     f.agents.push(agent);
     assert_eq!(tree(&a), before);
+    assert!(!a.join(voltool_agent::node::NOT_MOUNTED).exists());
     let c = f.commit(0, "vol").await.unwrap();
     assert_eq!(c.changed, 1);
 }

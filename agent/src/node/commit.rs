@@ -39,6 +39,34 @@ impl Inner {
         Ok(report)
     }
 
+    /// Records a commit's result in the mount: its local state as the new base, and the
+    /// head's version if the head is exactly that state (else other writers' changes
+    /// await the next reload, so the old version stays).
+    fn record_commit(
+        &self,
+        rec: MountRecord,
+        head: &SignedHead,
+        local: &scan::Scan,
+        own: Vec<Change>,
+    ) -> OpResult<()> {
+        let local_hash = self
+            .store
+            .import_bytes(&local.manifest.encode())
+            .map_err(failed)?;
+        let version = if head.commit.manifest == local_hash {
+            head.commit.version
+        } else {
+            rec.version
+        };
+        let new = MountRecord {
+            version,
+            manifest: local_hash,
+            own,
+            ..rec
+        };
+        self.put_mount(&new, &local.stats)
+    }
+
     /// Commits what the mount holds.
     async fn commit_once(
         &self,
@@ -88,37 +116,12 @@ impl Inner {
         self.crash_point("commit-uploaded");
         let priors = changes.iter().map(|c| base.get(&c.path).cloned()).collect();
         let n = changes.len();
-        let mut own: BTreeMap<VolPath, Option<Entry>> = rec
-            .own
-            .iter()
-            .map(|c| (c.path.clone(), c.entry.clone()))
-            .collect();
-        own.extend(changes.iter().map(|c| (c.path.clone(), c.entry.clone())));
+        let own = merge_own(&rec.own, &changes);
         let (head, overwritten) = self
             .send_commit(&info, rec.version, changes, priors)
             .await?;
         self.crash_point("commit-sent");
-        let local_hash = self
-            .store
-            .import_bytes(&scanned.manifest.encode())
-            .map_err(failed)?;
-        // Other writers' changes merged into the head are not in this snapshot yet: keep
-        // the old version then, so the next reload brings them in.
-        let version = if head.commit.manifest == local_hash {
-            head.commit.version
-        } else {
-            rec.version
-        };
-        let new = MountRecord {
-            version,
-            manifest: local_hash,
-            own: own
-                .into_iter()
-                .map(|(path, entry)| Change { path, entry })
-                .collect(),
-            ..rec
-        };
-        self.put_mount(&new, &scanned.stats)?;
+        self.record_commit(rec, &head, &scanned, own)?;
         if !overwritten.is_empty() {
             warn!(volume = name, paths = ?overwritten, "this commit overwrote other writers' changes");
         }
@@ -135,4 +138,19 @@ impl Inner {
         };
         Ok(report)
     }
+}
+
+/// The mount's committed changes not yet seen back in a reload, with `changes` added
+/// (the later change of a path wins).
+fn merge_own(own: &[Change], changes: &[Change]) -> Vec<Change> {
+    let mut merged: BTreeMap<&VolPath, &Option<Entry>> =
+        own.iter().map(|c| (&c.path, &c.entry)).collect();
+    merged.extend(changes.iter().map(|c| (&c.path, &c.entry)));
+    merged
+        .into_iter()
+        .map(|(path, entry)| Change {
+            path: path.clone(),
+            entry: entry.clone(),
+        })
+        .collect()
 }

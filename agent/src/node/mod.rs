@@ -39,6 +39,7 @@ mod fetch;
 mod fetch_small;
 mod mount;
 mod mounts;
+mod registry;
 mod reload;
 mod remote;
 mod snapshot;
@@ -51,7 +52,7 @@ pub use events::Events;
 use mounts::{MOUNTS, MountRecord, STATS, switch_link};
 use remote::SEEN;
 use snapshot::Take;
-pub use snapshot::{MAX_LAYERS, SnapshotMode};
+pub use snapshot::{MAX_LAYERS, NOT_MOUNTED, SnapshotMode};
 
 /// Agent options.
 #[derive(Clone, Debug)]
@@ -381,27 +382,6 @@ impl Inner {
     ) -> Result<Reply, ErrorReply> {
         match req {
             Request::Status => self.status().await.map(Reply::Status),
-            Request::VolumeCreate { name } => {
-                check_volume_name(&name).map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
-                self.coord
-                    .request(&CoordRequest::CreateVolume { name: name.clone() })
-                    .await?;
-                Ok(Reply::Done(format!("created volume {name}")))
-            }
-            Request::VolumeList => match self.coord.request(&CoordRequest::ListVolumes).await? {
-                CoordResponse::Volumes(v) => Ok(Reply::Volumes(
-                    v.into_iter()
-                        .map(|i| VolumeView {
-                            name: i.name,
-                            id: i.id.to_string(),
-                            version: i.head.commit.version,
-                            created_ms: i.created_ms,
-                            updated_ms: i.head.commit.time_ms,
-                        })
-                        .collect(),
-                )),
-                _ => Err(failed("unexpected answer from the coordinator")),
-            },
             Request::VolumeLs { name, path } => {
                 self.ls(&name, path.as_deref()).await.map(Reply::Ls)
             }
@@ -434,31 +414,6 @@ impl Inner {
                 dst,
                 recursive,
             } => self.cp(&name, &srcs, &dst, recursive).await,
-            Request::VolumeRename { from, to } => {
-                check_volume_name(&to).map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
-                self.coord
-                    .request(&CoordRequest::RenameVolume {
-                        from: from.clone(),
-                        to: to.clone(),
-                    })
-                    .await?;
-                Ok(Reply::Done(format!("renamed volume {from} to {to}")))
-            }
-            Request::VolumeDelete {
-                name,
-                allow_missing,
-            } => match self
-                .coord
-                .request(&CoordRequest::DeleteVolume { name: name.clone() })
-                .await
-            {
-                Ok(_) => Ok(Reply::Done(format!("deleted volume {name}"))),
-                Err(ClientError::Remote {
-                    kind: ErrorKind::NotFound,
-                    ..
-                }) if allow_missing => Ok(Reply::Done(format!("volume {name} does not exist"))),
-                Err(e) => Err(e.into()),
-            },
             Request::Mount {
                 name,
                 path,
@@ -476,6 +431,7 @@ impl Inner {
                 let name = self.which_mount(name)?;
                 self.reload(&name, mode, &events).await.map(Reply::Reloaded)
             }
+            other => self.registry(other).await,
         }
     }
 

@@ -43,23 +43,7 @@ impl Inner {
                 Settled::UpToDate(version, c) => return Ok(unchanged(version, Some(*c))),
             };
         let new = self.manifest_of(&info.head.commit).await?;
-        let reuse: HashSet<VolPath> = new
-            .entries()
-            .iter()
-            .filter(|(p, e)| {
-                matches!(e, Entry::File { .. })
-                    && !dirty_paths.contains(*p)
-                    && !p.ancestors().any(|a| dirty_paths.contains(&a))
-                    && base.get(p).is_some_and(|b| b.same_content(e))
-            })
-            .map(|(p, _)| p.clone())
-            .collect();
-        let needed: Vec<(Hash, u64)> = new
-            .entries()
-            .iter()
-            .filter(|(p, _)| !reuse.contains(*p))
-            .filter_map(|(_, e)| e.blob())
-            .collect();
+        let (reuse, needed) = plan(&new, &base, &dirty_paths);
         let fetched_files_bytes = needed.iter().map(|(_, s)| s).sum();
         let t_fetch = Instant::now();
         let stats = self.fetch_blobs(&needed, events).await?;
@@ -67,52 +51,9 @@ impl Inner {
         self.crash_point("reload-fetched");
         let t_build = Instant::now();
         events.progress("build", 0, 0);
-        self.freeze_for_switch(&rec, &base, mode).await?;
-        let lowers = match self.overlays {
-            true => self.read_manifest(rec.lower_manifest).await,
-            false => Ok(base.clone()),
-        };
-        let built = match lowers {
-            Ok(lowers) => {
-                self.build(
-                    rec.id,
-                    info.head.commit.version,
-                    &new,
-                    Some((&rec, &lowers)),
-                    reuse.clone(),
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        let built = built.inspect_err(|_| self.thaw(&rec))?;
-        self.crash_point("reload-built");
-        let lost = lost_changes(&rec, &new);
-        if !lost.is_empty() {
-            warn!(volume = name, paths = ?lost, "changes committed here were overwritten by another writer");
-        }
-        let new_rec = MountRecord {
-            version: info.head.commit.version,
-            manifest: info.head.commit.manifest,
-            snapshot: built.snapshot,
-            own: Vec::new(),
-            layers: built.layers,
-            lower_manifest: info.head.commit.manifest,
-            ..rec.clone()
-        };
-        self.put_mount(&new_rec, &built.stats)
-            .inspect_err(|_| self.thaw(&rec))?;
-        self.crash_point("reload-recorded");
-        switch_link(
-            &new_rec.path,
-            &self.link_target(new_rec.id, &new_rec.snapshot),
-        )?;
-        let fresh = self.retire(&rec, &new_rec, reuse).await?;
-        if !fresh.is_empty() {
-            let mut stats = built.stats;
-            stats.extend(fresh);
-            self.put_mount(&new_rec, &stats)?;
-        }
+        let (new_rec, lost) = self
+            .switch_to_head(&rec, &info, &new, &base, mode, reuse)
+            .await?;
         let build_seconds = t_build.elapsed().as_secs_f64();
         let report = ReloadReport {
             volume: name.to_string(),
@@ -132,22 +73,36 @@ impl Inner {
             build_seconds,
             seconds: start.elapsed().as_secs_f64(),
         };
-        info!(
-            volume = name,
-            from = from_version,
-            to = report.version,
-            origin_bytes = report.sources.origin_bytes,
-            peer_bytes = report.sources.peer_bytes,
-            local_bytes = report.sources.local_bytes,
-            seconds = report.seconds,
-            "reloaded"
-        );
-        self.last_reload
-            .lock()
-            .expect("not poisoned")
-            .insert(name.to_string(), report.clone());
+        self.remember(&report);
         Ok(report)
     }
+}
+
+/// Which files of `new` the previous snapshot holds as they are (clean: not among the
+/// `dirty` paths being discarded), and the blobs the others need.
+fn plan(
+    new: &Manifest,
+    base: &Manifest,
+    dirty: &HashSet<VolPath>,
+) -> (HashSet<VolPath>, Vec<(Hash, u64)>) {
+    let reuse: HashSet<VolPath> = new
+        .entries()
+        .iter()
+        .filter(|(p, e)| {
+            matches!(e, Entry::File { .. })
+                && !dirty.contains(*p)
+                && !p.ancestors().any(|a| dirty.contains(&a))
+                && base.get(p).is_some_and(|b| b.same_content(e))
+        })
+        .map(|(p, _)| p.clone())
+        .collect();
+    let needed = new
+        .entries()
+        .iter()
+        .filter(|(p, _)| !reuse.contains(*p))
+        .filter_map(|(_, e)| e.blob())
+        .collect();
+    (reuse, needed)
 }
 
 /// This mount's committed changes that the new head no longer holds: another writer
@@ -184,6 +139,79 @@ enum Settled {
 }
 
 impl Inner {
+    /// Builds the snapshot of the head `info` (manifest `new`) and switches the mount to it;
+    /// returns the new record and the paths committed here that another writer overwrote.
+    async fn switch_to_head(
+        &self,
+        rec: &MountRecord,
+        info: &VolumeInfo,
+        new: &Manifest,
+        base: &Manifest,
+        mode: ReloadMode,
+        reuse: HashSet<VolPath>,
+    ) -> OpResult<(MountRecord, Vec<String>)> {
+        self.freeze_for_switch(rec, base, mode).await?;
+        let lowers = match self.overlays {
+            true => self.read_manifest(rec.lower_manifest).await,
+            false => Ok(base.clone()),
+        };
+        let version = info.head.commit.version;
+        let built = match lowers {
+            Ok(lowers) => {
+                self.build(rec.id, version, new, Some((rec, &lowers)), reuse.clone())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let built = built.inspect_err(|_| self.thaw(rec))?;
+        self.crash_point("reload-built");
+        let lost = lost_changes(rec, new);
+        if !lost.is_empty() {
+            warn!(volume = rec.name, paths = ?lost, "changes committed here were overwritten by another writer");
+        }
+        let new_rec = MountRecord {
+            version,
+            manifest: info.head.commit.manifest,
+            snapshot: built.snapshot,
+            own: Vec::new(),
+            layers: built.layers,
+            lower_manifest: info.head.commit.manifest,
+            ..rec.clone()
+        };
+        self.put_mount(&new_rec, &built.stats)
+            .inspect_err(|_| self.thaw(rec))?;
+        self.crash_point("reload-recorded");
+        switch_link(
+            &new_rec.path,
+            &self.link_target(new_rec.id, &new_rec.snapshot),
+        )?;
+        let fresh = self.retire(rec, &new_rec, reuse).await?;
+        if !fresh.is_empty() {
+            let mut stats = built.stats;
+            stats.extend(fresh);
+            self.put_mount(&new_rec, &stats)?;
+        }
+        Ok((new_rec, lost))
+    }
+
+    /// Logs a reload and keeps its report for `voltool status`.
+    fn remember(&self, report: &ReloadReport) {
+        info!(
+            volume = report.volume,
+            from = report.from_version,
+            to = report.version,
+            origin_bytes = report.sources.origin_bytes,
+            peer_bytes = report.sources.peer_bytes,
+            local_bytes = report.sources.local_bytes,
+            seconds = report.seconds,
+            "reloaded"
+        );
+        self.last_reload
+            .lock()
+            .expect("not poisoned")
+            .insert(report.volume.clone(), report.clone());
+    }
+
     /// Deals with uncommitted changes as `mode` says: refuses, commits them first, or marks
     /// them to be discarded.
     async fn settle(

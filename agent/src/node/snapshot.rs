@@ -333,6 +333,7 @@ impl Inner {
             let p = dir.join(d);
             std::fs::create_dir_all(&p).map_err(|e| failed(format!("{}: {e}", p.display())))?;
         }
+        mark_unmounted(&dir.join("merged")).map_err(failed)?;
         let data = self.store.blobs_dir();
         let ov = Overlay {
             lowers: layers.iter().map(|l| self.mounts_dir(id).join(l)).collect(),
@@ -441,6 +442,25 @@ impl Inner {
         .map_err(failed)?
         .map_err(|e| err(ErrorCode::Invalid, format!("cannot read the mount: {e}")))
     }
+}
+
+/// The file a mount point holds under its overlay: after a reboot, until the agent has
+/// mounted the snapshot again, a user's path shows this instead of an empty directory.
+pub const NOT_MOUNTED: &str = "VOLTOOL-NOT-MOUNTED";
+
+/// Puts [`NOT_MOUNTED`] in a mount point that does not hold it yet, and makes the mount
+/// point read-only for everyone but root.
+fn mark_unmounted(mount_point: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let marker = mount_point.join(NOT_MOUNTED);
+    if !marker.exists() {
+        std::fs::write(
+            &marker,
+            "This volume is not mounted: its voltool agent has not started (yet).\n",
+        )?;
+        std::fs::set_permissions(mount_point, std::fs::Permissions::from_mode(0o555))?;
+    }
+    Ok(())
 }
 
 /// Every entry of a manifest, as one layer.
