@@ -189,6 +189,11 @@ impl Agent {
             members: Default::default(),
             overlays,
         });
+        if inner.overlays {
+            let root = inner.opts.data.join("mounts");
+            std::fs::create_dir_all(&root).map_err(|e| other(&e))?;
+            crate::overlay::make_private_root(&root).map_err(|e| other(&e))?;
+        }
         inner.recover().await.map_err(|e| other(&e))?;
         let cancel = inner.cancel.clone();
         let mut tasks = tokio::task::JoinSet::new();

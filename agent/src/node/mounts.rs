@@ -170,7 +170,7 @@ impl Inner {
         let root = self.opts.data.join("mounts");
         for m in crate::overlay::mounts_under(&root).unwrap_or_default() {
             let snapshot = m.parent().map(Path::to_path_buf).unwrap_or_default();
-            if !current.contains(&snapshot) {
+            if m != root && !current.contains(&snapshot) {
                 debug!(path = %m.display(), "detaching a stale snapshot");
                 let _ = crate::overlay::unmount_lazy(&m);
             }
