@@ -49,6 +49,28 @@ pub enum ScanError {
     Unstable(String),
 }
 
+/// A directory entry's full path, name and volume path (below `rel`, the directory's own
+/// volume path, or the root): names must be UTF-8 and valid volume path components.
+pub fn entry_path(
+    de: &std::fs::DirEntry,
+    rel: Option<&VolPath>,
+) -> Result<(PathBuf, String, VolPath), ScanError> {
+    let full = de.path();
+    let name = de
+        .file_name()
+        .into_string()
+        .map_err(|_| ScanError::NotUtf8(full.display().to_string()))?;
+    let vp = match rel {
+        Some(r) => format!("{r}/{name}"),
+        None => name.clone(),
+    };
+    let vp = VolPath::new(&vp).map_err(|source| ScanError::BadPath {
+        path: full.display().to_string(),
+        source,
+    })?;
+    Ok((full, name, vp))
+}
+
 /// The target of the symlink at `full` (volume path `vp`), if it stays in the volume.
 pub fn read_symlink(full: &Path, vp: &VolPath) -> Result<String, ScanError> {
     let target = std::fs::read_link(full).map_err(io_err(full))?;
@@ -167,19 +189,7 @@ pub fn scan(
     while let Some((dir, rel)) = stack.pop() {
         for de in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
             let de = de.map_err(io_err(&dir))?;
-            let full = de.path();
-            let name = de
-                .file_name()
-                .into_string()
-                .map_err(|_| ScanError::NotUtf8(full.display().to_string()))?;
-            let vp = match &rel {
-                Some(r) => format!("{r}/{name}"),
-                None => name,
-            };
-            let vp = VolPath::new(&vp).map_err(|source| ScanError::BadPath {
-                path: full.display().to_string(),
-                source,
-            })?;
+            let (full, _, vp) = entry_path(&de, rel.as_ref())?;
             let meta = std::fs::symlink_metadata(&full).map_err(io_err(&full))?;
             let ft = meta.file_type();
             let mode = meta.permissions().mode() & MODE_MASK;

@@ -110,6 +110,15 @@ impl TestFleet {
         .unwrap()
     }
 
+    /// Restarts agent `i` as a liar: it holds what it held, but flips bytes in everything it
+    /// serves.
+    pub async fn make_liar(&mut self, i: usize) {
+        let honest = self.agents.remove(i);
+        honest.shutdown().await;
+        let liar = self.start_agent_with(i, true).await;
+        self.agents.insert(i, liar);
+    }
+
     /// Data directory of agent `i`.
     pub fn agent_dir(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("agent-{i}"))

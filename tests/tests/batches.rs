@@ -87,10 +87,7 @@ async fn many_small_files_travel_in_batches_and_arrive_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_peer_of_small_files_is_banned_and_the_bytes_come_right() {
     let mut f = TestFleet::start(2).await;
-    let liar = f.agents.remove(0);
-    liar.shutdown().await;
-    let liar = f.start_agent_with(0, true).await;
-    f.agents.insert(0, liar);
+    f.make_liar(0).await;
     f.create("vol").await;
     let a = f.mount(0, "vol").await;
     let b = f.mount(1, "vol").await;

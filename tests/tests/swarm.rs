@@ -56,10 +56,7 @@ async fn simultaneous_reloads_feed_each_other() {
 async fn a_lying_peer_is_banned_and_the_reload_completes_with_correct_bytes() {
     let mut f = TestFleet::start(2).await;
     // Agent 0 holds the blob complete but flips bytes in everything it serves.
-    let liar = f.agents.remove(0);
-    liar.shutdown().await;
-    let liar = f.start_agent_with(0, true).await;
-    f.agents.insert(0, liar);
+    f.make_liar(0).await;
     f.create("vol").await;
     let a = f.mount(0, "vol").await;
     f.mount(1, "vol").await;

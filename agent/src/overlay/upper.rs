@@ -21,7 +21,7 @@ use voltool_protocol::manifest::MODE_MASK;
 use voltool_protocol::{Change, Entry, Hash, Manifest, VolPath};
 
 use super::{XATTR_METACOPY, XATTR_OPAQUE, XATTR_REDIRECT};
-use crate::scan::{ScanError, ScanMode, Stat, StatCache, read_stable, read_symlink};
+use crate::scan::{ScanError, ScanMode, Stat, StatCache, entry_path, read_stable, read_symlink};
 
 /// Where the lower contents of an upper directory come from.
 #[derive(Clone, Debug)]
@@ -117,19 +117,7 @@ pub fn read_upper(
     while let Some((dir, rel, origin)) = stack.pop() {
         for de in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
             let de = de.map_err(io_err(&dir))?;
-            let full = de.path();
-            let name = de
-                .file_name()
-                .into_string()
-                .map_err(|_| ScanError::NotUtf8(full.display().to_string()))?;
-            let vp = match &rel {
-                Some(r) => format!("{r}/{name}"),
-                None => name.clone(),
-            };
-            let vp = VolPath::new(&vp).map_err(|source| ScanError::BadPath {
-                path: full.display().to_string(),
-                source,
-            })?;
+            let (full, name, vp) = entry_path(&de, rel.as_ref())?;
             out.entries += 1;
             let md = std::fs::symlink_metadata(&full).map_err(io_err(&full))?;
             let ft = md.file_type();
