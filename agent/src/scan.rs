@@ -49,6 +49,20 @@ pub enum ScanError {
     Unstable(String),
 }
 
+/// The content (hash, size) `base` names for the file at `vp`, if its stat still matches
+/// the one `cache` recorded when it was hashed: such a file is not read again.
+pub fn known_content(
+    cache: &StatCache,
+    base: &Manifest,
+    vp: &VolPath,
+    st: &Stat,
+) -> Option<(Hash, u64)> {
+    match (cache.get(vp), base.get(vp)) {
+        (Some(c), Some(Entry::File { hash, size, .. })) if c == st => Some((*hash, *size)),
+        _ => None,
+    }
+}
+
 /// A directory entry's full path, name and volume path (below `rel`, the directory's own
 /// volume path, or the root): names must be UTF-8 and valid volume path components.
 pub fn entry_path(
@@ -201,13 +215,7 @@ pub fn scan(
                 entries.insert(vp, Entry::Symlink { target });
             } else if ft.is_file() {
                 let st = Stat::of(&meta);
-                let known = match (cache.get(&vp), base.get(&vp)) {
-                    (Some(c), Some(Entry::File { hash, size, .. })) if *c == st => {
-                        Some((*hash, *size))
-                    }
-                    _ => None,
-                };
-                match known {
+                match known_content(cache, base, &vp, &st) {
                     Some((hash, size)) => {
                         entries.insert(
                             vp.clone(),

@@ -21,19 +21,18 @@ impl Inner {
     ) -> OpResult<CommitReport> {
         let start = Instant::now();
         let mut rec = self.mount(name)?;
-        let mut sealed_bytes = 0;
+        let mut local = None;
         if self.overlays
-            && let Some((sealed, hashed)) = self
+            && let Some((sealed, state)) = self
                 .seal(&rec)
                 .await
                 .map_err(|e| err(e.code, format!("cannot commit: {}", e.message)))?
         {
-            (rec, sealed_bytes) = (sealed, hashed);
+            (rec, local) = (sealed, Some(state));
         }
         let seal_seconds = start.elapsed().as_secs_f64();
         self.crash_point("commit-stored");
-        let mut report = self.commit_once(rec, Take::Copy, events).await?;
-        report.hashed_bytes += sealed_bytes;
+        let mut report = self.commit_once(rec, local, events).await?;
         report.scan_seconds += seal_seconds;
         report.seconds += seal_seconds;
         Ok(report)
@@ -67,11 +66,11 @@ impl Inner {
         self.put_mount(&new, &local.stats)
     }
 
-    /// Commits what the mount holds.
+    /// Commits what the mount holds (`local`: its state, if already read by a seal).
     async fn commit_once(
         &self,
         rec: MountRecord,
-        take: Take,
+        local: Option<scan::Scan>,
         events: &Events,
     ) -> OpResult<CommitReport> {
         let name = rec.name.clone();
@@ -79,10 +78,14 @@ impl Inner {
         let start = Instant::now();
         let base = self.read_manifest(rec.manifest).await?;
         events.progress("scan", 0, 0);
-        let scanned = self
-            .local_state(&rec, &base, take)
-            .await
-            .map_err(|e| err(e.code, format!("cannot commit: {}", e.message)))?;
+        let scanned = match local {
+            // A sealed upper: its state is known, nothing more to read.
+            Some(sealed) => sealed,
+            None => self
+                .local_state(&rec, &base, Take::Copy)
+                .await
+                .map_err(|e| err(e.code, format!("cannot commit: {}", e.message)))?,
+        };
         let scan_seconds = start.elapsed().as_secs_f64();
         let changes = scan::changes(&base, &scanned.manifest);
         if changes.is_empty() {

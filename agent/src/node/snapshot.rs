@@ -203,8 +203,12 @@ impl Inner {
     /// writable again at once, and what it held is from then on in its lower layers
     /// (`lower_manifest`), where a commit finds it as a difference from its base. Once
     /// files are linked the old mount never becomes writable again: a switch that fails
-    /// takes them back out of the store first. Returns the new record and the bytes read.
-    pub(super) async fn seal(&self, rec: &MountRecord) -> OpResult<Option<(MountRecord, u64)>> {
+    /// takes them back out of the store first. Returns the new record and the mount's
+    /// state as sealed (its manifest and the bytes read), which a commit takes as is.
+    pub(super) async fn seal(
+        &self,
+        rec: &MountRecord,
+    ) -> OpResult<Option<(MountRecord, scan::Scan)>> {
         let merged = self.link_target(rec.id, &rec.snapshot);
         if !overlay::freeze(&merged).map_err(failed)? {
             return Ok(None);
@@ -220,7 +224,11 @@ impl Inner {
         r.map(Some)
     }
 
-    async fn seal_frozen(&self, rec: &MountRecord, marker: &Path) -> OpResult<(MountRecord, u64)> {
+    async fn seal_frozen(
+        &self,
+        rec: &MountRecord,
+        marker: &Path,
+    ) -> OpResult<(MountRecord, scan::Scan)> {
         let base = self.read_manifest(rec.manifest).await?;
         let lowers = self.read_manifest(rec.lower_manifest).await?;
         let cache = self.stats(&rec.name)?;
@@ -240,13 +248,18 @@ impl Inner {
         .map_err(failed)?
         .map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
         self.crash_point("commit-sealing");
+        let sealed = |manifest| scan::Scan {
+            manifest,
+            stats: StatCache::new(),
+            hashed_bytes: hashed,
+        };
+        if entries == 0 {
+            // Nothing was written: the mount stays as it is.
+            return Ok((rec.clone(), sealed(state)));
+        }
         let state_hash = self.store.import_bytes(&state.encode()).map_err(failed)?;
         let mut layers = rec.layers.clone();
         layers.insert(0, format!("{}/upper", rec.snapshot));
-        if entries == 0 {
-            // Nothing was written: the mount stays as it is.
-            return Ok((rec.clone(), 0));
-        }
         // Its files are now the store's too: nobody but the agent reaches them by this path
         // any more (the kernel reads lower layers with the mounter's rights).
         let upper = snap_dir.join("upper");
@@ -268,7 +281,7 @@ impl Inner {
             })
             .await;
         }
-        switched.map(|r| (r, hashed))
+        switched.map(|r| (r, sealed(state)))
     }
 
     /// Mounts a new snapshot over `layers` with a fresh upper, records it and switches the

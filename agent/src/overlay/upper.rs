@@ -21,7 +21,9 @@ use voltool_protocol::manifest::MODE_MASK;
 use voltool_protocol::{Change, Entry, Hash, Manifest, VolPath};
 
 use super::{XATTR_METACOPY, XATTR_OPAQUE, XATTR_REDIRECT};
-use crate::scan::{ScanError, ScanMode, Stat, StatCache, entry_path, read_stable, read_symlink};
+use crate::scan::{
+    ScanError, ScanMode, Stat, StatCache, entry_path, known_content, read_stable, read_symlink,
+};
 
 /// Where the lower contents of an upper directory come from.
 #[derive(Clone, Debug)]
@@ -144,20 +146,20 @@ pub fn read_upper(
                 });
             } else if ft.is_file() {
                 let st = Stat::of(&md);
-                match (cache.get(&vp), base.get(&vp)) {
-                    (Some(c), Some(Entry::File { hash, size, .. })) if *c == st => {
+                match known_content(cache, base, &vp, &st) {
+                    Some((hash, size)) => {
                         out.stats.insert(vp.clone(), st);
                         out.changes.push(Change {
                             path: vp,
                             entry: Some(Entry::File {
-                                size: *size,
+                                size,
                                 mode,
                                 mtime_ns: st.mtime_ns,
-                                hash: *hash,
+                                hash,
                             }),
                         });
                     }
-                    _ => written.push((vp, full)),
+                    None => written.push((vp, full)),
                 }
             } else {
                 // A volume holds no special files; whatever stood here below is hidden.
