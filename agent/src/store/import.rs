@@ -105,11 +105,6 @@ impl Store {
 }
 
 impl ImportBatch {
-    /// The store this batch writes to.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     /// Copies a file into the store, hashing it in the same read. The store keeps its own
     /// copy: later writes to `src` never touch it.
     pub fn import_file(&self, src: &Path) -> Result<(Hash, u64), StoreError> {
@@ -305,16 +300,6 @@ impl ImportBatch {
         )
         .ctx(data_path)?;
         Ok(Hash::from(root))
-    }
-
-    /// Blobs placed so far (not counting those the store already held).
-    pub fn len(&self) -> usize {
-        self.placed.lock().expect("not poisoned").len()
-    }
-
-    /// Whether nothing was placed.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Makes every blob of the batch durable, moves it into place, makes that durable
