@@ -11,7 +11,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use voltool_protocol::manifest::MODE_MASK;
 use voltool_protocol::path::check_symlink_target;
-use voltool_protocol::{Change, Entry, Hash, Manifest, ManifestError, PathError, VolPath};
+use voltool_protocol::tree::{self, PageRef, PageSource, TreeError};
+use voltool_protocol::{Entry, Hash, Manifest, ManifestError, PathError, VolPath};
 
 use crate::store::{ImportBatch, Store, StoreError, sync_fs_of};
 
@@ -44,23 +45,66 @@ pub enum ScanError {
     /// The scanned tree is not a valid manifest.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// A manifest's pages cannot be read.
+    #[error(transparent)]
+    Tree(#[from] TreeError),
     /// A file kept changing while it was read: committing it would record torn content.
     #[error("{0} changed while it was read (twice); try again once it is written")]
     Unstable(String),
+}
+
+/// Read access to a manifest: the whole one in memory, or a tree of pages.
+pub trait Lookup {
+    /// The entry at `path`.
+    fn get(&self, path: &VolPath) -> Result<Option<Entry>, ScanError>;
+    /// The entries strictly below `dir`, in order.
+    fn under(&self, dir: &VolPath) -> Result<Vec<(VolPath, Entry)>, ScanError>;
+}
+
+impl Lookup for Manifest {
+    fn get(&self, path: &VolPath) -> Result<Option<Entry>, ScanError> {
+        Ok(Manifest::get(self, path).cloned())
+    }
+    fn under(&self, dir: &VolPath) -> Result<Vec<(VolPath, Entry)>, ScanError> {
+        Ok(Manifest::under(self, Some(dir))
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect())
+    }
+}
+
+/// A tree of pages seen as a manifest.
+#[derive(Debug, Clone)]
+pub struct TreeView<S> {
+    /// Where its pages are.
+    pub src: S,
+    /// Its root.
+    pub root: PageRef,
+}
+
+impl<S: PageSource> Lookup for TreeView<S> {
+    fn get(&self, path: &VolPath) -> Result<Option<Entry>, ScanError> {
+        Ok(tree::get(&self.src, &self.root, path)?)
+    }
+    fn under(&self, dir: &VolPath) -> Result<Vec<(VolPath, Entry)>, ScanError> {
+        Ok(tree::under(&self.src, &self.root, Some(dir))?)
+    }
 }
 
 /// The content (hash, size) `base` names for the file at `vp`, if its stat still matches
 /// the one `cache` recorded when it was hashed: such a file is not read again.
 pub fn known_content(
     cache: &StatCache,
-    base: &Manifest,
+    base: &dyn Lookup,
     vp: &VolPath,
     st: &Stat,
-) -> Option<(Hash, u64)> {
-    match (cache.get(vp), base.get(vp)) {
-        (Some(c), Some(Entry::File { hash, size, .. })) if c == st => Some((*hash, *size)),
-        _ => None,
+) -> Result<Option<(Hash, u64)>, ScanError> {
+    if cache.get(vp) != Some(st) {
+        return Ok(None);
     }
+    Ok(match base.get(vp)? {
+        Some(Entry::File { hash, size, .. }) => Some((hash, size)),
+        _ => None,
+    })
 }
 
 /// A directory entry's full path, name and volume path (below `rel`, the directory's own
@@ -215,7 +259,7 @@ pub fn scan(
                 entries.insert(vp, Entry::Symlink { target });
             } else if ft.is_file() {
                 let st = Stat::of(&meta);
-                match known_content(cache, base, &vp, &st) {
+                match known_content(cache, base, &vp, &st)? {
                     Some((hash, size)) => {
                         entries.insert(
                             vp.clone(),
@@ -294,17 +338,6 @@ pub fn restat(root: &Path, paths: &HashSet<VolPath>) -> Result<StatCache, ScanEr
             let full = root.join(p.as_str());
             let m = std::fs::symlink_metadata(&full).map_err(io_err(&full))?;
             Ok((p.clone(), Stat::of(&m)))
-        })
-        .collect()
-}
-
-/// The changes from `base` to `scanned`, leaving out differences of mtime alone.
-pub fn changes(base: &Manifest, scanned: &Manifest) -> Vec<Change> {
-    base.diff(scanned)
-        .into_iter()
-        .filter(|c| match (&c.entry, base.get(&c.path)) {
-            (Some(new), Some(old)) => !old.same_content(new),
-            _ => true,
         })
         .collect()
 }

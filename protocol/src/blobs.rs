@@ -1,4 +1,4 @@
-//! `voltool/blobs/2`: verified ranges of blobs, between any two fleet members.
+//! `voltool/blobs/3`: verified ranges of blobs, between any two fleet members.
 //!
 //! The origin (coordinator) and every agent serve the same protocol, so "fall back to the
 //! origin" only means the origin is the last provider in the list.
@@ -24,7 +24,7 @@ use crate::blob::RangeList;
 use crate::hash::Hash;
 
 /// ALPN of the blob protocol.
-pub const ALPN: &[u8] = b"voltool/blobs/2";
+pub const ALPN: &[u8] = b"voltool/blobs/3";
 /// Largest request frame.
 pub const MAX_REQUEST: usize = 64 << 10;
 /// Largest header or have frame.

@@ -15,7 +15,7 @@ use crate::manifest::{Change, Entry};
 use crate::path::VolPath;
 
 /// ALPN of the coordinator protocol.
-pub const ALPN: &[u8] = b"voltool/coord/2";
+pub const ALPN: &[u8] = b"voltool/coord/3";
 /// Largest request frame (a change set of a large volume).
 pub const MAX_REQUEST: usize = 256 << 20;
 /// Largest response frame.

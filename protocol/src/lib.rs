@@ -1,7 +1,7 @@
 //! voltool's sans-IO core: hashes, paths, manifests, commits and signed heads, and the wire
 //! messages. No I/O, no clock, no async: everything here can be tested exhaustively.
 //!
-//! # Wire specification, version 1
+//! # Wire specification, version 2
 //!
 //! ## Goals
 //! - Every byte a node uses or passes on is verified against a BLAKE3 hash from a
@@ -16,7 +16,7 @@
 //!
 //! ## Transport
 //! QUIC (iroh) between node keys. One ALPN per protocol: [`coord::ALPN`]
-//! (`voltool/coord/2`) and [`blobs::ALPN`] (`voltool/blobs/2`). Each request uses its own
+//! (`voltool/coord/3`) and [`blobs::ALPN`] (`voltool/blobs/3`). Each request uses its own
 //! bidirectional stream: request frame, requester finishes; response, provider finishes.
 //!
 //! ## Frames
@@ -48,7 +48,9 @@
 //! head only if it verifies under the configured coordinator id and does not roll back.
 //!
 //! ## Manifests
-//! See [`manifest`]: a version byte, then the entries in strictly increasing path order.
+//! See [`tree`]: a head names the root page of a tree of pages (each a blob), whose leaves
+//! hold the entries in strictly increasing path order; pages are split by content, so the
+//! same entries make the same tree and one change touches one page per level.
 
 pub mod blob;
 pub mod blobs;
@@ -58,6 +60,7 @@ pub mod frame;
 pub mod hash;
 pub mod manifest;
 pub mod path;
+pub mod tree;
 pub mod volume;
 
 pub use blob::RangeList;
@@ -65,6 +68,7 @@ pub use commit::{Commit, HeadError, SignedHead, VolumeId};
 pub use hash::Hash;
 pub use manifest::{Change, Entry, Manifest, ManifestError};
 pub use path::{PathError, VolPath};
+pub use tree::{PageRef, PageSource, Shape, TreeError};
 
 /// Re-exported key types: node ids are ed25519 public keys.
 pub use iroh_base::{PublicKey, SecretKey};

@@ -1,10 +1,9 @@
 //! The manifest: the sorted map `path -> entry` that describes one version of a volume.
 //!
-//! Encoding (postcard): `version: u8 = 1`, then a varint count, then for each entry in
-//! strictly increasing byte order of the path: the path as a string, then the [`Entry`].
-//! Decoding refuses any other order, duplicates, invalid paths, an entry whose parent is
-//! not a directory entry, and symlinks that leave the volume. There is one encoding for
-//! each manifest, so its hash names it.
+//! Paths are ordered by their bytes. Every entry's parent is a directory entry, and no
+//! symlink leaves the volume. A manifest is stored and sent as a tree of pages
+//! ([`crate::tree`]); [`Manifest`] is the whole map in memory, for small volumes, tests and
+//! the copy fallback.
 
 use std::collections::BTreeMap;
 
@@ -12,11 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::hash::Hash;
 use crate::path::{PathError, VolPath, check_symlink_target};
+use crate::tree::{Built, PageRef, PageSource, Shape, TreeError};
 
-/// Encoding version written as the first byte.
-pub const MANIFEST_VERSION: u8 = 1;
-/// Largest encoded manifest accepted (about 1.5 million entries).
-pub const MAX_MANIFEST_BYTES: usize = 256 << 20;
 /// Largest number of entries accepted.
 pub const MAX_ENTRIES: usize = 4_000_000;
 /// Permission bits kept in a mode.
@@ -117,18 +113,6 @@ pub struct Manifest {
     entries: BTreeMap<VolPath, Entry>,
 }
 
-#[derive(Serialize)]
-struct EncodeRef<'a> {
-    version: u8,
-    entries: Vec<(&'a VolPath, &'a Entry)>,
-}
-
-#[derive(Deserialize)]
-struct Decoded {
-    version: u8,
-    entries: Vec<(VolPath, Entry)>,
-}
-
 impl Manifest {
     /// An empty manifest (a new volume).
     pub fn new() -> Self {
@@ -187,65 +171,27 @@ impl Manifest {
     }
 
     fn validate(&self) -> Result<(), ManifestError> {
-        if self.entries.len() > MAX_ENTRIES {
-            return Err(ManifestError::TooLarge(self.entries.len()));
-        }
-        for (path, entry) in &self.entries {
-            if let Some(parent) = path.parent() {
-                match self.entries.get(&parent) {
-                    Some(Entry::Dir { .. }) => {}
-                    _ => return Err(ManifestError::Orphan(path.to_string())),
-                }
-            }
-            if let Entry::Symlink { target } = entry {
-                check_symlink_target(path, target)?;
-            }
-        }
-        Ok(())
+        validate_entries(&self.entries)
     }
 
-    /// The one canonical encoding.
-    pub fn encode(&self) -> Vec<u8> {
-        let e = EncodeRef {
-            version: MANIFEST_VERSION,
-            entries: self.entries.iter().collect(),
-        };
-        postcard::to_stdvec(&e).expect("encoding to a Vec cannot fail")
+    /// Writes the manifest as a tree of pages, giving each to `sink`.
+    pub fn build(&self, shape: Shape, sink: &mut dyn FnMut(PageRef, Vec<u8>)) -> Built {
+        crate::tree::build(&self.entries, shape, sink)
     }
 
-    /// The hash of the encoding.
-    pub fn hash(&self) -> Hash {
-        Hash::of(&self.encode())
+    /// The root page of the canonical tree of this manifest.
+    pub fn root(&self) -> PageRef {
+        self.build(Shape::CANONICAL, &mut |_, _| {}).root
     }
 
-    /// Decodes and validates an encoded manifest.
-    pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
-        if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(ManifestError::TooLarge(bytes.len()));
-        }
-        match bytes.first() {
-            Some(&MANIFEST_VERSION) | None => {}
-            Some(&v) => return Err(ManifestError::Version(v)),
-        }
-        let (d, rest): (Decoded, _) = postcard::take_from_bytes(bytes)?;
-        if !rest.is_empty() {
-            return Err(ManifestError::Trailing(rest.len()));
-        }
-        if d.version != MANIFEST_VERSION {
-            return Err(ManifestError::Version(d.version));
-        }
+    /// Reads a whole tree of pages into memory, validating it.
+    pub fn from_tree(src: &dyn PageSource, root: &PageRef) -> Result<Self, TreeError> {
         let mut entries = BTreeMap::new();
-        let mut last: Option<&VolPath> = None;
-        for (p, _) in &d.entries {
-            if last.is_some_and(|l| l >= p) {
-                return Err(ManifestError::Order(p.to_string()));
-            }
-            last = Some(p);
-        }
-        for (p, e) in d.entries {
-            entries.insert(p, e);
-        }
-        Manifest::from_entries(entries)
+        crate::tree::range(src, root, "", &mut |p, e| {
+            entries.insert(p.clone(), e.clone());
+            true
+        })?;
+        Ok(Manifest::from_entries(entries)?)
     }
 
     /// The changes that turn `self` into `new`.
@@ -275,46 +221,76 @@ impl Manifest {
     /// directories (replacing a file or link that stood where a directory must be); removing a
     /// path removes what lies below it.
     pub fn apply(&mut self, changes: &[Change]) -> Result<(), ManifestError> {
-        for c in changes {
-            match &c.entry {
-                Some(entry) => {
-                    if let Entry::Symlink { target } = entry {
-                        check_symlink_target(&c.path, target)?;
-                    }
-                    for a in c.path.ancestors() {
-                        match self.entries.get(&a) {
-                            Some(Entry::Dir { .. }) => {}
-                            _ => {
-                                self.entries.insert(a, Entry::Dir { mode: 0o755 });
-                            }
-                        }
-                    }
-                    if !entry.is_dir() {
-                        self.remove_below(&c.path);
-                    }
-                    self.entries.insert(c.path.clone(), entry.clone());
-                }
-                None => {
-                    self.entries.remove(&c.path);
-                    self.remove_below(&c.path);
-                }
-            }
-        }
+        apply_changes(&mut self.entries, changes)?;
         self.validate()
     }
+}
 
-    fn remove_below(&mut self, dir: &VolPath) {
-        let below: Vec<VolPath> = self
-            .entries
-            .range(dir.clone()..)
-            .skip_while(|(p, _)| *p == dir)
-            .take_while(|(p, _)| p.as_str().starts_with(dir.as_str()))
-            .filter(|(p, _)| p.is_under(dir))
-            .map(|(p, _)| p.clone())
-            .collect();
-        for p in below {
-            self.entries.remove(&p);
+/// Checks a map of entries: not too many, every parent a directory entry, no symlink out.
+pub(crate) fn validate_entries(entries: &BTreeMap<VolPath, Entry>) -> Result<(), ManifestError> {
+    if entries.len() > MAX_ENTRIES {
+        return Err(ManifestError::TooLarge(entries.len()));
+    }
+    for (path, entry) in entries {
+        if let Some(parent) = path.parent() {
+            match entries.get(&parent) {
+                Some(Entry::Dir { .. }) => {}
+                _ => return Err(ManifestError::Orphan(path.to_string())),
+            }
         }
+        if let Entry::Symlink { target } = entry {
+            check_symlink_target(path, target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies a change set to a map of entries (see [`Manifest::apply`]), without the final
+/// validation.
+pub(crate) fn apply_changes(
+    entries: &mut BTreeMap<VolPath, Entry>,
+    changes: &[Change],
+) -> Result<(), ManifestError> {
+    for c in changes {
+        match &c.entry {
+            Some(entry) => {
+                if let Entry::Symlink { target } = entry {
+                    check_symlink_target(&c.path, target)?;
+                }
+                for a in c.path.ancestors() {
+                    match entries.get(&a) {
+                        Some(Entry::Dir { .. }) => {}
+                        _ => {
+                            entries.insert(a, Entry::Dir { mode: 0o755 });
+                        }
+                    }
+                }
+                if !entry.is_dir() {
+                    remove_below(entries, &c.path);
+                }
+                entries.insert(c.path.clone(), entry.clone());
+            }
+            None => {
+                entries.remove(&c.path);
+                remove_below(entries, &c.path);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_below(entries: &mut BTreeMap<VolPath, Entry>, dir: &VolPath) {
+    let prefix = format!("{dir}/");
+    let below: Vec<VolPath> = entries
+        .range::<str, _>((
+            std::ops::Bound::Included(prefix.as_str()),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(|(p, _)| p.as_str().starts_with(&prefix))
+        .map(|(p, _)| p.clone())
+        .collect();
+    for p in below {
+        entries.remove(&p);
     }
 }
 
@@ -345,7 +321,7 @@ mod tests {
     }
 
     #[test]
-    fn encode_decode_round_trip_and_order() {
+    fn tree_round_trip() {
         let mut m = Manifest::new();
         m.apply(&[
             Change {
@@ -361,12 +337,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(m.len(), 3);
-        let enc = m.encode();
-        assert_eq!(Manifest::decode(&enc).unwrap(), m);
-        assert!(Manifest::decode(&[2]).is_err());
-        let mut trailing = enc.clone();
-        trailing.push(0);
-        assert!(Manifest::decode(&trailing).is_err());
+        let mut pages = crate::tree::MemPages::default();
+        let built = m.build(Shape::CANONICAL, &mut |r, b| pages.insert(r, &b).unwrap());
+        assert_eq!(built.entries, 3);
+        assert_eq!(built.root, m.root());
+        assert_eq!(Manifest::from_tree(&pages, &built.root).unwrap(), m);
     }
 
     #[test]

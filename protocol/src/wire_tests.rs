@@ -10,6 +10,7 @@ use crate::frame;
 use crate::hash::Hash;
 use crate::manifest::{Change, Entry, Manifest};
 use crate::path::VolPath;
+use crate::tree::{Page, Shape};
 
 fn hexdump(s: &str) -> Vec<u8> {
     let clean: String = s
@@ -134,7 +135,8 @@ fn manifest_and_commit_are_pinned() {
     .unwrap();
     let expected = hexdump(
         "
-        01          # manifest version
+        02          # page version
+        00          # level 0: a leaf
         01          # 1 entry
         01 61       # path \"a\"
         00          # Entry::File
@@ -144,7 +146,12 @@ fn manifest_and_commit_are_pinned() {
         0202020202020202020202020202020202020202020202020202020202020202
         ",
     );
-    assert_eq!(m.encode(), expected);
+    let mut pages = Vec::new();
+    let built = m.build(Shape::CANONICAL, &mut |r, b| pages.push((r, b)));
+    assert_eq!(pages.len(), 1);
+    assert_eq!(pages[0].1, expected);
+    assert_eq!(built.root.hash, Hash::of(&expected));
+    assert_eq!(Page::decode(&expected).unwrap().encode(), expected);
     let c = Commit {
         volume: VolumeId([9; 16]),
         version: 1,
@@ -197,15 +204,19 @@ proptest! {
         let mut m = Manifest::new();
         let changes: Vec<Change> = changes.into_iter().map(|(path, entry)| Change { path, entry }).collect();
         m.apply(&changes).unwrap();
-        let enc = m.encode();
-        let dec = Manifest::decode(&enc).unwrap();
-        prop_assert_eq!(&dec, &m);
-        prop_assert_eq!(dec.encode(), enc);
+        let mut pages = crate::tree::MemPages::default();
+        let small = Shape { bits: 1, fill: 64 };
+        let built = m.build(small, &mut |r, b| pages.insert(r, &b).unwrap());
+        prop_assert_eq!(built.entries, m.len() as u64);
+        prop_assert_eq!(&Manifest::from_tree(&pages, &built.root).unwrap(), &m);
     }
 
     #[test]
     fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = Manifest::decode(&bytes);
+        let _ = Page::decode(&bytes);
+        // Pages, reached on purpose: a leaf and a branch header.
+        let _ = Page::decode(&[&[2u8, 0][..], &bytes].concat());
+        let _ = Page::decode(&[&[2u8, 1][..], &bytes].concat());
         let _ = frame::decode::<CoordRequest>(&bytes);
         let _ = frame::decode::<CoordResponse>(&bytes);
         let _ = frame::decode::<BlobRequest>(&bytes);
@@ -230,12 +241,13 @@ proptest! {
     }
 }
 
-/// Manifests built byte by byte, as a hostile coordinator or a damaged blob could hold them.
+/// Manifest pages built byte by byte, as a hostile coordinator or a damaged blob could hold them.
 #[test]
 fn hostile_manifests_are_refused() {
     #[derive(serde::Serialize)]
     struct Raw<'a> {
         version: u8,
+        level: u8,
         entries: Vec<(&'a str, Entry)>,
     }
     let file = Entry::File {
@@ -260,10 +272,21 @@ fn hostile_manifests_are_refused() {
     ];
     for (i, entries) in cases.into_iter().enumerate() {
         let bytes = postcard::to_stdvec(&Raw {
-            version: 1,
-            entries,
+            version: 2,
+            level: 0,
+            entries: entries.clone(),
         })
         .unwrap();
-        assert!(Manifest::decode(&bytes).is_err(), "case {i} accepted");
+        // A page refuses what it can see alone; a whole tree refuses orphans as well.
+        let refused = Page::decode(&bytes).is_err() || {
+            let mut pages = crate::tree::MemPages::default();
+            let r = crate::tree::PageRef {
+                hash: Hash::of(&bytes),
+                size: bytes.len() as u64,
+            };
+            pages.insert(r, &bytes).unwrap();
+            Manifest::from_tree(&pages, &r).is_err()
+        };
+        assert!(refused, "case {i} accepted");
     }
 }

@@ -1,5 +1,5 @@
 //! The coordinator role: volume registry, signed heads, commits (per-path last writer
-//! wins), and the origin blob store, all behind `voltool/coord/1` and `voltool/blobs/1`.
+//! wins), and the origin blob store, all behind `voltool/coord/3` and `voltool/blobs/3`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use voltool_protocol::coord::{
     self, CoordRequest, CoordResponse, ErrorKind, MAX_HAS, MAX_REQUEST, VolumeInfo,
 };
+use voltool_protocol::tree::{self, PageRef, Shape};
 use voltool_protocol::volume::check_volume_name;
 use voltool_protocol::{Change, Commit, Entry, Hash, Manifest, SignedHead, VolumeId, blobs};
 
@@ -24,9 +25,9 @@ use crate::net::{self, NetError, NodeAddr};
 use crate::rate::{Rate, TokenBucket};
 use crate::store::{Store, StoreError};
 
-const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes-0");
-const HEADS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("heads-0");
-const VERSIONS: TableDefinition<([u8; 16], u64), &[u8]> = TableDefinition::new("versions-0");
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes-1");
+const HEADS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("heads-1");
+const VERSIONS: TableDefinition<([u8; 16], u64), &[u8]> = TableDefinition::new("versions-1");
 
 /// File in the data directory holding `NODE_ID@IP:PORT` once the coordinator listens.
 pub const ADDR_FILE: &str = "coordinator.addr";
@@ -93,6 +94,8 @@ struct State {
     key: SecretKey,
     db: Database,
     origin: Store,
+    /// The manifest pages in the origin store.
+    pages: crate::store::Pages,
     members: Option<HashSet<EndpointId>>,
     serve: crate::blobs::ServeOptions,
     /// Where the origin serves blobs (handed out as the last provider).
@@ -149,7 +152,10 @@ impl Coordinator {
         })?;
         let key = crate::keys::load_or_create(&opts.data)?;
         let origin = Store::open(&opts.data.join("origin"))?;
-        let db = Database::create(opts.data.join("coordinator.redb")).map_err(db_err)?;
+        let db_file = opts.data.join("coordinator.redb");
+        let db = Database::create(&db_file).map_err(db_err)?;
+        // Heads of version 0 name manifests of the old, flat encoding.
+        crate::store::refuse_old_tables(&db, &db_file, &["volumes-0", "heads-0", "versions-0"])?;
         {
             let w = db.begin_write().map_err(db_err)?;
             w.open_table(VOLUMES).map_err(db_err)?;
@@ -182,6 +188,7 @@ impl Coordinator {
         let state = Arc::new(State {
             key,
             db,
+            pages: crate::store::Pages::new(origin.clone()),
             origin,
             members: opts.members,
             serve: crate::blobs::ServeOptions::new(

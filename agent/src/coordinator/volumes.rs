@@ -50,16 +50,17 @@ pub(super) fn create(state: &State, name: &str) -> Reply {
             format!("volume {name:?} already exists"),
         ));
     }
-    let manifest = Manifest::new().encode();
-    let mhash = state.origin.import_bytes(&manifest).map_err(internal)?;
+    let mut pages = Vec::new();
+    let empty = Manifest::new().build(Shape::CANONICAL, &mut |r, b| pages.push((r, b)));
+    state.pages.put_now(&pages).map_err(internal)?;
     let id = VolumeId(rand::random());
     let created_ms = now_ms();
     let head = Commit {
         volume: id,
         version: 0,
         parent: None,
-        manifest: mhash,
-        manifest_size: manifest.len() as u64,
+        manifest: empty.root.hash,
+        manifest_size: empty.root.size,
         author: *state.key.public().as_bytes(),
         time_ms: created_ms,
     }
@@ -156,9 +157,12 @@ pub(super) fn delete(state: &State, name: &str) -> Reply {
     Ok(CoordResponse::Ok)
 }
 
-pub(super) fn load_manifest(state: &State, head: &Commit) -> Result<Manifest, Fail> {
-    let bytes = state.origin.read_all(&head.manifest).map_err(internal)?;
-    Manifest::decode(&bytes).map_err(internal)
+/// The root page a head names.
+pub(super) fn root_of(head: &Commit) -> PageRef {
+    PageRef {
+        hash: head.manifest,
+        size: head.manifest_size,
+    }
 }
 
 pub(super) fn commit(
@@ -216,37 +220,46 @@ pub(super) fn commit(
             ),
         ));
     }
-    let current = load_manifest(state, &head.commit)?;
-    let overwritten = changes
-        .iter()
-        .zip(&priors)
-        .filter(|(c, prior)| {
-            let now = current.get(&c.path);
-            match (now, prior) {
-                (None, None) => false,
-                (Some(a), Some(b)) => !a.same_content(b),
-                _ => true,
-            }
-        })
-        .map(|(c, _)| c.path.clone())
-        .collect::<Vec<_>>();
-    let mut next = current.clone();
-    next.apply(&changes)
-        .map_err(|e| fail(ErrorKind::Invalid, e.to_string()))?;
-    if next == current {
+    let current = root_of(&head.commit);
+    let tree_err = |e: tree::TreeError| match e {
+        tree::TreeError::Manifest(e) => fail(ErrorKind::Invalid, e.to_string()),
+        e => internal(e),
+    };
+    let mut overwritten = Vec::new();
+    for (c, prior) in changes.iter().zip(&priors) {
+        let now = tree::get(&state.pages, &current, &c.path).map_err(tree_err)?;
+        let differs = match (&now, prior) {
+            (None, None) => false,
+            (Some(a), Some(b)) => !a.same_content(b),
+            _ => true,
+        };
+        if differs {
+            overwritten.push(c.path.clone());
+        }
+    }
+    let mut pages = Vec::new();
+    let next = tree::apply(
+        &state.pages,
+        &current,
+        &changes,
+        Shape::CANONICAL,
+        &mut |r, b| pages.push((r, b)),
+    )
+    .map_err(tree_err)?;
+    if next.root == current {
         return Ok(CoordResponse::Committed {
             head,
             overwritten: Vec::new(),
         });
     }
-    let enc = next.encode();
-    let mhash = state.origin.import_bytes(&enc).map_err(internal)?;
+    // The new pages are durable before a head names them.
+    state.pages.put_now(&pages).map_err(internal)?;
     let new = Commit {
         volume: rec.id,
         version: head.commit.version + 1,
         parent: Some(head.commit.hash()),
-        manifest: mhash,
-        manifest_size: enc.len() as u64,
+        manifest: next.root.hash,
+        manifest_size: next.root.size,
         author: *peer.as_bytes(),
         time_ms: now_ms(),
     }

@@ -45,13 +45,10 @@ impl Inner {
         &self,
         rec: MountRecord,
         head: &SignedHead,
-        local: &scan::Scan,
+        local: &Local,
         own: Vec<Change>,
     ) -> OpResult<()> {
-        let local_hash = self
-            .store
-            .import_bytes(&local.manifest.encode())
-            .map_err(failed)?;
+        let local_hash = local.root.hash;
         let version = if head.commit.manifest == local_hash {
             head.commit.version
         } else {
@@ -70,25 +67,25 @@ impl Inner {
     async fn commit_once(
         &self,
         rec: MountRecord,
-        local: Option<scan::Scan>,
+        local: Option<Local>,
         events: &Events,
     ) -> OpResult<CommitReport> {
         let name = rec.name.clone();
         let name = name.as_str();
         let start = Instant::now();
-        let base = self.read_manifest(rec.manifest).await?;
+        let base = local_root(rec.manifest);
         events.progress("scan", 0, 0);
         let scanned = match local {
             // A sealed upper: its state is known, nothing more to read.
             Some(sealed) => sealed,
             None => self
-                .local_state(&rec, &base, Take::Copy)
+                .local_state(&rec, Take::Copy)
                 .await
                 .map_err(|e| err(e.code, format!("cannot commit: {}", e.message)))?,
         };
         let scan_seconds = start.elapsed().as_secs_f64();
-        let changes = scan::changes(&base, &scanned.manifest);
-        if changes.is_empty() {
+        let deltas = self.local_changes(base, &scanned).await?;
+        if deltas.is_empty() {
             let report = CommitReport {
                 volume: name.to_string(),
                 version: rec.version,
@@ -109,15 +106,18 @@ impl Inner {
                 format!("volume {name:?} was deleted and created again"),
             ));
         }
-        let blobs: Vec<(Hash, u64)> = changes
+        let blobs: Vec<(Hash, u64)> = deltas
             .iter()
-            .filter_map(|c| c.entry.as_ref().and_then(|e| e.blob()))
+            .filter_map(|d| d.new.as_ref().and_then(|e| e.blob()))
             .collect();
         let t_upload = Instant::now();
         let uploaded = self.upload_missing(&blobs, events).await?;
         let upload_seconds = t_upload.elapsed().as_secs_f64();
         self.crash_point("commit-uploaded");
-        let priors = changes.iter().map(|c| base.get(&c.path).cloned()).collect();
+        let (priors, changes): (Vec<Option<Entry>>, Vec<Change>) = deltas
+            .into_iter()
+            .map(|d| (d.old.clone(), d.into_change()))
+            .unzip();
         let n = changes.len();
         let own = merge_own(&rec.own, &changes);
         let (head, overwritten) = self

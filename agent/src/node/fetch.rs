@@ -53,20 +53,66 @@ impl Inner {
 impl Inner {
     /// The manifest of a head, fetched (and verified) if not held yet.
     pub(super) async fn manifest_of(&self, c: &Commit) -> OpResult<Manifest> {
-        self.fetch_blobs(&[(c.manifest, c.manifest_size)], &Events::none())
-            .await?;
-        self.read_manifest(c.manifest).await
+        let root = head_root(c);
+        self.fetch_tree(root).await?;
+        self.read_manifest(root).await
     }
 
-    /// A manifest held in the local store.
-    pub(super) async fn read_manifest(&self, h: Hash) -> OpResult<Manifest> {
-        let store = self.store.clone();
-        let bytes = tokio::task::spawn_blocking(move || store.read_all(&h))
+    /// A whole manifest whose pages are held, in memory.
+    pub(super) async fn read_manifest(&self, root: PageRef) -> OpResult<Manifest> {
+        let pages = self.pages.clone();
+        self.blocking(move || Manifest::from_tree(&pages, &root))
+            .await
+    }
+
+    /// Runs tree work on the blocking pool; a manifest that does not hold together is
+    /// refused as unverified.
+    pub(super) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, tree::TreeError> + Send + 'static,
+    ) -> OpResult<T> {
+        tokio::task::spawn_blocking(f)
             .await
             .map_err(failed)?
-            .map_err(failed)?;
-        Manifest::decode(&bytes)
-            .map_err(|e| err(ErrorCode::Verify, format!("refused manifest: {e}")))
+            .map_err(tree_error)
+    }
+
+    /// Fetches the pages of the tree at `root` not held yet, a level at a time.
+    pub(super) async fn fetch_tree(&self, root: PageRef) -> OpResult<()> {
+        loop {
+            let pages = self.pages.clone();
+            let missing = self.blocking(move || tree::missing(&pages, &root)).await?;
+            if missing.is_empty() {
+                return Ok(());
+            }
+            self.fetch_pages(&missing).await?;
+        }
+    }
+
+    /// Fetches the pages that a diff from `old` (held) to `new` needs: those of `new` that
+    /// differ from `old`'s, a level at a time.
+    pub(super) async fn fetch_diff(&self, old: PageRef, new: PageRef) -> OpResult<()> {
+        loop {
+            let pages = self.pages.clone();
+            let missing = self
+                .blocking(move || tree::missing_for_diff(&pages, &old, &new))
+                .await?;
+            if missing.is_empty() {
+                return Ok(());
+            }
+            self.fetch_pages(&missing).await?;
+        }
+    }
+
+    async fn fetch_pages(&self, pages: &[PageRef]) -> OpResult<()> {
+        let blobs: Vec<(Hash, u64)> = pages.iter().map(|r| (r.hash, r.size)).collect();
+        self.fetch_blobs(&blobs, &Events::none()).await.map(|_| ())
+    }
+
+    /// The paths whose entries differ between two held trees.
+    pub(super) async fn tree_diff(&self, old: PageRef, new: PageRef) -> OpResult<Vec<Delta>> {
+        let pages = self.pages.clone();
+        self.blocking(move || tree::diff(&pages, &old, &new)).await
     }
 
     /// Fetches blobs not held completely from the swarm: small ones whole, in batches
@@ -271,5 +317,25 @@ pub(super) async fn ask_providers(
             out
         }
         _ => vec![origin()],
+    }
+}
+
+/// The root page a head names.
+pub(super) fn head_root(c: &Commit) -> PageRef {
+    PageRef {
+        hash: c.manifest,
+        size: c.manifest_size,
+    }
+}
+
+/// A root page held in the local store (its size is needed only to fetch it).
+pub(super) fn local_root(hash: Hash) -> PageRef {
+    PageRef { hash, size: 0 }
+}
+
+fn tree_error(e: tree::TreeError) -> OpError {
+    match e {
+        tree::TreeError::Source(m) => failed(m),
+        e => err(ErrorCode::Verify, format!("refused manifest: {e}")),
     }
 }

@@ -31,6 +31,7 @@ use crate::net::{self, NodeAddr};
 use crate::rate::{Rate, TokenBucket};
 use crate::scan::{self, ScanMode, StatCache};
 use crate::store::Store;
+use voltool_protocol::tree::{self, Delta, PageRef, Shape};
 
 mod commit;
 mod error;
@@ -49,9 +50,10 @@ mod volume;
 pub use error::OpError;
 use error::{OpResult, db_err, err, failed};
 pub use events::Events;
+use fetch::{head_root, local_root};
 use mounts::{MOUNTS, MountRecord, STATS, switch_link};
 use remote::SEEN;
-use snapshot::Take;
+use snapshot::{Local, Source, Take};
 pub use snapshot::{MAX_LAYERS, NOT_MOUNTED, SnapshotMode};
 
 /// Agent options.
@@ -105,6 +107,8 @@ pub struct Agent {
 struct Inner {
     opts: AgentOptions,
     store: Store,
+    /// The store's manifest pages.
+    pages: crate::store::Pages,
     db: Database,
     ep: Endpoint,
     pool: ConnPool,
@@ -157,7 +161,11 @@ impl Agent {
         opts.data = std::fs::canonicalize(&opts.data).map_err(|e| other(&e))?;
         let key: SecretKey = crate::keys::load_or_create(&opts.data)?;
         let store = Store::open(&opts.data.join("store"))?;
-        let db = Database::create(opts.data.join("agent.redb")).map_err(|e| other(&e))?;
+        let db_file = opts.data.join("agent.redb");
+        let db = Database::create(&db_file).map_err(|e| other(&e))?;
+        // Mount records of version 1 name manifests of the old, flat encoding.
+        crate::store::refuse_old_tables(&db, &db_file, &["mounts-1", "stats-1"])
+            .map_err(|e| other(&e))?;
         {
             let w = db.begin_write().map_err(|e| other(&e))?;
             w.open_table(MOUNTS).map_err(|e| other(&e))?;
@@ -179,6 +187,7 @@ impl Agent {
                 opts.corrupt_served_bytes,
             ),
             opts,
+            pages: crate::store::Pages::new(store.clone()),
             store,
             db,
             ep,

@@ -37,13 +37,36 @@ impl Inner {
             }
         }
         let info = self.verified_head(name).await?;
-        let m = self.manifest_of(&info.head.commit).await?;
-        let blobs: Vec<(Hash, u64)> = m.entries().values().filter_map(|e| e.blob()).collect();
-        let fetched = self.fetch_blobs(&blobs, events).await?;
-        let built = self
-            .build(info.id, info.head.commit.version, &m, None, HashSet::new())
+        let root = head_root(&info.head.commit);
+        self.fetch_tree(root).await?;
+        let pages = self.pages.clone();
+        let blobs = self
+            .blocking(move || {
+                let mut blobs = Vec::new();
+                tree::range(&pages, &root, "", &mut |_, e| {
+                    blobs.extend(e.blob());
+                    true
+                })?;
+                Ok(blobs)
+            })
             .await?;
-        let mhash = self.store.import_bytes(&m.encode()).map_err(failed)?;
+        let fetched = self.fetch_blobs(&blobs, events).await?;
+        drop(blobs);
+        let m;
+        let source = if self.overlays {
+            Source::Full { root }
+        } else {
+            m = self.read_manifest(root).await?;
+            Source::Copy {
+                manifest: &m,
+                prev: None,
+                reuse: HashSet::new(),
+            }
+        };
+        let built = self
+            .build(info.id, info.head.commit.version, source)
+            .await?;
+        let mhash = root.hash;
         let rec = MountRecord {
             name: name.to_string(),
             id: info.id,

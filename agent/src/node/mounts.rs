@@ -2,8 +2,8 @@
 
 use super::*;
 
-pub(super) const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-1");
-pub(super) const STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("stats-1");
+pub(super) const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-2");
+pub(super) const STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("stats-2");
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct MountRecord {

@@ -42,18 +42,16 @@ impl Inner {
                 Settled::Ready(r) => (r.rec, r.info, r.base, r.dirty, r.committed),
                 Settled::UpToDate(version, c) => return Ok(unchanged(version, Some(*c))),
             };
-        let new = self.manifest_of(&info.head.commit).await?;
-        let (reuse, needed) = plan(&new, &base, &dirty_paths);
-        let fetched_files_bytes = needed.iter().map(|(_, s)| s).sum();
+        let new = head_root(&info.head.commit);
+        let plan = self.plan(&rec, new, base, &dirty_paths).await?;
+        let fetched_files_bytes = plan.needed.iter().map(|(_, s)| s).sum();
         let t_fetch = Instant::now();
-        let stats = self.fetch_blobs(&needed, events).await?;
+        let stats = self.fetch_blobs(&plan.needed, events).await?;
         let download_seconds = t_fetch.elapsed().as_secs_f64();
         self.crash_point("reload-fetched");
         let t_build = Instant::now();
         events.progress("build", 0, 0);
-        let (new_rec, lost) = self
-            .switch_to_head(&rec, &info, &new, &base, mode, reuse)
-            .await?;
+        let (new_rec, lost) = self.switch_to_head(&rec, &info, plan, base, mode).await?;
         let build_seconds = t_build.elapsed().as_secs_f64();
         let report = ReloadReport {
             volume: name.to_string(),
@@ -78,9 +76,63 @@ impl Inner {
     }
 }
 
-/// Which files of `new` the previous snapshot holds as they are (clean: not among the
-/// `dirty` paths being discarded), and the blobs the others need.
-fn plan(
+/// What a reload fetches and builds.
+struct Plan {
+    /// The new head's tree.
+    new: PageRef,
+    /// Blobs to fetch.
+    needed: Vec<(Hash, u64)>,
+    /// How the snapshot is built: overlay mode, the changes from the tree the layers show;
+    /// copy mode, the whole new manifest and the clean files the old snapshot holds as
+    /// they are.
+    how: PlanHow,
+}
+
+enum PlanHow {
+    Thin(Vec<Delta>),
+    Copy(Box<Manifest>, HashSet<VolPath>),
+}
+
+impl Inner {
+    /// Plans a reload to the tree at `new` from the mount `rec` (last synced at `base`),
+    /// fetching the pages that differ: overlay mode reads only those; copy mode reads the
+    /// whole manifests.
+    async fn plan(
+        &self,
+        rec: &MountRecord,
+        new: PageRef,
+        base: PageRef,
+        dirty: &HashSet<VolPath>,
+    ) -> OpResult<Plan> {
+        if self.overlays {
+            let lowers = local_root(rec.lower_manifest);
+            self.fetch_diff(lowers, new).await?;
+            let deltas = self.tree_diff(lowers, new).await?;
+            let needed = deltas
+                .iter()
+                .filter_map(|d| d.new.as_ref().and_then(|e| e.blob()))
+                .collect();
+            return Ok(Plan {
+                new,
+                needed,
+                how: PlanHow::Thin(deltas),
+            });
+        }
+        self.fetch_tree(new).await?;
+        let new_m = self.read_manifest(new).await?;
+        let base = self.read_manifest(base).await?;
+        let (reuse, needed) = plan_copy(&new_m, &base, dirty);
+        Ok(Plan {
+            new,
+            needed,
+            how: PlanHow::Copy(Box::new(new_m), reuse),
+        })
+    }
+}
+
+/// Copy mode: which files of `new` the previous snapshot holds as they are (clean: not
+/// among the `dirty` paths being discarded), and the blobs the others need.
+fn plan_copy(
     new: &Manifest,
     base: &Manifest,
     dirty: &HashSet<VolPath>,
@@ -105,25 +157,32 @@ fn plan(
     (reuse, needed)
 }
 
-/// This mount's committed changes that the new head no longer holds: another writer
-/// overwrote them.
-fn lost_changes(rec: &MountRecord, new: &Manifest) -> Vec<String> {
-    rec.own
-        .iter()
-        .filter(|c| match (&c.entry, new.get(&c.path)) {
-            (Some(mine), Some(now)) => !mine.same_content(now),
+/// This mount's committed changes that the new head (the tree at `new`) no longer holds:
+/// another writer overwrote them.
+fn lost_changes(
+    rec: &MountRecord,
+    pages: &crate::store::Pages,
+    new: &PageRef,
+) -> Result<Vec<String>, tree::TreeError> {
+    let mut lost = Vec::new();
+    for c in &rec.own {
+        let differs = match (&c.entry, tree::get(pages, new, &c.path)?) {
+            (Some(mine), Some(now)) => !mine.same_content(&now),
             (None, None) => false,
             _ => true,
-        })
-        .map(|c| c.path.to_string())
-        .collect()
+        };
+        if differs {
+            lost.push(c.path.to_string());
+        }
+    }
+    Ok(lost)
 }
 
 /// Where a reload goes on from once uncommitted changes are dealt with.
 struct Ready {
     rec: MountRecord,
     info: VolumeInfo,
-    base: Manifest,
+    base: PageRef,
     /// Uncommitted paths being discarded.
     dirty: HashSet<VolPath>,
     /// The commit made first, if any.
@@ -139,33 +198,44 @@ enum Settled {
 }
 
 impl Inner {
-    /// Builds the snapshot of the head `info` (manifest `new`) and switches the mount to it;
+    /// Builds the snapshot of the head `info` as `plan` says and switches the mount to it;
     /// returns the new record and the paths committed here that another writer overwrote.
     async fn switch_to_head(
         &self,
         rec: &MountRecord,
         info: &VolumeInfo,
-        new: &Manifest,
-        base: &Manifest,
+        plan: Plan,
+        base: PageRef,
         mode: ReloadMode,
-        reuse: HashSet<VolPath>,
     ) -> OpResult<(MountRecord, Vec<String>)> {
         self.freeze_for_switch(rec, base, mode).await?;
-        let lowers = match self.overlays {
-            true => self.read_manifest(rec.lower_manifest).await,
-            false => Ok(base.clone()),
-        };
         let version = info.head.commit.version;
-        let built = match lowers {
-            Ok(lowers) => {
-                self.build(rec.id, version, new, Some((rec, &lowers)), reuse.clone())
-                    .await
-            }
-            Err(e) => Err(e),
+        let new = plan.new;
+        let (source, reuse) = match &plan.how {
+            PlanHow::Thin(deltas) => (
+                Source::Thin {
+                    prev: rec,
+                    deltas,
+                    root: new,
+                },
+                HashSet::new(),
+            ),
+            PlanHow::Copy(m, reuse) => (
+                Source::Copy {
+                    manifest: m,
+                    prev: Some(rec),
+                    reuse: reuse.clone(),
+                },
+                reuse.clone(),
+            ),
         };
+        let built = self.build(rec.id, version, source).await;
         let built = built.inspect_err(|_| self.thaw(rec))?;
         self.crash_point("reload-built");
-        let lost = lost_changes(rec, new);
+        let (pages, r2) = (self.pages.clone(), rec.clone());
+        let lost = self
+            .blocking(move || lost_changes(&r2, &pages, &new))
+            .await?;
         if !lost.is_empty() {
             warn!(volume = rec.name, paths = ?lost, "changes committed here were overwritten by another writer");
         }
@@ -222,17 +292,14 @@ impl Inner {
         mode: ReloadMode,
         events: &Events,
     ) -> OpResult<Settled> {
-        let base = self.read_manifest(rec.manifest).await?;
-        let local = self
-            .local_state(&rec, &base, Take::Hash)
-            .await
-            .map_err(|e| {
-                err(
-                    e.code,
-                    format!("cannot check for uncommitted changes: {}", e.message),
-                )
-            })?;
-        let dirty = scan::changes(&base, &local.manifest);
+        let base = local_root(rec.manifest);
+        let local = self.local_state(&rec, Take::Hash).await.map_err(|e| {
+            err(
+                e.code,
+                format!("cannot check for uncommitted changes: {}", e.message),
+            )
+        })?;
+        let dirty = self.local_changes(base, &local).await?;
         if dirty.is_empty() {
             return Ok(Settled::Ready(Box::new(Ready {
                 rec,
@@ -244,7 +311,7 @@ impl Inner {
         }
         match mode {
             ReloadMode::Refuse => {
-                let some: Vec<String> = dirty.iter().take(5).map(|c| c.path.to_string()).collect();
+                let some: Vec<String> = dirty.iter().take(5).map(|d| d.path.to_string()).collect();
                 Err(err(
                     ErrorCode::Dirty,
                     format!(
@@ -263,7 +330,7 @@ impl Inner {
                 if info.head.commit.version == rec.version {
                     return Ok(Settled::UpToDate(rec.version, Box::new(c)));
                 }
-                let base = self.read_manifest(rec.manifest).await?;
+                let base = local_root(rec.manifest);
                 Ok(Settled::Ready(Box::new(Ready {
                     rec,
                     info,
@@ -273,7 +340,7 @@ impl Inner {
                 })))
             }
             ReloadMode::Discard => {
-                let paths = dirty.iter().map(|c| c.path.clone()).collect();
+                let paths = dirty.iter().map(|d| d.path.clone()).collect();
                 Ok(Settled::Ready(Box::new(Ready {
                     rec,
                     info,
@@ -292,7 +359,7 @@ impl Inner {
     async fn freeze_for_switch(
         &self,
         rec: &MountRecord,
-        base: &Manifest,
+        base: PageRef,
         mode: ReloadMode,
     ) -> OpResult<()> {
         if !self.overlays {
@@ -319,8 +386,10 @@ impl Inner {
         if mode == ReloadMode::Discard {
             return Ok(());
         }
-        let local = self.local_state(rec, base, Take::Hash).await;
-        let written = local.map(|l| scan::changes(base, &l.manifest));
+        let written = match self.local_state(rec, Take::Hash).await {
+            Ok(l) => self.local_changes(base, &l).await,
+            Err(e) => Err(e),
+        };
         match written {
             Ok(c) if c.is_empty() => Ok(()),
             Ok(c) => {

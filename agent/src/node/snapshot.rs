@@ -99,6 +99,43 @@ pub(super) enum Take {
     Copy,
 }
 
+/// A mount's local state: the manifest it shows (its tree's root), with the pages of that
+/// tree not yet in the store (the state was only hashed: nothing of it is stored).
+#[derive(Debug)]
+pub(super) struct Local {
+    /// Root of the tree of what the mount holds.
+    pub(super) root: PageRef,
+    /// Pages of that tree the store lacks.
+    pub(super) pages: tree::MemPages,
+    /// Stats of the files as hashed.
+    pub(super) stats: StatCache,
+    /// Bytes read and hashed.
+    pub(super) hashed_bytes: u64,
+}
+
+/// What a snapshot is built from.
+pub(super) enum Source<'a> {
+    /// Copy mode: the whole manifest; the files in `reuse` are linked from `prev`'s
+    /// snapshot.
+    Copy {
+        manifest: &'a Manifest,
+        prev: Option<&'a MountRecord>,
+        reuse: HashSet<VolPath>,
+    },
+    /// Overlay mode: the tree at `root`, as one full layer.
+    Full { root: PageRef },
+    /// Overlay mode: `prev`'s layers under a thin layer of `deltas`, which turn the tree
+    /// its layers show into the tree at `root`.
+    Thin {
+        prev: &'a MountRecord,
+        deltas: &'a [Delta],
+        root: PageRef,
+    },
+}
+
+/// Entries a full layer writes at a time.
+const LAYER_PART: usize = 16_384;
+
 /// A snapshot built, ready to be switched to.
 #[derive(Debug)]
 pub(super) struct Built {
@@ -125,56 +162,53 @@ impl Inner {
         self.mounts_dir(id).join(LAYERS)
     }
 
-    /// Builds a snapshot of `new` for volume `id`. Overlay mode: the layers of `prev` (whose
-    /// layers show `prev_lowers`) under a thin layer of what differs, or one full layer,
-    /// with a fresh upper layer, mounted. Copy mode: a copied tree, the files in `reuse`
-    /// hard-linked from `prev`'s snapshot.
+    /// Builds a snapshot of volume `id` at `version` from `source`: copied trees in copy
+    /// mode; in overlay mode a thin layer over the previous layers (or one full layer once
+    /// there are [`MAX_LAYERS`]) with a fresh upper layer, mounted.
     pub(super) async fn build(
         &self,
         id: VolumeId,
         version: u64,
-        new: &Manifest,
-        prev: Option<(&MountRecord, &Manifest)>,
-        reuse: HashSet<VolPath>,
+        source: Source<'_>,
     ) -> OpResult<Built> {
         let snapshot = format!("v{version}-{:08x}", rand::random::<u32>());
         let vol_dir = self.mounts_dir(id);
         std::fs::create_dir_all(&vol_dir).map_err(failed)?;
-        if !self.overlays {
-            let store = self.store.clone();
-            let (m, dir) = (new.clone(), vol_dir.join(&snapshot));
-            let old = prev.map(|(r, _)| vol_dir.join(&r.snapshot));
-            let stats = tokio::task::spawn_blocking(move || {
-                let r = scan::build_snapshot(&dir, &m, &store, old.as_deref(), &reuse);
-                if r.is_err() {
-                    // Leave nothing of a failed build behind (a full disk must not stay full).
-                    let _ = scan::remove_tree(&dir);
-                }
-                r
-            })
-            .await
-            .map_err(failed)?
-            .map_err(failed)?;
-            return Ok(Built {
-                snapshot,
-                layers: Vec::new(),
-                stats,
-            });
-        }
-        let (entries, mut layers) = match prev {
-            Some((r, lowers)) if r.layers.len() < MAX_LAYERS => {
-                (thin_layer(lowers, new), r.layers.clone())
+        let (part, mut layers) = match source {
+            Source::Copy {
+                manifest,
+                prev,
+                reuse,
+            } => {
+                let stats = self
+                    .build_copy(&vol_dir, &snapshot, manifest, prev, reuse)
+                    .await?;
+                return Ok(Built {
+                    snapshot,
+                    layers: Vec::new(),
+                    stats,
+                });
             }
-            _ => (full_layer(new), Vec::new()),
+            Source::Thin { prev, deltas, root } if prev.layers.len() < MAX_LAYERS => {
+                let pages = self.pages.clone();
+                let deltas = deltas.to_vec();
+                let thin = self
+                    .blocking(move || thin_layer(&deltas, &pages, &root))
+                    .await?;
+                (LayerPart::Thin(thin), prev.layers.clone())
+            }
+            Source::Thin { root, .. } | Source::Full { root } => {
+                (LayerPart::Full(root), Vec::new())
+            }
         };
         let name = format!("{LAYERS}/{snapshot}");
         let dir = vol_dir.join(&name);
         std::fs::create_dir_all(self.layers_dir(id)).map_err(failed)?;
-        let d2 = dir.clone();
+        let (d2, pages) = (dir.clone(), self.pages.clone());
         // The layer is durable before a record names it (one syncfs, not one per file).
         let written = tokio::task::spawn_blocking(move || {
-            layer::write_layer(&d2, &entries)?;
-            crate::store::sync_fs_of(&d2)
+            write_part(&d2, part, &pages)?;
+            crate::store::sync_fs_of(&d2).map_err(|e| e.to_string())
         })
         .await
         .map_err(failed)?;
@@ -196,6 +230,30 @@ impl Inner {
         })
     }
 
+    async fn build_copy(
+        &self,
+        vol_dir: &Path,
+        snapshot: &str,
+        manifest: &Manifest,
+        prev: Option<&MountRecord>,
+        reuse: HashSet<VolPath>,
+    ) -> OpResult<StatCache> {
+        let store = self.store.clone();
+        let (m, dir) = (manifest.clone(), vol_dir.join(snapshot));
+        let old = prev.map(|r| vol_dir.join(&r.snapshot));
+        tokio::task::spawn_blocking(move || {
+            let r = scan::build_snapshot(&dir, &m, &store, old.as_deref(), &reuse);
+            if r.is_err() {
+                // Leave nothing of a failed build behind (a full disk must not stay full).
+                let _ = scan::remove_tree(&dir);
+            }
+            r
+        })
+        .await
+        .map_err(failed)?
+        .map_err(failed)
+    }
+
     /// Seals a mount's upper layer (overlay mode): freezes the mount read-only (the kernel
     /// refuses while a file in it is open for writing: then `None`), takes the files
     /// written through it into the store by hard links, and switches the mount to a new
@@ -205,10 +263,7 @@ impl Inner {
     /// files are linked the old mount never becomes writable again: a switch that fails
     /// takes them back out of the store first. Returns the new record and the mount's
     /// state as sealed (its manifest and the bytes read), which a commit takes as is.
-    pub(super) async fn seal(
-        &self,
-        rec: &MountRecord,
-    ) -> OpResult<Option<(MountRecord, scan::Scan)>> {
+    pub(super) async fn seal(&self, rec: &MountRecord) -> OpResult<Option<(MountRecord, Local)>> {
         let merged = self.link_target(rec.id, &rec.snapshot);
         if !overlay::freeze(&merged).map_err(failed)? {
             return Ok(None);
@@ -228,28 +283,48 @@ impl Inner {
         &self,
         rec: &MountRecord,
         marker: &Path,
-    ) -> OpResult<(MountRecord, scan::Scan)> {
-        let base = self.read_manifest(rec.manifest).await?;
-        let lowers = self.read_manifest(rec.lower_manifest).await?;
+    ) -> OpResult<(MountRecord, Local)> {
         let cache = self.stats(&rec.name)?;
         let snap_dir = self.mounts_dir(rec.id).join(&rec.snapshot);
         std::fs::write(marker, b"").map_err(failed)?;
-        let (store, upper_dir, lowers2) = (self.store.clone(), snap_dir.join("upper"), lowers);
+        let (store, pages, upper_dir) = (
+            self.store.clone(),
+            self.pages.clone(),
+            snap_dir.join("upper"),
+        );
+        let (base, lowers) = (local_root(rec.manifest), local_root(rec.lower_manifest));
         let (state, linked, entries, hashed) = tokio::task::spawn_blocking(move || {
             let batch = store.batch();
-            let up =
-                upper::read_upper(&upper_dir, &lowers2, &base, &cache, ScanMode::Link(&batch))?;
-            let mut state = lowers2;
-            state.apply(&up.changes)?;
+            let view = |root| scan::TreeView {
+                src: pages.clone(),
+                root,
+            };
+            let up = upper::read_upper(
+                &upper_dir,
+                &view(lowers),
+                &view(base),
+                &cache,
+                ScanMode::Link(&batch),
+            )?;
+            let mut new_pages = Vec::new();
+            let state = tree::apply(
+                &pages,
+                &lowers,
+                &up.changes,
+                Shape::CANONICAL,
+                &mut |r, b| new_pages.push((r, b)),
+            )?;
+            pages.put(&batch, &new_pages)?;
             let linked = batch.finish()?;
-            Ok::<_, scan::ScanError>((state, linked, up.entries, up.hashed_bytes))
+            Ok::<_, scan::ScanError>((state.root, linked, up.entries, up.hashed_bytes))
         })
         .await
         .map_err(failed)?
         .map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
         self.crash_point("commit-sealing");
-        let sealed = |manifest| scan::Scan {
-            manifest,
+        let sealed = |root| Local {
+            root,
+            pages: tree::MemPages::default(),
             stats: StatCache::new(),
             hashed_bytes: hashed,
         };
@@ -257,7 +332,6 @@ impl Inner {
             // Nothing was written: the mount stays as it is.
             return Ok((rec.clone(), sealed(state)));
         }
-        let state_hash = self.store.import_bytes(&state.encode()).map_err(failed)?;
         let mut layers = rec.layers.clone();
         layers.insert(0, format!("{}/upper", rec.snapshot));
         // Its files are now the store's too: nobody but the agent reaches them by this path
@@ -267,9 +341,9 @@ impl Inner {
         std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(failed)?;
         let switched = if layers.len() > MAX_LAYERS {
-            self.rebuild(rec, &state, state_hash).await
+            self.rebuild(rec, state).await
         } else {
-            self.switch_to(rec, layers, state_hash).await
+            self.switch_to(rec, layers, state.hash).await
         };
         if switched.is_err() {
             let _ = std::fs::set_permissions(&upper, mode);
@@ -312,19 +386,14 @@ impl Inner {
     }
 
     /// Like [`Self::switch_to`], over one full layer of `state` (the stack grew too deep).
-    async fn rebuild(
-        &self,
-        rec: &MountRecord,
-        state: &Manifest,
-        hash: Hash,
-    ) -> OpResult<MountRecord> {
+    async fn rebuild(&self, rec: &MountRecord, state: PageRef) -> OpResult<MountRecord> {
         let built = self
-            .build(rec.id, rec.version, state, None, HashSet::new())
+            .build(rec.id, rec.version, Source::Full { root: state })
             .await?;
         let new = MountRecord {
             snapshot: built.snapshot,
             layers: built.layers,
-            lower_manifest: hash,
+            lower_manifest: state.hash,
             ..rec.clone()
         };
         self.put_mount(&new, &StatCache::new())?;
@@ -412,48 +481,83 @@ impl Inner {
     }
 
     /// The mount's local state: overlay mode, the manifest its layers show with the upper
-    /// layer's changes; copy mode, a scan of its tree against `base` and the stat cache.
+    /// layer's changes; copy mode, a scan of its tree against its base and the stat cache.
     /// Files written through the mount are hashed, or taken into the store (durable
-    /// before this returns), as `take` says.
-    pub(super) async fn local_state(
-        &self,
-        rec: &MountRecord,
-        base: &Manifest,
-        take: Take,
-    ) -> OpResult<scan::Scan> {
+    /// before this returns, with the state's pages), as `take` says.
+    pub(super) async fn local_state(&self, rec: &MountRecord, take: Take) -> OpResult<Local> {
         let cache = self.stats(&rec.name)?;
         let dir = self.mounts_dir(rec.id).join(&rec.snapshot);
-        let lowers = if self.overlays {
-            Some(self.read_manifest(rec.lower_manifest).await?)
-        } else {
-            None
-        };
-        let (base, store) = (base.clone(), self.store.clone());
+        let base = local_root(rec.manifest);
+        let lowers = self.overlays.then(|| local_root(rec.lower_manifest));
+        let (store, pages) = (self.store.clone(), self.pages.clone());
         tokio::task::spawn_blocking(move || {
             let batch = store.batch();
             let how = match take {
                 Take::Hash => ScanMode::HashOnly,
                 Take::Copy => ScanMode::Import(&batch),
             };
-            let state = match lowers {
-                None => scan::scan(&dir, &base, &cache, how)?,
+            let mut new_pages = Vec::new();
+            let mut sink = |r, b| new_pages.push((r, b));
+            let view = |root| scan::TreeView {
+                src: pages.clone(),
+                root,
+            };
+            let (root, stats, hashed_bytes) = match lowers {
+                None => {
+                    let base = Manifest::from_tree(&pages, &base)?;
+                    let s = scan::scan(&dir, &base, &cache, how)?;
+                    let built = s.manifest.build(Shape::CANONICAL, &mut sink);
+                    (built.root, s.stats, s.hashed_bytes)
+                }
                 Some(lowers) => {
-                    let up = upper::read_upper(&dir.join("upper"), &lowers, &base, &cache, how)?;
-                    let mut manifest = lowers;
-                    manifest.apply(&up.changes)?;
-                    scan::Scan {
-                        manifest,
-                        stats: up.stats,
-                        hashed_bytes: up.hashed_bytes,
-                    }
+                    let up = upper::read_upper(
+                        &dir.join("upper"),
+                        &view(lowers),
+                        &view(base),
+                        &cache,
+                        how,
+                    )?;
+                    let built =
+                        tree::apply(&pages, &lowers, &up.changes, Shape::CANONICAL, &mut sink)?;
+                    (built.root, up.stats, up.hashed_bytes)
                 }
             };
+            let mut mem = tree::MemPages::default();
+            match take {
+                Take::Copy => pages.put(&batch, &new_pages)?,
+                Take::Hash => {
+                    for (r, b) in &new_pages {
+                        mem.insert(*r, b)?;
+                    }
+                }
+            }
             batch.finish()?;
-            Ok::<_, scan::ScanError>(state)
+            Ok::<_, scan::ScanError>(Local {
+                root,
+                pages: mem,
+                stats,
+                hashed_bytes,
+            })
         })
         .await
         .map_err(failed)?
         .map_err(|e| err(ErrorCode::Invalid, format!("cannot read the mount: {e}")))
+    }
+
+    /// What changed from the tree at `base` to a local state, leaving out differences of
+    /// mtime alone.
+    pub(super) async fn local_changes(&self, base: PageRef, local: &Local) -> OpResult<Vec<Delta>> {
+        let (pages, mem, root) = (self.pages.clone(), local.pages.clone(), local.root);
+        let deltas = self
+            .blocking(move || tree::diff(&tree::Layered(&mem, &pages), &base, &root))
+            .await?;
+        Ok(deltas
+            .into_iter()
+            .filter(|d| match (&d.old, &d.new) {
+                (Some(old), Some(new)) => !old.same_content(new),
+                _ => true,
+            })
+            .collect())
     }
 }
 
@@ -476,37 +580,70 @@ fn mark_unmounted(mount_point: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Every entry of a manifest, as one layer.
-fn full_layer(m: &Manifest) -> BTreeMap<VolPath, Option<Entry>> {
-    m.entries()
-        .iter()
-        .map(|(p, e)| (p.clone(), Some(e.clone())))
-        .collect()
+/// What a layer holds: every entry of a tree, or the thin layer of a change.
+enum LayerPart {
+    Full(PageRef),
+    Thin(Vec<(VolPath, Option<Entry>)>),
 }
 
-/// What turns the layers showing `lowers` into `new`: changed entries, whiteouts for
-/// removed ones (the topmost removed path only), and the parent directories of both with
-/// their modes in `new`.
-fn thin_layer(lowers: &Manifest, new: &Manifest) -> BTreeMap<VolPath, Option<Entry>> {
+/// Writes a layer, a full one in parts as its entries are read.
+fn write_part(dir: &Path, part: LayerPart, pages: &crate::store::Pages) -> Result<(), String> {
+    let mut w = layer::LayerWriter::create(dir).map_err(|e| e.to_string())?;
+    match part {
+        LayerPart::Thin(entries) => w.add(&entries).map_err(|e| e.to_string())?,
+        LayerPart::Full(root) => {
+            let mut chunk = Vec::with_capacity(LAYER_PART);
+            let mut failed = None;
+            tree::range(pages, &root, "", &mut |p, e| {
+                chunk.push((p.clone(), Some(e.clone())));
+                if chunk.len() == LAYER_PART {
+                    if let Err(e) = w.add(&chunk) {
+                        failed = Some(e.to_string());
+                        return false;
+                    }
+                    chunk.clear();
+                }
+                true
+            })
+            .map_err(|e| e.to_string())?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            w.add(&chunk).map_err(|e| e.to_string())?;
+        }
+    }
+    w.finish().map_err(|e| e.to_string())
+}
+
+/// What turns the layers showing one tree into another (`deltas` between them, the new
+/// tree at `new`): changed entries, whiteouts for removed ones (the topmost removed path
+/// only), and the parent directories of both with their modes in the new tree.
+fn thin_layer(
+    deltas: &[Delta],
+    pages: &crate::store::Pages,
+    new: &PageRef,
+) -> Result<Vec<(VolPath, Option<Entry>)>, tree::TreeError> {
     let mut out: BTreeMap<VolPath, Option<Entry>> = BTreeMap::new();
-    let changes = lowers.diff(new);
     // A change below a removed path or below a path that became a non-directory is hidden
     // by that one already.
-    let hiding: HashSet<VolPath> = changes
+    let hiding: HashSet<&VolPath> = deltas
         .iter()
-        .filter(|c| c.entry.as_ref().is_none_or(|e| !e.is_dir()))
-        .map(|c| c.path.clone())
+        .filter(|d| d.new.as_ref().is_none_or(|e| !e.is_dir()))
+        .map(|d| &d.path)
         .collect();
-    for c in &changes {
-        if c.path.ancestors().any(|a| hiding.contains(&a)) {
+    for d in deltas {
+        if d.path.ancestors().any(|a| hiding.contains(&a)) {
             continue;
         }
-        for a in c.path.ancestors() {
-            if let Some(e) = new.get(&a) {
-                out.entry(a).or_insert_with(|| Some(e.clone()));
+        for a in d.path.ancestors() {
+            if out.contains_key(&a) {
+                break;
+            }
+            if let Some(e) = tree::get(pages, new, &a)? {
+                out.insert(a, Some(e));
             }
         }
-        out.insert(c.path.clone(), c.entry.clone());
+        out.insert(d.path.clone(), d.new.clone());
     }
-    out
+    Ok(out.into_iter().collect())
 }

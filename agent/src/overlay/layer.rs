@@ -56,47 +56,81 @@ fn set_meta(f: &std::fs::File, path: &Path, mode: u32, mtime_ns: i64) -> io::Res
 /// The parent directories of every path must be among the entries (with their modes).
 /// Blocking; files are written on all cores.
 pub fn write_layer(dir: &Path, entries: &BTreeMap<VolPath, Option<Entry>>) -> io::Result<()> {
-    std::fs::create_dir(dir).map_err(ctx(dir))?;
-    // Directories first, in path order (parents before children).
-    for (p, e) in entries {
-        let full = dir.join(p.as_str());
-        match e {
-            Some(Entry::Dir { .. }) => std::fs::create_dir(&full).map_err(ctx(&full))?,
-            Some(Entry::Symlink { target }) => {
-                std::os::unix::fs::symlink(target, &full).map_err(ctx(&full))?
-            }
-            Some(Entry::File { .. }) => {}
-            None => mknodat(CWD, &full, FileType::CharacterDevice, Mode::empty(), 0)
-                .map_err(|e| ctx(&full)(io::Error::from(e)))?,
-        }
-    }
-    entries
-        .par_iter()
-        .filter_map(|(p, e)| match e {
-            Some(Entry::File {
-                size,
-                mode,
-                mtime_ns,
-                hash,
-            }) => Some((p, *size, *mode, *mtime_ns, hash)),
-            _ => None,
+    let mut w = LayerWriter::create(dir)?;
+    let all: Vec<(VolPath, Option<Entry>)> = entries
+        .iter()
+        .map(|(p, e)| (p.clone(), e.clone()))
+        .collect();
+    w.add(&all)?;
+    w.finish()
+}
+
+/// Writes a layer in parts, so a layer of a million entries never sits in memory whole.
+#[derive(Debug)]
+pub struct LayerWriter {
+    dir: std::path::PathBuf,
+    /// Directories written, with their modes (set last).
+    dirs: Vec<(VolPath, u32)>,
+}
+
+impl LayerWriter {
+    /// Creates the layer's directory (which must not exist).
+    pub fn create(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir(dir).map_err(ctx(dir))?;
+        Ok(LayerWriter {
+            dir: dir.to_path_buf(),
+            dirs: Vec::new(),
         })
-        .try_for_each(|(p, size, mode, mtime_ns, hash)| {
+    }
+
+    /// Writes entries, in path order and after every earlier part (parents first): `None`
+    /// is a whiteout.
+    pub fn add(&mut self, entries: &[(VolPath, Option<Entry>)]) -> io::Result<()> {
+        let dir = &self.dir;
+        for (p, e) in entries {
             let full = dir.join(p.as_str());
-            if size == 0 {
-                let f = std::fs::File::create(&full).map_err(ctx(&full))?;
-                set_meta(&f, &full, mode, mtime_ns)
-            } else {
-                metacopy_file(&full, size, mode, mtime_ns, &data_redirect(hash))
+            match e {
+                Some(Entry::Dir { mode }) => {
+                    std::fs::create_dir(&full).map_err(ctx(&full))?;
+                    self.dirs.push((p.clone(), *mode));
+                }
+                Some(Entry::Symlink { target }) => {
+                    std::os::unix::fs::symlink(target, &full).map_err(ctx(&full))?
+                }
+                Some(Entry::File { .. }) => {}
+                None => mknodat(CWD, &full, FileType::CharacterDevice, Mode::empty(), 0)
+                    .map_err(|e| ctx(&full)(io::Error::from(e)))?,
             }
-        })?;
-    // Directory modes last, deepest first, so a read-only directory can still be filled.
-    for (p, e) in entries.iter().rev() {
-        if let Some(Entry::Dir { mode }) = e {
-            let full = dir.join(p.as_str());
+        }
+        entries
+            .par_iter()
+            .filter_map(|(p, e)| match e {
+                Some(Entry::File {
+                    size,
+                    mode,
+                    mtime_ns,
+                    hash,
+                }) => Some((p, *size, *mode, *mtime_ns, hash)),
+                _ => None,
+            })
+            .try_for_each(|(p, size, mode, mtime_ns, hash)| {
+                let full = dir.join(p.as_str());
+                if size == 0 {
+                    let f = std::fs::File::create(&full).map_err(ctx(&full))?;
+                    set_meta(&f, &full, mode, mtime_ns)
+                } else {
+                    metacopy_file(&full, size, mode, mtime_ns, &data_redirect(hash))
+                }
+            })
+    }
+
+    /// Sets directory modes last, deepest first, so a read-only directory could be filled.
+    pub fn finish(self) -> io::Result<()> {
+        for (p, mode) in self.dirs.iter().rev() {
+            let full = self.dir.join(p.as_str());
             std::fs::set_permissions(&full, std::fs::Permissions::from_mode(*mode))
                 .map_err(ctx(&full))?;
         }
+        Ok(())
     }
-    Ok(())
 }

@@ -18,11 +18,12 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::lgetxattr;
 use voltool_protocol::manifest::MODE_MASK;
-use voltool_protocol::{Change, Entry, Hash, Manifest, VolPath};
+use voltool_protocol::{Change, Entry, Hash, VolPath};
 
 use super::{XATTR_METACOPY, XATTR_OPAQUE, XATTR_REDIRECT};
 use crate::scan::{
-    ScanError, ScanMode, Stat, StatCache, entry_path, known_content, read_stable, read_symlink,
+    Lookup, ScanError, ScanMode, Stat, StatCache, entry_path, known_content, read_stable,
+    read_symlink,
 };
 
 /// Where the lower contents of an upper directory come from.
@@ -107,8 +108,8 @@ pub struct UpperChanges {
 /// stat matches `cache` and `base` (the last synced state) names their content.
 pub fn read_upper(
     upper: &Path,
-    lowers: &Manifest,
-    base: &Manifest,
+    lowers: &dyn Lookup,
+    base: &dyn Lookup,
     cache: &StatCache,
     how: ScanMode<'_>,
 ) -> Result<UpperChanges, ScanError> {
@@ -146,7 +147,7 @@ pub fn read_upper(
                 });
             } else if ft.is_file() {
                 let st = Stat::of(&md);
-                match known_content(cache, base, &vp, &st) {
+                match known_content(cache, base, &vp, &st)? {
                     Some((hash, size)) => {
                         out.stats.insert(vp.clone(), st);
                         out.changes.push(Change {
@@ -182,7 +183,7 @@ fn dir_change(
     parent: &Origin,
     name: &str,
     mode: u32,
-    lowers: &Manifest,
+    lowers: &dyn Lookup,
     out: &mut UpperChanges,
 ) -> Result<Origin, ScanError> {
     let opaque = xattr(full, XATTR_OPAQUE)?.is_some_and(|v| v == b"y");
@@ -209,11 +210,11 @@ fn dir_change(
     });
     out.changes.push(dir);
     if let Some(o) = origin.path() {
-        for (q, e) in lowers.under(Some(o)) {
+        for (q, e) in lowers.under(o)? {
             if let Some(np) = q.rebase(o, vp) {
                 out.changes.push(Change {
                     path: np,
-                    entry: Some(e.clone()),
+                    entry: Some(e),
                 });
             }
         }
@@ -227,7 +228,7 @@ fn metacopy_entry(
     md: &std::fs::Metadata,
     parent: &Origin,
     name: &str,
-    lowers: &Manifest,
+    lowers: &dyn Lookup,
 ) -> Result<Entry, ScanError> {
     let redirect = xattr_str(full, XATTR_REDIRECT)?;
     let origin = match &redirect {
@@ -236,9 +237,12 @@ fn metacopy_entry(
     };
     let st = Stat::of(md);
     let mode = md.permissions().mode() & MODE_MASK;
-    let known = origin.path().and_then(|o| lowers.get(o));
+    let known = match origin.path() {
+        Some(o) => lowers.get(o)?,
+        None => None,
+    };
     let (hash, size) = match (known, redirect.as_deref().and_then(data_path_hash)) {
-        (Some(Entry::File { hash, size, .. }), _) => (*hash, *size),
+        (Some(Entry::File { hash, size, .. }), _) => (hash, size),
         (_, Some(hash)) => (hash, md.len()),
         _ => {
             return Err(ScanError::Io {

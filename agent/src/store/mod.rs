@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bao_tree::ChunkRanges;
 use bao_tree::io::outboard::PreOrderOutboard;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use voltool_protocol::{Hash, RangeList, blob};
 
@@ -39,6 +39,16 @@ pub enum StoreError {
     DiskFull {
         /// The file being written.
         path: String,
+    },
+    /// A database of an older version.
+    #[error(
+        "{file} was written by an older voltool (it holds table {table:?}); this version cannot read it: move that data directory away to start afresh"
+    )]
+    OldFormat {
+        /// The database file.
+        file: String,
+        /// The old table found.
+        table: String,
     },
     /// The metadata database failed.
     #[error("store database: {0}")]
@@ -304,6 +314,21 @@ impl Store {
     }
 }
 
+/// Refuses a database that holds any of the tables `old` (written by an older version,
+/// whose formats this one does not read and does not migrate).
+pub fn refuse_old_tables(db: &Database, file: &Path, old: &[&str]) -> Result<(), StoreError> {
+    let r = db.begin_read().map_err(db_err)?;
+    for t in r.list_tables().map_err(db_err)? {
+        if old.contains(&t.name()) {
+            return Err(StoreError::OldFormat {
+                file: file.display().to_string(),
+                table: t.name().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Flushes everything written to the file system that holds `path` (`syncfs`): data,
 /// metadata and directory entries of every file there, in one call.
 pub fn sync_fs_of(path: &Path) -> io::Result<()> {
@@ -313,13 +338,33 @@ pub fn sync_fs_of(path: &Path) -> io::Result<()> {
 }
 
 mod import;
+mod pages;
 mod ranges;
 
 pub use import::{IN_MEMORY_MAX, ImportBatch, PER_FILE_SYNC_MAX};
+pub use pages::Pages;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn databases_of_an_older_version_are_refused_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("agent.redb");
+        let db = Database::create(&file).unwrap();
+        let w = db.begin_write().unwrap();
+        w.open_table(TableDefinition::<&str, &[u8]>::new("mounts-1"))
+            .unwrap();
+        w.commit().unwrap();
+        refuse_old_tables(&db, &file, &["heads-0"]).unwrap();
+        let e = refuse_old_tables(&db, &file, &["heads-0", "mounts-1"]).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("older voltool") && msg.contains("mounts-1"),
+            "{msg}"
+        );
+    }
 
     fn data(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 % 251) as u8).collect()

@@ -1,0 +1,73 @@
+//! Manifest pages in the store: each page is a blob, so peers and the origin serve them like
+//! any other; decoded pages are kept in a bounded cache, since every lookup walks from the
+//! root.
+
+use std::num::NonZeroUsize;
+
+use voltool_protocol::tree::{Page, PageRef, PageSource, TreeError};
+
+use super::*;
+
+/// Decoded pages kept in memory (about 25 KiB encoded each on average).
+const CACHED_PAGES: usize = 1024;
+
+/// The store's manifest pages, decoded on demand.
+#[derive(Debug, Clone)]
+pub struct Pages {
+    store: Store,
+    cache: Arc<std::sync::Mutex<lru::LruCache<Hash, Arc<Page>>>>,
+}
+
+impl Pages {
+    /// Pages of `store`.
+    pub fn new(store: Store) -> Self {
+        let cap = NonZeroUsize::new(CACHED_PAGES).expect("non-zero");
+        Pages {
+            store,
+            cache: Arc::new(std::sync::Mutex::new(lru::LruCache::new(cap))),
+        }
+    }
+
+    /// Adds new pages to `batch` (durable once it is finished), but those already held.
+    pub fn put(&self, batch: &ImportBatch, pages: &[(PageRef, Vec<u8>)]) -> Result<(), StoreError> {
+        let hashes: Vec<Hash> = pages.iter().map(|(r, _)| r.hash).collect();
+        let held = self.store.has_complete_many(&hashes)?;
+        let mut seen = std::collections::HashSet::new();
+        for ((r, bytes), held) in pages.iter().zip(held) {
+            if !held && seen.insert(r.hash) {
+                batch.import_bytes(bytes)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds new pages and makes them durable.
+    pub fn put_now(&self, pages: &[(PageRef, Vec<u8>)]) -> Result<(), StoreError> {
+        let batch = self.store.batch();
+        self.put(&batch, pages)?;
+        batch.finish().map(|_| ())
+    }
+}
+
+impl PageSource for Pages {
+    fn page(&self, r: &PageRef) -> Result<Option<Arc<Page>>, TreeError> {
+        if let Some(p) = self.cache.lock().expect("not poisoned").get(&r.hash) {
+            return Ok(Some(p.clone()));
+        }
+        let src = |e: StoreError| TreeError::Source(e.to_string());
+        if !self.store.has_complete(&r.hash).map_err(src)? {
+            return Ok(None);
+        }
+        let bytes = self.store.read_all(&r.hash).map_err(src)?;
+        let page = Page::decode(&bytes).map_err(|e| TreeError::Bad {
+            page: r.hash.short(),
+            reason: e.to_string(),
+        })?;
+        let page = Arc::new(page);
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .put(r.hash, page.clone());
+        Ok(Some(page))
+    }
+}

@@ -1,0 +1,251 @@
+//! Trees of pages against the whole manifest in memory.
+
+use std::cell::Cell;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::manifest::Manifest;
+
+/// A shape that makes deep trees of few entries.
+const SMALL: Shape = Shape { bits: 1, fill: 96 };
+
+fn p(s: &str) -> VolPath {
+    VolPath::new(s).unwrap()
+}
+
+fn file(h: u8) -> Entry {
+    Entry::File {
+        size: 3,
+        mode: 0o644,
+        mtime_ns: 1,
+        hash: Hash([h; 32]),
+    }
+}
+
+fn tree_of(m: &Manifest, shape: Shape, pages: &mut MemPages) -> Built {
+    m.build(shape, &mut |r, b| pages.insert(r, &b).unwrap())
+}
+
+/// A source that counts the pages read from it.
+struct Counting<'a>(&'a MemPages, Cell<usize>);
+
+impl PageSource for Counting<'_> {
+    fn page(&self, r: &PageRef) -> Result<Option<Arc<Page>>, TreeError> {
+        self.1.set(self.1.get() + 1);
+        self.0.page(r)
+    }
+}
+
+fn arb_path() -> impl Strategy<Value = VolPath> {
+    proptest::collection::vec("[a-e]{1,3}", 1..4)
+        .prop_filter_map("valid", |parts| VolPath::new(&parts.join("/")).ok())
+}
+
+fn arb_change() -> impl Strategy<Value = Change> {
+    (
+        arb_path(),
+        prop_oneof![
+            3 => (0u8..4).prop_map(|h| Some(file(h))),
+            1 => (0u32..3).prop_map(|m| Some(Entry::Dir { mode: 0o700 + m })),
+            1 => Just(None),
+        ],
+    )
+        .prop_map(|(path, entry)| Change { path, entry })
+}
+
+fn manifest_of(changes: &[Change]) -> Manifest {
+    let mut m = Manifest::new();
+    m.apply(changes).unwrap();
+    m
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Applying changes to a tree gives the very tree (same root hash) that building the
+    /// changed manifest from scratch gives: trees are canonical, whatever the edits.
+    #[test]
+    fn apply_is_canonical(
+        start in proptest::collection::vec(arb_change(), 0..60),
+        edits in proptest::collection::vec(arb_change(), 0..12),
+    ) {
+        for shape in [SMALL, Shape::CANONICAL] {
+            let before = manifest_of(&start);
+            let mut pages = MemPages::default();
+            let old = tree_of(&before, shape, &mut pages);
+            let mut new_pages = MemPages::default();
+            let applied = apply(&pages, &old.root, &edits, shape, &mut |r, b| new_pages.insert(r, &b).unwrap()).unwrap();
+            let mut after = before.clone();
+            after.apply(&edits).unwrap();
+            let mut fresh = MemPages::default();
+            let expected = tree_of(&after, shape, &mut fresh);
+            prop_assert_eq!(applied.root, expected.root);
+            prop_assert_eq!(applied.entries, after.len() as u64);
+            let all = Layered(&new_pages, &pages);
+            prop_assert_eq!(Manifest::from_tree(&all, &applied.root).unwrap(), after);
+        }
+    }
+
+    /// A diff of two trees, applied to the first, gives the second; lookups and listings
+    /// agree with the manifest in memory.
+    #[test]
+    fn diff_get_and_under_agree(
+        a in proptest::collection::vec(arb_change(), 0..60),
+        b in proptest::collection::vec(arb_change(), 0..60),
+    ) {
+        let (ma, mb) = (manifest_of(&a), manifest_of(&b));
+        let mut pages = MemPages::default();
+        let ta = tree_of(&ma, SMALL, &mut pages);
+        let tb = tree_of(&mb, SMALL, &mut pages);
+        let d: Vec<Change> = diff(&pages, &ta.root, &tb.root).unwrap().into_iter().map(Delta::into_change).collect();
+        let mut expected = ma.diff(&mb);
+        expected.sort_by(|x, y| x.path.cmp(&y.path));
+        prop_assert_eq!(&d, &expected);
+        let mut m = ma.clone();
+        m.apply(&d).unwrap();
+        prop_assert_eq!(&m, &mb);
+        for (path, e) in ma.entries() {
+            prop_assert_eq!(get(&pages, &ta.root, path).unwrap(), Some(e.clone()));
+            let below: Vec<_> = ma.under(Some(path)).map(|(p, e)| (p.clone(), e.clone())).collect();
+            prop_assert_eq!(under(&pages, &ta.root, Some(path)).unwrap(), below);
+        }
+        for path in mb.entries().keys().filter(|p| ma.get(p).is_none()) {
+            prop_assert_eq!(get(&pages, &ta.root, path).unwrap(), None);
+        }
+    }
+}
+
+/// Builds the tree of `n` files in one flat directory (canonical shape).
+fn flat(n: usize) -> (Manifest, MemPages, Built) {
+    let mut m = Manifest::new();
+    let changes: Vec<Change> = (0..n)
+        .map(|i| Change {
+            path: p(&format!("data/file-{i:07}.bin")),
+            entry: Some(file((i % 251) as u8)),
+        })
+        .collect();
+    m.apply(&changes).unwrap();
+    let mut pages = MemPages::default();
+    let t = tree_of(&m, Shape::CANONICAL, &mut pages);
+    (m, pages, t)
+}
+
+/// One changed file in a flat directory of 100,000: the new tree shares all but a few pages
+/// with the old one, and a diff that starts from the old tree's pages fetches only those.
+#[test]
+fn one_change_moves_a_few_pages() {
+    let (_, pages, old) = flat(100_000);
+    assert!(pages.0.len() > 300, "{} pages", pages.0.len());
+    let mut new_pages = MemPages::default();
+    let change = [Change {
+        path: p("data/file-0050000.bin"),
+        entry: Some(file(7)),
+    }];
+    let new = apply(&pages, &old.root, &change, Shape::CANONICAL, &mut |r, b| {
+        new_pages.insert(r, &b).unwrap()
+    })
+    .unwrap();
+    // Pages the old tree lacks: one per level (the rightmost ones are written again, alike).
+    let fresh = new_pages
+        .0
+        .keys()
+        .filter(|h| !pages.0.contains_key(h))
+        .count();
+    assert!(fresh <= 4, "{fresh} new pages for one change");
+    // An agent holding the old pages fetches what the diff asks for, level by level.
+    let mut held = pages.clone();
+    let mut rounds = 0;
+    loop {
+        let want = missing_for_diff(&held, &old.root, &new.root).unwrap();
+        if want.is_empty() {
+            break;
+        }
+        for r in want {
+            held.0.insert(r.hash, new_pages.0[&r.hash].clone());
+        }
+        rounds += 1;
+        assert!(rounds <= 4, "too many rounds");
+    }
+    let counting = Counting(&held, Cell::new(0));
+    let d = diff(&counting, &old.root, &new.root).unwrap();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].old, Some(file((50_000 % 251) as u8)));
+    assert_eq!(d[0].clone().into_change(), change[0]);
+    assert!(counting.1.get() <= 12, "{} pages read", counting.1.get());
+}
+
+/// Insertions and removals at the edges (before the first and after the last entry) and a
+/// tree shrinking to nothing.
+#[test]
+fn edges_and_empty() {
+    let (m, pages, t) = flat(2_000);
+    let edits = [
+        Change {
+            path: p("a"),
+            entry: Some(file(1)),
+        },
+        Change {
+            path: p("zz/top"),
+            entry: Some(file(2)),
+        },
+    ];
+    let mut all = pages.clone();
+    let grown = apply(&pages, &t.root, &edits, Shape::CANONICAL, &mut |r, b| {
+        all.insert(r, &b).unwrap()
+    })
+    .unwrap();
+    let mut expected = m.clone();
+    expected.apply(&edits).unwrap();
+    assert_eq!(grown.root, expected.root());
+    let gone = apply(
+        &all,
+        &grown.root,
+        &[
+            Change {
+                path: p("data"),
+                entry: None,
+            },
+            Change {
+                path: p("a"),
+                entry: None,
+            },
+            Change {
+                path: p("zz"),
+                entry: None,
+            },
+        ],
+        Shape::CANONICAL,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(gone.root, Manifest::new().root());
+    assert_eq!(gone.entries, 0);
+}
+
+/// Pages that stand in the wrong place are refused by the walks.
+#[test]
+fn misplaced_children_are_refused() {
+    let (_, pages, t) = flat(3_000);
+    let root = pages.0[&t.root.hash].clone();
+    let Page::Branch { level, children } = &*root else {
+        panic!("a branch root")
+    };
+    // A branch whose children are swapped with its own first child's page at a wrong level.
+    let mut forged = children.clone();
+    forged[1].page = t.root.hash;
+    forged[1].size = t.root.size as u32;
+    let bytes = Page::Branch {
+        level: *level,
+        children: forged,
+    }
+    .encode();
+    let r = PageRef {
+        hash: Hash::of(&bytes),
+        size: bytes.len() as u64,
+    };
+    let mut bad_pages = pages.clone();
+    bad_pages.insert(r, &bytes).unwrap();
+    assert!(Manifest::from_tree(&bad_pages, &r).is_err());
+    assert!(missing(&bad_pages, &r).is_err());
+}
