@@ -167,6 +167,10 @@ async fn a_commit_switches_to_a_fresh_upper_unless_a_file_is_open_for_writing() 
     assert_eq!(c.hashed_bytes, 50 * 10_000);
     let switched = std::fs::read_link(&a).unwrap();
     assert_ne!(switched, target, "the mount moved to a fresh upper layer");
+    // The files joined the store by hard links to the sealed upper layer, not by copies.
+    let blob = f.agents[0].store().data_path(&Hash::of(&bytes(0, 10_000)));
+    let links = std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(&blob).unwrap());
+    assert!(links >= 2, "the store copied a sealed file ({links} link)");
     // The next commit reads only what was written since.
     std::fs::write(a.join("g"), b"later").unwrap();
     let c = f.commit(0, "vol").await.unwrap();

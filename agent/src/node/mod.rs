@@ -199,9 +199,9 @@ impl Agent {
             overlays,
         });
         if inner.overlays {
-            let root = inner.opts.data.join("mounts");
-            std::fs::create_dir_all(&root).map_err(|e| other(&e))?;
-            crate::overlay::make_private_root(&root).map_err(|e| other(&e))?;
+            // The whole data directory, so that sealed upper layers (under mounts/) can be
+            // hard-linked into the store: links never cross mount points.
+            crate::overlay::make_private_root(&inner.opts.data).map_err(|e| other(&e))?;
         }
         inner.recover().await.map_err(|e| other(&e))?;
         let cancel = inner.cancel.clone();

@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use rustix::fs::CWD;
 use rustix::mount::{
     FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MountPropagationFlags, MoveMountFlags,
-    UnmountFlags, fsconfig_create, fsconfig_set_string, fsmount, fsopen, mount_bind, mount_change,
-    mount_remount, move_mount, unmount,
+    UnmountFlags, fsconfig_create, fsconfig_set_string, fsmount, fsopen, mount_bind_recursive,
+    mount_change, mount_remount, move_mount, unmount,
 };
 
 pub mod layer;
@@ -121,12 +121,12 @@ pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Makes `dir` a private mount (a bind mount of itself, made private; kept if it is one
-/// already), so that overlays mounted below it never propagate into other mount
-/// namespaces: copies there would outlive a lazy detach.
+/// Makes `dir` a private mount (a bind mount of itself with what is mounted below it, made
+/// private; kept if it is one already), so that overlays mounted below it never propagate
+/// into other mount namespaces: copies there would outlive a lazy detach.
 pub fn make_private_root(dir: &Path) -> io::Result<()> {
     if !is_mounted(dir) {
-        mount_bind(dir, dir).map_err(with_path("bind mount", dir))?;
+        mount_bind_recursive(dir, dir).map_err(with_path("bind mount", dir))?;
     }
     mount_change(dir, MountPropagationFlags::PRIVATE).map_err(with_path("make private", dir))
 }
