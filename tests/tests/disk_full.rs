@@ -14,6 +14,9 @@ async fn on_small_disk(f: &mut TestFleet, i: usize, mib: u32) -> bool {
     let agent = f.agents.remove(i);
     agent.shutdown().await;
     let dir = f.agent_dir(i);
+    // As after a reboot: nothing of the agent's stays mounted (its data directory is a
+    // mount point of its own).
+    voltool_agent::overlay::unmount_all_under(&dir);
     let saved = f.dir.path().join("saved");
     std::fs::rename(&dir, &saved).unwrap();
     std::fs::create_dir(&dir).unwrap();

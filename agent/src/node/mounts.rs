@@ -153,6 +153,13 @@ impl Inner {
                 }
                 return Ok(());
             }
+            if crate::overlay::is_mount_ro(&target) {
+                info!(
+                    volume = m.name,
+                    "making the mount writable again: a reload stopped before its switch"
+                );
+                crate::overlay::thaw_mount(&target).map_err(failed)?;
+            }
         }
         if std::fs::read_link(&m.path).ok().as_deref() != Some(target.as_path()) {
             warn!(

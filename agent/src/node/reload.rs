@@ -366,7 +366,7 @@ impl Inner {
             return Ok(());
         }
         let merged = self.link_target(rec.id, &rec.snapshot);
-        if !crate::overlay::freeze(&merged).map_err(failed)? {
+        if !crate::overlay::freeze_mount(&merged).map_err(failed)? {
             let which = crate::overlay::openfiles::first_open_for_writing(&merged)
                 .map(|p| {
                     p.strip_prefix(&merged)
@@ -413,7 +413,7 @@ impl Inner {
     fn thaw(&self, rec: &MountRecord) {
         if self.overlays {
             let merged = self.link_target(rec.id, &rec.snapshot);
-            if let Err(e) = crate::overlay::thaw(&merged) {
+            if let Err(e) = crate::overlay::thaw_mount(&merged) {
                 warn!(
                     volume = rec.name,
                     "cannot make the mount writable again: {e}"

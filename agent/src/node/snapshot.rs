@@ -439,11 +439,6 @@ impl Inner {
         let old_dir = self.mounts_dir(old.id).join(&old.snapshot);
         if self.overlays {
             let merged = old_dir.join("merged");
-            if overlay::is_mounted(&merged)
-                && let Err(e) = overlay::unmount_lazy(&merged)
-            {
-                warn!("cannot detach the old snapshot: {e}");
-            }
             let keep: HashSet<&String> = new.layers.iter().collect();
             let vol = self.mounts_dir(old.id);
             let old_upper = format!("{}/upper", old.snapshot);
@@ -461,9 +456,10 @@ impl Inner {
                 .chain(old_parts)
                 .collect();
             let trash = self.opts.data.join(TRASH);
-            tokio::task::spawn_blocking(move || discard(&trash, stale))
-                .await
-                .map_err(failed)?;
+            let name = old.name.clone();
+            // In the background: the operation is done, and turning the old file system
+            // read-only drops the kernel's cached entries of every file read through it.
+            tokio::task::spawn_blocking(move || retire_overlay(&name, &merged, &trash, stale));
             return Ok(StatCache::new());
         }
         // Removing the old snapshot changes the change time of the files the new one shares
@@ -559,6 +555,26 @@ impl Inner {
             })
             .collect())
     }
+}
+
+/// Turns a replaced overlay read-only as a whole (so that a process still writing into it
+/// through another mount of it, a container's bind mount, gets an error rather than losing
+/// its writes with the old upper layer), detaches it, and moves its parts to the trash.
+fn retire_overlay(volume: &str, merged: &Path, trash: &Path, stale: Vec<PathBuf>) {
+    if overlay::is_mounted(merged) {
+        match overlay::freeze(merged) {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                volume,
+                "a file in the replaced snapshot is still open for writing (through another mount of it); what is written there is not committed"
+            ),
+            Err(e) => warn!(volume, "cannot make the replaced snapshot read-only: {e}"),
+        }
+        if let Err(e) = overlay::unmount_lazy(merged) {
+            warn!("cannot detach the old snapshot: {e}");
+        }
+    }
+    discard(trash, stale);
 }
 
 /// The file a mount point holds under its overlay: after a reboot, until the agent has
