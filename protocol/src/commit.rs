@@ -38,9 +38,9 @@ pub struct Commit {
     pub version: u64,
     /// Hash of the parent commit's encoding, `None` at version 0.
     pub parent: Option<Hash>,
-    /// Hash of the encoded manifest.
+    /// Hash of the manifest's root page (see [`crate::tree`]).
     pub manifest: Hash,
-    /// Size of the encoded manifest (the bao stream does not carry sizes).
+    /// Size of the root page (the bao stream does not carry sizes).
     pub manifest_size: u64,
     /// Node id of the agent whose change set made this version.
     pub author: [u8; 32],

@@ -153,7 +153,7 @@ impl Coordinator {
         let key = crate::keys::load_or_create(&opts.data)?;
         let origin = Store::open(&opts.data.join("origin"))?;
         let db_file = opts.data.join("coordinator.redb");
-        let db = Database::create(&db_file).map_err(db_err)?;
+        let db = crate::store::open_db(&db_file).map_err(db_err)?;
         // Heads of version 0 name manifests of the old, flat encoding.
         crate::store::refuse_old_tables(&db, &db_file, &["volumes-0", "heads-0", "versions-0"])?;
         {

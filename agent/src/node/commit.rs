@@ -46,7 +46,7 @@ impl Inner {
         rec: MountRecord,
         head: &SignedHead,
         local: &Local,
-        own: Vec<Change>,
+        own: Option<Vec<Change>>,
     ) -> OpResult<()> {
         let local_hash = local.root.hash;
         let version = if head.commit.manifest == local_hash {
@@ -119,7 +119,7 @@ impl Inner {
             .map(|d| (d.old.clone(), d.into_change()))
             .unzip();
         let n = changes.len();
-        let own = merge_own(&rec.own, &changes);
+        let own = rec.own.as_deref().and_then(|own| merge_own(own, &changes));
         let (head, overwritten) = self
             .send_commit(&info, rec.version, changes, priors)
             .await?;
@@ -144,16 +144,21 @@ impl Inner {
 }
 
 /// The mount's committed changes not yet seen back in a reload, with `changes` added
-/// (the later change of a path wins).
-fn merge_own(own: &[Change], changes: &[Change]) -> Vec<Change> {
+/// (the later change of a path wins); `None` past [`MAX_OWN`].
+fn merge_own(own: &[Change], changes: &[Change]) -> Option<Vec<Change>> {
+    if own.len() + changes.len() > MAX_OWN {
+        return None;
+    }
     let mut merged: BTreeMap<&VolPath, &Option<Entry>> =
         own.iter().map(|c| (&c.path, &c.entry)).collect();
     merged.extend(changes.iter().map(|c| (&c.path, &c.entry)));
-    merged
-        .into_iter()
-        .map(|(path, entry)| Change {
-            path: path.clone(),
-            entry: entry.clone(),
-        })
-        .collect()
+    Some(
+        merged
+            .into_iter()
+            .map(|(path, entry)| Change {
+                path: path.clone(),
+                entry: entry.clone(),
+            })
+            .collect(),
+    )
 }

@@ -109,10 +109,32 @@ impl Inner {
         self.fetch_blobs(&blobs, &Events::none()).await.map(|_| ())
     }
 
-    /// The paths whose entries differ between two held trees.
-    pub(super) async fn tree_diff(&self, old: PageRef, new: PageRef) -> OpResult<Vec<Delta>> {
+    /// What a reload from the held tree at `old` to the tree at `new` needs: the blobs of
+    /// the files that differ, and the deltas themselves unless there are more than
+    /// `max_deltas` (then `None`: a full layer is cheaper than a thin one that large, and
+    /// the deltas are never held in memory at once).
+    pub(super) async fn reload_diff(
+        &self,
+        old: PageRef,
+        new: PageRef,
+        max_deltas: usize,
+    ) -> OpResult<(Vec<(Hash, u64)>, Option<Vec<Delta>>)> {
         let pages = self.pages.clone();
-        self.blocking(move || tree::diff(&pages, &old, &new)).await
+        self.blocking(move || {
+            let (mut blobs, mut deltas) = (Vec::new(), Some(Vec::new()));
+            tree::diff_each(&pages, &old, &new, &mut |d| {
+                blobs.extend(d.new.as_ref().and_then(|e| e.blob()));
+                if let Some(ds) = &mut deltas {
+                    if ds.len() < max_deltas {
+                        ds.push(d);
+                    } else {
+                        deltas = None;
+                    }
+                }
+            })?;
+            Ok((blobs, deltas))
+        })
+        .await
     }
 
     /// Fetches blobs not held completely from the swarm: small ones whole, in batches

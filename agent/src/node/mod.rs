@@ -51,7 +51,7 @@ pub use error::OpError;
 use error::{OpResult, db_err, err, failed};
 pub use events::Events;
 use fetch::{head_root, local_root};
-use mounts::{MOUNTS, MountRecord, STATS, switch_link};
+use mounts::{MAX_OWN, MOUNTS, MountRecord, STATS, switch_link};
 use remote::SEEN;
 use snapshot::{Local, Source, Take};
 pub use snapshot::{MAX_LAYERS, NOT_MOUNTED, SnapshotMode};
@@ -162,7 +162,7 @@ impl Agent {
         let key: SecretKey = crate::keys::load_or_create(&opts.data)?;
         let store = Store::open(&opts.data.join("store"))?;
         let db_file = opts.data.join("agent.redb");
-        let db = Database::create(&db_file).map_err(|e| other(&e))?;
+        let db = crate::store::open_db(&db_file).map_err(|e| other(&e))?;
         // Mount records of version 1 name manifests of the old, flat encoding.
         crate::store::refuse_old_tables(&db, &db_file, &["mounts-1", "stats-1"])
             .map_err(|e| other(&e))?;

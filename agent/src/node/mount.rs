@@ -75,7 +75,7 @@ impl Inner {
             manifest: mhash,
             snapshot: built.snapshot,
             background_commit_secs,
-            own: Vec::new(),
+            own: Some(Vec::new()),
             layers: built.layers,
             lower_manifest: mhash,
         };

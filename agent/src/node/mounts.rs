@@ -16,13 +16,18 @@ pub(super) struct MountRecord {
     pub(super) snapshot: String,
     pub(super) background_commit_secs: Option<u64>,
     /// This mount's committed changes not yet seen back in a reload: on reload, those the
-    /// new head does not hold were overwritten by another writer, and are reported.
-    pub(super) own: Vec<Change>,
+    /// new head does not hold were overwritten by another writer, and are reported. `None`
+    /// once there are more than [`MAX_OWN`] (a record stays small; such overwrites are then
+    /// not listed).
+    pub(super) own: Option<Vec<Change>>,
     /// Overlay mode: the snapshot's metadata layers, topmost first.
     pub(super) layers: Vec<String>,
     /// Overlay mode: the manifest those layers show (its upper layer holds the rest).
     pub(super) lower_manifest: Hash,
 }
+
+/// Committed changes a mount keeps to report overwrites by other writers at its next reload.
+pub(super) const MAX_OWN: usize = 10_000;
 
 impl Inner {
     pub(super) fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {

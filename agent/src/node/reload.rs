@@ -88,8 +88,13 @@ struct Plan {
     how: PlanHow,
 }
 
+/// Deltas a reload writes as a thin layer; past this it writes one full layer instead (as
+/// fast to write, and read from the tree a part at a time).
+const THIN_MAX: usize = 65_536;
+
 enum PlanHow {
     Thin(Vec<Delta>),
+    Full,
     Copy(Box<Manifest>, HashSet<VolPath>),
 }
 
@@ -107,16 +112,12 @@ impl Inner {
         if self.overlays {
             let lowers = local_root(rec.lower_manifest);
             self.fetch_diff(lowers, new).await?;
-            let deltas = self.tree_diff(lowers, new).await?;
-            let needed = deltas
-                .iter()
-                .filter_map(|d| d.new.as_ref().and_then(|e| e.blob()))
-                .collect();
-            return Ok(Plan {
-                new,
-                needed,
-                how: PlanHow::Thin(deltas),
-            });
+            let (needed, deltas) = self.reload_diff(lowers, new, THIN_MAX).await?;
+            let how = match deltas {
+                Some(d) => PlanHow::Thin(d),
+                None => PlanHow::Full,
+            };
+            return Ok(Plan { new, needed, how });
         }
         self.fetch_tree(new).await?;
         let new_m = self.read_manifest(new).await?;
@@ -165,7 +166,14 @@ fn lost_changes(
     new: &PageRef,
 ) -> Result<Vec<String>, tree::TreeError> {
     let mut lost = Vec::new();
-    for c in &rec.own {
+    let Some(own) = &rec.own else {
+        info!(
+            volume = rec.name,
+            "more than {MAX_OWN} changes were committed here since the last reload: overwrites of them by other writers are not listed"
+        );
+        return Ok(lost);
+    };
+    for c in own {
         let differs = match (&c.entry, tree::get(pages, new, &c.path)?) {
             (Some(mine), Some(now)) => !mine.same_content(&now),
             (None, None) => false,
@@ -220,6 +228,7 @@ impl Inner {
                 },
                 HashSet::new(),
             ),
+            PlanHow::Full => (Source::Full { root: new }, HashSet::new()),
             PlanHow::Copy(m, reuse) => (
                 Source::Copy {
                     manifest: m,
@@ -243,7 +252,7 @@ impl Inner {
             version,
             manifest: info.head.commit.manifest,
             snapshot: built.snapshot,
-            own: Vec::new(),
+            own: Some(Vec::new()),
             layers: built.layers,
             lower_manifest: info.head.commit.manifest,
             ..rec.clone()

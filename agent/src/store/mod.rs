@@ -162,7 +162,7 @@ impl Store {
         // Leftovers of imports interrupted by a crash: never referenced by metadata.
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).ctx(&tmp)?;
-        let db = Database::create(dir.join("store.redb")).map_err(db_err)?;
+        let db = open_db(&dir.join("store.redb")).map_err(db_err)?;
         let w = db.begin_write().map_err(db_err)?;
         w.open_table(BLOBS).map_err(db_err)?;
         w.commit().map_err(db_err)?;
@@ -312,6 +312,15 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Pages of a metadata database kept in memory. redb's default (1 GiB) would let an agent
+/// that recorded a million blobs hold their records in memory long after.
+const DB_CACHE: usize = 32 << 20;
+
+/// Opens (or creates) a metadata database with a bounded cache.
+pub fn open_db(file: &Path) -> Result<Database, redb::DatabaseError> {
+    redb::Builder::new().set_cache_size(DB_CACHE).create(file)
 }
 
 /// Refuses a database that holds any of the tables `old` (written by an older version,
