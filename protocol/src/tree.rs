@@ -878,19 +878,31 @@ fn edits_of(
     // Everything the changes can touch: their paths, their ancestors, and what lies below
     // a path removed or replaced by a non-directory.
     let mut before: BTreeMap<VolPath, Entry> = BTreeMap::new();
-    let mut looked: HashSet<VolPath> = HashSet::new();
+    // Ancestors read so far (directories: few), and directories whose contents were read.
+    let mut ancestors: HashSet<VolPath> = HashSet::new();
     let mut below_done: HashSet<VolPath> = HashSet::new();
     for c in changes {
-        for p in std::iter::once(c.path.clone()).chain(c.path.ancestors()) {
-            if looked.insert(p.clone())
-                && let Some(e) = get(src, root, &p)?
-            {
-                before.insert(p, e);
+        if !before.contains_key(&c.path)
+            && let Some(e) = get(src, root, &c.path)?
+        {
+            before.insert(c.path.clone(), e);
+        }
+        for a in c.path.ancestors() {
+            // Nearest first: one read before means all above it were read too.
+            if !ancestors.insert(a.clone()) {
+                break;
+            }
+            if let Some(e) = get(src, root, &a)? {
+                before.insert(a, e);
             }
         }
-        if c.entry.as_ref().is_none_or(|e| !e.is_dir()) && below_done.insert(c.path.clone()) {
+        // Only a directory has entries below it.
+        let replaced = c.entry.as_ref().is_none_or(|e| !e.is_dir());
+        if replaced
+            && matches!(before.get(&c.path), Some(Entry::Dir { .. }))
+            && below_done.insert(c.path.clone())
+        {
             for (p, e) in under(src, root, Some(&c.path))? {
-                looked.insert(p.clone());
                 before.insert(p, e);
             }
         }
