@@ -304,14 +304,14 @@ pub struct Change {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn p(s: &str) -> VolPath {
+    pub(crate) fn p(s: &str) -> VolPath {
         VolPath::new(s).unwrap()
     }
 
-    fn file(h: u8) -> Entry {
+    pub(crate) fn file(h: u8) -> Entry {
         Entry::File {
             size: 3,
             mode: 0o644,

@@ -6,22 +6,10 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::manifest::Manifest;
+use crate::manifest::tests::{file, p};
 
 /// A shape that makes deep trees of few entries.
 const SMALL: Shape = Shape { bits: 1, fill: 96 };
-
-fn p(s: &str) -> VolPath {
-    VolPath::new(s).unwrap()
-}
-
-fn file(h: u8) -> Entry {
-    Entry::File {
-        size: 3,
-        mode: 0o644,
-        mtime_ns: 1,
-        hash: Hash([h; 32]),
-    }
-}
 
 fn tree_of(m: &Manifest, shape: Shape, pages: &mut MemPages) -> Built {
     m.build(shape, &mut |r, b| pages.insert(r, &b).unwrap())

@@ -306,17 +306,19 @@ impl Inner {
                 &cache,
                 ScanMode::Link(&batch),
             )?;
-            let mut new_pages = Vec::new();
+            let mut sink = pages.sink(&batch);
             let state = tree::apply(
                 &pages,
                 &lowers,
                 &up.changes,
                 Shape::CANONICAL,
-                &mut |r, b| new_pages.push((r, b)),
+                &mut |r, b| sink.add(r, &b),
             )?;
-            pages.put(&batch, &new_pages)?;
+            sink.done()?;
+            let (entries, hashed) = (up.entries, up.hashed_bytes);
+            drop(up);
             let linked = batch.finish()?;
-            Ok::<_, scan::ScanError>((state.root, linked, up.entries, up.hashed_bytes))
+            Ok::<_, scan::ScanError>((state.root, linked, entries, hashed))
         })
         .await
         .map_err(failed)?

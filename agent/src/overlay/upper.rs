@@ -114,7 +114,8 @@ pub fn read_upper(
     how: ScanMode<'_>,
 ) -> Result<UpperChanges, ScanError> {
     let mut out = UpperChanges::default();
-    let mut written: Vec<(VolPath, PathBuf)> = Vec::new();
+    // Volume paths only: a file's path in the upper layer is `upper` joined with it.
+    let mut written: Vec<VolPath> = Vec::new();
     let mut stack: Vec<(PathBuf, Option<VolPath>, Origin)> =
         vec![(upper.to_path_buf(), None, Origin::Root)];
     while let Some((dir, rel, origin)) = stack.pop() {
@@ -160,7 +161,7 @@ pub fn read_upper(
                             }),
                         });
                     }
-                    None => written.push((vp, full)),
+                    None => written.push(vp),
                 }
             } else {
                 // A volume holds no special files; whatever stood here below is hidden.
@@ -172,7 +173,7 @@ pub fn read_upper(
             }
         }
     }
-    hash_written(written, how, &mut out)?;
+    hash_written(upper, written, how, &mut out)?;
     Ok(out)
 }
 
@@ -272,33 +273,40 @@ fn data_path_hash(r: &str) -> Option<Hash> {
     Some(Hash(bytes))
 }
 
-/// Hashes (or imports) the files written through the mount, on all cores.
+/// Hashes (or imports) the files written through the mount, on all cores. Their stats
+/// are kept unless they are linked into the store (a sealed upper never changes again).
 fn hash_written(
-    written: Vec<(VolPath, PathBuf)>,
+    upper: &Path,
+    written: Vec<VolPath>,
     how: ScanMode<'_>,
     out: &mut UpperChanges,
 ) -> Result<(), ScanError> {
     use rayon::prelude::*;
-    let hashed: Vec<(VolPath, Entry, Stat)> = written
+    let keep_stats = !matches!(how, ScanMode::Link(_));
+    let hashed: Vec<(Change, Option<Stat>)> = written
         .into_par_iter()
-        .map(|(vp, full)| {
-            let (hash, size, st, mode) = read_stable(&full, how)?;
+        .map(|vp| {
+            let (hash, size, st, mode) = read_stable(&upper.join(vp.as_str()), how)?;
             let e = Entry::File {
                 size,
                 mode,
                 mtime_ns: st.mtime_ns,
                 hash,
             };
-            Ok((vp, e, st))
+            let change = Change {
+                path: vp,
+                entry: Some(e),
+            };
+            Ok((change, keep_stats.then_some(st)))
         })
         .collect::<Result<_, ScanError>>()?;
-    for (vp, e, st) in hashed {
-        out.hashed_bytes += e.blob().map_or(0, |(_, s)| s);
-        out.stats.insert(vp.clone(), st);
-        out.changes.push(Change {
-            path: vp,
-            entry: Some(e),
-        });
+    out.changes.reserve(hashed.len());
+    for (c, st) in hashed {
+        out.hashed_bytes += c.entry.as_ref().and_then(Entry::blob).map_or(0, |(_, s)| s);
+        if let Some(st) = st {
+            out.stats.insert(c.path.clone(), st);
+        }
+        out.changes.push(c);
     }
     Ok(())
 }

@@ -351,7 +351,7 @@ mod pages;
 mod ranges;
 
 pub use import::{IN_MEMORY_MAX, ImportBatch, PER_FILE_SYNC_MAX};
-pub use pages::Pages;
+pub use pages::{PageSink, Pages};
 
 #[cfg(test)]
 mod tests {

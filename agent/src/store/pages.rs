@@ -30,15 +30,22 @@ impl Pages {
 
     /// Adds new pages to `batch` (durable once it is finished), but those already held.
     pub fn put(&self, batch: &ImportBatch, pages: &[(PageRef, Vec<u8>)]) -> Result<(), StoreError> {
-        let hashes: Vec<Hash> = pages.iter().map(|(r, _)| r.hash).collect();
-        let held = self.store.has_complete_many(&hashes)?;
-        let mut seen = std::collections::HashSet::new();
-        for ((r, bytes), held) in pages.iter().zip(held) {
-            if !held && seen.insert(r.hash) {
-                batch.import_bytes(bytes)?;
-            }
+        let mut sink = self.sink(batch);
+        for (r, bytes) in pages {
+            sink.add(*r, bytes);
         }
-        Ok(())
+        sink.done()
+    }
+
+    /// A sink for the pages a tree operation writes: each goes into `batch` as it comes
+    /// (but those already held), so they are never all in memory at once.
+    pub fn sink<'a>(&'a self, batch: &'a ImportBatch) -> PageSink<'a> {
+        PageSink {
+            pages: self,
+            batch,
+            seen: std::collections::HashSet::new(),
+            error: None,
+        }
     }
 
     /// Adds new pages and makes them durable.
@@ -69,5 +76,34 @@ impl PageSource for Pages {
             .expect("not poisoned")
             .put(r.hash, page.clone());
         Ok(Some(page))
+    }
+}
+
+/// Pages on their way into an import batch (see [`Pages::sink`]).
+#[derive(Debug)]
+pub struct PageSink<'a> {
+    pages: &'a Pages,
+    batch: &'a ImportBatch,
+    seen: std::collections::HashSet<Hash>,
+    error: Option<StoreError>,
+}
+
+impl PageSink<'_> {
+    /// Takes one page.
+    pub fn add(&mut self, r: PageRef, bytes: &[u8]) {
+        if self.error.is_some() || !self.seen.insert(r.hash) {
+            return;
+        }
+        let r = match self.pages.store.has_complete(&r.hash) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.batch.import_bytes(bytes).map(|_| ()),
+            Err(e) => Err(e),
+        };
+        self.error = r.err();
+    }
+
+    /// The first failure, if any (the batch then must not be finished).
+    pub fn done(self) -> Result<(), StoreError> {
+        self.error.map_or(Ok(()), Err)
     }
 }
