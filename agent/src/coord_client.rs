@@ -1,4 +1,4 @@
-//! The agent's side of `voltool/coord/1`.
+//! The agent's side of `voltool/coord/3`.
 
 use std::path::{Path, PathBuf};
 

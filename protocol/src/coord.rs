@@ -1,4 +1,4 @@
-//! `voltool/coord/1`: what agents ask the coordinator.
+//! `voltool/coord/3`: what agents ask the coordinator.
 //!
 //! One request per bidirectional QUIC stream: the agent sends a [`CoordRequest`] frame and,
 //! for [`CoordRequest::Upload`], the raw bytes of every blob it names after it, one after
@@ -83,7 +83,7 @@ pub enum CoordRequest {
     /// Tracker: the sender holds these blobs (complete, or in part and growing) and serves
     /// them at `addr`. Replaces the sender's address and zone.
     Announce {
-        /// Where the sender serves `voltool/blobs/1`.
+        /// Where the sender serves `voltool/blobs/3`.
         addr: SocketAddr,
         /// Its zone label.
         zone: Option<String>,

@@ -1,4 +1,4 @@
-//! `voltool/blobs/1`: serving verified ranges from a store, and fetching them.
+//! `voltool/blobs/3`: serving verified ranges from a store, and fetching them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
