@@ -429,6 +429,80 @@ pub fn missing(src: &dyn PageSource, root: &PageRef) -> Result<Vec<PageRef>, Tre
     Ok(out)
 }
 
+/// The entries directly in `dir` (the top level for `None`), in order. Reads only the
+/// pages that hold them: a subdirectory's contents are skipped by key.
+pub fn children(
+    src: &dyn PageSource,
+    root: &PageRef,
+    dir: Option<&VolPath>,
+) -> Result<Vec<(VolPath, Entry)>, TreeError> {
+    let prefix = dir.map(|d| format!("{d}/")).unwrap_or_default();
+    let mut from = prefix.clone();
+    let mut out = Vec::new();
+    loop {
+        let mut skip_to = None;
+        range(src, root, &from, &mut |p, e| {
+            let Some(rest) = p.as_str().strip_prefix(&prefix) else {
+                return false;
+            };
+            match rest.find('/') {
+                None => {
+                    out.push((p.clone(), e.clone()));
+                    true
+                }
+                Some(i) => {
+                    // Past everything below `rest[..i]/` ('0' follows '/').
+                    skip_to = Some(format!("{prefix}{}0", &rest[..i]));
+                    false
+                }
+            }
+        })?;
+        match skip_to {
+            Some(k) => from = k,
+            None => return Ok(out),
+        }
+    }
+}
+
+/// The pages that may hold paths starting with `prefix` (with the pages above them) that
+/// `src` lacks and can name: fetch them and ask again until none is left, then
+/// [`children`] or [`under`] of that directory reads only held pages.
+pub fn missing_in(
+    src: &dyn PageSource,
+    root: &PageRef,
+    prefix: &str,
+) -> Result<Vec<PageRef>, TreeError> {
+    let inside = |lo: Option<&str>, hi: Option<&str>| {
+        // [lo, hi) meets the keys that start with `prefix`.
+        hi.is_none_or(|h| h > prefix) && lo.is_none_or(|l| l <= prefix || l.starts_with(prefix))
+    };
+    let mut out = Vec::new();
+    let mut todo: Vec<(PageRef, Option<String>, Option<String>)> = vec![(*root, None, None)];
+    while let Some((r, lo, hi)) = todo.pop() {
+        let Some(p) = src.page(&r)? else {
+            out.push(r);
+            continue;
+        };
+        if let Page::Branch { children, .. } = &*p {
+            for (i, c) in children.iter().enumerate() {
+                let clo = if i == 0 {
+                    lo.clone()
+                } else {
+                    Some(c.first.to_string())
+                };
+                let chi = children
+                    .get(i + 1)
+                    .map(|n| n.first.to_string())
+                    .or(hi.clone());
+                if inside(clo.as_deref(), chi.as_deref()) {
+                    todo.push((c.page_ref(), clo, chi));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// A page met in a walk of two trees: its level and first key once known (from its parent,
 /// checked when it is read).
 struct Node {

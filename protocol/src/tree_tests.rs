@@ -98,6 +98,10 @@ proptest! {
             let below: Vec<_> = ma.under(Some(path)).map(|(p, e)| (p.clone(), e.clone())).collect();
             prop_assert_eq!(under(&pages, &ta.root, Some(path)).unwrap(), below);
         }
+        for dir in std::iter::once(None).chain(ma.entries().iter().filter(|(_, e)| e.is_dir()).map(|(p, _)| Some(p))) {
+            let direct: Vec<_> = ma.under(dir).filter(|(p, _)| p.parent().as_ref() == dir).map(|(p, e)| (p.clone(), e.clone())).collect();
+            prop_assert_eq!(children(&pages, &ta.root, dir).unwrap(), direct);
+        }
         for path in mb.entries().keys().filter(|p| ma.get(p).is_none()) {
             prop_assert_eq!(get(&pages, &ta.root, path).unwrap(), None);
         }
@@ -236,4 +240,42 @@ fn misplaced_children_are_refused() {
     bad_pages.insert(r, &bytes).unwrap();
     assert!(Manifest::from_tree(&bad_pages, &r).is_err());
     assert!(missing(&bad_pages, &r).is_err());
+}
+
+/// Listing one directory of many fetches the pages of that directory, not the tree's.
+#[test]
+fn a_directory_listing_reads_only_its_pages() {
+    let mut m = Manifest::new();
+    let changes: Vec<Change> = (0..50_000)
+        .map(|i| Change {
+            path: p(&format!("d{:03}/f{i:06}", i / 1000)),
+            entry: Some(file((i % 251) as u8)),
+        })
+        .collect();
+    m.apply(&changes).unwrap();
+    let mut all = MemPages::default();
+    let t = tree_of(&m, Shape::CANONICAL, &mut all);
+    let dir = p("d017");
+    let mut held = MemPages::default();
+    loop {
+        let want = missing_in(&held, &t.root, "d017/").unwrap();
+        if want.is_empty() {
+            break;
+        }
+        for r in want {
+            held.0.insert(r.hash, all.0[&r.hash].clone());
+        }
+    }
+    assert!(
+        held.0.len() * 20 < all.0.len(),
+        "{} of {} pages fetched",
+        held.0.len(),
+        all.0.len()
+    );
+    let listed = children(&held, &t.root, Some(&dir)).unwrap();
+    assert_eq!(listed.len(), 1000);
+    assert_eq!(listed[0].0, p("d017/f017000"));
+    // The top level skips every directory's contents.
+    let top = children(&all, &t.root, None).unwrap();
+    assert_eq!(top.len(), 50);
 }

@@ -79,28 +79,38 @@ impl Inner {
 
     /// Fetches the pages of the tree at `root` not held yet, a level at a time.
     pub(super) async fn fetch_tree(&self, root: PageRef) -> OpResult<()> {
-        loop {
-            let pages = self.pages.clone();
-            let missing = self.blocking(move || tree::missing(&pages, &root)).await?;
-            if missing.is_empty() {
-                return Ok(());
-            }
-            self.fetch_pages(&missing).await?;
-        }
+        self.fetch_until_held(move |pages| tree::missing(pages, &root))
+            .await
     }
 
     /// Fetches the pages that a diff from `old` (held) to `new` needs: those of `new` that
     /// differ from `old`'s, a level at a time.
     pub(super) async fn fetch_diff(&self, old: PageRef, new: PageRef) -> OpResult<()> {
+        self.fetch_until_held(move |pages| tree::missing_for_diff(pages, &old, &new))
+            .await
+    }
+
+    /// Fetches the pages of the tree at `root` that may hold paths starting with `prefix`.
+    pub(super) async fn fetch_prefix(&self, root: PageRef, prefix: String) -> OpResult<()> {
+        self.fetch_until_held(move |pages| tree::missing_in(pages, &root, &prefix))
+            .await
+    }
+
+    /// Asks `missing` which pages are needed and not held, and fetches them, until none is.
+    async fn fetch_until_held(
+        &self,
+        missing: impl Fn(&crate::store::Pages) -> Result<Vec<PageRef>, tree::TreeError>
+        + Clone
+        + Send
+        + 'static,
+    ) -> OpResult<()> {
         loop {
-            let pages = self.pages.clone();
-            let missing = self
-                .blocking(move || tree::missing_for_diff(&pages, &old, &new))
-                .await?;
-            if missing.is_empty() {
+            let (pages, f) = (self.pages.clone(), missing.clone());
+            let want = self.blocking(move || f(&pages)).await?;
+            if want.is_empty() {
                 return Ok(());
             }
-            self.fetch_pages(&missing).await?;
+            self.fetch_pages(&want).await?;
         }
     }
 

@@ -5,19 +5,34 @@ use super::*;
 impl Inner {
     pub(super) async fn ls(&self, name: &str, path: Option<&str>) -> OpResult<Vec<LsEntry>> {
         let info = self.verified_head(name).await?;
-        let m = self.manifest_of(&info.head.commit).await?;
+        let root = head_root(&info.head.commit);
         let dir = user_path(path)?;
-        if let Some(d) = &dir {
-            match m.get(d) {
-                None => return Err(err(ErrorCode::NotFound, format!("no such path: {d}"))),
-                Some(e) if !e.is_dir() => return Ok(vec![ls_entry(d, e)]),
-                _ => {}
-            }
+        // Only the pages on the way to the path and those of what lies in it.
+        let prefix = dir.as_ref().map(VolPath::to_string).unwrap_or_default();
+        self.fetch_prefix(root, prefix).await?;
+        let (pages, d) = (self.pages.clone(), dir.clone());
+        let listing = self
+            .blocking(move || {
+                if let Some(d) = &d {
+                    match tree::get(&pages, &root, d)? {
+                        None => return Ok(None),
+                        Some(e) if !e.is_dir() => return Ok(Some(vec![(d.clone(), e)])),
+                        _ => {}
+                    }
+                }
+                tree::children(&pages, &root, d.as_ref()).map(Some)
+            })
+            .await?;
+        match listing {
+            None => Err(err(
+                ErrorCode::NotFound,
+                format!(
+                    "no such path: {}",
+                    dir.map(|d| d.to_string()).unwrap_or_default()
+                ),
+            )),
+            Some(entries) => Ok(entries.iter().map(|(p, e)| ls_entry(p, e)).collect()),
         }
-        Ok(m.under(dir.as_ref())
-            .filter(|(p, _)| p.parent() == dir)
-            .map(|(p, e)| ls_entry(p, e))
-            .collect())
     }
 }
 
