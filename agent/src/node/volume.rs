@@ -122,15 +122,34 @@ impl Inner {
         events: &Events,
     ) -> OpResult<Reply> {
         let info = self.verified_head(name).await?;
-        let m = self.manifest_of(&info.head.commit).await?;
+        let root = head_root(&info.head.commit);
         let src = user_path(Some(remote))?;
-        let entry = match &src {
-            Some(p) => Some(
-                m.get(p)
-                    .ok_or_else(|| err(ErrorCode::NotFound, format!("no such path: {name}:{p}")))?
-                    .clone(),
-            ),
-            None => None,
+        // Only the pages on the way to the path and those of what lies below it.
+        let prefix = src.as_ref().map(VolPath::to_string).unwrap_or_default();
+        self.fetch_prefix(root, prefix).await?;
+        let (pages, s2) = (self.pages.clone(), src.clone());
+        let found = self
+            .blocking(move || {
+                let entry = match &s2 {
+                    Some(p) => match tree::get(&pages, &root, p)? {
+                        Some(e) => Some(e),
+                        None => return Ok(None),
+                    },
+                    None => None,
+                };
+                let below = match &entry {
+                    None | Some(Entry::Dir { .. }) => tree::under(&pages, &root, s2.as_ref())?,
+                    Some(_) => Vec::new(),
+                };
+                Ok(Some((entry, below)))
+            })
+            .await?;
+        let Some((entry, below)) = found else {
+            let p = src.map(|p| p.to_string()).unwrap_or_default();
+            return Err(err(
+                ErrorCode::NotFound,
+                format!("no such path: {name}:{p}"),
+            ));
         };
         let Some(local) = local else {
             // To stdout: one file only.
@@ -173,7 +192,7 @@ impl Inner {
             }
             _ => {
                 items.push((dest.clone(), Entry::Dir { mode: 0o755 }));
-                for (p, e) in m.under(src.as_ref()) {
+                for (p, e) in &below {
                     let rel = match &src {
                         Some(s) => &p.as_str()[s.as_str().len() + 1..],
                         None => p.as_str(),
