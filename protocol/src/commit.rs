@@ -54,6 +54,14 @@ impl Commit {
         postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
     }
 
+    /// The root page of the manifest it names.
+    pub fn root(&self) -> crate::tree::PageRef {
+        crate::tree::PageRef {
+            hash: self.manifest,
+            size: self.manifest_size,
+        }
+    }
+
     /// The hash of the encoding (what a child's `parent` holds).
     pub fn hash(&self) -> Hash {
         Hash::of(&self.encode())

@@ -90,7 +90,7 @@ pub enum ManifestError {
     /// Unknown encoding version.
     #[error("unsupported manifest version {0}")]
     Version(u8),
-    /// Bigger than [`MAX_MANIFEST_BYTES`] or [`MAX_ENTRIES`].
+    /// Bigger than [`crate::tree::MAX_PAGE_BYTES`] (a page) or [`MAX_ENTRIES`].
     #[error("manifest too large ({0} bytes or entries)")]
     TooLarge(usize),
     /// Entries are not in strictly increasing order.

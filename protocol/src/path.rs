@@ -172,6 +172,13 @@ pub fn check_symlink_target(link: &VolPath, target: &str) -> Result<(), PathErro
     Ok(())
 }
 
+/// Paths order as their strings do, so maps keyed by path can be searched by `&str` bounds.
+impl std::borrow::Borrow<str> for VolPath {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
 impl fmt::Display for VolPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use voltool_protocol::coord::{
     self, CoordRequest, CoordResponse, ErrorKind, MAX_HAS, MAX_REQUEST, VolumeInfo,
 };
-use voltool_protocol::tree::{self, PageRef, Shape};
+use voltool_protocol::tree::{self, Shape};
 use voltool_protocol::volume::check_volume_name;
 use voltool_protocol::{Change, Commit, Entry, Hash, Manifest, SignedHead, VolumeId, blobs};
 

@@ -157,14 +157,6 @@ pub(super) fn delete(state: &State, name: &str) -> Reply {
     Ok(CoordResponse::Ok)
 }
 
-/// The root page a head names.
-pub(super) fn root_of(head: &Commit) -> PageRef {
-    PageRef {
-        hash: head.manifest,
-        size: head.manifest_size,
-    }
-}
-
 pub(super) fn commit(
     state: &State,
     name: &str,
@@ -220,7 +212,7 @@ pub(super) fn commit(
             ),
         ));
     }
-    let current = root_of(&head.commit);
+    let current = head.commit.root();
     let tree_err = |e: tree::TreeError| match e {
         tree::TreeError::Manifest(e) => fail(ErrorKind::Invalid, e.to_string()),
         e => internal(e),

@@ -53,7 +53,7 @@ impl Inner {
 impl Inner {
     /// The manifest of a head, fetched (and verified) if not held yet.
     pub(super) async fn manifest_of(&self, c: &Commit) -> OpResult<Manifest> {
-        let root = head_root(c);
+        let root = c.root();
         self.fetch_tree(root).await?;
         self.read_manifest(root).await
     }
@@ -349,14 +349,6 @@ pub(super) async fn ask_providers(
             out
         }
         _ => vec![origin()],
-    }
-}
-
-/// The root page a head names.
-pub(super) fn head_root(c: &Commit) -> PageRef {
-    PageRef {
-        hash: c.manifest,
-        size: c.manifest_size,
     }
 }
 

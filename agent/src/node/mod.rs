@@ -50,7 +50,7 @@ mod volume;
 pub use error::OpError;
 use error::{OpResult, db_err, err, failed};
 pub use events::Events;
-use fetch::{head_root, local_root};
+use fetch::local_root;
 use mounts::{MAX_OWN, MOUNTS, MountRecord, STATS, switch_link};
 use remote::SEEN;
 use snapshot::{Local, Source, Take};

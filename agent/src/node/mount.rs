@@ -37,7 +37,7 @@ impl Inner {
             }
         }
         let info = self.verified_head(name).await?;
-        let root = head_root(&info.head.commit);
+        let root = info.head.commit.root();
         self.fetch_tree(root).await?;
         let pages = self.pages.clone();
         let blobs = self

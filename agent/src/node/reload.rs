@@ -42,7 +42,7 @@ impl Inner {
                 Settled::Ready(r) => (r.rec, r.info, r.base, r.dirty, r.committed),
                 Settled::UpToDate(version, c) => return Ok(unchanged(version, Some(*c))),
             };
-        let new = head_root(&info.head.commit);
+        let new = info.head.commit.root();
         let plan = self.plan(&rec, new, base, &dirty_paths).await?;
         let fetched_files_bytes = plan.needed.iter().map(|(_, s)| s).sum();
         let t_fetch = Instant::now();

@@ -5,7 +5,7 @@ use super::*;
 impl Inner {
     pub(super) async fn ls(&self, name: &str, path: Option<&str>) -> OpResult<Vec<LsEntry>> {
         let info = self.verified_head(name).await?;
-        let root = head_root(&info.head.commit);
+        let root = info.head.commit.root();
         let dir = user_path(path)?;
         // Only the pages on the way to the path and those of what lies in it.
         let prefix = dir.as_ref().map(VolPath::to_string).unwrap_or_default();
@@ -122,7 +122,7 @@ impl Inner {
         events: &Events,
     ) -> OpResult<Reply> {
         let info = self.verified_head(name).await?;
-        let root = head_root(&info.head.commit);
+        let root = info.head.commit.root();
         let src = user_path(Some(remote))?;
         // Only the pages on the way to the path and those of what lies below it.
         let prefix = src.as_ref().map(VolPath::to_string).unwrap_or_default();

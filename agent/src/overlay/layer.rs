@@ -1,7 +1,6 @@
 //! Metadata layers: a directory tree that describes entries of a manifest for an overlay,
 //! with no file data in it.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -49,20 +48,6 @@ fn set_meta(f: &std::fs::File, path: &Path, mode: u32, mtime_ns: i64) -> io::Res
         UNIX_EPOCH - Duration::from_nanos(mtime_ns.unsigned_abs())
     };
     f.set_modified(t).map_err(ctx(path))
-}
-
-/// Writes a layer into `dir` (which must not exist): each path with `Some(entry)` gets
-/// that entry, each with `None` a whiteout that hides what the layers below hold there.
-/// The parent directories of every path must be among the entries (with their modes).
-/// Blocking; files are written on all cores.
-pub fn write_layer(dir: &Path, entries: &BTreeMap<VolPath, Option<Entry>>) -> io::Result<()> {
-    let mut w = LayerWriter::create(dir)?;
-    let all: Vec<(VolPath, Option<Entry>)> = entries
-        .iter()
-        .map(|(p, e)| (p.clone(), e.clone()))
-        .collect();
-    w.add(&all)?;
-    w.finish()
 }
 
 /// Writes a layer in parts, so a layer of a million entries never sits in memory whole.

@@ -61,11 +61,11 @@ impl PageSource for Pages {
         if let Some(p) = self.cache.lock().expect("not poisoned").get(&r.hash) {
             return Ok(Some(p.clone()));
         }
-        let src = |e: StoreError| TreeError::Source(e.to_string());
-        if !self.store.has_complete(&r.hash).map_err(src)? {
-            return Ok(None);
-        }
-        let bytes = self.store.read_all(&r.hash).map_err(src)?;
+        let bytes = match self.store.read_all(&r.hash) {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(TreeError::Source(e.to_string())),
+        };
         let page = Page::decode(&bytes).map_err(|e| TreeError::Bad {
             page: r.hash.short(),
             reason: e.to_string(),

@@ -5,8 +5,8 @@ use std::cell::Cell;
 use proptest::prelude::*;
 
 use super::*;
-use crate::manifest::Manifest;
 use crate::manifest::tests::{file, p};
+use crate::manifest::{Change, Entry, Manifest};
 
 /// A shape that makes deep trees of few entries.
 const SMALL: Shape = Shape { bits: 1, fill: 96 };
