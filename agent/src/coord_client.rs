@@ -1,4 +1,4 @@
-//! The agent's side of `voltool/coord/3`.
+//! The agent's side of `voltool/coord/4`.
 
 use std::path::{Path, PathBuf};
 
@@ -6,7 +6,9 @@ use iroh::Endpoint;
 use iroh::endpoint::Connection;
 use tokio::io::AsyncReadExt;
 use voltool_protocol::Hash;
-use voltool_protocol::coord::{self, CoordRequest, CoordResponse, ErrorKind, MAX_RESPONSE};
+use voltool_protocol::coord::{
+    self, CommitPart, CoordRequest, CoordResponse, ErrorKind, MAX_RESPONSE,
+};
 
 use crate::net::{self, NetError, NodeAddr};
 
@@ -28,6 +30,9 @@ pub enum ClientError {
     /// An answer that does not fit the request.
     #[error("unexpected answer from the coordinator")]
     Unexpected,
+    /// A commit's change set ended before its last part (its maker failed).
+    #[error("the change set was cut short; nothing was committed")]
+    CutShort,
     /// Reading a local file to upload failed.
     #[error("{path}: {source}")]
     Io {
@@ -98,6 +103,46 @@ impl CoordClient {
         match resp {
             CoordResponse::Error { kind, message } => Err(ClientError::Remote { kind, message }),
             r => Ok(r),
+        }
+    }
+
+    /// Sends a commit: the `header` ([`CoordRequest::Commit`]), then the parts `parts`
+    /// yields until the one marked last, on one stream; the coordinator answers once it
+    /// has applied them all. When `parts` ends before a last part, the stream is reset and
+    /// nothing is committed.
+    pub async fn commit(
+        &self,
+        header: &CoordRequest,
+        parts: &mut tokio::sync::mpsc::Receiver<CommitPart>,
+    ) -> Result<CoordResponse, ClientError> {
+        let (mut send, mut recv) = self.open().await?;
+        net::write_frame(&mut send, header).await?;
+        let mut complete = false;
+        while let Some(part) = parts.recv().await {
+            let last = part.last;
+            if net::write_frame(&mut send, &part).await.is_err() {
+                // The coordinator stopped reading: its answer says why.
+                break;
+            }
+            if last {
+                complete = true;
+                break;
+            }
+        }
+        if complete {
+            send.finish().map_err(NetError::stream)?;
+        } else {
+            let _ = send.reset(0u32.into());
+        }
+        let resp = net::read_frame(&mut recv, MAX_RESPONSE).await;
+        match resp {
+            Ok(CoordResponse::Error { kind, message }) => {
+                Err(ClientError::Remote { kind, message })
+            }
+            Ok(r) if complete => Ok(r),
+            Ok(_) => Err(ClientError::Unexpected),
+            Err(_) if !complete => Err(ClientError::CutShort),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -1,9 +1,9 @@
-//! `voltool/coord/3`: what agents ask the coordinator.
+//! `voltool/coord/4`: what agents ask the coordinator.
 //!
 //! One request per bidirectional QUIC stream: the agent sends a [`CoordRequest`] frame and,
 //! for [`CoordRequest::Upload`], the raw bytes of every blob it names after it, one after
-//! another, then finishes its send side; the coordinator answers with one [`CoordResponse`]
-//! frame and finishes.
+//! another, or for [`CoordRequest::Commit`] its [`CommitPart`] frames, then finishes its
+//! send side; the coordinator answers with one [`CoordResponse`] frame and finishes.
 
 use std::net::SocketAddr;
 
@@ -15,7 +15,7 @@ use crate::manifest::{Change, Entry};
 use crate::path::VolPath;
 
 /// ALPN of the coordinator protocol.
-pub const ALPN: &[u8] = b"voltool/coord/3";
+pub const ALPN: &[u8] = b"voltool/coord/4";
 /// Largest request frame (a change set of a large volume).
 pub const MAX_REQUEST: usize = 256 << 20;
 /// Largest response frame.
@@ -65,7 +65,10 @@ pub enum CoordRequest {
         /// Claimed hash and exact size of each blob (at most [`MAX_UPLOAD_BLOBS`]).
         blobs: Vec<(Hash, u64)>,
     },
-    /// Apply a change set on the current head, per path, last writer wins.
+    /// Apply a change set on the current head, per path, last writer wins. The changes
+    /// follow on the same stream in [`CommitPart`] frames, the last one marked `last`, so
+    /// that neither side holds a change set of a million paths at once. The head moves
+    /// once every part is applied, or not at all (a part refused, the stream cut short).
     Commit {
         /// Volume name.
         name: String,
@@ -73,12 +76,6 @@ pub enum CoordRequest {
         volume: VolumeId,
         /// The version the committer's copy was based on.
         base_version: u64,
-        /// The changes, relative to that version.
-        changes: Vec<Change>,
-        /// For each change, the entry the committer's copy held at that path before it
-        /// (`None`: absent). Where the head holds something else, another writer changed
-        /// the path meanwhile and is reported as overwritten.
-        priors: Vec<Option<Entry>>,
     },
     /// Tracker: the sender holds these blobs (complete, or in part and growing) and serves
     /// them at `addr`. Replaces the sender's address and zone.
@@ -116,6 +113,27 @@ pub enum CoordRequest {
         /// The blobs (at most [`MAX_LOOKUP_ALL`]).
         hashes: Vec<Hash>,
     },
+}
+
+/// Most changes in one [`CommitPart`].
+pub const MAX_COMMIT_PART: usize = 16_384;
+/// Largest [`CommitPart`] frame.
+pub const MAX_COMMIT_PART_BYTES: usize = 64 << 20;
+/// Most paths a [`CoordResponse::Committed`] names as overwritten (it counts them all).
+pub const MAX_OVERWRITTEN: usize = 1000;
+
+/// Part of a change set, after a [`CoordRequest::Commit`] frame. Parts apply in order: a
+/// later change of a path wins over an earlier one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitPart {
+    /// The changes, relative to the commit's base version (at most [`MAX_COMMIT_PART`]).
+    pub changes: Vec<Change>,
+    /// For each change, the entry the committer's copy held at that path before it
+    /// (`None`: absent). Where the head holds something else, another writer changed the
+    /// path meanwhile and is reported as overwritten.
+    pub priors: Vec<Option<Entry>>,
+    /// Whether this is the last part.
+    pub last: bool,
 }
 
 /// Most hashes in one [`CoordRequest::LookupAll`].
@@ -197,8 +215,11 @@ pub enum CoordResponse {
     Committed {
         /// The new head.
         head: SignedHead,
-        /// Paths of this change set that overwrote another writer's newer change.
+        /// Paths of this change set that overwrote another writer's newer change (the
+        /// first [`MAX_OVERWRITTEN`] of them).
         overwritten: Vec<VolPath>,
+        /// How many paths it overwrote.
+        overwritten_total: u64,
     },
     /// The request failed.
     Error {

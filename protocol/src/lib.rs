@@ -16,7 +16,7 @@
 //!
 //! ## Transport
 //! QUIC (iroh) between node keys. One ALPN per protocol: [`coord::ALPN`]
-//! (`voltool/coord/3`) and [`blobs::ALPN`] (`voltool/blobs/3`). Each request uses its own
+//! (`voltool/coord/4`) and [`blobs::ALPN`] (`voltool/blobs/3`). Each request uses its own
 //! bidirectional stream: request frame, requester finishes; response, provider finishes.
 //!
 //! ## Frames

@@ -223,6 +223,7 @@ proptest! {
         // The batched requests, reached on purpose (random bytes seldom start with their tag).
         let _ = frame::decode::<BlobRequest>(&[&[2u8][..], &bytes].concat());
         let _ = frame::decode::<CoordRequest>(&[&[6u8][..], &bytes].concat());
+        let _ = frame::decode::<crate::coord::CommitPart>(&bytes);
     }
 
     #[test]
@@ -231,13 +232,20 @@ proptest! {
             name,
             volume: VolumeId([1; 16]),
             base_version: base,
-            priors: paths.iter().map(|(_, e)| e.clone()).collect(),
-            changes: paths.into_iter().map(|(path, entry)| Change { path, entry }).collect(),
         };
         let f = frame::encode(&msg);
         let len = frame::body_len(f[..4].try_into().unwrap(), crate::coord::MAX_REQUEST).unwrap();
         prop_assert_eq!(len, f.len() - 4);
         prop_assert_eq!(frame::decode::<CoordRequest>(&f[4..]).unwrap(), msg);
+        let part = crate::coord::CommitPart {
+            priors: paths.iter().map(|(_, e)| e.clone()).collect(),
+            changes: paths.into_iter().map(|(path, entry)| Change { path, entry }).collect(),
+            last: base % 2 == 0,
+        };
+        let f = frame::encode(&part);
+        let len = frame::body_len(f[..4].try_into().unwrap(), crate::coord::MAX_COMMIT_PART_BYTES).unwrap();
+        prop_assert_eq!(len, f.len() - 4);
+        prop_assert_eq!(frame::decode::<crate::coord::CommitPart>(&f[4..]).unwrap(), part);
     }
 }
 

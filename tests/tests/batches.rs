@@ -204,3 +204,117 @@ async fn a_truncated_upload_is_refused_by_name() {
             .unwrap()
     );
 }
+
+/// Sends a commit of `parts` (each a list of directory paths, with whether it says it is
+/// the last) on `client`.
+async fn commit_parts(
+    client: &CoordClient,
+    info: &coord::VolumeInfo,
+    parts: Vec<(Vec<&str>, bool)>,
+) -> Result<CoordResponse, ClientError> {
+    use voltool_protocol::{Change, Entry, VolPath};
+    let (tx, mut rx) = tokio::sync::mpsc::channel(parts.len().max(1));
+    for (paths, last) in parts {
+        let changes: Vec<Change> = paths
+            .iter()
+            .map(|p| Change {
+                path: VolPath::new(p).unwrap(),
+                entry: Some(Entry::Dir { mode: 0o755 }),
+            })
+            .collect();
+        let priors = vec![None; changes.len()];
+        tx.try_send(coord::CommitPart {
+            changes,
+            priors,
+            last,
+        })
+        .unwrap();
+    }
+    drop(tx);
+    let header = CoordRequest::Commit {
+        name: info.name.clone(),
+        volume: info.id,
+        base_version: info.head.commit.version,
+    };
+    client.commit(&header, &mut rx).await
+}
+
+async fn head(client: &CoordClient, name: &str) -> coord::VolumeInfo {
+    match client
+        .request(&CoordRequest::GetHead { name: name.into() })
+        .await
+        .unwrap()
+    {
+        CoordResponse::Volume(v) => v,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_in_parts_lands_whole_or_not_at_all() {
+    let mut f = TestFleet::start(2).await;
+    f.create("vol").await;
+    let client = member_client(&mut f).await;
+    let v0 = head(&client, "vol").await;
+
+    // Cut short: parts come, but none says it is the last.
+    let e = commit_parts(&client, &v0, vec![(vec!["a", "b"], false)])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::CutShort), "{e}");
+    // A bad part after good ones: one prior per change is expected.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+    tx.try_send(coord::CommitPart {
+        changes: Vec::new(),
+        priors: vec![None],
+        last: true,
+    })
+    .unwrap();
+    drop(tx);
+    let header = CoordRequest::Commit {
+        name: "vol".into(),
+        volume: v0.id,
+        base_version: 0,
+    };
+    match client.commit(&header, &mut rx).await.unwrap_err() {
+        ClientError::Remote { kind, message } => {
+            assert_eq!(kind, ErrorKind::Invalid);
+            assert!(message.contains("prior"), "{message}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert_eq!(
+        head(&client, "vol").await.head,
+        v0.head,
+        "the head did not move"
+    );
+
+    // Three parts, the later ones building on the earlier (c/d needs c): one new version.
+    let r = commit_parts(
+        &client,
+        &v0,
+        vec![
+            (vec!["a", "c"], false),
+            (vec!["c/d", "b"], false),
+            (vec!["c/d/e"], true),
+        ],
+    )
+    .await
+    .unwrap();
+    let CoordResponse::Committed {
+        head: h,
+        overwritten_total,
+        ..
+    } = r
+    else {
+        panic!("unexpected {r:?}")
+    };
+    assert_eq!(h.commit.version, 1);
+    assert_eq!(overwritten_total, 0);
+    let v1 = head(&client, "vol").await;
+    assert_eq!(v1.head, h);
+    let m = f.mount(0, "vol").await;
+    for d in ["a", "b", "c", "c/d", "c/d/e"] {
+        assert!(m.join(d).is_dir(), "{d}");
+    }
+}

@@ -1,5 +1,5 @@
 //! The coordinator role: volume registry, signed heads, commits (per-path last writer
-//! wins), and the origin blob store, all behind `voltool/coord/3` and `voltool/blobs/3`.
+//! wins), and the origin blob store, all behind `voltool/coord/4` and `voltool/blobs/3`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -19,7 +19,7 @@ use voltool_protocol::coord::{
 };
 use voltool_protocol::tree::{self, Shape};
 use voltool_protocol::volume::check_volume_name;
-use voltool_protocol::{Change, Commit, Entry, Hash, Manifest, SignedHead, VolumeId, blobs};
+use voltool_protocol::{Commit, Hash, Manifest, SignedHead, VolumeId, blobs};
 
 use crate::net::{self, NetError, NodeAddr};
 use crate::rate::{Rate, TokenBucket};
@@ -296,6 +296,16 @@ async fn serve_request(
     let req: CoordRequest = net::read_frame(&mut recv, MAX_REQUEST).await?;
     let resp = match req {
         CoordRequest::Upload { blobs } => upload(&state, &mut recv, blobs).await,
+        CoordRequest::Commit {
+            name,
+            volume,
+            base_version,
+        } => {
+            let _guard = state.write_lock.lock().await;
+            commit::commit(&state, &mut recv, name, volume, base_version, peer)
+                .await
+                .unwrap_or_else(Into::into)
+        }
         other => {
             let state = state.clone();
             let _guard = if matches!(
@@ -303,7 +313,6 @@ async fn serve_request(
                 CoordRequest::CreateVolume { .. }
                     | CoordRequest::RenameVolume { .. }
                     | CoordRequest::DeleteVolume { .. }
-                    | CoordRequest::Commit { .. }
             ) {
                 Some(state.write_lock.lock().await)
             } else {
@@ -337,13 +346,6 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
                 .map(CoordResponse::Has)
                 .map_err(|e| fail(ErrorKind::Internal, e.to_string()))
         }
-        CoordRequest::Commit {
-            name,
-            volume,
-            base_version,
-            changes,
-            priors,
-        } => commit(state, &name, volume, base_version, changes, priors, peer),
         CoordRequest::Announce {
             addr,
             zone,
@@ -406,7 +408,9 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             ids.push(*state.key.public().as_bytes());
             Ok(CoordResponse::Members(ids))
         }
-        CoordRequest::Upload { .. } => Err(fail(ErrorKind::Invalid, "upload out of place")),
+        CoordRequest::Upload { .. } | CoordRequest::Commit { .. } => {
+            Err(fail(ErrorKind::Invalid, "request out of place"))
+        }
         _ => Err(fail(ErrorKind::Invalid, "unknown request")),
     };
     r.unwrap_or_else(Into::into)
@@ -433,6 +437,7 @@ pub fn read_members(path: &Path) -> Result<HashSet<EndpointId>, CoordinatorError
     Ok(out)
 }
 
+mod commit;
 mod tracker;
 mod upload;
 mod volumes;

@@ -2,7 +2,7 @@
 
 use super::*;
 
-type Reply = Result<CoordResponse, Fail>;
+pub(super) type Reply = Result<CoordResponse, Fail>;
 
 pub(super) fn internal(e: impl std::fmt::Display) -> Fail {
     fail(ErrorKind::Internal, e.to_string())
@@ -155,120 +155,4 @@ pub(super) fn delete(state: &State, name: &str) -> Reply {
     w.commit().map_err(internal)?;
     info!(volume = name, "deleted volume");
     Ok(CoordResponse::Ok)
-}
-
-pub(super) fn commit(
-    state: &State,
-    name: &str,
-    volume: VolumeId,
-    base_version: u64,
-    changes: Vec<Change>,
-    priors: Vec<Option<Entry>>,
-    peer: EndpointId,
-) -> Reply {
-    let rec = record(state, name)?;
-    if rec.id != volume {
-        return Err(fail(
-            ErrorKind::NotFound,
-            format!("volume {name:?} was deleted and created again since this copy was made"),
-        ));
-    }
-    if priors.len() != changes.len() {
-        return Err(fail(
-            ErrorKind::Invalid,
-            "one prior entry per change expected",
-        ));
-    }
-    let head = head_of(state, rec.id)?;
-    if base_version > head.commit.version {
-        return Err(fail(
-            ErrorKind::Invalid,
-            format!(
-                "base version {base_version} is newer than the head ({})",
-                head.commit.version
-            ),
-        ));
-    }
-    let blobs: Vec<Hash> = changes
-        .iter()
-        .filter_map(|c| c.entry.as_ref().and_then(|e| e.blob()))
-        .map(|(h, _)| h)
-        .collect();
-    let held = state.origin.has_complete_many(&blobs).map_err(internal)?;
-    let missing: Vec<String> = blobs
-        .iter()
-        .zip(held)
-        .filter(|(_, held)| !held)
-        .map(|(h, _)| h.short())
-        .collect();
-    if !missing.is_empty() {
-        return Err(fail(
-            ErrorKind::MissingBlobs,
-            format!(
-                "the origin lacks {} blob(s): {}{}",
-                missing.len(),
-                missing[..missing.len().min(5)].join(", "),
-                if missing.len() > 5 { ", …" } else { "" }
-            ),
-        ));
-    }
-    let current = head.commit.root();
-    let tree_err = |e: tree::TreeError| match e {
-        tree::TreeError::Manifest(e) => fail(ErrorKind::Invalid, e.to_string()),
-        e => internal(e),
-    };
-    let mut overwritten = Vec::new();
-    for (c, prior) in changes.iter().zip(&priors) {
-        let now = tree::get(&state.pages, &current, &c.path).map_err(tree_err)?;
-        let differs = match (&now, prior) {
-            (None, None) => false,
-            (Some(a), Some(b)) => !a.same_content(b),
-            _ => true,
-        };
-        if differs {
-            overwritten.push(c.path.clone());
-        }
-    }
-    let mut pages = Vec::new();
-    let next = tree::apply(
-        &state.pages,
-        &current,
-        &changes,
-        Shape::CANONICAL,
-        &mut |r, b| pages.push((r, b)),
-    )
-    .map_err(tree_err)?;
-    if next.root == current {
-        return Ok(CoordResponse::Committed {
-            head,
-            overwritten: Vec::new(),
-        });
-    }
-    // The new pages are durable before a head names them.
-    state.pages.put_now(&pages).map_err(internal)?;
-    let new = Commit {
-        volume: rec.id,
-        version: head.commit.version + 1,
-        parent: Some(head.commit.hash()),
-        manifest: next.root.hash,
-        manifest_size: next.root.size,
-        author: *peer.as_bytes(),
-        time_ms: now_ms(),
-    }
-    .sign(&state.key);
-    let w = state.db.begin_write().map_err(internal)?;
-    put_head(&w, &new)?;
-    w.commit().map_err(internal)?;
-    info!(
-        volume = name,
-        version = new.commit.version,
-        changes = changes.len(),
-        overwritten = overwritten.len(),
-        author = %peer.fmt_short(),
-        "committed"
-    );
-    Ok(CoordResponse::Committed {
-        head: new,
-        overwritten,
-    })
 }

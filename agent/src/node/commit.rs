@@ -1,5 +1,8 @@
 //! `voltool commit`: scan the mount, upload what the origin lacks, send the change set.
 
+use voltool_protocol::coord::CommitPart;
+
+use super::fetch::tree_error;
 use super::*;
 
 impl Inner {
@@ -64,6 +67,9 @@ impl Inner {
     }
 
     /// Commits what the mount holds (`local`: its state, if already read by a seal).
+    /// The difference from the mount's base is read twice, a part at a time, so that a
+    /// commit of a million files holds a part of it at once: first to upload the blobs the
+    /// origin lacks, then to send the change set.
     async fn commit_once(
         &self,
         rec: MountRecord,
@@ -84,8 +90,17 @@ impl Inner {
                 .map_err(|e| err(e.code, format!("cannot commit: {}", e.message)))?,
         };
         let scan_seconds = start.elapsed().as_secs_f64();
-        let deltas = self.local_changes(base, &scanned).await?;
-        if deltas.is_empty() {
+        let info = self.verified_head(name).await?;
+        if info.id != rec.id {
+            return Err(err(
+                ErrorCode::NotFound,
+                format!("volume {name:?} was deleted and created again"),
+            ));
+        }
+        let t_upload = Instant::now();
+        let (changed, uploaded) = self.upload_changes(base, &scanned, events).await?;
+        let upload_seconds = t_upload.elapsed().as_secs_f64();
+        if changed == 0 {
             let report = CommitReport {
                 volume: name.to_string(),
                 version: rec.version,
@@ -99,39 +114,50 @@ impl Inner {
             };
             return Ok(report);
         }
-        let info = self.verified_head(name).await?;
-        if info.id != rec.id {
-            return Err(err(
-                ErrorCode::NotFound,
-                format!("volume {name:?} was deleted and created again"),
-            ));
-        }
-        let blobs: Vec<(Hash, u64)> = deltas
-            .iter()
-            .filter_map(|d| d.new.as_ref().and_then(|e| e.blob()))
-            .collect();
-        let t_upload = Instant::now();
-        let uploaded = self.upload_missing(&blobs, events).await?;
-        let upload_seconds = t_upload.elapsed().as_secs_f64();
         self.crash_point("commit-uploaded");
-        let (priors, changes): (Vec<Option<Entry>>, Vec<Change>) = deltas
-            .into_iter()
-            .map(|d| (d.old.clone(), d.into_change()))
-            .unzip();
-        let n = changes.len();
-        let own = rec.own.as_deref().and_then(|own| merge_own(own, &changes));
-        let (head, overwritten) = self
-            .send_commit(&info, rec.version, changes, priors)
-            .await?;
+        // The change set, a part at a time, to the coordinator.
+        let (mut deltas, walk) = self.local_change_parts(base, &scanned);
+        let (tx, mut parts) = mpsc::channel(1);
+        let mut mine = Some(Vec::new());
+        let make_parts = async {
+            while let Some((part, last)) = deltas.recv().await {
+                let (priors, changes): (Vec<Option<Entry>>, Vec<Change>) = part
+                    .into_iter()
+                    .map(|d| (d.old.clone(), d.into_change()))
+                    .unzip();
+                mine = mine.take().and_then(|mut m: Vec<Change>| {
+                    (m.len() + changes.len() <= MAX_OWN).then(|| {
+                        m.extend_from_slice(&changes);
+                        m
+                    })
+                });
+                let part = CommitPart {
+                    changes,
+                    priors,
+                    last,
+                };
+                if tx.send(part).await.is_err() {
+                    break;
+                }
+            }
+            drop(tx);
+        };
+        let ((), sent) = tokio::join!(make_parts, self.send_commit(&info, rec.version, &mut parts));
+        walk.await.map_err(failed)?.map_err(tree_error)?;
+        let (head, overwritten, overwritten_total) = sent?;
         self.crash_point("commit-sent");
+        let own = match (rec.own.as_deref(), mine) {
+            (Some(own), Some(mine)) => merge_own(own, &mine),
+            _ => None,
+        };
         self.record_commit(rec, &head, &scanned, own)?;
-        if !overwritten.is_empty() {
-            warn!(volume = name, paths = ?overwritten, "this commit overwrote other writers' changes");
+        if overwritten_total > 0 {
+            warn!(volume = name, count = overwritten_total, paths = ?overwritten, "this commit overwrote other writers' changes");
         }
         let report = CommitReport {
             volume: name.to_string(),
             version: head.commit.version,
-            changed: n,
+            changed,
             uploaded_bytes: uploaded,
             hashed_bytes: scanned.hashed_bytes,
             overwritten: overwritten.into_iter().map(|p| p.to_string()).collect(),
@@ -140,6 +166,30 @@ impl Inner {
             seconds: start.elapsed().as_secs_f64(),
         };
         Ok(report)
+    }
+
+    /// Uploads the blobs of the changes from `base` to `local` that the origin lacks, a
+    /// part of the change set at a time; returns how many changes there are and the bytes
+    /// uploaded.
+    async fn upload_changes(
+        &self,
+        base: PageRef,
+        local: &Local,
+        events: &Events,
+    ) -> OpResult<(usize, u64)> {
+        let (grow, done) = events.growing_counter("upload");
+        let (mut deltas, walk) = self.local_change_parts(base, local);
+        let (mut changed, mut uploaded) = (0, 0);
+        while let Some((part, _)) = deltas.recv().await {
+            changed += part.len();
+            let blobs: Vec<(Hash, u64)> = part
+                .iter()
+                .filter_map(|d| d.new.as_ref().and_then(|e| e.blob()))
+                .collect();
+            uploaded += self.upload_missing(&blobs, &grow, &done).await?;
+        }
+        walk.await.map_err(failed)?.map_err(tree_error)?;
+        Ok((changed, uploaded))
     }
 }
 

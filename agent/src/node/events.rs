@@ -1,6 +1,7 @@
 //! Progress and data events of one operation.
 
 use super::*;
+use crate::blobs::OnBytes;
 
 /// Progress and data sink of one operation.
 #[derive(Clone, Debug)]
@@ -46,5 +47,24 @@ impl Events {
             let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
             ev.progress(phase, d, total);
         })
+    }
+
+    /// A counter of a phase whose total grows as its work is found (a change set read a
+    /// part at a time): returns what adds to the total, and what adds to what is done.
+    pub(super) fn growing_counter(&self, phase: &'static str) -> (OnBytes, OnBytes) {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        self.progress(phase, 0, 0);
+        let (ev, c) = (self.clone(), counts.clone());
+        let grow: OnBytes = Arc::new(move |n| {
+            let total = c.1.fetch_add(n, Relaxed) + n;
+            ev.progress(phase, c.0.load(Relaxed), total);
+        });
+        let ev = self.clone();
+        let done: OnBytes = Arc::new(move |n| {
+            let done = counts.0.fetch_add(n, Relaxed) + n;
+            ev.progress(phase, done, counts.1.load(Relaxed));
+        });
+        (grow, done)
     }
 }

@@ -357,7 +357,7 @@ pub(super) fn local_root(hash: Hash) -> PageRef {
     PageRef { hash, size: 0 }
 }
 
-fn tree_error(e: tree::TreeError) -> OpError {
+pub(super) fn tree_error(e: tree::TreeError) -> OpError {
     match e {
         tree::TreeError::Source(m) => failed(m),
         e => err(ErrorCode::Verify, format!("refused manifest: {e}")),

@@ -1,6 +1,8 @@
 //! Talking to the coordinator: verified heads, membership, uploads and change sets.
 
-use voltool_protocol::coord::MAX_UPLOAD_BLOBS;
+use voltool_protocol::coord::{CommitPart, MAX_COMMIT_PART, MAX_UPLOAD_BLOBS};
+
+use crate::blobs::OnBytes;
 
 use super::*;
 
@@ -77,11 +79,13 @@ impl Inner {
 }
 
 impl Inner {
-    /// Uploads blobs the origin lacks.
+    /// Uploads blobs the origin lacks, adding their bytes to the progress's total (`grow`)
+    /// when found and to what is done (`done`) as they go; returns how many bytes.
     pub(super) async fn upload_missing(
         &self,
         blobs: &[(Hash, u64)],
-        events: &Events,
+        grow: &OnBytes,
+        done: &OnBytes,
     ) -> OpResult<u64> {
         let mut uniq = HashSet::new();
         let blobs: Vec<(Hash, u64)> = blobs
@@ -104,7 +108,7 @@ impl Inner {
             }
         }
         let total: u64 = missing.iter().map(|(_, s)| s).sum();
-        let counter = events.counter("upload", total);
+        grow(total);
         // Batches of many small blobs (or one large one), two on the way at once so the
         // origin checks and syncs one while the next travels.
         let mut set = tokio::task::JoinSet::new();
@@ -118,7 +122,7 @@ impl Inner {
                 .iter()
                 .map(|(h, s)| (*h, *s, self.store.data_path(h)))
                 .collect();
-            let (coord, counter) = (self.coord.clone(), counter.clone());
+            let (coord, counter) = (self.coord.clone(), done.clone());
             set.spawn(async move { coord.upload(&list, counter.as_ref()).await });
         }
         while let Some(r) = set.join_next().await {
@@ -130,25 +134,28 @@ impl Inner {
         Ok(total)
     }
 
-    /// Sends a change set; returns the verified new head and the overwritten paths.
+    /// Sends a change set as the parts `parts` yields (see [`CoordClient::commit`]);
+    /// returns the verified new head, the overwritten paths (the first of them) and how
+    /// many there were.
     pub(super) async fn send_commit(
         &self,
         info: &VolumeInfo,
         base_version: u64,
-        changes: Vec<Change>,
-        priors: Vec<Option<Entry>>,
-    ) -> OpResult<(SignedHead, Vec<VolPath>)> {
+        parts: &mut tokio::sync::mpsc::Receiver<CommitPart>,
+    ) -> OpResult<(SignedHead, Vec<VolPath>, u64)> {
         let req = CoordRequest::Commit {
             name: info.name.clone(),
             volume: info.id,
             base_version,
-            changes,
-            priors,
         };
-        match self.coord.request(&req).await? {
-            CoordResponse::Committed { head, overwritten } => {
+        match self.coord.commit(&req, parts).await? {
+            CoordResponse::Committed {
+                head,
+                overwritten,
+                overwritten_total,
+            } => {
                 self.accept_head(&head)?;
-                Ok((head, overwritten))
+                Ok((head, overwritten, overwritten_total))
             }
             _ => Err(failed("unexpected answer from the coordinator")),
         }
@@ -161,12 +168,26 @@ impl Inner {
         current: &Manifest,
         changes: Vec<Change>,
     ) -> OpResult<u64> {
-        let priors = changes
-            .iter()
-            .map(|c| current.get(&c.path).cloned())
-            .collect();
-        let (head, _) = self
-            .send_commit(info, info.head.commit.version, changes, priors)
+        let n = changes.len().div_ceil(MAX_COMMIT_PART).max(1);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(n);
+        let mut rest = changes;
+        for i in 0..n {
+            let tail = rest.split_off(rest.len().min(MAX_COMMIT_PART));
+            let changes = std::mem::replace(&mut rest, tail);
+            let priors = changes
+                .iter()
+                .map(|c| current.get(&c.path).cloned())
+                .collect();
+            let part = CommitPart {
+                changes,
+                priors,
+                last: i + 1 == n,
+            };
+            tx.try_send(part).expect("room for every part");
+        }
+        drop(tx);
+        let (head, _, _) = self
+            .send_commit(info, info.head.commit.version, &mut rx)
             .await?;
         Ok(head.commit.version)
     }

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use voltool_protocol::coord::MAX_COMMIT_PART;
+
 use crate::overlay::{self, Overlay, layer, upper};
 
 use super::*;
@@ -350,12 +352,7 @@ impl Inner {
         if switched.is_err() {
             let _ = std::fs::set_permissions(&upper, mode);
             let store = self.store.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                for h in linked {
-                    let _ = store.remove(&h);
-                }
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(move || store.remove_many(&linked)).await;
         }
         switched.map(|r| (r, sealed(state)))
     }
@@ -542,6 +539,30 @@ impl Inner {
         .map_err(|e| err(ErrorCode::Invalid, format!("cannot read the mount: {e}")))
     }
 
+    /// Like [`Self::local_changes`], a part at a time: a task on the blocking pool walks
+    /// the difference and sends its deltas in parts of at most [`MAX_COMMIT_PART`] (and
+    /// [`PART_PATH_BYTES`] of paths), each with whether it is the last. It stops when the
+    /// receiver is dropped; it ends with the walk's failure, if any.
+    pub(super) fn local_change_parts(
+        &self,
+        base: PageRef,
+        local: &Local,
+    ) -> (mpsc::Receiver<(Vec<Delta>, bool)>, Walk) {
+        let (pages, mem, root) = (self.pages.clone(), local.pages.clone(), local.root);
+        let (tx, rx) = mpsc::channel(1);
+        let walk = tokio::task::spawn_blocking(move || {
+            let mut parts = PartSplitter::new(tx);
+            tree::diff_each(&tree::Layered(&mem, &pages), &base, &root, &mut |d| {
+                if !d.mtime_only() {
+                    parts.push(d);
+                }
+            })?;
+            parts.finish();
+            Ok(())
+        });
+        (rx, walk)
+    }
+
     /// What changed from the tree at `base` to a local state, leaving out differences of
     /// mtime alone.
     pub(super) async fn local_changes(&self, base: PageRef, local: &Local) -> OpResult<Vec<Delta>> {
@@ -549,13 +570,75 @@ impl Inner {
         let deltas = self
             .blocking(move || tree::diff(&tree::Layered(&mem, &pages), &base, &root))
             .await?;
-        Ok(deltas
-            .into_iter()
-            .filter(|d| match (&d.old, &d.new) {
-                (Some(old), Some(new)) => !old.same_content(new),
-                _ => true,
-            })
-            .collect())
+        Ok(deltas.into_iter().filter(|d| !d.mtime_only()).collect())
+    }
+}
+
+/// A walk of a tree on the blocking pool.
+pub(super) type Walk = tokio::task::JoinHandle<Result<(), tree::TreeError>>;
+
+/// Bytes of paths (and symlink targets) in one part of a change set at most.
+pub(super) const PART_PATH_BYTES: usize = 8 << 20;
+
+/// Splits a stream of deltas into parts for [`Inner::local_change_parts`]; it holds one
+/// part back, to know which one is the last.
+struct PartSplitter {
+    tx: mpsc::Sender<(Vec<Delta>, bool)>,
+    part: Vec<Delta>,
+    bytes: usize,
+    ready: Option<Vec<Delta>>,
+    open: bool,
+}
+
+impl PartSplitter {
+    fn new(tx: mpsc::Sender<(Vec<Delta>, bool)>) -> Self {
+        PartSplitter {
+            tx,
+            part: Vec::new(),
+            bytes: 0,
+            ready: None,
+            open: true,
+        }
+    }
+
+    fn push(&mut self, d: Delta) {
+        if !self.open {
+            return;
+        }
+        self.bytes += d.path.as_str().len()
+            + match &d.new {
+                Some(Entry::Symlink { target }) => target.len(),
+                _ => 0,
+            };
+        self.part.push(d);
+        if self.part.len() >= MAX_COMMIT_PART || self.bytes >= PART_PATH_BYTES {
+            self.bytes = 0;
+            let full = std::mem::take(&mut self.part);
+            if let Some(prev) = self.ready.replace(full) {
+                self.open = self.tx.blocking_send((prev, false)).is_ok();
+            }
+        }
+    }
+
+    /// Sends what is left; the last part may be empty only when the whole stream is.
+    fn finish(mut self) {
+        if !self.open {
+            return;
+        }
+        let tail = std::mem::take(&mut self.part);
+        match self.ready.take() {
+            Some(prev) if tail.is_empty() => {
+                let _ = self.tx.blocking_send((prev, true));
+            }
+            Some(prev) => {
+                if self.tx.blocking_send((prev, false)).is_ok() {
+                    let _ = self.tx.blocking_send((tail, true));
+                }
+            }
+            None => {
+                let _ = self.tx.blocking_send((tail, true));
+            }
+        }
     }
 }
 

@@ -106,7 +106,8 @@ impl Inner {
             .collect();
         let bytes: u64 = blobs.iter().map(|(_, s)| s).sum();
         let files = blobs.len();
-        self.upload_missing(&blobs, events).await?;
+        let (grow, done) = events.growing_counter("upload");
+        self.upload_missing(&blobs, &grow, &done).await?;
         let version = self.commit_changes(&info, &current, changes).await?;
         Ok(Reply::Done(format!(
             "uploaded {files} file(s), {bytes} bytes, to {name}:{target} (version {version})"

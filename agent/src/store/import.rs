@@ -8,6 +8,12 @@
 //! before the record leaves such files; the next import or download of the blob replaces
 //! them); a batch dropped unfinished (a failed operation) removes its temporary files, so
 //! a failure (a full disk) leaves no space taken behind.
+//!
+//! A batch holds at most [`BATCH_FLUSH`] blobs in temporary files: past that it places
+//! them as `finish` would and goes on, so that a commit or reload of a million files holds
+//! the memory of that many. What a failed batch placed stays in the store (whole and
+//! verified: a retry finds it), but for files it took by hard links, which it takes back
+//! out (they are a mount's files, and the mount becomes writable again).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -26,12 +32,21 @@ pub const PER_FILE_SYNC_MAX: usize = 4;
 /// Files up to this size are read whole into memory and hashed there when imported.
 pub const IN_MEMORY_MAX: u64 = 1 << 20;
 
+/// Blobs a batch keeps in temporary files before it places them (see the module docs).
+pub const BATCH_FLUSH: usize = 16_384;
+
 /// Blobs imported by one operation, made durable and recorded together by
-/// [`ImportBatch::finish`]. Safe to fill from several threads at once.
+/// [`ImportBatch::finish`] (or [`BATCH_FLUSH`] at a time). Safe to fill from several
+/// threads at once.
 #[derive(Debug)]
 pub struct ImportBatch {
     store: Store,
     placed: Mutex<Vec<Placed>>,
+    /// Blobs taken by hard links and already placed.
+    linked: Mutex<Vec<Hash>>,
+    finished: bool,
+    /// [`BATCH_FLUSH`], but in tests.
+    flush_at: usize,
 }
 
 /// A checked blob waiting in temporary files for the batch to finish.
@@ -41,6 +56,8 @@ struct Placed {
     size: u64,
     tmp_data: PathBuf,
     with_outboard: bool,
+    /// Taken by a hard link to a mount's file.
+    linked: bool,
 }
 
 impl Store {
@@ -49,7 +66,18 @@ impl Store {
         ImportBatch {
             store: self.clone(),
             placed: Mutex::default(),
+            linked: Mutex::default(),
+            finished: false,
+            flush_at: BATCH_FLUSH,
         }
+    }
+
+    /// A batch that places its blobs `n` at a time.
+    #[cfg(test)]
+    pub(super) fn batch_flushing_at(&self, n: usize) -> ImportBatch {
+        let mut b = self.batch();
+        b.flush_at = n;
+        b
     }
 
     /// Copies one file into the store and makes it durable (a batch of one).
@@ -138,7 +166,7 @@ impl ImportBatch {
             Err(e) if e.kind() == io::ErrorKind::CrossesDevices => return self.import_file(src),
             Err(e) => return Err(StoreError::io(&tmp, e)),
         }
-        self.adopt_tmp(&tmp, size, None)
+        self.adopt(&tmp, size, None, true)
     }
 
     /// Imports bytes held in memory.
@@ -170,8 +198,14 @@ impl ImportBatch {
         if self.store.has_complete(&hash)? {
             return Ok(hash);
         }
-        let tmp = self.write_tmp(bytes)?;
-        self.place(&tmp, hash, size, false)?;
+        let tmp_data = self.write_tmp(bytes)?;
+        self.place(Placed {
+            hash,
+            size,
+            tmp_data,
+            with_outboard: false,
+            linked: false,
+        })?;
         Ok(hash)
     }
 
@@ -216,6 +250,16 @@ impl ImportBatch {
         size: u64,
         expected: Option<Hash>,
     ) -> Result<(Hash, u64), StoreError> {
+        self.adopt(tmp_data, size, expected, false)
+    }
+
+    fn adopt(
+        &self,
+        tmp_data: &Path,
+        size: u64,
+        expected: Option<Hash>,
+        linked: bool,
+    ) -> Result<(Hash, u64), StoreError> {
         let tree = blob::tree(size);
         let with_outboard = tree.outboard_size() > 0;
         let tmp_ob = tmp_data.with_extension("obao");
@@ -243,24 +287,59 @@ impl ImportBatch {
             cleanup();
             return Ok((hash, size));
         }
-        self.place(tmp_data, hash, size, with_outboard)?;
-        Ok((hash, size))
-    }
-
-    /// Keeps a checked temporary data file (and its outboard) for [`ImportBatch::finish`].
-    fn place(
-        &self,
-        tmp_data: &Path,
-        hash: Hash,
-        size: u64,
-        with_outboard: bool,
-    ) -> Result<(), StoreError> {
-        self.placed.lock().expect("not poisoned").push(Placed {
+        self.place(Placed {
             hash,
             size,
             tmp_data: tmp_data.to_path_buf(),
             with_outboard,
+            linked,
+        })?;
+        Ok((hash, size))
+    }
+
+    /// Keeps a checked temporary data file (and its outboard) for [`ImportBatch::finish`],
+    /// or places the blobs kept so far once there are [`BATCH_FLUSH`].
+    fn place(&self, p: Placed) -> Result<(), StoreError> {
+        let full = {
+            let mut placed = self.placed.lock().expect("not poisoned");
+            placed.push(p);
+            if placed.len() < self.flush_at {
+                return Ok(());
+            }
+            std::mem::take(&mut *placed)
+        };
+        self.flush(full)
+    }
+
+    /// Places blobs: durable, moved into place, recorded as complete.
+    fn flush(&self, mut placed: Vec<Placed>) -> Result<(), StoreError> {
+        placed.sort_unstable_by_key(|p| p.hash.0);
+        let mut dups = Vec::new();
+        placed.dedup_by(|a, b| {
+            let same = a.hash == b.hash;
+            if same {
+                dups.push(a.tmp_data.clone());
+            }
+            same
         });
+        for d in dups {
+            remove_tmp(&d);
+        }
+        if placed.is_empty() {
+            return Ok(());
+        }
+        let r = self.store.place_all(&placed);
+        if r.is_err() {
+            // What was not moved yet goes; what was is unrecorded and replaced later.
+            for p in &placed {
+                remove_tmp(&p.tmp_data);
+            }
+        }
+        r?;
+        self.linked
+            .lock()
+            .expect("not poisoned")
+            .extend(placed.iter().filter(|p| p.linked).map(|p| p.hash));
         Ok(())
     }
 
@@ -303,33 +382,15 @@ impl ImportBatch {
     }
 
     /// Makes every blob of the batch durable, moves it into place, makes that durable
-    /// too, then records them all as complete in one transaction. Nothing of the batch is
-    /// claimed before this returns. Returns the blobs it added to the store.
-    pub fn finish(self) -> Result<Vec<Hash>, StoreError> {
-        let mut placed = std::mem::take(&mut *self.placed.lock().expect("not poisoned"));
-        placed.sort_unstable_by_key(|p| p.hash.0);
-        let mut dups = Vec::new();
-        placed.dedup_by(|a, b| {
-            let same = a.hash == b.hash;
-            if same {
-                dups.push(a.tmp_data.clone());
-            }
-            same
-        });
-        for d in dups {
-            remove_tmp(&d);
-        }
-        if placed.is_empty() {
-            return Ok(Vec::new());
-        }
-        let r = self.store.place_all(&placed);
-        if r.is_err() {
-            // What was not moved yet goes; what was is unrecorded and replaced later.
-            for p in &placed {
-                remove_tmp(&p.tmp_data);
-            }
-        }
-        r.map(|()| placed.iter().map(|p| p.hash).collect())
+    /// too, then records them all as complete in one transaction (but those placed
+    /// already, [`BATCH_FLUSH`] at a time). Returns the blobs it took by hard links.
+    pub fn finish(mut self) -> Result<Vec<Hash>, StoreError> {
+        let placed = std::mem::take(&mut *self.placed.lock().expect("not poisoned"));
+        self.flush(placed)?;
+        self.finished = true;
+        Ok(std::mem::take(
+            &mut *self.linked.lock().expect("not poisoned"),
+        ))
     }
 }
 
@@ -373,10 +434,18 @@ impl Store {
 }
 
 impl Drop for ImportBatch {
-    /// A batch not finished (its operation failed) leaves nothing behind.
+    /// A batch not finished (its operation failed) leaves no temporary file behind, and
+    /// takes the files it linked back out of the store.
     fn drop(&mut self) {
         for p in self.placed.lock().expect("not poisoned").drain(..) {
             remove_tmp(&p.tmp_data);
+        }
+        let linked = std::mem::take(&mut *self.linked.lock().expect("not poisoned"));
+        if !self.finished
+            && !linked.is_empty()
+            && let Err(e) = self.store.remove_many(&linked)
+        {
+            tracing::warn!("cannot take linked files back out of the store: {e}");
         }
     }
 }

@@ -252,6 +252,24 @@ impl Store {
         self.remove_placed(hash)
     }
 
+    /// Removes blobs, in one transaction.
+    pub fn remove_many(&self, hashes: &[Hash]) -> Result<(), StoreError> {
+        let _placing = self.inner.place_lock.lock().expect("not poisoned");
+        let w = self.inner.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(BLOBS).map_err(db_err)?;
+            for h in hashes {
+                t.remove(h.0).map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)?;
+        for h in hashes {
+            let _ = std::fs::remove_file(self.data_path(h));
+            let _ = std::fs::remove_file(self.outboard_path(h));
+        }
+        Ok(())
+    }
+
     /// [`Store::remove`], with the place lock held.
     pub(super) fn remove_placed(&self, hash: &Hash) -> Result<(), StoreError> {
         let w = self.inner.db.begin_write().map_err(db_err)?;
@@ -350,7 +368,7 @@ mod import;
 mod pages;
 mod ranges;
 
-pub use import::{IN_MEMORY_MAX, ImportBatch, PER_FILE_SYNC_MAX};
+pub use import::{BATCH_FLUSH, IN_MEMORY_MAX, ImportBatch, PER_FILE_SYNC_MAX};
 pub use pages::{PageSink, Pages};
 
 #[cfg(test)]
@@ -438,6 +456,56 @@ mod tests {
             Vec::new(),
         );
         assert!(matches!(r, Err(StoreError::Corrupt { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn a_large_batch_places_as_it_goes_and_a_failed_one_takes_its_links_back() {
+        let a = tempfile::tempdir().unwrap();
+        let s = Store::open(&a.path().join("store")).unwrap();
+        let files: Vec<PathBuf> = (0..5)
+            .map(|i| {
+                let p = a.path().join(format!("f{i}"));
+                std::fs::write(&p, format!("file {i}")).unwrap();
+                p
+            })
+            .collect();
+        let hashes: Vec<Hash> = (0..5)
+            .map(|i| Hash::of(format!("file {i}").as_bytes()))
+            .collect();
+        // Imported (copied) blobs placed by a flush stay when the batch fails: they are
+        // whole and verified, and a retry finds them.
+        let b = s.batch_flushing_at(2);
+        for f in &files {
+            b.import_file(f).unwrap();
+        }
+        let held = s.has_complete_many(&hashes).unwrap();
+        assert_eq!(held, [true, true, true, true, false]);
+        drop(b);
+        assert_eq!(s.has_complete_many(&hashes).unwrap(), held);
+        std::fs::remove_dir_all(a.path().join("store")).unwrap();
+        // Linked files are taken back out when the batch fails.
+        let s = Store::open(&a.path().join("store")).unwrap();
+        let b = s.batch_flushing_at(2);
+        for f in &files {
+            b.link_file(f).unwrap();
+        }
+        assert_eq!(s.has_complete_many(&hashes).unwrap(), held);
+        drop(b);
+        assert_eq!(s.has_complete_many(&hashes).unwrap(), [false; 5]);
+        for h in &hashes {
+            assert!(!s.data_path(h).exists());
+        }
+        // A finished one keeps them all, and names the files it linked.
+        let b = s.batch_flushing_at(2);
+        for f in &files {
+            b.link_file(f).unwrap();
+        }
+        let mut linked = b.finish().unwrap();
+        linked.sort_unstable_by_key(|h| h.0);
+        let mut want = hashes.clone();
+        want.sort_unstable_by_key(|h| h.0);
+        assert_eq!(linked, want);
+        assert_eq!(s.has_complete_many(&hashes).unwrap(), [true; 5]);
     }
 
     #[test]

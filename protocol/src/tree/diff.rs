@@ -38,6 +38,14 @@ impl Delta {
             entry: self.new,
         }
     }
+
+    /// Whether the path differs in its mtime alone.
+    pub fn mtime_only(&self) -> bool {
+        match (&self.old, &self.new) {
+            (Some(old), Some(new)) => old.same_content(new),
+            _ => false,
+        }
+    }
 }
 
 /// The paths whose entries differ between the trees at `old` and `new`, in path order
