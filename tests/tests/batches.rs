@@ -318,3 +318,38 @@ async fn a_commit_in_parts_lands_whole_or_not_at_all() {
         assert!(m.join(d).is_dir(), "{d}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_files_than_one_part_holds_commit_and_reload_whole() {
+    // More than one part of everything a commit and a reload stream: change sets, upper
+    // layer reads, store batches, fetches.
+    const N: usize = 20_000;
+    const _: () = assert!(N > coord::MAX_COMMIT_PART);
+    const _: () = assert!(N > voltool_agent::store::BATCH_FLUSH);
+    const _: () = assert!(N > voltool_agent::overlay::upper::UPPER_PART);
+    let n = N;
+    let f = TestFleet::start(2).await;
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    let b = f.mount(1, "vol").await;
+    for i in 0..n {
+        let dir = a.join(format!("d{}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir(&dir).unwrap();
+        }
+        std::fs::write(dir.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    let c = f.commit(0, "vol").await.unwrap();
+    assert_eq!(c.changed, n + n / 1000, "{c:?}");
+    let r = f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
+    assert!(r.changed);
+    assert_eq!(tree(&a), tree(&b));
+    // And back: a change of every 100th file from the other side.
+    for i in (0..n).step_by(100) {
+        std::fs::write(b.join(format!("d{}/f{i}", i / 1000)), "changed").unwrap();
+    }
+    let c = f.commit(1, "vol").await.unwrap();
+    assert_eq!(c.changed, n / 100);
+    f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
+    assert_eq!(tree(&a), tree(&b));
+}

@@ -9,6 +9,8 @@ use super::*;
 
 /// Blobs fetched at once by one reload (each in up to `PIECES_IN_FLIGHT` pieces).
 const BLOBS_IN_FLIGHT: usize = 2;
+/// Blobs a reload asks for at once (see [`Inner::fetch_walked`]).
+const FETCH_PART: usize = 16_384;
 
 impl Inner {
     /// Providers of a blob from the tracker (nearest first, the origin last).
@@ -119,7 +121,7 @@ impl Inner {
         self.fetch_blobs(&blobs, &Events::none()).await.map(|_| ())
     }
 
-    /// What a reload from the held tree at `old` to the tree at `new` needs: the blobs of
+    /// What a reload from the held tree at `old` to the tree at `new` needs: the bytes of
     /// the files that differ, and the deltas themselves unless there are more than
     /// `max_deltas` (then `None`: a full layer is cheaper than a thin one that large, and
     /// the deltas are never held in memory at once).
@@ -128,12 +130,12 @@ impl Inner {
         old: PageRef,
         new: PageRef,
         max_deltas: usize,
-    ) -> OpResult<(Vec<(Hash, u64)>, Option<Vec<Delta>>)> {
+    ) -> OpResult<(u64, Option<Vec<Delta>>)> {
         let pages = self.pages.clone();
         self.blocking(move || {
-            let (mut blobs, mut deltas) = (Vec::new(), Some(Vec::new()));
+            let (mut bytes, mut deltas) = (0, Some(Vec::new()));
             tree::diff_each(&pages, &old, &new, &mut |d| {
-                blobs.extend(d.new.as_ref().and_then(|e| e.blob()));
+                bytes += d.new.as_ref().and_then(|e| e.blob()).map_or(0, |(_, s)| s);
                 if let Some(ds) = &mut deltas {
                     if ds.len() < max_deltas {
                         ds.push(d);
@@ -142,7 +144,7 @@ impl Inner {
                     }
                 }
             })?;
-            Ok((blobs, deltas))
+            Ok((bytes, deltas))
         })
         .await
     }
@@ -156,13 +158,57 @@ impl Inner {
         events: &Events,
     ) -> OpResult<FetchStats> {
         let mut seen = HashSet::new();
+        let total = blobs
+            .iter()
+            .filter(|(h, _)| seen.insert(*h))
+            .map(|(_, s)| s)
+            .sum();
+        let counter = events.counter("download", total);
+        self.fetch_part(blobs, &counter).await
+    }
+
+    /// Like [`Self::fetch_blobs`], for the blobs that `walk` names (it runs on the
+    /// blocking pool, over trees): a part of [`FETCH_PART`] at a time, so that a reload of
+    /// a million files never holds their list. `total`: their bytes, for progress.
+    pub(super) async fn fetch_walked(
+        &self,
+        total: u64,
+        events: &Events,
+        walk: impl FnOnce(&mut dyn FnMut((Hash, u64))) -> Result<(), tree::TreeError> + Send + 'static,
+    ) -> OpResult<FetchStats> {
+        let counter = events.counter("download", total);
+        let (tx, mut rx) = mpsc::channel::<Vec<(Hash, u64)>>(1);
+        let walker = tokio::task::spawn_blocking(move || {
+            let (mut part, mut open) = (Vec::new(), true);
+            walk(&mut |b| {
+                if open {
+                    part.push(b);
+                    if part.len() == FETCH_PART {
+                        open = tx.blocking_send(std::mem::take(&mut part)).is_ok();
+                    }
+                }
+            })?;
+            if open && !part.is_empty() {
+                let _ = tx.blocking_send(part);
+            }
+            Ok(())
+        });
+        let mut stats = FetchStats::default();
+        while let Some(part) = rx.recv().await {
+            stats.merge(&self.fetch_part(&part, &counter).await?);
+        }
+        walker.await.map_err(failed)?.map_err(tree_error)?;
+        Ok(stats)
+    }
+
+    /// [`Self::fetch_blobs`] with the caller's progress counter.
+    async fn fetch_part(&self, blobs: &[(Hash, u64)], counter: &OnBytes) -> OpResult<FetchStats> {
+        let mut seen = HashSet::new();
         let wanted: Vec<(Hash, u64)> = blobs
             .iter()
             .filter(|(h, _)| seen.insert(*h))
             .copied()
             .collect();
-        let total = wanted.iter().map(|(_, s)| s).sum();
-        let counter = events.counter("download", total);
         let hashes: Vec<Hash> = wanted.iter().map(|(h, _)| *h).collect();
         let held = self.store.has_complete_many(&hashes).map_err(failed)?;
         let mut stats = FetchStats::default();
@@ -178,10 +224,10 @@ impl Inner {
             }
         }
         if !small.is_empty() {
-            stats.merge(&self.fetch_small(&small, &counter).await?);
+            stats.merge(&self.fetch_small(&small, counter).await?);
         }
         if !large.is_empty() {
-            stats.merge(&self.fetch_large(&large, counter).await?);
+            stats.merge(&self.fetch_large(&large, counter.clone()).await?);
         }
         Ok(stats)
     }

@@ -40,18 +40,27 @@ impl Inner {
         let root = info.head.commit.root();
         self.fetch_tree(root).await?;
         let pages = self.pages.clone();
-        let blobs = self
+        let total = self
             .blocking(move || {
-                let mut blobs = Vec::new();
+                let mut total = 0;
                 tree::range(&pages, &root, "", &mut |_, e| {
-                    blobs.extend(e.blob());
+                    total += e.blob().map_or(0, |(_, s)| s);
                     true
                 })?;
-                Ok(blobs)
+                Ok(total)
             })
             .await?;
-        let fetched = self.fetch_blobs(&blobs, events).await?;
-        drop(blobs);
+        let pages = self.pages.clone();
+        let fetched = self
+            .fetch_walked(total, events, move |each| {
+                tree::range(&pages, &root, "", &mut |_, e| {
+                    if let Some(b) = e.blob() {
+                        each(b);
+                    }
+                    true
+                })
+            })
+            .await?;
         let m;
         let source = if self.overlays {
             Source::Full { root }

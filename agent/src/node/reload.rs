@@ -44,9 +44,22 @@ impl Inner {
             };
         let new = info.head.commit.root();
         let plan = self.plan(&rec, new, base, &dirty_paths).await?;
-        let fetched_files_bytes = plan.needed.iter().map(|(_, s)| s).sum();
+        let fetched_files_bytes = plan.needed_bytes;
         let t_fetch = Instant::now();
-        let stats = self.fetch_blobs(&plan.needed, events).await?;
+        let stats = match &plan.needed {
+            Needed::List(blobs) => self.fetch_blobs(blobs, events).await?,
+            Needed::Diff(old) => {
+                let (pages, old, new) = (self.pages.clone(), *old, plan.new);
+                self.fetch_walked(plan.needed_bytes, events, move |each| {
+                    tree::diff_each(&pages, &old, &new, &mut |d| {
+                        if let Some(b) = d.new.as_ref().and_then(|e| e.blob()) {
+                            each(b);
+                        }
+                    })
+                })
+                .await?
+            }
+        };
         let download_seconds = t_fetch.elapsed().as_secs_f64();
         self.crash_point("reload-fetched");
         let t_build = Instant::now();
@@ -81,11 +94,22 @@ struct Plan {
     /// The new head's tree.
     new: PageRef,
     /// Blobs to fetch.
-    needed: Vec<(Hash, u64)>,
+    needed: Needed,
+    /// Their bytes.
+    needed_bytes: u64,
     /// How the snapshot is built: overlay mode, the changes from the tree the layers show;
     /// copy mode, the whole new manifest and the clean files the old snapshot holds as
     /// they are.
     how: PlanHow,
+}
+
+/// Which blobs a reload fetches.
+enum Needed {
+    /// These.
+    List(Vec<(Hash, u64)>),
+    /// Those of the entries that the new tree holds and the tree at this root does not,
+    /// read from the trees a part at a time.
+    Diff(PageRef),
 }
 
 /// Deltas a reload writes as a thin layer; past this it writes one full layer instead (as
@@ -112,12 +136,17 @@ impl Inner {
         if self.overlays {
             let lowers = local_root(rec.lower_manifest);
             self.fetch_diff(lowers, new).await?;
-            let (needed, deltas) = self.reload_diff(lowers, new, THIN_MAX).await?;
+            let (needed_bytes, deltas) = self.reload_diff(lowers, new, THIN_MAX).await?;
             let how = match deltas {
                 Some(d) => PlanHow::Thin(d),
                 None => PlanHow::Full,
             };
-            return Ok(Plan { new, needed, how });
+            return Ok(Plan {
+                new,
+                needed: Needed::Diff(lowers),
+                needed_bytes,
+                how,
+            });
         }
         self.fetch_tree(new).await?;
         let new_m = self.read_manifest(new).await?;
@@ -125,7 +154,8 @@ impl Inner {
         let (reuse, needed) = plan_copy(&new_m, &base, dirty);
         Ok(Plan {
             new,
-            needed,
+            needed_bytes: needed.iter().map(|(_, s)| s).sum(),
+            needed: Needed::List(needed),
             how: PlanHow::Copy(Box::new(new_m), reuse),
         })
     }

@@ -297,30 +297,17 @@ impl Inner {
         let (base, lowers) = (local_root(rec.manifest), local_root(rec.lower_manifest));
         let (state, linked, entries, hashed) = tokio::task::spawn_blocking(move || {
             let batch = store.batch();
-            let view = |root| scan::TreeView {
-                src: pages.clone(),
-                root,
-            };
-            let up = upper::read_upper(
+            let (state, up) = apply_upper(
                 &upper_dir,
-                &view(lowers),
-                &view(base),
+                &pages,
+                &store,
+                [lowers, base],
                 &cache,
                 ScanMode::Link(&batch),
+                None,
             )?;
-            let mut sink = pages.sink(&batch);
-            let state = tree::apply(
-                &pages,
-                &lowers,
-                &up.changes,
-                Shape::CANONICAL,
-                &mut |r, b| sink.add(r, &b),
-            )?;
-            sink.done()?;
-            let (entries, hashed) = (up.entries, up.hashed_bytes);
-            drop(up);
             let linked = batch.finish()?;
-            Ok::<_, scan::ScanError>((state.root, linked, entries, hashed))
+            Ok::<_, scan::ScanError>((state, linked, up.entries, up.hashed_bytes))
         })
         .await
         .map_err(failed)?
@@ -491,41 +478,39 @@ impl Inner {
                 Take::Hash => ScanMode::HashOnly,
                 Take::Copy => ScanMode::Import(&batch),
             };
-            let mut new_pages = Vec::new();
-            let mut sink = |r, b| new_pages.push((r, b));
-            let view = |root| scan::TreeView {
-                src: pages.clone(),
-                root,
-            };
+            let mut mem = tree::MemPages::default();
             let (root, stats, hashed_bytes) = match lowers {
                 None => {
                     let base = Manifest::from_tree(&pages, &base)?;
                     let s = scan::scan(&dir, &base, &cache, how)?;
-                    let built = s.manifest.build(Shape::CANONICAL, &mut sink);
+                    let mut new_pages = Vec::new();
+                    let built = s
+                        .manifest
+                        .build(Shape::CANONICAL, &mut |r, b| new_pages.push((r, b)));
+                    match take {
+                        Take::Copy => pages.put(&batch, &new_pages)?,
+                        Take::Hash => {
+                            for (r, b) in &new_pages {
+                                mem.insert(*r, b)?;
+                            }
+                        }
+                    }
                     (built.root, s.stats, s.hashed_bytes)
                 }
                 Some(lowers) => {
-                    let up = upper::read_upper(
+                    let to_mem = (take == Take::Hash).then_some(&mut mem);
+                    let (root, up) = apply_upper(
                         &dir.join("upper"),
-                        &view(lowers),
-                        &view(base),
+                        &pages,
+                        &store,
+                        [lowers, base],
                         &cache,
                         how,
+                        to_mem,
                     )?;
-                    let built =
-                        tree::apply(&pages, &lowers, &up.changes, Shape::CANONICAL, &mut sink)?;
-                    (built.root, up.stats, up.hashed_bytes)
+                    (root, up.stats, up.hashed_bytes)
                 }
             };
-            let mut mem = tree::MemPages::default();
-            match take {
-                Take::Copy => pages.put(&batch, &new_pages)?,
-                Take::Hash => {
-                    for (r, b) in &new_pages {
-                        mem.insert(*r, b)?;
-                    }
-                }
-            }
             batch.finish()?;
             Ok::<_, scan::ScanError>(Local {
                 root,
@@ -640,6 +625,58 @@ impl PartSplitter {
             }
         }
     }
+}
+
+/// Reads an upper layer as changes to the tree at `lowers` (`trees`: that, and the mount's
+/// base, the last synced state) and applies them a part at a time, so that a million of
+/// them are never held at once. The new pages go to `mem` when given (a state only
+/// hashed), else into the store; either way each part's pages are there before the next
+/// part reads them. Returns the new tree's root, and what the read found.
+fn apply_upper(
+    upper: &Path,
+    pages: &crate::store::Pages,
+    store: &Store,
+    trees: [PageRef; 2],
+    cache: &StatCache,
+    how: ScanMode<'_>,
+    mut mem: Option<&mut tree::MemPages>,
+) -> Result<(PageRef, upper::UpperChanges), scan::ScanError> {
+    let [lowers, base] = trees;
+    let view = |root| scan::TreeView {
+        src: pages.clone(),
+        root,
+    };
+    let mut root = lowers;
+    let up = upper::read_upper(upper, &view(lowers), &view(base), cache, how, &mut |part| {
+        match mem.as_deref_mut() {
+            Some(mem) => {
+                let mut new = Vec::new();
+                let built = tree::apply(
+                    &tree::Layered(mem, pages),
+                    &root,
+                    &part,
+                    Shape::CANONICAL,
+                    &mut |r, b| new.push((r, b)),
+                )?;
+                for (r, b) in &new {
+                    mem.insert(*r, b)?;
+                }
+                root = built.root;
+            }
+            None => {
+                let batch = store.batch();
+                let mut sink = pages.sink(&batch);
+                let built = tree::apply(pages, &root, &part, Shape::CANONICAL, &mut |r, b| {
+                    sink.add(r, &b)
+                })?;
+                sink.done()?;
+                batch.finish()?;
+                root = built.root;
+            }
+        }
+        Ok(())
+    })?;
+    Ok((root, up))
 }
 
 /// Turns a replaced overlay read-only as a whole (so that a process still writing into it

@@ -90,11 +90,15 @@ fn xattr_str(path: &Path, name: &str) -> Result<Option<String>, ScanError> {
         .transpose()
 }
 
-/// What an upper layer changed.
+/// Changes [`read_upper`] hands on at once at most (more when a renamed directory brings
+/// its lower contents along).
+pub const UPPER_PART: usize = 16_384;
+
+/// What an upper layer changed, besides the changes themselves.
 #[derive(Debug, Default)]
 pub struct UpperChanges {
-    /// Changes to the lower manifest, to be applied in order.
-    pub changes: Vec<Change>,
+    /// Changes to the lower manifest not handed on yet.
+    changes: Vec<Change>,
     /// Stats of the files written through the mount, as hashed.
     pub stats: StatCache,
     /// Bytes read and hashed (files written through the mount).
@@ -103,15 +107,18 @@ pub struct UpperChanges {
     pub entries: usize,
 }
 
-/// Reads `upper` as changes to `lowers` (the manifest its lower layers show). Files written
-/// through the mount are hashed, or imported into the store, as `how` says, unless their
-/// stat matches `cache` and `base` (the last synced state) names their content.
+/// Reads `upper` as changes to `lowers` (the manifest its lower layers show), and hands
+/// them to `part` in order, about [`UPPER_PART`] at a time (applied in that order, one
+/// part after another, they give the mount's tree). Files written through the mount are
+/// hashed, or imported into the store, as `how` says, unless their stat matches `cache`
+/// and `base` (the last synced state) names their content.
 pub fn read_upper(
     upper: &Path,
     lowers: &dyn Lookup,
     base: &dyn Lookup,
     cache: &StatCache,
     how: ScanMode<'_>,
+    part: &mut dyn FnMut(Vec<Change>) -> Result<(), ScanError>,
 ) -> Result<UpperChanges, ScanError> {
     let mut out = UpperChanges::default();
     // Volume paths only: a file's path in the upper layer is `upper` joined with it.
@@ -171,9 +178,21 @@ pub fn read_upper(
                     entry: None,
                 });
             }
+            // A file's ancestors were read before it, and nothing read later lies above
+            // it: the files waiting to be hashed may follow what was read after them.
+            if written.len() >= UPPER_PART {
+                part(std::mem::take(&mut out.changes))?;
+                hash_written(upper, std::mem::take(&mut written), how, &mut out)?;
+            }
+            if out.changes.len() >= UPPER_PART {
+                part(std::mem::take(&mut out.changes))?;
+            }
         }
     }
     hash_written(upper, written, how, &mut out)?;
+    if !out.changes.is_empty() {
+        part(std::mem::take(&mut out.changes))?;
+    }
     Ok(out)
 }
 
