@@ -234,6 +234,9 @@ pub struct MountStatus {
     pub background_commit_secs: Option<u64>,
     /// The last reload's figures, if any.
     pub last_reload: Option<ReloadReport>,
+    /// Metadata layers under the mount (overlay mode; 0 in copy mode).
+    #[serde(default)]
+    pub layers: usize,
 }
 
 /// The agent's status.

@@ -117,11 +117,12 @@ impl CoordClient {
     ) -> Result<CoordResponse, ClientError> {
         let (mut send, mut recv) = self.open().await?;
         net::write_frame(&mut send, header).await?;
-        let mut complete = false;
+        // Whether the last part went out; whether the coordinator stopped reading first.
+        let (mut complete, mut refused) = (false, false);
         while let Some(part) = parts.recv().await {
             let last = part.last;
             if net::write_frame(&mut send, &part).await.is_err() {
-                // The coordinator stopped reading: its answer says why.
+                refused = true;
                 break;
             }
             if last {
@@ -131,18 +132,16 @@ impl CoordClient {
         }
         if complete {
             send.finish().map_err(NetError::stream)?;
-        } else {
+        } else if !refused {
+            // The parts ended early: whatever the coordinator answers, it is about that.
             let _ = send.reset(0u32.into());
+            return Err(ClientError::CutShort);
         }
-        let resp = net::read_frame(&mut recv, MAX_RESPONSE).await;
-        match resp {
-            Ok(CoordResponse::Error { kind, message }) => {
-                Err(ClientError::Remote { kind, message })
-            }
-            Ok(r) if complete => Ok(r),
-            Ok(_) => Err(ClientError::Unexpected),
-            Err(_) if !complete => Err(ClientError::CutShort),
-            Err(e) => Err(e.into()),
+        // Complete, or refused: the answer says what came of it.
+        match net::read_frame(&mut recv, MAX_RESPONSE).await? {
+            CoordResponse::Error { kind, message } => Err(ClientError::Remote { kind, message }),
+            r if complete => Ok(r),
+            _ => Err(ClientError::Unexpected),
         }
     }
 

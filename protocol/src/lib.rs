@@ -28,7 +28,9 @@
 //!
 //! ## Messages
 //! - [`coord::CoordRequest`] / [`coord::CoordResponse`]: volume registry, heads, uploads
-//!   (raw bytes after the frame), commits (change sets), and the tracker: `Announce`,
+//!   (raw bytes after the frame), commits (a `Commit` frame, then the change set in
+//!   [`coord::CommitPart`] frames of at most [`coord::MAX_COMMIT_PART`] changes, the last
+//!   one marked; the head moves only after the last), and the tracker: `Announce`,
 //!   `Withdraw`, `Lookup` (providers ranked by zone, then the asker's reported round-trip
 //!   times, then completeness; the origin last), `Rtts`, `Members`.
 //! - [`blobs::BlobRequest`]: `Get { hash, size, ranges }` is answered by a

@@ -193,3 +193,52 @@ async fn a_commit_switches_to_a_fresh_upper_unless_a_file_is_open_for_writing() 
         b"part one, part two"
     );
 }
+
+/// Waits until `cond` holds of agent `i`'s status of its one mount, or fails after 60 s.
+async fn until_status(
+    f: &TestFleet,
+    i: usize,
+    what: &str,
+    cond: impl Fn(&voltool_agent::control::MountStatus) -> bool,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let Reply::Status(s) = f.req(i, Request::Status).await.unwrap() else {
+            panic!("not a status")
+        };
+        if cond(&s.mounts[0]) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {s:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piled_up_layers_are_compacted_in_the_background() {
+    use voltool_agent::node::COMPACT_AT;
+    let f = TestFleet::start(2).await;
+    if !overlays(&f).await {
+        return;
+    }
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    let b = f.mount(1, "vol").await;
+    // Agent 1 reloads one change at a time: a thin layer on its full one each, until the
+    // last reload reaches COMPACT_AT layers and starts a compaction.
+    for i in 0..COMPACT_AT - 1 {
+        std::fs::write(a.join(format!("f{i}")), format!("{i}")).unwrap();
+        f.commit(0, "vol").await.unwrap();
+        f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
+    }
+    until_status(&f, 1, "layers compacted", |m| m.layers == 1).await;
+    assert_eq!(tree(&a), tree(&b));
+    // It goes on working: a write, a commit, a reload elsewhere; a write into the
+    // compacted mount never reaches the store.
+    std::fs::write(b.join("f0"), b"written over").unwrap();
+    std::fs::write(b.join("after"), b"after").unwrap();
+    f.commit(1, "vol").await.unwrap();
+    f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
+    assert_eq!(tree(&a), tree(&b));
+    assert_eq!(std::fs::read(a.join("f0")).unwrap(), b"written over");
+}

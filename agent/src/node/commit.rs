@@ -90,13 +90,6 @@ impl Inner {
                 .map_err(|e| err(e.code, format!("cannot commit: {}", e.message)))?,
         };
         let scan_seconds = start.elapsed().as_secs_f64();
-        let info = self.verified_head(name).await?;
-        if info.id != rec.id {
-            return Err(err(
-                ErrorCode::NotFound,
-                format!("volume {name:?} was deleted and created again"),
-            ));
-        }
         let t_upload = Instant::now();
         let (changed, uploaded) = self.upload_changes(base, &scanned, events).await?;
         let upload_seconds = t_upload.elapsed().as_secs_f64();
@@ -113,6 +106,13 @@ impl Inner {
                 seconds: start.elapsed().as_secs_f64(),
             };
             return Ok(report);
+        }
+        let info = self.verified_head(name).await?;
+        if info.id != rec.id {
+            return Err(err(
+                ErrorCode::NotFound,
+                format!("volume {name:?} was deleted and created again"),
+            ));
         }
         self.crash_point("commit-uploaded");
         // The change set, a part at a time, to the coordinator.
@@ -186,7 +186,9 @@ impl Inner {
                 .iter()
                 .filter_map(|d| d.new.as_ref().and_then(|e| e.blob()))
                 .collect();
-            uploaded += self.upload_missing(&blobs, &grow, &done).await?;
+            if !blobs.is_empty() {
+                uploaded += self.upload_missing(&blobs, &grow, &done).await?;
+            }
         }
         walk.await.map_err(failed)?.map_err(tree_error)?;
         Ok((changed, uploaded))

@@ -34,6 +34,7 @@ use crate::store::Store;
 use voltool_protocol::tree::{self, Delta, PageRef, Shape};
 
 mod commit;
+mod compact;
 mod error;
 mod events;
 mod fetch;
@@ -47,6 +48,7 @@ mod snapshot;
 mod status;
 mod volume;
 
+pub use compact::COMPACT_AT;
 pub use error::OpError;
 use error::{OpResult, db_err, err, failed};
 pub use events::Events;
@@ -116,6 +118,8 @@ struct Inner {
     coord: Arc<CoordClient>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_reload: Mutex<HashMap<String, ReloadReport>>,
+    /// Mounts whose layers are being compacted.
+    compacting: Mutex<HashSet<String>>,
     /// Cancelled when the agent stops; background loops end with it.
     cancel: CancellationToken,
     /// Fleet members as the coordinator last said, and when it said it.
@@ -194,6 +198,7 @@ impl Agent {
             coord,
             locks: Default::default(),
             last_reload: Default::default(),
+            compacting: Default::default(),
             cancel: CancellationToken::new(),
             members: Default::default(),
             overlays,
@@ -439,11 +444,15 @@ impl Inner {
             }
             Request::Commit { name } => {
                 let name = self.which_mount(name)?;
-                self.commit(&name, &events).await.map(Reply::Committed)
+                let r = self.commit(&name, &events).await.map(Reply::Committed);
+                self.compact_later(name);
+                r
             }
             Request::Reload { name, mode } => {
                 let name = self.which_mount(name)?;
-                self.reload(&name, mode, &events).await.map(Reply::Reloaded)
+                let r = self.reload(&name, mode, &events).await.map(Reply::Reloaded);
+                self.compact_later(name);
+                r
             }
             other => self.registry(other).await,
         }

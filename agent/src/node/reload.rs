@@ -449,7 +449,7 @@ impl Inner {
     }
 
     /// Makes a mount frozen for a switch that did not happen writable again.
-    fn thaw(&self, rec: &MountRecord) {
+    pub(super) fn thaw(&self, rec: &MountRecord) {
         if self.overlays {
             let merged = self.link_target(rec.id, &rec.snapshot);
             if let Err(e) = crate::overlay::thaw_mount(&merged) {

@@ -30,6 +30,7 @@ impl Inner {
                 local_version: m.version,
                 remote_version: remote,
                 background_commit_secs: m.background_commit_secs,
+                layers: m.layers.len(),
             });
         }
         Ok(StatusReport {
