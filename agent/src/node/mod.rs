@@ -39,11 +39,13 @@ mod error;
 mod events;
 mod fetch;
 mod fetch_small;
+mod local;
 mod mount;
 mod mounts;
 mod registry;
 mod reload;
 mod remote;
+mod seal;
 mod snapshot;
 mod status;
 mod volume;
@@ -53,9 +55,10 @@ pub use error::OpError;
 use error::{OpResult, db_err, err, failed};
 pub use events::Events;
 use fetch::local_root;
+use local::{Local, Take};
 use mounts::{MAX_OWN, MOUNTS, MountRecord, STATS, switch_link};
 use remote::SEEN;
-use snapshot::{Local, Source, Take};
+use snapshot::Source;
 pub use snapshot::{MAX_LAYERS, NOT_MOUNTED, SnapshotMode};
 
 /// Agent options.

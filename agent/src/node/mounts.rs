@@ -147,7 +147,7 @@ impl Inner {
             let sealing = self
                 .mounts_dir(m.id)
                 .join(&m.snapshot)
-                .join(super::snapshot::SEALING);
+                .join(super::seal::SEALING);
             if sealing.exists() || crate::overlay::is_frozen(&target) {
                 info!(
                     volume = m.name,

@@ -1,0 +1,148 @@
+//! Sealing a mount's upper layer (overlay mode): a commit freezes the mount for a moment,
+//! takes the files written through it into the store by hard links, and switches the mount
+//! to a snapshot whose top layer is that upper and whose upper is fresh.
+
+use crate::overlay;
+
+use super::local::apply_upper;
+use super::snapshot::{MAX_LAYERS, Source};
+use super::*;
+
+/// A file in a snapshot's directory while its upper layer is being sealed: a restart that
+/// finds it seals the upper again instead of making it writable (its files may already be
+/// linked into the store).
+pub(super) const SEALING: &str = "sealing";
+
+impl Inner {
+    /// Seals a mount's upper layer (overlay mode): freezes the mount read-only (the kernel
+    /// refuses while a file in it is open for writing: then `None`), takes the files
+    /// written through it into the store by hard links, and switches the mount to a new
+    /// snapshot whose top layer is that upper and whose upper is fresh. The mount is
+    /// writable again at once, and what it held is from then on in its lower layers
+    /// (`lower_manifest`), where a commit finds it as a difference from its base. Once
+    /// files are linked the old mount never becomes writable again: a switch that fails
+    /// takes them back out of the store first. Returns the new record and the mount's
+    /// state as sealed (its manifest and the bytes read), which a commit takes as is.
+    pub(super) async fn seal(&self, rec: &MountRecord) -> OpResult<Option<(MountRecord, Local)>> {
+        let merged = self.link_target(rec.id, &rec.snapshot);
+        if !overlay::freeze(&merged).map_err(failed)? {
+            return Ok(None);
+        }
+        let snap_dir = self.mounts_dir(rec.id).join(&rec.snapshot);
+        let marker = snap_dir.join(SEALING);
+        let r = self.seal_frozen(rec, &marker).await;
+        if r.as_ref().is_ok_and(|r| r.0.snapshot == rec.snapshot) || r.is_err() {
+            // Nothing was sealed (or it failed before any link): writable again.
+            let _ = overlay::thaw(&merged);
+        }
+        let _ = std::fs::remove_file(&marker);
+        r.map(Some)
+    }
+
+    async fn seal_frozen(
+        &self,
+        rec: &MountRecord,
+        marker: &Path,
+    ) -> OpResult<(MountRecord, Local)> {
+        let cache = self.stats(&rec.name)?;
+        let snap_dir = self.mounts_dir(rec.id).join(&rec.snapshot);
+        std::fs::write(marker, b"").map_err(failed)?;
+        let (store, pages, upper_dir) = (
+            self.store.clone(),
+            self.pages.clone(),
+            snap_dir.join("upper"),
+        );
+        let (base, lowers) = (local_root(rec.manifest), local_root(rec.lower_manifest));
+        let (state, linked, entries, hashed) = tokio::task::spawn_blocking(move || {
+            let batch = store.batch();
+            let (state, up) = apply_upper(
+                &upper_dir,
+                &pages,
+                &store,
+                [lowers, base],
+                &cache,
+                ScanMode::Link(&batch),
+                None,
+            )?;
+            let linked = batch.finish()?;
+            Ok::<_, scan::ScanError>((state, linked, up.entries, up.hashed_bytes))
+        })
+        .await
+        .map_err(failed)?
+        .map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
+        self.crash_point("commit-sealing");
+        let sealed = |root| Local {
+            root,
+            pages: tree::MemPages::default(),
+            stats: StatCache::new(),
+            hashed_bytes: hashed,
+        };
+        if entries == 0 {
+            // Nothing was written: the mount stays as it is.
+            return Ok((rec.clone(), sealed(state)));
+        }
+        let mut layers = rec.layers.clone();
+        layers.insert(0, format!("{}/upper", rec.snapshot));
+        // Its files are now the store's too: nobody but the agent reaches them by this path
+        // any more (the kernel reads lower layers with the mounter's rights).
+        let upper = snap_dir.join("upper");
+        let mode = std::fs::metadata(&upper).map_err(failed)?.permissions();
+        std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(failed)?;
+        let switched = if layers.len() > MAX_LAYERS {
+            self.rebuild(rec, state).await
+        } else {
+            self.switch_to(rec, layers, state.hash).await
+        };
+        if switched.is_err() {
+            let _ = std::fs::set_permissions(&upper, mode);
+            let store = self.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.remove_many(&linked)).await;
+        }
+        switched.map(|r| (r, sealed(state)))
+    }
+
+    /// Mounts a new snapshot over `layers` with a fresh upper, records it and switches the
+    /// mount to it; retires the old one.
+    async fn switch_to(
+        &self,
+        rec: &MountRecord,
+        layers: Vec<String>,
+        lowers: Hash,
+    ) -> OpResult<MountRecord> {
+        let snapshot = format!("v{}-{:08x}", rec.version, rand::random::<u32>());
+        // What the layers hold is durable before a record names them.
+        crate::store::sync_fs_of(&self.mounts_dir(rec.id)).map_err(failed)?;
+        if let Err(e) = self.mount_overlay(rec.id, &snapshot, &layers) {
+            let _ = scan::remove_tree(&self.mounts_dir(rec.id).join(&snapshot));
+            return Err(e);
+        }
+        let new = MountRecord {
+            snapshot,
+            layers,
+            lower_manifest: lowers,
+            ..rec.clone()
+        };
+        self.put_mount(&new, &StatCache::new())?;
+        switch_link(&new.path, &self.link_target(new.id, &new.snapshot))?;
+        self.retire(rec, &new, HashSet::new()).await?;
+        Ok(new)
+    }
+
+    /// Like [`Self::switch_to`], over one full layer of `state` (the stack grew too deep).
+    async fn rebuild(&self, rec: &MountRecord, state: PageRef) -> OpResult<MountRecord> {
+        let built = self
+            .build(rec.id, rec.version, Source::Full { root: state })
+            .await?;
+        let new = MountRecord {
+            snapshot: built.snapshot,
+            layers: built.layers,
+            lower_manifest: state.hash,
+            ..rec.clone()
+        };
+        self.put_mount(&new, &StatCache::new())?;
+        switch_link(&new.path, &self.link_target(new.id, &new.snapshot))?;
+        self.retire(rec, &new, HashSet::new()).await?;
+        Ok(new)
+    }
+}
