@@ -8,15 +8,19 @@ use voltool_agent::control::{ErrorCode, ReloadMode, Reply, Request};
 use voltool_protocol::Hash;
 use voltool_tests::{TestFleet, bytes, tree};
 
-async fn overlays(f: &TestFleet) -> bool {
-    match f.req(0, Request::Status).await.unwrap() {
-        Reply::Status(s) if s.snapshots == "overlay" => true,
-        Reply::Status(s) => {
-            eprintln!("snapshots are {} here: overlay checks skipped", s.snapshots);
-            false
-        }
+async fn status(f: &TestFleet, i: usize) -> voltool_agent::control::StatusReport {
+    match f.req(i, Request::Status).await.unwrap() {
+        Reply::Status(s) => s,
         other => panic!("unexpected {other:?}"),
     }
+}
+
+async fn overlays(f: &TestFleet) -> bool {
+    let s = status(f, 0).await;
+    if s.snapshots != "overlay" {
+        eprintln!("snapshots are {} here: overlay checks skipped", s.snapshots);
+    }
+    s.snapshots == "overlay"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,9 +207,7 @@ async fn until_status(
 ) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let Reply::Status(s) = f.req(i, Request::Status).await.unwrap() else {
-            panic!("not a status")
-        };
+        let s = status(f, i).await;
         if cond(&s.mounts[0]) {
             return;
         }

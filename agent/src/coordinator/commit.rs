@@ -208,7 +208,7 @@ impl Merge {
 
     /// Signs the merged tree as the new head (unless it is the head's own tree).
     fn finish(self, state: &State, peer: EndpointId) -> Reply {
-        let Merge { head, .. } = &self;
+        let head = &self.head;
         if self.next == self.current {
             return Ok(CoordResponse::Committed {
                 head: head.clone(),

@@ -35,18 +35,11 @@ impl Events {
         }
     }
 
-    pub(super) fn counter(
-        &self,
-        phase: &'static str,
-        total: u64,
-    ) -> Arc<dyn Fn(u64) + Send + Sync> {
-        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let ev = self.clone();
-        ev.progress(phase, 0, total);
-        Arc::new(move |n| {
-            let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
-            ev.progress(phase, d, total);
-        })
+    /// A counter of a phase of known total: what adds to what is done.
+    pub(super) fn counter(&self, phase: &'static str, total: u64) -> OnBytes {
+        let (grow, done) = self.growing_counter(phase);
+        grow(total);
+        done
     }
 
     /// A counter of a phase whose total grows as its work is found (a change set read a
