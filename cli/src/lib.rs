@@ -45,7 +45,9 @@ enum Cmd {
     Volume(volume::VolumeCmd),
     /// Mount a volume at a host path (the path becomes a link to the current snapshot).
     Mount(local::MountArgs),
-    /// Commit the changes made in a mounted volume.
+    /// Remove a mount (refused with uncommitted changes unless --discard or --commit-first).
+    Unmount(local::UnmountArgs),
+    /// Commit the changes made in a mounted volume, then move to the merged head.
     Commit(local::CommitArgs),
     /// Bring a mounted volume to the newest committed version.
     Reload(local::ReloadArgs),
@@ -76,6 +78,7 @@ fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             Cmd::NodeId(a) => daemon::node_id(a),
             Cmd::Volume(c) => volume::run(&agent, c).await,
             Cmd::Mount(a) => local::mount(&agent, a).await,
+            Cmd::Unmount(a) => local::unmount(&agent, a).await,
             Cmd::Commit(a) => local::commit(&agent, a).await,
             Cmd::Reload(a) => local::reload(&agent, a).await,
             Cmd::Status(a) => local::status(&agent, a).await,

@@ -1,4 +1,5 @@
-//! `voltool mount`, `commit`, `reload`, `status`: operations on the local agent's mounts.
+//! `voltool mount`, `unmount`, `commit`, `reload`, `status`: operations on the local agent's
+//! mounts.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,8 +17,25 @@ pub(crate) struct MountArgs {
     /// Host path: a new path or an empty directory.
     path: PathBuf,
     /// Commit changes in the background every SECS seconds, and when the agent stops.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", conflicts_with = "read_only")]
     background_commit: Option<u64>,
+    /// Mount read-only: with overlay snapshots nothing can be written through the mount,
+    /// not even by root; with copies, commits are refused and a reload replaces whatever
+    /// was written.
+    #[arg(long)]
+    read_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UnmountArgs {
+    /// Volume (the only mounted one if left out).
+    name: Option<String>,
+    /// Throw uncommitted changes away.
+    #[arg(long, conflicts_with = "commit_first")]
+    discard: bool,
+    /// Commit uncommitted changes first.
+    #[arg(long)]
+    commit_first: bool,
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +77,7 @@ pub(crate) async fn mount(agent: &Path, a: MountArgs) -> anyhow::Result<ExitCode
             name: a.name,
             path,
             background_commit_secs: a.background_commit,
+            read_only: a.read_only,
         },
         false,
     )
@@ -67,6 +86,25 @@ pub(crate) async fn mount(agent: &Path, a: MountArgs) -> anyhow::Result<ExitCode
         println!("{msg}");
     }
     ok()
+}
+
+pub(crate) async fn unmount(agent: &Path, a: UnmountArgs) -> anyhow::Result<ExitCode> {
+    let mode = reload_mode(a.discard, a.commit_first);
+    let reply = call(agent, Request::Unmount { name: a.name, mode }, false).await?;
+    if let Reply::Done(msg) = reply {
+        println!("{msg}");
+    }
+    ok()
+}
+
+fn reload_mode(discard: bool, commit_first: bool) -> ReloadMode {
+    if discard {
+        ReloadMode::Discard
+    } else if commit_first {
+        ReloadMode::CommitFirst
+    } else {
+        ReloadMode::Refuse
+    }
 }
 
 pub(crate) async fn commit(agent: &Path, a: CommitArgs) -> anyhow::Result<ExitCode> {
@@ -87,17 +125,24 @@ pub(crate) async fn commit(agent: &Path, a: CommitArgs) -> anyhow::Result<ExitCo
             eprintln!("warning: overwrote another writer's newer change at {p}");
         }
     }
+    if !a.json {
+        if let Some(re) = &r.reloaded {
+            println!(
+                "then moved to the merged head (version {}): {} bytes of other writers' files arrived",
+                re.version, re.fetched_files_bytes
+            );
+        }
+        if let Some(why) = &r.stayed {
+            eprintln!(
+                "warning: the mount stays on its own view, without other writers' changes, until a reload: {why}"
+            );
+        }
+    }
     ok()
 }
 
 pub(crate) async fn reload(agent: &Path, a: ReloadArgs) -> anyhow::Result<ExitCode> {
-    let mode = if a.discard {
-        ReloadMode::Discard
-    } else if a.commit_first {
-        ReloadMode::CommitFirst
-    } else {
-        ReloadMode::Refuse
-    };
+    let mode = reload_mode(a.discard, a.commit_first);
     let reply = call(agent, Request::Reload { name: a.name, mode }, a.json).await?;
     let Reply::Reloaded(r) = reply else {
         anyhow::bail!("unexpected answer from the agent")
@@ -152,12 +197,13 @@ pub(crate) async fn status(agent: &Path, a: StatusArgs) -> anyhow::Result<ExitCo
             None => "unknown",
         };
         println!(
-            "{:<24} {}  local v{}  remote v{}  {}",
+            "{:<24} {}  local v{}  remote v{}  {}{}",
             m.volume,
             m.path.display(),
             m.local_version,
             remote,
-            state
+            state,
+            if m.read_only { "  read-only" } else { "" }
         );
     }
     ok()

@@ -1,12 +1,12 @@
 //! `voltool volume …`: the registry and files of volumes, as Modal's `modal volume`.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
-use voltool_agent::control::{self, Event, Reply, Request};
+use voltool_agent::control::{self, Event, LsEntry, PutItem, Reply, Request};
 use voltool_protocol::volume::check_volume_name;
 
 use crate::output::{Refused, call, ok, print_json, usage};
@@ -17,6 +17,9 @@ pub(crate) enum VolumeCmd {
     Create {
         /// Name: up to 64 of A-Z a-z 0-9 - _ .
         name: String,
+        /// Succeed if the volume exists already.
+        #[arg(long)]
+        allow_existing: bool,
     },
     /// List volumes.
     List {
@@ -24,37 +27,41 @@ pub(crate) enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
-    /// List files and directories of a volume.
+    /// List files and directories of a volume: a table on a terminal, one path a line in
+    /// a pipe.
     Ls {
         /// Volume.
         name: String,
         /// Directory (the root if left out).
         path: Option<String>,
-        /// Print as JSON.
+        /// Everything below the directory, not only what is directly in it.
+        #[arg(short, long)]
+        recursive: bool,
+        /// Print as JSON (Modal's keys: filename, type, created_modified, size).
         #[arg(long)]
         json: bool,
     },
-    /// Upload a local file or directory.
+    /// Upload a local file or directory ('-' as LOCAL reads a file from stdin).
     Put {
         /// Volume.
         name: String,
-        /// Local file or directory.
+        /// Local file or directory, or '-' for stdin.
         local: PathBuf,
         /// Remote path; ending in '/' puts into that directory (default: the root).
         remote: Option<String>,
-        /// Overwrite existing files.
+        /// Overwrite existing files (a directory is never replaced by a file).
         #[arg(short, long)]
         force: bool,
     },
-    /// Download a file or directory ('-' as LOCAL writes a file to stdout).
+    /// Download a file or directory ('-' as LOCAL writes its files' bytes to stdout).
     Get {
         /// Volume.
         name: String,
         /// Remote path.
         remote: String,
-        /// Local destination (default: the current directory).
+        /// Local destination (default: the current directory); missing parents are made.
         local: Option<String>,
-        /// Overwrite existing local files.
+        /// Replace what exists locally where the download goes.
         #[arg(short, long)]
         force: bool,
     },
@@ -119,31 +126,46 @@ fn done(reply: Reply) -> anyhow::Result<ExitCode> {
     ok()
 }
 
-fn time_ms(ms: u64) -> String {
-    // RFC 3339-ish in UTC without pulling a time crate: days since epoch to a date.
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02} {h:02}:{m:02}:{s:02}Z")
+/// A time as Modal's CLI shows it: minutes, in the local time zone.
+fn local_time(ms: i64) -> String {
+    use chrono::TimeZone;
+    match chrono::Local.timestamp_millis_opt(ms) {
+        chrono::LocalResult::Single(t) | chrono::LocalResult::Ambiguous(t, _) => {
+            t.format("%Y-%m-%d %H:%M %Z").to_string()
+        }
+        chrono::LocalResult::None => String::new(),
+    }
+}
+
+/// Sizes as Modal's CLI shows them: bytes whole, larger units with one decimal, base 1024.
+pub(crate) fn human_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        VolumeCmd::Create { name } => {
+        VolumeCmd::Create {
+            name,
+            allow_existing,
+        } => {
             if let Err(e) = check_volume_name(&name) {
                 return usage(e);
             }
-            done(call(agent, Request::VolumeCreate { name }, false).await?)
+            let req = Request::VolumeCreate {
+                name,
+                allow_existing,
+            };
+            done(call(agent, req, false).await?)
         }
         VolumeCmd::List { json } => {
             let Reply::Volumes(v) = call(agent, Request::VolumeList, true).await? else {
@@ -153,39 +175,36 @@ pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode
                 print_json(&v)?;
             } else {
                 println!(
-                    "{:<32} {:>8}  {:<20}  {:<20}",
+                    "{:<32} {:>8}  {:<22}  {:<22}",
                     "NAME", "VERSION", "CREATED", "UPDATED"
                 );
                 for x in v {
                     println!(
-                        "{:<32} {:>8}  {:<20}  {:<20}",
+                        "{:<32} {:>8}  {:<22}  {:<22}",
                         x.name,
                         x.version,
-                        time_ms(x.created_ms),
-                        time_ms(x.updated_ms)
+                        local_time(x.created_ms as i64),
+                        local_time(x.updated_ms as i64)
                     );
                 }
             }
             ok()
         }
-        VolumeCmd::Ls { name, path, json } => {
-            let Reply::Ls(entries) = call(agent, Request::VolumeLs { name, path }, true).await?
-            else {
+        VolumeCmd::Ls {
+            name,
+            path,
+            recursive,
+            json,
+        } => {
+            let req = Request::VolumeLs {
+                name: name.clone(),
+                path: path.clone(),
+                recursive,
+            };
+            let Reply::Ls(entries) = call(agent, req, true).await? else {
                 anyhow::bail!("unexpected answer from the agent")
             };
-            if json {
-                print_json(&entries)?;
-            } else {
-                for e in entries {
-                    match e.kind.as_str() {
-                        "dir" => println!("{}/", e.path),
-                        "symlink" => {
-                            println!("{} -> {}", e.path, e.target.as_deref().unwrap_or(""))
-                        }
-                        _ => println!("{}  {}", e.path, e.size),
-                    }
-                }
-            }
+            print_ls(&name, path.as_deref(), &entries, json)?;
             ok()
         }
         VolumeCmd::Put {
@@ -193,22 +212,7 @@ pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode
             local,
             remote,
             force,
-        } => {
-            let local = std::path::absolute(&local).context("local path")?;
-            done(
-                call(
-                    agent,
-                    Request::VolumePut {
-                        name,
-                        local,
-                        remote,
-                        force,
-                    },
-                    false,
-                )
-                .await?,
-            )
-        }
+        } => put(agent, name, local, remote, force).await,
         VolumeCmd::Get {
             name,
             remote,
@@ -216,7 +220,7 @@ pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode
             force,
         } => {
             if local.as_deref() == Some("-") {
-                return get_stdout(agent, name, remote).await;
+                return get_stdout(agent, name, remote, force).await;
             }
             let local =
                 std::path::absolute(local.as_deref().unwrap_or(".")).context("local path")?;
@@ -306,7 +310,12 @@ pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode
     }
 }
 
-async fn get_stdout(agent: &Path, name: String, remote: String) -> anyhow::Result<ExitCode> {
+async fn get_stdout(
+    agent: &Path,
+    name: String,
+    remote: String,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
     let r = control::call(
@@ -315,7 +324,7 @@ async fn get_stdout(agent: &Path, name: String, remote: String) -> anyhow::Resul
             name,
             remote,
             local: None,
-            force: false,
+            force,
         },
         |ev| {
             if let Event::Data(bytes) = ev
@@ -335,4 +344,133 @@ async fn get_stdout(agent: &Path, name: String, remote: String) -> anyhow::Resul
         Ok(_) => ok(),
         Err(e) => Err(Refused(e).into()),
     }
+}
+
+/// `volume put`: one local file or directory (or stdin, spooled to a temporary file the
+/// agent reads) to the remote path it names.
+async fn put(
+    agent: &Path,
+    name: String,
+    local: PathBuf,
+    remote: Option<String>,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
+    let from_stdin = local.as_os_str() == "-";
+    let into_dir = remote.as_deref().is_none_or(|r| r.ends_with('/'));
+    let remote = if from_stdin {
+        match remote {
+            Some(r) if !into_dir => r,
+            _ => return usage("put from stdin ('-') needs a remote file path (not ending in '/')"),
+        }
+    } else {
+        let base = local
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("the local path has no usable file name")?;
+        match remote {
+            Some(r) if !into_dir => r,
+            Some(r) => format!("{r}{base}"),
+            None => format!("/{base}"),
+        }
+    };
+    // Stdin goes to a temporary file first: the agent reads local paths (and hashes a file
+    // while it takes it into its store).
+    let spool = if from_stdin {
+        let mut f = tempfile::NamedTempFile::new().context("a temporary file for stdin")?;
+        std::io::copy(&mut std::io::stdin().lock(), &mut f).context("reading stdin")?;
+        f.as_file().sync_data().ok();
+        Some(f)
+    } else {
+        None
+    };
+    let local = match &spool {
+        Some(f) => f.path().to_path_buf(),
+        None => std::path::absolute(&local).context("local path")?,
+    };
+    let mode = spool.as_ref().map(|_| 0o644);
+    let req = Request::VolumePut {
+        name,
+        items: vec![PutItem {
+            local,
+            remote,
+            mode,
+        }],
+        force,
+    };
+    done(call(agent, req, false).await?)
+}
+
+/// `volume ls` as Modal prints it: a table on a terminal, the paths alone in a pipe, and
+/// with `--json` one array of objects with Modal's keys.
+fn print_ls(name: &str, path: Option<&str>, entries: &[LsEntry], json: bool) -> anyhow::Result<()> {
+    let kind = |e: &LsEntry| match e.kind.as_str() {
+        "dir" => "dir",
+        "symlink" => "link",
+        _ => "file",
+    };
+    let time = |e: &LsEntry| (e.mtime_ns > 0).then(|| local_time(e.mtime_ns / 1_000_000));
+    if json {
+        let rows: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "filename": e.path,
+                    "type": kind(e),
+                    "created_modified": time(e),
+                    "size": human_size(e.size),
+                })
+            })
+            .collect();
+        return print_json(&rows);
+    }
+    let mut out = std::io::stdout().lock();
+    if !std::io::stdout().is_terminal() {
+        for e in entries {
+            writeln!(out, "{}", e.path)?;
+        }
+        return Ok(());
+    }
+    let rows: Vec<[String; 4]> = entries
+        .iter()
+        .map(|e| {
+            let shown = match &e.target {
+                Some(t) => format!("{} -> {t}", e.path),
+                None => e.path.clone(),
+            };
+            [
+                shown,
+                kind(e).to_string(),
+                time(e).unwrap_or_default(),
+                human_size(e.size),
+            ]
+        })
+        .collect();
+    let head = ["Filename", "Type", "Created/Modified", "Size"];
+    let mut width = head.map(str::len);
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let dir = path.unwrap_or("/");
+    writeln!(out, "Directory listing of '{dir}' in '{name}'")?;
+    let line = |out: &mut std::io::StdoutLock<'_>, cells: [&str; 4]| {
+        writeln!(
+            out,
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2],
+            w3 = width[3]
+        )
+    };
+    line(&mut out, head)?;
+    for r in &rows {
+        line(&mut out, [&r[0], &r[1], &r[2], &r[3]])?;
+    }
+    Ok(())
 }

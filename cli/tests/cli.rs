@@ -90,7 +90,7 @@ fn every_subcommand_end_to_end() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["path"].as_str().unwrap())
+        .map(|e| e["filename"].as_str().unwrap())
         .collect();
     assert_eq!(paths, vec!["w.bin", "weights"]);
     let o = f.run(0, &["volume", "ls", "models", "weights"]);

@@ -57,6 +57,7 @@
 pub mod blob;
 pub mod blobs;
 pub mod commit;
+pub mod control;
 pub mod coord;
 pub mod frame;
 pub mod hash;

@@ -59,6 +59,7 @@ impl Fleet {
             &self.agents[0],
             Request::VolumeCreate {
                 name: volume.into(),
+                allow_existing: false,
             },
         )
         .await?;
@@ -71,6 +72,7 @@ impl Fleet {
                     name: volume.into(),
                     path: path.clone(),
                     background_commit_secs: None,
+                    read_only: false,
                 },
             )
             .await?;

@@ -173,11 +173,26 @@ impl TestFleet {
         self.agents[i].request(r, Events::none()).await
     }
 
+    /// A request that puts the local `local` at `remote` of volume `name`.
+    pub fn put(name: &str, local: &Path, remote: &str, force: bool) -> Request {
+        Request::VolumePut {
+            name: name.into(),
+            items: vec![voltool_agent::control::PutItem {
+                local: local.to_path_buf(),
+                remote: remote.into(),
+                mode: None,
+            }],
+            force,
+        }
+    }
+
     /// Creates a volume through agent 0.
     pub async fn create(&self, name: &str) {
-        self.req(0, Request::VolumeCreate { name: name.into() })
-            .await
-            .unwrap();
+        let req = Request::VolumeCreate {
+            name: name.into(),
+            allow_existing: false,
+        };
+        self.req(0, req).await.unwrap();
     }
 
     /// Mounts `name` on agent `i` at [`Self::mount_path`].
@@ -189,6 +204,7 @@ impl TestFleet {
                 name: name.into(),
                 path: path.clone(),
                 background_commit_secs: None,
+                read_only: false,
             },
         )
         .await

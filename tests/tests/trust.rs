@@ -120,31 +120,15 @@ async fn hostile_paths_are_refused_and_nothing_is_written_outside() {
     std::fs::write(&src, b"payload").unwrap();
     for remote in ["../x", "a/../../b", "x/..", "..", "a/\0b"] {
         let e = f
-            .req(
-                0,
-                Request::VolumePut {
-                    name: "vol".into(),
-                    local: src.clone(),
-                    remote: Some(remote.into()),
-                    force: true,
-                },
-            )
+            .req(0, TestFleet::put("vol", &src, remote, true))
             .await
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::Invalid, "{remote:?}: {}", e.message);
     }
     // A leading '/' names the volume's root, as in Modal: it lands inside the volume.
-    f.req(
-        0,
-        Request::VolumePut {
-            name: "vol".into(),
-            local: src.clone(),
-            remote: Some("/etc/x".into()),
-            force: false,
-        },
-    )
-    .await
-    .unwrap();
+    f.req(0, TestFleet::put("vol", &src, "/etc/x", false))
+        .await
+        .unwrap();
     assert_ne!(
         std::fs::read("/etc/x").ok().as_deref(),
         Some(&b"payload"[..]),
@@ -156,15 +140,7 @@ async fn hostile_paths_are_refused_and_nothing_is_written_outside() {
     std::fs::create_dir_all(&dir).unwrap();
     std::os::unix::fs::symlink("../../outside", dir.join("escape")).unwrap();
     let e = f
-        .req(
-            0,
-            Request::VolumePut {
-                name: "vol".into(),
-                local: dir,
-                remote: Some("t/".into()),
-                force: false,
-            },
-        )
+        .req(0, TestFleet::put("vol", &dir, "t", false))
         .await
         .unwrap_err();
     assert!(e.message.contains("outside the volume"), "{}", e.message);

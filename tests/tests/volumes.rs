@@ -204,12 +204,7 @@ async fn volume_commands_work_on_the_head() {
     f.create("vol").await;
     let src = f.dir.path().join("src.txt");
     std::fs::write(&src, b"hello").unwrap();
-    let put = |remote: &str, force: bool| Request::VolumePut {
-        name: "vol".into(),
-        local: src.clone(),
-        remote: Some(remote.into()),
-        force,
-    };
+    let put = |remote: &str, force: bool| TestFleet::put("vol", &src, remote, force);
     f.req(0, put("docs/hello.txt", false)).await.unwrap();
     let e = f.req(0, put("docs/hello.txt", false)).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::Exists);
@@ -220,6 +215,7 @@ async fn volume_commands_work_on_the_head() {
             Request::VolumeLs {
                 name: "vol".into(),
                 path: Some("docs".into()),
+                recursive: false,
             },
         )
         .await
@@ -235,6 +231,7 @@ async fn volume_commands_work_on_the_head() {
             Request::VolumeLs {
                 name: "nope".into(),
                 path: None,
+                recursive: false,
             },
         )
         .await
@@ -260,6 +257,7 @@ async fn background_commits_run_and_a_clean_stop_commits_last_changes() {
             name: "vol".into(),
             path: path.clone(),
             background_commit_secs: Some(1),
+            read_only: false,
         },
     )
     .await
@@ -286,6 +284,7 @@ async fn background_commits_run_and_a_clean_stop_commits_last_changes() {
             Request::VolumeLs {
                 name: "vol".into(),
                 path: None,
+                recursive: false,
             },
         )
         .await

@@ -6,6 +6,39 @@ use super::fetch::tree_error;
 use super::*;
 
 impl Inner {
+    /// `voltool commit`: commits the mount, then brings it to the merged head, as Modal's
+    /// `commit()` does, so a writer sees the other writers' files too. The commit stands
+    /// whatever the reload does: when the reload is refused (a file open for writing, a
+    /// change written during the commit) or fails, the mount stays on its own view and the
+    /// report says why.
+    pub(super) async fn commit_and_follow(
+        &self,
+        name: &str,
+        events: &Events,
+    ) -> OpResult<CommitReport> {
+        let mut report = self.commit(name, events).await?;
+        let rec = self.mount(name)?;
+        if report.changed > 0 && rec.version == report.version {
+            return Ok(report);
+        }
+        match self.reload(name, ReloadMode::Refuse, events).await {
+            Ok(r) => {
+                report.seconds += r.seconds;
+                if r.changed {
+                    report.reloaded = Some(Box::new(r));
+                }
+            }
+            Err(e) => {
+                info!(
+                    volume = name,
+                    "the mount stays on its own view: {}", e.message
+                );
+                report.stayed = Some(e.message);
+            }
+        }
+        Ok(report)
+    }
+
     pub(super) async fn commit(&self, name: &str, events: &Events) -> OpResult<CommitReport> {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
@@ -24,6 +57,12 @@ impl Inner {
     ) -> OpResult<CommitReport> {
         let start = Instant::now();
         let mut rec = self.mount(name)?;
+        if rec.read_only {
+            return Err(err(
+                ErrorCode::Invalid,
+                format!("{name} is mounted read-only: there is nothing to commit"),
+            ));
+        }
         let mut local = None;
         if self.overlays
             && let Some((sealed, state)) = self
@@ -104,6 +143,8 @@ impl Inner {
                 scan_seconds,
                 upload_seconds: 0.0,
                 seconds: start.elapsed().as_secs_f64(),
+                reloaded: None,
+                stayed: None,
             };
             return Ok(report);
         }
@@ -164,6 +205,8 @@ impl Inner {
             scan_seconds,
             upload_seconds,
             seconds: start.elapsed().as_secs_f64(),
+            reloaded: None,
+            stayed: None,
         };
         Ok(report)
     }

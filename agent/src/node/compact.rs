@@ -53,7 +53,12 @@ impl Inner {
         }
         let lowers = local_root(rec.lower_manifest);
         let built = self
-            .build(rec.id, rec.version, Source::Full { root: lowers })
+            .build(
+                rec.id,
+                rec.version,
+                Source::Full { root: lowers },
+                rec.read_only,
+            )
             .await?;
         let lock = self.lock_for(name);
         let _g = lock.lock().await;

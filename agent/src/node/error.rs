@@ -43,12 +43,6 @@ impl From<FetchError> for ErrorReply {
     }
 }
 
-impl From<HeadError> for ErrorReply {
-    fn from(e: HeadError) -> Self {
-        err(ErrorCode::Verify, format!("refused head: {e}"))
-    }
-}
-
 pub(super) fn db_err(e: impl std::fmt::Display) -> OpError {
     failed(format!("agent database: {e}"))
 }

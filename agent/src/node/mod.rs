@@ -18,12 +18,12 @@ use voltool_protocol::coord::{
 };
 use voltool_protocol::volume::check_volume_name;
 use voltool_protocol::{
-    Change, Commit, Entry, Hash, HeadError, Manifest, SignedHead, VolPath, VolumeId, blobs,
+    Change, Commit, Entry, Hash, Manifest, SignedHead, VolPath, VolumeId, blobs,
 };
 
 use crate::blobs::{ConnPool, FetchError, FetchStats, Provider};
 use crate::control::{
-    self, CommitReport, ErrorCode, ErrorReply, Event, LsEntry, MountStatus, ReloadMode,
+    self, CommitReport, ErrorCode, ErrorReply, Event, LsEntry, MountStatus, PutItem, ReloadMode,
     ReloadReport, Reply, Request, Sources, StatusReport, VolumeView,
 };
 use crate::coord_client::{ClientError, CoordClient};
@@ -48,6 +48,7 @@ mod remote;
 mod seal;
 mod snapshot;
 mod status;
+mod unmount;
 mod volume;
 
 pub use compact::COMPACT_AT;
@@ -170,9 +171,14 @@ impl Agent {
         let store = Store::open(&opts.data.join("store"))?;
         let db_file = opts.data.join("agent.redb");
         let db = crate::store::open_db(&db_file).map_err(|e| other(&e))?;
-        // Mount records of version 1 name manifests of the old, flat encoding.
-        crate::store::refuse_old_tables(&db, &db_file, &["mounts-1", "stats-1"])
-            .map_err(|e| other(&e))?;
+        // Mount records of version 1 name manifests of the old, flat encoding; those of
+        // version 2 have no read-only flag.
+        crate::store::refuse_old_tables(
+            &db,
+            &db_file,
+            &["mounts-1", "stats-1", "mounts-2", "stats-2"],
+        )
+        .map_err(|e| other(&e))?;
         {
             let w = db.begin_write().map_err(|e| other(&e))?;
             w.open_table(MOUNTS).map_err(|e| other(&e))?;
@@ -379,7 +385,7 @@ async fn background_commits(inner: Arc<Inner>, name: String, secs: u64, cancel: 
                 info!(volume = name, version = r.version, "background commit")
             }
             Ok(_) => {}
-            Err(e) if e.code == ErrorCode::NotFound => return,
+            Err(e) if matches!(e.code, ErrorCode::NotMounted | ErrorCode::NotFound) => return,
             Err(e) => warn!(volume = name, "background commit failed: {e}"),
         }
     }
@@ -404,17 +410,16 @@ impl Inner {
     ) -> Result<Reply, ErrorReply> {
         match req {
             Request::Status => self.status().await.map(Reply::Status),
-            Request::VolumeLs { name, path } => {
-                self.ls(&name, path.as_deref()).await.map(Reply::Ls)
-            }
-            Request::VolumePut {
+            Request::VolumeLs {
                 name,
-                local,
-                remote,
-                force,
-            } => {
-                self.put(&name, &local, remote.as_deref(), force, &events)
-                    .await
+                path,
+                recursive,
+            } => self
+                .ls(&name, path.as_deref(), recursive)
+                .await
+                .map(Reply::Ls),
+            Request::VolumePut { name, items, force } => {
+                self.put(&name, &items, force, &events).await
             }
             Request::VolumeGet {
                 name,
@@ -425,6 +430,7 @@ impl Inner {
                 self.get(&name, &remote, local.as_deref(), force, &events)
                     .await
             }
+            Request::VolumeRead { name, path } => self.read(&name, &path, &events).await,
             Request::VolumeRm {
                 name,
                 path,
@@ -440,14 +446,24 @@ impl Inner {
                 name,
                 path,
                 background_commit_secs,
+                read_only,
             } => {
-                self.clone()
-                    .mount_volume(&name, &path, background_commit_secs, &events)
-                    .await
+                let how = mount::How {
+                    background_commit_secs,
+                    read_only,
+                };
+                self.clone().mount_volume(&name, &path, how, &events).await
+            }
+            Request::Unmount { name, mode } => {
+                let name = self.which_mount(name)?;
+                self.unmount(&name, mode, &events).await
             }
             Request::Commit { name } => {
                 let name = self.which_mount(name)?;
-                let r = self.commit(&name, &events).await.map(Reply::Committed);
+                let r = self
+                    .commit_and_follow(&name, &events)
+                    .await
+                    .map(Reply::Committed);
                 self.compact_later(name);
                 r
             }
@@ -468,7 +484,7 @@ impl Inner {
         let mounts = self.mounts()?;
         match mounts.as_slice() {
             [one] => Ok(one.name.clone()),
-            [] => Err(err(ErrorCode::NotFound, "no volume is mounted here")),
+            [] => Err(err(ErrorCode::NotMounted, "no volume is mounted here")),
             _ => Err(err(
                 ErrorCode::Invalid,
                 "several volumes are mounted here: name one",

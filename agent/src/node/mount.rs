@@ -2,14 +2,35 @@
 
 use super::*;
 
+/// How a volume is mounted.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct How {
+    /// Commit in the background every this many seconds, and at shutdown.
+    pub(super) background_commit_secs: Option<u64>,
+    /// Nothing is written through the mount (overlay mode: a read-only mount of the
+    /// overlay, so even root gets EROFS; copy mode: commits are refused and a reload
+    /// replaces whatever was written to the copies).
+    pub(super) read_only: bool,
+}
+
 impl Inner {
     pub(super) async fn mount_volume(
         self: Arc<Self>,
         name: &str,
         path: &Path,
-        background_commit_secs: Option<u64>,
+        how: How,
         events: &Events,
     ) -> OpResult<Reply> {
+        let How {
+            background_commit_secs,
+            read_only,
+        } = how;
+        if read_only && background_commit_secs.is_some() {
+            return Err(err(
+                ErrorCode::Invalid,
+                "a read-only mount has nothing to commit in the background",
+            ));
+        }
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
         if self.mount(name).is_ok() {
@@ -73,7 +94,7 @@ impl Inner {
             }
         };
         let built = self
-            .build(info.id, info.head.commit.version, source)
+            .build(info.id, info.head.commit.version, source, read_only)
             .await?;
         let mhash = root.hash;
         let rec = MountRecord {
@@ -87,6 +108,7 @@ impl Inner {
             own: Some(Vec::new()),
             layers: built.layers,
             lower_manifest: mhash,
+            read_only,
         };
         self.put_mount(&rec, &built.stats)?;
         switch_link(path, &self.link_target(rec.id, &rec.snapshot))?;
@@ -100,8 +122,9 @@ impl Inner {
             ));
         }
         Ok(Reply::Done(format!(
-            "mounted {name} (version {}) at {}; {} bytes from the origin",
+            "mounted {name} (version {}{}) at {}; {} bytes from the origin",
             rec.version,
+            if read_only { ", read-only" } else { "" },
             path.display(),
             fetched.from_origin
         )))

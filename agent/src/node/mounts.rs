@@ -2,8 +2,8 @@
 
 use super::*;
 
-pub(super) const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-2");
-pub(super) const STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("stats-2");
+pub(super) const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-3");
+pub(super) const STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("stats-3");
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct MountRecord {
@@ -24,6 +24,8 @@ pub(super) struct MountRecord {
     pub(super) layers: Vec<String>,
     /// Overlay mode: the manifest those layers show (its upper layer holds the rest).
     pub(super) lower_manifest: Hash,
+    /// Mounted read-only: nothing is written through it, nothing is committed.
+    pub(super) read_only: bool,
 }
 
 /// Committed changes a mount keeps to report overwrites by other writers at its next reload.
@@ -59,8 +61,8 @@ impl Inner {
         let t = r.open_table(MOUNTS).map_err(db_err)?;
         let v = t.get(name).map_err(db_err)?.ok_or_else(|| {
             err(
-                ErrorCode::NotFound,
-                format!("volume {name:?} is not mounted here"),
+                ErrorCode::NotMounted,
+                format!("volume {name:?} is not mounted on this host (voltool mount {name} PATH)"),
             )
         })?;
         postcard::from_bytes(v.value()).map_err(db_err)
@@ -92,6 +94,22 @@ impl Inner {
             w.open_table(STATS)
                 .map_err(db_err)?
                 .insert(m.name.as_str(), enc.as_slice())
+                .map_err(db_err)?;
+        }
+        w.commit().map_err(db_err)
+    }
+
+    /// Forgets a mount: its record and its stat cache, in one transaction.
+    pub(super) fn drop_mount(&self, name: &str) -> OpResult<()> {
+        let w = self.db.begin_write().map_err(db_err)?;
+        {
+            w.open_table(MOUNTS)
+                .map_err(db_err)?
+                .remove(name)
+                .map_err(db_err)?;
+            w.open_table(STATS)
+                .map_err(db_err)?
+                .remove(name)
                 .map_err(db_err)?;
         }
         w.commit().map_err(db_err)
@@ -142,7 +160,7 @@ impl Inner {
         if self.overlays {
             if !crate::overlay::is_mounted(&target) {
                 info!(volume = m.name, "mounting the recorded snapshot again");
-                self.mount_overlay(m.id, &m.snapshot, &m.layers)?;
+                self.mount_overlay(m.id, &m.snapshot, &m.layers, m.read_only)?;
             }
             let sealing = self
                 .mounts_dir(m.id)
@@ -158,7 +176,7 @@ impl Inner {
                 }
                 return Ok(());
             }
-            if crate::overlay::is_mount_ro(&target) {
+            if !m.read_only && crate::overlay::is_mount_ro(&target) {
                 info!(
                     volume = m.name,
                     "making the mount writable again: a reload stopped before its switch"

@@ -6,12 +6,23 @@ impl Inner {
     /// Answers a registry request (anything else is refused as invalid).
     pub(super) async fn registry(&self, req: Request) -> OpResult<Reply> {
         match req {
-            Request::VolumeCreate { name } => {
+            Request::VolumeCreate {
+                name,
+                allow_existing,
+            } => {
                 check_volume_name(&name).map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
-                self.coord
+                match self
+                    .coord
                     .request(&CoordRequest::CreateVolume { name: name.clone() })
-                    .await?;
-                Ok(Reply::Done(format!("created volume {name}")))
+                    .await
+                {
+                    Ok(_) => Ok(Reply::Done(format!("created volume {name}"))),
+                    Err(ClientError::Remote {
+                        kind: ErrorKind::AlreadyExists,
+                        ..
+                    }) if allow_existing => Ok(Reply::Done(format!("volume {name} exists"))),
+                    Err(e) => Err(e.into()),
+                }
             }
             Request::VolumeList => match self.coord.request(&CoordRequest::ListVolumes).await? {
                 CoordResponse::Volumes(v) => Ok(Reply::Volumes(

@@ -13,6 +13,13 @@ impl Inner {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
         let rec = self.mount(name)?;
+        // What a read-only mount holds beside its snapshot (copy mode: writes to the
+        // copies) is never kept.
+        let mode = if rec.read_only {
+            ReloadMode::Discard
+        } else {
+            mode
+        };
         let from_version = rec.version;
         let info = self.verified_head(name).await?;
         if info.id != rec.id {
@@ -246,7 +253,7 @@ impl Inner {
         base: PageRef,
         mode: ReloadMode,
     ) -> OpResult<(MountRecord, Vec<String>)> {
-        self.freeze_for_switch(rec, base, mode).await?;
+        self.freeze_for_switch(rec, base, mode, "reload").await?;
         let version = info.head.commit.version;
         let new = plan.new;
         let (source, reuse) = match &plan.how {
@@ -268,7 +275,7 @@ impl Inner {
                 reuse.clone(),
             ),
         };
-        let built = self.build(rec.id, version, source).await;
+        let built = self.build(rec.id, version, source, rec.read_only).await;
         let built = built.inspect_err(|_| self.thaw(rec))?;
         self.crash_point("reload-built");
         let (pages, r2) = (self.pages.clone(), rec.clone());
@@ -349,19 +356,7 @@ impl Inner {
             })));
         }
         match mode {
-            ReloadMode::Refuse => {
-                let some: Vec<String> = dirty.iter().take(5).map(|d| d.path.to_string()).collect();
-                Err(err(
-                    ErrorCode::Dirty,
-                    format!(
-                        "{} has {} uncommitted change(s) ({}{}); commit them, or reload with --commit-first or --discard",
-                        name,
-                        dirty.len(),
-                        some.join(", "),
-                        if dirty.len() > 5 { ", …" } else { "" }
-                    ),
-                ))
-            }
+            ReloadMode::Refuse => Err(dirty_refusal(name, &dirty, "reload")),
             ReloadMode::CommitFirst => {
                 let c = self.commit_locked(name, events).await?;
                 let rec = self.mount(name)?;
@@ -395,11 +390,12 @@ impl Inner {
     /// be lost with the old upper layer. A file open for writing refuses it (its writer
     /// would stay on the old snapshot), and so does a change made since the dirty check
     /// (unless the reload discards changes).
-    async fn freeze_for_switch(
+    pub(super) async fn freeze_for_switch(
         &self,
         rec: &MountRecord,
         base: PageRef,
         mode: ReloadMode,
+        what: &str,
     ) -> OpResult<()> {
         if !self.overlays {
             return Ok(());
@@ -418,7 +414,7 @@ impl Inner {
             return Err(err(
                 ErrorCode::Dirty,
                 format!(
-                    "{which} is open for writing; close it, then reload (its writes would be lost)"
+                    "{which} is open for writing; close it, then {what} (its writes would be lost)"
                 ),
             ));
         }
@@ -436,7 +432,7 @@ impl Inner {
                 Err(err(
                     ErrorCode::Dirty,
                     format!(
-                        "{} was written to during the reload ({}); commit it, or reload with --commit-first or --discard",
+                        "{} was written to during the {what} ({}); commit it, or {what} with --commit-first or --discard",
                         rec.name, c[0].path
                     ),
                 ))
@@ -450,7 +446,7 @@ impl Inner {
 
     /// Makes a mount frozen for a switch that did not happen writable again.
     pub(super) fn thaw(&self, rec: &MountRecord) {
-        if self.overlays {
+        if self.overlays && !rec.read_only {
             let merged = self.link_target(rec.id, &rec.snapshot);
             if let Err(e) = crate::overlay::thaw_mount(&merged) {
                 warn!(
@@ -460,4 +456,20 @@ impl Inner {
             }
         }
     }
+}
+
+/// The refusal of an operation (`what`: reload, unmount) on a mount with uncommitted
+/// changes, naming the first few.
+pub(super) fn dirty_refusal(name: &str, dirty: &[Delta], what: &str) -> OpError {
+    let some: Vec<String> = dirty.iter().take(5).map(|d| d.path.to_string()).collect();
+    err(
+        ErrorCode::Dirty,
+        format!(
+            "{} has {} uncommitted change(s) ({}{}); commit them, or {what} with --commit-first or --discard",
+            name,
+            dirty.len(),
+            some.join(", "),
+            if dirty.len() > 5 { ", …" } else { "" }
+        ),
+    )
 }

@@ -145,6 +145,7 @@ impl Inner {
         id: VolumeId,
         version: u64,
         source: Source<'_>,
+        read_only: bool,
     ) -> OpResult<Built> {
         let snapshot = format!("v{version}-{:08x}", rand::random::<u32>());
         let vol_dir = self.mounts_dir(id);
@@ -189,7 +190,7 @@ impl Inner {
         .map_err(failed)?;
         layers.insert(0, name);
         let mounted = match written {
-            Ok(()) => self.mount_overlay(id, &snapshot, &layers),
+            Ok(()) => self.mount_overlay(id, &snapshot, &layers, read_only),
             Err(e) => Err(failed(format!("cannot write a snapshot layer: {e}"))),
         };
         if let Err(e) = mounted {
@@ -230,12 +231,13 @@ impl Inner {
     }
 
     /// Mounts the overlay of a snapshot: its layers, and its upper layer (new, or kept from
-    /// before a restart).
+    /// before a restart); a read-only mount of it when `read_only`.
     pub(super) fn mount_overlay(
         &self,
         id: VolumeId,
         snapshot: &str,
         layers: &[String],
+        read_only: bool,
     ) -> OpResult<()> {
         let dir = self.mounts_dir(id).join(snapshot);
         for d in ["upper", "work", "merged"] {
@@ -249,7 +251,7 @@ impl Inner {
             data: &data,
             upper: &dir.join("upper"),
             work: &dir.join("work"),
-            read_only: false,
+            read_only,
         };
         overlay::mount(&ov, &dir.join("merged"))
             .map_err(|e| failed(format!("cannot mount the snapshot overlay: {e}")))
@@ -307,7 +309,7 @@ impl Inner {
 /// Turns a replaced overlay read-only as a whole (so that a process still writing into it
 /// through another mount of it, a container's bind mount, gets an error rather than losing
 /// its writes with the old upper layer), detaches it, and moves its parts to the trash.
-fn retire_overlay(volume: &str, merged: &Path, trash: &Path, stale: Vec<PathBuf>) {
+pub(super) fn retire_overlay(volume: &str, merged: &Path, trash: &Path, stale: Vec<PathBuf>) {
     if overlay::is_mounted(merged) {
         match overlay::freeze(merged) {
             Ok(true) => {}

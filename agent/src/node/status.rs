@@ -31,6 +31,7 @@ impl Inner {
                 remote_version: remote,
                 background_commit_secs: m.background_commit_secs,
                 layers: m.layers.len(),
+                read_only: m.read_only,
             });
         }
         Ok(StatusReport {

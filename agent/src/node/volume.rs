@@ -3,7 +3,14 @@
 use super::*;
 
 impl Inner {
-    pub(super) async fn ls(&self, name: &str, path: Option<&str>) -> OpResult<Vec<LsEntry>> {
+    /// Lists `path` of the volume's head: what lies directly in a directory (everything
+    /// below it when `recursive`), or a file alone.
+    pub(super) async fn ls(
+        &self,
+        name: &str,
+        path: Option<&str>,
+        recursive: bool,
+    ) -> OpResult<Vec<LsEntry>> {
         let info = self.verified_head(name).await?;
         let root = info.head.commit.root();
         let dir = user_path(path)?;
@@ -20,14 +27,18 @@ impl Inner {
                         _ => {}
                     }
                 }
-                tree::children(&pages, &root, d.as_ref()).map(Some)
+                if recursive {
+                    tree::under(&pages, &root, d.as_ref()).map(Some)
+                } else {
+                    tree::children(&pages, &root, d.as_ref()).map(Some)
+                }
             })
             .await?;
         match listing {
             None => Err(err(
                 ErrorCode::NotFound,
                 format!(
-                    "no such path: {}",
+                    "no such path: {name}:{}",
                     dir.map(|d| d.to_string()).unwrap_or_default()
                 ),
             )),
@@ -37,69 +48,49 @@ impl Inner {
 }
 
 impl Inner {
+    /// Uploads local files and directories as one commit. Without `force` an existing file
+    /// is never replaced; a directory is never replaced by a file, `force` or not (its
+    /// whole subtree would go).
     pub(super) async fn put(
         &self,
         name: &str,
-        local: &Path,
-        remote: Option<&str>,
+        items: &[PutItem],
         force: bool,
         events: &Events,
     ) -> OpResult<Reply> {
+        if items.is_empty() {
+            return Err(err(ErrorCode::Invalid, "nothing to upload"));
+        }
         let info = self.verified_head(name).await?;
         let current = self.manifest_of(&info.head.commit).await?;
-        let meta = std::fs::symlink_metadata(local)
-            .map_err(|e| err(ErrorCode::NotFound, format!("{}: {e}", local.display())))?;
-        let base_name = local
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| {
-                err(
+        let mut plan = Vec::with_capacity(items.len());
+        for it in items {
+            let meta = std::fs::symlink_metadata(&it.local)
+                .map_err(|e| err(ErrorCode::NotFound, format!("{}: {e}", it.local.display())))?;
+            let to = user_path(Some(&it.remote))?;
+            if to.is_none() && !meta.is_dir() {
+                return Err(err(
                     ErrorCode::Invalid,
-                    format!("{}: no usable file name", local.display()),
-                )
-            })?
-            .to_string();
-        let into_dir = remote.is_none_or(|r| r.ends_with('/'));
-        let target = match (remote, into_dir) {
-            (Some(r), false) => user_path(Some(r))?
-                .ok_or_else(|| err(ErrorCode::Invalid, "the volume root is not a file"))?,
-            (r, _) => {
-                let dir = user_path(r)?;
-                let leaf =
-                    VolPath::new(&base_name).map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
-                match dir {
-                    Some(d) => d.join(&leaf),
-                    None => leaf,
-                }
+                    format!("{}: the volume root is not a file", it.local.display()),
+                ));
             }
-        };
-        let store = self.store.clone();
-        let local_owned = local.to_path_buf();
-        let is_dir = meta.is_dir();
-        let dir_mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions())
-            & voltool_protocol::manifest::MODE_MASK;
-        let to = target.clone();
-        let changes: Vec<Change> = tokio::task::spawn_blocking(move || {
-            import_local(&store, &local_owned, to, is_dir.then_some(dir_mode))
-        })
-        .await
-        .map_err(failed)?
-        .map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
-        if !force
-            && let Some(c) = changes.iter().find(|c| {
-                current
-                    .get(&c.path)
-                    .is_some_and(|e| !e.is_dir() || !c.entry.as_ref().is_some_and(|n| n.is_dir()))
-            })
-        {
-            return Err(err(
-                ErrorCode::Exists,
-                format!(
-                    "{name}:{} already exists (use --force to overwrite)",
-                    c.path
-                ),
-            ));
+            let dir_mode = meta.is_dir().then(|| {
+                std::os::unix::fs::PermissionsExt::mode(&meta.permissions())
+                    & voltool_protocol::manifest::MODE_MASK
+            });
+            plan.push(Import {
+                local: it.local.clone(),
+                to,
+                dir_mode,
+                mode: it.mode,
+            });
         }
+        let store = self.store.clone();
+        let changes = tokio::task::spawn_blocking(move || import_local(&store, &plan))
+            .await
+            .map_err(failed)?
+            .map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
+        check_overwrites(name, &current, &changes, force)?;
         let blobs: Vec<(Hash, u64)> = changes
             .iter()
             .filter_map(|c| c.entry.as_ref().and_then(|e| e.blob()))
@@ -109,8 +100,12 @@ impl Inner {
         let (grow, done) = events.growing_counter("upload");
         self.upload_missing(&blobs, &grow, &done).await?;
         let version = self.commit_changes(&info, &current, changes).await?;
+        let to = match items {
+            [one] => format!("{name}:/{}", one.remote.trim_start_matches('/')),
+            _ => name.to_string(),
+        };
         Ok(Reply::Done(format!(
-            "uploaded {files} file(s), {bytes} bytes, to {name}:{target} (version {version})"
+            "uploaded {files} file(s), {bytes} bytes, to {to} (version {version})"
         )))
     }
 
@@ -153,28 +148,18 @@ impl Inner {
             ));
         };
         let Some(local) = local else {
-            // To stdout: one file only.
-            let Some(Entry::File { hash, size, .. }) = entry else {
-                return Err(err(
-                    ErrorCode::Invalid,
-                    format!("{remote} is not a file; only files can go to stdout"),
-                ));
-            };
-            self.fetch_blobs(&[(hash, size)], &Events::none()).await?;
-            if size > 0 {
-                let mut f = tokio::fs::File::open(self.store.data_path(&hash))
-                    .await
-                    .map_err(failed)?;
-                let mut left = size;
-                while left > 0 {
-                    let mut buf = vec![0u8; (256 * 1024).min(left as usize)];
-                    tokio::io::AsyncReadExt::read_exact(&mut f, &mut buf)
-                        .await
-                        .map_err(failed)?;
-                    left -= buf.len() as u64;
-                    events.data(buf).await?;
+            // To stdout: the file, or every file below the directory in path order.
+            let files: Vec<(Hash, u64)> = match &entry {
+                Some(e @ Entry::File { .. }) => e.blob().into_iter().collect(),
+                Some(Entry::Symlink { .. }) => {
+                    return Err(err(
+                        ErrorCode::Invalid,
+                        format!("{name}:{remote} is a symlink; only files go to stdout"),
+                    ));
                 }
-            }
+                _ => below.iter().filter_map(|(_, e)| e.blob()).collect(),
+            };
+            self.stream_blobs(&files, events).await?;
             return Ok(Reply::Done(String::new()));
         };
         // The set of entries to write, relative to the destination.
@@ -215,9 +200,14 @@ impl Inner {
         let blobs: Vec<(Hash, u64)> = items.iter().filter_map(|(_, e)| e.blob()).collect();
         let total: u64 = blobs.iter().map(|(_, s)| s).sum();
         self.fetch_blobs(&blobs, events).await?;
+        // The destination's parents are made as needed.
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| failed(format!("{}: {e}", parent.display())))?;
+        }
         let store = self.store.clone();
         let n = items.len();
-        tokio::task::spawn_blocking(move || write_out(&store, &items))
+        tokio::task::spawn_blocking(move || write_out(&store, &items, force))
             .await
             .map_err(failed)??;
         Ok(Reply::Done(format!(
@@ -225,6 +215,54 @@ impl Inner {
             if n == 1 { "y" } else { "ies" },
             dest.display()
         )))
+    }
+
+    /// The bytes of one file as data events (the Python package's `read_file`).
+    pub(super) async fn read(&self, name: &str, path: &str, events: &Events) -> OpResult<Reply> {
+        let info = self.verified_head(name).await?;
+        let root = info.head.commit.root();
+        let p = user_path(Some(path))?
+            .ok_or_else(|| err(ErrorCode::Invalid, "the volume root is a directory"))?;
+        self.fetch_prefix(root, p.to_string()).await?;
+        let (pages, p2) = (self.pages.clone(), p.clone());
+        let entry = self.blocking(move || tree::get(&pages, &root, &p2)).await?;
+        match entry {
+            None => Err(err(
+                ErrorCode::NotFound,
+                format!("no such file: {name}:{p}"),
+            )),
+            Some(e @ Entry::File { .. }) => {
+                self.stream_blobs(&e.blob().into_iter().collect::<Vec<_>>(), events)
+                    .await?;
+                Ok(Reply::Done(String::new()))
+            }
+            Some(_) => Err(err(ErrorCode::Invalid, format!("{name}:{p} is not a file"))),
+        }
+    }
+
+    /// Fetches `blobs` (verified) and sends their bytes, one after the other, as data
+    /// events. A blob is fetched just before it is sent, so a long listing starts at once.
+    async fn stream_blobs(&self, blobs: &[(Hash, u64)], events: &Events) -> OpResult<()> {
+        const PIECE: usize = 256 * 1024;
+        for &(hash, size) in blobs {
+            if size == 0 {
+                continue;
+            }
+            self.fetch_blobs(&[(hash, size)], &Events::none()).await?;
+            let mut f = tokio::fs::File::open(self.store.data_path(&hash))
+                .await
+                .map_err(failed)?;
+            let mut left = size;
+            while left > 0 {
+                let mut buf = vec![0u8; PIECE.min(left as usize)];
+                tokio::io::AsyncReadExt::read_exact(&mut f, &mut buf)
+                    .await
+                    .map_err(failed)?;
+                left -= buf.len() as u64;
+                events.data(buf).await?;
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn rm(&self, name: &str, path: &str, recursive: bool) -> OpResult<Reply> {
@@ -361,24 +399,37 @@ pub(super) fn ls_entry(p: &VolPath, e: &Entry) -> LsEntry {
 }
 
 /// Writes fetched entries to local paths (for `get`): files through a temporary name and a
-/// rename; never through an existing symlink.
-pub(super) fn write_out(store: &Store, items: &[(PathBuf, Entry)]) -> OpResult<()> {
+/// rename; never through an existing symlink. With `force`, what stands where an entry goes
+/// is replaced, a directory in the way of a file included; without it, only directories
+/// are merged into.
+pub(super) fn write_out(store: &Store, items: &[(PathBuf, Entry)], force: bool) -> OpResult<()> {
     use std::os::unix::fs::PermissionsExt;
     for (p, e) in items {
         let io = |e: std::io::Error| failed(format!("{}: {e}", p.display()));
+        let there = std::fs::symlink_metadata(p).ok();
+        let in_the_way = there.as_ref().is_some_and(|md| {
+            md.is_dir() != e.is_dir() || !md.is_dir() && matches!(e, Entry::Symlink { .. })
+        });
+        if in_the_way {
+            if !force {
+                return Err(err(
+                    ErrorCode::Exists,
+                    format!("{} already exists (use --force to replace it)", p.display()),
+                ));
+            }
+            if there.as_ref().is_some_and(|md| md.is_dir()) {
+                std::fs::remove_dir_all(p).map_err(io)?;
+            } else {
+                std::fs::remove_file(p).map_err(io)?;
+            }
+        }
         match e {
-            Entry::Dir { .. } => match std::fs::symlink_metadata(p) {
-                Ok(md) if md.is_dir() => {}
-                Ok(_) => {
-                    return Err(err(
-                        ErrorCode::Exists,
-                        format!("{} exists and is not a directory", p.display()),
-                    ));
+            Entry::Dir { .. } => {
+                if there.is_none() || in_the_way {
+                    std::fs::create_dir(p).map_err(io)?;
                 }
-                Err(_) => std::fs::create_dir(p).map_err(io)?,
-            },
+            }
             Entry::Symlink { target } => {
-                let _ = std::fs::remove_file(p);
                 std::os::unix::fs::symlink(target, p).map_err(io)?;
             }
             Entry::File { hash, mode, .. } => {
@@ -401,38 +452,106 @@ pub(super) fn write_out(store: &Store, items: &[(PathBuf, Entry)]) -> OpResult<(
     Ok(())
 }
 
-/// Imports a local file or directory tree (`dir_mode` set) into the store as one durable
-/// batch, and describes it as changes that place it at `to`.
-fn import_local(
-    store: &Store,
-    local: &Path,
-    to: VolPath,
+/// One local file or directory of a put, resolved.
+struct Import {
+    local: PathBuf,
+    /// Where it goes (`None`: the root, for a directory).
+    to: Option<VolPath>,
+    /// Set for a directory: its permission bits.
     dir_mode: Option<u32>,
-) -> Result<Vec<Change>, scan::ScanError> {
+    /// Permission bits for a file, instead of the local file's.
+    mode: Option<u32>,
+}
+
+/// Imports local files and directory trees into the store as one durable batch, and
+/// describes them as changes that place each where it goes; a later item's change of a
+/// path wins.
+fn import_local(store: &Store, plan: &[Import]) -> Result<Vec<Change>, scan::ScanError> {
     let batch = store.batch();
-    let out = match dir_mode {
-        None => vec![Change {
-            path: to,
-            entry: Some(scan::import_file_entry(&batch, local)?),
-        }],
-        Some(mode) => {
-            let s = scan::scan(
-                local,
-                &Manifest::new(),
-                &StatCache::new(),
-                ScanMode::Import(&batch),
-            )?;
-            let mut out = vec![Change {
-                path: to.clone(),
-                entry: Some(Entry::Dir { mode }),
-            }];
-            out.extend(s.manifest.into_entries().into_iter().map(|(p, e)| Change {
-                path: to.join(&p),
-                entry: Some(e),
-            }));
-            out
+    let mut out: BTreeMap<VolPath, Option<Entry>> = BTreeMap::new();
+    for it in plan {
+        match (it.dir_mode, &it.to) {
+            (None, Some(to)) => {
+                let mut entry = scan::import_file_entry(&batch, &it.local)?;
+                if let (Entry::File { mode, .. }, Some(m)) = (&mut entry, it.mode) {
+                    *mode = m & voltool_protocol::manifest::MODE_MASK;
+                }
+                out.insert(to.clone(), Some(entry));
+            }
+            (None, None) => unreachable!("a file always has a path (checked before)"),
+            (Some(mode), to) => {
+                let s = scan::scan(
+                    &it.local,
+                    &Manifest::new(),
+                    &StatCache::new(),
+                    ScanMode::Import(&batch),
+                )?;
+                if let Some(to) = to {
+                    out.insert(to.clone(), Some(Entry::Dir { mode }));
+                }
+                for (p, e) in s.manifest.into_entries() {
+                    let path = match to {
+                        Some(to) => to.join(&p),
+                        None => p,
+                    };
+                    out.insert(path, Some(e));
+                }
+            }
         }
-    };
+    }
     batch.finish()?;
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|(path, entry)| Change { path, entry })
+        .collect())
+}
+
+/// Refuses a put's changes that would replace what is there: a directory by a file (always:
+/// its subtree would go), a file by anything without `force` (also where a file stands in
+/// the way of a directory a change needs).
+fn check_overwrites(
+    name: &str,
+    current: &Manifest,
+    changes: &[Change],
+    force: bool,
+) -> OpResult<()> {
+    for c in changes {
+        let Some(new) = &c.entry else { continue };
+        match current.get(&c.path) {
+            Some(old) if old.is_dir() && !new.is_dir() => {
+                return Err(err(
+                    ErrorCode::Exists,
+                    format!(
+                        "{name}:/{} is a directory; a file cannot replace it (remove it first)",
+                        c.path
+                    ),
+                ));
+            }
+            Some(old) if !old.is_dir() && !force => {
+                return Err(err(
+                    ErrorCode::Exists,
+                    format!(
+                        "{name}:/{} already exists (use --force to overwrite)",
+                        c.path
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if !force
+            && let Some(a) = c
+                .path
+                .ancestors()
+                .find(|a| current.get(a).is_some_and(|e| !e.is_dir()))
+        {
+            return Err(err(
+                ErrorCode::Exists,
+                format!(
+                    "{name}:/{a} is a file where {} needs a directory (use --force to replace it)",
+                    c.path
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,72 @@
+//! `voltool unmount`: a mount's path goes, its snapshot is detached and removed.
+
+use super::reload::dirty_refusal;
+use super::snapshot::{TRASH, retire_overlay};
+use super::*;
+
+impl Inner {
+    /// Removes the mount of `name`: refused while it holds uncommitted changes unless
+    /// `mode` discards them or commits them first, and (overlay mode) while a file in it is
+    /// open for writing. The host path is removed first, so no reader sees a half-removed
+    /// tree; the overlay is then turned read-only and detached lazily (a process inside it
+    /// keeps its view), and its layers go to the trash.
+    pub(super) async fn unmount(
+        &self,
+        name: &str,
+        mode: ReloadMode,
+        events: &Events,
+    ) -> OpResult<Reply> {
+        let lock = self.lock_for(name);
+        let _g = lock.lock().await;
+        let mut rec = self.mount(name)?;
+        let mut committed = None;
+        if !rec.read_only && mode != ReloadMode::Discard {
+            let local = self.local_state(&rec, Take::Hash).await.map_err(|e| {
+                err(
+                    e.code,
+                    format!("cannot check for uncommitted changes: {}", e.message),
+                )
+            })?;
+            let dirty = self.local_changes(local_root(rec.manifest), &local).await?;
+            if !dirty.is_empty() {
+                if mode == ReloadMode::Refuse {
+                    return Err(dirty_refusal(name, &dirty, "unmount"));
+                }
+                committed = Some(self.commit_locked(name, events).await?);
+                rec = self.mount(name)?;
+            }
+        }
+        self.freeze_for_switch(&rec, local_root(rec.manifest), mode, "unmount")
+            .await?;
+        if std::fs::symlink_metadata(&rec.path).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&rec.path)
+                .map_err(|e| failed(format!("cannot remove {}: {e}", rec.path.display())))?;
+        }
+        self.drop_mount(name)?;
+        let vol = self.mounts_dir(rec.id);
+        let snap_dir = vol.join(&rec.snapshot);
+        let trash = self.opts.data.join(TRASH);
+        if self.overlays {
+            let stale = rec
+                .layers
+                .iter()
+                .map(|l| vol.join(l))
+                .chain([snap_dir.clone()])
+                .collect();
+            let merged = snap_dir.join("merged");
+            let volume = rec.name.clone();
+            tokio::task::spawn_blocking(move || retire_overlay(&volume, &merged, &trash, stale));
+        } else {
+            tokio::task::spawn_blocking(move || super::snapshot::discard(&trash, vec![snap_dir]));
+        }
+        Ok(Reply::Done(match committed {
+            Some(c) => format!(
+                "committed {} change(s) (version {}), then unmounted {name} from {}",
+                c.changed,
+                c.version,
+                rec.path.display()
+            ),
+            None => format!("unmounted {name} from {}", rec.path.display()),
+        }))
+    }
+}

@@ -1,0 +1,387 @@
+//! The local control socket's messages: how the `voltool` CLI and the Python package talk
+//! to the agent of their host (`DIR/agent.sock`, a Unix socket in the agent's data
+//! directory).
+//!
+//! A connection carries one [`Request`] frame (the framing of [`crate::frame`], at most
+//! [`MAX_FRAME`] bytes) and gets back any number of [`Event`] frames, the last of which is
+//! [`Event::Done`]. The agent is local and trusted by the client; the client is trusted by
+//! the agent as far as the socket's file permissions allow, and every request is still
+//! checked (paths, names, sizes) before it is acted on.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the socket in the agent's data directory.
+pub const SOCKET: &str = "agent.sock";
+/// Largest control frame.
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// What to do with uncommitted changes on reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReloadMode {
+    /// Refuse when there are uncommitted changes.
+    Refuse,
+    /// Throw them away.
+    Discard,
+    /// Commit them, then reload.
+    CommitFirst,
+}
+
+/// A request to the agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Mounts and their heads.
+    Status,
+    /// Create a volume.
+    VolumeCreate {
+        /// Name.
+        name: String,
+        /// Succeed if it exists already.
+        allow_existing: bool,
+    },
+    /// List volumes.
+    VolumeList,
+    /// List a directory of a volume (a file path lists that file).
+    VolumeLs {
+        /// Volume.
+        name: String,
+        /// Directory (root if `None`).
+        path: Option<String>,
+        /// Everything below the directory, not only what is directly in it.
+        recursive: bool,
+    },
+    /// Upload local files and directories as one commit.
+    VolumePut {
+        /// Volume.
+        name: String,
+        /// What goes where; a later item wins over an earlier one for the same path.
+        items: Vec<PutItem>,
+        /// Overwrite existing files (a directory is never replaced by a file).
+        force: bool,
+    },
+    /// Download files.
+    VolumeGet {
+        /// Volume.
+        name: String,
+        /// Remote path.
+        remote: String,
+        /// Local destination (absolute), or `None` for the byte stream (stdout): the bytes
+        /// of the file, or of every file below the directory in path order, one after the
+        /// other.
+        local: Option<PathBuf>,
+        /// Replace existing local files (and what stands where a directory goes).
+        force: bool,
+    },
+    /// The bytes of one file, as [`Event::Data`].
+    VolumeRead {
+        /// Volume.
+        name: String,
+        /// Path of a file.
+        path: String,
+    },
+    /// Remove paths.
+    VolumeRm {
+        /// Volume.
+        name: String,
+        /// Path.
+        path: String,
+        /// Remove directories with their contents.
+        recursive: bool,
+    },
+    /// Copy inside a volume.
+    VolumeCp {
+        /// Volume.
+        name: String,
+        /// Sources.
+        srcs: Vec<String>,
+        /// Destination.
+        dst: String,
+        /// Copy directories.
+        recursive: bool,
+    },
+    /// Rename a volume.
+    VolumeRename {
+        /// Old name.
+        from: String,
+        /// New name.
+        to: String,
+    },
+    /// Delete a volume.
+    VolumeDelete {
+        /// Name.
+        name: String,
+        /// Succeed if it does not exist.
+        allow_missing: bool,
+    },
+    /// Mount a volume at a host path.
+    Mount {
+        /// Volume.
+        name: String,
+        /// Host path (absolute); becomes a symlink to the current snapshot.
+        path: PathBuf,
+        /// Commit in the background every this many seconds, and at shutdown.
+        background_commit_secs: Option<u64>,
+        /// Nothing can be written through the mount (overlay mode: a read-only overlay;
+        /// copy mode: commits are refused and a reload discards what was written).
+        read_only: bool,
+    },
+    /// Remove a mount: its path goes, its snapshot is detached.
+    Unmount {
+        /// Volume (the only mount if `None`).
+        name: Option<String>,
+        /// Uncommitted changes policy (as for a reload).
+        mode: ReloadMode,
+    },
+    /// Commit a mount, then bring it to the merged head.
+    Commit {
+        /// Volume (the only mount if `None`).
+        name: Option<String>,
+    },
+    /// Reload a mount.
+    Reload {
+        /// Volume (the only mount if `None`).
+        name: Option<String>,
+        /// Uncommitted changes policy.
+        mode: ReloadMode,
+    },
+}
+
+/// One local file or directory of a [`Request::VolumePut`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutItem {
+    /// Local file or directory (absolute).
+    pub local: PathBuf,
+    /// The path it takes in the volume (`/` or empty: the root, for a directory, whose
+    /// contents then go into the root).
+    pub remote: String,
+    /// Permission bits of a file (default: the local file's).
+    pub mode: Option<u32>,
+}
+
+/// One line of `volume list`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeView {
+    /// Name.
+    pub name: String,
+    /// Id.
+    pub id: String,
+    /// Head version.
+    pub version: u64,
+    /// Creation time (ms since epoch).
+    pub created_ms: u64,
+    /// Time of the head commit (ms since epoch).
+    pub updated_ms: u64,
+}
+
+/// One line of `volume ls`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LsEntry {
+    /// Path in the volume.
+    pub path: String,
+    /// `file`, `dir` or `symlink`.
+    pub kind: String,
+    /// Size (files).
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time (ns since epoch), files only.
+    pub mtime_ns: i64,
+    /// Symlink target.
+    pub target: Option<String>,
+}
+
+/// Where a reload's bytes came from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Sources {
+    /// Bytes verified from the origin.
+    pub origin_bytes: u64,
+    /// Bytes verified from peers.
+    pub peer_bytes: u64,
+    /// Bytes already in the local store (not fetched).
+    pub local_bytes: u64,
+    /// Providers banned for bad bytes.
+    pub banned: Vec<String>,
+}
+
+/// The outcome of a commit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitReport {
+    /// Volume.
+    pub volume: String,
+    /// Version after the commit (unchanged if nothing to commit).
+    pub version: u64,
+    /// Paths changed by this commit.
+    pub changed: usize,
+    /// Bytes uploaded to the origin.
+    pub uploaded_bytes: u64,
+    /// Bytes read and hashed.
+    pub hashed_bytes: u64,
+    /// Paths where this commit overwrote another writer's newer change.
+    pub overwritten: Vec<String>,
+    /// Seconds scanning and hashing (and copying changed files into the store).
+    pub scan_seconds: f64,
+    /// Seconds uploading to the origin.
+    pub upload_seconds: f64,
+    /// Seconds taken in all (the reload that follows included).
+    pub seconds: f64,
+    /// The reload to the merged head that followed, when other writers' changes arrived.
+    pub reloaded: Option<Box<ReloadReport>>,
+    /// Why the mount stayed on its own view instead of moving to the merged head (a file
+    /// open for writing, changes written during the commit); `None` when it moved or had
+    /// nothing to move to.
+    pub stayed: Option<String>,
+}
+
+/// The outcome of a reload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// Volume.
+    pub volume: String,
+    /// Version before.
+    pub from_version: u64,
+    /// Version after.
+    pub version: u64,
+    /// Whether anything changed.
+    pub changed: bool,
+    /// Bytes of the files fetched.
+    pub fetched_files_bytes: u64,
+    /// Where bytes came from.
+    pub sources: Sources,
+    /// A commit made first (`--commit-first`).
+    pub committed: Option<CommitReport>,
+    /// Paths this mount committed that another writer overwrote since (last writer won).
+    pub overwritten_by_others: Vec<String>,
+    /// Seconds fetching blobs.
+    pub download_seconds: f64,
+    /// Seconds building and switching the snapshot.
+    pub build_seconds: f64,
+    /// Seconds taken in all.
+    pub seconds: f64,
+}
+
+/// One mount in `status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountStatus {
+    /// Volume.
+    pub volume: String,
+    /// Host path.
+    pub path: PathBuf,
+    /// Version of the mounted snapshot.
+    pub local_version: u64,
+    /// Version of the coordinator's head, if reachable.
+    pub remote_version: Option<u64>,
+    /// Background commit interval.
+    pub background_commit_secs: Option<u64>,
+    /// The last reload's figures, if any.
+    pub last_reload: Option<ReloadReport>,
+    /// Metadata layers under the mount (overlay mode; 0 in copy mode).
+    #[serde(default)]
+    pub layers: usize,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The agent's status.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Node id.
+    pub node_id: String,
+    /// Listening address.
+    pub addr: String,
+    /// Coordinator.
+    pub coordinator: String,
+    /// Zone label.
+    pub zone: Option<String>,
+    /// How snapshots are made here: `overlay` (layers over the store, one write per byte)
+    /// or `copy` (copies or reflinks, and a scan to find changes).
+    pub snapshots: String,
+    /// Mounts.
+    pub mounts: Vec<MountStatus>,
+}
+
+/// A successful answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done, with a message for people.
+    Done(String),
+    /// Volumes.
+    Volumes(Vec<VolumeView>),
+    /// Directory listing.
+    Ls(Vec<LsEntry>),
+    /// A commit.
+    Committed(CommitReport),
+    /// A reload.
+    Reloaded(ReloadReport),
+    /// Status.
+    Status(StatusReport),
+}
+
+/// Classes of failure, for exit codes and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// No such volume or path.
+    NotFound,
+    /// The volume is not mounted on this host.
+    NotMounted,
+    /// Exists already (use `--force`).
+    Exists,
+    /// Bad input.
+    Invalid,
+    /// Uncommitted changes block a reload.
+    Dirty,
+    /// Verification failed (corrupt bytes, a refused manifest).
+    Verify,
+    /// A head was refused: its signature does not verify, or it rolls back.
+    HeadRefused,
+    /// Anything else.
+    Failed,
+}
+
+/// A failed answer.
+#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ErrorReply {
+    /// Class.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+}
+
+/// What the agent sends back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Event {
+    /// Progress of the current phase.
+    Progress {
+        /// Phase (`hash`, `upload`, `download`, …).
+        phase: String,
+        /// Units done.
+        done: u64,
+        /// Units in all.
+        total: u64,
+    },
+    /// Bytes of a file streamed to the client (`get -`).
+    Data(#[serde(with = "serde_bytes_vec")] Vec<u8>),
+    /// The end.
+    Done(Box<Result<Reply, ErrorReply>>),
+}
+
+mod serde_bytes_vec {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        Ok(<std::borrow::Cow<'de, [u8]>>::deserialize(d)?.into_owned())
+    }
+}
+
+impl From<crate::HeadError> for ErrorReply {
+    fn from(e: crate::HeadError) -> Self {
+        ErrorReply {
+            code: ErrorCode::HeadRefused,
+            message: format!("refused head: {e}"),
+        }
+    }
+}

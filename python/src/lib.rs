@@ -1,0 +1,180 @@
+//! `voltool._native`: the agent's control socket for the `voltool` Python package.
+//!
+//! The Python side builds requests as JSON values of [`control::Request`] (serde's external
+//! tagging: `{"VolumeLs": {...}}`) and gets the answer's value back as JSON; this module only
+//! moves frames over the Unix socket, with the GIL released while it waits, and raises the
+//! exception of `voltool.exception` that matches the agent's [`ErrorCode`].
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use pyo3::exceptions::PyStopIteration;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use voltool_protocol::control::{self, ErrorCode, ErrorReply, Event, Request};
+use voltool_protocol::frame;
+
+/// A failure below the agent's answer.
+#[derive(Debug, thiserror::Error)]
+enum NativeError {
+    /// The request is not a valid request.
+    #[error("not a valid request: {0}")]
+    Request(serde_json::Error),
+    /// The socket cannot be reached.
+    #[error(
+        "cannot reach the agent at {path}: {source} (is `voltool agent` running with this data directory?)"
+    )]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The connection broke.
+    #[error("agent connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// A bad frame.
+    #[error(transparent)]
+    Frame(#[from] frame::FrameError),
+    /// The agent hung up without an answer.
+    #[error("the agent closed the connection without an answer")]
+    NoAnswer,
+    /// The agent refused or failed the request.
+    #[error("{}", .0.message)]
+    Refused(ErrorReply),
+}
+
+impl NativeError {
+    /// The `voltool.exception` class this failure raises.
+    fn class(&self) -> &'static str {
+        match self {
+            NativeError::Request(_) => "InvalidError",
+            NativeError::Connect { .. } => "AgentUnavailableError",
+            NativeError::Io(_) | NativeError::Frame(_) | NativeError::NoAnswer => "Error",
+            NativeError::Refused(e) => match e.code {
+                ErrorCode::NotFound => "NotFoundError",
+                ErrorCode::NotMounted => "NotMountedError",
+                ErrorCode::Exists => "AlreadyExistsError",
+                ErrorCode::Invalid => "InvalidError",
+                ErrorCode::Dirty => "ConflictError",
+                ErrorCode::Verify => "VerificationError",
+                ErrorCode::HeadRefused => "HeadRefusedError",
+                _ => "Error",
+            },
+        }
+    }
+
+    fn into_py(self, py: Python<'_>) -> PyErr {
+        let raise = || -> PyResult<PyErr> {
+            let class = py.import("voltool.exception")?.getattr(self.class())?;
+            Ok(PyErr::from_value(class.call1((self.to_string(),))?))
+        };
+        raise().unwrap_or_else(|e| e)
+    }
+}
+
+/// One request on a fresh connection: the stream, positioned at the first answer frame.
+struct Conn(UnixStream);
+
+impl Conn {
+    fn open(agent: &str, request: &str) -> Result<Self, NativeError> {
+        let req: Request = serde_json::from_str(request).map_err(NativeError::Request)?;
+        let path = Path::new(agent).join(control::SOCKET);
+        let mut s = UnixStream::connect(&path).map_err(|source| NativeError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        s.write_all(&frame::encode(&req))?;
+        Ok(Conn(s))
+    }
+
+    /// The next event; the connection's end before [`Event::Done`] is an error.
+    fn next(&mut self) -> Result<Event, NativeError> {
+        let mut prefix = [0u8; frame::PREFIX_LEN];
+        match self.0.read_exact(&mut prefix) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(NativeError::NoAnswer);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let len = frame::body_len(prefix, control::MAX_FRAME)?;
+        let mut body = vec![0u8; len];
+        self.0.read_exact(&mut body)?;
+        Ok(frame::decode(&body)?)
+    }
+
+    /// Reads to the final answer, skipping progress; returns its value as JSON.
+    fn finish(mut self) -> Result<String, NativeError> {
+        loop {
+            if let Event::Done(r) = self.next()? {
+                let reply = (*r).map_err(NativeError::Refused)?;
+                return serde_json::to_string(&reply).map_err(|e| NativeError::Io(e.into()));
+            }
+        }
+    }
+}
+
+/// Sends one request (JSON) to the agent whose data directory is `agent`; returns the
+/// answer (JSON) or raises the matching `voltool.exception` class.
+#[pyfunction]
+fn call(py: Python<'_>, agent: String, request: String) -> PyResult<String> {
+    py.detach(|| Conn::open(&agent, &request)?.finish())
+        .map_err(|e| e.into_py(py))
+}
+
+/// The bytes of a streamed answer, as they arrive.
+#[pyclass(module = "voltool._native")]
+struct ByteStream {
+    conn: Option<Conn>,
+}
+
+#[pymethods]
+impl ByteStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Py<PyBytes>> {
+        let Some(mut conn) = self.conn.take() else {
+            return Err(PyStopIteration::new_err(()));
+        };
+        let got: Result<(Option<Vec<u8>>, Option<Conn>), NativeError> = py.detach(|| {
+            loop {
+                match conn.next()? {
+                    Event::Data(bytes) => return Ok((Some(bytes), Some(conn))),
+                    Event::Done(r) => {
+                        (*r).map_err(NativeError::Refused)?;
+                        return Ok((None, None));
+                    }
+                    Event::Progress { .. } => {}
+                }
+            }
+        });
+        match got {
+            Ok((Some(bytes), conn)) => {
+                self.conn = conn;
+                Ok(PyBytes::new(py, &bytes).unbind())
+            }
+            Ok((None, _)) => Err(PyStopIteration::new_err(())),
+            Err(e) => Err(e.into_py(py)),
+        }
+    }
+}
+
+/// Sends a request whose answer is a byte stream; the iterator yields the bytes and raises
+/// the matching `voltool.exception` class if the agent fails the request.
+#[pyfunction]
+fn read(py: Python<'_>, agent: String, request: String) -> PyResult<ByteStream> {
+    let conn = py
+        .detach(|| Conn::open(&agent, &request))
+        .map_err(|e| e.into_py(py))?;
+    Ok(ByteStream { conn: Some(conn) })
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(call, m)?)?;
+    m.add_function(wrap_pyfunction!(read, m)?)?;
+    m.add_class::<ByteStream>()?;
+    Ok(())
+}
