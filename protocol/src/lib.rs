@@ -33,6 +33,9 @@
 //!   one marked; the head moves only after the last), and the tracker: `Announce`,
 //!   `Withdraw`, `Lookup` (providers ranked by zone, then the asker's reported round-trip
 //!   times, then completeness; the origin last), `Rtts`, `Members`.
+//! - [`control::Request`] / [`control::Event`]: the local control socket between the CLI
+//!   (or the Python package, which writes the same messages as serde JSON) and the agent of
+//!   its host; see [`control`].
 //! - [`blobs::BlobRequest`]: `Get { hash, size, ranges }` is answered by a
 //!   [`blobs::GetHeader`] frame and the bao encoding of the ranges (or `Busy` at once when
 //!   the provider's sending slots and queue are full); `Have { hash }` by a

@@ -23,6 +23,37 @@ fn hexdump(s: &str) -> Vec<u8> {
 }
 
 #[test]
+fn control_put_is_pinned() {
+    use crate::control::{PutItem, Request};
+    let put = Request::VolumePut {
+        name: "v".into(),
+        items: vec![PutItem {
+            local: "/t/a".into(),
+            remote: "/d/a".into(),
+            mode: Some(0o644),
+        }],
+        force: false,
+    };
+    let expected = hexdump(
+        "
+        12 00 00 00   # frame length 18
+        04            # Request::VolumePut
+        01 76         # name \"v\"
+        01            # 1 item
+        04 2f742f61   # local \"/t/a\"
+        04 2f642f61   # remote \"/d/a\"
+        01 a4 03      # mode Some(0o644) (varint 420)
+        00            # force false
+        ",
+    );
+    assert_eq!(frame::encode(&put), expected);
+    let json = r#"{"VolumePut":{"name":"v","items":[{"local":"/t/a","remote":"/d/a","mode":420}],"force":false}}"#;
+    assert_eq!(serde_json::to_string(&put).unwrap(), json);
+    let back: Request = serde_json::from_str(json).unwrap();
+    assert_eq!(frame::encode(&back), expected);
+}
+
+#[test]
 fn batched_requests_are_pinned() {
     let many = BlobRequest::GetMany {
         blobs: vec![(Hash([0xcd; 32]), 4096), (Hash([0xef; 32]), 5)],
@@ -224,6 +255,18 @@ proptest! {
         let _ = frame::decode::<BlobRequest>(&[&[2u8][..], &bytes].concat());
         let _ = frame::decode::<CoordRequest>(&[&[6u8][..], &bytes].concat());
         let _ = frame::decode::<crate::coord::CommitPart>(&bytes);
+        // The control socket, both ways, and the JSON form the Python package sends.
+        let _ = frame::decode::<crate::control::Request>(&bytes);
+        let _ = frame::decode::<crate::control::Request>(&[&[4u8][..], &bytes].concat());
+        let _ = frame::decode::<crate::control::Event>(&bytes);
+        let _ = serde_json::from_slice::<crate::control::Request>(&bytes);
+    }
+
+    #[test]
+    fn json_control_requests_never_panic(s in "\\PC{0,200}", name in "[a-z]{1,8}") {
+        let _ = serde_json::from_str::<crate::control::Request>(&s);
+        let wrapped = format!("{{\"VolumePut\":{{\"name\":\"{name}\",\"items\":{s},\"force\":true}}}}");
+        let _ = serde_json::from_str::<crate::control::Request>(&wrapped);
     }
 
     #[test]
