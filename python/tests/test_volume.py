@@ -48,6 +48,8 @@ def test_from_name_objects_and_exceptions(fleet):
     with pytest.raises(InvalidError) as e:
         Volume.objects.create("no/slashes", agent=a)
     assert isinstance(e.value, ValueError)
+    with pytest.raises(InvalidError):
+        Volume.from_name("bad name!", agent=a)
 
     Volume.objects.delete(name, agent=a)
     assert name not in [v.name for v in Volume.objects.list(agent=a)]

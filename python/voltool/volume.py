@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,8 +18,12 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO, Iterator, Optional, Sequence, Union
 
 from . import _native
+from .exception import InvalidError, NotFoundError
 
 __all__ = ["Volume", "FileEntry", "FileEntryType", "VolumeUploadContext"]
+
+# Volume names, as the agent checks them.
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 # How much of a file object `put_file` copies at a time while spooling it.
 _COPY_CHUNK = 8 << 20
@@ -155,11 +160,14 @@ class Volume:
         Unlike Modal's lazy handles, the volume is looked up at once, so a missing volume
         is reported here rather than at first use."""
         a = _agent_dir(agent)
+        if not _NAME.fullmatch(name):
+            raise InvalidError(
+                f"invalid volume name {name!r}: 1 to 64 of A-Z a-z 0-9 - _ ."
+            )
         if create_if_missing:
             _call(a, {"VolumeCreate": {"name": name, "allow_existing": True}})
-        else:
-            # Raises NotFoundError for a missing volume (and InvalidError for a bad name).
-            _call(a, {"VolumeLs": {"name": name, "path": None, "recursive": False}})
+        elif name not in (v["name"] for v in _call(a, "VolumeList")["Volumes"]):
+            raise NotFoundError(f"no such volume: {name!r}")
         return Volume(name, a)
 
     @staticmethod
