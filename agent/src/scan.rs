@@ -53,6 +53,20 @@ pub enum ScanError {
     Unstable(String),
 }
 
+impl ScanError {
+    /// Whether the tree read is at fault (a bad name or link, a file that kept changing),
+    /// rather than the local disk or store.
+    pub fn is_input(&self) -> bool {
+        matches!(
+            self,
+            ScanError::BadPath { .. }
+                | ScanError::NotUtf8(_)
+                | ScanError::Manifest(_)
+                | ScanError::Unstable(_)
+        )
+    }
+}
+
 /// Read access to a manifest: the whole one in memory, or a tree of pages.
 pub trait Lookup {
     /// The entry at `path`.

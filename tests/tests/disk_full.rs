@@ -89,3 +89,56 @@ async fn a_full_disk_fails_a_reload_clearly_and_frees_what_it_took() {
     f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
     assert_eq!(tree(&b), tree(&a));
 }
+
+/// Fills the file system of `path`'s directory until it has no room left.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 256 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    let small = [0u8; 4096];
+    while f.write_all(&small).is_ok() {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_a_commit_clearly_and_it_lands_once_space_returns() {
+    let mut f = TestFleet::start(2).await;
+    if !on_small_disk(&mut f, 0, 24).await {
+        return;
+    }
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    std::fs::write(a.join("first"), bytes(1, 1 << 20)).unwrap();
+    f.commit(0, "vol").await.unwrap();
+    let committed = tree(&a);
+
+    // Written through the mount while there was room (on the small disk too: an upper
+    // layer, or copies), then the disk fills up.
+    std::fs::write(a.join("big"), bytes(2, 4 << 20)).unwrap();
+    std::fs::create_dir(a.join("many")).unwrap();
+    for k in 0..300u32 {
+        std::fs::write(
+            a.join(format!("many/{k}")),
+            bytes(k as u8, 3000 + k as usize),
+        )
+        .unwrap();
+    }
+    let written = tree(&a);
+    let filler = f.agent_dir(0).join("filler");
+    fill(&filler);
+
+    let e = f.commit(0, "vol").await.unwrap_err();
+    eprintln!("the commit said: {}", e.message);
+    assert_eq!(e.code, ErrorCode::Failed, "{}", e.message);
+    assert!(e.message.contains("local disk is full"), "{}", e.message);
+    assert_eq!(tree(&a), written, "the mount keeps every written file");
+    let b = f.mount(1, "vol").await;
+    assert_eq!(tree(&b), committed, "the head is the last commit that landed");
+
+    // Space returns: the commit lands whole, and the other agent sees it.
+    std::fs::remove_file(&filler).unwrap();
+    f.commit(0, "vol").await.unwrap();
+    assert_eq!(tree(&a), written);
+    f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
+    assert_eq!(tree(&b), written);
+}

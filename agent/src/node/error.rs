@@ -43,6 +43,17 @@ impl From<FetchError> for ErrorReply {
     }
 }
 
+/// A failure to read a tree (a mount, an upper layer, a local directory to put): bad input
+/// when the tree is at fault, else a failure (a full local disk says so).
+pub(super) fn scan_err(e: scan::ScanError, context: &str) -> OpError {
+    let code = if e.is_input() {
+        ErrorCode::Invalid
+    } else {
+        ErrorCode::Failed
+    };
+    err(code, format!("{context}{e}"))
+}
+
 pub(super) fn db_err(e: impl std::fmt::Display) -> OpError {
     failed(format!("agent database: {e}"))
 }

@@ -90,7 +90,7 @@ impl Inner {
         })
         .await
         .map_err(failed)?
-        .map_err(|e| err(ErrorCode::Invalid, format!("cannot read the mount: {e}")))
+        .map_err(|e| scan_err(e, "cannot read the mount: "))
     }
 
     /// Like [`Self::local_changes`], a part at a time: a task on the blocking pool walks

@@ -53,7 +53,7 @@ mod volume;
 
 pub use compact::COMPACT_AT;
 pub use error::OpError;
-use error::{OpResult, db_err, err, failed};
+use error::{OpResult, db_err, err, failed, scan_err};
 pub use events::Events;
 use fetch::local_root;
 use local::{Local, Take};

@@ -69,7 +69,7 @@ impl Inner {
         })
         .await
         .map_err(failed)?
-        .map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
+        .map_err(|e| scan_err(e, ""))?;
         self.crash_point("commit-sealing");
         let sealed = |root| Local {
             root,

@@ -89,7 +89,7 @@ impl Inner {
         let changes = tokio::task::spawn_blocking(move || import_local(&store, &plan))
             .await
             .map_err(failed)?
-            .map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
+            .map_err(|e| scan_err(e, ""))?;
         check_overwrites(name, &current, &changes, force)?;
         let blobs: Vec<(Hash, u64)> = changes
             .iter()
