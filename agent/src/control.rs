@@ -56,7 +56,8 @@ pub async fn read_msg<T: serde::de::DeserializeOwned>(
 }
 
 /// Sends a request to the agent whose data directory is `data`; calls `on_event` for every
-/// event before the last and returns the final answer.
+/// event before the last and returns the final answer (a listing sent in parts joined
+/// whole).
 pub async fn call(
     data: &Path,
     req: &Request,
@@ -70,9 +71,11 @@ pub async fn call(
             source,
         })?;
     write_msg(&mut s, req).await?;
+    let mut listed = Vec::new();
     loop {
         match read_msg::<Event>(&mut s).await? {
-            Some(Event::Done(r)) => return Ok(*r),
+            Some(Event::Done(r)) => return Ok(join_listing(listed, *r)),
+            Some(Event::Entries(part)) => listed.extend(part),
             Some(e) => on_event(e),
             None => return Err(ControlError::NoAnswer),
         }

@@ -90,6 +90,23 @@ fn put_ls_and_get_as_in_modal() {
     let a = rows.iter().find(|r| r["filename"] == "d/a.txt").unwrap();
     assert_eq!(a["size"], "5 B");
 
+    // A listing longer than one frame's part arrives whole and in order.
+    let many = tmp.join("many");
+    std::fs::create_dir(&many).unwrap();
+    let n = voltool_agent::control::LS_PART + 100;
+    for k in 0..n {
+        std::fs::write(many.join(format!("{k:05}")), b"").unwrap();
+    }
+    expect(
+        &f.run(0, &["volume", "put", "v", many.to_str().unwrap(), "/many"]),
+        0,
+    );
+    let o = f.run(1, &["volume", "ls", "v", "/many"]);
+    expect(&o, 0);
+    let want: String = (0..n).map(|k| format!("many/{k:05}\n")).collect();
+    assert_eq!(stdout(&o), want);
+    expect(&f.run(0, &["volume", "rm", "-r", "v", "/many"]), 0);
+
     // get of a directory to stdout: its files' bytes, in path order.
     let o = f.run(1, &["volume", "get", "v", "d", "-"]);
     expect(&o, 0);

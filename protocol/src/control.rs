@@ -308,7 +308,9 @@ pub enum Reply {
     Done(String),
     /// Volumes.
     Volumes(Vec<VolumeView>),
-    /// Directory listing.
+    /// A listing, or its last part: a listing of more than [`LS_PART`] entries comes as
+    /// [`Event::Entries`] parts first (each frame stays small, whatever the count), and a
+    /// client joins them in order.
     Ls(Vec<LsEntry>),
     /// A commit.
     Committed(CommitReport),
@@ -365,7 +367,12 @@ pub enum Event {
     Data(#[serde(with = "serde_bytes_vec")] Vec<u8>),
     /// The end.
     Done(Box<Result<Reply, ErrorReply>>),
+    /// A part of a long listing (see [`Reply::Ls`]).
+    Entries(Vec<LsEntry>),
 }
+
+/// Entries of a listing in one frame: a longer listing comes in parts of this many.
+pub const LS_PART: usize = 8_192;
 
 mod serde_bytes_vec {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -383,5 +390,19 @@ impl From<crate::HeadError> for ErrorReply {
             code: ErrorCode::HeadRefused,
             message: format!("refused head: {e}"),
         }
+    }
+}
+
+/// The whole listing: the parts that came as [`Event::Entries`], then the final answer's.
+pub fn join_listing(
+    mut parts: Vec<LsEntry>,
+    answer: Result<Reply, ErrorReply>,
+) -> Result<Reply, ErrorReply> {
+    match answer {
+        Ok(Reply::Ls(last)) if !parts.is_empty() => {
+            parts.extend(last);
+            Ok(Reply::Ls(parts))
+        }
+        other => other,
     }
 }

@@ -103,12 +103,18 @@ impl Conn {
         Ok(frame::decode(&body)?)
     }
 
-    /// Reads to the final answer, skipping progress; returns its value as JSON.
+    /// Reads to the final answer, skipping progress and joining a listing sent in parts;
+    /// returns its value as JSON.
     fn finish(mut self) -> Result<String, NativeError> {
+        let mut listed = Vec::new();
         loop {
-            if let Event::Done(r) = self.next()? {
-                let reply = (*r).map_err(NativeError::Refused)?;
-                return serde_json::to_string(&reply).map_err(|e| NativeError::Io(e.into()));
+            match self.next()? {
+                Event::Done(r) => {
+                    let reply = control::join_listing(listed, *r).map_err(NativeError::Refused)?;
+                    return serde_json::to_string(&reply).map_err(|e| NativeError::Io(e.into()));
+                }
+                Event::Entries(part) => listed.extend(part),
+                _ => {}
             }
         }
     }
@@ -146,7 +152,7 @@ impl ByteStream {
                         (*r).map_err(NativeError::Refused)?;
                         return Ok((None, None));
                     }
-                    Event::Progress { .. } => {}
+                    _ => {}
                 }
             }
         });

@@ -263,3 +263,14 @@ def test_package_exports():
     assert voltool.Volume is Volume
     assert issubclass(voltool.exception.NotFoundError, FileNotFoundError)
     assert voltool.FileEntry.__dataclass_fields__.keys() == {"path", "type", "mtime", "size"}
+
+
+def test_a_long_listing_arrives_whole(fleet, tmp_path):
+    vol = Volume.from_name(fleet.volume_name(), create_if_missing=True, agent=fleet.agents[0])
+    n = 8_192 + 50  # more than one part of a listing
+    for k in range(n):
+        (tmp_path / f"{k:05}").write_bytes(b"")
+    with vol.batch_upload() as b:
+        b.put_directory(tmp_path, "/many")
+    names = [e.path for e in vol.iterdir("/many")]
+    assert names == [f"many/{k:05}" for k in range(n)]

@@ -133,7 +133,11 @@ async fn a_full_disk_fails_a_commit_clearly_and_it_lands_once_space_returns() {
     assert!(e.message.contains("local disk is full"), "{}", e.message);
     assert_eq!(tree(&a), written, "the mount keeps every written file");
     let b = f.mount(1, "vol").await;
-    assert_eq!(tree(&b), committed, "the head is the last commit that landed");
+    assert_eq!(
+        tree(&b),
+        committed,
+        "the head is the last commit that landed"
+    );
 
     // Space returns: the commit lands whole, and the other agent sees it.
     std::fs::remove_file(&filler).unwrap();

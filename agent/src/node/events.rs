@@ -35,6 +35,25 @@ impl Events {
         }
     }
 
+    /// Sends a long listing a part at a time, all but the last part as events; returns
+    /// what the final answer holds. Without a client (in-process callers) the whole
+    /// listing is the answer.
+    pub(super) async fn listing(&self, mut entries: Vec<LsEntry>) -> OpResult<Vec<LsEntry>> {
+        let Some(tx) = &self.tx else {
+            return Ok(entries);
+        };
+        let parts = entries.len().saturating_sub(1) / control::LS_PART;
+        let last = entries.split_off(parts * control::LS_PART);
+        let mut it = entries.into_iter();
+        for _ in 0..parts {
+            let part: Vec<LsEntry> = it.by_ref().take(control::LS_PART).collect();
+            tx.send(Event::Entries(part))
+                .await
+                .map_err(|_| failed("client went away"))?;
+        }
+        Ok(last)
+    }
+
     /// A counter of a phase of known total: what adds to what is done.
     pub(super) fn counter(&self, phase: &'static str, total: u64) -> OnBytes {
         let (grow, done) = self.growing_counter(phase);

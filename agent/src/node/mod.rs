@@ -414,10 +414,10 @@ impl Inner {
                 name,
                 path,
                 recursive,
-            } => self
-                .ls(&name, path.as_deref(), recursive)
-                .await
-                .map(Reply::Ls),
+            } => {
+                let all = self.ls(&name, path.as_deref(), recursive).await?;
+                events.listing(all).await.map(Reply::Ls)
+            }
             Request::VolumePut { name, items, force } => {
                 self.put(&name, &items, force, &events).await
             }
