@@ -9,31 +9,6 @@ use voltool_protocol::frame;
 
 pub use voltool_protocol::control::*;
 
-/// A control connection failure.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ControlError {
-    /// Cannot reach the agent.
-    #[error(
-        "cannot reach the agent at {path}: {source} (is `voltool agent` running with this --data?)"
-    )]
-    Connect {
-        /// Socket path.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The connection broke.
-    #[error("agent connection: {0}")]
-    Io(#[from] std::io::Error),
-    /// A bad frame.
-    #[error(transparent)]
-    Frame(#[from] frame::FrameError),
-    /// The agent hung up without an answer.
-    #[error("the agent closed the connection without an answer")]
-    NoAnswer,
-}
-
 /// Writes one frame to a Unix stream.
 pub async fn write_msg<T: serde::Serialize>(s: &mut UnixStream, msg: &T) -> std::io::Result<()> {
     s.write_all(&frame::encode(msg)).await

@@ -17,6 +17,31 @@ pub const SOCKET: &str = "agent.sock";
 /// Largest control frame.
 pub const MAX_FRAME: usize = 64 << 20;
 
+/// A control connection failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// Cannot reach the agent.
+    #[error(
+        "cannot reach the agent at {path}: {source} (is `voltool agent` running with this data directory?)"
+    )]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The connection broke.
+    #[error("agent connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// A bad frame.
+    #[error(transparent)]
+    Frame(#[from] crate::frame::FrameError),
+    /// The agent hung up without an answer.
+    #[error("the agent closed the connection without an answer")]
+    NoAnswer,
+}
+
 /// What to do with uncommitted changes on reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReloadMode {

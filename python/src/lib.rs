@@ -12,32 +12,21 @@ use std::path::Path;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use voltool_protocol::control::{self, ErrorCode, ErrorReply, Event, Request};
+use voltool_protocol::control::{self, ControlError, ErrorCode, ErrorReply, Event, Request};
 use voltool_protocol::frame;
 
-/// A failure below the agent's answer.
+/// A failure of a request.
 #[derive(Debug, thiserror::Error)]
 enum NativeError {
     /// The request is not a valid request.
     #[error("not a valid request: {0}")]
     Request(serde_json::Error),
-    /// The socket cannot be reached.
-    #[error(
-        "cannot reach the agent at {path}: {source} (is `voltool agent` running with this data directory?)"
-    )]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
-    /// The connection broke.
-    #[error("agent connection: {0}")]
-    Io(#[from] std::io::Error),
-    /// A bad frame.
+    /// The answer cannot be written as JSON.
+    #[error("cannot encode the agent's answer: {0}")]
+    Reply(serde_json::Error),
+    /// The connection to the agent failed.
     #[error(transparent)]
-    Frame(#[from] frame::FrameError),
-    /// The agent hung up without an answer.
-    #[error("the agent closed the connection without an answer")]
-    NoAnswer,
+    Control(#[from] ControlError),
     /// The agent refused or failed the request.
     #[error("{}", .0.message)]
     Refused(ErrorReply),
@@ -48,8 +37,8 @@ impl NativeError {
     fn class(&self) -> &'static str {
         match self {
             NativeError::Request(_) => "InvalidError",
-            NativeError::Connect { .. } => "AgentUnavailableError",
-            NativeError::Io(_) | NativeError::Frame(_) | NativeError::NoAnswer => "Error",
+            NativeError::Control(ControlError::Connect { .. }) => "AgentUnavailableError",
+            NativeError::Control(_) | NativeError::Reply(_) => "Error",
             NativeError::Refused(e) => match e.code {
                 ErrorCode::NotFound => "NotFoundError",
                 ErrorCode::NotMounted => "NotMountedError",
@@ -79,11 +68,12 @@ impl Conn {
     fn open(agent: &str, request: &str) -> Result<Self, NativeError> {
         let req: Request = serde_json::from_str(request).map_err(NativeError::Request)?;
         let path = Path::new(agent).join(control::SOCKET);
-        let mut s = UnixStream::connect(&path).map_err(|source| NativeError::Connect {
+        let mut s = UnixStream::connect(&path).map_err(|source| ControlError::Connect {
             path: path.display().to_string(),
             source,
         })?;
-        s.write_all(&frame::encode(&req))?;
+        s.write_all(&frame::encode(&req))
+            .map_err(ControlError::Io)?;
         Ok(Conn(s))
     }
 
@@ -93,14 +83,14 @@ impl Conn {
         match self.0.read_exact(&mut prefix) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(NativeError::NoAnswer);
+                return Err(ControlError::NoAnswer.into());
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(ControlError::Io(e).into()),
         }
-        let len = frame::body_len(prefix, control::MAX_FRAME)?;
+        let len = frame::body_len(prefix, control::MAX_FRAME).map_err(ControlError::Frame)?;
         let mut body = vec![0u8; len];
-        self.0.read_exact(&mut body)?;
-        Ok(frame::decode(&body)?)
+        self.0.read_exact(&mut body).map_err(ControlError::Io)?;
+        Ok(frame::decode(&body).map_err(ControlError::Frame)?)
     }
 
     /// Reads to the final answer, skipping progress and joining a listing sent in parts;
@@ -111,7 +101,7 @@ impl Conn {
             match self.next()? {
                 Event::Done(r) => {
                     let reply = control::join_listing(listed, *r).map_err(NativeError::Refused)?;
-                    return serde_json::to_string(&reply).map_err(|e| NativeError::Io(e.into()));
+                    return serde_json::to_string(&reply).map_err(NativeError::Reply);
                 }
                 Event::Entries(part) => listed.extend(part),
                 _ => {}

@@ -274,3 +274,20 @@ def test_a_long_listing_arrives_whole(fleet, tmp_path):
         b.put_directory(tmp_path, "/many")
     names = [e.path for e in vol.iterdir("/many")]
     assert names == [f"many/{k:05}" for k in range(n)]
+
+
+def test_a_later_put_in_a_batch_wins(fleet, tmp_path):
+    vol = Volume.from_name(fleet.volume_name(), create_if_missing=True, agent=fleet.agents[0])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x").write_bytes(b"x")
+    with vol.batch_upload() as b:
+        b.put_directory(tmp_path, "/d")
+        b.put_file(io.BytesIO(b"first"), "/f")
+        b.put_file(io.BytesIO(b"a file now"), "/d")
+        b.put_file(io.BytesIO(b"second"), "/f")
+    assert sorted((e.path, e.type) for e in vol.iterdir("/")) == [
+        ("d", FileEntryType.FILE),
+        ("f", FileEntryType.FILE),
+    ]
+    assert b"".join(vol.read_file("/d")) == b"a file now"
+    assert b"".join(vol.read_file("/f")) == b"second"

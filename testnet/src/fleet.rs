@@ -110,6 +110,13 @@ fn spawn_node(dir: &Path, net: Option<&Netns>, k: usize, args: &[String]) -> any
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         )
+        // glibc's malloc keeps up to 8 arenas a core, and memory freed in them stays
+        // resident: two arenas hold a daemon's resident set near its heap (at 200,000
+        // files: 102 MiB against 146-165 MiB committing). README asks the same of a host.
+        .env(
+            "MALLOC_ARENA_MAX",
+            std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".into()),
+        )
         // Own process group: a Ctrl-C to `up` does not reach the fleet.
         .process_group(0)
         .spawn()

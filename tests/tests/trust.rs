@@ -49,7 +49,7 @@ async fn forged_and_replayed_heads_are_refused() {
     }
     .sign(&evil);
     let e = f.agents[1].verify_head(&forged).unwrap_err();
-    assert_eq!(e.code, ErrorCode::Verify);
+    assert_eq!(e.code, ErrorCode::HeadRefused);
     assert!(e.message.contains("signature"), "{}", e.message);
 
     // The coordinator restored from the old backup replays version 1: refused.
@@ -59,7 +59,7 @@ async fn forged_and_replayed_heads_are_refused() {
     f.start_coordinator().await;
     std::fs::write(a.join("x"), b"v2 again").unwrap();
     let e = f.reload(1, "vol", ReloadMode::Refuse).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::Verify);
+    assert_eq!(e.code, ErrorCode::HeadRefused);
     assert!(e.message.contains("rollback"), "{}", e.message);
     assert_eq!(
         std::fs::read(b.join("x")).unwrap(),

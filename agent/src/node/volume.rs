@@ -500,9 +500,21 @@ fn import_local(store: &Store, plan: &[Import]) -> Result<Vec<Change>, scan::Sca
         }
     }
     batch.finish()?;
+    // A later item's file where an earlier one put a directory replaces that directory
+    // whole: what the earlier one put below it goes.
+    let hidden = |p: &VolPath| {
+        p.ancestors().any(|a| {
+            out.get(&a)
+                .is_some_and(|e| e.as_ref().is_some_and(|e| !e.is_dir()))
+        })
+    };
     Ok(out
-        .into_iter()
-        .map(|(path, entry)| Change { path, entry })
+        .iter()
+        .filter(|(p, _)| !hidden(p))
+        .map(|(path, entry)| Change {
+            path: path.clone(),
+            entry: entry.clone(),
+        })
         .collect())
 }
 
