@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace
-# The binaries the Python fixture starts (debug, as the Rust suite builds them).
-cargo build --bins -p voltool-cli -p voltool-testnet
+# The binaries the Python fixture starts (debug), with the very feature set of the test
+# build above, so nothing is compiled twice.
+cargo build --workspace --all-targets
 venv="$PWD/target/py-venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "maturin>=1.9.4,<2" "pytest>=8"
