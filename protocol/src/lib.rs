@@ -66,6 +66,7 @@ pub mod frame;
 pub mod hash;
 pub mod manifest;
 pub mod path;
+pub mod swarm;
 pub mod tree;
 pub mod volume;
 

@@ -1,0 +1,614 @@
+//! The downloader: what to ask of whom, and when. See the [module docs](super).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use super::state::{Group, Prov, Req, Src, add_have, remove_have};
+pub use super::types::*;
+use super::{Config, NodeId, PieceSet};
+use crate::hash::Hash;
+
+/// The swarm downloader of one node: sans-IO. See the [module docs](super).
+#[derive(Debug)]
+pub struct Engine {
+    pub(super) cfg: Config,
+    pub(super) me: NodeId,
+    pub(super) rng: SmallRng,
+    pub(super) provs: Vec<Prov>,
+    pub(super) prov_index: HashMap<NodeId, usize>,
+    pub(super) groups: Vec<Group>,
+    pub(super) queued: VecDeque<GroupId>,
+    pub(super) active: Vec<GroupId>,
+    pub(super) reqs: HashMap<ReqId, Req>,
+    pub(super) next_req: u64,
+    pub(super) pieces_flying: usize,
+    pub(super) small_flying: usize,
+    pub(super) actions: VecDeque<Action>,
+    pub(super) announce: [Vec<Hash>; 2],
+    pub(super) announce_due: Option<Instant>,
+    pub(super) announced: bool,
+    pub(super) stats: Stats,
+    pub(super) dirty: bool,
+}
+
+impl Engine {
+    /// An engine for node `me`; all its random choices come from `seed`.
+    pub fn new(cfg: Config, me: NodeId, seed: u64) -> Self {
+        Engine {
+            cfg,
+            me,
+            rng: SmallRng::seed_from_u64(seed),
+            provs: Vec::new(),
+            prov_index: HashMap::new(),
+            groups: Vec::new(),
+            queued: VecDeque::new(),
+            active: Vec::new(),
+            reqs: HashMap::new(),
+            next_req: 0,
+            pieces_flying: 0,
+            small_flying: 0,
+            actions: VecDeque::new(),
+            announce: [Vec::new(), Vec::new()],
+            announce_due: None,
+            announced: false,
+            stats: Stats::default(),
+            dirty: false,
+        }
+    }
+
+    /// The knobs.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Adds a blob or batch to fetch; groups start in the order they are added.
+    pub fn want(&mut self, spec: Blobs) -> GroupId {
+        let id = GroupId(self.groups.len() as u32);
+        let units = match &spec {
+            Blobs::Pieces { size, .. } => size.div_ceil(self.cfg.piece_bytes).max(1) as u32,
+            Blobs::Whole { blobs } => blobs.len() as u32,
+        };
+        let done = match &spec {
+            Blobs::Pieces { held, .. } => held.clone().fitted(units),
+            Blobs::Whole { .. } => PieceSet::empty(units),
+        };
+        let mut wantable = PieceSet::full(units);
+        wantable.subtract(&done);
+        self.groups.push(Group {
+            spec,
+            units,
+            done,
+            wantable,
+            srcs: Vec::new(),
+            counts: vec![0; units as usize],
+            flights: HashMap::new(),
+            flying: 0,
+            started: false,
+            finished: false,
+            lookup_in_flight: false,
+            lookup_due: None,
+            lookup_gap: self.cfg.lookup_refresh,
+            lookups: 0,
+            stuck_rounds: 0,
+            stuck_look: false,
+            endgame_at: None,
+        });
+        self.queued.push_back(id);
+        self.dirty = true;
+        id
+    }
+
+    /// What a group fetches.
+    pub fn spec(&self, group: GroupId) -> &Blobs {
+        &self.groups[group.0 as usize].spec
+    }
+
+    /// Units of a group.
+    pub fn units(&self, group: GroupId) -> u32 {
+        self.groups[group.0 as usize].units
+    }
+
+    /// The byte range `[start, end)` of a unit: of the blob for a piece, of the small blob
+    /// itself for a batch.
+    pub fn unit_range(&self, group: GroupId, unit: u32) -> (u64, u64) {
+        match &self.groups[group.0 as usize].spec {
+            Blobs::Pieces { size, .. } => {
+                let start = unit as u64 * self.cfg.piece_bytes;
+                (start.min(*size), (start + self.cfg.piece_bytes).min(*size))
+            }
+            Blobs::Whole { blobs } => (0, blobs[unit as usize].1),
+        }
+    }
+
+    /// Bytes of a unit.
+    pub fn unit_bytes(&self, group: GroupId, unit: u32) -> u64 {
+        let (s, e) = self.unit_range(group, unit);
+        e - s
+    }
+
+    /// The small blobs of a batch not fetched yet (what a lookup asks about).
+    pub fn lacking(&self, group: GroupId) -> Vec<(Hash, u64)> {
+        let g = &self.groups[group.0 as usize];
+        match &g.spec {
+            Blobs::Pieces { hash, size, .. } => vec![(*hash, *size)],
+            Blobs::Whole { blobs } => (0..g.units)
+                .filter(|u| !g.done.contains(*u))
+                .map(|u| blobs[u as usize])
+                .collect(),
+        }
+    }
+
+    /// Units of a group verified so far.
+    pub fn done_units(&self, group: GroupId) -> &PieceSet {
+        &self.groups[group.0 as usize].done
+    }
+
+    /// Whether every group added so far has finished (done or failed).
+    pub fn is_idle(&self) -> bool {
+        self.queued.is_empty() && self.active.is_empty()
+    }
+
+    /// What the download took so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_action(&mut self, now: Instant) -> Option<Action> {
+        if self.dirty {
+            self.dirty = false;
+            self.schedule(now);
+        }
+        self.actions.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self.announce_due;
+        let mut at = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t: Instant| t.min(x)));
+            }
+        };
+        for r in self.reqs.values() {
+            at(Some(r.deadline));
+        }
+        for g in &self.active {
+            let group = &self.groups[g.0 as usize];
+            if !group.lookup_in_flight {
+                at(group.lookup_due);
+            }
+            if group.is_pieces() && group.wantable.is_empty() {
+                for reqs in group.flights.values() {
+                    if let [only] = reqs.as_slice()
+                        && let Some(r) = self.reqs.get(only)
+                    {
+                        // Only a piece not yet considered: one for which no second provider
+                        // was found waits for news (a push, an answer), not for the clock.
+                        let due = r.sent + self.cfg.endgame_after;
+                        if group.endgame_at.is_none_or(|t| due > t) {
+                            at(Some(due));
+                        }
+                    }
+                }
+            }
+            // A provider resting after a busy answer that the group could use again.
+            if !group.wantable.is_empty() {
+                for s in &group.srcs {
+                    let p = &self.provs[s.prov];
+                    if p.usable(&self.cfg) && p.busy_until.is_some() {
+                        at(p.busy_until);
+                    }
+                }
+            }
+        }
+        t
+    }
+
+    /// Time has passed: deadlines, lookups, endgame, announcements.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<ReqId> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.stats.timeouts += 1;
+            self.actions.push_back(Action::Cancel { req: id });
+            self.end_request(now, id, Some(Outcome::Failed));
+        }
+        for p in &mut self.provs {
+            if p.busy_until.is_some_and(|t| t <= now) {
+                p.busy_until = None;
+            }
+        }
+        if self.announce_due.is_some_and(|t| t <= now) {
+            self.flush_announcements();
+        }
+        self.dirty = true;
+    }
+
+    /// Something happened.
+    pub fn handle(&mut self, now: Instant, event: Event) {
+        self.dirty = true;
+        match event {
+            Event::Providers { group, providers } => self.on_providers(now, group, providers),
+            Event::LookupFailed { group } => {
+                let g = &mut self.groups[group.0 as usize];
+                g.lookup_in_flight = false;
+                g.lookup_due = Some(now + g.lookup_gap);
+            }
+            Event::Have {
+                provider,
+                group,
+                units,
+            } => self.on_have(provider, group, units),
+            Event::Picked { req, unit } => self.on_picked(req, unit),
+            Event::Unit {
+                req,
+                unit,
+                verified: true,
+            } => self.on_unit(now, req, unit),
+            Event::Unit {
+                req,
+                verified: false,
+                ..
+            } => self.on_corrupt(now, req),
+            Event::Answer { req, outcome } => self.end_request(now, req, Some(outcome)),
+        }
+    }
+
+    pub(super) fn intern(&mut self, id: NodeId, origin: bool) -> usize {
+        if let Some(&i) = self.prov_index.get(&id) {
+            self.provs[i].origin |= origin;
+            return i;
+        }
+        self.provs.push(Prov {
+            id,
+            origin,
+            in_flight: 0,
+            busy_until: None,
+            busy_streak: 0,
+            failures: 0,
+            last_failure: None,
+            banned: false,
+            dead: false,
+        });
+        self.prov_index.insert(id, self.provs.len() - 1);
+        self.provs.len() - 1
+    }
+
+    fn on_providers(&mut self, now: Instant, group: GroupId, providers: Vec<ProviderInfo>) {
+        self.stats.lookups += 1;
+        let gi = group.0 as usize;
+        {
+            let g = &mut self.groups[gi];
+            g.lookup_in_flight = false;
+            g.stuck_look = false;
+            g.lookups += 1;
+            if g.finished {
+                return;
+            }
+            g.lookup_due = g.is_pieces().then(|| now + g.lookup_gap);
+            g.lookup_gap = (g.lookup_gap * 2).min(self.cfg.lookup_refresh_max);
+        }
+        for info in providers {
+            if info.id == self.me {
+                continue;
+            }
+            let p = self.intern(info.id, info.origin);
+            let g = &mut self.groups[gi];
+            let full = info.complete || info.origin;
+            match g.src_of(p) {
+                Some(si) if full => {
+                    let all = PieceSet::full(g.units);
+                    add_have(g, si, &all, self.provs[p].origin);
+                }
+                Some(_) => {}
+                None => {
+                    g.srcs.push(Src {
+                        prov: p,
+                        have: PieceSet::empty(g.units),
+                        subscribed: false,
+                    });
+                    let si = g.srcs.len() - 1;
+                    if full {
+                        let all = PieceSet::full(g.units);
+                        add_have(g, si, &all, info.origin);
+                    } else if g.is_pieces()
+                        && g.srcs.iter().filter(|s| s.subscribed).count() < self.cfg.subscriptions
+                    {
+                        g.srcs[si].subscribed = true;
+                        self.actions.push_back(Action::Subscribe {
+                            provider: info.id,
+                            group,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_have(&mut self, provider: NodeId, group: GroupId, units: PieceSet) {
+        let Some(g) = self.groups.get_mut(group.0 as usize) else {
+            return;
+        };
+        if g.finished {
+            return;
+        }
+        let units = units.fitted(g.units);
+        let p = match self.prov_index.get(&provider) {
+            Some(&p) => p,
+            None => self.intern(provider, false),
+        };
+        let g = &mut self.groups[group.0 as usize];
+        let si = match g.src_of(p) {
+            Some(si) => si,
+            None => {
+                g.srcs.push(Src {
+                    prov: p,
+                    have: PieceSet::empty(g.units),
+                    subscribed: true,
+                });
+                g.srcs.len() - 1
+            }
+        };
+        add_have(g, si, &units, self.provs[p].origin);
+    }
+
+    fn on_picked(&mut self, req: ReqId, unit: u32) {
+        let Some(r) = self.reqs.get_mut(&req) else {
+            return;
+        };
+        let g = &mut self.groups[r.group.0 as usize];
+        if !r.pick || !r.units.is_empty() || unit >= g.units {
+            return;
+        }
+        r.units.push(unit);
+        g.wantable.remove(unit);
+        g.flights.entry(unit).or_default().push(req);
+    }
+
+    fn on_unit(&mut self, now: Instant, req: ReqId, unit: u32) {
+        let Some(r) = self.reqs.get_mut(&req) else {
+            return;
+        };
+        if !r.units.contains(&unit) || r.got.contains(&unit) {
+            return;
+        }
+        r.got.push(unit);
+        let (gid, prov) = (r.group, r.prov);
+        let gi = gid.0 as usize;
+        let bytes = self.unit_bytes(gid, unit);
+        let g = &mut self.groups[gi];
+        if !g.done.insert(unit) {
+            self.stats.duplicate_bytes += bytes;
+            return;
+        }
+        g.wantable.remove(unit);
+        g.stuck_rounds = 0;
+        let p = &mut self.provs[prov];
+        p.failures = 0;
+        if p.origin {
+            self.stats.from_origin += bytes;
+        } else {
+            self.stats.from_peers += bytes;
+        }
+        *self.stats.by_provider.entry(p.id).or_default() += bytes;
+        // An endgame twin of this unit is no longer wanted.
+        let twins: Vec<ReqId> = g
+            .flights
+            .remove(&unit)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| *t != req)
+            .collect();
+        for t in twins {
+            self.actions.push_back(Action::Cancel { req: t });
+            self.end_request(now, t, None);
+        }
+        let g = &self.groups[gi];
+        if g.done.is_full() {
+            self.complete(now, gid);
+        }
+    }
+
+    fn on_corrupt(&mut self, now: Instant, req: ReqId) {
+        let Some(r) = self.reqs.get(&req) else {
+            return;
+        };
+        let prov = r.prov;
+        let p = &mut self.provs[prov];
+        if !p.banned {
+            p.banned = true;
+            self.stats.banned.push(p.id);
+            self.actions.push_back(Action::Report { provider: p.id });
+        }
+        // Nothing more is taken from it: every request to it ends now.
+        let to_it: Vec<ReqId> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.prov == prov)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in to_it {
+            self.actions.push_back(Action::Cancel { req: id });
+            self.end_request(now, id, None);
+        }
+    }
+
+    /// A request is over (answered, timed out, or cancelled by us: `None`): its units not
+    /// received go back.
+    pub(super) fn end_request(&mut self, now: Instant, req: ReqId, outcome: Option<Outcome>) {
+        let Some(r) = self.reqs.remove(&req) else {
+            return;
+        };
+        let gi = r.group.0 as usize;
+        let p = &mut self.provs[r.prov];
+        p.in_flight -= 1;
+        let pieces = self.groups[gi].is_pieces();
+        if pieces {
+            self.pieces_flying -= 1;
+        } else {
+            self.small_flying -= 1;
+        }
+        let g = &mut self.groups[gi];
+        g.flying -= 1;
+        let lost: Vec<u32> = r
+            .units
+            .iter()
+            .copied()
+            .filter(|u| !r.got.contains(u))
+            .collect();
+        for &u in &lost {
+            if let Some(f) = g.flights.get_mut(&u) {
+                f.retain(|t| *t != req);
+                if f.is_empty() {
+                    g.flights.remove(&u);
+                }
+            }
+            if !g.done.contains(u) && !g.flights.contains_key(&u) {
+                g.wantable.insert(u);
+            }
+        }
+        let si = g.src_of(r.prov);
+        let Some(outcome) = outcome else {
+            return;
+        };
+        match outcome {
+            Outcome::Ok => {
+                p.busy_streak = 0;
+                // What it did not send, it lacks (it announced more than it holds).
+                if let Some(si) = si
+                    && !p.banned
+                {
+                    for &u in &lost {
+                        remove_have(g, si, u, p.origin);
+                    }
+                }
+            }
+            Outcome::Busy => {
+                self.stats.busy += 1;
+                let rest = self.cfg.busy_backoff * 2u32.saturating_pow(p.busy_streak.min(16));
+                p.busy_until = Some(now + rest.min(self.cfg.busy_backoff_max));
+                p.busy_streak += 1;
+            }
+            Outcome::NotFound => {
+                p.failed(&self.cfg, now);
+                if let Some(si) = si {
+                    let all: Vec<u32> = g.srcs[si].have.iter().collect();
+                    for u in all {
+                        remove_have(g, si, u, p.origin);
+                    }
+                }
+            }
+            Outcome::Unreachable => p.dead = true,
+            Outcome::Failed => p.failed(&self.cfg, now),
+            Outcome::LocalStore => {
+                let gid = r.group;
+                self.fail(gid, Failure::LocalStore);
+            }
+        }
+    }
+
+    /// Every unit arrived.
+    pub(super) fn complete(&mut self, now: Instant, gid: GroupId) {
+        let g = &mut self.groups[gid.0 as usize];
+        g.finished = true;
+        let left = self.requests_of(gid);
+        self.active.retain(|a| *a != gid);
+        match &self.groups[gid.0 as usize].spec {
+            Blobs::Pieces { hash, .. } => self.queue_announce(now, *hash, true),
+            Blobs::Whole { blobs } => {
+                let hashes: Vec<Hash> = blobs.iter().map(|(h, _)| *h).collect();
+                for h in hashes {
+                    self.queue_announce(now, h, true);
+                }
+            }
+        }
+        for t in left {
+            self.actions.push_back(Action::Cancel { req: t });
+            self.drop_request(t);
+        }
+        self.actions.push_back(Action::Done { group: gid });
+    }
+
+    pub(super) fn fail(&mut self, gid: GroupId, reason: Failure) {
+        let g = &mut self.groups[gid.0 as usize];
+        if g.finished {
+            return;
+        }
+        g.finished = true;
+        self.active.retain(|a| *a != gid);
+        for t in self.requests_of(gid) {
+            self.actions.push_back(Action::Cancel { req: t });
+            self.drop_request(t);
+        }
+        self.actions
+            .push_back(Action::Failed { group: gid, reason });
+    }
+
+    fn requests_of(&self, gid: GroupId) -> Vec<ReqId> {
+        let mut v: Vec<ReqId> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.group == gid)
+            .map(|(id, _)| *id)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Forgets a request of a finished group (no units go back).
+    fn drop_request(&mut self, req: ReqId) {
+        let Some(r) = self.reqs.remove(&req) else {
+            return;
+        };
+        self.provs[r.prov].in_flight -= 1;
+        let g = &mut self.groups[r.group.0 as usize];
+        g.flying -= 1;
+        if g.is_pieces() {
+            self.pieces_flying -= 1;
+        } else {
+            self.small_flying -= 1;
+        }
+    }
+
+    pub(super) fn queue_announce(&mut self, now: Instant, hash: Hash, complete: bool) {
+        self.announce[complete as usize].push(hash);
+        if self
+            .announce
+            .iter()
+            .any(|a| a.len() >= self.cfg.announce_batch)
+        {
+            self.flush_announcements();
+        } else if self.announce_due.is_none() {
+            // The first announcement of a download goes out at once, so that peers starting
+            // at the same moment find each other; later ones are batched.
+            let wait = if self.announced {
+                self.cfg.announce_interval
+            } else {
+                Duration::ZERO
+            };
+            self.announce_due = Some(now + wait);
+        }
+    }
+
+    pub(super) fn flush_announcements(&mut self) {
+        self.announce_due = None;
+        self.announced = true;
+        for complete in [false, true] {
+            let list = std::mem::take(&mut self.announce[complete as usize]);
+            for chunk in list.chunks(self.cfg.announce_batch) {
+                self.actions.push_back(Action::Announce {
+                    blobs: chunk.to_vec(),
+                    complete,
+                });
+            }
+        }
+    }
+}

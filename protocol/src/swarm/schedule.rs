@@ -1,0 +1,328 @@
+//! The engine's choices: which groups run, which unit to ask for, of whom; the endgame;
+//! when a group is stuck.
+
+use std::time::Instant;
+
+use super::engine::{Action, Ask, Blobs, Engine, Failure, GroupId, ReqId};
+use super::state::Req;
+
+impl Engine {
+    /// Turns the current state into requests, lookups and announcements.
+    pub(super) fn schedule(&mut self, now: Instant) {
+        self.start_groups(now);
+        let active = self.active.clone();
+        for gid in active {
+            let gi = gid.0 as usize;
+            if self.groups[gi].finished {
+                continue;
+            }
+            let g = &mut self.groups[gi];
+            if !g.lookup_in_flight && g.lookup_due.is_some_and(|t| t <= now) {
+                g.lookup_in_flight = true;
+                g.lookup_due = None;
+                self.actions.push_back(Action::Lookup { group: gid });
+            }
+            if self.groups[gi].lookups == 0 {
+                continue;
+            }
+            if self.groups[gi].is_pieces() {
+                self.fill_pieces(now, gid);
+                self.endgame(now, gid);
+            } else {
+                self.fill_small(now, gid);
+            }
+            self.check_stuck(now, gid);
+        }
+        if self.announce_due.is_some_and(|t| t <= now) {
+            self.flush_announcements();
+        }
+    }
+
+    /// Starts queued groups while there is room: large blobs while fewer than
+    /// [`super::Config::blobs_in_flight`] still have pieces to hand out, batches of small
+    /// blobs one more than there are lanes (so the next lookup is ready).
+    fn start_groups(&mut self, now: Instant) {
+        let mut k = 0;
+        while k < self.queued.len() {
+            let gid = self.queued[k];
+            let pieces = self.groups[gid.0 as usize].is_pieces();
+            let running = self
+                .active
+                .iter()
+                .filter(|a| {
+                    let g = &self.groups[a.0 as usize];
+                    g.is_pieces() == pieces && (!pieces || !g.wantable.is_empty())
+                })
+                .count();
+            let room = if pieces {
+                self.cfg.blobs_in_flight
+            } else {
+                self.cfg.small_lanes + 1
+            };
+            if running >= room {
+                k += 1;
+                continue;
+            }
+            self.queued.remove(k);
+            self.start(now, gid);
+        }
+    }
+
+    fn start(&mut self, now: Instant, gid: GroupId) {
+        let g = &mut self.groups[gid.0 as usize];
+        g.started = true;
+        if g.wantable.is_empty() && g.done.is_full() {
+            self.active.push(gid);
+            self.finish_now(now, gid);
+            return;
+        }
+        g.lookup_in_flight = true;
+        self.active.push(gid);
+        self.actions.push_back(Action::Lookup { group: gid });
+        if let Blobs::Pieces { hash, .. } = self.groups[gid.0 as usize].spec {
+            // Announced as partial at once: peers starting at the same moment find us and
+            // subscribe to what we get.
+            self.queue_announce(now, hash, false);
+        }
+    }
+
+    /// Hands out pieces of a large blob: to the peer holding a wanted piece with the fewest
+    /// requests in flight (the tracker's rank breaks ties), else to the origin, which picks.
+    fn fill_pieces(&mut self, now: Instant, gid: GroupId) {
+        let gi = gid.0 as usize;
+        while self.pieces_flying < self.cfg.pieces_in_flight {
+            let g = &self.groups[gi];
+            if g.wantable.is_empty() {
+                return;
+            }
+            let mut best: Option<(usize, usize)> = None;
+            for (si, s) in g.srcs.iter().enumerate() {
+                let p = &self.provs[s.prov];
+                if p.origin || !p.can_take(&self.cfg, now, self.cfg.pieces_per_provider) {
+                    continue;
+                }
+                if s.have.intersects(&g.wantable) && best.is_none_or(|(n, _)| p.in_flight < n) {
+                    best = Some((p.in_flight, si));
+                }
+            }
+            if let Some((_, si)) = best {
+                let unit = self.choose_unit(gi, si);
+                self.send(now, gid, si, Ask::Units(vec![unit]));
+                continue;
+            }
+            let limit = self.origin_limit(gi);
+            let origin = g.srcs.iter().position(|s| {
+                let p = &self.provs[s.prov];
+                p.origin && p.can_take(&self.cfg, now, limit) && s.have.intersects(&g.wantable)
+            });
+            let Some(si) = origin else {
+                return;
+            };
+            let among = g.wantable.and(&g.srcs[si].have);
+            self.send(now, gid, si, Ask::Pick { among });
+        }
+    }
+
+    /// Requests the origin may have in flight for a group: a few while others may share it,
+    /// all of them once two lookups found no peer at all.
+    fn origin_limit(&self, gi: usize) -> usize {
+        let g = &self.groups[gi];
+        let alone = g.lookups >= 2 && g.srcs.iter().all(|s| self.provs[s.prov].origin);
+        if alone {
+            self.cfg.pieces_in_flight
+        } else {
+            self.cfg.origin_in_flight
+        }
+    }
+
+    /// A wanted piece the source holds: the rarest of a few drawn at random.
+    fn choose_unit(&mut self, gi: usize, si: usize) -> u32 {
+        let g = &self.groups[gi];
+        let cand = g.srcs[si].have.and(&g.wantable);
+        let mut best: Option<u32> = None;
+        for _ in 0..self.cfg.rarest_of.max(1) {
+            let u = cand.random(&mut self.rng).expect("intersects");
+            if best.is_none_or(|b| g.counts[u as usize] < g.counts[b as usize]) {
+                best = Some(u);
+            }
+        }
+        best.expect("drawn at least once")
+    }
+
+    /// Endgame: nothing is left to hand out, so a piece in flight for long is asked of a
+    /// second provider (never the one already sending it); the first copy wins.
+    fn endgame(&mut self, now: Instant, gid: GroupId) {
+        let gi = gid.0 as usize;
+        if !self.groups[gi].wantable.is_empty() {
+            return;
+        }
+        self.groups[gi].endgame_at = Some(now);
+        let mut slow: Vec<(Instant, u32, usize)> = self.groups[gi]
+            .flights
+            .iter()
+            .filter_map(|(u, reqs)| match reqs.as_slice() {
+                [only] => {
+                    let r = self.reqs.get(only)?;
+                    (r.sent + self.cfg.endgame_after <= now).then_some((r.sent, *u, r.prov))
+                }
+                _ => None,
+            })
+            .collect();
+        slow.sort();
+        let origin_limit = self.origin_limit(gi);
+        for (_, unit, first) in slow {
+            if self.pieces_flying >= self.cfg.pieces_in_flight {
+                return;
+            }
+            let g = &self.groups[gi];
+            let second = g
+                .srcs
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    let p = &self.provs[s.prov];
+                    let limit = if p.origin {
+                        origin_limit
+                    } else {
+                        self.cfg.pieces_per_provider
+                    };
+                    s.prov != first && s.have.contains(unit) && p.can_take(&self.cfg, now, limit)
+                })
+                .min_by_key(|(si, s)| {
+                    (self.provs[s.prov].origin, self.provs[s.prov].in_flight, *si)
+                })
+                .map(|(si, _)| si);
+            if let Some(si) = second {
+                self.send(now, gid, si, Ask::Units(vec![unit]));
+            }
+        }
+    }
+
+    /// Hands out small blobs: a batch to the first provider (in the tracker's rank, peers
+    /// before the origin) that holds wanted blobs and can take a request.
+    fn fill_small(&mut self, now: Instant, gid: GroupId) {
+        let gi = gid.0 as usize;
+        while self.small_flying < self.cfg.small_lanes {
+            let g = &self.groups[gi];
+            if g.wantable.is_empty() {
+                return;
+            }
+            let usable = |origin: bool| {
+                g.srcs.iter().position(|s| {
+                    let p = &self.provs[s.prov];
+                    p.origin == origin
+                        && p.can_take(&self.cfg, now, self.cfg.pieces_per_provider)
+                        && s.have.intersects(&g.wantable)
+                })
+            };
+            let Some(si) = usable(false).or_else(|| usable(true)) else {
+                return;
+            };
+            let Blobs::Whole { blobs } = &g.spec else {
+                return;
+            };
+            let (mut units, mut bytes) = (Vec::new(), 0u64);
+            for u in g.srcs[si].have.and(&g.wantable).iter() {
+                let size = blobs[u as usize].1;
+                if !units.is_empty()
+                    && (units.len() >= self.cfg.small_batch_count
+                        || bytes + size > self.cfg.small_batch_bytes)
+                {
+                    break;
+                }
+                units.push(u);
+                bytes += size;
+            }
+            self.send(now, gid, si, Ask::Units(units));
+        }
+    }
+
+    /// Sends a request to source `si` of a group.
+    fn send(&mut self, now: Instant, gid: GroupId, si: usize, ask: Ask) {
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        let gi = gid.0 as usize;
+        let bytes = match &ask {
+            Ask::Units(us) => us.iter().map(|u| self.unit_bytes(gid, *u)).sum(),
+            Ask::Pick { .. } => self.cfg.piece_bytes,
+        };
+        let g = &mut self.groups[gi];
+        let prov = g.srcs[si].prov;
+        let units = match &ask {
+            Ask::Units(us) => {
+                for &u in us {
+                    g.wantable.remove(u);
+                    g.flights.entry(u).or_default().push(req);
+                }
+                us.clone()
+            }
+            Ask::Pick { .. } => Vec::new(),
+        };
+        g.flying += 1;
+        if g.is_pieces() {
+            self.pieces_flying += 1;
+        } else {
+            self.small_flying += 1;
+        }
+        let p = &mut self.provs[prov];
+        p.in_flight += 1;
+        self.stats.requests += 1;
+        self.reqs.insert(
+            req,
+            Req {
+                prov,
+                group: gid,
+                pick: matches!(ask, Ask::Pick { .. }),
+                units,
+                got: Vec::new(),
+                sent: now,
+                deadline: now + self.cfg.deadline_for(bytes),
+            },
+        );
+        self.actions.push_back(Action::Request {
+            req,
+            provider: p.id,
+            group: gid,
+            ask,
+        });
+    }
+
+    /// A group that nothing is coming in for and that no known provider can serve: look
+    /// again (after a growing rest); after [`super::Config::stuck_rounds`] such looks, fail.
+    fn check_stuck(&mut self, now: Instant, gid: GroupId) {
+        let gi = gid.0 as usize;
+        let g = &self.groups[gi];
+        if g.finished || g.flying > 0 || g.wantable.is_empty() || g.lookup_in_flight {
+            return;
+        }
+        let hope = g
+            .srcs
+            .iter()
+            .any(|s| self.provs[s.prov].usable(&self.cfg) && s.have.intersects(&g.wantable));
+        if hope {
+            return;
+        }
+        let g = &mut self.groups[gi];
+        if g.stuck_look {
+            // A look for this round is due already.
+            return;
+        }
+        g.stuck_rounds += 1;
+        g.stuck_look = true;
+        if g.stuck_rounds > self.cfg.stuck_rounds {
+            let lacking = g.units - g.done.count();
+            let units = g.units;
+            self.fail(gid, Failure::NoProvider { lacking, units });
+            return;
+        }
+        let rest = self.cfg.busy_backoff * 2u32.pow((g.stuck_rounds - 1).min(16));
+        let at = now + rest;
+        g.lookup_due = Some(g.lookup_due.map_or(at, |t| t.min(at)));
+    }
+
+    /// Finishes a group that needs nothing fetched.
+    fn finish_now(&mut self, now: Instant, gid: GroupId) {
+        self.groups[gid.0 as usize].done = super::PieceSet::full(self.groups[gid.0 as usize].units);
+        self.complete(now, gid);
+    }
+}

@@ -1,0 +1,227 @@
+//! A provider's side: sending slots, a short queue and busy answers; the origin's choice
+//! of piece; subscribers to what this node newly holds. Sans-IO like the engine.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use super::{Config, NodeId, PieceSet};
+use crate::hash::Hash;
+
+/// Whether a request may be served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Send now (a slot is taken: call [`Admission::finished`] when done).
+    Now,
+    /// Wait: [`Admission::finished`] names it when its turn comes.
+    Queued,
+    /// Answer busy.
+    Busy,
+}
+
+/// How many times each piece of a blob has been sent (the origin's super-seeding).
+#[derive(Debug)]
+struct Sent {
+    never: PieceSet,
+    counts: Vec<u32>,
+}
+
+/// A provider's admission of requests: [`Config::serve_slots`] served at once, up to
+/// [`Config::serve_queue`] waiting, the rest answered busy so their senders go elsewhere.
+///
+/// For the origin ([`Admission::choose`]) a request names the pieces it may take and the
+/// origin chooses the one it has sent least; while its slots are full it sends only pieces it
+/// has never sent, so the fleet gets each piece from it about once and trades the rest.
+#[derive(Debug)]
+pub struct Admission {
+    cfg: Config,
+    rng: SmallRng,
+    sending: usize,
+    queue: VecDeque<u64>,
+    sent: HashMap<Hash, Sent>,
+}
+
+impl Admission {
+    /// Admission with the given knobs; random choices from `seed`.
+    pub fn new(cfg: Config, seed: u64) -> Self {
+        Admission {
+            cfg,
+            rng: SmallRng::seed_from_u64(seed),
+            sending: 0,
+            queue: VecDeque::new(),
+            sent: HashMap::new(),
+        }
+    }
+
+    /// Requests being served now.
+    pub fn sending(&self) -> usize {
+        self.sending
+    }
+
+    /// Requests waiting.
+    pub fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether every slot is taken.
+    pub fn contested(&self) -> bool {
+        self.sending >= self.cfg.serve_slots
+    }
+
+    /// A request, named by the caller's `token`, wants to be served.
+    pub fn admit(&mut self, token: u64) -> Admit {
+        if self.sending < self.cfg.serve_slots {
+            self.sending += 1;
+            Admit::Now
+        } else if self.queue.len() < self.cfg.serve_queue {
+            self.queue.push_back(token);
+            Admit::Queued
+        } else {
+            Admit::Busy
+        }
+    }
+
+    /// A request served now is done: its slot goes to the next one waiting, if any, whose
+    /// token is returned (its slot is taken for it).
+    pub fn finished(&mut self) -> Option<u64> {
+        if let Some(next) = self.queue.pop_front() {
+            return Some(next);
+        }
+        self.sending = self.sending.saturating_sub(1);
+        None
+    }
+
+    /// A waiting request went away (its requester cancelled it).
+    pub fn forget(&mut self, token: u64) {
+        self.queue.retain(|t| *t != token);
+    }
+
+    /// The origin's choice for a request that may take any of `among` (pieces of a blob of
+    /// `units` pieces): the piece sent least so far, at random among equals. `None` when
+    /// the slots are full and every such piece has been sent before: the requester should
+    /// get it from a peer (answer busy). The choice counts as sent.
+    pub fn choose(&mut self, hash: Hash, units: u32, among: &PieceSet) -> Option<u32> {
+        let among = among.clone().fitted(units);
+        let contested = self.contested();
+        let sent = self.sent.entry(hash).or_insert_with(|| Sent {
+            never: PieceSet::full(units),
+            counts: vec![0; units as usize],
+        });
+        if sent.counts.len() != units as usize {
+            return None;
+        }
+        let unit = match sent.never.random_common(&among, &mut self.rng) {
+            Some(u) => u,
+            None if contested => return None,
+            None => {
+                let least = among.iter().map(|u| sent.counts[u as usize]).min()?;
+                let ties: Vec<u32> = among
+                    .iter()
+                    .filter(|u| sent.counts[*u as usize] == least)
+                    .collect();
+                ties[rand::Rng::random_range(&mut self.rng, 0..ties.len())]
+            }
+        };
+        sent.never.remove(unit);
+        sent.counts[unit as usize] += 1;
+        Some(unit)
+    }
+
+    /// Pieces of a blob sent so far (all copies), for reports.
+    pub fn pieces_sent(&self, hash: &Hash) -> u64 {
+        self.sent
+            .get(hash)
+            .map_or(0, |s| s.counts.iter().map(|c| *c as u64).sum())
+    }
+}
+
+/// Who asked to hear of this node's new pieces, per blob, and what is waiting to be pushed.
+#[derive(Debug)]
+pub struct Subscribers {
+    cfg: Config,
+    subs: HashMap<Hash, Vec<NodeId>>,
+    pending: HashMap<Hash, Vec<u32>>,
+    due: Option<Instant>,
+}
+
+/// Pieces to tell subscribers of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Push {
+    /// The blob.
+    pub hash: Hash,
+    /// Its newly held pieces.
+    pub units: Vec<u32>,
+    /// Who to tell.
+    pub to: Vec<NodeId>,
+}
+
+impl Subscribers {
+    /// No subscribers yet.
+    pub fn new(cfg: Config) -> Self {
+        Subscribers {
+            cfg,
+            subs: HashMap::new(),
+            pending: HashMap::new(),
+            due: None,
+        }
+    }
+
+    /// `peer` wants pushes for `hash`; false when the blob has as many subscribers as
+    /// [`Config::max_subscribers`] (it may still ask, or look elsewhere).
+    pub fn subscribe(&mut self, peer: NodeId, hash: Hash) -> bool {
+        let list = self.subs.entry(hash).or_default();
+        if list.contains(&peer) {
+            return true;
+        }
+        if list.len() >= self.cfg.max_subscribers {
+            return false;
+        }
+        list.push(peer);
+        true
+    }
+
+    /// `peer` no longer wants pushes for `hash` (it finished, or went away).
+    pub fn unsubscribe(&mut self, peer: &NodeId, hash: &Hash) {
+        if let Some(list) = self.subs.get_mut(hash) {
+            list.retain(|p| p != peer);
+            if list.is_empty() {
+                self.subs.remove(hash);
+            }
+        }
+    }
+
+    /// This node now holds piece `unit` of `hash` (verified).
+    pub fn held(&mut self, now: Instant, hash: Hash, unit: u32) {
+        if !self.subs.contains_key(&hash) {
+            return;
+        }
+        self.pending.entry(hash).or_default().push(unit);
+        if self.due.is_none() {
+            self.due = Some(now + self.cfg.have_interval);
+        }
+    }
+
+    /// When [`Subscribers::poll_push`] has something, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// The next push that is due.
+    pub fn poll_push(&mut self, now: Instant) -> Option<Push> {
+        if self.due.is_none_or(|t| t > now) {
+            return None;
+        }
+        let Some(hash) = self.pending.keys().next().copied() else {
+            self.due = None;
+            return None;
+        };
+        let units = self.pending.remove(&hash).unwrap_or_default();
+        if self.pending.is_empty() {
+            self.due = None;
+        }
+        let to = self.subs.get(&hash).cloned().unwrap_or_default();
+        Some(Push { hash, units, to })
+    }
+}

@@ -1,0 +1,263 @@
+//! Links at flow level: every node has an upload and a download capacity; the flows that
+//! cross them share them max-min fairly. When a flow starts or ends, the rates of the flows
+//! near it (those of its two ends, then of the ends of any flow that slowed) are refilled
+//! by progressive filling, with the rest of the network held fixed. No congestion control,
+//! no packet loss: compare with the testnet on loopback.
+
+/// One transfer in progress.
+#[derive(Debug, Clone)]
+pub(crate) struct Flow {
+    pub(crate) src: usize,
+    pub(crate) dst: usize,
+    /// Bytes still to send.
+    pub(crate) left: f64,
+    /// Bytes per second now.
+    pub(crate) rate: f64,
+    /// Nanoseconds when `left` was last brought up to date.
+    at: u64,
+    /// Bumped whenever the rate changes: a completion event of an older generation is stale.
+    pub(crate) epoch: u32,
+    pub(crate) live: bool,
+}
+
+/// Capacities and flows.
+#[derive(Debug, Default)]
+pub(crate) struct Links {
+    up: Vec<f64>,
+    down: Vec<f64>,
+    out: Vec<Vec<usize>>,
+    inn: Vec<Vec<usize>>,
+    pub(crate) flows: Vec<Flow>,
+    free: Vec<usize>,
+}
+
+const EPS: f64 = 1e-6;
+
+impl Links {
+    /// A node with these capacities (bytes per second); returns its index.
+    pub(crate) fn add_node(&mut self, up: f64, down: f64) -> usize {
+        self.up.push(up);
+        self.down.push(down);
+        self.out.push(Vec::new());
+        self.inn.push(Vec::new());
+        self.up.len() - 1
+    }
+
+    fn settle(&mut self, f: usize, now: u64) {
+        let fl = &mut self.flows[f];
+        let dt = now.saturating_sub(fl.at) as f64 / 1e9;
+        fl.left = (fl.left - fl.rate * dt).max(0.0);
+        fl.at = now;
+    }
+
+    /// Bytes sent so far of a flow of `total` bytes.
+    pub(crate) fn sent(&mut self, f: usize, now: u64, total: f64) -> f64 {
+        self.settle(f, now);
+        total - self.flows[f].left
+    }
+
+    /// Starts a flow; returns its index and the flows whose rate changed.
+    pub(crate) fn start(
+        &mut self,
+        now: u64,
+        src: usize,
+        dst: usize,
+        bytes: f64,
+    ) -> (usize, Vec<usize>) {
+        let flow = Flow {
+            src,
+            dst,
+            left: bytes,
+            rate: 0.0,
+            at: now,
+            epoch: 0,
+            live: true,
+        };
+        let f = match self.free.pop() {
+            Some(f) => {
+                let epoch = self.flows[f].epoch + 1;
+                self.flows[f] = Flow { epoch, ..flow };
+                f
+            }
+            None => {
+                self.flows.push(flow);
+                self.flows.len() - 1
+            }
+        };
+        self.out[src].push(f);
+        self.inn[dst].push(f);
+        let mut changed = self.refill(now, &[src, dst]);
+        if !changed.contains(&f) {
+            changed.push(f);
+        }
+        (f, changed)
+    }
+
+    /// Ends a flow (done or aborted); returns the flows whose rate changed.
+    pub(crate) fn end(&mut self, now: u64, f: usize) -> Vec<usize> {
+        let (src, dst) = (self.flows[f].src, self.flows[f].dst);
+        self.settle(f, now);
+        self.flows[f].live = false;
+        self.flows[f].rate = 0.0;
+        self.flows[f].epoch += 1;
+        self.out[src].retain(|x| *x != f);
+        self.inn[dst].retain(|x| *x != f);
+        self.free.push(f);
+        self.refill(now, &[src, dst])
+    }
+
+    /// Flows of a node, both ways.
+    pub(crate) fn flows_of(&self, n: usize) -> Vec<usize> {
+        self.out[n].iter().chain(&self.inn[n]).copied().collect()
+    }
+
+    /// Refills the rates of the flows at `nodes`, then once more around the far ends of any
+    /// flow that slowed (their other flows may use what it gave up).
+    fn refill(&mut self, now: u64, nodes: &[usize]) -> Vec<usize> {
+        let (mut changed, slowed) = self.fill(now, nodes);
+        if !slowed.is_empty() {
+            let (more, _) = self.fill(now, &slowed);
+            for f in more {
+                if !changed.contains(&f) {
+                    changed.push(f);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Progressive filling over the flows touching `nodes`, every other flow held at its
+    /// rate. Returns the flows whose rate changed, and the far ends of those that slowed.
+    fn fill(&mut self, now: u64, nodes: &[usize]) -> (Vec<usize>, Vec<usize>) {
+        let mut set: Vec<usize> = Vec::new();
+        for &n in nodes {
+            for &f in self.out[n].iter().chain(&self.inn[n]) {
+                if !set.contains(&f) {
+                    set.push(f);
+                }
+            }
+        }
+        if set.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        // Resources: (node, is upload) with what is left of it once the flows outside the
+        // set are counted, and the set's flows crossing it.
+        let mut res: Vec<((usize, bool), f64, Vec<usize>)> = Vec::new();
+        for (k, &f) in set.iter().enumerate() {
+            let (s, d) = (self.flows[f].src, self.flows[f].dst);
+            for key in [(s, true), (d, false)] {
+                match res.iter_mut().find(|r| r.0 == key) {
+                    Some(r) => r.2.push(k),
+                    None => {
+                        let (n, up) = key;
+                        let (cap, list) = if up {
+                            (self.up[n], &self.out[n])
+                        } else {
+                            (self.down[n], &self.inn[n])
+                        };
+                        let outside: f64 = list
+                            .iter()
+                            .filter(|g| !set.contains(g))
+                            .map(|g| self.flows[*g].rate)
+                            .sum();
+                        res.push((key, (cap - outside).max(0.0), vec![k]));
+                    }
+                }
+            }
+        }
+        let mut rate = vec![0.0f64; set.len()];
+        let mut frozen = vec![false; set.len()];
+        loop {
+            let mut delta = f64::INFINITY;
+            for (_, left, fl) in &res {
+                let n = fl.iter().filter(|k| !frozen[**k]).count();
+                if n > 0 {
+                    delta = delta.min(left / n as f64);
+                }
+            }
+            if !delta.is_finite() {
+                break;
+            }
+            for (k, r) in rate.iter_mut().enumerate() {
+                if !frozen[k] {
+                    *r += delta;
+                }
+            }
+            for (_, left, fl) in &mut res {
+                let n = fl.iter().filter(|k| !frozen[**k]).count();
+                *left -= delta * n as f64;
+            }
+            let mut any = false;
+            for (_, left, fl) in &res {
+                if *left <= EPS * (1.0 + delta) {
+                    for &k in fl {
+                        if !frozen[k] {
+                            frozen[k] = true;
+                            any = true;
+                        }
+                    }
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        let (mut changed, mut slowed) = (Vec::new(), Vec::new());
+        for (k, &f) in set.iter().enumerate() {
+            let old = self.flows[f].rate;
+            if (rate[k] - old).abs() > EPS * (1.0 + old) {
+                self.settle(f, now);
+                self.flows[f].rate = rate[k];
+                self.flows[f].epoch += 1;
+                changed.push(f);
+                if rate[k] < old {
+                    let fl = &self.flows[f];
+                    for n in [fl.src, fl.dst] {
+                        if !nodes.contains(&n) && !slowed.contains(&n) {
+                            slowed.push(n);
+                        }
+                    }
+                }
+            }
+        }
+        (changed, slowed)
+    }
+
+    /// When a flow finishes at its current rate, in nanoseconds.
+    pub(crate) fn finish_at(&self, f: usize) -> Option<u64> {
+        let fl = &self.flows[f];
+        (fl.live && fl.rate > 0.0).then(|| fl.at + (fl.left / fl.rate * 1e9).ceil() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_share_a_bottleneck_fairly_and_use_what_is_left() {
+        let mut l = Links::default();
+        let a = l.add_node(100.0, 100.0);
+        let b = l.add_node(100.0, 100.0);
+        let c = l.add_node(100.0, 30.0);
+        let (f1, _) = l.start(0, a, b, 1000.0);
+        assert!((l.flows[f1].rate - 100.0).abs() < 1e-3);
+        // a also sends to c, whose download is 30: a gives c 30 and b the remaining 70.
+        let (f2, _) = l.start(0, a, c, 1000.0);
+        assert!(
+            (l.flows[f2].rate - 30.0).abs() < 1e-3,
+            "{}",
+            l.flows[f2].rate
+        );
+        assert!(
+            (l.flows[f1].rate - 70.0).abs() < 1e-3,
+            "{}",
+            l.flows[f1].rate
+        );
+        // When the flow to c ends, b gets all of a's upload again.
+        l.end(1_000_000_000, f2);
+        assert!((l.flows[f1].rate - 100.0).abs() < 1e-3);
+        // 70 bytes went in the first second: 930 left, at 100 a second.
+        assert_eq!(l.finish_at(f1), Some(1_000_000_000 + 9_300_000_000));
+    }
+}

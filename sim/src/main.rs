@@ -1,0 +1,310 @@
+//! `voltool-sim`: voltool's swarm engine at fleet scale. Every simulated downloader runs the
+//! agent's own engine (`voltool_protocol::swarm`), every provider its admission and
+//! subscribers, the tracker the coordinator's bookkeeping, over a model of links with
+//! per-node capacities, latency, zones, slow links, liars and churn; time is simulated and
+//! every random choice comes from `--seed`. Prints one JSON object per run in the shape of
+//! `voltool-testnet bench` and writes a plot.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use voltool_protocol::swarm::Config;
+
+mod links;
+mod plot;
+mod world;
+
+use world::{Role, Scenario, Spec, World};
+
+/// Simulate a fleet reloading one volume at once.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "voltool-sim", version)]
+struct Args {
+    /// Downloaders (the reloading agents).
+    #[arg(long, default_value_t = 7)]
+    nodes: usize,
+    /// Peers that hold the volume whole from the start, besides the origin (the writer).
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+    /// Volume size (B, KiB, MiB, GiB).
+    #[arg(long, default_value = "128MiB", value_parser = parse_bytes)]
+    size: u64,
+    /// Files the volume is split into, equally.
+    #[arg(long, default_value_t = 4)]
+    files: usize,
+    /// Every node's link, each way (bit/s with Kbit, Mbit, Gbit).
+    #[arg(long, default_value = "50Mbit", value_parser = parse_rate)]
+    rate: f64,
+    /// The origin's link, each way (default: --rate).
+    #[arg(long, value_parser = parse_rate)]
+    origin_rate: Option<f64>,
+    /// One-way latency of each node's access link, milliseconds.
+    #[arg(long, default_value_t = 0.05)]
+    latency_ms: f64,
+    /// Zones the downloaders are spread over (the origin and the seeds are in zone 0).
+    #[arg(long, default_value_t = 1)]
+    zones: u8,
+    /// Extra one-way latency between zones, milliseconds.
+    #[arg(long, default_value_t = 20.0)]
+    cross_zone_ms: f64,
+    /// Fraction of downloaders with slow links.
+    #[arg(long, default_value_t = 0.0)]
+    slow_frac: f64,
+    /// A slow link's speed as a fraction of --rate.
+    #[arg(long, default_value_t = 0.25)]
+    slow_factor: f64,
+    /// Downloaders that serve corrupt bytes (a count).
+    #[arg(long, default_value_t = 0)]
+    evil: usize,
+    /// Downloaders that serve corrupt bytes, as a fraction (added to --evil).
+    #[arg(long, default_value_t = 0.0)]
+    liars_frac: f64,
+    /// Fraction of downloaders that leave mid-download for good.
+    #[arg(long, default_value_t = 0.0)]
+    churn_frac: f64,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the plot (SVG) of progress over time.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Downloaders whose progress is drawn.
+    #[arg(long, default_value_t = 16)]
+    traced: usize,
+    /// Give up after this many times T_min of simulated time.
+    #[arg(long, default_value_t = 20.0)]
+    limit: f64,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+    .unwrap_or((s, 1));
+    let n: f64 = num.trim().parse().map_err(|e| format!("{s}: {e}"))?;
+    Ok((n * mult as f64) as u64)
+}
+
+/// Bytes per second from bits per second with a unit.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    let (num, mult) = [("Gbit", 1e9), ("Mbit", 1e6), ("Kbit", 1e3), ("bit", 1.0)]
+        .iter()
+        .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+        .unwrap_or((s, 1.0));
+    let n: f64 = num.trim().parse().map_err(|e| format!("{s}: {e}"))?;
+    Ok(n * mult / 8.0)
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    scenario: &'static str,
+    nodes: usize,
+    seeds: usize,
+    volume_bytes: u64,
+    files: usize,
+    rate_bytes_per_s: f64,
+    zones: u8,
+    slow_frac: f64,
+    liars: usize,
+    churned: usize,
+    seed: u64,
+    t_min_s: f64,
+    fleet_s: f64,
+    p50_s: f64,
+    p99_s: f64,
+    ratio: f64,
+    p50_ratio: f64,
+    p99_ratio: f64,
+    origin_bytes: u64,
+    origin_ratio: f64,
+    bans: usize,
+    liars_left_out_by_tracker: usize,
+    corrupt_bytes_accepted: u64,
+    failed: usize,
+    unfinished: usize,
+    lookups_per_node_per_blob: f64,
+    events: u64,
+    events_per_s: f64,
+    sim_s: f64,
+    wall_s: f64,
+    plot: Option<String>,
+}
+
+/// Kumar & Ross: no schedule finishes before `max(F / u_s, F / min d_i, N·F / (u_s + Σ u_i))`
+/// over the honest downloaders that stay, with the origin and the seeds as sources.
+fn t_min(f: f64, specs: &[Spec], honest: &[usize]) -> f64 {
+    let u_s: f64 = specs
+        .iter()
+        .filter(|s| s.role != Role::Downloader)
+        .map(|s| s.up)
+        .sum();
+    let n = honest.len() as f64;
+    let sum_u: f64 = honest.iter().map(|i| specs[*i].up).sum();
+    let min_d = honest
+        .iter()
+        .map(|i| specs[*i].down)
+        .fold(f64::INFINITY, f64::min);
+    (f / u_s).max(f / min_d).max(n * f / (u_s + sum_u))
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn scenario(a: &Args) -> Scenario {
+    let mut rng = SmallRng::seed_from_u64(a.seed ^ 0x5eed);
+    let lat = (a.latency_ms * 1e6) as u64;
+    let mut nodes = vec![Spec {
+        role: Role::Origin,
+        up: a.origin_rate.unwrap_or(a.rate),
+        down: a.origin_rate.unwrap_or(a.rate),
+        latency: lat,
+        zone: 0,
+        liar: false,
+        leaves_at: None,
+    }];
+    for _ in 0..a.seeds {
+        nodes.push(Spec {
+            role: Role::Seed,
+            up: a.rate,
+            down: a.rate,
+            latency: lat,
+            zone: 0,
+            liar: false,
+            leaves_at: None,
+        });
+    }
+    let liars = (a.evil + (a.liars_frac * a.nodes as f64).round() as usize).min(a.nodes);
+    let t_guess = a.size as f64 / a.rate;
+    for i in 0..a.nodes {
+        let slow = rng.random_bool(a.slow_frac.clamp(0.0, 1.0));
+        let r = if slow { a.rate * a.slow_factor } else { a.rate };
+        let churn = rng.random_bool(a.churn_frac.clamp(0.0, 1.0));
+        nodes.push(Spec {
+            role: Role::Downloader,
+            up: r,
+            down: r,
+            latency: lat,
+            zone: (i % a.zones.max(1) as usize) as u8,
+            // The last downloaders lie, so that the traced ones are honest.
+            liar: i >= a.nodes - liars,
+            leaves_at: churn.then(|| (t_guess * rng.random_range(0.2..0.8) * 1e9) as u64),
+        });
+    }
+    let per_file = a.size / a.files.max(1) as u64;
+    let mut blobs = vec![per_file; a.files.max(1)];
+    *blobs.last_mut().expect("one file") += a.size - per_file * a.files.max(1) as u64;
+    Scenario {
+        nodes,
+        blobs,
+        cross_zone: (a.cross_zone_ms * 1e6) as u64,
+        seed: a.seed,
+        cfg: Config::default(),
+        traced: a.traced,
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    anyhow::ensure!(a.nodes > 0, "--nodes must be at least 1");
+    anyhow::ensure!(a.size > 0, "--size must be more than 0");
+    let sc = scenario(&a);
+    let specs = sc.nodes.clone();
+    let honest: Vec<usize> = (0..specs.len())
+        .filter(|i| {
+            let s = &specs[*i];
+            s.role == Role::Downloader && !s.liar && s.leaves_at.is_none()
+        })
+        .collect();
+    let tmin = t_min(a.size as f64, &specs, &honest);
+    let wall = std::time::Instant::now();
+    let run = World::new(sc).run(tmin * a.limit);
+    let wall_s = wall.elapsed().as_secs_f64();
+    let mut finish: Vec<f64> = honest
+        .iter()
+        .filter_map(|i| run.nodes[*i].done_at)
+        .collect();
+    finish.sort_by(f64::total_cmp);
+    let unfinished = honest.len() - finish.len();
+    let fleet_s = if unfinished > 0 {
+        f64::INFINITY
+    } else {
+        finish.last().copied().unwrap_or(0.0)
+    };
+    let downloaders = specs.iter().filter(|s| s.role == Role::Downloader).count();
+    let lookups: u64 = run.nodes.iter().map(|n| n.lookups).sum();
+    if let Some(p) = &a.plot {
+        let traces: Vec<&[(f64, u64)]> = run
+            .nodes
+            .iter()
+            .filter(|n| !n.trace.is_empty())
+            .map(|n| n.trace.as_slice())
+            .collect();
+        plot::write_svg(p, &traces, &finish, a.size, tmin)
+            .with_context(|| p.display().to_string())?;
+    }
+    let report = Report {
+        scenario: "B7",
+        nodes: a.nodes,
+        seeds: a.seeds,
+        volume_bytes: a.size,
+        files: a.files,
+        rate_bytes_per_s: a.rate,
+        zones: a.zones,
+        slow_frac: a.slow_frac,
+        liars: specs.iter().filter(|s| s.liar).count(),
+        churned: specs.iter().filter(|s| s.leaves_at.is_some()).count(),
+        seed: a.seed,
+        t_min_s: tmin,
+        fleet_s,
+        p50_s: quantile(&finish, 0.5),
+        p99_s: quantile(&finish, 0.99),
+        ratio: fleet_s / tmin,
+        p50_ratio: quantile(&finish, 0.5) / tmin,
+        p99_ratio: quantile(&finish, 0.99) / tmin,
+        origin_bytes: run.origin_bytes as u64,
+        origin_ratio: run.origin_bytes / a.size as f64,
+        bans: run.nodes.iter().map(|n| n.bans).sum(),
+        liars_left_out_by_tracker: run.reported_liars_left_out,
+        corrupt_bytes_accepted: run.nodes.iter().map(|n| n.corrupt_accepted).sum(),
+        failed: run.nodes.iter().filter(|n| n.failed).count(),
+        unfinished,
+        lookups_per_node_per_blob: lookups as f64 / downloaders as f64 / a.files.max(1) as f64,
+        events: run.events,
+        events_per_s: run.events as f64 / wall_s,
+        sim_s: run.sim_s,
+        wall_s,
+        plot: a.plot.as_ref().map(|p| p.display().to_string()),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_rates_parse() {
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_rate("50Mbit"), Ok(6_250_000.0));
+        assert!(parse_bytes("lots").is_err());
+    }
+}

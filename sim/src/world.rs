@@ -1,0 +1,916 @@
+//! The simulated fleet: an origin (which is also the tracker's host), seeds, downloaders;
+//! each downloader runs voltool's own swarm engine, each provider its own admission and
+//! subscribers, and the tracker is the coordinator's own bookkeeping. Messages take the
+//! latency of their two ends; data takes the links' time ([`crate::links`]).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use voltool_protocol::Hash;
+use voltool_protocol::swarm::{
+    Action, Admission, Admit, Ask, Blobs, Config, Engine, Event, GroupId, Outcome, PieceSet,
+    ProviderInfo, ReqId, Subscribers, Tracker,
+};
+
+use crate::links::Links;
+
+/// What a node is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    Origin,
+    Seed,
+    Downloader,
+}
+
+/// One node's link and behaviour.
+#[derive(Clone, Debug)]
+pub(crate) struct Spec {
+    pub(crate) role: Role,
+    pub(crate) up: f64,
+    pub(crate) down: f64,
+    /// One-way latency of its access link, nanoseconds.
+    pub(crate) latency: u64,
+    pub(crate) zone: u8,
+    /// Serves corrupt bytes.
+    pub(crate) liar: bool,
+    /// Leaves the fleet at this time (nanoseconds), for good.
+    pub(crate) leaves_at: Option<u64>,
+}
+
+/// The whole scenario.
+#[derive(Clone, Debug)]
+pub(crate) struct Scenario {
+    pub(crate) nodes: Vec<Spec>,
+    /// Blob sizes: the files of the volume.
+    pub(crate) blobs: Vec<u64>,
+    /// Extra one-way latency between zones, nanoseconds.
+    pub(crate) cross_zone: u64,
+    pub(crate) seed: u64,
+    pub(crate) cfg: Config,
+    /// Nodes whose progress is sampled for the plot.
+    pub(crate) traced: usize,
+}
+
+/// What one node did.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct NodeResult {
+    pub(crate) done_at: Option<f64>,
+    pub(crate) failed: bool,
+    pub(crate) lookups: u64,
+    pub(crate) bans: usize,
+    /// Verified bytes counted from liars (must stay 0).
+    pub(crate) corrupt_accepted: u64,
+    pub(crate) trace: Vec<(f64, u64)>,
+}
+
+/// What the run measured.
+#[derive(Debug)]
+pub(crate) struct Run {
+    pub(crate) nodes: Vec<NodeResult>,
+    pub(crate) origin_bytes: f64,
+    pub(crate) events: u64,
+    pub(crate) sim_s: f64,
+    pub(crate) reported_liars_left_out: usize,
+}
+
+struct Node {
+    spec: Spec,
+    gone: bool,
+    engine: Option<Engine>,
+    adm: Admission,
+    subs: Subscribers,
+    held: Vec<PieceSet>,
+    /// Requests waiting in this provider's admission queue, by token.
+    waiting: HashMap<u64, Pending>,
+    timer: Option<(u64, u32)>,
+    timer_gen: u32,
+    result: NodeResult,
+    bytes: u64,
+    groups_done: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    from: usize,
+    req: ReqId,
+    blob: usize,
+    unit: u32,
+}
+
+/// A flow carrying one unit to a requester.
+#[derive(Clone, Debug)]
+struct Carry {
+    prov: usize,
+    p: Pending,
+    bytes: f64,
+    corrupt: bool,
+}
+
+enum Ev {
+    Timer(usize, u32),
+    ToNode(usize, Event),
+    Serve {
+        prov: usize,
+        p: Pending,
+        ask: Ask,
+    },
+    Cancel {
+        prov: usize,
+        from: usize,
+        req: ReqId,
+    },
+    Subscribe {
+        prov: usize,
+        from: usize,
+        blob: usize,
+    },
+    FlowDone(usize, u32),
+    Lookup {
+        from: usize,
+        blob: usize,
+    },
+    Announce {
+        from: usize,
+        blobs: Vec<Hash>,
+        complete: bool,
+    },
+    Report {
+        from: usize,
+        liar: usize,
+    },
+    Leave(usize),
+    Heartbeat,
+}
+
+struct Item(u64, u64, Ev);
+
+impl PartialEq for Item {
+    fn eq(&self, o: &Self) -> bool {
+        (self.0, self.1) == (o.0, o.1)
+    }
+}
+impl Eq for Item {}
+impl PartialOrd for Item {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Item {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.0, self.1).cmp(&(o.0, o.1))
+    }
+}
+
+/// Node `i`'s id: its index in the first bytes.
+fn node_id(i: usize) -> voltool_protocol::swarm::NodeId {
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    b[8] = 0xa5;
+    voltool_protocol::swarm::NodeId(b)
+}
+
+fn index_of(id: &voltool_protocol::swarm::NodeId) -> usize {
+    u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes")) as usize
+}
+
+fn blob_hash(k: usize) -> Hash {
+    let mut b = [0x5bu8; 32];
+    b[..8].copy_from_slice(&(k as u64).to_le_bytes());
+    Hash(b)
+}
+
+pub(crate) struct World {
+    sc: Scenario,
+    base: Instant,
+    now: u64,
+    seq: u64,
+    heap: BinaryHeap<Reverse<Item>>,
+    nodes: Vec<Node>,
+    links: Links,
+    carry: HashMap<usize, Carry>,
+    /// Requests flowing, by (requester, request): the flow.
+    flowing: HashMap<(usize, ReqId), usize>,
+    /// Requests on their way to a provider or waiting there: (requester, request) →
+    /// (provider, admission token if waiting).
+    pending: HashMap<(usize, ReqId), (usize, Option<u64>)>,
+    tracker: Tracker<()>,
+    hashes: Vec<Hash>,
+    units: Vec<u32>,
+    next_token: u64,
+    origin_bytes: f64,
+    events: u64,
+    downloading: usize,
+}
+
+const HEARTBEAT: u64 = 30_000_000_000;
+
+impl World {
+    pub(crate) fn new(sc: Scenario) -> Self {
+        let base = Instant::now();
+        let cfg = sc.cfg.clone();
+        let hashes: Vec<Hash> = (0..sc.blobs.len()).map(blob_hash).collect();
+        let units: Vec<u32> = sc
+            .blobs
+            .iter()
+            .map(|s| s.div_ceil(cfg.piece_bytes).max(1) as u32)
+            .collect();
+        let mut links = Links::default();
+        let mut tracker = Tracker::new(cfg.clone(), sc.seed ^ 0x7472);
+        let mut nodes = Vec::new();
+        let mut heap = BinaryHeap::new();
+        let mut seq = 0;
+        let mut downloading = 0;
+        for (i, spec) in sc.nodes.iter().enumerate() {
+            links.add_node(spec.up, spec.down);
+            let complete = spec.role != Role::Downloader;
+            let held = units
+                .iter()
+                .map(|&u| {
+                    if complete {
+                        PieceSet::full(u)
+                    } else {
+                        PieceSet::empty(u)
+                    }
+                })
+                .collect();
+            let engine = (spec.role == Role::Downloader).then(|| {
+                downloading += 1;
+                let mut e = Engine::new(cfg.clone(), node_id(i), sc.seed.wrapping_add(i as u64));
+                for (k, &size) in sc.blobs.iter().enumerate() {
+                    e.want(Blobs::Pieces {
+                        hash: hashes[k],
+                        size,
+                        held: PieceSet::empty(units[k]),
+                    });
+                }
+                e
+            });
+            if spec.role == Role::Seed {
+                tracker.announce(
+                    at(base, 0),
+                    node_id(i),
+                    (),
+                    Some(spec.zone.to_string()),
+                    &hashes,
+                    true,
+                );
+            }
+            if let Some(t) = spec.leaves_at {
+                seq += 1;
+                heap.push(Reverse(Item(t, seq, Ev::Leave(i))));
+            }
+            nodes.push(Node {
+                spec: spec.clone(),
+                gone: false,
+                engine,
+                adm: Admission::new(cfg.clone(), sc.seed ^ (i as u64) << 1),
+                subs: Subscribers::new(cfg.clone()),
+                held,
+                waiting: HashMap::new(),
+                timer: None,
+                timer_gen: 0,
+                result: NodeResult::default(),
+                bytes: 0,
+                groups_done: 0,
+            });
+        }
+        seq += 1;
+        heap.push(Reverse(Item(HEARTBEAT, seq, Ev::Heartbeat)));
+        let mut w = World {
+            sc,
+            base,
+            now: 0,
+            seq,
+            heap,
+            nodes,
+            links,
+            carry: HashMap::new(),
+            flowing: HashMap::new(),
+            pending: HashMap::new(),
+            tracker,
+            hashes,
+            units,
+            next_token: 0,
+            origin_bytes: 0.0,
+            events: 0,
+            downloading,
+        };
+        for i in 0..w.nodes.len() {
+            if w.nodes[i].engine.is_some() {
+                w.run_node(i);
+            }
+        }
+        w
+    }
+
+    fn instant(&self) -> Instant {
+        at(self.base, self.now)
+    }
+
+    fn push(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Reverse(Item(t, self.seq, ev)));
+    }
+
+    /// One-way latency between two nodes.
+    fn lat(&self, a: usize, b: usize) -> u64 {
+        let (x, y) = (&self.nodes[a].spec, &self.nodes[b].spec);
+        x.latency
+            + y.latency
+            + if x.zone != y.zone {
+                self.sc.cross_zone
+            } else {
+                0
+            }
+    }
+
+    /// Sends an event to node `to`, from `from`, after their latency.
+    fn tell(&mut self, from: usize, to: usize, ev: Event) {
+        let t = self.now + self.lat(from, to);
+        self.push(t, Ev::ToNode(to, ev));
+    }
+
+    /// Runs the simulation until every downloader has finished, failed or left.
+    pub(crate) fn run(mut self, limit_s: f64) -> Run {
+        let limit = (limit_s * 1e9) as u64;
+        while self.downloading > 0 {
+            let Some(Reverse(Item(t, _, ev))) = self.heap.pop() else {
+                break;
+            };
+            if t > limit {
+                break;
+            }
+            self.now = t;
+            self.events += 1;
+            self.step(ev);
+        }
+        let reported = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| n.spec.liar && self.tracker.distrusted(&node_id(*i)))
+            .count();
+        let sim_s = self.now as f64 / 1e9;
+        Run {
+            nodes: self.nodes.into_iter().map(|n| n.result).collect(),
+            origin_bytes: self.origin_bytes,
+            events: self.events,
+            sim_s,
+            reported_liars_left_out: reported,
+        }
+    }
+
+    fn step(&mut self, ev: Ev) {
+        match ev {
+            Ev::Timer(n, epoch) => {
+                if self.nodes[n].timer.is_some_and(|(_, g)| g == epoch) {
+                    self.nodes[n].timer = None;
+                    let now = self.instant();
+                    if let Some(e) = &mut self.nodes[n].engine {
+                        e.handle_timeout(now);
+                    }
+                    self.run_node(n);
+                }
+            }
+            Ev::ToNode(n, event) => {
+                if self.nodes[n].gone {
+                    return;
+                }
+                let now = self.instant();
+                if let Some(e) = &mut self.nodes[n].engine {
+                    e.handle(now, event);
+                }
+                self.run_node(n);
+            }
+            Ev::Serve { prov, p, ask } => self.serve(prov, p, ask),
+            Ev::Cancel { prov, from, req } => self.cancel(prov, from, req),
+            Ev::Subscribe { prov, from, blob } => {
+                if self.nodes[prov].gone {
+                    return;
+                }
+                let hash = self.hashes[blob];
+                if self.nodes[prov].subs.subscribe(node_id(from), hash) {
+                    let units = self.nodes[prov].held[blob].clone();
+                    self.tell(
+                        prov,
+                        from,
+                        Event::Have {
+                            provider: node_id(prov),
+                            group: GroupId(blob as u32),
+                            units,
+                        },
+                    );
+                }
+            }
+            Ev::FlowDone(f, epoch) => {
+                if self.links.flows[f].live && self.links.flows[f].epoch == epoch {
+                    self.flow_done(f);
+                }
+            }
+            Ev::Lookup { from, blob } => self.lookup(from, blob),
+            Ev::Announce {
+                from,
+                blobs,
+                complete,
+            } => {
+                let now = self.instant();
+                let zone = Some(self.nodes[from].spec.zone.to_string());
+                self.tracker
+                    .announce(now, node_id(from), (), zone, &blobs, complete);
+            }
+            Ev::Report { from, liar } => {
+                self.tracker.report(&node_id(from), &node_id(liar));
+            }
+            Ev::Leave(n) => self.leave(n),
+            Ev::Heartbeat => {
+                let now = self.instant();
+                for i in 0..self.nodes.len() {
+                    if !self.nodes[i].gone {
+                        self.tracker.heartbeat(now, &node_id(i));
+                    }
+                }
+                self.tracker.expire(now);
+                let t = self.now + HEARTBEAT;
+                self.push(t, Ev::Heartbeat);
+            }
+        }
+    }
+
+    /// Drains node `n`'s engine and subscribers, and sets its next timer.
+    fn run_node(&mut self, n: usize) {
+        let now = self.instant();
+        while let Some(a) = self.nodes[n]
+            .engine
+            .as_mut()
+            .and_then(|e| e.poll_action(now))
+        {
+            self.act(n, a);
+        }
+        while let Some(push) = self.nodes[n].subs.poll_push(now) {
+            let blob = self
+                .hashes
+                .iter()
+                .position(|h| *h == push.hash)
+                .expect("known blob");
+            let units = PieceSet::from_iter(self.units[blob], push.units.iter().copied());
+            for to in push.to {
+                let to = index_of(&to);
+                self.tell(
+                    n,
+                    to,
+                    Event::Have {
+                        provider: node_id(n),
+                        group: GroupId(blob as u32),
+                        units: units.clone(),
+                    },
+                );
+            }
+        }
+        let node = &self.nodes[n];
+        let t = [
+            node.engine.as_ref().and_then(|e| e.poll_timeout()),
+            node.subs.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|i| (i.saturating_duration_since(self.base).as_nanos() as u64).max(self.now));
+        if node.timer.map(|(t, _)| t) != t {
+            let node = &mut self.nodes[n];
+            node.timer_gen += 1;
+            let epoch = node.timer_gen;
+            node.timer = t.map(|t| (t, epoch));
+            if let Some(t) = t {
+                self.push(t, Ev::Timer(n, epoch));
+            }
+        }
+    }
+
+    fn act(&mut self, n: usize, a: Action) {
+        let origin = 0;
+        match a {
+            Action::Lookup { group } => {
+                let t = self.now + self.lat(n, origin);
+                self.push(
+                    t,
+                    Ev::Lookup {
+                        from: n,
+                        blob: group.0 as usize,
+                    },
+                );
+            }
+            Action::Request {
+                req,
+                provider,
+                group,
+                ask,
+            } => {
+                let prov = index_of(&provider);
+                let unit = match &ask {
+                    Ask::Units(u) => u[0],
+                    Ask::Pick { .. } => u32::MAX,
+                };
+                self.pending.insert((n, req), (prov, None));
+                let t = self.now + self.lat(n, prov);
+                self.push(
+                    t,
+                    Ev::Serve {
+                        prov,
+                        p: Pending {
+                            from: n,
+                            req,
+                            blob: group.0 as usize,
+                            unit,
+                        },
+                        ask,
+                    },
+                );
+            }
+            Action::Cancel { req } => {
+                if let Some(&f) = self.flowing.get(&(n, req)) {
+                    let prov = self.links.flows[f].src;
+                    let t = self.now + self.lat(n, prov);
+                    self.push(t, Ev::Cancel { prov, from: n, req });
+                } else if let Some(&(prov, _)) = self.pending.get(&(n, req)) {
+                    let t = self.now + self.lat(n, prov);
+                    self.push(t, Ev::Cancel { prov, from: n, req });
+                }
+            }
+            Action::Subscribe { provider, group } => {
+                let prov = index_of(&provider);
+                let t = self.now + self.lat(n, prov);
+                self.push(
+                    t,
+                    Ev::Subscribe {
+                        prov,
+                        from: n,
+                        blob: group.0 as usize,
+                    },
+                );
+            }
+            Action::Announce { blobs, complete } => {
+                let t = self.now + self.lat(n, origin);
+                self.push(
+                    t,
+                    Ev::Announce {
+                        from: n,
+                        blobs,
+                        complete,
+                    },
+                );
+            }
+            Action::Report { provider } => {
+                let t = self.now + self.lat(n, origin);
+                self.push(
+                    t,
+                    Ev::Report {
+                        from: n,
+                        liar: index_of(&provider),
+                    },
+                );
+            }
+            Action::Done { .. } => {
+                let node = &mut self.nodes[n];
+                node.groups_done += 1;
+                if node.groups_done == self.sc.blobs.len() {
+                    node.result.done_at = Some(self.now as f64 / 1e9);
+                    self.finished(n);
+                }
+            }
+            Action::Failed { .. } => {
+                if !self.nodes[n].result.failed {
+                    self.nodes[n].result.failed = true;
+                    self.finished(n);
+                }
+            }
+        }
+    }
+
+    /// A downloader is through (done, failed or gone): record its figures.
+    fn finished(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        if let Some(e) = &node.engine {
+            let s = e.stats();
+            node.result.lookups = s.lookups;
+            node.result.bans = s.banned.len();
+            node.result.corrupt_accepted = s
+                .by_provider
+                .iter()
+                .filter(|(id, _)| self.sc.nodes[index_of(id)].liar)
+                .map(|(_, b)| *b)
+                .sum();
+        }
+        self.downloading -= 1;
+    }
+
+    fn serve(&mut self, prov: usize, mut p: Pending, ask: Ask) {
+        let from = p.from;
+        if self.nodes[prov].gone {
+            self.pending.remove(&(from, p.req));
+            self.tell(
+                prov,
+                from,
+                Event::Answer {
+                    req: p.req,
+                    outcome: Outcome::Unreachable,
+                },
+            );
+            return;
+        }
+        if !self.pending.contains_key(&(from, p.req)) {
+            return; // cancelled on the way
+        }
+        let (blob, units) = (p.blob, self.units[p.blob]);
+        let is_origin = self.nodes[prov].spec.role == Role::Origin;
+        let busy = |w: &mut World| {
+            w.pending.remove(&(from, p.req));
+            w.tell(
+                prov,
+                from,
+                Event::Answer {
+                    req: p.req,
+                    outcome: Outcome::Busy,
+                },
+            );
+        };
+        let node = &mut self.nodes[prov];
+        if node.adm.contested() && node.adm.waiting() >= self.sc.cfg.serve_queue {
+            return busy(self);
+        }
+        let unit = match &ask {
+            Ask::Units(us) => {
+                let u = us[0];
+                if !node.held[blob].contains(u) {
+                    // It lacks it: an answer with nothing in it.
+                    self.pending.remove(&(from, p.req));
+                    self.tell(
+                        prov,
+                        from,
+                        Event::Answer {
+                            req: p.req,
+                            outcome: Outcome::Ok,
+                        },
+                    );
+                    return;
+                }
+                if is_origin {
+                    let among = PieceSet::from_iter(units, [u]);
+                    if node.adm.choose(self.hashes[blob], units, &among).is_none() {
+                        return busy(self);
+                    }
+                }
+                u
+            }
+            Ask::Pick { among } => {
+                let among = among.and(&node.held[blob]);
+                match node.adm.choose(self.hashes[blob], units, &among) {
+                    Some(u) => u,
+                    None => return busy(self),
+                }
+            }
+        };
+        p.unit = unit;
+        if matches!(ask, Ask::Pick { .. }) {
+            self.tell(prov, from, Event::Picked { req: p.req, unit });
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        match self.nodes[prov].adm.admit(token) {
+            Admit::Now => self.start_flow(prov, p),
+            Admit::Queued => {
+                self.pending.insert((from, p.req), (prov, Some(token)));
+                self.nodes[prov].waiting.insert(token, p);
+            }
+            Admit::Busy => busy(self),
+        }
+    }
+
+    fn start_flow(&mut self, prov: usize, p: Pending) {
+        let from = p.from;
+        if self.nodes[from].gone {
+            self.pending.remove(&(from, p.req));
+            self.next_turn(prov);
+            return;
+        }
+        let (s, e) = {
+            let pb = self.sc.cfg.piece_bytes;
+            let size = self.sc.blobs[p.blob];
+            let s = p.unit as u64 * pb;
+            (s.min(size), (s + pb).min(size))
+        };
+        let corrupt = self.nodes[prov].spec.liar;
+        // A liar's first bad chunk group fails verification: the rest is never read.
+        let bytes = if corrupt {
+            (e - s).min(16 << 10)
+        } else {
+            e - s
+        } as f64;
+        self.pending.remove(&(from, p.req));
+        let (f, changed) = self.links.start(self.now, prov, from, bytes.max(1.0));
+        self.flowing.insert((from, p.req), f);
+        self.carry.insert(
+            f,
+            Carry {
+                prov,
+                p,
+                bytes,
+                corrupt,
+            },
+        );
+        self.reschedule(changed);
+    }
+
+    fn reschedule(&mut self, flows: Vec<usize>) {
+        for f in flows {
+            if let Some(t) = self.links.finish_at(f) {
+                let epoch = self.links.flows[f].epoch;
+                self.push(t.max(self.now), Ev::FlowDone(f, epoch));
+            }
+        }
+    }
+
+    /// A slot of `prov` is free: the next request waiting gets it.
+    fn next_turn(&mut self, prov: usize) {
+        if let Some(token) = self.nodes[prov].adm.finished()
+            && let Some(p) = self.nodes[prov].waiting.remove(&token)
+        {
+            self.start_flow(prov, p);
+        }
+    }
+
+    fn flow_done(&mut self, f: usize) {
+        let c = self.carry.remove(&f).expect("carried");
+        let changed = self.links.end(self.now, f);
+        self.reschedule(changed);
+        if self.nodes[c.prov].spec.role == Role::Origin {
+            self.origin_bytes += c.bytes;
+        }
+        let from = c.p.from;
+        self.flowing.remove(&(from, c.p.req));
+        let req = c.p.req;
+        if !c.corrupt {
+            // Held (and pushed to its subscribers) once it has arrived and verified.
+            let t = self.now + self.lat(c.prov, from);
+            self.push(
+                t,
+                Ev::ToNode(
+                    from,
+                    Event::Unit {
+                        req,
+                        unit: c.p.unit,
+                        verified: true,
+                    },
+                ),
+            );
+            self.held_at(t, from, c.p.blob, c.p.unit);
+        } else {
+            self.tell(
+                c.prov,
+                from,
+                Event::Unit {
+                    req,
+                    unit: c.p.unit,
+                    verified: false,
+                },
+            );
+        }
+        self.tell(
+            c.prov,
+            from,
+            Event::Answer {
+                req,
+                outcome: Outcome::Ok,
+            },
+        );
+        self.next_turn(c.prov);
+    }
+
+    /// Node `n` will hold a unit at time `t` (when its bytes have arrived).
+    fn held_at(&mut self, t: u64, n: usize, blob: usize, unit: u32) {
+        let traced = n < self.sc.traced + 1 + self.seeds();
+        let node = &mut self.nodes[n];
+        if node.held[blob].insert(unit) {
+            let bytes = {
+                let pb = self.sc.cfg.piece_bytes;
+                let size = self.sc.blobs[blob];
+                let s = unit as u64 * pb;
+                (s + pb).min(size) - s.min(size)
+            };
+            node.bytes += bytes;
+            if traced {
+                node.result.trace.push((t as f64 / 1e9, node.bytes));
+            }
+            node.subs.held(at(self.base, t), self.hashes[blob], unit);
+            self.run_subs_timer(n);
+        }
+    }
+
+    fn seeds(&self) -> usize {
+        self.sc
+            .nodes
+            .iter()
+            .filter(|s| s.role == Role::Seed)
+            .count()
+    }
+
+    fn run_subs_timer(&mut self, n: usize) {
+        let Some(t) = self.nodes[n].subs.poll_timeout() else {
+            return;
+        };
+        let t = (t.saturating_duration_since(self.base).as_nanos() as u64).max(self.now);
+        if self.nodes[n].timer.is_none_or(|(x, _)| x > t) {
+            let node = &mut self.nodes[n];
+            node.timer_gen += 1;
+            let epoch = node.timer_gen;
+            node.timer = Some((t, epoch));
+            self.push(t, Ev::Timer(n, epoch));
+        }
+    }
+
+    fn cancel(&mut self, prov: usize, from: usize, req: ReqId) {
+        if let Some(f) = self.flowing.remove(&(from, req)) {
+            if self.links.flows[f].live && self.links.flows[f].src == prov {
+                let total = self.carry.get(&f).map_or(0.0, |c| c.bytes);
+                let sent = self.links.sent(f, self.now, total);
+                if self.nodes[prov].spec.role == Role::Origin {
+                    self.origin_bytes += sent;
+                }
+                self.carry.remove(&f);
+                let changed = self.links.end(self.now, f);
+                self.reschedule(changed);
+                self.next_turn(prov);
+            }
+        } else if let Some((_, token)) = self.pending.remove(&(from, req))
+            && let Some(token) = token
+        {
+            self.nodes[prov].adm.forget(token);
+            self.nodes[prov].waiting.remove(&token);
+        }
+    }
+
+    fn lookup(&mut self, from: usize, blob: usize) {
+        let now = self.instant();
+        let list = self.tracker.lookup(now, &node_id(from), &self.hashes[blob]);
+        let mut providers: Vec<ProviderInfo> = list
+            .into_iter()
+            .map(|h| ProviderInfo {
+                id: h.id,
+                complete: h.complete,
+                origin: false,
+            })
+            .collect();
+        providers.push(ProviderInfo {
+            id: node_id(0),
+            complete: true,
+            origin: true,
+        });
+        self.tell(
+            0,
+            from,
+            Event::Providers {
+                group: GroupId(blob as u32),
+                providers,
+            },
+        );
+    }
+
+    /// Node `n` leaves: its transfers break, and it answers nobody again.
+    fn leave(&mut self, n: usize) {
+        if self.nodes[n].gone {
+            return;
+        }
+        self.nodes[n].gone = true;
+        if self.nodes[n].engine.is_some()
+            && self.nodes[n].result.done_at.is_none()
+            && !self.nodes[n].result.failed
+        {
+            self.finished(n);
+        }
+        for f in self.links.flows_of(n) {
+            let Some(c) = self.carry.remove(&f) else {
+                continue;
+            };
+            self.flowing.remove(&(c.p.from, c.p.req));
+            let changed = self.links.end(self.now, f);
+            self.reschedule(changed);
+            if c.prov == n {
+                // Its downloaders see the connection close.
+                self.tell(
+                    n,
+                    c.p.from,
+                    Event::Answer {
+                        req: c.p.req,
+                        outcome: Outcome::Unreachable,
+                    },
+                );
+            } else {
+                self.next_turn(c.prov);
+            }
+        }
+    }
+}
+
+fn at(base: Instant, ns: u64) -> Instant {
+    base + Duration::from_nanos(ns)
+}
