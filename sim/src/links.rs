@@ -29,6 +29,7 @@ pub(crate) struct Links {
     inn: Vec<Vec<usize>>,
     pub(crate) flows: Vec<Flow>,
     free: Vec<usize>,
+    scratch_set: Vec<usize>,
 }
 
 const EPS: f64 = 1e-6;
@@ -129,7 +130,8 @@ impl Links {
     /// Progressive filling over the flows touching `nodes`, every other flow held at its
     /// rate. Returns the flows whose rate changed, and the far ends of those that slowed.
     fn fill(&mut self, now: u64, nodes: &[usize]) -> (Vec<usize>, Vec<usize>) {
-        let mut set: Vec<usize> = Vec::new();
+        let mut set = std::mem::take(&mut self.scratch_set);
+        set.clear();
         for &n in nodes {
             for &f in self.out[n].iter().chain(&self.inn[n]) {
                 if !set.contains(&f) {
@@ -138,41 +140,52 @@ impl Links {
             }
         }
         if set.is_empty() {
+            self.scratch_set = set;
             return (Vec::new(), Vec::new());
         }
-        // Resources: (node, is upload) with what is left of it once the flows outside the
-        // set are counted, and the set's flows crossing it.
-        let mut res: Vec<((usize, bool), f64, Vec<usize>)> = Vec::new();
-        for (k, &f) in set.iter().enumerate() {
+        // Resources (node, is upload): what is left of each once the flows outside the set
+        // are counted, and how many of the set's flows cross it unfrozen. Each flow of the
+        // set crosses two: its sender's upload and its receiver's download.
+        let mut keys: Vec<(usize, bool)> = Vec::with_capacity(2 * set.len());
+        let mut left: Vec<f64> = Vec::with_capacity(2 * set.len());
+        let mut unfrozen: Vec<u32> = Vec::with_capacity(2 * set.len());
+        let mut ends: Vec<(usize, usize)> = Vec::with_capacity(set.len());
+        for &f in &set {
             let (s, d) = (self.flows[f].src, self.flows[f].dst);
-            for key in [(s, true), (d, false)] {
-                match res.iter_mut().find(|r| r.0 == key) {
-                    Some(r) => r.2.push(k),
-                    None => {
-                        let (n, up) = key;
-                        let (cap, list) = if up {
-                            (self.up[n], &self.out[n])
-                        } else {
-                            (self.down[n], &self.inn[n])
-                        };
-                        let outside: f64 = list
-                            .iter()
-                            .filter(|g| !set.contains(g))
-                            .map(|g| self.flows[*g].rate)
-                            .sum();
-                        res.push((key, (cap - outside).max(0.0), vec![k]));
-                    }
+            let mut at = |key: (usize, bool)| match keys.iter().position(|k| *k == key) {
+                Some(r) => {
+                    unfrozen[r] += 1;
+                    r
                 }
-            }
+                None => {
+                    let (n, up) = key;
+                    let (cap, list) = if up {
+                        (self.up[n], &self.out[n])
+                    } else {
+                        (self.down[n], &self.inn[n])
+                    };
+                    let outside: f64 = list
+                        .iter()
+                        .filter(|g| !set.contains(g))
+                        .map(|g| self.flows[*g].rate)
+                        .sum();
+                    keys.push(key);
+                    left.push((cap - outside).max(0.0));
+                    unfrozen.push(1);
+                    keys.len() - 1
+                }
+            };
+            let rs = at((s, true));
+            let rd = at((d, false));
+            ends.push((rs, rd));
         }
         let mut rate = vec![0.0f64; set.len()];
         let mut frozen = vec![false; set.len()];
         loop {
             let mut delta = f64::INFINITY;
-            for (_, left, fl) in &res {
-                let n = fl.iter().filter(|k| !frozen[**k]).count();
-                if n > 0 {
-                    delta = delta.min(left / n as f64);
+            for (r, n) in unfrozen.iter().enumerate() {
+                if *n > 0 {
+                    delta = delta.min(left[r] / *n as f64);
                 }
             }
             if !delta.is_finite() {
@@ -183,19 +196,19 @@ impl Links {
                     *r += delta;
                 }
             }
-            for (_, left, fl) in &mut res {
-                let n = fl.iter().filter(|k| !frozen[**k]).count();
-                *left -= delta * n as f64;
+            for (r, n) in unfrozen.iter().enumerate() {
+                left[r] -= delta * *n as f64;
             }
             let mut any = false;
-            for (_, left, fl) in &res {
-                if *left <= EPS * (1.0 + delta) {
-                    for &k in fl {
-                        if !frozen[k] {
-                            frozen[k] = true;
-                            any = true;
-                        }
-                    }
+            for k in 0..set.len() {
+                let (rs, rd) = ends[k];
+                if !frozen[k]
+                    && (left[rs] <= EPS * (1.0 + delta) || left[rd] <= EPS * (1.0 + delta))
+                {
+                    frozen[k] = true;
+                    unfrozen[rs] -= 1;
+                    unfrozen[rd] -= 1;
+                    any = true;
                 }
             }
             if !any {
@@ -220,7 +233,18 @@ impl Links {
                 }
             }
         }
+        self.scratch_set = set;
         (changed, slowed)
+    }
+
+    /// For diagnosis: per node (out flows, used share of upload).
+    pub(crate) fn upload_use(&self) -> Vec<(usize, f64)> {
+        (0..self.up.len())
+            .map(|n| {
+                let used: f64 = self.out[n].iter().map(|f| self.flows[*f].rate).sum();
+                (self.out[n].len(), used / self.up[n])
+            })
+            .collect()
     }
 
     /// When a flow finishes at its current rate, in nanoseconds.

@@ -78,6 +78,45 @@ struct Args {
     /// Give up after this many times T_min of simulated time.
     #[arg(long, default_value_t = 20.0)]
     limit: f64,
+    /// Set a knob of the engine's config, e.g. `--knob serve_slots=4` (repeatable; see
+    /// `--knob help`).
+    #[arg(long, value_name = "NAME=VALUE")]
+    knob: Vec<String>,
+}
+
+/// Applies `name=value` to the config: the knobs worth turning in a simulation.
+fn set_knob(c: &mut Config, kv: &str) -> anyhow::Result<()> {
+    let (k, v) = kv
+        .split_once('=')
+        .with_context(|| format!("{kv}: expected NAME=VALUE"))?;
+    let n: f64 = v.parse().with_context(|| format!("{kv}: not a number"))?;
+    let ms = |n: f64| std::time::Duration::from_secs_f64(n / 1e3);
+    match k {
+        "piece_kib" => c.piece_bytes = (n as u64) << 10,
+        "pieces_in_flight" => c.pieces_in_flight = n as usize,
+        "pieces_per_provider" => c.pieces_per_provider = n as usize,
+        "origin_in_flight" => c.origin_in_flight = n as usize,
+        "serve_slots" => c.serve_slots = n as usize,
+        "serve_queue" => c.serve_queue = n as usize,
+        "rarest_of" => c.rarest_of = n as usize,
+        "subscriptions" => c.subscriptions = n as usize,
+        "max_sources" => c.max_sources = n as usize,
+        "max_subscribers" => c.max_subscribers = n as usize,
+        "lookup_answer" => c.lookup_answer = n as usize,
+        "busy_backoff_ms" => c.busy_backoff = ms(n),
+        "busy_backoff_max_ms" => c.busy_backoff_max = ms(n),
+        "endgame_after_ms" => c.endgame_after = ms(n),
+        "have_interval_ms" => c.have_interval = ms(n),
+        "lookup_refresh_ms" => c.lookup_refresh = ms(n),
+        "lookup_refresh_max_ms" => c.lookup_refresh_max = ms(n),
+        _ => anyhow::bail!(
+            "unknown knob {k}: piece_kib, pieces_in_flight, pieces_per_provider, \
+             origin_in_flight, serve_slots, serve_queue, rarest_of, subscriptions, max_sources, \
+             max_subscribers, lookup_answer, busy_backoff_ms, busy_backoff_max_ms, \
+             endgame_after_ms, have_interval_ms, lookup_refresh_ms, lookup_refresh_max_ms"
+        ),
+    }
+    Ok(())
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -134,6 +173,10 @@ struct Report {
     failed: usize,
     unfinished: usize,
     lookups_per_node_per_blob: f64,
+    requests_per_node: f64,
+    busy_per_node: f64,
+    timeouts: u64,
+    duplicate_ratio: f64,
     events: u64,
     events_per_s: f64,
     sim_s: f64,
@@ -166,7 +209,11 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn scenario(a: &Args) -> Scenario {
+fn scenario(a: &Args) -> anyhow::Result<Scenario> {
+    let mut cfg = Config::default();
+    for kv in &a.knob {
+        set_knob(&mut cfg, kv)?;
+    }
     let mut rng = SmallRng::seed_from_u64(a.seed ^ 0x5eed);
     let lat = (a.latency_ms * 1e6) as u64;
     let mut nodes = vec![Spec {
@@ -209,21 +256,21 @@ fn scenario(a: &Args) -> Scenario {
     let per_file = a.size / a.files.max(1) as u64;
     let mut blobs = vec![per_file; a.files.max(1)];
     *blobs.last_mut().expect("one file") += a.size - per_file * a.files.max(1) as u64;
-    Scenario {
+    Ok(Scenario {
         nodes,
         blobs,
         cross_zone: (a.cross_zone_ms * 1e6) as u64,
         seed: a.seed,
-        cfg: Config::default(),
+        cfg,
         traced: a.traced,
-    }
+    })
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     anyhow::ensure!(a.nodes > 0, "--nodes must be at least 1");
     anyhow::ensure!(a.size > 0, "--size must be more than 0");
-    let sc = scenario(&a);
+    let sc = scenario(&a)?;
     let specs = sc.nodes.clone();
     let honest: Vec<usize> = (0..specs.len())
         .filter(|i| {
@@ -247,6 +294,42 @@ fn main() -> anyhow::Result<()> {
         finish.last().copied().unwrap_or(0.0)
     };
     let downloaders = specs.iter().filter(|s| s.role == Role::Downloader).count();
+    if std::env::var_os("VOLTOOL_SIM_DEBUG").is_some() {
+        let q: Vec<String> = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
+            .iter()
+            .map(|q| format!("{q}:{:.2}", quantile(&finish, *q) / tmin))
+            .collect();
+        eprintln!("finish/T_min quantiles {}", q.join(" "));
+        let cap = (downloaders as f64 + a.seeds as f64 + 1.0) * a.rate;
+        let u: Vec<String> = run
+            .per_second
+            .chunks(5)
+            .map(|c| {
+                format!(
+                    "{:.0}",
+                    c.iter().sum::<f64>() / c.len() as f64 / cap * 100.0
+                )
+            })
+            .collect();
+        eprintln!("upload use % (5 s buckets): {}", u.join(" "));
+        if let Some((i, n)) = run
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.trace.is_empty())
+            .max_by(|a, b| {
+                a.1.done_at
+                    .unwrap_or(f64::MAX)
+                    .total_cmp(&b.1.done_at.unwrap_or(f64::MAX))
+            })
+        {
+            eprintln!("slowest traced node {i}: done {:?}", n.done_at);
+            let step = (n.trace.len() / 40).max(1);
+            for (t, b) in n.trace.iter().step_by(step) {
+                eprintln!("  {:7.2}s {:5.1}%", t, *b as f64 * 100.0 / a.size as f64);
+            }
+        }
+    }
     let lookups: u64 = run.nodes.iter().map(|n| n.lookups).sum();
     if let Some(p) = &a.plot {
         let traces: Vec<&[(f64, u64)]> = run
@@ -285,6 +368,12 @@ fn main() -> anyhow::Result<()> {
         failed: run.nodes.iter().filter(|n| n.failed).count(),
         unfinished,
         lookups_per_node_per_blob: lookups as f64 / downloaders as f64 / a.files.max(1) as f64,
+        requests_per_node: run.nodes.iter().map(|n| n.requests).sum::<u64>() as f64
+            / downloaders as f64,
+        busy_per_node: run.nodes.iter().map(|n| n.busy).sum::<u64>() as f64 / downloaders as f64,
+        timeouts: run.nodes.iter().map(|n| n.timeouts).sum(),
+        duplicate_ratio: run.nodes.iter().map(|n| n.duplicate_bytes).sum::<u64>() as f64
+            / (downloaders as f64 * a.size as f64),
         events: run.events,
         events_per_s: run.events as f64 / wall_s,
         sim_s: run.sim_s,

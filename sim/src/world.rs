@@ -4,7 +4,9 @@
 //! latency of their two ends; data takes the links' time ([`crate::links`]).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
 use voltool_protocol::Hash;
@@ -61,6 +63,10 @@ pub(crate) struct NodeResult {
     pub(crate) bans: usize,
     /// Verified bytes counted from liars (must stay 0).
     pub(crate) corrupt_accepted: u64,
+    pub(crate) requests: u64,
+    pub(crate) busy: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) duplicate_bytes: u64,
     pub(crate) trace: Vec<(f64, u64)>,
 }
 
@@ -72,6 +78,8 @@ pub(crate) struct Run {
     pub(crate) events: u64,
     pub(crate) sim_s: f64,
     pub(crate) reported_liars_left_out: usize,
+    /// Bytes delivered in each second of simulated time.
+    pub(crate) per_second: Vec<f64>,
 }
 
 struct Node {
@@ -94,6 +102,7 @@ struct Node {
 struct Pending {
     from: usize,
     req: ReqId,
+    rank: u16,
     blob: usize,
     unit: u32,
 }
@@ -110,6 +119,13 @@ struct Carry {
 enum Ev {
     Timer(usize, u32),
     ToNode(usize, Event),
+    /// One push of what `from` newly holds, to several subscribers at once.
+    Haves {
+        from: usize,
+        to: Vec<usize>,
+        blob: usize,
+        units: PieceSet,
+    },
     Serve {
         prov: usize,
         p: Pending,
@@ -143,7 +159,8 @@ enum Ev {
     Heartbeat,
 }
 
-struct Item(u64, u64, Ev);
+/// (time, sequence, slot of the event in the slab): small, so the heap moves little.
+struct Item(u64, u64, u32);
 
 impl PartialEq for Item {
     fn eq(&self, o: &Self) -> bool {
@@ -186,6 +203,8 @@ pub(crate) struct World {
     now: u64,
     seq: u64,
     heap: BinaryHeap<Reverse<Item>>,
+    slab: Vec<Option<Ev>>,
+    free: Vec<u32>,
     nodes: Vec<Node>,
     links: Links,
     carry: HashMap<usize, Carry>,
@@ -201,6 +220,7 @@ pub(crate) struct World {
     origin_bytes: f64,
     events: u64,
     downloading: usize,
+    per_second: Vec<f64>,
 }
 
 const HEARTBEAT: u64 = 30_000_000_000;
@@ -218,8 +238,7 @@ impl World {
         let mut links = Links::default();
         let mut tracker = Tracker::new(cfg.clone(), sc.seed ^ 0x7472);
         let mut nodes = Vec::new();
-        let mut heap = BinaryHeap::new();
-        let mut seq = 0;
+        let mut initial = Vec::new();
         let mut downloading = 0;
         for (i, spec) in sc.nodes.iter().enumerate() {
             links.add_node(spec.up, spec.down);
@@ -257,8 +276,7 @@ impl World {
                 );
             }
             if let Some(t) = spec.leaves_at {
-                seq += 1;
-                heap.push(Reverse(Item(t, seq, Ev::Leave(i))));
+                initial.push((t, Ev::Leave(i)));
             }
             nodes.push(Node {
                 spec: spec.clone(),
@@ -267,7 +285,7 @@ impl World {
                 adm: Admission::new(cfg.clone(), sc.seed ^ (i as u64) << 1),
                 subs: Subscribers::new(cfg.clone()),
                 held,
-                waiting: HashMap::new(),
+                waiting: HashMap::default(),
                 timer: None,
                 timer_gen: 0,
                 result: NodeResult::default(),
@@ -275,19 +293,20 @@ impl World {
                 groups_done: 0,
             });
         }
-        seq += 1;
-        heap.push(Reverse(Item(HEARTBEAT, seq, Ev::Heartbeat)));
+        initial.push((HEARTBEAT, Ev::Heartbeat));
         let mut w = World {
             sc,
             base,
             now: 0,
-            seq,
-            heap,
+            seq: 0,
+            heap: BinaryHeap::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
             nodes,
             links,
-            carry: HashMap::new(),
-            flowing: HashMap::new(),
-            pending: HashMap::new(),
+            carry: HashMap::default(),
+            flowing: HashMap::default(),
+            pending: HashMap::default(),
             tracker,
             hashes,
             units,
@@ -295,7 +314,11 @@ impl World {
             origin_bytes: 0.0,
             events: 0,
             downloading,
+            per_second: Vec::new(),
         };
+        for (t, ev) in initial {
+            w.push(t, ev);
+        }
         for i in 0..w.nodes.len() {
             if w.nodes[i].engine.is_some() {
                 w.run_node(i);
@@ -310,7 +333,17 @@ impl World {
 
     fn push(&mut self, t: u64, ev: Ev) {
         self.seq += 1;
-        self.heap.push(Reverse(Item(t, self.seq, ev)));
+        let slot = match self.free.pop() {
+            Some(k) => {
+                self.slab[k as usize] = Some(ev);
+                k
+            }
+            None => {
+                self.slab.push(Some(ev));
+                self.slab.len() as u32 - 1
+            }
+        };
+        self.heap.push(Reverse(Item(t, self.seq, slot)));
     }
 
     /// One-way latency between two nodes.
@@ -335,9 +368,13 @@ impl World {
     pub(crate) fn run(mut self, limit_s: f64) -> Run {
         let limit = (limit_s * 1e9) as u64;
         while self.downloading > 0 {
-            let Some(Reverse(Item(t, _, ev))) = self.heap.pop() else {
+            let Some(Reverse(Item(t, _, slot))) = self.heap.pop() else {
                 break;
             };
+            let ev = self.slab[slot as usize]
+                .take()
+                .expect("an event in its slot");
+            self.free.push(slot);
             if t > limit {
                 break;
             }
@@ -358,6 +395,7 @@ impl World {
             events: self.events,
             sim_s,
             reported_liars_left_out: reported,
+            per_second: self.per_second,
         }
     }
 
@@ -382,6 +420,22 @@ impl World {
                     e.handle(now, event);
                 }
                 self.run_node(n);
+            }
+            Ev::Haves {
+                from,
+                to,
+                blob,
+                units,
+            } => {
+                for n in to {
+                    if self.nodes[n].gone {
+                        continue;
+                    }
+                    if let Some(e) = &mut self.nodes[n].engine {
+                        e.handle_have(node_id(from), GroupId(blob as u32), &units);
+                    }
+                    self.run_node(n);
+                }
             }
             Ev::Serve { prov, p, ask } => self.serve(prov, p, ask),
             Ev::Cancel { prov, from, req } => self.cancel(prov, from, req),
@@ -454,22 +508,32 @@ impl World {
                 .position(|h| *h == push.hash)
                 .expect("known blob");
             let units = PieceSet::from_iter(self.units[blob], push.units.iter().copied());
+            // One event per distinct latency (zones differ), each for all its subscribers.
+            let mut by_lat: Vec<(u64, Vec<usize>)> = Vec::new();
             for to in push.to {
                 let to = index_of(&to);
-                self.tell(
-                    n,
-                    to,
-                    Event::Have {
-                        provider: node_id(n),
-                        group: GroupId(blob as u32),
+                let l = self.lat(n, to);
+                match by_lat.iter_mut().find(|(x, _)| *x == l) {
+                    Some((_, v)) => v.push(to),
+                    None => by_lat.push((l, vec![to])),
+                }
+            }
+            for (l, to) in by_lat {
+                let t = self.now + l;
+                self.push(
+                    t,
+                    Ev::Haves {
+                        from: n,
+                        to,
+                        blob,
                         units: units.clone(),
                     },
                 );
             }
         }
-        let node = &self.nodes[n];
+        let node = &mut self.nodes[n];
         let t = [
-            node.engine.as_ref().and_then(|e| e.poll_timeout()),
+            node.engine.as_mut().and_then(|e| e.poll_timeout()),
             node.subs.poll_timeout(),
         ]
         .into_iter()
@@ -505,6 +569,7 @@ impl World {
                 provider,
                 group,
                 ask,
+                rank,
             } => {
                 let prov = index_of(&provider);
                 let unit = match &ask {
@@ -520,6 +585,7 @@ impl World {
                         p: Pending {
                             from: n,
                             req,
+                            rank,
                             blob: group.0 as usize,
                             unit,
                         },
@@ -548,6 +614,11 @@ impl World {
                         blob: group.0 as usize,
                     },
                 );
+            }
+            Action::Unsubscribe { provider, group } => {
+                let prov = index_of(&provider);
+                let hash = self.hashes[group.0 as usize];
+                self.nodes[prov].subs.unsubscribe(&node_id(n), &hash);
             }
             Action::Announce { blobs, complete } => {
                 let t = self.now + self.lat(n, origin);
@@ -594,6 +665,10 @@ impl World {
             let s = e.stats();
             node.result.lookups = s.lookups;
             node.result.bans = s.banned.len();
+            node.result.requests = s.requests;
+            node.result.busy = s.busy;
+            node.result.timeouts = s.timeouts;
+            node.result.duplicate_bytes = s.duplicate_bytes;
             node.result.corrupt_accepted = s
                 .by_provider
                 .iter()
@@ -635,7 +710,7 @@ impl World {
             );
         };
         let node = &mut self.nodes[prov];
-        if node.adm.contested() && node.adm.waiting() >= self.sc.cfg.serve_queue {
+        if !node.adm.would_admit(p.rank) {
             return busy(self);
         }
         let unit = match &ask {
@@ -676,11 +751,23 @@ impl World {
         }
         let token = self.next_token;
         self.next_token += 1;
-        match self.nodes[prov].adm.admit(token) {
+        let rank = p.rank;
+        match self.nodes[prov].adm.admit(token, rank) {
             Admit::Now => self.start_flow(prov, p),
-            Admit::Queued => {
+            Admit::Queued { evicted } => {
                 self.pending.insert((from, p.req), (prov, Some(token)));
                 self.nodes[prov].waiting.insert(token, p);
+                if let Some(out) = evicted.and_then(|t| self.nodes[prov].waiting.remove(&t)) {
+                    self.pending.remove(&(out.from, out.req));
+                    self.tell(
+                        prov,
+                        out.from,
+                        Event::Answer {
+                            req: out.req,
+                            outcome: Outcome::Busy,
+                        },
+                    );
+                }
             }
             Admit::Busy => busy(self),
         }
@@ -746,6 +833,31 @@ impl World {
         if self.nodes[c.prov].spec.role == Role::Origin {
             self.origin_bytes += c.bytes;
         }
+        let sec = (self.now / 1_000_000_000) as usize;
+        if self.per_second.len() <= sec {
+            self.per_second.resize(sec + 1, 0.0);
+        }
+        if self.per_second[sec] == 0.0
+            && sec % 10 == 5
+            && std::env::var_os("VOLTOOL_SIM_DEBUG").is_some()
+        {
+            let u = self.links.upload_use();
+            let mut hist = [0usize; 6];
+            let (mut sum, mut k) = (0.0, 0);
+            for (n, used) in &u {
+                hist[(*n).min(5)] += 1;
+                if *n > 0 {
+                    sum += used;
+                    k += 1;
+                }
+            }
+            let queued: usize = self.nodes.iter().map(|n| n.waiting.len()).sum();
+            eprintln!(
+                "t={sec}s out-flow counts {hist:?}, use of busy uplinks {:.2}, queued {queued}",
+                sum / k.max(1) as f64
+            );
+        }
+        self.per_second[sec] += c.bytes;
         let from = c.p.from;
         self.flowing.remove(&(from, c.p.req));
         let req = c.p.req;
@@ -886,6 +998,19 @@ impl World {
             && !self.nodes[n].result.failed
         {
             self.finished(n);
+        }
+        // What waited in its queue is refused at once: the connection closed.
+        let waiting: Vec<Pending> = self.nodes[n].waiting.drain().map(|(_, p)| p).collect();
+        for p in waiting {
+            self.pending.remove(&(p.from, p.req));
+            self.tell(
+                n,
+                p.from,
+                Event::Answer {
+                    req: p.req,
+                    outcome: Outcome::Unreachable,
+                },
+            );
         }
         for f in self.links.flows_of(n) {
             let Some(c) = self.carry.remove(&f) else {

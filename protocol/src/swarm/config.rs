@@ -52,6 +52,8 @@ pub struct Config {
     /// Pieces drawn at random when choosing one; the rarest of them (among the providers
     /// known) is asked for.
     pub rarest_of: usize,
+    /// Providers of one blob kept at once (partial holders beyond it are not taken on).
+    pub max_sources: usize,
     /// Partial holders of one blob subscribed to at once (they push what they newly hold).
     pub subscriptions: usize,
     /// Blobs announced in one message.
@@ -84,7 +86,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            piece_bytes: 1 << 20,
+            piece_bytes: 512 << 10,
             small_max: 1 << 20,
             small_batch_count: 1024,
             small_batch_bytes: 16 << 20,
@@ -103,13 +105,14 @@ impl Default for Config {
             lookup_refresh_max: Duration::from_secs(8),
             stuck_rounds: 4,
             rarest_of: 4,
+            max_sources: 64,
             subscriptions: 32,
             announce_batch: 4096,
             announce_interval: Duration::from_millis(200),
-            serve_slots: 2,
-            serve_queue: 3,
+            serve_slots: 3,
+            serve_queue: 6,
             max_subscribers: 64,
-            have_interval: Duration::from_millis(20),
+            have_interval: Duration::from_millis(100),
             lookup_answer: 32,
             lookup_sample: 4,
             holder_ttl: Duration::from_secs(90),

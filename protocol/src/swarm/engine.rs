@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
-use super::state::{Group, Prov, Req, Src, add_have, remove_have};
+use super::state::{Group, Prov, Req, add_have, remove_have};
 pub use super::types::*;
 use super::{Config, NodeId, PieceSet};
 use crate::hash::Hash;
@@ -32,6 +32,8 @@ pub struct Engine {
     pub(super) announced: bool,
     pub(super) stats: Stats,
     pub(super) dirty: bool,
+    /// The next timeout, while the state it derives from is unchanged.
+    pub(super) timeout: Option<Option<Instant>>,
 }
 
 impl Engine {
@@ -56,6 +58,7 @@ impl Engine {
             announced: false,
             stats: Stats::default(),
             dirty: false,
+            timeout: None,
         }
     }
 
@@ -83,6 +86,7 @@ impl Engine {
             done,
             wantable,
             srcs: Vec::new(),
+            src_pos: Vec::new(),
             counts: vec![0; units as usize],
             flights: HashMap::new(),
             flying: 0,
@@ -160,14 +164,26 @@ impl Engine {
     pub fn poll_action(&mut self, now: Instant) -> Option<Action> {
         if self.dirty {
             self.dirty = false;
+            self.timeout = None;
             self.schedule(now);
         }
         self.actions.pop_front()
     }
 
     /// When [`Engine::handle_timeout`] must be called next, if ever.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        if let Some(t) = self.timeout {
+            return t;
+        }
+        let t = self.next_timeout();
+        self.timeout = Some(t);
+        t
+    }
+
+    fn next_timeout(&self) -> Option<Instant> {
         let mut t = self.announce_due;
+        let free_pieces = self.pieces_flying < self.cfg.pieces_in_flight;
+        let free_small = self.small_flying < self.cfg.small_lanes;
         let mut at = |x: Option<Instant>| {
             if let Some(x) = x {
                 t = Some(t.map_or(x, |t: Instant| t.min(x)));
@@ -196,7 +212,12 @@ impl Engine {
                 }
             }
             // A provider resting after a busy answer that the group could use again.
-            if !group.wantable.is_empty() {
+            let free = if group.is_pieces() {
+                free_pieces
+            } else {
+                free_small
+            };
+            if free && !group.wantable.is_empty() {
                 for s in &group.srcs {
                     let p = &self.provs[s.prov];
                     if p.usable(&self.cfg) && p.busy_until.is_some() {
@@ -230,11 +251,22 @@ impl Engine {
             self.flush_announcements();
         }
         self.dirty = true;
+        self.timeout = None;
     }
 
     /// Something happened.
     pub fn handle(&mut self, now: Instant, event: Event) {
+        if let Event::Have {
+            provider,
+            group,
+            units,
+        } = &event
+        {
+            self.handle_have(*provider, *group, units);
+            return;
+        }
         self.dirty = true;
+        self.timeout = None;
         match event {
             Event::Providers { group, providers } => self.on_providers(now, group, providers),
             Event::LookupFailed { group } => {
@@ -242,11 +274,7 @@ impl Engine {
                 g.lookup_in_flight = false;
                 g.lookup_due = Some(now + g.lookup_gap);
             }
-            Event::Have {
-                provider,
-                group,
-                units,
-            } => self.on_have(provider, group, units),
+            Event::Have { .. } => {}
             Event::Picked { req, unit } => self.on_picked(req, unit),
             Event::Unit {
                 req,
@@ -259,6 +287,20 @@ impl Engine {
                 ..
             } => self.on_corrupt(now, req),
             Event::Answer { req, outcome } => self.end_request(now, req, Some(outcome)),
+        }
+    }
+
+    /// [`Event::Have`] by reference: what a holder holds (a driver fanning one push out to
+    /// many engines need not copy it).
+    pub fn handle_have(&mut self, provider: NodeId, group: GroupId, units: &PieceSet) {
+        // Only news the engine can use now wakes the scheduler: a wanted unit while a
+        // request could go out (else the next answer schedules), or any in the endgame.
+        let gi = group.0 as usize;
+        let room = self.pieces_flying < self.cfg.pieces_in_flight
+            || self.groups.get(gi).is_some_and(|g| g.wantable.is_empty());
+        if self.on_have(provider, group, units) && room {
+            self.dirty = true;
+            self.timeout = None;
         }
     }
 
@@ -309,13 +351,9 @@ impl Engine {
                     add_have(g, si, &all, self.provs[p].origin);
                 }
                 Some(_) => {}
+                None if !full && g.srcs.len() >= self.cfg.max_sources => {}
                 None => {
-                    g.srcs.push(Src {
-                        prov: p,
-                        have: PieceSet::empty(g.units),
-                        subscribed: false,
-                    });
-                    let si = g.srcs.len() - 1;
+                    let si = g.add_src(p, false);
                     if full {
                         let all = PieceSet::full(g.units);
                         add_have(g, si, &all, info.origin);
@@ -333,14 +371,17 @@ impl Engine {
         }
     }
 
-    fn on_have(&mut self, provider: NodeId, group: GroupId, units: PieceSet) {
+    /// Records what a holder holds; returns whether it holds something wanted now.
+    fn on_have(&mut self, provider: NodeId, group: GroupId, units: &PieceSet) -> bool {
         let Some(g) = self.groups.get_mut(group.0 as usize) else {
-            return;
+            return false;
         };
         if g.finished {
-            return;
+            return false;
         }
-        let units = units.fitted(g.units);
+        if units.len() != g.units {
+            return false;
+        }
         let p = match self.prov_index.get(&provider) {
             Some(&p) => p,
             None => self.intern(provider, false),
@@ -348,16 +389,10 @@ impl Engine {
         let g = &mut self.groups[group.0 as usize];
         let si = match g.src_of(p) {
             Some(si) => si,
-            None => {
-                g.srcs.push(Src {
-                    prov: p,
-                    have: PieceSet::empty(g.units),
-                    subscribed: true,
-                });
-                g.srcs.len() - 1
-            }
+            None => g.add_src(p, true),
         };
-        add_have(g, si, &units, self.provs[p].origin);
+        add_have(g, si, units, self.provs[p].origin);
+        units.intersects(&g.wantable)
     }
 
     fn on_picked(&mut self, req: ReqId, unit: u32) {
@@ -533,6 +568,13 @@ impl Engine {
         for t in left {
             self.actions.push_back(Action::Cancel { req: t });
             self.drop_request(t);
+        }
+        let g = &self.groups[gid.0 as usize];
+        for s in g.srcs.iter().filter(|s| s.subscribed) {
+            self.actions.push_back(Action::Unsubscribe {
+                provider: self.provs[s.prov].id,
+                group: gid,
+            });
         }
         self.actions.push_back(Action::Done { group: gid });
     }

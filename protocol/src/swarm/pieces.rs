@@ -4,11 +4,36 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-/// A set of indices below `len`.
+/// A set of indices below `len`. A decoded set is always consistent (no word or bit past
+/// `len`), whatever the bytes said.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Raw")]
 pub struct PieceSet {
     len: u32,
     words: Vec<u64>,
+}
+
+/// The wire form of a [`PieceSet`], before it is made consistent.
+#[derive(Deserialize)]
+struct Raw {
+    len: u32,
+    words: Vec<u64>,
+}
+
+impl From<Raw> for PieceSet {
+    /// Never allocates for a claimed length: a set claiming more indices than its words
+    /// hold ranges over what they hold (a receiver then refuses it for its length).
+    fn from(r: Raw) -> Self {
+        let len = r
+            .len
+            .min(u32::try_from(r.words.len() * 64).unwrap_or(u32::MAX));
+        let mut s = PieceSet {
+            len,
+            words: r.words,
+        };
+        s.trim();
+        s
+    }
 }
 
 impl PieceSet {
@@ -49,6 +74,7 @@ impl PieceSet {
     /// Clears bits past `len` (a decoded set may carry them).
     fn trim(&mut self) {
         self.words.resize(self.len.div_ceil(64) as usize, 0);
+        debug_assert!(self.words.len() * 64 >= self.len as usize);
         let rem = self.len % 64;
         if rem != 0
             && let Some(last) = self.words.last_mut()
@@ -235,6 +261,8 @@ mod tests {
         fn a_decoded_set_never_panics_once_fitted(len in 0u32..300, words in proptest::collection::vec(any::<u64>(), 0..10), claimed in any::<u32>()) {
             let bytes = postcard::to_stdvec(&(claimed, words)).unwrap();
             if let Ok(s) = postcard::from_bytes::<PieceSet>(&bytes) {
+                prop_assert!(s.iter().all(|i| i < s.len()));
+                prop_assert_eq!(s.words.len(), s.len().div_ceil(64) as usize);
                 let s = s.fitted(len);
                 prop_assert!(s.count() <= len);
                 prop_assert!(s.iter().all(|i| i < len));

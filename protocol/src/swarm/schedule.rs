@@ -279,12 +279,22 @@ impl Engine {
                 deadline: now + self.cfg.deadline_for(bytes),
             },
         );
+        let rank = self.rank();
         self.actions.push_back(Action::Request {
             req,
-            provider: p.id,
+            provider: self.provs[prov].id,
             group: gid,
             ask,
+            rank,
         });
+    }
+
+    /// How far along the whole download is, permille of its units.
+    pub(super) fn rank(&self) -> u16 {
+        let (done, all) = self.groups.iter().fold((0u64, 0u64), |(d, a), g| {
+            (d + g.done.count() as u64, a + g.units as u64)
+        });
+        (done * 1000 / all.max(1)) as u16
     }
 
     /// A group that nothing is coming in for and that no known provider can serve: look

@@ -1,7 +1,7 @@
 //! A provider's side: sending slots, a short queue and busy answers; the origin's choice
 //! of piece; subscribers to what this node newly holds. Sans-IO like the engine.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::Instant;
 
 use rand::SeedableRng;
@@ -15,8 +15,12 @@ use crate::hash::Hash;
 pub enum Admit {
     /// Send now (a slot is taken: call [`Admission::finished`] when done).
     Now,
-    /// Wait: [`Admission::finished`] names it when its turn comes.
-    Queued,
+    /// Wait: [`Admission::finished`] names it when its turn comes. To make room, a waiting
+    /// request further along than this one may have been pushed out: answer it busy.
+    Queued {
+        /// The request pushed out, if any.
+        evicted: Option<u64>,
+    },
     /// Answer busy.
     Busy,
 }
@@ -39,7 +43,9 @@ pub struct Admission {
     cfg: Config,
     rng: SmallRng,
     sending: usize,
-    queue: VecDeque<u64>,
+    /// Waiting requests: (rank, arrival, token), served lowest rank first.
+    queue: Vec<(u16, u64, u64)>,
+    arrivals: u64,
     sent: HashMap<Hash, Sent>,
 }
 
@@ -50,7 +56,8 @@ impl Admission {
             cfg,
             rng: SmallRng::seed_from_u64(seed),
             sending: 0,
-            queue: VecDeque::new(),
+            queue: Vec::new(),
+            arrivals: 0,
             sent: HashMap::new(),
         }
     }
@@ -70,24 +77,55 @@ impl Admission {
         self.sending >= self.cfg.serve_slots
     }
 
-    /// A request, named by the caller's `token`, wants to be served.
-    pub fn admit(&mut self, token: u64) -> Admit {
+    /// A request, named by the caller's `token`, wants to be served. `rank` is how far
+    /// along its requester is (permille of its download): while requests wait, the one
+    /// furthest behind goes first, so that a fleet finishes together rather than leaving
+    /// a tail of unlucky laggards.
+    pub fn admit(&mut self, token: u64, rank: u16) -> Admit {
         if self.sending < self.cfg.serve_slots {
             self.sending += 1;
-            Admit::Now
-        } else if self.queue.len() < self.cfg.serve_queue {
-            self.queue.push_back(token);
-            Admit::Queued
+            return Admit::Now;
+        }
+        self.arrivals += 1;
+        if self.queue.len() < self.cfg.serve_queue {
+            self.queue.push((rank, self.arrivals, token));
+            return Admit::Queued { evicted: None };
+        }
+        // Full: push out the waiting request furthest along, if this one is behind it.
+        let (k, worst) = self
+            .queue
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, (r, a, _))| (*r, *a))
+            .map(|(k, e)| (k, *e))
+            .expect("a full queue has an entry");
+        if self.cfg.serve_queue > 0 && rank < worst.0 {
+            self.queue[k] = (rank, self.arrivals, token);
+            Admit::Queued {
+                evicted: Some(worst.2),
+            }
         } else {
             Admit::Busy
         }
     }
 
-    /// A request served now is done: its slot goes to the next one waiting, if any, whose
-    /// token is returned (its slot is taken for it).
+    /// Whether a request of `rank` would be admitted now (served or queued).
+    pub fn would_admit(&self, rank: u16) -> bool {
+        self.sending < self.cfg.serve_slots
+            || self.queue.len() < self.cfg.serve_queue
+            || self.queue.iter().any(|(r, _, _)| *r > rank)
+    }
+
+    /// A request served now is done: its slot goes to the waiting one furthest behind, if
+    /// any, whose token is returned (its slot is taken for it).
     pub fn finished(&mut self) -> Option<u64> {
-        if let Some(next) = self.queue.pop_front() {
-            return Some(next);
+        if let Some((k, _)) = self
+            .queue
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (r, a, _))| (*r, *a))
+        {
+            return Some(self.queue.swap_remove(k).2);
         }
         self.sending = self.sending.saturating_sub(1);
         None
@@ -95,7 +133,7 @@ impl Admission {
 
     /// A waiting request went away (its requester cancelled it).
     pub fn forget(&mut self, token: u64) {
-        self.queue.retain(|t| *t != token);
+        self.queue.retain(|(_, _, t)| *t != token);
     }
 
     /// The origin's choice for a request that may take any of `among` (pieces of a blob of

@@ -60,6 +60,8 @@ pub(super) struct Group {
     /// Not done and not in flight: what may be asked for.
     pub(super) wantable: PieceSet,
     pub(super) srcs: Vec<Src>,
+    /// Position + 1 in `srcs` by provider index (0: not a source).
+    pub(super) src_pos: Vec<u32>,
     /// Known holders of each unit (peers only), for rarest-first.
     pub(super) counts: Vec<u16>,
     /// Requests in flight for each unit in flight (two in the endgame).
@@ -85,7 +87,24 @@ impl Group {
     }
 
     pub(super) fn src_of(&self, prov: usize) -> Option<usize> {
-        self.srcs.iter().position(|s| s.prov == prov)
+        match self.src_pos.get(prov) {
+            Some(&k) if k > 0 => Some(k as usize - 1),
+            _ => None,
+        }
+    }
+
+    /// Takes on a provider; returns its index among the group's sources.
+    pub(super) fn add_src(&mut self, prov: usize, subscribed: bool) -> usize {
+        self.srcs.push(Src {
+            prov,
+            have: PieceSet::empty(self.units),
+            subscribed,
+        });
+        if self.src_pos.len() <= prov {
+            self.src_pos.resize(prov + 1, 0);
+        }
+        self.src_pos[prov] = self.srcs.len() as u32;
+        self.srcs.len() - 1
     }
 }
 
@@ -104,17 +123,11 @@ pub(super) struct Req {
 
 /// Records that source `si` holds `units`, keeping the availability counts.
 pub(super) fn add_have(g: &mut Group, si: usize, units: &PieceSet, origin: bool) {
-    let mut new = units.clone();
-    new.subtract(&g.srcs[si].have);
-    if new.is_empty() {
-        return;
-    }
-    if !origin {
-        for u in new.iter() {
+    for u in units.iter() {
+        if g.srcs[si].have.insert(u) && !origin {
             g.counts[u as usize] = g.counts[u as usize].saturating_add(1);
         }
     }
-    g.srcs[si].have.union_with(&new);
 }
 
 pub(super) fn remove_have(g: &mut Group, si: usize, unit: u32, origin: bool) {

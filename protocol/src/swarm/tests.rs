@@ -97,6 +97,7 @@ fn requests(actions: &[Action]) -> Vec<(ReqId, NodeId, GroupId, Ask)> {
                 provider,
                 group,
                 ask,
+                ..
             } => Some((*req, *provider, *group, ask.clone())),
             _ => None,
         })
@@ -631,6 +632,7 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
     let mut waiting: HashMap<u8, Vec<(u8, u64, u32)>> = HashMap::new();
     let mut holders: HashMap<u8, PieceSet> = HashMap::new();
     let mut origin_sent = 0u32;
+    let mut evicted: Vec<(u8, ReqId)> = Vec::new();
     let mut steps = 0;
     loop {
         steps += 1;
@@ -671,7 +673,11 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
                         );
                     }
                     Action::Request {
-                        req, provider, ask, ..
+                        req,
+                        provider,
+                        ask,
+                        rank,
+                        ..
                     } => {
                         let q = provider.0[0];
                         let adm = admission.get_mut(&q).unwrap();
@@ -689,7 +695,7 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
                             );
                             continue;
                         };
-                        match adm.admit(req.0) {
+                        match adm.admit(req.0, rank) {
                             Admit::Busy => e.handle(
                                 now,
                                 Event::Answer {
@@ -703,6 +709,12 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
                                 }
                                 if q == 0 {
                                     origin_sent += 1;
+                                }
+                                if let Admit::Queued { evicted: Some(out) } = admit {
+                                    let w = waiting.entry(q).or_default();
+                                    if let Some(k) = w.iter().position(|x| x.1 == out) {
+                                        evicted.push((w.remove(k).0, ReqId(out)));
+                                    }
                                 }
                                 if admit == Admit::Now {
                                     seq += 1;
@@ -721,6 +733,7 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
                         }
                     }
                     Action::Cancel { .. }
+                    | Action::Unsubscribe { .. }
                     | Action::Announce { .. }
                     | Action::Report { .. }
                     | Action::Done { .. }
@@ -732,7 +745,20 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
             break;
         }
         // The next event: a piece served, or an engine's timer.
-        let timer = engines.values().filter_map(|(e, _)| e.poll_timeout()).min();
+        for (p, req) in std::mem::take(&mut evicted) {
+            let (e, _) = engines.get_mut(&p).unwrap();
+            e.handle(
+                now,
+                Event::Answer {
+                    req,
+                    outcome: Outcome::Busy,
+                },
+            );
+        }
+        let timer = engines
+            .values_mut()
+            .filter_map(|(e, _)| e.poll_timeout())
+            .min();
         let next = queue.peek().map(|r| r.0.0);
         let at = match (timer, next) {
             (Some(a), Some(b)) => a.min(b),

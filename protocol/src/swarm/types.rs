@@ -78,6 +78,9 @@ pub enum Action {
         group: GroupId,
         /// What.
         ask: Ask,
+        /// How far along this download is, permille (providers serve those furthest
+        /// behind first).
+        rank: u16,
     },
     /// Stop a request: nothing more of it is wanted, and no further event may name it.
     Cancel {
@@ -86,6 +89,13 @@ pub enum Action {
     },
     /// Ask a partial holder to push what it newly holds of the group ([`Event::Have`]).
     Subscribe {
+        /// The holder.
+        provider: NodeId,
+        /// The group.
+        group: GroupId,
+    },
+    /// Stop the pushes of a subscription: the group is done.
+    Unsubscribe {
         /// The holder.
         provider: NodeId,
         /// The group.
