@@ -49,6 +49,8 @@ mod types;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_serve;
 
 pub use config::Config;
 pub use engine::{

@@ -29,8 +29,9 @@ struct Member<A> {
     last_seen: Instant,
     /// Round-trip times it measured to others, microseconds, by member index.
     rtts: HashMap<u32, u32>,
-    /// Members that reported it for bytes that failed verification.
-    reporters: BTreeSet<u32>,
+    /// Members that reported it for bytes that failed verification (by id: a report
+    /// stands when its reporter leaves).
+    reporters: BTreeSet<NodeId>,
 }
 
 /// How a holder ranks for an asker: other zone, round-trip band, partial, a random draw
@@ -61,6 +62,9 @@ pub struct Tracker<A> {
     /// Holders of each blob by member index, and whether whole.
     holders: HashMap<Hash, Vec<(u32, bool)>>,
     free: Vec<u32>,
+    /// Members reported by a quorum: left out of answers for as long as this tracker runs,
+    /// also if they leave and come back.
+    distrusted: std::collections::HashSet<NodeId>,
 }
 
 impl<A: Clone> Tracker<A> {
@@ -73,6 +77,7 @@ impl<A: Clone> Tracker<A> {
             index: HashMap::new(),
             holders: HashMap::new(),
             free: Vec::new(),
+            distrusted: Default::default(),
         }
     }
 
@@ -159,7 +164,6 @@ impl<A: Clone> Tracker<A> {
         });
         for other in &mut self.members {
             other.rtts.remove(&m);
-            other.reporters.remove(&m);
         }
         self.members[m as usize].rtts.clear();
         self.members[m as usize].reporters.clear();
@@ -181,24 +185,27 @@ impl<A: Clone> Tracker<A> {
     /// `reporter` got bytes from `liar` that failed verification. Returns whether `liar` is
     /// now left out of answers ([`Config::report_quorum`] distinct members reported it).
     pub fn report(&mut self, reporter: &NodeId, liar: &NodeId) -> bool {
-        let (Some(&r), Some(&l)) = (self.index.get(reporter), self.index.get(liar)) else {
+        let (Some(_), Some(&l)) = (self.index.get(reporter), self.index.get(liar)) else {
             return false;
         };
-        if r == l {
+        if reporter == liar {
             return false;
         }
         let m = &mut self.members[l as usize];
-        m.reporters.insert(r);
-        m.reporters.len() >= self.cfg.report_quorum
+        m.reporters.insert(*reporter);
+        if m.reporters.len() >= self.cfg.report_quorum {
+            self.distrusted.insert(*liar);
+        }
+        self.distrusted.contains(liar)
     }
 
     /// Whether a member is left out of answers for reports against it.
     pub fn distrusted(&self, id: &NodeId) -> bool {
-        self.index.get(id).is_some_and(|&i| self.distrusted_at(i))
+        self.distrusted.contains(id)
     }
 
     fn distrusted_at(&self, i: u32) -> bool {
-        self.members[i as usize].reporters.len() >= self.cfg.report_quorum
+        !self.distrusted.is_empty() && self.distrusted.contains(&self.members[i as usize].id)
     }
 
     fn live(&self, now: Instant, i: u32) -> bool {

@@ -1,0 +1,188 @@
+//! A provider's admission and subscribers, and the tracker's bookkeeping, driven directly.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::hash::Hash;
+
+fn id(n: u16) -> NodeId {
+    let mut b = [0u8; 32];
+    b[..2].copy_from_slice(&n.to_le_bytes());
+    NodeId(b)
+}
+
+fn cfg() -> Config {
+    Config {
+        serve_slots: 2,
+        serve_queue: 2,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn admission_serves_slots_then_queues_then_answers_busy() {
+    let mut a = Admission::new(cfg(), 1);
+    assert_eq!(a.admit(1, 500), Admit::Now);
+    assert_eq!(a.admit(2, 500), Admit::Now);
+    assert!(a.contested());
+    assert_eq!(a.admit(3, 500), Admit::Queued { evicted: None });
+    assert_eq!(a.admit(4, 500), Admit::Queued { evicted: None });
+    // Full, and nobody waiting is further along than 500: busy.
+    assert!(!a.would_admit(500));
+    assert_eq!(a.admit(5, 500), Admit::Busy);
+    // A slot frees: the first of equals waiting gets it.
+    assert_eq!(a.finished(), Some(3));
+    assert_eq!(a.finished(), Some(4));
+    assert_eq!(a.finished(), None);
+    assert_eq!(a.sending(), 1);
+}
+
+#[test]
+fn the_requester_furthest_behind_goes_first_and_pushes_out_the_furthest_along() {
+    let mut a = Admission::new(cfg(), 1);
+    a.admit(1, 0);
+    a.admit(2, 0);
+    assert_eq!(a.admit(10, 900), Admit::Queued { evicted: None });
+    assert_eq!(a.admit(11, 400), Admit::Queued { evicted: None });
+    // A laggard arrives at a full queue: the one furthest along (900) is pushed out.
+    assert!(a.would_admit(100));
+    assert_eq!(a.admit(12, 100), Admit::Queued { evicted: Some(10) });
+    assert_eq!(a.finished(), Some(12));
+    assert_eq!(a.finished(), Some(11));
+    // A cancelled waiter never gets a turn.
+    a.admit(13, 5);
+    a.forget(13);
+    assert_eq!(a.finished(), None);
+}
+
+#[test]
+fn the_origin_sends_fresh_pieces_first_and_only_fresh_ones_while_contested() {
+    let mut a = Admission::new(cfg(), 7);
+    let h = Hash([1; 32]);
+    let all = PieceSet::full(4);
+    let mut first = Vec::new();
+    for _ in 0..4 {
+        first.push(a.choose(h, 4, &all).expect("fresh pieces left"));
+    }
+    first.sort();
+    assert_eq!(first, vec![0, 1, 2, 3], "every piece once before any twice");
+    // All sent once; slots full: no second copy.
+    a.admit(10, 0);
+    a.admit(11, 0);
+    assert!(a.contested());
+    assert_eq!(a.choose(h, 4, &all), None);
+    // Uncontested, a second copy of the least sent goes out.
+    a.finished();
+    assert!(a.choose(h, 4, &PieceSet::from_iter(4, [2])) == Some(2));
+    assert_eq!(a.pieces_sent(&h), 5);
+    // A request naming nothing it can take gets nothing; a wrong length neither.
+    assert_eq!(a.choose(h, 4, &PieceSet::empty(4)), None);
+    assert_eq!(a.choose(h, 5, &PieceSet::full(5)), None);
+}
+
+#[test]
+fn subscribers_get_coalesced_pushes_and_are_bounded() {
+    let c = Config {
+        max_subscribers: 2,
+        ..Config::default()
+    };
+    let mut s = Subscribers::new(c.clone());
+    let h = Hash([2; 32]);
+    assert!(s.subscribe(id(1), h));
+    assert!(s.subscribe(id(2), h));
+    assert!(s.subscribe(id(1), h), "again is fine");
+    assert!(!s.subscribe(id(3), h), "bounded");
+    let t0 = Instant::now();
+    s.held(t0, h, 4);
+    s.held(t0 + Duration::from_millis(1), h, 5);
+    assert_eq!(s.poll_timeout(), Some(t0 + c.have_interval));
+    assert_eq!(s.poll_push(t0), None, "not due yet");
+    let p = s.poll_push(t0 + c.have_interval).expect("due");
+    assert_eq!(p.units, vec![4, 5]);
+    assert_eq!(p.to, vec![id(1), id(2)]);
+    assert_eq!(s.poll_push(t0 + c.have_interval), None);
+    s.unsubscribe(&id(1), &h);
+    s.unsubscribe(&id(2), &h);
+    // Nobody listening: nothing is kept.
+    s.held(t0, h, 6);
+    assert_eq!(s.poll_timeout(), None);
+}
+
+#[test]
+fn a_lookup_answer_is_bounded_ranked_and_spread() {
+    let c = Config {
+        lookup_answer: 8,
+        ..Config::default()
+    };
+    let mut t: Tracker<u16> = Tracker::new(c.clone(), 3);
+    let now = Instant::now();
+    let h = Hash([3; 32]);
+    let zone = |n: u16| Some(if n % 2 == 0 { "a" } else { "b" }.to_string());
+    for n in 1..=200 {
+        t.announce(now, id(n), n, zone(n), &[h], n <= 10);
+    }
+    let asker = id(1000);
+    t.announce(now, asker, 1000, Some("a".into()), &[], false);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..50 {
+        let ans = t.lookup(now, &asker, &h);
+        assert_eq!(ans.len(), 8);
+        assert!(ans.iter().all(|p| p.id != asker));
+        // Same zone first.
+        let zones: Vec<bool> = ans.iter().map(|p| p.zone.as_deref() == Some("a")).collect();
+        assert!(zones.windows(2).all(|w| w[0] >= w[1]), "{zones:?}");
+        seen.extend(ans.iter().map(|p| p.id));
+    }
+    assert!(
+        seen.len() > 50,
+        "answers spread over the holders: {}",
+        seen.len()
+    );
+    // Whole holders of every blob asked, for a batch.
+    let h2 = Hash([4; 32]);
+    t.announce(now, id(3), 3, zone(3), &[h2], true);
+    let all = t.lookup_all(now, &asker, &[h, h2]);
+    assert_eq!(all.iter().map(|p| p.id).collect::<Vec<_>>(), vec![id(3)]);
+}
+
+#[test]
+fn members_that_stop_announcing_expire_and_reported_liars_are_left_out() {
+    let c = Config::default();
+    let mut t: Tracker<()> = Tracker::new(c.clone(), 1);
+    let t0 = Instant::now();
+    let h = Hash([5; 32]);
+    for n in 1..=4 {
+        t.announce(t0, id(n), (), None, &[h], true);
+    }
+    // Member 4 goes quiet; the others send heartbeats.
+    let later = t0 + c.holder_ttl + Duration::from_secs(1);
+    for n in 1..=3 {
+        t.heartbeat(later - Duration::from_secs(2), &id(n));
+    }
+    let ans = t.lookup(later, &id(1), &h);
+    assert!(
+        ans.iter().all(|p| p.id != id(4)),
+        "expired members are not handed out"
+    );
+    assert_eq!(t.expire(later), 1);
+    assert_eq!(t.entries(), 3);
+    // One report is not enough; two distinct members are.
+    assert!(!t.report(&id(1), &id(3)));
+    assert!(
+        !t.report(&id(1), &id(3)),
+        "the same reporter twice counts once"
+    );
+    assert!(!t.report(&id(3), &id(3)), "nobody reports itself");
+    assert!(t.report(&id(2), &id(3)));
+    assert!(t.distrusted(&id(3)));
+    let ans = t.lookup(later, &id(1), &h);
+    assert_eq!(ans.iter().map(|p| p.id).collect::<Vec<_>>(), vec![id(2)]);
+    // A member that leaves takes its holdings along.
+    t.forget(&id(2));
+    assert!(t.lookup(later, &id(1), &h).is_empty());
+    // A reported liar that leaves and comes back stays left out.
+    t.forget(&id(3));
+    t.announce(later, id(3), (), None, &[h], true);
+    assert!(t.distrusted(&id(3)));
+    assert!(t.lookup(later, &id(1), &h).is_empty());
+}
