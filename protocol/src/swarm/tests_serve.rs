@@ -117,7 +117,7 @@ fn a_lookup_answer_is_bounded_ranked_and_spread() {
     let mut t: Tracker<u16> = Tracker::new(c.clone(), 3);
     let now = Instant::now();
     let h = Hash([3; 32]);
-    let zone = |n: u16| Some(if n % 2 == 0 { "a" } else { "b" }.to_string());
+    let zone = |n: u16| Some(if n.is_multiple_of(2) { "a" } else { "b" }.to_string());
     for n in 1..=200 {
         t.announce(now, id(n), n, zone(n), &[h], n <= 10);
     }
