@@ -179,42 +179,7 @@ impl Links {
             let rd = at((d, false));
             ends.push((rs, rd));
         }
-        let mut rate = vec![0.0f64; set.len()];
-        let mut frozen = vec![false; set.len()];
-        loop {
-            let mut delta = f64::INFINITY;
-            for (r, n) in unfrozen.iter().enumerate() {
-                if *n > 0 {
-                    delta = delta.min(left[r] / *n as f64);
-                }
-            }
-            if !delta.is_finite() {
-                break;
-            }
-            for (k, r) in rate.iter_mut().enumerate() {
-                if !frozen[k] {
-                    *r += delta;
-                }
-            }
-            for (r, n) in unfrozen.iter().enumerate() {
-                left[r] -= delta * *n as f64;
-            }
-            let mut any = false;
-            for k in 0..set.len() {
-                let (rs, rd) = ends[k];
-                if !frozen[k]
-                    && (left[rs] <= EPS * (1.0 + delta) || left[rd] <= EPS * (1.0 + delta))
-                {
-                    frozen[k] = true;
-                    unfrozen[rs] -= 1;
-                    unfrozen[rd] -= 1;
-                    any = true;
-                }
-            }
-            if !any {
-                break;
-            }
-        }
+        let rate = progressive_fill(&mut left, &mut unfrozen, &ends);
         let (mut changed, mut slowed) = (Vec::new(), Vec::new());
         for (k, &f) in set.iter().enumerate() {
             let old = self.flows[f].rate;
@@ -252,6 +217,47 @@ impl Links {
         let fl = &self.flows[f];
         (fl.live && fl.rate > 0.0).then(|| fl.at + (fl.left / fl.rate * 1e9).ceil() as u64)
     }
+}
+
+/// Max-min fair rates of flows over resources: every unfrozen flow grows at the same pace
+/// until a resource it crosses is used up, which freezes the flows crossing it. `left`: what
+/// each resource has, `unfrozen`: its flows, `ends`: each flow's two resources.
+fn progressive_fill(left: &mut [f64], unfrozen: &mut [u32], ends: &[(usize, usize)]) -> Vec<f64> {
+    let mut rate = vec![0.0f64; ends.len()];
+    let mut frozen = vec![false; ends.len()];
+    loop {
+        let mut delta = f64::INFINITY;
+        for (r, n) in unfrozen.iter().enumerate() {
+            if *n > 0 {
+                delta = delta.min(left[r] / *n as f64);
+            }
+        }
+        if !delta.is_finite() {
+            break;
+        }
+        for (k, r) in rate.iter_mut().enumerate() {
+            if !frozen[k] {
+                *r += delta;
+            }
+        }
+        for (r, n) in unfrozen.iter().enumerate() {
+            left[r] -= delta * *n as f64;
+        }
+        let mut any = false;
+        for k in 0..ends.len() {
+            let (rs, rd) = ends[k];
+            if !frozen[k] && (left[rs] <= EPS * (1.0 + delta) || left[rd] <= EPS * (1.0 + delta)) {
+                frozen[k] = true;
+                unfrozen[rs] -= 1;
+                unfrozen[rd] -= 1;
+                any = true;
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    rate
 }
 
 #[cfg(test)]

@@ -287,50 +287,10 @@ fn main() -> anyhow::Result<()> {
         .filter_map(|i| run.nodes[*i].done_at)
         .collect();
     finish.sort_by(f64::total_cmp);
-    let unfinished = honest.len() - finish.len();
-    let fleet_s = if unfinished > 0 {
-        f64::INFINITY
-    } else {
-        finish.last().copied().unwrap_or(0.0)
-    };
     let downloaders = specs.iter().filter(|s| s.role == Role::Downloader).count();
     if std::env::var_os("VOLTOOL_SIM_DEBUG").is_some() {
-        let q: Vec<String> = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
-            .iter()
-            .map(|q| format!("{q}:{:.2}", quantile(&finish, *q) / tmin))
-            .collect();
-        eprintln!("finish/T_min quantiles {}", q.join(" "));
-        let cap = (downloaders as f64 + a.seeds as f64 + 1.0) * a.rate;
-        let u: Vec<String> = run
-            .per_second
-            .chunks(5)
-            .map(|c| {
-                format!(
-                    "{:.0}",
-                    c.iter().sum::<f64>() / c.len() as f64 / cap * 100.0
-                )
-            })
-            .collect();
-        eprintln!("upload use % (5 s buckets): {}", u.join(" "));
-        if let Some((i, n)) = run
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| !n.trace.is_empty())
-            .max_by(|a, b| {
-                a.1.done_at
-                    .unwrap_or(f64::MAX)
-                    .total_cmp(&b.1.done_at.unwrap_or(f64::MAX))
-            })
-        {
-            eprintln!("slowest traced node {i}: done {:?}", n.done_at);
-            let step = (n.trace.len() / 40).max(1);
-            for (t, b) in n.trace.iter().step_by(step) {
-                eprintln!("  {:7.2}s {:5.1}%", t, *b as f64 * 100.0 / a.size as f64);
-            }
-        }
+        debug_print(&a, &run, &finish, tmin, downloaders);
     }
-    let lookups: u64 = run.nodes.iter().map(|n| n.lookups).sum();
     if let Some(p) = &a.plot {
         let traces: Vec<&[(f64, u64)]> = run
             .nodes
@@ -341,7 +301,33 @@ fn main() -> anyhow::Result<()> {
         plot::write_svg(p, &traces, &finish, a.size, tmin)
             .with_context(|| p.display().to_string())?;
     }
-    let report = Report {
+    let report = report(&a, &specs, &run, &finish, tmin, wall_s);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// The JSON object of a run.
+fn report(
+    a: &Args,
+    specs: &[Spec],
+    run: &world::Run,
+    finish: &[f64],
+    tmin: f64,
+    wall_s: f64,
+) -> Report {
+    let downloaders = specs.iter().filter(|s| s.role == Role::Downloader).count();
+    let lookups: u64 = run.nodes.iter().map(|n| n.lookups).sum();
+    let unfinished = specs
+        .iter()
+        .filter(|s| s.role == Role::Downloader && !s.liar && s.leaves_at.is_none())
+        .count()
+        - finish.len();
+    let fleet_s = if unfinished > 0 {
+        f64::INFINITY
+    } else {
+        finish.last().copied().unwrap_or(0.0)
+    };
+    Report {
         scenario: "B7",
         nodes: a.nodes,
         seeds: a.seeds,
@@ -355,11 +341,11 @@ fn main() -> anyhow::Result<()> {
         seed: a.seed,
         t_min_s: tmin,
         fleet_s,
-        p50_s: quantile(&finish, 0.5),
-        p99_s: quantile(&finish, 0.99),
+        p50_s: quantile(finish, 0.5),
+        p99_s: quantile(finish, 0.99),
         ratio: fleet_s / tmin,
-        p50_ratio: quantile(&finish, 0.5) / tmin,
-        p99_ratio: quantile(&finish, 0.99) / tmin,
+        p50_ratio: quantile(finish, 0.5) / tmin,
+        p99_ratio: quantile(finish, 0.99) / tmin,
         origin_bytes: run.origin_bytes as u64,
         origin_ratio: run.origin_bytes / a.size as f64,
         bans: run.nodes.iter().map(|n| n.bans).sum(),
@@ -379,14 +365,102 @@ fn main() -> anyhow::Result<()> {
         sim_s: run.sim_s,
         wall_s,
         plot: a.plot.as_ref().map(|p| p.display().to_string()),
-    };
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
+    }
+}
+
+/// What `VOLTOOL_SIM_DEBUG` prints to stderr: finish-time quantiles, the fleet's upload use
+/// over time, and the slowest traced node's progress.
+fn debug_print(a: &Args, run: &world::Run, finish: &[f64], tmin: f64, downloaders: usize) {
+    let q: Vec<String> = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
+        .iter()
+        .map(|q| format!("{q}:{:.2}", quantile(finish, *q) / tmin))
+        .collect();
+    eprintln!("finish/T_min quantiles {}", q.join(" "));
+    let cap = (downloaders as f64 + a.seeds as f64 + 1.0) * a.rate;
+    let u: Vec<String> = run
+        .per_second
+        .chunks(5)
+        .map(|c| {
+            format!(
+                "{:.0}",
+                c.iter().sum::<f64>() / c.len() as f64 / cap * 100.0
+            )
+        })
+        .collect();
+    eprintln!("upload use % (5 s buckets): {}", u.join(" "));
+    if let Some((i, n)) = run
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.trace.is_empty())
+        .max_by(|a, b| {
+            a.1.done_at
+                .unwrap_or(f64::MAX)
+                .total_cmp(&b.1.done_at.unwrap_or(f64::MAX))
+        })
+    {
+        eprintln!("slowest traced node {i}: done {:?}", n.done_at);
+        let step = (n.trace.len() / 40).max(1);
+        for (t, b) in n.trace.iter().step_by(step) {
+            eprintln!("  {:7.2}s {:5.1}%", t, *b as f64 * 100.0 / a.size as f64);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run(extra: &[&str]) -> (Scenario, world::Run) {
+        let mut argv = vec![
+            "voltool-sim",
+            "--nodes",
+            "6",
+            "--size",
+            "16MiB",
+            "--files",
+            "2",
+        ];
+        argv.extend_from_slice(extra);
+        let a = Args::parse_from(argv);
+        let sc = scenario(&a).expect("scenario");
+        (sc.clone(), World::new(sc).run(1e4))
+    }
+
+    /// A small fleet finishes whole, near the bound, from one seed to the next the same.
+    #[test]
+    fn a_small_fleet_finishes_and_replays_exactly() {
+        let (sc, r) = run(&[]);
+        let honest: Vec<usize> = (0..sc.nodes.len())
+            .filter(|i| sc.nodes[*i].role == Role::Downloader)
+            .collect();
+        let tmin = t_min(16.0 * 1048576.0, &sc.nodes, &honest);
+        for i in &honest {
+            let done = r.nodes[*i].done_at.expect("every downloader finishes");
+            assert!(
+                done >= tmin * 0.999 && done < tmin * 2.0,
+                "{done} against {tmin}"
+            );
+        }
+        assert!(r.origin_bytes <= 2.0 * 16.0 * 1048576.0);
+        let (_, again) = run(&[]);
+        assert_eq!(again.events, r.events);
+    }
+
+    /// Liars are banned and none of their bytes is taken; a leaver's downloaders go on.
+    #[test]
+    fn liars_and_leavers_do_not_stop_the_honest() {
+        let (sc, r) = run(&["--evil", "2", "--churn-frac", "0.3", "--seed", "4"]);
+        let mut bans = 0;
+        for (i, s) in sc.nodes.iter().enumerate() {
+            bans += r.nodes[i].bans;
+            assert_eq!(r.nodes[i].corrupt_accepted, 0);
+            if s.role == Role::Downloader && !s.liar && s.leaves_at.is_none() {
+                assert!(r.nodes[i].done_at.is_some(), "node {i} finished");
+            }
+        }
+        assert!(bans > 0);
+    }
 
     #[test]
     fn sizes_and_rates_parse() {

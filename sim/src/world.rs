@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 
 use voltool_protocol::Hash;
 use voltool_protocol::swarm::{
-    Action, Admission, Admit, Ask, Blobs, Config, Engine, Event, GroupId, Outcome, PieceSet,
-    ProviderInfo, ReqId, Subscribers, Tracker,
+    Admission, Ask, Blobs, Config, Engine, Event, GroupId, PieceSet, ProviderInfo, ReqId,
+    Subscribers, Tracker,
 };
 
 use crate::links::Links;
+
+mod act;
+mod serve;
 
 /// What a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +102,7 @@ struct Node {
 }
 
 #[derive(Clone, Debug)]
-struct Pending {
+pub(super) struct Pending {
     from: usize,
     req: ReqId,
     rank: u16,
@@ -109,14 +112,14 @@ struct Pending {
 
 /// A flow carrying one unit to a requester.
 #[derive(Clone, Debug)]
-struct Carry {
+pub(super) struct Carry {
     prov: usize,
     p: Pending,
     bytes: f64,
     corrupt: bool,
 }
 
-enum Ev {
+pub(super) enum Ev {
     Timer(usize, u32),
     ToNode(usize, Event),
     /// One push of what `from` newly holds, to several subscribers at once.
@@ -176,6 +179,50 @@ impl PartialOrd for Item {
 impl Ord for Item {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         (self.0, self.1).cmp(&(o.0, o.1))
+    }
+}
+
+impl Node {
+    /// Node `i` of the scenario: a downloader with its engine wanting every blob, or a
+    /// provider holding them all.
+    fn new(sc: &Scenario, i: usize, hashes: &[Hash], units: &[u32]) -> Self {
+        let (spec, cfg) = (&sc.nodes[i], &sc.cfg);
+        let complete = spec.role != Role::Downloader;
+        let held = units
+            .iter()
+            .map(|&u| {
+                if complete {
+                    PieceSet::full(u)
+                } else {
+                    PieceSet::empty(u)
+                }
+            })
+            .collect();
+        let engine = (spec.role == Role::Downloader).then(|| {
+            let mut e = Engine::new(cfg.clone(), node_id(i), sc.seed.wrapping_add(i as u64));
+            for (k, &size) in sc.blobs.iter().enumerate() {
+                e.want(Blobs::Pieces {
+                    hash: hashes[k],
+                    size,
+                    held: PieceSet::empty(units[k]),
+                });
+            }
+            e
+        });
+        Node {
+            spec: spec.clone(),
+            gone: false,
+            engine,
+            adm: Admission::new(cfg.clone(), sc.seed ^ ((i as u64) << 1)),
+            subs: Subscribers::new(cfg.clone()),
+            held,
+            waiting: HashMap::default(),
+            timer: None,
+            timer_gen: 0,
+            result: NodeResult::default(),
+            bytes: 0,
+            groups_done: 0,
+        }
     }
 }
 
@@ -242,29 +289,8 @@ impl World {
         let mut downloading = 0;
         for (i, spec) in sc.nodes.iter().enumerate() {
             links.add_node(spec.up, spec.down);
-            let complete = spec.role != Role::Downloader;
-            let held = units
-                .iter()
-                .map(|&u| {
-                    if complete {
-                        PieceSet::full(u)
-                    } else {
-                        PieceSet::empty(u)
-                    }
-                })
-                .collect();
-            let engine = (spec.role == Role::Downloader).then(|| {
-                downloading += 1;
-                let mut e = Engine::new(cfg.clone(), node_id(i), sc.seed.wrapping_add(i as u64));
-                for (k, &size) in sc.blobs.iter().enumerate() {
-                    e.want(Blobs::Pieces {
-                        hash: hashes[k],
-                        size,
-                        held: PieceSet::empty(units[k]),
-                    });
-                }
-                e
-            });
+            let node = Node::new(&sc, i, &hashes, &units);
+            downloading += node.engine.is_some() as usize;
             if spec.role == Role::Seed {
                 tracker.announce(
                     at(base, 0),
@@ -278,20 +304,7 @@ impl World {
             if let Some(t) = spec.leaves_at {
                 initial.push((t, Ev::Leave(i)));
             }
-            nodes.push(Node {
-                spec: spec.clone(),
-                gone: false,
-                engine,
-                adm: Admission::new(cfg.clone(), sc.seed ^ (i as u64) << 1),
-                subs: Subscribers::new(cfg.clone()),
-                held,
-                waiting: HashMap::default(),
-                timer: None,
-                timer_gen: 0,
-                result: NodeResult::default(),
-                bytes: 0,
-                groups_done: 0,
-            });
+            nodes.push(node);
         }
         initial.push((HEARTBEAT, Ev::Heartbeat));
         let mut w = World {
@@ -439,24 +452,7 @@ impl World {
             }
             Ev::Serve { prov, p, ask } => self.serve(prov, p, ask),
             Ev::Cancel { prov, from, req } => self.cancel(prov, from, req),
-            Ev::Subscribe { prov, from, blob } => {
-                if self.nodes[prov].gone {
-                    return;
-                }
-                let hash = self.hashes[blob];
-                if self.nodes[prov].subs.subscribe(node_id(from), hash) {
-                    let units = self.nodes[prov].held[blob].clone();
-                    self.tell(
-                        prov,
-                        from,
-                        Event::Have {
-                            provider: node_id(prov),
-                            group: GroupId(blob as u32),
-                            units,
-                        },
-                    );
-                }
-            }
+            Ev::Subscribe { prov, from, blob } => self.subscribe(prov, from, blob),
             Ev::FlowDone(f, epoch) => {
                 if self.links.flows[f].live && self.links.flows[f].epoch == epoch {
                     self.flow_done(f);
@@ -477,18 +473,41 @@ impl World {
                 self.tracker.report(&node_id(from), &node_id(liar));
             }
             Ev::Leave(n) => self.leave(n),
-            Ev::Heartbeat => {
-                let now = self.instant();
-                for i in 0..self.nodes.len() {
-                    if !self.nodes[i].gone {
-                        self.tracker.heartbeat(now, &node_id(i));
-                    }
-                }
-                self.tracker.expire(now);
-                let t = self.now + HEARTBEAT;
-                self.push(t, Ev::Heartbeat);
+            Ev::Heartbeat => self.heartbeat(),
+        }
+    }
+
+    /// `from` subscribes to what `prov` gets of a blob: it hears what `prov` holds now.
+    fn subscribe(&mut self, prov: usize, from: usize, blob: usize) {
+        if self.nodes[prov].gone {
+            return;
+        }
+        let hash = self.hashes[blob];
+        if self.nodes[prov].subs.subscribe(node_id(from), hash) {
+            let units = self.nodes[prov].held[blob].clone();
+            self.tell(
+                prov,
+                from,
+                Event::Have {
+                    provider: node_id(prov),
+                    group: GroupId(blob as u32),
+                    units,
+                },
+            );
+        }
+    }
+
+    /// Every live member is seen by the tracker; those gone for long expire.
+    fn heartbeat(&mut self) {
+        let now = self.instant();
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].gone {
+                self.tracker.heartbeat(now, &node_id(i));
             }
         }
+        self.tracker.expire(now);
+        let t = self.now + HEARTBEAT;
+        self.push(t, Ev::Heartbeat);
     }
 
     /// Drains node `n`'s engine and subscribers, and sets its next timer.
@@ -551,416 +570,6 @@ impl World {
         }
     }
 
-    fn act(&mut self, n: usize, a: Action) {
-        let origin = 0;
-        match a {
-            Action::Lookup { group } => {
-                let t = self.now + self.lat(n, origin);
-                self.push(
-                    t,
-                    Ev::Lookup {
-                        from: n,
-                        blob: group.0 as usize,
-                    },
-                );
-            }
-            Action::Request {
-                req,
-                provider,
-                group,
-                ask,
-                rank,
-            } => {
-                let prov = index_of(&provider);
-                let unit = match &ask {
-                    Ask::Units(u) => u[0],
-                    Ask::Pick { .. } => u32::MAX,
-                };
-                self.pending.insert((n, req), (prov, None));
-                let t = self.now + self.lat(n, prov);
-                self.push(
-                    t,
-                    Ev::Serve {
-                        prov,
-                        p: Pending {
-                            from: n,
-                            req,
-                            rank,
-                            blob: group.0 as usize,
-                            unit,
-                        },
-                        ask,
-                    },
-                );
-            }
-            Action::Cancel { req } => {
-                if let Some(&f) = self.flowing.get(&(n, req)) {
-                    let prov = self.links.flows[f].src;
-                    let t = self.now + self.lat(n, prov);
-                    self.push(t, Ev::Cancel { prov, from: n, req });
-                } else if let Some(&(prov, _)) = self.pending.get(&(n, req)) {
-                    let t = self.now + self.lat(n, prov);
-                    self.push(t, Ev::Cancel { prov, from: n, req });
-                }
-            }
-            Action::Subscribe { provider, group } => {
-                let prov = index_of(&provider);
-                let t = self.now + self.lat(n, prov);
-                self.push(
-                    t,
-                    Ev::Subscribe {
-                        prov,
-                        from: n,
-                        blob: group.0 as usize,
-                    },
-                );
-            }
-            Action::Unsubscribe { provider, group } => {
-                let prov = index_of(&provider);
-                let hash = self.hashes[group.0 as usize];
-                self.nodes[prov].subs.unsubscribe(&node_id(n), &hash);
-            }
-            Action::Announce { blobs, complete } => {
-                let t = self.now + self.lat(n, origin);
-                self.push(
-                    t,
-                    Ev::Announce {
-                        from: n,
-                        blobs,
-                        complete,
-                    },
-                );
-            }
-            Action::Report { provider } => {
-                let t = self.now + self.lat(n, origin);
-                self.push(
-                    t,
-                    Ev::Report {
-                        from: n,
-                        liar: index_of(&provider),
-                    },
-                );
-            }
-            Action::Done { .. } => {
-                let node = &mut self.nodes[n];
-                node.groups_done += 1;
-                if node.groups_done == self.sc.blobs.len() {
-                    node.result.done_at = Some(self.now as f64 / 1e9);
-                    self.finished(n);
-                }
-            }
-            Action::Failed { .. } => {
-                if !self.nodes[n].result.failed {
-                    self.nodes[n].result.failed = true;
-                    self.finished(n);
-                }
-            }
-        }
-    }
-
-    /// A downloader is through (done, failed or gone): record its figures.
-    fn finished(&mut self, n: usize) {
-        let node = &mut self.nodes[n];
-        if let Some(e) = &node.engine {
-            let s = e.stats();
-            node.result.lookups = s.lookups;
-            node.result.bans = s.banned.len();
-            node.result.requests = s.requests;
-            node.result.busy = s.busy;
-            node.result.timeouts = s.timeouts;
-            node.result.duplicate_bytes = s.duplicate_bytes;
-            node.result.corrupt_accepted = s
-                .by_provider
-                .iter()
-                .filter(|(id, _)| self.sc.nodes[index_of(id)].liar)
-                .map(|(_, b)| *b)
-                .sum();
-        }
-        self.downloading -= 1;
-    }
-
-    fn serve(&mut self, prov: usize, mut p: Pending, ask: Ask) {
-        let from = p.from;
-        if self.nodes[prov].gone {
-            self.pending.remove(&(from, p.req));
-            self.tell(
-                prov,
-                from,
-                Event::Answer {
-                    req: p.req,
-                    outcome: Outcome::Unreachable,
-                },
-            );
-            return;
-        }
-        if !self.pending.contains_key(&(from, p.req)) {
-            return; // cancelled on the way
-        }
-        let (blob, units) = (p.blob, self.units[p.blob]);
-        let is_origin = self.nodes[prov].spec.role == Role::Origin;
-        let busy = |w: &mut World| {
-            w.pending.remove(&(from, p.req));
-            w.tell(
-                prov,
-                from,
-                Event::Answer {
-                    req: p.req,
-                    outcome: Outcome::Busy,
-                },
-            );
-        };
-        let node = &mut self.nodes[prov];
-        if !node.adm.would_admit(p.rank) {
-            return busy(self);
-        }
-        let unit = match &ask {
-            Ask::Units(us) => {
-                let u = us[0];
-                if !node.held[blob].contains(u) {
-                    // It lacks it: an answer with nothing in it.
-                    self.pending.remove(&(from, p.req));
-                    self.tell(
-                        prov,
-                        from,
-                        Event::Answer {
-                            req: p.req,
-                            outcome: Outcome::Ok,
-                        },
-                    );
-                    return;
-                }
-                if is_origin {
-                    let among = PieceSet::from_iter(units, [u]);
-                    if node.adm.choose(self.hashes[blob], units, &among).is_none() {
-                        return busy(self);
-                    }
-                }
-                u
-            }
-            Ask::Pick { among } => {
-                let among = among.and(&node.held[blob]);
-                match node.adm.choose(self.hashes[blob], units, &among) {
-                    Some(u) => u,
-                    None => return busy(self),
-                }
-            }
-        };
-        p.unit = unit;
-        if matches!(ask, Ask::Pick { .. }) {
-            self.tell(prov, from, Event::Picked { req: p.req, unit });
-        }
-        let token = self.next_token;
-        self.next_token += 1;
-        let rank = p.rank;
-        match self.nodes[prov].adm.admit(token, rank) {
-            Admit::Now => self.start_flow(prov, p),
-            Admit::Queued { evicted } => {
-                self.pending.insert((from, p.req), (prov, Some(token)));
-                self.nodes[prov].waiting.insert(token, p);
-                if let Some(out) = evicted.and_then(|t| self.nodes[prov].waiting.remove(&t)) {
-                    self.pending.remove(&(out.from, out.req));
-                    self.tell(
-                        prov,
-                        out.from,
-                        Event::Answer {
-                            req: out.req,
-                            outcome: Outcome::Busy,
-                        },
-                    );
-                }
-            }
-            Admit::Busy => busy(self),
-        }
-    }
-
-    fn start_flow(&mut self, prov: usize, p: Pending) {
-        let from = p.from;
-        if self.nodes[from].gone {
-            self.pending.remove(&(from, p.req));
-            self.next_turn(prov);
-            return;
-        }
-        let (s, e) = {
-            let pb = self.sc.cfg.piece_bytes;
-            let size = self.sc.blobs[p.blob];
-            let s = p.unit as u64 * pb;
-            (s.min(size), (s + pb).min(size))
-        };
-        let corrupt = self.nodes[prov].spec.liar;
-        // A liar's first bad chunk group fails verification: the rest is never read.
-        let bytes = if corrupt {
-            (e - s).min(16 << 10)
-        } else {
-            e - s
-        } as f64;
-        self.pending.remove(&(from, p.req));
-        let (f, changed) = self.links.start(self.now, prov, from, bytes.max(1.0));
-        self.flowing.insert((from, p.req), f);
-        self.carry.insert(
-            f,
-            Carry {
-                prov,
-                p,
-                bytes,
-                corrupt,
-            },
-        );
-        self.reschedule(changed);
-    }
-
-    fn reschedule(&mut self, flows: Vec<usize>) {
-        for f in flows {
-            if let Some(t) = self.links.finish_at(f) {
-                let epoch = self.links.flows[f].epoch;
-                self.push(t.max(self.now), Ev::FlowDone(f, epoch));
-            }
-        }
-    }
-
-    /// A slot of `prov` is free: the next request waiting gets it.
-    fn next_turn(&mut self, prov: usize) {
-        if let Some(token) = self.nodes[prov].adm.finished()
-            && let Some(p) = self.nodes[prov].waiting.remove(&token)
-        {
-            self.start_flow(prov, p);
-        }
-    }
-
-    fn flow_done(&mut self, f: usize) {
-        let c = self.carry.remove(&f).expect("carried");
-        let changed = self.links.end(self.now, f);
-        self.reschedule(changed);
-        if self.nodes[c.prov].spec.role == Role::Origin {
-            self.origin_bytes += c.bytes;
-        }
-        let sec = (self.now / 1_000_000_000) as usize;
-        if self.per_second.len() <= sec {
-            self.per_second.resize(sec + 1, 0.0);
-        }
-        if self.per_second[sec] == 0.0
-            && sec % 10 == 5
-            && std::env::var_os("VOLTOOL_SIM_DEBUG").is_some()
-        {
-            let u = self.links.upload_use();
-            let mut hist = [0usize; 6];
-            let (mut sum, mut k) = (0.0, 0);
-            for (n, used) in &u {
-                hist[(*n).min(5)] += 1;
-                if *n > 0 {
-                    sum += used;
-                    k += 1;
-                }
-            }
-            let queued: usize = self.nodes.iter().map(|n| n.waiting.len()).sum();
-            eprintln!(
-                "t={sec}s out-flow counts {hist:?}, use of busy uplinks {:.2}, queued {queued}",
-                sum / k.max(1) as f64
-            );
-        }
-        self.per_second[sec] += c.bytes;
-        let from = c.p.from;
-        self.flowing.remove(&(from, c.p.req));
-        let req = c.p.req;
-        if !c.corrupt {
-            // Held (and pushed to its subscribers) once it has arrived and verified.
-            let t = self.now + self.lat(c.prov, from);
-            self.push(
-                t,
-                Ev::ToNode(
-                    from,
-                    Event::Unit {
-                        req,
-                        unit: c.p.unit,
-                        verified: true,
-                    },
-                ),
-            );
-            self.held_at(t, from, c.p.blob, c.p.unit);
-        } else {
-            self.tell(
-                c.prov,
-                from,
-                Event::Unit {
-                    req,
-                    unit: c.p.unit,
-                    verified: false,
-                },
-            );
-        }
-        self.tell(
-            c.prov,
-            from,
-            Event::Answer {
-                req,
-                outcome: Outcome::Ok,
-            },
-        );
-        self.next_turn(c.prov);
-    }
-
-    /// Node `n` will hold a unit at time `t` (when its bytes have arrived).
-    fn held_at(&mut self, t: u64, n: usize, blob: usize, unit: u32) {
-        let traced = n < self.sc.traced + 1 + self.seeds();
-        let node = &mut self.nodes[n];
-        if node.held[blob].insert(unit) {
-            let bytes = {
-                let pb = self.sc.cfg.piece_bytes;
-                let size = self.sc.blobs[blob];
-                let s = unit as u64 * pb;
-                (s + pb).min(size) - s.min(size)
-            };
-            node.bytes += bytes;
-            if traced {
-                node.result.trace.push((t as f64 / 1e9, node.bytes));
-            }
-            node.subs.held(at(self.base, t), self.hashes[blob], unit);
-            self.run_subs_timer(n);
-        }
-    }
-
-    fn seeds(&self) -> usize {
-        self.sc
-            .nodes
-            .iter()
-            .filter(|s| s.role == Role::Seed)
-            .count()
-    }
-
-    fn run_subs_timer(&mut self, n: usize) {
-        let Some(t) = self.nodes[n].subs.poll_timeout() else {
-            return;
-        };
-        let t = (t.saturating_duration_since(self.base).as_nanos() as u64).max(self.now);
-        if self.nodes[n].timer.is_none_or(|(x, _)| x > t) {
-            let node = &mut self.nodes[n];
-            node.timer_gen += 1;
-            let epoch = node.timer_gen;
-            node.timer = Some((t, epoch));
-            self.push(t, Ev::Timer(n, epoch));
-        }
-    }
-
-    fn cancel(&mut self, prov: usize, from: usize, req: ReqId) {
-        if let Some(f) = self.flowing.remove(&(from, req)) {
-            if self.links.flows[f].live && self.links.flows[f].src == prov {
-                let total = self.carry.get(&f).map_or(0.0, |c| c.bytes);
-                let sent = self.links.sent(f, self.now, total);
-                if self.nodes[prov].spec.role == Role::Origin {
-                    self.origin_bytes += sent;
-                }
-                self.carry.remove(&f);
-                let changed = self.links.end(self.now, f);
-                self.reschedule(changed);
-                self.next_turn(prov);
-            }
-        } else if let Some((_, token)) = self.pending.remove(&(from, req))
-            && let Some(token) = token
-        {
-            self.nodes[prov].adm.forget(token);
-            self.nodes[prov].waiting.remove(&token);
-        }
-    }
-
     fn lookup(&mut self, from: usize, blob: usize) {
         let now = self.instant();
         let list = self.tracker.lookup(now, &node_id(from), &self.hashes[blob]);
@@ -986,56 +595,8 @@ impl World {
             },
         );
     }
-
-    /// Node `n` leaves: its transfers break, and it answers nobody again.
-    fn leave(&mut self, n: usize) {
-        if self.nodes[n].gone {
-            return;
-        }
-        self.nodes[n].gone = true;
-        if self.nodes[n].engine.is_some()
-            && self.nodes[n].result.done_at.is_none()
-            && !self.nodes[n].result.failed
-        {
-            self.finished(n);
-        }
-        // What waited in its queue is refused at once: the connection closed.
-        let waiting: Vec<Pending> = self.nodes[n].waiting.drain().map(|(_, p)| p).collect();
-        for p in waiting {
-            self.pending.remove(&(p.from, p.req));
-            self.tell(
-                n,
-                p.from,
-                Event::Answer {
-                    req: p.req,
-                    outcome: Outcome::Unreachable,
-                },
-            );
-        }
-        for f in self.links.flows_of(n) {
-            let Some(c) = self.carry.remove(&f) else {
-                continue;
-            };
-            self.flowing.remove(&(c.p.from, c.p.req));
-            let changed = self.links.end(self.now, f);
-            self.reschedule(changed);
-            if c.prov == n {
-                // Its downloaders see the connection close.
-                self.tell(
-                    n,
-                    c.p.from,
-                    Event::Answer {
-                        req: c.p.req,
-                        outcome: Outcome::Unreachable,
-                    },
-                );
-            } else {
-                self.next_turn(c.prov);
-            }
-        }
-    }
 }
 
-fn at(base: Instant, ns: u64) -> Instant {
+pub(super) fn at(base: Instant, ns: u64) -> Instant {
     base + Duration::from_nanos(ns)
 }

@@ -40,6 +40,7 @@
 
 mod config;
 mod engine;
+mod handlers;
 mod pieces;
 mod schedule;
 mod serve;
@@ -49,6 +50,8 @@ mod types;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fleet;
 #[cfg(test)]
 mod tests_serve;
 
