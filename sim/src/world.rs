@@ -268,6 +268,11 @@ pub(crate) struct World {
     events: u64,
     downloading: usize,
     per_second: Vec<f64>,
+    /// Nodes below this index have their progress traced (the origin, the seeds, then
+    /// `traced` downloaders).
+    traced_below: usize,
+    /// `VOLTOOL_SIM_DEBUG` is set.
+    debug: bool,
 }
 
 const HEARTBEAT: u64 = 30_000_000_000;
@@ -307,6 +312,8 @@ impl World {
             nodes.push(node);
         }
         initial.push((HEARTBEAT, Ev::Heartbeat));
+        let seeds = sc.nodes.iter().filter(|s| s.role == Role::Seed).count();
+        let sc_traced = sc.traced;
         let mut w = World {
             sc,
             base,
@@ -328,6 +335,8 @@ impl World {
             events: 0,
             downloading,
             per_second: Vec::new(),
+            traced_below: 1 + seeds + sc_traced,
+            debug: std::env::var_os("VOLTOOL_SIM_DEBUG").is_some(),
         };
         for (t, ev) in initial {
             w.push(t, ev);

@@ -12,15 +12,8 @@ pub(super) struct Tracker {
     pub(super) rtts: HashMap<EndpointId, HashMap<EndpointId, u32>>,
 }
 
-/// Coarse band of a round-trip time, so that peers within a factor of two of each other
-/// tie (and askers spread over them at random): below 1 ms is band 0, 1-2 ms band 1,
-/// 2-4 ms band 2, and so on; unmeasured peers come after all measured ones.
-pub(super) fn rtt_band(micros: Option<u32>) -> u32 {
-    match micros {
-        Some(us) => u32::BITS - (us / 1000).leading_zeros(),
-        None => u32::MAX,
-    }
-}
+/// Coarse band of a round-trip time (the swarm tracker's own).
+pub(super) use voltool_protocol::swarm::rtt_band;
 
 impl Tracker {
     pub(super) fn forget(&mut self, peer: &EndpointId) {

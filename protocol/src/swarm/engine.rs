@@ -31,6 +31,9 @@ pub struct Engine {
     pub(super) announce_due: Option<Instant>,
     pub(super) announced: bool,
     pub(super) stats: Stats,
+    /// Units of every group wanted, and of those verified: how far along the download is.
+    pub(super) units_all: u64,
+    pub(super) units_done: u64,
     pub(super) dirty: bool,
     /// The next timeout, while the state it derives from is unchanged.
     pub(super) timeout: Option<Option<Instant>>,
@@ -57,6 +60,8 @@ impl Engine {
             announce_due: None,
             announced: false,
             stats: Stats::default(),
+            units_all: 0,
+            units_done: 0,
             dirty: false,
             timeout: None,
         }
@@ -80,6 +85,8 @@ impl Engine {
         };
         let mut wantable = PieceSet::full(units);
         wantable.subtract(&done);
+        self.units_all += units as u64;
+        self.units_done += done.count() as u64;
         self.groups.push(Group {
             spec,
             units,
@@ -90,7 +97,6 @@ impl Engine {
             counts: vec![0; units as usize],
             flights: HashMap::new(),
             flying: 0,
-            started: false,
             finished: false,
             lookup_in_flight: false,
             lookup_due: None,

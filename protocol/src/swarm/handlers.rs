@@ -112,6 +112,7 @@ impl Engine {
             self.stats.duplicate_bytes += bytes;
             return;
         }
+        self.units_done += 1;
         g.wantable.remove(unit);
         g.stuck_rounds = 0;
         let p = &mut self.provs[prov];

@@ -70,10 +70,10 @@ impl Engine {
 
     fn start(&mut self, now: Instant, gid: GroupId) {
         let g = &mut self.groups[gid.0 as usize];
-        g.started = true;
-        if g.wantable.is_empty() && g.done.is_full() {
+        if g.done.is_full() {
+            // Held whole already: nothing to fetch.
             self.active.push(gid);
-            self.finish_now(now, gid);
+            self.complete(now, gid);
             return;
         }
         g.lookup_in_flight = true;
@@ -291,10 +291,7 @@ impl Engine {
 
     /// How far along the whole download is, permille of its units.
     pub(super) fn rank(&self) -> u16 {
-        let (done, all) = self.groups.iter().fold((0u64, 0u64), |(d, a), g| {
-            (d + g.done.count() as u64, a + g.units as u64)
-        });
-        (done * 1000 / all.max(1)) as u16
+        (self.units_done * 1000 / self.units_all.max(1)) as u16
     }
 
     /// A group that nothing is coming in for and that no known provider can serve: look
@@ -328,11 +325,5 @@ impl Engine {
         let rest = self.cfg.busy_backoff * 2u32.pow((g.stuck_rounds - 1).min(16));
         let at = now + rest;
         g.lookup_due = Some(g.lookup_due.map_or(at, |t| t.min(at)));
-    }
-
-    /// Finishes a group that needs nothing fetched.
-    fn finish_now(&mut self, now: Instant, gid: GroupId) {
-        self.groups[gid.0 as usize].done = super::PieceSet::full(self.groups[gid.0 as usize].units);
-        self.complete(now, gid);
     }
 }

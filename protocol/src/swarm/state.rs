@@ -68,7 +68,6 @@ pub(super) struct Group {
     pub(super) flights: HashMap<u32, Vec<ReqId>>,
     /// Requests of this group in flight (picks included).
     pub(super) flying: usize,
-    pub(super) started: bool,
     pub(super) finished: bool,
     pub(super) lookup_in_flight: bool,
     pub(super) lookup_due: Option<Instant>,

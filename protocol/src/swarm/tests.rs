@@ -274,7 +274,7 @@ fn busy_answers_move_demand_elsewhere() {
     asked.dedup();
     assert!(next.iter().all(|r| r.1 == id(2)), "{next:?}");
     assert!(asked.iter().all(|p| *p == id(2)));
-    // After its rest it is asked again.
+    // The other peer alone finishes the blob.
     finish_from(&mut h, id(2));
     let _ = h.advance(h.e.config().busy_backoff_max);
     assert!(h.log.contains(&Action::Done { group: g }));

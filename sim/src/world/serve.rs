@@ -80,19 +80,10 @@ impl World {
             self.next_turn(prov);
             return;
         }
-        let (s, e) = {
-            let pb = self.sc.cfg.piece_bytes;
-            let size = self.sc.blobs[p.blob];
-            let s = p.unit as u64 * pb;
-            (s.min(size), (s + pb).min(size))
-        };
+        let size = self.unit_bytes(p.blob, p.unit);
         let corrupt = self.nodes[prov].spec.liar;
         // A liar's first bad chunk group fails verification: the rest is never read.
-        let bytes = if corrupt {
-            (e - s).min(16 << 10)
-        } else {
-            e - s
-        } as f64;
+        let bytes = if corrupt { size.min(16 << 10) } else { size } as f64;
         self.pending.remove(&(from, p.req));
         let (f, changed) = self.links.start(self.now, prov, from, bytes.max(1.0));
         self.flowing.insert((from, p.req), f);
@@ -137,25 +128,8 @@ impl World {
         if self.per_second.len() <= sec {
             self.per_second.resize(sec + 1, 0.0);
         }
-        if self.per_second[sec] == 0.0
-            && sec % 10 == 5
-            && std::env::var_os("VOLTOOL_SIM_DEBUG").is_some()
-        {
-            let u = self.links.upload_use();
-            let mut hist = [0usize; 6];
-            let (mut sum, mut k) = (0.0, 0);
-            for (n, used) in &u {
-                hist[(*n).min(5)] += 1;
-                if *n > 0 {
-                    sum += used;
-                    k += 1;
-                }
-            }
-            let queued: usize = self.nodes.iter().map(|n| n.waiting.len()).sum();
-            eprintln!(
-                "t={sec}s out-flow counts {hist:?}, use of busy uplinks {:.2}, queued {queued}",
-                sum / k.max(1) as f64
-            );
+        if self.debug && self.per_second[sec] == 0.0 && sec % 10 == 5 {
+            self.debug_links(sec);
         }
         self.per_second[sec] += c.bytes;
         let from = c.p.from;
@@ -198,17 +172,39 @@ impl World {
         self.next_turn(c.prov);
     }
 
+    /// For `VOLTOOL_SIM_DEBUG`: how many flows each uplink carries and how much of it they
+    /// use, at second `sec`.
+    fn debug_links(&self, sec: usize) {
+        let u = self.links.upload_use();
+        let mut hist = [0usize; 6];
+        let (mut sum, mut k) = (0.0, 0);
+        for (n, used) in &u {
+            hist[(*n).min(5)] += 1;
+            if *n > 0 {
+                sum += used;
+                k += 1;
+            }
+        }
+        let queued: usize = self.nodes.iter().map(|n| n.waiting.len()).sum();
+        eprintln!(
+            "t={sec}s out-flow counts {hist:?}, use of busy uplinks {:.2}, queued {queued}",
+            sum / k.max(1) as f64
+        );
+    }
+
+    /// Bytes of piece `unit` of blob `blob`.
+    fn unit_bytes(&self, blob: usize, unit: u32) -> u64 {
+        let (pb, size) = (self.sc.cfg.piece_bytes, self.sc.blobs[blob]);
+        let s = unit as u64 * pb;
+        (s + pb).min(size) - s.min(size)
+    }
+
     /// Node `n` will hold a unit at time `t` (when its bytes have arrived).
     pub(super) fn held_at(&mut self, t: u64, n: usize, blob: usize, unit: u32) {
-        let traced = n < self.sc.traced + 1 + self.seeds();
+        let traced = n < self.traced_below;
+        let bytes = self.unit_bytes(blob, unit);
         let node = &mut self.nodes[n];
         if node.held[blob].insert(unit) {
-            let bytes = {
-                let pb = self.sc.cfg.piece_bytes;
-                let size = self.sc.blobs[blob];
-                let s = unit as u64 * pb;
-                (s + pb).min(size) - s.min(size)
-            };
             node.bytes += bytes;
             if traced {
                 node.result.trace.push((t as f64 / 1e9, node.bytes));
@@ -216,14 +212,6 @@ impl World {
             node.subs.held(at(self.base, t), self.hashes[blob], unit);
             self.run_subs_timer(n);
         }
-    }
-
-    pub(super) fn seeds(&self) -> usize {
-        self.sc
-            .nodes
-            .iter()
-            .filter(|s| s.role == Role::Seed)
-            .count()
     }
 
     pub(super) fn run_subs_timer(&mut self, n: usize) {
