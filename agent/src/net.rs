@@ -141,12 +141,27 @@ pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut RecvStream,
     max: usize,
 ) -> Result<T, NetError> {
+    read_frame_or_end(recv, max)
+        .await?
+        .ok_or_else(|| NetError::Stream("stream ended before a frame".into()))
+}
+
+/// Reads one frame of at most `max` body bytes, or `None` when the stream ends cleanly
+/// where a frame would start.
+pub async fn read_frame_or_end<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+    max: usize,
+) -> Result<Option<T>, NetError> {
     let mut prefix = [0u8; frame::PREFIX_LEN];
-    recv.read_exact(&mut prefix).await.map_err(read_exact_err)?;
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(read_exact_err(e)),
+    }
     let len = frame::body_len(prefix, max)?;
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await.map_err(read_exact_err)?;
-    Ok(frame::decode(&body)?)
+    Ok(Some(frame::decode(&body)?))
 }
 
 fn read_exact_err(e: ReadExactError) -> NetError {

@@ -1,4 +1,4 @@
-//! `voltool/coord/4`: what agents ask the coordinator.
+//! `voltool/coord/5`: what agents ask the coordinator.
 //!
 //! One request per bidirectional QUIC stream: the agent sends a [`CoordRequest`] frame and,
 //! for [`CoordRequest::Upload`], the raw bytes of every blob it names after it, one after
@@ -15,7 +15,7 @@ use crate::manifest::{Change, Entry};
 use crate::path::VolPath;
 
 /// ALPN of the coordinator protocol.
-pub const ALPN: &[u8] = b"voltool/coord/4";
+pub const ALPN: &[u8] = b"voltool/coord/5";
 /// Largest request frame (a change set of a large volume).
 pub const MAX_REQUEST: usize = 256 << 20;
 /// Largest response frame.
@@ -80,7 +80,7 @@ pub enum CoordRequest {
     /// Tracker: the sender holds these blobs (complete, or in part and growing) and serves
     /// them at `addr`. Replaces the sender's address and zone.
     Announce {
-        /// Where the sender serves `voltool/blobs/3`.
+        /// Where the sender serves `voltool/blobs/4`.
         addr: SocketAddr,
         /// Its zone label.
         zone: Option<String>,
@@ -112,6 +112,21 @@ pub enum CoordRequest {
     LookupAll {
         /// The blobs (at most [`MAX_LOOKUP_ALL`]).
         hashes: Vec<Hash>,
+    },
+    /// Tracker: the sender is alive and still holds what it announced (holdings of a
+    /// member not heard from within the tracker's time to live expire). It registers the
+    /// sender, with where it serves, as an announcement of nothing would.
+    Heartbeat {
+        /// Where the sender serves `voltool/blobs/4`.
+        addr: SocketAddr,
+        /// Its zone label.
+        zone: Option<String>,
+    },
+    /// Tracker: a provider sent the sender bytes that failed verification. Once enough
+    /// members reported it, lookups leave it out.
+    Report {
+        /// The provider's node id.
+        provider: [u8; 32],
     },
 }
 

@@ -1,7 +1,7 @@
 //! voltool's sans-IO core: hashes, paths, manifests, commits and signed heads, and the wire
 //! messages. No I/O, no clock, no async: everything here can be tested exhaustively.
 //!
-//! # Wire specification, version 2
+//! # Wire specification, version 3
 //!
 //! ## Goals
 //! - Every byte a node uses or passes on is verified against a BLAKE3 hash from a
@@ -16,8 +16,9 @@
 //!
 //! ## Transport
 //! QUIC (iroh) between node keys. One ALPN per protocol: [`coord::ALPN`]
-//! (`voltool/coord/4`) and [`blobs::ALPN`] (`voltool/blobs/3`). Each request uses its own
-//! bidirectional stream: request frame, requester finishes; response, provider finishes.
+//! (`voltool/coord/5`) and [`blobs::ALPN`] (`voltool/blobs/4`). Each request uses its own
+//! bidirectional stream: request frame, requester finishes; response, provider finishes
+//! (a subscription's provider pushes frames until the requester goes).
 //!
 //! ## Frames
 //! `len: u32 LE` then `len` bytes of [postcard](https://docs.rs/postcard) (varint integers,
@@ -31,16 +32,19 @@
 //!   (raw bytes after the frame), commits (a `Commit` frame, then the change set in
 //!   [`coord::CommitPart`] frames of at most [`coord::MAX_COMMIT_PART`] changes, the last
 //!   one marked; the head moves only after the last), and the tracker: `Announce`,
-//!   `Withdraw`, `Lookup` (providers ranked by zone, then the asker's reported round-trip
-//!   times, then completeness; the origin last), `Rtts`, `Members`.
+//!   `Withdraw`, `Heartbeat` (holdings expire without one), `Lookup` and `LookupAll` (a
+//!   bounded sample of live holders ranked by zone, then the asker's reported round-trip
+//!   times, then completeness; the origin last), `Rtts`, `Report` (a provider's bytes
+//!   failed verification), `Members`.
 //! - [`control::Request`] / [`control::Event`]: the local control socket between the CLI
 //!   (or the Python package, which writes the same messages as serde JSON) and the agent of
 //!   its host; see [`control`].
-//! - [`blobs::BlobRequest`]: `Get { hash, size, ranges }` is answered by a
+//! - [`blobs::BlobRequest`]: `Get { hash, size, ranges, rank }` is answered by a
 //!   [`blobs::GetHeader`] frame and the bao encoding of the ranges (or `Busy` at once when
-//!   the provider's sending slots and queue are full); `Have { hash }` by a
-//!   [`blobs::HaveResponse`]; `GetMany { blobs }` by a header and the whole bytes of each
-//!   small blob in turn.
+//!   the provider's sending slots and queue are full); `Pick { .., among, rank }` by
+//!   `Picked { unit }` and that piece's encoding; `Subscribe { hash, size, piece_bytes }`
+//!   by [`blobs::Held`] frames as the provider gets pieces; `GetMany { blobs, rank }` by a
+//!   header and the whole bytes of each small blob in turn.
 //!
 //! ## Blobs
 //! A blob is a file's bytes or an encoded manifest. Its bao tree uses 16 KiB chunk groups

@@ -57,10 +57,11 @@ fn control_put_is_pinned() {
 fn batched_requests_are_pinned() {
     let many = BlobRequest::GetMany {
         blobs: vec![(Hash([0xcd; 32]), 4096), (Hash([0xef; 32]), 5)],
+        rank: 300,
     };
     let expected = hexdump(
         "
-        45 00 00 00   # frame length 69 (u32 LE)
+        47 00 00 00   # frame length 71 (u32 LE)
         02            # BlobRequest::GetMany
         02            # 2 blobs
         cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd
@@ -69,6 +70,7 @@ fn batched_requests_are_pinned() {
         efefefefefefefefefefefefefefefef
         efefefefefefefefefefefefefefefef # hash
         05            # size 5
+        ac 02         # rank 300 permille (varint)
         ",
     );
     assert_eq!(frame::encode(&many), expected);
@@ -94,10 +96,11 @@ fn blob_get_frame_is_pinned() {
         hash: Hash([0xab; 32]),
         size: 300,
         ranges: RangeList(vec![(0, 16), (32, 48)]),
+        rank: 7,
     };
     let expected = hexdump(
         "
-        28 00 00 00   # frame length 40 (u32 LE)
+        29 00 00 00   # frame length 41 (u32 LE)
         00            # BlobRequest::Get
         abababababababababababababababab
         abababababababababababababababab # hash, 32 bytes
@@ -105,14 +108,21 @@ fn blob_get_frame_is_pinned() {
         02            # 2 ranges
         00 10         # [0, 16)
         20 30         # [32, 48)
+        07            # rank 7 permille
         ",
     );
     assert_eq!(frame::encode(&msg), expected);
     assert_eq!(
-        frame::encode(&BlobRequest::Have {
-            hash: Hash([1; 32])
+        frame::encode(&BlobRequest::Subscribe {
+            hash: Hash([1; 32]),
+            size: 1,
+            piece_bytes: 16384,
         })[..6],
-        hexdump("21 00 00 00  01  01")
+        hexdump("25 00 00 00  01  01")
+    );
+    assert_eq!(
+        frame::encode(&GetHeader::Picked { unit: 300 }),
+        hexdump("03 00 00 00  06  ac 02  # Picked: variant 6, the piece")
     );
     assert_eq!(
         frame::encode(&GetHeader::Missing),
@@ -253,6 +263,11 @@ proptest! {
         let _ = frame::decode::<BlobRequest>(&bytes);
         // The batched requests, reached on purpose (random bytes seldom start with their tag).
         let _ = frame::decode::<BlobRequest>(&[&[2u8][..], &bytes].concat());
+        // Subscriptions, picks and their frames (a piece set decoded from hostile bytes).
+        let _ = frame::decode::<BlobRequest>(&[&[1u8][..], &bytes].concat());
+        let _ = frame::decode::<BlobRequest>(&[&[3u8][..], &bytes].concat());
+        let _ = frame::decode::<crate::blobs::Held>(&bytes);
+        let _ = frame::decode::<GetHeader>(&[&[6u8][..], &bytes].concat());
         let _ = frame::decode::<CoordRequest>(&[&[6u8][..], &bytes].concat());
         let _ = frame::decode::<crate::coord::CommitPart>(&bytes);
         // The control socket, both ways, and the JSON form the Python package sends.

@@ -44,7 +44,7 @@ async fn on_small_disk(f: &mut TestFleet, i: usize, mib: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_a_reload_clearly_and_frees_what_it_took() {
     let mut f = TestFleet::start(2).await;
-    if !on_small_disk(&mut f, 1, 12).await {
+    if !on_small_disk(&mut f, 1, 24).await {
         return;
     }
     f.create("vol").await;
@@ -54,8 +54,8 @@ async fn a_full_disk_fails_a_reload_clearly_and_frees_what_it_took() {
     let b = f.mount(1, "vol").await;
     let before = tree(&b);
 
-    // A version that does not fit: 20 MiB more, in one large file and many small ones.
-    let big = bytes(2, 20 << 20);
+    // A version that does not fit: 32 MiB more, in one large file and many small ones.
+    let big = bytes(2, 32 << 20);
     std::fs::write(a.join("big"), &big).unwrap();
     std::fs::create_dir(a.join("many")).unwrap();
     for k in 0..200u32 {

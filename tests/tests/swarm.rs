@@ -182,6 +182,16 @@ async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
         assert_eq!(r, CoordResponse::Ok);
     }
     let asker = tracker_client(&f, 0).await;
+    // Round-trip times count for members the tracker knows (the agent's own heartbeat may
+    // not have arrived yet).
+    let r = asker
+        .request(&CoordRequest::Heartbeat {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            zone: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, CoordResponse::Ok);
     for (near, far) in [(1usize, 2usize), (2, 1)] {
         let r = asker
             .request(&CoordRequest::Rtts {
@@ -224,4 +234,68 @@ async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("at most 4096"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_is_banned_once_across_blobs_and_left_out_once_reported_by_two() {
+    use voltool_protocol::coord::{CoordRequest, CoordResponse};
+    let mut f = TestFleet::start(3).await;
+    f.make_liar(0).await;
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    f.mount(1, "vol").await;
+    // Three large blobs and a few small ones: the ban holds across all of them.
+    let mut hashes = Vec::new();
+    for k in 0..3u8 {
+        let data = bytes(20 + k, 3 << 20);
+        hashes.push(voltool_protocol::Hash::of(&data));
+        std::fs::write(a.join(format!("shard-{k}.bin")), data).unwrap();
+    }
+    for k in 0..4u8 {
+        std::fs::write(a.join(format!("small-{k}.json")), bytes(40 + k, 5000)).unwrap();
+    }
+    f.commit(0, "vol").await.unwrap();
+
+    let r = f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
+    let liar = f.agents[0].addr().id;
+    assert_eq!(
+        r.sources.banned,
+        vec![liar.to_string()],
+        "one ban for the whole reload: {r:?}"
+    );
+    assert_eq!(
+        r.sources.peer_bytes, 0,
+        "no byte of the liar was kept: {r:?}"
+    );
+    assert_eq!(tree(&f.mount_path(1)), tree(&a));
+
+    // Agent 1 reported the liar; one more member's report makes the tracker leave it out.
+    let witness = tracker_client(&f, 2).await;
+    let r = witness
+        .request(&CoordRequest::Report {
+            provider: *liar.as_bytes(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, CoordResponse::Ok);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let CoordResponse::Providers(p) = witness
+            .request(&CoordRequest::Lookup { hash: hashes[0] })
+            .await
+            .unwrap()
+        else {
+            panic!("not a provider list");
+        };
+        if p.iter().all(|p| p.id != *liar.as_bytes()) {
+            // Agent 1 and the origin still are.
+            assert!(p.iter().any(|p| p.origin), "{p:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tracker still hands out a provider two members reported: {p:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

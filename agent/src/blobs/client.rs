@@ -31,52 +31,55 @@ pub enum FetchError {
     /// The provider is sending all it will now; not a failure.
     #[error("provider is busy")]
     Busy,
+    /// The provider's own copy failed its check while it was sending, and it stopped.
+    #[error("the provider's own copy of the blob failed its verification; it refused to send it")]
+    SelfCheck,
+    /// No provider could send what was asked.
+    #[error("{0}")]
+    NoProvider(String),
 }
 
-/// Asks a provider for the bao encoding of `ranges` of a blob; returns the raw response,
-/// read up to the most a correct response can be. Verification is the caller's.
-pub async fn get_encoded(
+/// Opens a stream to a provider, sends `req` and reads the answer's header: the first step
+/// of every request but a subscription.
+pub async fn ask(
     conn: &Connection,
+    req: &BlobRequest,
+) -> Result<(RecvStream, GetHeader), FetchError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::stream)?;
+    net::write_frame(&mut send, req).await?;
+    send.finish().map_err(NetError::stream)?;
+    let header: GetHeader = match net::read_frame(&mut recv, MAX_RESPONSE).await {
+        Ok(h) => h,
+        Err(NetError::Reset(code)) if code == RESET_SELF_CHECK.into_inner() => {
+            return Err(FetchError::SelfCheck);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match header {
+        GetHeader::Ok | GetHeader::Picked { .. } => Ok((recv, header)),
+        GetHeader::NotFound => Err(FetchError::NotFound),
+        GetHeader::Missing => Err(FetchError::Missing),
+        GetHeader::Busy => Err(FetchError::Busy),
+        other => Err(FetchError::Refused(other)),
+    }
+}
+
+/// Reads the bao encoding of `ranges` of a blob that follows an `Ok` (or `Picked`) header,
+/// up to the most a correct response can be. Verification is the caller's.
+pub async fn read_encoded(
+    recv: &mut RecvStream,
     hash: Hash,
     size: u64,
     ranges: &RangeList,
     ingress: Option<&TokenBucket>,
 ) -> Result<Vec<u8>, FetchError> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::stream)?;
-    let req = BlobRequest::Get {
-        hash,
-        size,
-        ranges: ranges.clone(),
-    };
-    net::write_frame(&mut send, &req).await?;
-    send.finish().map_err(NetError::stream)?;
-    let self_check_failed = || {
-        FetchError::Corrupt(format!(
-            "the provider's own copy of blob {} failed its verification; it refused to send it",
-            hash.short()
-        ))
-    };
-    let header: GetHeader = match net::read_frame(&mut recv, MAX_RESPONSE).await {
-        Ok(h) => h,
-        Err(NetError::Reset(code)) if code == RESET_SELF_CHECK.into_inner() => {
-            return Err(self_check_failed());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    match header {
-        GetHeader::Ok => {}
-        GetHeader::NotFound => return Err(FetchError::NotFound),
-        GetHeader::Missing => return Err(FetchError::Missing),
-        GetHeader::Busy => return Err(FetchError::Busy),
-        other => return Err(FetchError::Refused(other)),
-    }
     // Read as it arrives, taking ingress tokens chunk by chunk: a capped link is paced
     // while the bytes come in (the stream's flow control holds the sender back), not after.
     let bound = ranges.encoded_bound(size) as usize;
     let mut out = Vec::with_capacity(bound.min(4 << 20));
     loop {
         let chunk = recv.read_chunk(64 * 1024).await.map_err(|e| match e {
-            ReadError::Reset(code) if code == RESET_SELF_CHECK => self_check_failed(),
+            ReadError::Reset(code) if code == RESET_SELF_CHECK => FetchError::SelfCheck,
             e => FetchError::Net(NetError::stream(e)),
         })?;
         let Some(chunk) = chunk else {
@@ -95,40 +98,84 @@ pub async fn get_encoded(
     }
 }
 
-/// Asks a provider for small blobs whole, on one stream. `on_blob` gets each blob's bytes
-/// as they arrive, verified against its hash, or `None` if the provider does not hold it;
-/// it may stop the transfer with an error. Bytes that fail their hash end the transfer
-/// with [`FetchError::Corrupt`]; blobs not reached stay the caller's to fetch elsewhere.
-pub async fn get_many(
+/// Asks a provider for the bao encoding of `ranges` of a blob; returns the raw response,
+/// read up to the most a correct response can be. Verification is the caller's.
+pub async fn get_encoded(
     conn: &Connection,
-    blobs: &[(Hash, u64)],
+    hash: Hash,
+    size: u64,
+    ranges: &RangeList,
+    rank: u16,
     ingress: Option<&TokenBucket>,
-    mut on_blob: impl FnMut(usize, Option<Vec<u8>>) -> Result<(), FetchError>,
-) -> Result<(), FetchError> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::stream)?;
+) -> Result<Vec<u8>, FetchError> {
+    let req = BlobRequest::Get {
+        hash,
+        size,
+        ranges: ranges.clone(),
+        rank,
+    };
+    let (mut recv, _) = ask(conn, &req).await?;
+    read_encoded(&mut recv, hash, size, ranges, ingress).await
+}
+
+/// Asks a provider for small blobs whole, on one stream; [`Many::next`] reads them as they
+/// arrive.
+pub async fn get_many<'a>(
+    conn: &Connection,
+    blobs: &'a [(Hash, u64)],
+    rank: u16,
+    ingress: Option<&'a TokenBucket>,
+) -> Result<Many<'a>, FetchError> {
     let req = BlobRequest::GetMany {
         blobs: blobs.to_vec(),
+        rank,
     };
+    // Not `ask`: a first header of NotFound is about the first blob only.
+    let (mut send, recv) = conn.open_bi().await.map_err(NetError::stream)?;
     net::write_frame(&mut send, &req).await?;
     send.finish().map_err(NetError::stream)?;
-    for (i, &(hash, size)) in blobs.iter().enumerate() {
-        match net::read_frame::<GetHeader>(&mut recv, MAX_RESPONSE).await? {
+    Ok(Many {
+        recv,
+        blobs,
+        next: 0,
+        ingress,
+    })
+}
+
+/// The answer to [`get_many`], a blob at a time.
+#[derive(Debug)]
+pub struct Many<'a> {
+    recv: RecvStream,
+    blobs: &'a [(Hash, u64)],
+    next: usize,
+    ingress: Option<&'a TokenBucket>,
+}
+
+impl Many<'_> {
+    /// The next blob: its index and its bytes, verified against its hash, or `None` if the
+    /// provider does not hold it; `Ok(None)` after the last. Bytes that fail their hash
+    /// are [`FetchError::Corrupt`]; blobs not reached stay the caller's to fetch elsewhere.
+    pub async fn next(&mut self) -> Result<Option<(usize, Option<Vec<u8>>)>, FetchError> {
+        let i = self.next;
+        let Some(&(hash, size)) = self.blobs.get(i) else {
+            return Ok(None);
+        };
+        self.next += 1;
+        match net::read_frame::<GetHeader>(&mut self.recv, MAX_RESPONSE).await? {
             GetHeader::Ok => {}
-            GetHeader::NotFound => {
-                on_blob(i, None)?;
-                continue;
-            }
+            GetHeader::NotFound => return Ok(Some((i, None))),
             GetHeader::Busy if i == 0 => return Err(FetchError::Busy),
             other => return Err(FetchError::Refused(other)),
         }
         if size > MAX_GET_MANY_SIZE {
             return Err(FetchError::Refused(GetHeader::Invalid));
         }
-        if let Some(b) = ingress {
+        if let Some(b) = self.ingress {
             b.acquire(size).await;
         }
         let mut bytes = vec![0u8; size as usize];
-        recv.read_exact(&mut bytes)
+        self.recv
+            .read_exact(&mut bytes)
             .await
             .map_err(|e| FetchError::Net(NetError::stream(e)))?;
         if Hash::of(&bytes) != hash {
@@ -137,17 +184,36 @@ pub async fn get_many(
                 hash.short()
             )));
         }
-        on_blob(i, Some(bytes))?;
+        Ok(Some((i, Some(bytes))))
     }
-    Ok(())
 }
 
-/// Asks a provider which ranges of a blob it holds.
-pub async fn have(conn: &Connection, hash: Hash) -> Result<HaveResponse, FetchError> {
+/// Subscribes to what a provider holds of a blob: `on_held` gets each [`Held`] frame (all
+/// it holds first, then what it newly holds) until the provider finishes or the caller
+/// drops the future.
+pub async fn subscribe(
+    conn: &Connection,
+    hash: Hash,
+    size: u64,
+    piece_bytes: u64,
+    mut on_held: impl FnMut(PieceSet),
+) -> Result<(), FetchError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::stream)?;
-    net::write_frame(&mut send, &BlobRequest::Have { hash }).await?;
-    send.finish().map_err(NetError::stream)?;
-    Ok(net::read_frame(&mut recv, MAX_RESPONSE).await?)
+    let req = BlobRequest::Subscribe {
+        hash,
+        size,
+        piece_bytes,
+    };
+    net::write_frame(&mut send, &req).await?;
+    // The send side stays open: finishing it ends the subscription.
+    let units = voltool_protocol::blobs::pieces(size, piece_bytes);
+    while let Some(h) = net::read_frame_or_end::<Held>(&mut recv, MAX_RESPONSE).await? {
+        if h.units.len() != units {
+            return Err(FetchError::Refused(GetHeader::Invalid));
+        }
+        on_held(h.units);
+    }
+    Ok(())
 }
 
 /// A source of blobs: a peer or the origin.

@@ -1,4 +1,5 @@
-//! `voltool/blobs/3`: serving verified ranges from a store, and fetching them.
+//! `voltool/blobs/4`: serving verified ranges from a store, and fetching them from the
+//! swarm (the driver of the sans-IO engine).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,9 +11,9 @@ use iroh::endpoint::{Connection, ReadError, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use voltool_protocol::blobs::{
-    ALPN, BlobRequest, GetHeader, HaveResponse, MAX_GET_MANY, MAX_GET_MANY_SIZE, MAX_REQUEST,
-    MAX_RESPONSE,
+    ALPN, BlobRequest, GetHeader, Held, MAX_GET_MANY, MAX_GET_MANY_SIZE, MAX_REQUEST, MAX_RESPONSE,
 };
+use voltool_protocol::swarm::PieceSet;
 use voltool_protocol::{Hash, RangeList, blob};
 
 use crate::net::{self, NetError, NodeAddr};
@@ -23,12 +24,17 @@ use crate::store::{Store, StoreError};
 pub(crate) const RESET_SELF_CHECK: VarInt = VarInt::from_u32(1);
 
 mod client;
+mod driver;
 mod serve;
-mod swarm;
+mod tracker;
 
 pub use client::*;
+pub use driver::*;
 pub use serve::*;
-pub use swarm::*;
+pub use tracker::*;
+
+/// Callback told the verified bytes of each unit as it lands.
+pub type OnBytes = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// Splits blobs into runs of at most `max_count` blobs and about `max_bytes` (a larger blob
 /// goes alone), in order: the batches of a batched upload or fetch.

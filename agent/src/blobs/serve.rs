@@ -1,5 +1,13 @@
-//! The provider side: serving verified ranges of held blobs, with sending slots, a queue
-//! and busy answers.
+//! The provider side: serving verified ranges of held blobs through the swarm's admission
+//! (sending slots, a queue served furthest-behind first, busy answers), the origin's choice
+//! of piece, and subscriptions that push what this node newly holds.
+
+use std::time::Instant;
+
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use voltool_protocol::blobs::{pieces, pieces_held, valid_piece};
+use voltool_protocol::swarm::{Admission, Admit, Config, NodeId, Subscribers};
 
 use super::*;
 
@@ -10,39 +18,223 @@ pub type Allow = Arc<dyn Fn(&EndpointId) -> bool + Send + Sync>;
 pub type Egress = Option<Arc<TokenBucket>>;
 
 /// How a node serves blobs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ServeOptions {
     /// Egress limit.
     pub egress: Egress,
     /// Fault injection for tests and the testnet's hostile-peer scenario: flip a byte in
     /// everything sent, after the store's own check, so receivers must catch it.
     pub corrupt: bool,
-    /// Pieces sent at once; further requests wait their turn (first come, first served),
-    /// so each piece finishes soon and its receiver can pass it on, instead of every piece
-    /// crawling along at a fraction of the link.
-    pub slots: Option<Arc<tokio::sync::Semaphore>>,
-    /// Requests waiting for a slot; beyond [`SERVE_QUEUE`] of them a request is answered
-    /// [`GetHeader::Busy`] at once, so its sender takes the piece from a provider that can
-    /// send it now instead of queueing (BitTorrent's choking, by another route).
-    pub waiting: Arc<std::sync::atomic::AtomicUsize>,
+    /// Admission and subscriptions, shared by every connection of this node.
+    pub serving: Arc<Serving>,
 }
 
-/// Pieces a node sends at once by default.
-pub const SERVE_SLOTS: usize = 2;
-/// Requests that may wait for a sending slot; more are answered busy.
-pub const SERVE_QUEUE: usize = 3;
-/// How long a downloader leaves a provider that answered busy alone.
-pub const BUSY_BACKOFF: Duration = Duration::from_millis(200);
-
 impl ServeOptions {
-    /// Options with the default number of sending slots.
-    pub fn new(egress: Egress, corrupt: bool) -> Self {
+    /// Options with the swarm's knobs.
+    pub fn new(egress: Egress, corrupt: bool, cfg: Config) -> Self {
         ServeOptions {
             egress,
             corrupt,
-            slots: Some(Arc::new(tokio::sync::Semaphore::new(SERVE_SLOTS))),
-            waiting: Default::default(),
+            serving: Arc::new(Serving::new(cfg)),
         }
+    }
+}
+
+/// This node's provider side, sans the I/O: [`Admission`] (a few requests sent at once, a
+/// few waiting, the one furthest behind first, the rest answered busy; the origin's choice
+/// of piece) and [`Subscribers`] (who hears of the pieces this node newly holds).
+#[derive(Debug)]
+pub struct Serving {
+    cfg: Config,
+    state: std::sync::Mutex<ServeState>,
+    /// Wakes the pusher when a push becomes due.
+    wake: Notify,
+}
+
+#[derive(Debug)]
+struct ServeState {
+    adm: Admission,
+    next_token: u64,
+    /// Requests waiting for a slot, by token: told when their turn comes (dropped when
+    /// pushed out of the queue: they answer busy).
+    waiters: HashMap<u64, oneshot::Sender<()>>,
+    subs: Subscribers,
+    /// The subscription streams: pieces of the blob, and where its pushes go.
+    feeds: HashMap<(NodeId, Hash), (u32, mpsc::Sender<PieceSet>)>,
+}
+
+/// A sending slot, given back (to the waiting request furthest behind) when dropped.
+#[derive(Debug)]
+pub struct Turn(Arc<Serving>);
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// A request waiting for a slot; if dropped while waiting (its requester went), its place
+/// goes, and a slot handed to it already is given back.
+struct Waiting {
+    serving: Arc<Serving>,
+    token: u64,
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let queued = {
+            let mut st = self.serving.state.lock().expect("not poisoned");
+            let queued = st.waiters.remove(&self.token).is_some();
+            if queued {
+                st.adm.forget(self.token);
+            }
+            queued
+        };
+        if !queued && rx.try_recv().is_ok() {
+            // Its turn came as it went: the slot passes on.
+            self.serving.release();
+        }
+    }
+}
+
+impl Serving {
+    /// Admission and subscriptions with the swarm's knobs.
+    pub fn new(cfg: Config) -> Self {
+        Serving {
+            state: std::sync::Mutex::new(ServeState {
+                adm: Admission::new(cfg.clone(), rand::random()),
+                next_token: 0,
+                waiters: HashMap::new(),
+                subs: Subscribers::new(cfg.clone()),
+                feeds: HashMap::new(),
+            }),
+            cfg,
+            wake: Notify::new(),
+        }
+    }
+
+    /// The knobs.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// A sending slot for a request of `rank` (how far along its requester is): at once,
+    /// or after a wait in the queue; `None` when the answer is busy (the queue is full of
+    /// requests further behind, or this one was pushed out of it).
+    pub async fn admit(self: &Arc<Self>, rank: u16) -> Option<Turn> {
+        let (token, rx) = {
+            let mut st = self.state.lock().expect("not poisoned");
+            let token = st.next_token;
+            st.next_token += 1;
+            match st.adm.admit(token, rank) {
+                Admit::Now => return Some(Turn(self.clone())),
+                Admit::Busy => return None,
+                Admit::Queued { evicted } => {
+                    if let Some(e) = evicted {
+                        // Dropping its sender tells it: busy.
+                        st.waiters.remove(&e);
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.insert(token, tx);
+                    (token, rx)
+                }
+            }
+        };
+        let mut wait = Waiting {
+            serving: self.clone(),
+            token,
+            rx: Some(rx),
+        };
+        let turn = wait.rx.as_mut().expect("set above").await;
+        wait.rx = None;
+        turn.ok().map(|()| Turn(self.clone()))
+    }
+
+    /// A slot is free: it goes to the waiting request furthest behind that is still there.
+    fn release(&self) {
+        let mut st = self.state.lock().expect("not poisoned");
+        while let Some(token) = st.adm.finished() {
+            if let Some(w) = st.waiters.remove(&token)
+                && w.send(()).is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    /// The origin's choice for a `Pick` of `rank`: the piece of `among` it has sent least,
+    /// or `None` (answer busy) when it would not admit the request or would only send a
+    /// second copy while its slots are full.
+    fn choose(&self, hash: Hash, units: u32, among: &PieceSet, rank: u16) -> Option<u32> {
+        let mut st = self.state.lock().expect("not poisoned");
+        if !st.adm.would_admit(rank) {
+            return None;
+        }
+        st.adm.choose(hash, units, among)
+    }
+
+    /// `peer` subscribes to `hash` (of `units` pieces); its pushes go to `tx`. False when
+    /// the blob has as many subscribers as this node takes.
+    fn subscribe(&self, peer: NodeId, hash: Hash, units: u32, tx: mpsc::Sender<PieceSet>) -> bool {
+        let mut st = self.state.lock().expect("not poisoned");
+        if !st.subs.subscribe(peer, hash) {
+            return false;
+        }
+        st.feeds.insert((peer, hash), (units, tx));
+        true
+    }
+
+    fn unsubscribe(&self, peer: NodeId, hash: Hash) {
+        let mut st = self.state.lock().expect("not poisoned");
+        st.subs.unsubscribe(&peer, &hash);
+        st.feeds.remove(&(peer, hash));
+    }
+
+    /// This node now holds piece `unit` of `hash`, verified: its subscribers hear of it
+    /// (coalesced over [`Config::have_interval`]).
+    pub fn held(&self, hash: Hash, unit: u32) {
+        let mut st = self.state.lock().expect("not poisoned");
+        let idle = st.subs.poll_timeout().is_none();
+        st.subs.held(Instant::now(), hash, unit);
+        if idle && st.subs.poll_timeout().is_some() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Sends the pushes as they fall due, until `cancel`.
+    pub async fn run_pushes(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let due = self.state.lock().expect("not poisoned").subs.poll_timeout();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.wake.notified() => continue,
+                _ = sleep_until(due), if due.is_some() => {}
+            }
+            let mut st = self.state.lock().expect("not poisoned");
+            let now = Instant::now();
+            while let Some(push) = st.subs.poll_push(now) {
+                for peer in push.to {
+                    if let Some((units, tx)) = st.feeds.get(&(peer, push.hash)) {
+                        let set = PieceSet::from_iter(*units, push.units.iter().copied());
+                        // A subscriber too slow to take pushes misses some; the tracker's
+                        // answers and its next lookups still tell it.
+                        let _ = tx.try_send(set);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `t` (forever for `None`; the caller guards that arm).
+pub(crate) async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -61,189 +253,276 @@ pub async fn serve(conn: Connection, store: Store, allow: Allow, opts: ServeOpti
         let allowed = allow(&peer);
         let opts = opts.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(send, recv, store, allowed, opts).await {
+            let s = Stream {
+                send,
+                recv,
+                peer: NodeId(*peer.as_bytes()),
+                store,
+                opts,
+            };
+            if let Err(e) = s.serve(allowed).await {
                 debug!(peer = %peer.fmt_short(), "blob request failed: {e}");
             }
         });
     }
 }
 
-async fn serve_stream(
-    mut send: SendStream,
-    mut recv: RecvStream,
+/// One request's stream.
+struct Stream {
+    send: SendStream,
+    recv: RecvStream,
+    peer: NodeId,
     store: Store,
-    allowed: bool,
     opts: ServeOptions,
-) -> Result<(), NetError> {
-    let req: BlobRequest = net::read_frame(&mut recv, MAX_REQUEST).await?;
-    if !allowed {
-        net::write_frame(&mut send, &GetHeader::Forbidden).await?;
-        send.finish().map_err(NetError::stream)?;
-        return Ok(());
-    }
-    match req {
-        BlobRequest::Have { hash } => {
-            let resp = match meta_of(&store, hash).await? {
-                Some(m) => HaveResponse {
-                    size: Some(m.size),
-                    ranges: m.ranges(),
-                },
-                None => HaveResponse {
-                    size: None,
-                    ranges: RangeList::default(),
-                },
-            };
-            net::write_frame(&mut send, &resp).await?;
+}
+
+impl Stream {
+    async fn serve(mut self, allowed: bool) -> Result<(), NetError> {
+        let req: BlobRequest = net::read_frame(&mut self.recv, MAX_REQUEST).await?;
+        if !allowed {
+            return self.answer(GetHeader::Forbidden).await;
         }
-        BlobRequest::Get { hash, size, ranges } => {
-            if ranges.validate().is_err() {
-                net::write_frame(&mut send, &GetHeader::Invalid).await?;
-                send.finish().map_err(NetError::stream)?;
-                return Ok(());
-            }
-            let header = match meta_of(&store, hash).await? {
-                None => GetHeader::NotFound,
-                Some(m) if m.size != size => GetHeader::NotFound,
-                Some(m) => {
-                    let want = ranges.to_chunk_ranges();
-                    if m.is_complete() || (m.ranges().to_chunk_ranges() & want.clone()) == want {
-                        GetHeader::Ok
-                    } else {
-                        GetHeader::Missing
-                    }
+        match req {
+            BlobRequest::Get {
+                hash,
+                size,
+                ranges,
+                rank,
+            } => {
+                if ranges.validate().is_err() {
+                    return self.answer(GetHeader::Invalid).await;
                 }
-            };
-            let _turn = match header {
-                GetHeader::Ok => match admit(&opts).await {
-                    Some(turn) => Some(turn),
-                    None => return answer_busy(&mut send).await,
-                },
-                _ => None,
-            };
-            net::write_frame(&mut send, &header).await?;
-            if header == GetHeader::Ok {
-                stream_encoded(&mut send, store, hash, size, ranges, opts).await?;
-            }
-        }
-        BlobRequest::GetMany { blobs } => {
-            if blobs.len() > MAX_GET_MANY || blobs.iter().any(|(_, s)| *s > MAX_GET_MANY_SIZE) {
-                net::write_frame(&mut send, &GetHeader::Invalid).await?;
-            } else {
-                let Some(_turn) = admit(&opts).await else {
-                    return answer_busy(&mut send).await;
+                let header = match meta_of(&self.store, hash).await? {
+                    None => GetHeader::NotFound,
+                    Some(m) if m.size != size => GetHeader::NotFound,
+                    Some(m) => {
+                        let want = ranges.to_chunk_ranges();
+                        if m.is_complete() || (m.ranges().to_chunk_ranges() & want.clone()) == want
+                        {
+                            GetHeader::Ok
+                        } else {
+                            GetHeader::Missing
+                        }
+                    }
                 };
-                send_many(&mut send, store, blobs, &opts).await?;
+                if header != GetHeader::Ok {
+                    return self.answer(header).await;
+                }
+                let Some(_turn) = self.opts.serving.admit(rank).await else {
+                    return self.answer(GetHeader::Busy).await;
+                };
+                net::write_frame(&mut self.send, &header).await?;
+                self.stream_encoded(hash, size, ranges).await?;
+            }
+            BlobRequest::Pick {
+                hash,
+                size,
+                piece_bytes,
+                among,
+                rank,
+            } => {
+                let units = pieces(size, piece_bytes);
+                if !valid_piece(size, piece_bytes) || among.len() != units {
+                    return self.answer(GetHeader::Invalid).await;
+                }
+                let held = match meta_of(&self.store, hash).await? {
+                    Some(m) if m.size == size => pieces_held(size, piece_bytes, &m.ranges()),
+                    _ => return self.answer(GetHeader::NotFound).await,
+                };
+                let among = among.and(&held);
+                if among.is_empty() {
+                    return self.answer(GetHeader::Missing).await;
+                }
+                let serving = self.opts.serving.clone();
+                let Some(unit) = serving.choose(hash, units, &among, rank) else {
+                    return self.answer(GetHeader::Busy).await;
+                };
+                let Some(_turn) = serving.admit(rank).await else {
+                    return self.answer(GetHeader::Busy).await;
+                };
+                net::write_frame(&mut self.send, &GetHeader::Picked { unit }).await?;
+                let ranges = voltool_protocol::blobs::piece_ranges(size, piece_bytes, unit);
+                self.stream_encoded(hash, size, ranges).await?;
+            }
+            BlobRequest::Subscribe {
+                hash,
+                size,
+                piece_bytes,
+            } => return self.subscription(hash, size, piece_bytes).await,
+            BlobRequest::GetMany { blobs, rank } => {
+                if blobs.len() > MAX_GET_MANY || blobs.iter().any(|(_, s)| *s > MAX_GET_MANY_SIZE) {
+                    return self.answer(GetHeader::Invalid).await;
+                }
+                let Some(_turn) = self.opts.serving.admit(rank).await else {
+                    return self.answer(GetHeader::Busy).await;
+                };
+                self.send_many(blobs).await?;
+            }
+            _ => return self.answer(GetHeader::Invalid).await,
+        }
+        self.send.finish().map_err(NetError::stream)
+    }
+
+    /// Answers with one header and finishes.
+    async fn answer(mut self, header: GetHeader) -> Result<(), NetError> {
+        net::write_frame(&mut self.send, &header).await?;
+        self.send.finish().map_err(NetError::stream)
+    }
+
+    /// What this node holds of the blob, then what it newly holds, until the subscriber
+    /// goes (or the blob is held whole here).
+    async fn subscription(
+        mut self,
+        hash: Hash,
+        size: u64,
+        piece_bytes: u64,
+    ) -> Result<(), NetError> {
+        if !valid_piece(size, piece_bytes) || piece_bytes != self.opts.serving.config().piece_bytes
+        {
+            // Pieces of another size would name other bytes: no frames at all.
+            return self.send.finish().map_err(NetError::stream);
+        }
+        let units = pieces(size, piece_bytes);
+        let serving = self.opts.serving.clone();
+        // Subscribed before reading what is held, so that no piece falls in between.
+        let (tx, mut rx) = mpsc::channel(16);
+        let subscribed = serving.subscribe(self.peer, hash, units, tx);
+        let r = async {
+            let mut have = match meta_of(&self.store, hash).await? {
+                Some(m) if m.size == size => pieces_held(size, piece_bytes, &m.ranges()),
+                _ => PieceSet::empty(units),
+            };
+            let held = Held {
+                units: have.clone(),
+            };
+            net::write_frame(&mut self.send, &held).await?;
+            let mut buf = [0u8; 64];
+            while subscribed && !have.is_full() {
+                tokio::select! {
+                    pushed = rx.recv() => {
+                        let Some(units) = pushed else { break };
+                        have.union_with(&units);
+                        net::write_frame(&mut self.send, &Held { units }).await?;
+                    }
+                    // The subscriber finishes (or resets) its side to end it.
+                    r = self.recv.read(&mut buf) => match r {
+                        Ok(Some(_)) => {}
+                        _ => break,
+                    },
+                }
+            }
+            self.send.finish().map_err(NetError::stream)
+        }
+        .await;
+        if subscribed {
+            serving.unsubscribe(self.peer, hash);
+        }
+        r
+    }
+
+    /// Sends each small blob whole after its header, reading them from the store a group
+    /// at a time; a blob not held (or whose copy here fails its hash) gets `NotFound` and
+    /// no bytes.
+    async fn send_many(&mut self, blobs: Vec<(Hash, u64)>) -> Result<(), NetError> {
+        let mut rest = blobs.as_slice();
+        while !rest.is_empty() {
+            let n = rest
+                .iter()
+                .scan(0u64, |total, (_, s)| {
+                    *total += s;
+                    (*total <= MANY_READ_GROUP).then_some(())
+                })
+                .count()
+                .max(1);
+            let group = rest[..n].to_vec();
+            rest = &rest[n..];
+            let s = self.store.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                group
+                    .iter()
+                    .map(|(h, size)| s.read_verified(h, *size))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(NetError::stream)?;
+            for r in read {
+                let bytes = match r {
+                    Ok(Some(b)) => b,
+                    Ok(None) => {
+                        net::write_frame(&mut self.send, &GetHeader::NotFound).await?;
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!("not sending a blob whose copy here fails its check: {e}");
+                        net::write_frame(&mut self.send, &GetHeader::NotFound).await?;
+                        continue;
+                    }
+                };
+                net::write_frame(&mut self.send, &GetHeader::Ok).await?;
+                if let Some(b) = &self.opts.egress {
+                    b.acquire(bytes.len() as u64).await;
+                }
+                let mut bytes = bytes;
+                if self.opts.corrupt && !bytes.is_empty() {
+                    let mid = bytes.len() / 2;
+                    bytes[mid] ^= 0x55;
+                }
+                self.send
+                    .write_chunk(Bytes::from(bytes))
+                    .await
+                    .map_err(NetError::stream)?;
             }
         }
-        _ => {
-            net::write_frame(&mut send, &GetHeader::Invalid).await?;
+        Ok(())
+    }
+
+    /// Encodes on the blocking pool into a bounded channel and sends chunk by chunk, so a
+    /// large range never sits in memory whole.
+    async fn stream_encoded(
+        &mut self,
+        hash: Hash,
+        size: u64,
+        ranges: RangeList,
+    ) -> Result<(), NetError> {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+        let store = self.store.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut w = ChannelWriter {
+                tx,
+                buf: Vec::with_capacity(CHANNEL_CHUNK),
+            };
+            let r = store.encode(&hash, size, &ranges, &mut w);
+            let r2 = std::io::Write::flush(&mut w);
+            r.and(r2.map_err(|_| StoreError::NotFound(hash)))
+        });
+        while let Some(mut chunk) = rx.recv().await {
+            if let Some(b) = &self.opts.egress {
+                b.acquire(chunk.len() as u64).await;
+            }
+            if self.opts.corrupt && !chunk.is_empty() {
+                let mut v = chunk.to_vec();
+                let mid = v.len() / 2;
+                v[mid] ^= 0x55;
+                chunk = Bytes::from(v);
+            }
+            self.send
+                .write_chunk(chunk)
+                .await
+                .map_err(NetError::stream)?;
+        }
+        match task.await.map_err(NetError::stream)? {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                warn!("refusing to finish sending {}: {e}", hash.short());
+                let _ = self.send.reset(RESET_SELF_CHECK);
+                Err(NetError::stream(e))
+            }
         }
     }
-    send.finish().map_err(NetError::stream)?;
-    Ok(())
-}
-
-/// A sending turn: a slot at once if one is free, else after a wait in the queue if it
-/// has room. `None` when the queue is full too: the request is answered busy.
-async fn admit(opts: &ServeOptions) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
-    let Some(s) = &opts.slots else {
-        return Some(None);
-    };
-    match s.clone().try_acquire_owned() {
-        Ok(turn) => Some(Some(turn)),
-        Err(_) => {
-            let _place = QueuePlace::take(&opts.waiting)?;
-            Some(s.clone().acquire_owned().await.ok())
-        }
-    }
-}
-
-async fn answer_busy(send: &mut SendStream) -> Result<(), NetError> {
-    net::write_frame(send, &GetHeader::Busy).await?;
-    send.finish().map_err(NetError::stream)
 }
 
 /// Bytes of small blobs read from the store at once when answering `GetMany`.
 const MANY_READ_GROUP: u64 = 1 << 20;
-
-/// Sends each small blob whole after its header, reading them from the store a group at a
-/// time; a blob not held (or whose copy here fails its hash) gets `NotFound` and no bytes.
-async fn send_many(
-    send: &mut SendStream,
-    store: Store,
-    blobs: Vec<(Hash, u64)>,
-    opts: &ServeOptions,
-) -> Result<(), NetError> {
-    let mut rest = blobs.as_slice();
-    while !rest.is_empty() {
-        let n = rest
-            .iter()
-            .scan(0u64, |total, (_, s)| {
-                *total += s;
-                (*total <= MANY_READ_GROUP).then_some(())
-            })
-            .count()
-            .max(1);
-        let group = rest[..n].to_vec();
-        rest = &rest[n..];
-        let s = store.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            group
-                .iter()
-                .map(|(h, size)| s.read_verified(h, *size))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(NetError::stream)?;
-        for r in read {
-            let bytes = match r {
-                Ok(Some(b)) => b,
-                Ok(None) => {
-                    net::write_frame(send, &GetHeader::NotFound).await?;
-                    continue;
-                }
-                Err(e) => {
-                    warn!("not sending a blob whose copy here fails its check: {e}");
-                    net::write_frame(send, &GetHeader::NotFound).await?;
-                    continue;
-                }
-            };
-            net::write_frame(send, &GetHeader::Ok).await?;
-            if let Some(b) = &opts.egress {
-                b.acquire(bytes.len() as u64).await;
-            }
-            let mut bytes = bytes;
-            if opts.corrupt && !bytes.is_empty() {
-                let mid = bytes.len() / 2;
-                bytes[mid] ^= 0x55;
-            }
-            send.write_chunk(Bytes::from(bytes))
-                .await
-                .map_err(NetError::stream)?;
-        }
-    }
-    Ok(())
-}
-
-/// A place in a provider's queue for a sending slot, given back when dropped.
-struct QueuePlace(Arc<std::sync::atomic::AtomicUsize>);
-
-impl QueuePlace {
-    /// A place, if fewer than [`SERVE_QUEUE`] requests wait.
-    fn take(waiting: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Self> {
-        use std::sync::atomic::Ordering::SeqCst;
-        waiting
-            .fetch_update(SeqCst, SeqCst, |n| (n < SERVE_QUEUE).then_some(n + 1))
-            .ok()?;
-        Some(QueuePlace(waiting.clone()))
-    }
-}
-
-impl Drop for QueuePlace {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
 
 async fn meta_of(store: &Store, hash: Hash) -> Result<Option<crate::store::BlobMeta>, NetError> {
     let s = store.clone();
@@ -251,48 +530,6 @@ async fn meta_of(store: &Store, hash: Hash) -> Result<Option<crate::store::BlobM
         .await
         .map_err(NetError::stream)?
         .map_err(NetError::stream)
-}
-
-/// Encodes on the blocking pool into a bounded channel and sends chunk by chunk, so a large
-/// range never sits in memory whole.
-async fn stream_encoded(
-    send: &mut SendStream,
-    store: Store,
-    hash: Hash,
-    size: u64,
-    ranges: RangeList,
-    opts: ServeOptions,
-) -> Result<(), NetError> {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
-    let task = tokio::task::spawn_blocking(move || {
-        let mut w = ChannelWriter {
-            tx,
-            buf: Vec::with_capacity(CHANNEL_CHUNK),
-        };
-        let r = store.encode(&hash, size, &ranges, &mut w);
-        let r2 = std::io::Write::flush(&mut w);
-        r.and(r2.map_err(|_| StoreError::NotFound(hash)))
-    });
-    while let Some(mut chunk) = rx.recv().await {
-        if let Some(b) = &opts.egress {
-            b.acquire(chunk.len() as u64).await;
-        }
-        if opts.corrupt && !chunk.is_empty() {
-            let mut v = chunk.to_vec();
-            let mid = v.len() / 2;
-            v[mid] ^= 0x55;
-            chunk = Bytes::from(v);
-        }
-        send.write_chunk(chunk).await.map_err(NetError::stream)?;
-    }
-    match task.await.map_err(NetError::stream)? {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            warn!("refusing to finish sending {}: {e}", hash.short());
-            let _ = send.reset(RESET_SELF_CHECK);
-            Err(NetError::stream(e))
-        }
-    }
 }
 
 const CHANNEL_CHUNK: usize = 256 * 1024;
@@ -329,18 +566,96 @@ impl std::io::Write for ChannelWriter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn queue_places_run_out_and_come_back() {
-        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let places: Vec<QueuePlace> = (0..SERVE_QUEUE)
-            .map(|_| QueuePlace::take(&waiting).expect("room in the queue"))
-            .collect();
-        assert!(
-            QueuePlace::take(&waiting).is_none(),
-            "a full queue answers busy"
-        );
-        drop(places);
-        assert_eq!(waiting.load(std::sync::atomic::Ordering::SeqCst), 0);
-        assert!(QueuePlace::take(&waiting).is_some());
+    fn cfg(slots: usize, queue: usize) -> Config {
+        Config {
+            serve_slots: slots,
+            serve_queue: queue,
+            ..Config::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slot_passes_to_the_waiting_request_furthest_behind() {
+        let s = Arc::new(Serving::new(cfg(1, 2)));
+        let first = s.admit(500).await.expect("a free slot");
+        let (ahead, behind) = (s.clone(), s.clone());
+        let ahead = tokio::spawn(async move { ahead.admit(900).await.is_some() });
+        // Both wait (bounded: a lost wake-up fails the test, it does not hang it).
+        let wait_queued = |n: usize| {
+            let s = s.clone();
+            async move {
+                for _ in 0..1000 {
+                    if s.state.lock().unwrap().adm.waiting() == n {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                panic!("never {n} waiting");
+            }
+        };
+        wait_queued(1).await;
+        let behind = tokio::spawn(async move {
+            let t = behind.admit(100).await;
+            (t.is_some(), behind.state.lock().unwrap().adm.waiting())
+        });
+        wait_queued(2).await;
+        drop(first);
+        // The one behind goes first; the one ahead still waits.
+        let (got, still) = tokio::time::timeout(std::time::Duration::from_secs(10), behind)
+            .await
+            .expect("turn given")
+            .unwrap();
+        assert!(got);
+        assert_eq!(still, 1);
+        ahead.abort();
+        let _ = ahead.await;
+        // Its place went with it.
+        assert_eq!(s.state.lock().unwrap().adm.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_busy_and_pushes_out_the_one_furthest_along() {
+        let s = Arc::new(Serving::new(cfg(1, 1)));
+        let _first = s.admit(0).await.expect("a free slot");
+        let s2 = s.clone();
+        let far = tokio::spawn(async move { s2.admit(800).await.is_some() });
+        for _ in 0..1000 {
+            if s.state.lock().unwrap().adm.waiting() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        // One further along than the waiting one: busy at once.
+        assert!(s.admit(900).await.is_none());
+        // One further behind takes its place: the waiting one is answered busy.
+        let s3 = s.clone();
+        let near = tokio::spawn(async move { s3.admit(100).await.is_some() });
+        let pushed_out = tokio::time::timeout(std::time::Duration::from_secs(10), far)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(!pushed_out);
+        near.abort();
+    }
+
+    #[tokio::test]
+    async fn a_turn_given_to_a_request_that_went_passes_on() {
+        let s = Arc::new(Serving::new(cfg(1, 4)));
+        let first = s.admit(0).await.expect("a free slot");
+        let s2 = s.clone();
+        let gone = tokio::spawn(async move { s2.admit(10).await.map(|_| ()) });
+        for _ in 0..1000 {
+            if s.state.lock().unwrap().adm.waiting() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        gone.abort();
+        let _ = gone.await;
+        drop(first);
+        // Every slot is free again: a new request is served at once.
+        let again = s.admit(0).await;
+        assert!(again.is_some());
+        assert_eq!(s.state.lock().unwrap().adm.sending(), 1);
     }
 }

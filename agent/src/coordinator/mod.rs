@@ -1,7 +1,7 @@
 //! The coordinator role: volume registry, signed heads, commits (per-path last writer
-//! wins), and the origin blob store, all behind `voltool/coord/4` and `voltool/blobs/3`.
+//! wins), and the origin blob store, all behind `voltool/coord/5` and `voltool/blobs/4`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -102,6 +102,8 @@ struct State {
     addr: NodeAddr,
     /// Who holds what (in memory: agents announce again when they start).
     tracker: std::sync::Mutex<Tracker>,
+    /// The swarm's knobs (the tracker's, and the origin's as a provider).
+    swarm: voltool_protocol::swarm::Config,
     /// Serialises commits and registry changes.
     write_lock: tokio::sync::Mutex<()>,
 }
@@ -185,6 +187,7 @@ impl Coordinator {
                 source,
             })?;
         info!(%addr, "coordinator listening");
+        let swarm = voltool_protocol::swarm::Config::default();
         let state = Arc::new(State {
             key,
             db,
@@ -194,13 +197,16 @@ impl Coordinator {
             serve: crate::blobs::ServeOptions::new(
                 opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
                 false,
+                swarm.clone(),
             ),
             addr: addr.clone(),
-            tracker: Default::default(),
+            tracker: std::sync::Mutex::new(Tracker::new(swarm.clone(), rand::random())),
+            swarm,
             write_lock: Default::default(),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(accept_loop(ep.clone(), state.clone(), cancel.clone()));
+        tokio::spawn(tracker::expire_loop(state.clone(), cancel.clone()));
         Ok(Coordinator {
             state,
             ep,
@@ -353,22 +359,30 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             complete,
         } => {
             let mut t = state.tracker.lock().expect("not poisoned");
-            t.peers.insert(peer, (addr, zone));
-            for h in blobs {
-                t.holders.entry(h).or_default().insert(peer, complete);
-            }
+            let now = std::time::Instant::now();
+            t.announce(now, node_id(&peer), addr, zone, &blobs, complete);
+            Ok(CoordResponse::Ok)
+        }
+        CoordRequest::Heartbeat { addr, zone } => {
+            let mut t = state.tracker.lock().expect("not poisoned");
+            let now = std::time::Instant::now();
+            t.announce(now, node_id(&peer), addr, zone, &[], false);
             Ok(CoordResponse::Ok)
         }
         CoordRequest::Withdraw { blobs } => {
             let mut t = state.tracker.lock().expect("not poisoned");
             if blobs.is_empty() {
-                t.forget(&peer);
+                t.forget(&node_id(&peer));
             } else {
-                for h in blobs {
-                    if let Some(m) = t.holders.get_mut(&h) {
-                        m.remove(&peer);
-                    }
-                }
+                t.withdraw(&node_id(&peer), &blobs);
+            }
+            Ok(CoordResponse::Ok)
+        }
+        CoordRequest::Report { provider } => {
+            let liar = voltool_protocol::swarm::NodeId(provider);
+            let mut t = state.tracker.lock().expect("not poisoned");
+            if t.report(&node_id(&peer), &liar) {
+                warn!(provider = ?liar, "tracker: left out of answers, reported by several members for bytes that fail verification");
             }
             Ok(CoordResponse::Ok)
         }
@@ -384,12 +398,12 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
                 )
                 .into();
             }
-            let mine: HashMap<EndpointId, u32> = rtts
+            let mine: Vec<(voltool_protocol::swarm::NodeId, u32)> = rtts
                 .iter()
-                .filter_map(|r| Some((EndpointId::from_bytes(&r.id).ok()?, r.micros)))
+                .map(|r| (voltool_protocol::swarm::NodeId(r.id), r.micros))
                 .collect();
             let mut t = state.tracker.lock().expect("not poisoned");
-            t.rtts.insert(peer, mine);
+            t.rtts(&node_id(&peer), &mine);
             Ok(CoordResponse::Ok)
         }
         CoordRequest::Lookup { hash } => Ok(CoordResponse::Providers(lookup(state, &peer, &hash))),
@@ -403,7 +417,7 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             let t = state.tracker.lock().expect("not poisoned");
             let mut ids: Vec<[u8; 32]> = match &state.members {
                 Some(m) => m.iter().map(|id| *id.as_bytes()).collect(),
-                None => t.peers.keys().map(|id| *id.as_bytes()).collect(),
+                None => t.members().map(|id| id.0).collect(),
             };
             ids.push(*state.key.public().as_bytes());
             Ok(CoordResponse::Members(ids))
@@ -442,6 +456,6 @@ mod tracker;
 mod upload;
 mod volumes;
 
-use tracker::{Tracker, lookup, lookup_all};
+use tracker::{Tracker, lookup, lookup_all, node_id};
 use upload::upload;
 use volumes::*;

@@ -1,111 +1,71 @@
-//! The tracker: who holds which blobs, where they listen, and how to rank them for an
-//! asker.
+//! The tracker at the coordinator: the swarm's sans-IO bookkeeping ([`swarm::Tracker`]:
+//! bounded, ranked, partly random answers; expiry; reports) behind a lock, with the origin
+//! added as the last provider of every answer it can serve.
+
+use std::time::Instant;
+
+use voltool_protocol::swarm::{self, Holder, NodeId};
 
 use super::*;
 
 /// Who holds which blobs, and where they listen.
-#[derive(Debug, Default)]
-pub(super) struct Tracker {
-    pub(super) peers: HashMap<EndpointId, (SocketAddr, Option<String>)>,
-    pub(super) holders: HashMap<Hash, HashMap<EndpointId, bool>>,
-    /// Round-trip times each node reported to its peers, microseconds.
-    pub(super) rtts: HashMap<EndpointId, HashMap<EndpointId, u32>>,
+pub(super) type Tracker = swarm::Tracker<SocketAddr>;
+
+/// A node's id as the swarm names it.
+pub(super) fn node_id(id: &EndpointId) -> NodeId {
+    NodeId(*id.as_bytes())
 }
 
-/// Coarse band of a round-trip time (the swarm tracker's own).
-pub(super) use voltool_protocol::swarm::rtt_band;
-
-impl Tracker {
-    pub(super) fn forget(&mut self, peer: &EndpointId) {
-        self.peers.remove(peer);
-        self.rtts.remove(peer);
-        for m in self.holders.values_mut() {
-            m.remove(peer);
-        }
-        self.holders.retain(|_, m| !m.is_empty());
-    }
-}
-
-/// Providers of a blob for `asker`: fleet members that announced it (never the asker), those
-/// in the asker's zone first, then by the round-trip time the asker measured to them (in
-/// bands of a factor of two, unmeasured last), complete holders before partial ones, in
-/// random order within each group so that askers spread over them; then the origin if it
-/// holds the blob.
+/// Providers of a blob for `asker`: a bounded sample of live, trusted fleet members that
+/// announced it (never the asker), ranked (zone, round-trip time, whole before partial, at
+/// random within a rank); then the origin if it holds the blob.
 pub(super) fn lookup(state: &State, asker: &EndpointId, hash: &Hash) -> Vec<coord::ProviderInfo> {
-    let t = state.tracker.lock().expect("not poisoned");
-    let holders: Vec<(EndpointId, bool)> = t
-        .holders
-        .get(hash)
-        .into_iter()
-        .flatten()
-        .map(|(id, c)| (*id, *c))
-        .collect();
+    let holders =
+        state
+            .tracker
+            .lock()
+            .expect("not poisoned")
+            .lookup(Instant::now(), &node_id(asker), hash);
     let origin_holds = state.origin.has_complete(hash).unwrap_or(false);
-    rank(state, &t, asker, holders, origin_holds)
+    answer(state, holders, origin_holds)
 }
 
-/// Providers that hold every one of `hashes` complete, ranked for `asker` as [`lookup`]
-/// ranks them; then the origin if it holds them all. One lookup for a batch of small
-/// blobs that one provider sends on one stream.
+/// Providers that hold every one of `hashes` whole, ranked as [`lookup`] ranks them; then
+/// the origin if it holds them all. One lookup for a batch of small blobs that one provider
+/// sends on one stream.
 pub(super) fn lookup_all(
     state: &State,
     asker: &EndpointId,
     hashes: &[Hash],
 ) -> Vec<coord::ProviderInfo> {
-    let t = state.tracker.lock().expect("not poisoned");
-    let Some((first, rest)) = hashes.split_first() else {
-        return Vec::new();
-    };
-    let holders: Vec<(EndpointId, bool)> = t
-        .holders
-        .get(first)
-        .into_iter()
-        .flatten()
-        .filter(|(id, complete)| {
-            **complete
-                && rest
-                    .iter()
-                    .all(|h| t.holders.get(h).is_some_and(|m| m.get(*id) == Some(&true)))
-        })
-        .map(|(id, c)| (*id, *c))
-        .collect();
+    let holders = state.tracker.lock().expect("not poisoned").lookup_all(
+        Instant::now(),
+        &node_id(asker),
+        hashes,
+    );
     let origin_holds = state
         .origin
         .has_complete_many(hashes)
         .is_ok_and(|v| v.iter().all(|h| *h));
-    rank(state, &t, asker, holders, origin_holds)
+    answer(state, holders, origin_holds)
 }
 
-fn rank(
+fn answer(
     state: &State,
-    t: &Tracker,
-    asker: &EndpointId,
-    holders: Vec<(EndpointId, bool)>,
+    holders: Vec<Holder<SocketAddr>>,
     origin_holds: bool,
 ) -> Vec<coord::ProviderInfo> {
-    let my_zone = t.peers.get(asker).and_then(|(_, z)| z.clone());
-    let my_rtts = t.rtts.get(asker);
-    let mut out: Vec<((bool, u32, bool, u64), coord::ProviderInfo)> = holders
+    let mut out: Vec<coord::ProviderInfo> = holders
         .into_iter()
-        .filter(|(id, _)| id != asker && state.is_member(id))
-        .filter_map(|(id, complete)| {
-            let (addr, zone) = t.peers.get(&id)?;
-            let same_zone = my_zone.is_some() && *zone == my_zone;
-            let rtt = rtt_band(my_rtts.and_then(|m| m.get(&id)).copied());
-            Some((
-                (!same_zone, rtt, !complete, rand::random::<u64>()),
-                coord::ProviderInfo {
-                    id: *id.as_bytes(),
-                    addr: *addr,
-                    zone: zone.clone(),
-                    complete,
-                    origin: false,
-                },
-            ))
+        .filter(|h| EndpointId::from_bytes(&h.id.0).is_ok_and(|id| state.is_member(&id)))
+        .map(|h| coord::ProviderInfo {
+            id: h.id.0,
+            addr: h.addr,
+            zone: h.zone,
+            complete: h.complete,
+            origin: false,
         })
         .collect();
-    out.sort_by_key(|(rank, _)| *rank);
-    let mut out: Vec<coord::ProviderInfo> = out.into_iter().map(|(_, p)| p).collect();
     if origin_holds {
         out.push(coord::ProviderInfo {
             id: *state.addr.id.as_bytes(),
@@ -118,18 +78,25 @@ fn rank(
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::rtt_band;
-
-    #[test]
-    fn rtt_bands_double() {
-        assert_eq!(rtt_band(Some(0)), 0);
-        assert_eq!(rtt_band(Some(999)), 0);
-        assert_eq!(rtt_band(Some(1_000)), 1);
-        assert_eq!(rtt_band(Some(1_999)), 1);
-        assert_eq!(rtt_band(Some(2_000)), 2);
-        assert_eq!(rtt_band(Some(40_000)), 6);
-        assert!(rtt_band(Some(u32::MAX)) < rtt_band(None));
+/// Drops the holdings of members that stopped announcing and sending heartbeats, now and
+/// then, until `cancel`.
+pub(super) async fn expire_loop(state: Arc<State>, cancel: CancellationToken) {
+    let every = state.swarm.holder_ttl / 6;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let gone = state
+            .tracker
+            .lock()
+            .expect("not poisoned")
+            .expire(Instant::now());
+        if gone > 0 {
+            info!(
+                members = gone,
+                "tracker: members expired (no announcement or heartbeat)"
+            );
+        }
     }
 }

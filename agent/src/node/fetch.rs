@@ -1,54 +1,30 @@
 //! Fetching blobs from the swarm, and the manifests of heads.
 
-use voltool_protocol::blobs::MAX_GET_MANY_SIZE;
-
-use crate::blobs::OnBytes;
-use crate::store::StoreError;
+use crate::blobs::{Download, SwarmCtx};
 
 use super::*;
 
-/// Blobs fetched at once by one reload (each in up to `PIECES_IN_FLIGHT` pieces).
-const BLOBS_IN_FLIGHT: usize = 2;
 /// Blobs a reload asks for at once (see [`Inner::fetch_walked`]).
 const FETCH_PART: usize = 16_384;
 
 impl Inner {
-    /// Providers of a blob from the tracker (nearest first, the origin last).
-    pub(super) async fn providers_for(&self, hash: Hash) -> Vec<Provider> {
-        lookup_providers(&self.coord, self.ep.id(), &self.opts.coordinator, hash).await
-    }
-
     /// Tells the tracker this node holds `blobs` (complete or in part).
     pub(super) async fn announce(&self, blobs: Vec<Hash>, complete: bool) {
-        for chunk in blobs.chunks(MAX_HAS) {
-            let req = CoordRequest::Announce {
-                addr: net::local_addr(&self.ep),
-                zone: self.opts.zone.clone(),
-                blobs: chunk.to_vec(),
-                complete,
-            };
-            if let Err(e) = self.coord.request(&req).await {
-                debug!("announce failed: {e}");
-            }
-        }
-        // With what we hold, the round-trip times to the peers we talk to: the tracker
-        // ranks providers for our next lookups by them.
-        let rtts: Vec<PeerRtt> = self
-            .pool
-            .rtts()
-            .await
-            .into_iter()
-            .take(coord::MAX_RTTS)
-            .map(|(id, rtt)| PeerRtt {
-                id: *id.as_bytes(),
-                micros: u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX),
-            })
-            .collect();
-        if !rtts.is_empty()
-            && let Err(e) = self.coord.request(&CoordRequest::Rtts { rtts }).await
-        {
-            debug!("reporting round-trip times failed: {e}");
-        }
+        self.tracker.announce(blobs, complete).await;
+    }
+
+    /// A new download from the swarm: its bans last as long as it does.
+    pub(super) fn download(&self) -> Download {
+        Download::start(SwarmCtx {
+            pool: self.pool.clone(),
+            store: self.store.clone(),
+            tracker: self.tracker.clone(),
+            origin: self.opts.coordinator.clone(),
+            me: self.ep.id(),
+            cfg: self.serve.serving.config().clone(),
+            origin_only: self.opts.origin_only,
+            serving: self.serve.serving.clone(),
+        })
     }
 }
 
@@ -149,9 +125,7 @@ impl Inner {
         .await
     }
 
-    /// Fetches blobs not held completely from the swarm: small ones whole, in batches
-    /// (one lookup, one stream from one provider and one durable store batch each), the
-    /// others in pieces from several providers at once; peers first, the origin last.
+    /// Fetches blobs not held completely from the swarm (see [`Download::fetch`]).
     pub(super) async fn fetch_blobs(
         &self,
         blobs: &[(Hash, u64)],
@@ -164,12 +138,13 @@ impl Inner {
             .map(|(_, s)| s)
             .sum();
         let counter = events.counter("download", total);
-        self.fetch_part(blobs, &counter).await
+        Ok(self.download().fetch(blobs, &counter).await?)
     }
 
     /// Like [`Self::fetch_blobs`], for the blobs that `walk` names (it runs on the
     /// blocking pool, over trees): a part of [`FETCH_PART`] at a time, so that a reload of
-    /// a million files never holds their list. `total`: their bytes, for progress.
+    /// a million files never holds their list; one download for all parts, so a ban lasts
+    /// for all of them. `total`: their bytes, for progress.
     pub(super) async fn fetch_walked(
         &self,
         total: u64,
@@ -193,208 +168,13 @@ impl Inner {
             }
             Ok(())
         });
+        let download = self.download();
         let mut stats = FetchStats::default();
         while let Some(part) = rx.recv().await {
-            stats.merge(&self.fetch_part(&part, &counter).await?);
+            stats.merge(&download.fetch(&part, &counter).await?);
         }
         walker.await.map_err(failed)?.map_err(tree_error)?;
         Ok(stats)
-    }
-
-    /// [`Self::fetch_blobs`] with the caller's progress counter.
-    async fn fetch_part(&self, blobs: &[(Hash, u64)], counter: &OnBytes) -> OpResult<FetchStats> {
-        let mut seen = HashSet::new();
-        let wanted: Vec<(Hash, u64)> = blobs
-            .iter()
-            .filter(|(h, _)| seen.insert(*h))
-            .copied()
-            .collect();
-        let hashes: Vec<Hash> = wanted.iter().map(|(h, _)| *h).collect();
-        let held = self.store.has_complete_many(&hashes).map_err(failed)?;
-        let mut stats = FetchStats::default();
-        let (mut small, mut large) = (Vec::new(), Vec::new());
-        for ((h, size), held) in wanted.into_iter().zip(held) {
-            if held {
-                stats.already_held += size;
-                counter(size);
-            } else if size <= MAX_GET_MANY_SIZE {
-                small.push((h, size));
-            } else {
-                large.push((h, size));
-            }
-        }
-        if !small.is_empty() {
-            stats.merge(&self.fetch_small(&small, counter).await?);
-        }
-        if !large.is_empty() {
-            stats.merge(&self.fetch_large(&large, counter.clone()).await?);
-        }
-        Ok(stats)
-    }
-
-    /// Fetches blobs a few at a time, each in pieces from several providers at once.
-    async fn fetch_large(&self, wanted: &[(Hash, u64)], counter: OnBytes) -> OpResult<FetchStats> {
-        // Announce up front: peers reloading at the same moment learn of us at once and
-        // ask what we have as it lands.
-        self.announce(wanted.iter().map(|(h, _)| *h).collect(), false)
-            .await;
-        let mut stats = FetchStats::default();
-        let mut set = tokio::task::JoinSet::new();
-        let mut queue = wanted.iter().copied();
-        let mut failure = None;
-        // Blobs whose pieces are not all handed out yet: at most BLOBS_IN_FLIGHT of them.
-        // A blob in its tail (last pieces in flight) no longer counts, so the next one
-        // starts while the tail finishes and the link stays busy.
-        let (tail_tx, mut tail_rx) = tokio::sync::mpsc::unbounded_channel::<Hash>();
-        let mut heads: HashSet<Hash> = HashSet::new();
-        loop {
-            while heads.len() < BLOBS_IN_FLIGHT && failure.is_none() {
-                let Some((hash, size)) = queue.next() else {
-                    break;
-                };
-                let mut providers = self.providers_for(hash).await;
-                if self.opts.origin_only {
-                    providers.retain(|p| p.is_origin);
-                }
-                let pool = self.pool.clone();
-                let store = self.store.clone();
-                let counter = counter.clone();
-                let (coord, me, origin) = (
-                    self.coord.clone(),
-                    self.ep.id(),
-                    self.opts.coordinator.clone(),
-                );
-                let origin_only = self.opts.origin_only;
-                let refresh: crate::blobs::Lookup = Arc::new(move || {
-                    let (coord, origin) = (coord.clone(), origin.clone());
-                    Box::pin(async move { lookup_providers(&coord, me, &origin, hash).await })
-                });
-                let tail_tx = tail_tx.clone();
-                heads.insert(hash);
-                set.spawn(async move {
-                    let r = crate::blobs::fetch_blob(
-                        &pool,
-                        &store,
-                        crate::blobs::Swarm {
-                            me,
-                            providers,
-                            refresh: (!origin_only).then_some(refresh),
-                            on_tail: Some(Arc::new(move || {
-                                let _ = tail_tx.send(hash);
-                            })),
-                        },
-                        hash,
-                        size,
-                        counter,
-                    )
-                    .await;
-                    (hash, r)
-                });
-            }
-            let (hash, r) = tokio::select! {
-                Some(tailed) = tail_rx.recv() => {
-                    heads.remove(&tailed);
-                    continue;
-                }
-                joined = set.join_next() => match joined {
-                    Some(j) => j.map_err(failed)?,
-                    None => break,
-                },
-            };
-            heads.remove(&hash);
-            match r {
-                Ok(s) => stats.merge(&s),
-                Err(e) => {
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-        let hashes: Vec<Hash> = wanted.iter().map(|(h, _)| *h).collect();
-        let held = self.store.has_complete_many(&hashes).unwrap_or_default();
-        let (complete, partial): (Vec<_>, Vec<_>) =
-            hashes.into_iter().zip(held).partition(|(_, held)| *held);
-        self.announce(complete.into_iter().map(|(h, _)| h).collect(), true)
-            .await;
-        match failure {
-            Some(e) => {
-                if matches!(e, FetchError::Store(StoreError::DiskFull { .. })) {
-                    // What was verified so far would be resumable, but it takes the space
-                    // the disk lacks: free it, so the agent works again once the volume
-                    // needs less or space returns.
-                    self.free_partials(partial.into_iter().map(|(h, _)| h).collect())
-                        .await;
-                }
-                Err(e.into())
-            }
-            None => Ok(stats),
-        }
-    }
-
-    /// Drops blobs held only in part, and tells the tracker.
-    async fn free_partials(&self, hashes: Vec<Hash>) {
-        let store = self.store.clone();
-        let dropped = tokio::task::spawn_blocking(move || {
-            hashes
-                .into_iter()
-                .filter(|h| store.remove(h).is_ok())
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        if !dropped.is_empty() {
-            warn!(
-                blobs = dropped.len(),
-                "freed partial downloads after the local disk filled up"
-            );
-            let _ = self
-                .coord
-                .request(&CoordRequest::Withdraw { blobs: dropped })
-                .await;
-        }
-    }
-}
-
-/// Providers of a blob from the tracker (nearest first, the origin last), never this node;
-/// the origin alone if the tracker cannot be asked.
-async fn lookup_providers(
-    coord: &CoordClient,
-    me: iroh::PublicKey,
-    origin: &NodeAddr,
-    hash: Hash,
-) -> Vec<Provider> {
-    ask_providers(coord, me, origin, &CoordRequest::Lookup { hash }).await
-}
-
-/// Providers from a tracker lookup (`Lookup` or `LookupAll`), never this node, the origin
-/// last; the origin alone if the tracker cannot be asked.
-pub(super) async fn ask_providers(
-    coord: &CoordClient,
-    me: iroh::PublicKey,
-    origin: &NodeAddr,
-    req: &CoordRequest,
-) -> Vec<Provider> {
-    let origin = || Provider {
-        addr: origin.clone(),
-        is_origin: true,
-    };
-    match coord.request(req).await {
-        Ok(CoordResponse::Providers(list)) => {
-            let mut out: Vec<Provider> = list
-                .into_iter()
-                .filter_map(|p| {
-                    let id = iroh::PublicKey::from_bytes(&p.id).ok()?;
-                    (id != me).then_some(Provider {
-                        addr: NodeAddr { id, addr: p.addr },
-                        is_origin: p.origin,
-                    })
-                })
-                .collect();
-            if !out.iter().any(|p| p.is_origin) {
-                out.push(origin());
-            }
-            out
-        }
-        _ => vec![origin()],
     }
 }
 

@@ -13,15 +13,13 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use voltool_protocol::coord::{
-    self, CoordRequest, CoordResponse, ErrorKind, MAX_HAS, PeerRtt, VolumeInfo,
-};
+use voltool_protocol::coord::{CoordRequest, CoordResponse, ErrorKind, MAX_HAS, VolumeInfo};
 use voltool_protocol::volume::check_volume_name;
 use voltool_protocol::{
     Change, Commit, Entry, Hash, Manifest, SignedHead, VolPath, VolumeId, blobs,
 };
 
-use crate::blobs::{ConnPool, FetchError, FetchStats, Provider};
+use crate::blobs::{ConnPool, FetchError, FetchStats, TrackerClient};
 use crate::control::{
     self, CommitReport, ErrorCode, ErrorReply, Event, LsEntry, MountStatus, PutItem, ReloadMode,
     ReloadReport, Reply, Request, Sources, StatusReport, VolumeView,
@@ -38,7 +36,6 @@ mod compact;
 mod error;
 mod events;
 mod fetch;
-mod fetch_small;
 mod local;
 mod mount;
 mod mounts;
@@ -120,6 +117,7 @@ struct Inner {
     pool: ConnPool,
     serve: crate::blobs::ServeOptions,
     coord: Arc<CoordClient>,
+    tracker: Arc<TrackerClient>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_reload: Mutex<HashMap<String, ReloadReport>>,
     /// Mounts whose layers are being compacted.
@@ -190,15 +188,24 @@ impl Agent {
             snapshot::resolve_mode(&opts.data, opts.snapshots).map_err(StartError::Other)?;
         let ep = net::bind(key, opts.listen, vec![blobs::ALPN.to_vec()]).await?;
         let coord = Arc::new(CoordClient::new(ep.clone(), opts.coordinator.clone()));
+        let pool = ConnPool::new(
+            ep.clone(),
+            opts.max_ingress.map(|r| Arc::new(TokenBucket::new(r))),
+        );
+        let tracker = Arc::new(TrackerClient::new(
+            coord.clone(),
+            pool.clone(),
+            net::local_addr(&ep),
+            opts.zone.clone(),
+        ));
         let inner = Arc::new(Inner {
-            pool: ConnPool::new(
-                ep.clone(),
-                opts.max_ingress.map(|r| Arc::new(TokenBucket::new(r))),
-            ),
+            pool,
             serve: crate::blobs::ServeOptions::new(
                 opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
                 opts.corrupt_served_bytes,
+                voltool_protocol::swarm::Config::default(),
             ),
+            tracker,
             opts,
             pages: crate::store::Pages::new(store.clone()),
             store,
@@ -237,12 +244,24 @@ impl Agent {
         }
         {
             let inner = inner.clone();
+            let cancel = cancel.clone();
             tasks.spawn(async move {
+                // Registered with the tracker at once, then what it holds, then alive
+                // (what it announced expires without a heartbeat).
+                inner.tracker.heartbeat().await;
                 if let Ok(held) = inner.store.complete_blobs() {
                     inner.announce(held, true).await;
                 }
+                let every = inner.serve.serving.config().holder_ttl / 3;
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(every) => inner.tracker.heartbeat().await,
+                    }
+                }
             });
         }
+        tasks.spawn(inner.serve.serving.clone().run_pushes(cancel.clone()));
         info!(
             node = %inner.ep.id(),
             addr = %net::local_addr(&inner.ep),
@@ -302,11 +321,7 @@ impl Agent {
                 }
             }
         }
-        let _ = self
-            .inner
-            .coord
-            .request(&CoordRequest::Withdraw { blobs: Vec::new() })
-            .await;
+        self.inner.tracker.withdraw(Vec::new()).await;
         let _ = std::fs::remove_file(self.inner.opts.data.join(control::SOCKET));
         self.inner.ep.close().await;
     }

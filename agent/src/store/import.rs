@@ -211,6 +211,7 @@ impl ImportBatch {
 
     fn write_tmp(&self, bytes: &[u8]) -> Result<PathBuf, StoreError> {
         let tmp = self.store.tmp_path("import");
+        self.store.room_for(bytes.len() as u64, &tmp)?;
         std::fs::write(&tmp, bytes).ctx(&tmp)?;
         Ok(tmp)
     }
@@ -228,6 +229,9 @@ impl ImportBatch {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err((e, what)),
                 };
+                if let Err(StoreError::DiskFull { .. }) = self.store.room_for(n as u64, &tmp_data) {
+                    return Err((io::ErrorKind::StorageFull.into(), tmp_data.as_path()));
+                }
                 out.write_all(&buf[..n])
                     .map_err(|e| (e, tmp_data.as_path()))?;
                 size += n as u64;
@@ -396,6 +400,7 @@ impl ImportBatch {
 
 impl Store {
     fn place_all(&self, placed: &[Placed]) -> Result<(), StoreError> {
+        self.room_for_meta()?;
         let _placing = self.inner.place_lock.lock().expect("not poisoned");
         let mut dirs = HashSet::new();
         for p in placed {

@@ -69,8 +69,49 @@ pub enum StoreError {
     MissingRanges(Hash),
 }
 
-fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Db(e.to_string())
+/// A failure of the metadata database, or of decoding what it holds; a full disk under the
+/// database says so, as it does under a blob's files.
+fn db_err(e: impl DbFault) -> StoreError {
+    e.into_store()
+}
+
+trait DbFault {
+    fn into_store(self) -> StoreError;
+}
+
+impl DbFault for redb::Error {
+    fn into_store(self) -> StoreError {
+        match self {
+            redb::Error::Io(e) if e.kind() == io::ErrorKind::StorageFull => StoreError::DiskFull {
+                path: "the store's database".into(),
+            },
+            e => StoreError::Db(e.to_string()),
+        }
+    }
+}
+
+macro_rules! db_fault_via_redb {
+    ($($t:ty),*) => {
+        $(impl DbFault for $t {
+            fn into_store(self) -> StoreError {
+                redb::Error::from(self).into_store()
+            }
+        })*
+    };
+}
+
+db_fault_via_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl DbFault for postcard::Error {
+    fn into_store(self) -> StoreError {
+        StoreError::Db(self.to_string())
+    }
 }
 
 trait IoCtx<T> {
@@ -128,6 +169,11 @@ impl BlobMeta {
     }
 }
 
+/// Bytes of free space blob data never takes: room for the store's metadata.
+pub const RESERVE: u64 = 8 << 20;
+/// Free space below which the store writes no metadata (but removals, which free space).
+pub const META_RESERVE: u64 = 1 << 20;
+
 /// A content store. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -174,6 +220,32 @@ impl Store {
                 place_lock: Default::default(),
             }),
         })
+    }
+
+    /// Refuses, as a full disk, a write of `bytes` of blob data that would leave less than
+    /// [`RESERVE`] free on the store's file system: the store's database must never meet a
+    /// full disk (a database whose write failed fails everything until it is reopened), so
+    /// blob data stops short of it.
+    pub(crate) fn room_for(&self, bytes: u64, path: &Path) -> Result<(), StoreError> {
+        self.room(bytes + RESERVE, path)
+    }
+
+    /// Refuses a metadata write while less than [`META_RESERVE`] is free (others than the
+    /// store, such as files written into mounts, filled the disk).
+    pub(crate) fn room_for_meta(&self) -> Result<(), StoreError> {
+        self.room(META_RESERVE, &self.inner.dir.join("store.redb"))
+    }
+
+    fn room(&self, need: u64, path: &Path) -> Result<(), StoreError> {
+        let st = rustix::fs::statvfs(&self.inner.dir)
+            .map_err(|e| StoreError::io(&self.inner.dir, e.into()))?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < need {
+            return Err(StoreError::DiskFull {
+                path: path.display().to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// The directory of blob files (an overlay's data-only layer).

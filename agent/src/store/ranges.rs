@@ -48,6 +48,7 @@ impl Store {
             // A record with another size cannot be this blob; start over.
             self.remove_placed(hash)?;
         }
+        self.room_for_meta()?;
         // New files renamed into place: a file already there (unrecorded) is replaced,
         // never truncated, since it may be linked elsewhere.
         let dp = self.data_path(hash);
@@ -100,6 +101,7 @@ impl Store {
         encoded: &[u8],
     ) -> Result<(), StoreError> {
         let dp = self.data_path(hash);
+        self.room_for(encoded.len() as u64, &dp)?;
         let mut data = OpenOptions::new().write(true).open(&dp).ctx(&dp)?;
         let mut ob = PreOrderOutboard {
             root: hash.as_blake3(),
@@ -137,6 +139,7 @@ impl Store {
         size: u64,
         ranges: &RangeList,
     ) -> Result<BlobMeta, StoreError> {
+        self.room_for_meta()?;
         let dp = self.data_path(hash);
         File::open(&dp).and_then(|f| f.sync_data()).ctx(&dp)?;
         if let ObFile(Some(f)) = self.open_outboard(hash, size, false)? {

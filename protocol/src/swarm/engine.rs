@@ -111,7 +111,7 @@ impl Engine {
         id
     }
 
-    /// What a group fetches.
+    /// What a group fetches (a finished batch of small blobs: an empty list).
     pub fn spec(&self, group: GroupId) -> &Blobs {
         &self.groups[group.0 as usize].spec
     }
@@ -129,7 +129,8 @@ impl Engine {
                 let start = unit as u64 * self.cfg.piece_bytes;
                 (start.min(*size), (start + self.cfg.piece_bytes).min(*size))
             }
-            Blobs::Whole { blobs } => (0, blobs[unit as usize].1),
+            // A finished batch has let its list go (see `release`).
+            Blobs::Whole { blobs } => (0, blobs.get(unit as usize).map_or(0, |b| b.1)),
         }
     }
 
@@ -164,6 +165,14 @@ impl Engine {
     /// What the download took so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Announces what waits to be announced at once, without waiting for the batch to
+    /// fill (the download ends).
+    pub fn announce_now(&mut self) {
+        if self.announce.iter().any(|a| !a.is_empty()) {
+            self.flush_announcements();
+        }
     }
 
     /// The next thing to do, if any.
@@ -431,6 +440,21 @@ impl Engine {
             });
         }
         self.actions.push_back(Action::Done { group: gid });
+        self.release(gid);
+    }
+
+    /// A finished group lets its bulk go (a batch's blob list, its holders and counts), so
+    /// a download of a million small blobs keeps a few bytes per finished batch. Its id,
+    /// unit count and done set stay.
+    fn release(&mut self, gid: GroupId) {
+        let g = &mut self.groups[gid.0 as usize];
+        g.srcs = Vec::new();
+        g.src_pos = Vec::new();
+        g.counts = Vec::new();
+        g.flights = HashMap::new();
+        if let Blobs::Whole { blobs } = &mut g.spec {
+            *blobs = Vec::new();
+        }
     }
 
     pub(super) fn fail(&mut self, gid: GroupId, reason: Failure) {
@@ -446,6 +470,7 @@ impl Engine {
         }
         self.actions
             .push_back(Action::Failed { group: gid, reason });
+        self.release(gid);
     }
 
     fn requests_of(&self, gid: GroupId) -> Vec<ReqId> {

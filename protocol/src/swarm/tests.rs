@@ -470,6 +470,45 @@ fn small_blobs_go_many_to_a_request_and_what_a_provider_lacks_goes_elsewhere() {
 }
 
 #[test]
+fn a_finished_batch_lets_its_list_go_and_what_waits_is_announced_now() {
+    let mut h = H::new(cfg());
+    let finish = |h: &mut H, n: u8| {
+        let g = h.e.want(Blobs::Whole {
+            blobs: vec![(blob(n), 100)],
+        });
+        h.drain();
+        let reqs = requests(&h.providers(g, &[(ORIGIN, true)]));
+        let out = h.event(Event::Unit {
+            req: reqs[0].0,
+            unit: 0,
+            verified: true,
+        });
+        (g, out)
+    };
+    let announced = |out: &[Action]| -> Vec<Hash> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Announce { blobs, .. } => Some(blobs.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    // The first announcement of a download goes out at once, later ones in batches.
+    let (g1, out) = finish(&mut h, 1);
+    assert!(out.contains(&Action::Done { group: g1 }));
+    assert_eq!(announced(&out), vec![blob(1)]);
+    let (_, out) = finish(&mut h, 2);
+    assert!(announced(&out).is_empty(), "{out:?}");
+    h.e.announce_now();
+    assert_eq!(announced(&h.drain()), vec![blob(2)]);
+    // The finished batch keeps its id, not its list.
+    assert_eq!(h.e.spec(g1), &Blobs::Whole { blobs: Vec::new() });
+    assert_eq!(h.e.unit_bytes(g1, 0), 0);
+    assert!(h.e.done_units(g1).is_full());
+}
+
+#[test]
 fn a_resumed_blob_asks_only_for_what_it_lacks() {
     let mut h = H::new(cfg());
     let size = 8 * h.e.config().piece_bytes;

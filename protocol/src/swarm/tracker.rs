@@ -318,6 +318,11 @@ impl<A: Clone> Tracker<A> {
         self.holders.values().map(|l| l.len()).sum()
     }
 
+    /// Every member (announced or sent a heartbeat, not expired or forgotten).
+    pub fn members(&self) -> impl Iterator<Item = &NodeId> {
+        self.index.keys()
+    }
+
     /// Where a member listens, and its zone.
     pub fn member_addr(&self, id: &NodeId) -> Option<(&A, Option<&str>)> {
         let m = &self.members[*self.index.get(id)? as usize];

@@ -1,0 +1,112 @@
+//! What a node tells the tracker (the coordinator) and asks of it.
+
+use std::net::SocketAddr;
+
+use voltool_protocol::coord::{self, CoordRequest, CoordResponse, MAX_HAS, PeerRtt};
+use voltool_protocol::swarm::NodeId;
+
+use super::*;
+use crate::coord_client::CoordClient;
+
+/// A node's side of the tracker: announcements, heartbeats, reports, lookups.
+#[derive(Debug)]
+pub struct TrackerClient {
+    coord: Arc<CoordClient>,
+    pool: ConnPool,
+    /// Where this node serves blobs.
+    addr: SocketAddr,
+    zone: Option<String>,
+}
+
+impl TrackerClient {
+    /// A client over the coordinator connection; `addr` is where this node serves blobs,
+    /// and `pool` its blob connections (whose round-trip times it reports).
+    pub fn new(
+        coord: Arc<CoordClient>,
+        pool: ConnPool,
+        addr: SocketAddr,
+        zone: Option<String>,
+    ) -> Self {
+        TrackerClient {
+            coord,
+            pool,
+            addr,
+            zone,
+        }
+    }
+
+    /// Tells the tracker this node holds `blobs` (complete or in part), with the
+    /// round-trip times to the peers it talks to (the tracker ranks providers for this
+    /// node's next lookups by them).
+    pub async fn announce(&self, blobs: Vec<Hash>, complete: bool) {
+        for chunk in blobs.chunks(MAX_HAS) {
+            let req = CoordRequest::Announce {
+                addr: self.addr,
+                zone: self.zone.clone(),
+                blobs: chunk.to_vec(),
+                complete,
+            };
+            if let Err(e) = self.coord.request(&req).await {
+                debug!("announce failed: {e}");
+            }
+        }
+        let rtts: Vec<PeerRtt> = self
+            .pool
+            .rtts()
+            .await
+            .into_iter()
+            .take(coord::MAX_RTTS)
+            .map(|(id, rtt)| PeerRtt {
+                id: *id.as_bytes(),
+                micros: u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX),
+            })
+            .collect();
+        if !rtts.is_empty()
+            && let Err(e) = self.coord.request(&CoordRequest::Rtts { rtts }).await
+        {
+            debug!("reporting round-trip times failed: {e}");
+        }
+    }
+
+    /// Tells the tracker this node is alive (and registers it): without one within the
+    /// tracker's time to live, what it announced expires.
+    pub async fn heartbeat(&self) {
+        let req = CoordRequest::Heartbeat {
+            addr: self.addr,
+            zone: self.zone.clone(),
+        };
+        if let Err(e) = self.coord.request(&req).await {
+            debug!("heartbeat failed: {e}");
+        }
+    }
+
+    /// Tells the tracker that `provider` sent bytes that failed verification.
+    pub async fn report(&self, provider: NodeId) {
+        let req = CoordRequest::Report {
+            provider: provider.0,
+        };
+        if let Err(e) = self.coord.request(&req).await {
+            debug!("report failed: {e}");
+        }
+    }
+
+    /// Tells the tracker this node no longer holds `blobs` (none: it leaves).
+    pub async fn withdraw(&self, blobs: Vec<Hash>) {
+        if let Err(e) = self.coord.request(&CoordRequest::Withdraw { blobs }).await {
+            debug!("withdraw failed: {e}");
+        }
+    }
+
+    /// The tracker's answer to a lookup (`Lookup` or `LookupAll`), or `None` when it
+    /// cannot be asked.
+    pub async fn providers(&self, req: &CoordRequest) -> Option<Vec<coord::ProviderInfo>> {
+        match self.coord.request(req).await {
+            Ok(CoordResponse::Providers(list)) => Some(list),
+            Ok(_) => None,
+            Err(e) => {
+                debug!("lookup failed: {e}");
+                None
+            }
+        }
+    }
+}
