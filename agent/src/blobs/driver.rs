@@ -503,6 +503,13 @@ impl Actor {
                 // What was verified stays (a retry resumes), but for a full local disk.
                 let keep = !matches!(reason, Failure::LocalStore);
                 let e = self.failure(group, reason);
+                // The engine ends no subscription of a failed group: its pushes stop here.
+                self.subs.retain(|&(_, g), task| {
+                    if g == group {
+                        task.abort();
+                    }
+                    g != group
+                });
                 let job = self.groups[group.0 as usize].job;
                 if let Some(j) = self.jobs.get_mut(&job) {
                     j.failure.get_or_insert(e);
@@ -611,7 +618,11 @@ impl Actor {
     fn on_io(&mut self, io: Io) {
         let now = Instant::now();
         match io {
-            Io::Picked { req, unit } => self.engine.handle(now, Event::Picked { req, unit }),
+            // A request cancelled meanwhile is the engine's no longer.
+            Io::Picked { req, unit } if self.reqs.contains_key(&req) => {
+                self.engine.handle(now, Event::Picked { req, unit })
+            }
+            Io::Picked { .. } => {}
             Io::Have {
                 provider,
                 group,
@@ -628,6 +639,9 @@ impl Actor {
                 // Its size before the engine hears of it: a finished batch lets its list go.
                 let bytes = self.engine.unit_bytes(group, unit);
                 let before = self.engine.done_units(group).contains(unit);
+                if !self.reqs.contains_key(&req) {
+                    return;
+                }
                 self.engine.handle(
                     now,
                     Event::Unit {
@@ -645,7 +659,7 @@ impl Actor {
                 unit,
                 verified: false,
                 ..
-            } => self.engine.handle(
+            } if self.reqs.contains_key(&req) => self.engine.handle(
                 now,
                 Event::Unit {
                     req,
@@ -653,6 +667,7 @@ impl Actor {
                     verified: false,
                 },
             ),
+            Io::Unit { .. } => {}
         }
     }
 
@@ -663,9 +678,13 @@ impl Actor {
         };
         let pb = self.ctx.cfg.piece_bytes;
         self.ctx.serving.held(hash, unit);
+        // A group through already (a late twin, or failed on a full disk) records no more.
         let Some(r) = &mut self.groups[group.0 as usize].record else {
             return;
         };
+        if r.done {
+            return;
+        }
         r.pending |= piece_ranges(size, pb, unit).to_chunk_ranges();
         r.bytes += self.engine.unit_bytes(group, unit);
         if r.bytes >= RECORD_BATCH_BYTES {
@@ -763,6 +782,11 @@ impl Actor {
                 local,
                 why,
             } => {
+                // What the task reported before it ended comes first (a unit, a pick):
+                // it was sent before the task finished, so `try_recv` has it.
+                while let Ok(io) = self.io_rx.try_recv() {
+                    self.on_io(io);
+                }
                 if let Some(e) = local {
                     self.local = Some(e);
                 }
