@@ -2,11 +2,14 @@
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use iroh::endpoint::{
-    Connection, PortmapperConfig, ReadError, ReadExactError, RecvStream, SendStream, presets,
+    Connection, ControllerFactory, PortmapperConfig, QuicTransportConfig, ReadError,
+    ReadExactError, RecvStream, SendStream, presets,
 };
 use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey};
+use noq_proto::congestion;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use voltool_protocol::frame;
@@ -48,18 +51,67 @@ impl NetError {
     }
 }
 
+/// The congestion controller of every QUIC connection an endpoint makes or accepts.
+///
+/// Chosen by measurement under `tc tbf` links (`voltool-testnet bench --net netns`; the
+/// figures are in README): see [`Congestion::default`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), loss-based.
+    #[default]
+    Cubic,
+    /// NewReno (RFC 9002), loss-based.
+    NewReno,
+    /// BBRv3, model-based: paced at the measured bottleneck rate.
+    Bbr,
+}
+
+impl Congestion {
+    /// Every controller, by name.
+    pub const NAMES: [&str; 3] = ["cubic", "newreno", "bbr"];
+
+    fn factory(self) -> Arc<dyn ControllerFactory + Send + Sync> {
+        match self {
+            Congestion::Cubic => Arc::new(congestion::CubicConfig::default()),
+            Congestion::NewReno => Arc::new(congestion::NewRenoConfig::default()),
+            Congestion::Bbr => Arc::new(congestion::Bbr3Config::default()),
+        }
+    }
+}
+
+impl FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "cubic" => Ok(Congestion::Cubic),
+            "newreno" => Ok(Congestion::NewReno),
+            "bbr" => Ok(Congestion::Bbr),
+            _ => Err(format!(
+                "unknown congestion controller {s:?}: expected one of {}",
+                Congestion::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
 /// Binds an endpoint on `addr` with the given key and ALPNs: no relays, no discovery, no
 /// port mapping; peers are dialled by explicit address.
 pub async fn bind(
     key: SecretKey,
     addr: SocketAddr,
     alpns: Vec<Vec<u8>>,
+    congestion: Congestion,
 ) -> Result<Endpoint, NetError> {
     let err = |e: &dyn std::fmt::Display| NetError::Bind {
         addr,
         message: e.to_string(),
     };
+    let transport = QuicTransportConfig::builder()
+        .congestion_controller_factory(congestion.factory())
+        .build();
     Endpoint::builder(presets::Minimal)
+        .transport_config(transport)
         .secret_key(key)
         .relay_mode(RelayMode::Disabled)
         .portmapper_config(PortmapperConfig::Disabled)

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use tracing_subscriber::EnvFilter;
 use voltool_agent::coordinator::{Coordinator, CoordinatorOptions, read_members};
-use voltool_agent::net::NodeAddr;
+use voltool_agent::net::{Congestion, NodeAddr};
 use voltool_agent::node::{Agent, AgentOptions, SnapshotMode};
 use voltool_agent::rate::Rate;
 
@@ -37,6 +37,24 @@ pub(crate) struct CoordinatorArgs {
     /// Egress limit of the origin, e.g. 50mbit, 12MiB/s.
     #[arg(long, value_name = "RATE")]
     max_egress: Option<Rate>,
+    /// QUIC congestion controller: cubic, newreno or bbr.
+    #[arg(
+        long,
+        env = "VOLTOOL_CONGESTION",
+        default_value = "cubic",
+        value_name = "CC"
+    )]
+    congestion: Congestion,
+    /// Turn a knob of the swarm, NAME=VALUE (repeatable, or comma-separated in the
+    /// environment): for trials; the defaults are what the simulator and the benches chose.
+    #[arg(
+        long = "swarm-knob",
+        env = "VOLTOOL_SWARM_KNOBS",
+        value_delimiter = ',',
+        hide = true,
+        value_name = "NAME=VALUE"
+    )]
+    swarm_knob: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +77,24 @@ pub(crate) struct AgentArgs {
     /// Egress limit, e.g. 50mbit, 12MiB/s.
     #[arg(long, value_name = "RATE")]
     max_egress: Option<Rate>,
+    /// QUIC congestion controller: cubic, newreno or bbr.
+    #[arg(
+        long,
+        env = "VOLTOOL_CONGESTION",
+        default_value = "cubic",
+        value_name = "CC"
+    )]
+    congestion: Congestion,
+    /// Turn a knob of the swarm, NAME=VALUE (repeatable, or comma-separated in the
+    /// environment): for trials; the defaults are what the simulator and the benches chose.
+    #[arg(
+        long = "swarm-knob",
+        env = "VOLTOOL_SWARM_KNOBS",
+        value_delimiter = ',',
+        hide = true,
+        value_name = "NAME=VALUE"
+    )]
+    swarm_knob: Vec<String>,
     /// Fault injection for tests and the testnet's hostile-peer scenario: serve corrupt
     /// bytes to peers (they must detect them and ban this node).
     #[arg(long, hide = true)]
@@ -86,6 +122,15 @@ pub(crate) struct NodeIdArgs {
     /// Data directory.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+}
+
+/// The swarm's config with `knobs` turned.
+fn swarm_config(knobs: &[String]) -> anyhow::Result<voltool_protocol::swarm::Config> {
+    let mut c = voltool_protocol::swarm::Config::default();
+    for k in knobs {
+        c.set(k).context("--swarm-knob")?;
+    }
+    Ok(c)
 }
 
 fn init_logs() {
@@ -118,6 +163,8 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
         listen: a.listen,
         members,
         max_egress: a.max_egress,
+        congestion: a.congestion,
+        swarm: swarm_config(&a.swarm_knob)?,
     })
     .await
     .context("starting the coordinator")?;
@@ -138,6 +185,8 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         max_ingress: a.max_ingress,
         max_egress: a.max_egress,
         corrupt_served_bytes: a.evil,
+        congestion: a.congestion,
+        swarm: swarm_config(&a.swarm_knob)?,
         origin_only: a.origin_only,
         snapshots: a.snapshots,
         crash_at: a.crash_at,

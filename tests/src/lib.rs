@@ -68,6 +68,8 @@ impl TestFleet {
             listen: "127.0.0.1:0".parse().unwrap(),
             members: Some(members.clone()),
             max_egress: limits.origin_egress,
+            congestion: Default::default(),
+            swarm: Default::default(),
         })
         .await
         .unwrap();
@@ -105,6 +107,8 @@ impl TestFleet {
             origin_only: false,
             snapshots: snapshot_mode(),
             crash_at: None,
+            congestion: Default::default(),
+            swarm: Default::default(),
         })
         .await
         .unwrap()
@@ -147,6 +151,8 @@ impl TestFleet {
                 listen: self.coord_listen,
                 members: Some(self.members.clone()),
                 max_egress: self.limits.origin_egress,
+                congestion: Default::default(),
+                swarm: Default::default(),
             })
             .await
             {

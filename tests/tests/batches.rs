@@ -110,6 +110,7 @@ async fn member_client(f: &mut TestFleet) -> CoordClient {
         key,
         "127.0.0.1:0".parse().unwrap(),
         vec![coord::ALPN.to_vec()],
+        Default::default(),
     )
     .await
     .unwrap();
@@ -160,6 +161,7 @@ async fn a_truncated_upload_is_refused_by_name() {
         voltool_agent::keys::load_or_create(&f.agent_dir(1)).unwrap(),
         "127.0.0.1:0".parse().unwrap(),
         vec![coord::ALPN.to_vec()],
+        Default::default(),
     )
     .await
     .unwrap();

@@ -148,6 +148,7 @@ async fn tracker_client(f: &TestFleet, i: usize) -> voltool_agent::coord_client:
         key,
         "127.0.0.1:0".parse().unwrap(),
         vec![voltool_protocol::coord::ALPN.to_vec()],
+        Default::default(),
     )
     .await
     .unwrap();

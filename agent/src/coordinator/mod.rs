@@ -43,6 +43,10 @@ pub struct CoordinatorOptions {
     pub members: Option<HashSet<EndpointId>>,
     /// Egress limit of the origin (bytes/s).
     pub max_egress: Option<Rate>,
+    /// The QUIC congestion controller.
+    pub congestion: crate::net::Congestion,
+    /// The swarm's knobs (the tracker's, and the origin's as a provider).
+    pub swarm: voltool_protocol::swarm::Config,
 }
 
 /// A coordinator failure.
@@ -172,6 +176,7 @@ impl Coordinator {
             key.clone(),
             opts.listen,
             vec![coord::ALPN.to_vec(), blobs::ALPN.to_vec()],
+            opts.congestion,
         )
         .await?;
         let addr = NodeAddr {
@@ -187,7 +192,7 @@ impl Coordinator {
                 source,
             })?;
         info!(%addr, "coordinator listening");
-        let swarm = voltool_protocol::swarm::Config::default();
+        let swarm = opts.swarm.clone();
         let state = Arc::new(State {
             key,
             db,

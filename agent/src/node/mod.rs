@@ -83,6 +83,10 @@ pub struct AgentOptions {
     /// Fault injection for crash tests: the agent kills itself (SIGKILL) when an operation
     /// reaches the point of this name (see [`CRASH_POINTS`]).
     pub crash_at: Option<String>,
+    /// The QUIC congestion controller.
+    pub congestion: crate::net::Congestion,
+    /// The swarm's knobs (a downloader's and a provider's).
+    pub swarm: voltool_protocol::swarm::Config,
 }
 
 /// Where [`AgentOptions::crash_at`] can stop the agent: a batched commit once its files are
@@ -186,7 +190,13 @@ impl Agent {
         }
         let overlays =
             snapshot::resolve_mode(&opts.data, opts.snapshots).map_err(StartError::Other)?;
-        let ep = net::bind(key, opts.listen, vec![blobs::ALPN.to_vec()]).await?;
+        let ep = net::bind(
+            key,
+            opts.listen,
+            vec![blobs::ALPN.to_vec()],
+            opts.congestion,
+        )
+        .await?;
         let coord = Arc::new(CoordClient::new(ep.clone(), opts.coordinator.clone()));
         let pool = ConnPool::new(
             ep.clone(),
@@ -203,7 +213,7 @@ impl Agent {
             serve: crate::blobs::ServeOptions::new(
                 opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
                 opts.corrupt_served_bytes,
-                voltool_protocol::swarm::Config::default(),
+                opts.swarm.clone(),
             ),
             tracker,
             opts,

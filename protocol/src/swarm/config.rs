@@ -127,3 +127,104 @@ impl Config {
         self.request_timeout + Duration::from_secs_f64(bytes as f64 / self.slowest_rate as f64)
     }
 }
+
+/// A knob that [`Config::set`] cannot take.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KnobError {
+    /// Not `NAME=VALUE`.
+    #[error("{0:?}: expected NAME=VALUE")]
+    Form(String),
+    /// The value is not a non-negative number.
+    #[error("{0:?}: the value is not a non-negative number")]
+    Value(String),
+    /// No knob of this name.
+    #[error("unknown knob {0:?}; the knobs are: {knobs}", knobs = Config::KNOBS.join(", "))]
+    Unknown(String),
+}
+
+impl Config {
+    /// The knobs [`Config::set`] takes: counts, sizes in KiB (`_kib`) and durations in
+    /// milliseconds (`_ms`).
+    pub const KNOBS: [&str; 17] = [
+        "piece_kib",
+        "pieces_in_flight",
+        "pieces_per_provider",
+        "origin_in_flight",
+        "serve_slots",
+        "serve_queue",
+        "rarest_of",
+        "subscriptions",
+        "max_sources",
+        "max_subscribers",
+        "lookup_answer",
+        "busy_backoff_ms",
+        "busy_backoff_max_ms",
+        "endgame_after_ms",
+        "have_interval_ms",
+        "lookup_refresh_ms",
+        "lookup_refresh_max_ms",
+    ];
+
+    /// Turns one knob, written `NAME=VALUE` (see [`Config::KNOBS`]): for the simulator and
+    /// for trials on a fleet. A knob that makes no sense (a piece size that is not a
+    /// multiple of 16 KiB, zero slots) is taken as given; the simulator exists to try such.
+    pub fn set(&mut self, kv: &str) -> Result<(), KnobError> {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| KnobError::Form(kv.to_string()))?;
+        let n: f64 = v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+            .ok_or_else(|| KnobError::Value(kv.to_string()))?;
+        let ms = Duration::from_secs_f64(n / 1e3);
+        let count = n as usize;
+        match k.trim() {
+            "piece_kib" => self.piece_bytes = (n as u64) << 10,
+            "pieces_in_flight" => self.pieces_in_flight = count,
+            "pieces_per_provider" => self.pieces_per_provider = count,
+            "origin_in_flight" => self.origin_in_flight = count,
+            "serve_slots" => self.serve_slots = count,
+            "serve_queue" => self.serve_queue = count,
+            "rarest_of" => self.rarest_of = count,
+            "subscriptions" => self.subscriptions = count,
+            "max_sources" => self.max_sources = count,
+            "max_subscribers" => self.max_subscribers = count,
+            "lookup_answer" => self.lookup_answer = count,
+            "busy_backoff_ms" => self.busy_backoff = ms,
+            "busy_backoff_max_ms" => self.busy_backoff_max = ms,
+            "endgame_after_ms" => self.endgame_after = ms,
+            "have_interval_ms" => self.have_interval = ms,
+            "lookup_refresh_ms" => self.lookup_refresh = ms,
+            "lookup_refresh_max_ms" => self.lookup_refresh_max = ms,
+            other => return Err(KnobError::Unknown(other.to_string())),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_knob_turns_and_bad_ones_are_named() {
+        for k in Config::KNOBS {
+            let mut c = Config::default();
+            c.set(&format!("{k}=7")).unwrap();
+            assert_ne!(c, Config::default(), "{k} changed nothing");
+        }
+        let mut c = Config::default();
+        c.set("serve_slots=4").unwrap();
+        assert_eq!(c.serve_slots, 4);
+        c.set("endgame_after_ms=250").unwrap();
+        assert_eq!(c.endgame_after, Duration::from_millis(250));
+        let e = c.set("serve_slot=4").unwrap_err().to_string();
+        assert!(e.contains("serve_slot") && e.contains("serve_slots"), "{e}");
+        assert!(matches!(c.set("serve_slots"), Err(KnobError::Form(_))));
+        assert!(matches!(c.set("serve_slots=-1"), Err(KnobError::Value(_))));
+        assert!(matches!(c.set("serve_slots=NaN"), Err(KnobError::Value(_))));
+    }
+}

@@ -55,7 +55,7 @@ mod tests_fleet;
 #[cfg(test)]
 mod tests_serve;
 
-pub use config::Config;
+pub use config::{Config, KnobError};
 pub use engine::{
     Action, Ask, Blobs, Engine, Event, Failure, GroupId, Outcome, ProviderInfo, ReqId, Stats,
 };
