@@ -51,6 +51,9 @@ pub struct Serving {
     wake: Notify,
 }
 
+/// One subscription stream: its id, the blob's pieces, and where pushes go.
+type Feed = (u64, u32, mpsc::Sender<PieceSet>);
+
 #[derive(Debug)]
 struct ServeState {
     adm: Admission,
@@ -59,8 +62,10 @@ struct ServeState {
     /// pushed out of the queue: they answer busy).
     waiters: HashMap<u64, oneshot::Sender<()>>,
     subs: Subscribers,
-    /// The subscription streams: pieces of the blob, and where its pushes go.
-    feeds: HashMap<(NodeId, Hash), (u32, mpsc::Sender<PieceSet>)>,
+    /// The subscription streams of each peer and blob (a peer may run two downloads of
+    /// one blob): their ids, the blob's pieces, and where pushes go.
+    feeds: HashMap<(NodeId, Hash), Vec<Feed>>,
+    next_feed: u64,
 }
 
 /// A sending slot, given back (to the waiting request furthest behind) when dropped.
@@ -111,6 +116,7 @@ impl Serving {
                 waiters: HashMap::new(),
                 subs: Subscribers::new(cfg.clone()),
                 feeds: HashMap::new(),
+                next_feed: 0,
             }),
             cfg,
             wake: Notify::new(),
@@ -177,21 +183,49 @@ impl Serving {
         st.adm.choose(hash, units, among)
     }
 
-    /// `peer` subscribes to `hash` (of `units` pieces); its pushes go to `tx`. False when
-    /// the blob has as many subscribers as this node takes.
-    fn subscribe(&self, peer: NodeId, hash: Hash, units: u32, tx: mpsc::Sender<PieceSet>) -> bool {
-        let mut st = self.state.lock().expect("not poisoned");
-        if !st.subs.subscribe(peer, hash) {
-            return false;
-        }
-        st.feeds.insert((peer, hash), (units, tx));
-        true
+    /// A piece [`Serving::choose`] chose is not sent after all.
+    fn unchoose(&self, hash: Hash, unit: u32) {
+        self.state
+            .lock()
+            .expect("not poisoned")
+            .adm
+            .unchoose(hash, unit);
     }
 
-    fn unsubscribe(&self, peer: NodeId, hash: Hash) {
+    /// `peer` subscribes to `hash` (of `units` pieces); its pushes go to `tx`. The
+    /// subscription's id, or `None` when the blob has as many subscribers as this node takes.
+    fn subscribe(
+        &self,
+        peer: NodeId,
+        hash: Hash,
+        units: u32,
+        tx: mpsc::Sender<PieceSet>,
+    ) -> Option<u64> {
         let mut st = self.state.lock().expect("not poisoned");
-        st.subs.unsubscribe(&peer, &hash);
-        st.feeds.remove(&(peer, hash));
+        if !st.subs.subscribe(peer, hash) {
+            return None;
+        }
+        let id = st.next_feed;
+        st.next_feed += 1;
+        st.feeds
+            .entry((peer, hash))
+            .or_default()
+            .push((id, units, tx));
+        Some(id)
+    }
+
+    /// Subscription `id` ends; the peer stops hearing of the blob once its last one has.
+    fn unsubscribe(&self, peer: NodeId, hash: Hash, id: u64) {
+        let mut st = self.state.lock().expect("not poisoned");
+        let key = (peer, hash);
+        let Some(list) = st.feeds.get_mut(&key) else {
+            return;
+        };
+        list.retain(|(f, _, _)| *f != id);
+        if list.is_empty() {
+            st.feeds.remove(&key);
+            st.subs.unsubscribe(&peer, &hash);
+        }
     }
 
     /// This node now holds piece `unit` of `hash`, verified: its subscribers hear of it
@@ -218,7 +252,7 @@ impl Serving {
             let now = Instant::now();
             while let Some(push) = st.subs.poll_push(now) {
                 for peer in push.to {
-                    if let Some((units, tx)) = st.feeds.get(&(peer, push.hash)) {
+                    for (_, units, tx) in st.feeds.get(&(peer, push.hash)).into_iter().flatten() {
                         let set = PieceSet::from_iter(*units, push.units.iter().copied());
                         // A subscriber too slow to take pushes misses some; the tracker's
                         // answers and its next lookups still tell it.
@@ -267,6 +301,14 @@ pub async fn serve(conn: Connection, store: Store, allow: Allow, opts: ServeOpti
     }
 }
 
+/// How a wait for a sending slot ended.
+enum Wait {
+    Turn(Turn),
+    Busy,
+    /// The requester stopped the stream.
+    Gone,
+}
+
 /// One request's stream.
 struct Stream {
     send: SendStream,
@@ -308,8 +350,10 @@ impl Stream {
                 if header != GetHeader::Ok {
                     return self.answer(header).await;
                 }
-                let Some(_turn) = self.opts.serving.admit(rank).await else {
-                    return self.answer(GetHeader::Busy).await;
+                let _turn = match self.turn(rank).await {
+                    Wait::Turn(t) => t,
+                    Wait::Busy => return self.answer(GetHeader::Busy).await,
+                    Wait::Gone => return Ok(()),
                 };
                 net::write_frame(&mut self.send, &header).await?;
                 self.stream_encoded(hash, size, ranges).await?;
@@ -337,8 +381,16 @@ impl Stream {
                 let Some(unit) = serving.choose(hash, units, &among, rank) else {
                     return self.answer(GetHeader::Busy).await;
                 };
-                let Some(_turn) = serving.admit(rank).await else {
-                    return self.answer(GetHeader::Busy).await;
+                let _turn = match self.turn(rank).await {
+                    Wait::Turn(t) => t,
+                    other => {
+                        // Not sent after all: the piece counts as sent no more.
+                        serving.unchoose(hash, unit);
+                        return match other {
+                            Wait::Busy => self.answer(GetHeader::Busy).await,
+                            _ => Ok(()),
+                        };
+                    }
                 };
                 net::write_frame(&mut self.send, &GetHeader::Picked { unit }).await?;
                 let ranges = voltool_protocol::blobs::piece_ranges(size, piece_bytes, unit);
@@ -353,14 +405,25 @@ impl Stream {
                 if blobs.len() > MAX_GET_MANY || blobs.iter().any(|(_, s)| *s > MAX_GET_MANY_SIZE) {
                     return self.answer(GetHeader::Invalid).await;
                 }
-                let Some(_turn) = self.opts.serving.admit(rank).await else {
-                    return self.answer(GetHeader::Busy).await;
+                let _turn = match self.turn(rank).await {
+                    Wait::Turn(t) => t,
+                    Wait::Busy => return self.answer(GetHeader::Busy).await,
+                    Wait::Gone => return Ok(()),
                 };
                 self.send_many(blobs).await?;
             }
             _ => return self.answer(GetHeader::Invalid).await,
         }
         self.send.finish().map_err(NetError::stream)
+    }
+
+    /// A sending slot for this request, unless it is answered busy or its requester stops
+    /// the stream while it waits (it cancelled, or went): then its place in the queue goes.
+    async fn turn(&self, rank: u16) -> Wait {
+        tokio::select! {
+            t = self.opts.serving.admit(rank) => t.map_or(Wait::Busy, Wait::Turn),
+            _ = self.send.stopped() => Wait::Gone,
+        }
     }
 
     /// Answers with one header and finishes.
@@ -397,7 +460,7 @@ impl Stream {
             };
             net::write_frame(&mut self.send, &held).await?;
             let mut buf = [0u8; 64];
-            while subscribed && !have.is_full() {
+            while subscribed.is_some() && !have.is_full() {
                 tokio::select! {
                     pushed = rx.recv() => {
                         let Some(units) = pushed else { break };
@@ -414,8 +477,8 @@ impl Stream {
             self.send.finish().map_err(NetError::stream)
         }
         .await;
-        if subscribed {
-            serving.unsubscribe(self.peer, hash);
+        if let Some(id) = subscribed {
+            serving.unsubscribe(self.peer, hash, id);
         }
         r
     }

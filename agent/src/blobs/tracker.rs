@@ -99,13 +99,13 @@ impl TrackerClient {
 
     /// The tracker's answer to a lookup (`Lookup` or `LookupAll`), or `None` when it
     /// cannot be asked.
-    pub async fn providers(&self, req: &CoordRequest) -> Option<Vec<coord::ProviderInfo>> {
+    pub async fn providers(&self, req: &CoordRequest) -> Result<Vec<coord::ProviderInfo>, String> {
         match self.coord.request(req).await {
-            Ok(CoordResponse::Providers(list)) => Some(list),
-            Ok(_) => None,
+            Ok(CoordResponse::Providers(list)) => Ok(list),
+            Ok(other) => Err(format!("the tracker answered a lookup with {other:?}")),
             Err(e) => {
                 debug!("lookup failed: {e}");
-                None
+                Err(format!("tracker lookup failed: {e}"))
             }
         }
     }

@@ -102,6 +102,7 @@ impl Engine {
             lookup_due: None,
             lookup_gap: self.cfg.lookup_refresh,
             lookups: 0,
+            lookup_failures: 0,
             stuck_rounds: 0,
             stuck_look: false,
             endgame_at: None,
@@ -284,11 +285,7 @@ impl Engine {
         self.timeout = None;
         match event {
             Event::Providers { group, providers } => self.on_providers(now, group, providers),
-            Event::LookupFailed { group } => {
-                let g = &mut self.groups[group.0 as usize];
-                g.lookup_in_flight = false;
-                g.lookup_due = Some(now + g.lookup_gap);
-            }
+            Event::LookupFailed { group } => self.on_lookup_failed(now, group),
             Event::Have { .. } => {}
             Event::Picked { req, unit } => self.on_picked(req, unit),
             Event::Unit {
@@ -310,13 +307,24 @@ impl Engine {
     pub fn handle_have(&mut self, provider: NodeId, group: GroupId, units: &PieceSet) {
         // Only news the engine can use now wakes the scheduler: a wanted unit while a
         // request could go out (else the next answer schedules), or any in the endgame.
-        let gi = group.0 as usize;
-        let room = self.pieces_flying < self.cfg.pieces_in_flight
-            || self.groups.get(gi).is_some_and(|g| g.wantable.is_empty());
+        let room = self.wants_news(group);
         if self.on_have(provider, group, units) && room {
             self.dirty = true;
             self.timeout = None;
         }
+    }
+
+    /// Whether news of what a provider holds of `group` could lead to a request now: a
+    /// request could go out, or the group is in its endgame. While it is false, a push
+    /// changes nothing the engine does until its next event or timeout, so a driver may hold
+    /// pushes back and hand them over, merged and in any order, before that next call (the
+    /// simulator does, to spare the work of engines that have no use for them yet).
+    pub fn wants_news(&self, group: GroupId) -> bool {
+        self.pieces_flying < self.cfg.pieces_in_flight
+            || self
+                .groups
+                .get(group.0 as usize)
+                .is_some_and(|g| g.wantable.is_empty())
     }
 
     pub(super) fn intern(&mut self, id: NodeId, origin: bool) -> usize {

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use super::engine::{Action, Engine, GroupId, ProviderInfo, ReqId};
+use super::engine::{Action, Engine, Failure, GroupId, ProviderInfo, ReqId};
 use super::state::add_have;
 use super::{NodeId, PieceSet};
 
@@ -20,6 +20,7 @@ impl Engine {
             g.lookup_in_flight = false;
             g.stuck_look = false;
             g.lookups += 1;
+            g.lookup_failures = 0;
             if g.finished {
                 return;
             }
@@ -57,6 +58,28 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A lookup failed (the tracker is unreachable, or answered nonsense): try again after
+    /// a growing rest. A group that never had an answer fails after
+    /// [`super::Config::stuck_rounds`] more; one that had goes on with the providers it knows
+    /// (and fails as stuck if none of them can serve).
+    pub(super) fn on_lookup_failed(&mut self, now: Instant, group: GroupId) {
+        let Some(g) = self.groups.get_mut(group.0 as usize) else {
+            return;
+        };
+        g.lookup_in_flight = false;
+        if g.finished {
+            return;
+        }
+        g.lookup_failures += 1;
+        if g.lookups == 0 && g.lookup_failures > self.cfg.stuck_rounds {
+            let tries = g.lookup_failures;
+            self.fail(group, Failure::Tracker { tries });
+            return;
+        }
+        g.lookup_due = Some(now + g.lookup_gap);
+        g.lookup_gap = (g.lookup_gap * 2).min(self.cfg.lookup_refresh_max);
     }
 
     /// Records what a holder holds; returns whether it holds something wanted now.

@@ -98,11 +98,18 @@ impl Engine {
             let mut best: Option<(usize, usize)> = None;
             for (si, s) in g.srcs.iter().enumerate() {
                 let p = &self.provs[s.prov];
-                if p.origin || !p.can_take(&self.cfg, now, self.cfg.pieces_per_provider) {
+                if p.origin
+                    || !p.can_take(&self.cfg, now, self.cfg.pieces_per_provider)
+                    || best.is_some_and(|(n, _)| p.in_flight >= n)
+                {
                     continue;
                 }
-                if s.have.intersects(&g.wantable) && best.is_none_or(|(n, _)| p.in_flight < n) {
+                if s.have.intersects(&g.wantable) {
                     best = Some((p.in_flight, si));
+                    if p.in_flight == 0 {
+                        // None can do better, and the first in rank wins a tie.
+                        break;
+                    }
                 }
             }
             if let Some((_, si)) = best {

@@ -167,6 +167,20 @@ impl Admission {
         Some(unit)
     }
 
+    /// A piece [`Admission::choose`] chose was not sent after all (the request was pushed
+    /// out of the queue, or cancelled): it counts as sent no more.
+    pub fn unchoose(&mut self, hash: Hash, unit: u32) {
+        if let Some(sent) = self.sent.get_mut(&hash)
+            && let Some(c) = sent.counts.get_mut(unit as usize)
+            && *c > 0
+        {
+            *c -= 1;
+            if *c == 0 {
+                sent.never.insert(unit);
+            }
+        }
+    }
+
     /// Pieces of a blob sent so far (all copies), for reports.
     pub fn pieces_sent(&self, hash: &Hash) -> u64 {
         self.sent

@@ -73,6 +73,8 @@ pub(super) struct Group {
     pub(super) lookup_due: Option<Instant>,
     pub(super) lookup_gap: Duration,
     pub(super) lookups: u32,
+    /// Lookups that failed since the last answer.
+    pub(super) lookup_failures: u32,
     pub(super) stuck_rounds: u32,
     /// A look at the tracker for a stuck round is due.
     pub(super) stuck_look: bool,

@@ -417,6 +417,53 @@ fn a_group_nobody_can_serve_fails_after_a_few_lookups() {
 }
 
 #[test]
+fn lookups_that_keep_failing_end_the_group_after_growing_rests_but_not_one_that_had_an_answer() {
+    let mut h = H::new(cfg());
+    let g = h.pieces(1, 2);
+    h.drain();
+    let mut gaps = Vec::new();
+    let mut last = h.now;
+    for _ in 0..1000 {
+        h.e.handle(h.now, Event::LookupFailed { group: g });
+        h.drain();
+        if h.log.iter().any(|a| matches!(a, Action::Failed { .. })) {
+            break;
+        }
+        // The next lookup comes by the clock alone.
+        loop {
+            let due = h.e.poll_timeout().expect("a lookup is due later");
+            let out = h.advance(due - h.now);
+            if out.iter().any(|a| matches!(a, Action::Lookup { .. })) {
+                break;
+            }
+        }
+        gaps.push(h.now - last);
+        last = h.now;
+    }
+    let tries = h.e.config().stuck_rounds + 1;
+    assert!(h.log.contains(&Action::Failed {
+        group: g,
+        reason: Failure::Tracker { tries }
+    }));
+    assert_eq!(gaps.len() as u32, tries - 1, "{gaps:?}");
+    assert!(gaps.windows(2).all(|w| w[1] >= w[0]), "{gaps:?}");
+    assert!(gaps.last() > gaps.first(), "{gaps:?}");
+    assert!(h.e.is_idle());
+
+    // A group that had an answer goes on with what it knows while the tracker is away.
+    let mut h = H::new(cfg());
+    let g = h.pieces(1, 64);
+    h.drain();
+    let asked = requests(&h.providers(g, &[(1, true)]));
+    assert!(!asked.is_empty());
+    for _ in 0..(tries * 3) {
+        h.e.handle(h.now, Event::LookupFailed { group: g });
+        h.drain();
+    }
+    assert!(!h.log.iter().any(|a| matches!(a, Action::Failed { .. })));
+}
+
+#[test]
 fn small_blobs_go_many_to_a_request_and_what_a_provider_lacks_goes_elsewhere() {
     let mut h = H::new(cfg());
     let blobs: Vec<(Hash, u64)> = (1..=10).map(|n| (blob(n), 100)).collect();

@@ -81,6 +81,27 @@ fn the_origin_sends_fresh_pieces_first_and_only_fresh_ones_while_contested() {
 }
 
 #[test]
+fn a_chosen_piece_that_was_never_sent_is_fresh_again() {
+    let mut a = Admission::new(cfg(), 3);
+    let h = Hash([1; 32]);
+    let one = PieceSet::from_iter(2, [1]);
+    assert_eq!(a.choose(h, 2, &one), Some(1));
+    a.admit(10, 0);
+    a.admit(11, 0);
+    // Contested: piece 1 counts as sent, so nobody gets it from the origin...
+    assert_eq!(a.choose(h, 2, &one), None);
+    // ...until the request that took it is pushed out before it was sent.
+    a.unchoose(h, 1);
+    assert_eq!(a.pieces_sent(&h), 0);
+    assert_eq!(a.choose(h, 2, &one), Some(1));
+    // Unknown blobs and pieces, and pieces never counted, change nothing.
+    a.unchoose(Hash([9; 32]), 0);
+    a.unchoose(h, 7);
+    a.unchoose(h, 0);
+    assert_eq!(a.pieces_sent(&h), 1);
+}
+
+#[test]
 fn subscribers_get_coalesced_pushes_and_are_bounded() {
     let c = Config {
         max_subscribers: 2,

@@ -138,6 +138,12 @@ pub enum Failure {
         /// Units of the group.
         units: u32,
     },
+    /// The tracker could not be asked who holds the group (every lookup failed).
+    #[error("{tries} lookups at the tracker failed in a row")]
+    Tracker {
+        /// Lookups tried.
+        tries: u32,
+    },
     /// The local store failed (a full disk): no provider is at fault.
     #[error("the local store failed")]
     LocalStore,

@@ -16,6 +16,7 @@ use std::time::Instant;
 use bao_tree::ChunkRanges;
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinSet};
+use tracing::debug;
 use voltool_protocol::blobs::{piece_ranges, pieces_held};
 use voltool_protocol::coord::{CoordRequest, MAX_LOOKUP_ALL};
 use voltool_protocol::swarm::{
@@ -202,7 +203,7 @@ enum Io {
 enum Done {
     Lookup {
         group: GroupId,
-        found: Option<Vec<voltool_protocol::coord::ProviderInfo>>,
+        found: Result<Vec<voltool_protocol::coord::ProviderInfo>, String>,
     },
     Answer {
         req: ReqId,
@@ -357,6 +358,18 @@ impl Actor {
         }
         // What waits to be announced goes now; requests and subscriptions end with the
         // download; announcements and records on the way are let finish (bounded).
+        let s = self.engine.stats();
+        debug!(
+            from_origin = s.from_origin,
+            from_peers = s.from_peers,
+            duplicate_bytes = s.duplicate_bytes,
+            requests = s.requests,
+            busy = s.busy,
+            timeouts = s.timeouts,
+            lookups = s.lookups,
+            bans = s.banned.len(),
+            "download over"
+        );
         self.engine.announce_now();
         while let Some(a) = self.engine.poll_action(Instant::now()) {
             self.act(a);
@@ -745,9 +758,13 @@ impl Actor {
         let now = Instant::now();
         match done {
             Done::Lookup { group, found } => {
-                let Some(list) = found else {
-                    self.engine.handle(now, Event::LookupFailed { group });
-                    return;
+                let list = match found {
+                    Ok(list) => list,
+                    Err(why) => {
+                        self.groups[group.0 as usize].why = Some((false, why));
+                        self.engine.handle(now, Event::LookupFailed { group });
+                        return;
+                    }
                 };
                 let me = self.ctx.me;
                 let mut providers = Vec::new();
