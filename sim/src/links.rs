@@ -15,8 +15,12 @@ pub(crate) struct Flow {
     pub(crate) rate: f64,
     /// Nanoseconds when `left` was last brought up to date.
     at: u64,
-    /// Bumped whenever the rate changes: a completion event of an older generation is stale.
+    /// Bumped whenever a completion event is scheduled, and when the flow ends: an event of
+    /// an older generation is stale.
     pub(crate) epoch: u32,
+    /// When its pending completion event fires. A slower rate leaves it in place (the
+    /// event, come early, schedules the next); only a faster one schedules an earlier event.
+    pub(crate) due: Option<u64>,
     pub(crate) live: bool,
 }
 
@@ -30,6 +34,13 @@ pub(crate) struct Links {
     pub(crate) flows: Vec<Flow>,
     free: Vec<usize>,
     scratch_set: Vec<usize>,
+    /// Per flow: the fill it was last put in the set of (spares a search of the set).
+    in_set: Vec<u32>,
+    /// Per node and direction (2n: upload, 2n+1: download): the fill that last counted it,
+    /// and its position among that fill's resources.
+    slot: Vec<(u32, u32)>,
+    /// Counts fills; 0 is never one.
+    fill_gen: u32,
 }
 
 const EPS: f64 = 1e-6;
@@ -41,6 +52,7 @@ impl Links {
         self.down.push(down);
         self.out.push(Vec::new());
         self.inn.push(Vec::new());
+        self.slot.extend([(0, 0), (0, 0)]);
         self.up.len() - 1
     }
 
@@ -72,6 +84,7 @@ impl Links {
             rate: 0.0,
             at: now,
             epoch: 0,
+            due: None,
             live: true,
         };
         let f = match self.free.pop() {
@@ -82,6 +95,7 @@ impl Links {
             }
             None => {
                 self.flows.push(flow);
+                self.in_set.push(0);
                 self.flows.len() - 1
             }
         };
@@ -101,6 +115,7 @@ impl Links {
         self.flows[f].live = false;
         self.flows[f].rate = 0.0;
         self.flows[f].epoch += 1;
+        self.flows[f].due = None;
         self.out[src].retain(|x| *x != f);
         self.inn[dst].retain(|x| *x != f);
         self.free.push(f);
@@ -130,11 +145,14 @@ impl Links {
     /// Progressive filling over the flows touching `nodes`, every other flow held at its
     /// rate. Returns the flows whose rate changed, and the far ends of those that slowed.
     fn fill(&mut self, now: u64, nodes: &[usize]) -> (Vec<usize>, Vec<usize>) {
+        self.fill_gen += 1;
+        let fill = self.fill_gen;
         let mut set = std::mem::take(&mut self.scratch_set);
         set.clear();
         for &n in nodes {
             for &f in self.out[n].iter().chain(&self.inn[n]) {
-                if !set.contains(&f) {
+                if self.in_set[f] != fill {
+                    self.in_set[f] = fill;
                     set.push(f);
                 }
             }
@@ -146,37 +164,35 @@ impl Links {
         // Resources (node, is upload): what is left of each once the flows outside the set
         // are counted, and how many of the set's flows cross it unfrozen. Each flow of the
         // set crosses two: its sender's upload and its receiver's download.
-        let mut keys: Vec<(usize, bool)> = Vec::with_capacity(2 * set.len());
         let mut left: Vec<f64> = Vec::with_capacity(2 * set.len());
         let mut unfrozen: Vec<u32> = Vec::with_capacity(2 * set.len());
         let mut ends: Vec<(usize, usize)> = Vec::with_capacity(set.len());
         for &f in &set {
             let (s, d) = (self.flows[f].src, self.flows[f].dst);
-            let mut at = |key: (usize, bool)| match keys.iter().position(|k| *k == key) {
-                Some(r) => {
-                    unfrozen[r] += 1;
-                    r
+            let mut at = |n: usize, up: bool| {
+                let key = 2 * n + usize::from(!up);
+                let (g, r) = self.slot[key];
+                if g == fill {
+                    unfrozen[r as usize] += 1;
+                    return r as usize;
                 }
-                None => {
-                    let (n, up) = key;
-                    let (cap, list) = if up {
-                        (self.up[n], &self.out[n])
-                    } else {
-                        (self.down[n], &self.inn[n])
-                    };
-                    let outside: f64 = list
-                        .iter()
-                        .filter(|g| !set.contains(g))
-                        .map(|g| self.flows[*g].rate)
-                        .sum();
-                    keys.push(key);
-                    left.push((cap - outside).max(0.0));
-                    unfrozen.push(1);
-                    keys.len() - 1
-                }
+                let (cap, list) = if up {
+                    (self.up[n], &self.out[n])
+                } else {
+                    (self.down[n], &self.inn[n])
+                };
+                let outside: f64 = list
+                    .iter()
+                    .filter(|g| self.in_set[**g] != fill)
+                    .map(|g| self.flows[*g].rate)
+                    .sum();
+                left.push((cap - outside).max(0.0));
+                unfrozen.push(1);
+                self.slot[key] = (fill, left.len() as u32 - 1);
+                left.len() - 1
             };
-            let rs = at((s, true));
-            let rd = at((d, false));
+            let rs = at(s, true);
+            let rd = at(d, false);
             ends.push((rs, rd));
         }
         let rate = progressive_fill(&mut left, &mut unfrozen, &ends);
@@ -186,7 +202,6 @@ impl Links {
             if (rate[k] - old).abs() > EPS * (1.0 + old) {
                 self.settle(f, now);
                 self.flows[f].rate = rate[k];
-                self.flows[f].epoch += 1;
                 changed.push(f);
                 if rate[k] < old {
                     let fl = &self.flows[f];

@@ -78,45 +78,10 @@ struct Args {
     /// Give up after this many times T_min of simulated time.
     #[arg(long, default_value_t = 20.0)]
     limit: f64,
-    /// Set a knob of the engine's config, e.g. `--knob serve_slots=4` (repeatable; see
-    /// `--knob help`).
+    /// Set a knob of the engine's config, e.g. `--knob serve_slots=4` (repeatable; an
+    /// unknown name lists the knobs).
     #[arg(long, value_name = "NAME=VALUE")]
     knob: Vec<String>,
-}
-
-/// Applies `name=value` to the config: the knobs worth turning in a simulation.
-fn set_knob(c: &mut Config, kv: &str) -> anyhow::Result<()> {
-    let (k, v) = kv
-        .split_once('=')
-        .with_context(|| format!("{kv}: expected NAME=VALUE"))?;
-    let n: f64 = v.parse().with_context(|| format!("{kv}: not a number"))?;
-    let ms = |n: f64| std::time::Duration::from_secs_f64(n / 1e3);
-    match k {
-        "piece_kib" => c.piece_bytes = (n as u64) << 10,
-        "pieces_in_flight" => c.pieces_in_flight = n as usize,
-        "pieces_per_provider" => c.pieces_per_provider = n as usize,
-        "origin_in_flight" => c.origin_in_flight = n as usize,
-        "serve_slots" => c.serve_slots = n as usize,
-        "serve_queue" => c.serve_queue = n as usize,
-        "rarest_of" => c.rarest_of = n as usize,
-        "subscriptions" => c.subscriptions = n as usize,
-        "max_sources" => c.max_sources = n as usize,
-        "max_subscribers" => c.max_subscribers = n as usize,
-        "lookup_answer" => c.lookup_answer = n as usize,
-        "busy_backoff_ms" => c.busy_backoff = ms(n),
-        "busy_backoff_max_ms" => c.busy_backoff_max = ms(n),
-        "endgame_after_ms" => c.endgame_after = ms(n),
-        "have_interval_ms" => c.have_interval = ms(n),
-        "lookup_refresh_ms" => c.lookup_refresh = ms(n),
-        "lookup_refresh_max_ms" => c.lookup_refresh_max = ms(n),
-        _ => anyhow::bail!(
-            "unknown knob {k}: piece_kib, pieces_in_flight, pieces_per_provider, \
-             origin_in_flight, serve_slots, serve_queue, rarest_of, subscriptions, max_sources, \
-             max_subscribers, lookup_answer, busy_backoff_ms, busy_backoff_max_ms, \
-             endgame_after_ms, have_interval_ms, lookup_refresh_ms, lookup_refresh_max_ms"
-        ),
-    }
-    Ok(())
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -212,7 +177,7 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 fn scenario(a: &Args) -> anyhow::Result<Scenario> {
     let mut cfg = Config::default();
     for kv in &a.knob {
-        set_knob(&mut cfg, kv)?;
+        cfg.set(kv)?;
     }
     let mut rng = SmallRng::seed_from_u64(a.seed ^ 0x5eed);
     let lat = (a.latency_ms * 1e6) as u64;

@@ -92,6 +92,9 @@ struct Node {
     adm: Admission,
     subs: Subscribers,
     held: Vec<PieceSet>,
+    /// Pushes held back while the engine has no use for them (see [`Engine::wants_news`]),
+    /// merged by provider and blob: handed over before its next event or timeout.
+    held_back: Vec<(usize, usize, PieceSet)>,
     /// Requests waiting in this provider's admission queue, by token.
     waiting: HashMap<u64, Pending>,
     timer: Option<(u64, u32)>,
@@ -216,6 +219,7 @@ impl Node {
             adm: Admission::new(cfg.clone(), sc.seed ^ ((i as u64) << 1)),
             subs: Subscribers::new(cfg.clone()),
             held,
+            held_back: Vec::new(),
             waiting: HashMap::default(),
             timer: None,
             timer_gen: 0,
@@ -427,6 +431,7 @@ impl World {
                 if self.nodes[n].timer.is_some_and(|(_, g)| g == epoch) {
                     self.nodes[n].timer = None;
                     let now = self.instant();
+                    self.hand_over(n);
                     if let Some(e) = &mut self.nodes[n].engine {
                         e.handle_timeout(now);
                     }
@@ -438,6 +443,7 @@ impl World {
                     return;
                 }
                 let now = self.instant();
+                self.hand_over(n);
                 if let Some(e) = &mut self.nodes[n].engine {
                     e.handle(now, event);
                 }
@@ -449,12 +455,26 @@ impl World {
                 blob,
                 units,
             } => {
+                let group = GroupId(blob as u32);
                 for n in to {
-                    if self.nodes[n].gone {
+                    let node = &mut self.nodes[n];
+                    let Some(e) = node.engine.as_mut().filter(|_| !node.gone) else {
+                        continue;
+                    };
+                    if !e.wants_news(group) {
+                        match node
+                            .held_back
+                            .iter_mut()
+                            .find(|(f, b, _)| *f == from && *b == blob)
+                        {
+                            Some((_, _, set)) => set.union_with(&units),
+                            None => node.held_back.push((from, blob, units.clone())),
+                        }
                         continue;
                     }
+                    self.hand_over(n);
                     if let Some(e) = &mut self.nodes[n].engine {
-                        e.handle_have(node_id(from), GroupId(blob as u32), &units);
+                        e.handle_have(node_id(from), group, &units);
                     }
                     self.run_node(n);
                 }
@@ -464,7 +484,7 @@ impl World {
             Ev::Subscribe { prov, from, blob } => self.subscribe(prov, from, blob),
             Ev::FlowDone(f, epoch) => {
                 if self.links.flows[f].live && self.links.flows[f].epoch == epoch {
-                    self.flow_done(f);
+                    self.flow_due(f);
                 }
             }
             Ev::Lookup { from, blob } => self.lookup(from, blob),
@@ -484,6 +504,23 @@ impl World {
             Ev::Leave(n) => self.leave(n),
             Ev::Heartbeat => self.heartbeat(),
         }
+    }
+
+    /// Hands node `n`'s engine the pushes held back for it.
+    fn hand_over(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        if node.held_back.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut node.held_back);
+        if let Some(e) = &mut node.engine {
+            for (from, blob, units) in &held {
+                e.handle_have(node_id(*from), GroupId(*blob as u32), units);
+            }
+        }
+        // The buffer's room is kept for the next pushes.
+        node.held_back = held;
+        node.held_back.clear();
     }
 
     /// `from` subscribes to what `prov` gets of a blob: it hears what `prov` holds now.

@@ -39,6 +39,7 @@ impl World {
                 self.pending.insert((p.from, p.req), (prov, Some(token)));
                 self.nodes[prov].waiting.insert(token, p);
                 if let Some(out) = evicted.and_then(|t| self.nodes[prov].waiting.remove(&t)) {
+                    self.unchoose(prov, &out);
                     self.answer(prov, &out, Outcome::Busy);
                 }
             }
@@ -73,6 +74,15 @@ impl World {
         }
     }
 
+    /// A request the origin chose a piece for goes unserved: the piece counts as sent no
+    /// more.
+    fn unchoose(&mut self, prov: usize, p: &Pending) {
+        if self.nodes[prov].spec.role == Role::Origin {
+            let hash = self.hashes[p.blob];
+            self.nodes[prov].adm.unchoose(hash, p.unit);
+        }
+    }
+
     pub(super) fn start_flow(&mut self, prov: usize, p: Pending) {
         let from = p.from;
         if self.nodes[from].gone {
@@ -99,12 +109,33 @@ impl World {
         self.reschedule(changed);
     }
 
+    /// Flows whose rate changed: an earlier finish gets an earlier completion event; a later
+    /// one is found when the pending event fires (see [`World::flow_due`]).
     pub(super) fn reschedule(&mut self, flows: Vec<usize>) {
         for f in flows {
-            if let Some(t) = self.links.finish_at(f) {
-                let epoch = self.links.flows[f].epoch;
-                self.push(t.max(self.now), Ev::FlowDone(f, epoch));
+            let Some(t) = self.links.finish_at(f) else {
+                continue;
+            };
+            let t = t.max(self.now);
+            let fl = &mut self.links.flows[f];
+            if fl.due.is_some_and(|d| d <= t) {
+                continue;
             }
+            fl.epoch += 1;
+            fl.due = Some(t);
+            let epoch = fl.epoch;
+            self.push(t, Ev::FlowDone(f, epoch));
+        }
+    }
+
+    /// A flow's completion event fires: it is done, or (it slowed since) it is due later.
+    pub(super) fn flow_due(&mut self, f: usize) {
+        self.links.flows[f].due = None;
+        match self.links.finish_at(f) {
+            Some(t) if t > self.now => self.reschedule(vec![f]),
+            // Stalled at no rate: whatever speeds it up schedules it.
+            None => {}
+            Some(_) => self.flow_done(f),
         }
     }
 
@@ -245,7 +276,9 @@ impl World {
             && let Some(token) = token
         {
             self.nodes[prov].adm.forget(token);
-            self.nodes[prov].waiting.remove(&token);
+            if let Some(p) = self.nodes[prov].waiting.remove(&token) {
+                self.unchoose(prov, &p);
+            }
         }
     }
 
