@@ -86,6 +86,11 @@ pub(crate) struct BenchArgs {
     /// Where to write the plot of per-node progress over time (SVG).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// With `--net netns`: every node also paces what it sends at this fraction of
+    /// `--rate` (its `--max-egress`), as an operator who knows the hosts' uplinks would set
+    /// it, so that queues in the links stay short.
+    #[arg(long, value_name = "FRACTION")]
+    pace: Option<f64>,
     /// Print only the JSON object.
     #[arg(long)]
     json: bool,
@@ -222,7 +227,12 @@ async fn measure(
     };
     // With namespaces the links are capped by tc; on loopback by each node's token buckets.
     let caps = net.is_none().then_some(a.rate.as_str());
-    let up = fleet::up_with(root, a.agents, caps, caps, &extra, net).await;
+    let paced = match (net, a.pace) {
+        (Some(_), Some(f)) if f > 0.0 => Some(format!("{}B/s", (rate.0 as f64 * f) as u64)),
+        _ => None,
+    };
+    let egress = caps.or(paced.as_deref());
+    let up = fleet::up_with(root, a.agents, caps, egress, &extra, net).await;
     let f = match up {
         Ok(f) => f,
         Err(e) => {
@@ -231,25 +241,42 @@ async fn measure(
         }
     };
     let result = bench(a, &f, rate).await;
+    // The writer's files, kept for the comparison: its mount goes with the fleet.
+    let src = f.root.join("bittorrent-src");
+    let kept = match (&result, a.compare) {
+        (Ok(_), Some(Compare::Bittorrent)) => keep_files(&f.root.join("mnt-0"), &src),
+        _ => Ok(()),
+    };
     let stopped = fleet::down(&f.root).await;
     let mut report = result?;
     stopped?;
+    kept?;
     if a.compare == Some(Compare::Bittorrent) {
-        let files = (0..4)
-            .map(|i| f.root.join("mnt-0").join(format!("part-{i}.bin")))
-            .collect();
+        let files = (0..4).map(|i| src.join(format!("part-{i}.bin"))).collect();
         let bt = torrent::run(torrent::BtRun {
             dir: f.root.join("bittorrent"),
             files,
             leechers: a.agents - 1,
             rate,
             net,
+            pace: a.pace,
             t_min: report.t_min_s,
         })
         .await?;
         report.bittorrent = Some(bt);
     }
     Ok(report)
+}
+
+/// Copies the bench's files out of a mount.
+fn keep_files(mount: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for i in 0..4 {
+        let name = format!("part-{i}.bin");
+        std::fs::copy(mount.join(&name), to.join(&name))
+            .with_context(|| format!("keeping {name} for the comparison"))?;
+    }
+    Ok(())
 }
 
 async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Report> {

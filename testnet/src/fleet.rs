@@ -233,11 +233,6 @@ pub(crate) async fn up_with(
         }
         args.extend(agent_args(i));
         listen(i + 1, &mut args);
-        if net.is_some() {
-            // `ip netns exec` gives each node a mount namespace of its own, where overlay
-            // snapshots would be invisible to the bench that compares the mounts: copies.
-            args.extend(["--snapshots".into(), "copy".into()]);
-        }
         pids.push(spawn_node(dir, net, i + 1, &args)?);
     }
     for (dir, pid) in agents.iter().zip(pids) {

@@ -41,13 +41,17 @@ pub(crate) fn run(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `program`, to be run in node `k`'s namespace when there are namespaces (`ip netns exec`
-/// enters it and then execs, so the child's pid is the program's own).
+/// `program`, to be run in node `k`'s network namespace when there are namespaces.
+/// `nsenter` enters that namespace alone and then execs, so the child's pid is the program's
+/// own and it shares the host's mount namespace: its overlay snapshots are visible to the
+/// bench, as on loopback (`ip netns exec` would also give it a mount namespace of its own).
 pub(crate) fn command(net: Option<&Netns>, k: usize, program: impl AsRef<OsStr>) -> Command {
     match net {
         Some(net) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &net.ns(k)]).arg(program);
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", net.ns(k)))
+                .arg("--")
+                .arg(program);
             c
         }
         None => Command::new(program),

@@ -41,6 +41,8 @@ pub(crate) struct BtRun<'a> {
     pub(crate) leechers: usize,
     pub(crate) rate: Rate,
     pub(crate) net: Option<&'a Netns>,
+    /// With namespaces: every peer's upload limit, as a fraction of `rate`.
+    pub(crate) pace: Option<f64>,
     pub(crate) t_min: f64,
 }
 
@@ -215,6 +217,13 @@ pub(crate) async fn run(r: BtRun<'_>) -> anyhow::Result<BtReport> {
     )?];
 
     let limits = |args: &mut Vec<String>| {
+        if let (Some(_), Some(f)) = (r.net, r.pace) {
+            // Paced below the link, as the agents are.
+            args.push(format!(
+                "--max-overall-upload-limit={}",
+                (r.rate.0 as f64 * f) as u64
+            ));
+        }
         if r.net.is_none() {
             args.push(format!("--max-overall-upload-limit={}", r.rate.0));
             args.push(format!("--max-overall-download-limit={}", r.rate.0));
