@@ -15,12 +15,6 @@ pub(crate) struct Flow {
     pub(crate) rate: f64,
     /// Nanoseconds when `left` was last brought up to date.
     at: u64,
-    /// Bumped whenever a completion event is scheduled, and when the flow ends: an event of
-    /// an older generation is stale.
-    pub(crate) epoch: u32,
-    /// When its pending completion event fires. A slower rate leaves it in place (the
-    /// event, come early, schedules the next); only a faster one schedules an earlier event.
-    pub(crate) due: Option<u64>,
     pub(crate) live: bool,
 }
 
@@ -41,6 +35,10 @@ pub(crate) struct Links {
     slot: Vec<(u32, u32)>,
     /// Counts fills; 0 is never one.
     fill_gen: u32,
+    /// When each flow with a rate finishes, kept up to date as rates change: the next
+    /// completion is read here rather than from events (a rate changes several times in a
+    /// flow's life; stale completion events would outnumber the flows).
+    due: DueQueue,
 }
 
 const EPS: f64 = 1e-6;
@@ -69,28 +67,19 @@ impl Links {
         total - self.flows[f].left
     }
 
-    /// Starts a flow; returns its index and the flows whose rate changed.
-    pub(crate) fn start(
-        &mut self,
-        now: u64,
-        src: usize,
-        dst: usize,
-        bytes: f64,
-    ) -> (usize, Vec<usize>) {
+    /// Starts a flow; returns its index.
+    pub(crate) fn start(&mut self, now: u64, src: usize, dst: usize, bytes: f64) -> usize {
         let flow = Flow {
             src,
             dst,
             left: bytes,
             rate: 0.0,
             at: now,
-            epoch: 0,
-            due: None,
             live: true,
         };
         let f = match self.free.pop() {
             Some(f) => {
-                let epoch = self.flows[f].epoch + 1;
-                self.flows[f] = Flow { epoch, ..flow };
+                self.flows[f] = flow;
                 f
             }
             None => {
@@ -101,25 +90,21 @@ impl Links {
         };
         self.out[src].push(f);
         self.inn[dst].push(f);
-        let mut changed = self.refill(now, &[src, dst]);
-        if !changed.contains(&f) {
-            changed.push(f);
-        }
-        (f, changed)
+        self.refill(now, &[src, dst]);
+        f
     }
 
-    /// Ends a flow (done or aborted); returns the flows whose rate changed.
-    pub(crate) fn end(&mut self, now: u64, f: usize) -> Vec<usize> {
+    /// Ends a flow (done or aborted).
+    pub(crate) fn end(&mut self, now: u64, f: usize) {
         let (src, dst) = (self.flows[f].src, self.flows[f].dst);
         self.settle(f, now);
         self.flows[f].live = false;
         self.flows[f].rate = 0.0;
-        self.flows[f].epoch += 1;
-        self.flows[f].due = None;
+        self.due.remove(f);
         self.out[src].retain(|x| *x != f);
         self.inn[dst].retain(|x| *x != f);
         self.free.push(f);
-        self.refill(now, &[src, dst])
+        self.refill(now, &[src, dst]);
     }
 
     /// Flows of a node, both ways.
@@ -129,22 +114,17 @@ impl Links {
 
     /// Refills the rates of the flows at `nodes`, then once more around the far ends of any
     /// flow that slowed (their other flows may use what it gave up).
-    fn refill(&mut self, now: u64, nodes: &[usize]) -> Vec<usize> {
-        let (mut changed, slowed) = self.fill(now, nodes);
+    fn refill(&mut self, now: u64, nodes: &[usize]) {
+        let slowed = self.fill(now, nodes);
         if !slowed.is_empty() {
-            let (more, _) = self.fill(now, &slowed);
-            for f in more {
-                if !changed.contains(&f) {
-                    changed.push(f);
-                }
-            }
+            self.fill(now, &slowed);
         }
-        changed
     }
 
     /// Progressive filling over the flows touching `nodes`, every other flow held at its
-    /// rate. Returns the flows whose rate changed, and the far ends of those that slowed.
-    fn fill(&mut self, now: u64, nodes: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    /// rate; the flows whose rate changed move in the due queue. Returns the far ends of the
+    /// flows that slowed.
+    fn fill(&mut self, now: u64, nodes: &[usize]) -> Vec<usize> {
         self.fill_gen += 1;
         let fill = self.fill_gen;
         let mut set = std::mem::take(&mut self.scratch_set);
@@ -159,7 +139,7 @@ impl Links {
         }
         if set.is_empty() {
             self.scratch_set = set;
-            return (Vec::new(), Vec::new());
+            return Vec::new();
         }
         // Resources (node, is upload): what is left of each once the flows outside the set
         // are counted, and how many of the set's flows cross it unfrozen. Each flow of the
@@ -196,13 +176,16 @@ impl Links {
             ends.push((rs, rd));
         }
         let rate = progressive_fill(&mut left, &mut unfrozen, &ends);
-        let (mut changed, mut slowed) = (Vec::new(), Vec::new());
+        let mut slowed = Vec::new();
         for (k, &f) in set.iter().enumerate() {
             let old = self.flows[f].rate;
             if (rate[k] - old).abs() > EPS * (1.0 + old) {
                 self.settle(f, now);
                 self.flows[f].rate = rate[k];
-                changed.push(f);
+                match self.finish_at(f) {
+                    Some(t) => self.due.set(f, t.max(now)),
+                    None => self.due.remove(f),
+                }
                 if rate[k] < old {
                     let fl = &self.flows[f];
                     for n in [fl.src, fl.dst] {
@@ -214,7 +197,7 @@ impl Links {
             }
         }
         self.scratch_set = set;
-        (changed, slowed)
+        slowed
     }
 
     /// For diagnosis: per node (out flows, used share of upload).
@@ -227,10 +210,100 @@ impl Links {
             .collect()
     }
 
+    /// The flow that finishes first at the current rates, and when (nanoseconds).
+    pub(crate) fn next_due(&self) -> Option<(u64, usize)> {
+        self.due.first()
+    }
+
     /// When a flow finishes at its current rate, in nanoseconds.
     pub(crate) fn finish_at(&self, f: usize) -> Option<u64> {
         let fl = &self.flows[f];
         (fl.live && fl.rate > 0.0).then(|| fl.at + (fl.left / fl.rate * 1e9).ceil() as u64)
+    }
+}
+
+/// A min-heap of (finish time, flow) that knows where each flow sits in it, so that a
+/// flow's time moves in place when its rate changes.
+#[derive(Debug, Default)]
+struct DueQueue {
+    heap: Vec<(u64, usize)>,
+    /// Per flow: its position in `heap`, or `usize::MAX` when absent.
+    pos: Vec<usize>,
+}
+
+impl DueQueue {
+    fn first(&self) -> Option<(u64, usize)> {
+        self.heap.first().copied()
+    }
+
+    /// Puts flow `f` at time `t` (adds it, or moves it).
+    fn set(&mut self, f: usize, t: u64) {
+        if self.pos.len() <= f {
+            self.pos.resize(f + 1, usize::MAX);
+        }
+        let i = match self.pos[f] {
+            usize::MAX => {
+                self.heap.push((t, f));
+                self.heap.len() - 1
+            }
+            i => {
+                self.heap[i].0 = t;
+                i
+            }
+        };
+        self.pos[f] = i;
+        let i = self.up(i);
+        self.down(i);
+    }
+
+    fn remove(&mut self, f: usize) {
+        let Some(&i) = self.pos.get(f).filter(|i| **i != usize::MAX) else {
+            return;
+        };
+        self.pos[f] = usize::MAX;
+        let last = self.heap.pop().expect("a flow in the queue");
+        if i < self.heap.len() {
+            self.heap[i] = last;
+            self.pos[last.1] = i;
+            let i = self.up(i);
+            self.down(i);
+        }
+    }
+
+    fn swap(&mut self, a: usize, b: usize) {
+        self.heap.swap(a, b);
+        self.pos[self.heap[a].1] = a;
+        self.pos[self.heap[b].1] = b;
+    }
+
+    fn up(&mut self, mut i: usize) -> usize {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.heap[parent] <= self.heap[i] {
+                break;
+            }
+            self.swap(i, parent);
+            i = parent;
+        }
+        i
+    }
+
+    fn down(&mut self, mut i: usize) {
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut m = i;
+            if l < self.heap.len() && self.heap[l] < self.heap[m] {
+                m = l;
+            }
+            if r < self.heap.len() && self.heap[r] < self.heap[m] {
+                m = r;
+            }
+            if m == i {
+                return;
+            }
+            self.swap(i, m);
+            i = m;
+        }
     }
 }
 
@@ -285,10 +358,10 @@ mod tests {
         let a = l.add_node(100.0, 100.0);
         let b = l.add_node(100.0, 100.0);
         let c = l.add_node(100.0, 30.0);
-        let (f1, _) = l.start(0, a, b, 1000.0);
+        let f1 = l.start(0, a, b, 1000.0);
         assert!((l.flows[f1].rate - 100.0).abs() < 1e-3);
         // a also sends to c, whose download is 30: a gives c 30 and b the remaining 70.
-        let (f2, _) = l.start(0, a, c, 1000.0);
+        let f2 = l.start(0, a, c, 1000.0);
         assert!(
             (l.flows[f2].rate - 30.0).abs() < 1e-3,
             "{}",
@@ -304,5 +377,31 @@ mod tests {
         assert!((l.flows[f1].rate - 100.0).abs() < 1e-3);
         // 70 bytes went in the first second: 930 left, at 100 a second.
         assert_eq!(l.finish_at(f1), Some(1_000_000_000 + 9_300_000_000));
+        assert_eq!(l.next_due(), Some((10_300_000_000, f1)));
+        l.end(10_300_000_000, f1);
+        assert_eq!(l.next_due(), None);
+    }
+
+    #[test]
+    fn the_due_queue_always_yields_the_earliest_flow() {
+        let mut q = DueQueue::default();
+        let mut model = std::collections::BTreeMap::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..5000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let f = (x % 64) as usize;
+            if x.is_multiple_of(3) {
+                q.remove(f);
+                model.retain(|_, v| *v != f);
+            } else {
+                let t = (x >> 20) % 1000;
+                q.set(f, t);
+                model.retain(|_, v| *v != f);
+                model.insert((t, f), f);
+            }
+            assert_eq!(q.first(), model.keys().next().copied());
+        }
     }
 }

@@ -341,6 +341,8 @@ fn debug_print(a: &Args, run: &world::Run, finish: &[f64], tmin: f64, downloader
         .map(|q| format!("{q}:{:.2}", quantile(finish, *q) / tmin))
         .collect();
     eprintln!("finish/T_min quantiles {}", q.join(" "));
+    let kinds: Vec<String> = run.kinds.iter().map(|(k, n)| format!("{k}:{n}")).collect();
+    eprintln!("events by kind: {}", kinds.join(" "));
     let cap = (downloaders as f64 + a.seeds as f64 + 1.0) * a.rate;
     let u: Vec<String> = run
         .per_second

@@ -90,7 +90,8 @@ impl Engine {
         if g.finished {
             return false;
         }
-        if units.len() != g.units {
+        // News only of what is done changes nothing (nor costs a provider lookup).
+        if units.len() != g.units || units.is_subset(&g.done) {
             return false;
         }
         let p = match self.prov_index.get(&provider) {

@@ -137,6 +137,32 @@ impl PieceSet {
         }
     }
 
+    /// Adds the indices of `other` that are not in `except`, calling `added` with each one
+    /// that was not in the set yet.
+    pub fn absorb(&mut self, other: &PieceSet, except: &PieceSet, mut added: impl FnMut(u32)) {
+        let except = except.words.iter().chain(std::iter::repeat(&0));
+        for (k, ((a, b), x)) in self
+            .words
+            .iter_mut()
+            .zip(&other.words)
+            .zip(except)
+            .enumerate()
+        {
+            let mut new = b & !x & !*a;
+            *a |= new;
+            while new != 0 {
+                added(k as u32 * 64 + new.trailing_zeros());
+                new &= new - 1;
+            }
+        }
+    }
+
+    /// Whether every index of the set is in `other`.
+    pub fn is_subset(&self, other: &PieceSet) -> bool {
+        let other = other.words.iter().chain(std::iter::repeat(&0));
+        self.words.iter().zip(other).all(|(a, b)| a & !b == 0)
+    }
+
     /// Removes every index of `other`.
     pub fn subtract(&mut self, other: &PieceSet) {
         for (a, b) in self.words.iter_mut().zip(&other.words) {
@@ -255,6 +281,15 @@ mod tests {
             prop_assert_eq!(u.iter().collect::<Vec<_>>(), ma.difference(&mb).copied().collect::<Vec<_>>());
             prop_assert!(PieceSet::full(len).is_full());
             prop_assert_eq!(PieceSet::full(len).count(), len);
+            prop_assert_eq!(sa.is_subset(&sb), ma.is_subset(&mb));
+            // Absorbing b except a into the set of a ∩ b adds b − a, and names each new one.
+            let mut target = sa.and(&sb);
+            let mut added = Vec::new();
+            target.absorb(&sb, &sa, |i| added.push(i));
+            let want: Vec<u32> = mb.difference(&ma).copied().collect();
+            prop_assert_eq!(&added, &want);
+            let all: Vec<u32> = mb.iter().copied().collect();
+            prop_assert_eq!(target.iter().collect::<Vec<_>>(), all);
         }
 
         #[test]

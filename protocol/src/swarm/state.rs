@@ -122,13 +122,16 @@ pub(super) struct Req {
     pub(super) deadline: Instant,
 }
 
-/// Records that source `si` holds `units`, keeping the availability counts.
+/// Records that source `si` holds `units`, keeping the availability counts. Units already
+/// done are left out: they are never asked for again, so neither who holds them nor how
+/// many do matters any more.
 pub(super) fn add_have(g: &mut Group, si: usize, units: &PieceSet, origin: bool) {
-    for u in units.iter() {
-        if g.srcs[si].have.insert(u) && !origin {
-            g.counts[u as usize] = g.counts[u as usize].saturating_add(1);
+    let (have, counts) = (&mut g.srcs[si].have, &mut g.counts);
+    have.absorb(units, &g.done, |u| {
+        if !origin {
+            counts[u as usize] = counts[u as usize].saturating_add(1);
         }
-    }
+    });
 }
 
 pub(super) fn remove_have(g: &mut Group, si: usize, unit: u32, origin: bool) {

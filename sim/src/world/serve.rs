@@ -95,7 +95,7 @@ impl World {
         // A liar's first bad chunk group fails verification: the rest is never read.
         let bytes = if corrupt { size.min(16 << 10) } else { size } as f64;
         self.pending.remove(&(from, p.req));
-        let (f, changed) = self.links.start(self.now, prov, from, bytes.max(1.0));
+        let f = self.links.start(self.now, prov, from, bytes.max(1.0));
         self.flowing.insert((from, p.req), f);
         self.carry.insert(
             f,
@@ -106,37 +106,6 @@ impl World {
                 corrupt,
             },
         );
-        self.reschedule(changed);
-    }
-
-    /// Flows whose rate changed: an earlier finish gets an earlier completion event; a later
-    /// one is found when the pending event fires (see [`World::flow_due`]).
-    pub(super) fn reschedule(&mut self, flows: Vec<usize>) {
-        for f in flows {
-            let Some(t) = self.links.finish_at(f) else {
-                continue;
-            };
-            let t = t.max(self.now);
-            let fl = &mut self.links.flows[f];
-            if fl.due.is_some_and(|d| d <= t) {
-                continue;
-            }
-            fl.epoch += 1;
-            fl.due = Some(t);
-            let epoch = fl.epoch;
-            self.push(t, Ev::FlowDone(f, epoch));
-        }
-    }
-
-    /// A flow's completion event fires: it is done, or (it slowed since) it is due later.
-    pub(super) fn flow_due(&mut self, f: usize) {
-        self.links.flows[f].due = None;
-        match self.links.finish_at(f) {
-            Some(t) if t > self.now => self.reschedule(vec![f]),
-            // Stalled at no rate: whatever speeds it up schedules it.
-            None => {}
-            Some(_) => self.flow_done(f),
-        }
     }
 
     /// A slot of `prov` is free: the next request waiting gets it.
@@ -150,8 +119,7 @@ impl World {
 
     pub(super) fn flow_done(&mut self, f: usize) {
         let c = self.carry.remove(&f).expect("carried");
-        let changed = self.links.end(self.now, f);
-        self.reschedule(changed);
+        self.links.end(self.now, f);
         if self.nodes[c.prov].spec.role == Role::Origin {
             self.origin_bytes += c.bytes;
         }
@@ -268,8 +236,7 @@ impl World {
                     self.origin_bytes += sent;
                 }
                 self.carry.remove(&f);
-                let changed = self.links.end(self.now, f);
-                self.reschedule(changed);
+                self.links.end(self.now, f);
                 self.next_turn(prov);
             }
         } else if let Some((_, token)) = self.pending.remove(&(from, req))
@@ -312,8 +279,7 @@ impl World {
                 continue;
             };
             self.flowing.remove(&(c.p.from, c.p.req));
-            let changed = self.links.end(self.now, f);
-            self.reschedule(changed);
+            self.links.end(self.now, f);
             if c.prov == n {
                 // Its downloaders see the connection close.
                 self.tell(
