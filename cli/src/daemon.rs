@@ -23,20 +23,9 @@ pub fn default_data_dir() -> PathBuf {
         .join(".voltool")
 }
 
+/// How a daemon moves bytes: options the coordinator and the agent share.
 #[derive(Debug, Args)]
-pub(crate) struct CoordinatorArgs {
-    /// Data directory: node key, database, origin blobs.
-    #[arg(long, value_name = "DIR")]
-    data: PathBuf,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
-    listen: SocketAddr,
-    /// File of node ids allowed in the fleet, one per line. Without it any node may join.
-    #[arg(long, value_name = "FILE")]
-    members: Option<PathBuf>,
-    /// Egress limit of the origin, e.g. 50mbit, 12MiB/s.
-    #[arg(long, value_name = "RATE")]
-    max_egress: Option<Rate>,
+pub(crate) struct Tuning {
     /// QUIC congestion controller: cubic, newreno or bbr.
     #[arg(
         long,
@@ -55,6 +44,24 @@ pub(crate) struct CoordinatorArgs {
         value_name = "NAME=VALUE"
     )]
     swarm_knob: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CoordinatorArgs {
+    /// Data directory: node key, database, origin blobs.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// File of node ids allowed in the fleet, one per line. Without it any node may join.
+    #[arg(long, value_name = "FILE")]
+    members: Option<PathBuf>,
+    /// Egress limit of the origin, e.g. 50mbit, 12MiB/s.
+    #[arg(long, value_name = "RATE")]
+    max_egress: Option<Rate>,
+    #[command(flatten)]
+    tuning: Tuning,
 }
 
 #[derive(Debug, Args)]
@@ -77,24 +84,8 @@ pub(crate) struct AgentArgs {
     /// Egress limit, e.g. 50mbit, 12MiB/s.
     #[arg(long, value_name = "RATE")]
     max_egress: Option<Rate>,
-    /// QUIC congestion controller: cubic, newreno or bbr.
-    #[arg(
-        long,
-        env = "VOLTOOL_CONGESTION",
-        default_value = "cubic",
-        value_name = "CC"
-    )]
-    congestion: Congestion,
-    /// Turn a knob of the swarm, NAME=VALUE (repeatable, or comma-separated in the
-    /// environment): for trials; the defaults are what the simulator and the benches chose.
-    #[arg(
-        long = "swarm-knob",
-        env = "VOLTOOL_SWARM_KNOBS",
-        value_delimiter = ',',
-        hide = true,
-        value_name = "NAME=VALUE"
-    )]
-    swarm_knob: Vec<String>,
+    #[command(flatten)]
+    tuning: Tuning,
     /// Fault injection for tests and the testnet's hostile-peer scenario: serve corrupt
     /// bytes to peers (they must detect them and ban this node).
     #[arg(long, hide = true)]
@@ -163,8 +154,8 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
         listen: a.listen,
         members,
         max_egress: a.max_egress,
-        congestion: a.congestion,
-        swarm: swarm_config(&a.swarm_knob)?,
+        congestion: a.tuning.congestion,
+        swarm: swarm_config(&a.tuning.swarm_knob)?,
     })
     .await
     .context("starting the coordinator")?;
@@ -185,8 +176,8 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         max_ingress: a.max_ingress,
         max_egress: a.max_egress,
         corrupt_served_bytes: a.evil,
-        congestion: a.congestion,
-        swarm: swarm_config(&a.swarm_knob)?,
+        congestion: a.tuning.congestion,
+        swarm: swarm_config(&a.tuning.swarm_knob)?,
         origin_only: a.origin_only,
         snapshots: a.snapshots,
         crash_at: a.crash_at,
