@@ -11,14 +11,17 @@ use std::time::{Duration, Instant};
 
 use voltool_protocol::Hash;
 use voltool_protocol::swarm::{
-    Admission, Ask, Blobs, Config, Engine, Event, GroupId, PieceSet, ProviderInfo, ReqId,
-    Subscribers, Tracker,
+    Admission, Blobs, Config, Engine, Event, GroupId, PieceSet, ProviderInfo, ReqId, Subscribers,
+    Tracker,
 };
 
 use crate::links::Links;
 
 mod act;
+mod events;
 mod serve;
+
+use events::{Ev, FLOW_DONE, Item};
 
 /// What a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,110 +125,6 @@ pub(super) struct Carry {
     p: Pending,
     bytes: f64,
     corrupt: bool,
-}
-
-pub(super) enum Ev {
-    Timer(usize, u32),
-    ToNode(usize, Event),
-    /// One push of what `from` newly holds, to several subscribers at once.
-    Haves {
-        from: usize,
-        to: Vec<usize>,
-        blob: usize,
-        units: PieceSet,
-    },
-    Serve {
-        prov: usize,
-        p: Pending,
-        ask: Ask,
-    },
-    Cancel {
-        prov: usize,
-        from: usize,
-        req: ReqId,
-    },
-    Subscribe {
-        prov: usize,
-        from: usize,
-        blob: usize,
-    },
-    Lookup {
-        from: usize,
-        blob: usize,
-    },
-    Announce {
-        from: usize,
-        blobs: Vec<Hash>,
-        complete: bool,
-    },
-    Report {
-        from: usize,
-        liar: usize,
-    },
-    Leave(usize),
-    Heartbeat,
-}
-
-/// The kind (see [`Ev::KINDS`]) counting flows that finish: they are no events of the
-/// heap (see [`Links::next_due`]).
-const FLOW_DONE: usize = 10;
-
-impl Ev {
-    /// Names of the kinds of events, for the tally `VOLTOOL_SIM_DEBUG` prints.
-    pub(crate) const KINDS: [&'static str; 14] = [
-        "timer",
-        "providers",
-        "have",
-        "unit",
-        "answer",
-        "other_to_node",
-        "haves_push",
-        "serve",
-        "cancel",
-        "subscribe",
-        "flow_done",
-        "lookup",
-        "announce_report",
-        "leave_heartbeat",
-    ];
-
-    fn kind(&self) -> usize {
-        match self {
-            Ev::Timer(..) => 0,
-            Ev::ToNode(_, Event::Providers { .. }) => 1,
-            Ev::ToNode(_, Event::Have { .. }) => 2,
-            Ev::ToNode(_, Event::Unit { .. }) => 3,
-            Ev::ToNode(_, Event::Answer { .. }) => 4,
-            Ev::ToNode(..) => 5,
-            Ev::Haves { .. } => 6,
-            Ev::Serve { .. } => 7,
-            Ev::Cancel { .. } => 8,
-            Ev::Subscribe { .. } => 9,
-            Ev::Lookup { .. } => 11,
-            Ev::Announce { .. } | Ev::Report { .. } => 12,
-            Ev::Leave(..) | Ev::Heartbeat => 13,
-        }
-    }
-}
-
-/// (time, sequence, slot of the event in the slab): small, so the heap moves little.
-struct Item(u64, u64, u32);
-
-impl PartialEq for Item {
-    fn eq(&self, o: &Self) -> bool {
-        (self.0, self.1) == (o.0, o.1)
-    }
-}
-impl Eq for Item {}
-impl PartialOrd for Item {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Item {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.0, self.1).cmp(&(o.0, o.1))
-    }
 }
 
 impl Node {
