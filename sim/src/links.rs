@@ -18,11 +18,16 @@ pub(crate) struct Flow {
     pub(crate) live: bool,
 }
 
-/// Capacities and flows.
+/// Capacities and flows. Rates are brought up to date by [`Links::flush`], which must come
+/// between a flow's start or end and the next read of a rate or of [`Links::next_due`].
 #[derive(Debug, Default)]
 pub(crate) struct Links {
     up: Vec<f64>,
     down: Vec<f64>,
+    /// Per node and direction (as `slot`): the sum of its flows' rates, kept up to date as
+    /// rates change, so that a fill learns what the flows outside it use without reading
+    /// them.
+    used: Vec<f64>,
     out: Vec<Vec<usize>>,
     inn: Vec<Vec<usize>>,
     pub(crate) flows: Vec<Flow>,
@@ -39,6 +44,23 @@ pub(crate) struct Links {
     /// completion is read here rather than from events (a rate changes several times in a
     /// flow's life; stale completion events would outnumber the flows).
     due: DueQueue,
+    /// Room for a fill's working lists, kept between fills.
+    scratch: Scratch,
+    /// Nodes whose flows started or ended since the last [`Links::flush`], and a mark per
+    /// node of being among them: a flow that ends and the one its sender starts next at
+    /// the same instant are refilled together, once.
+    pending: Vec<usize>,
+    is_pending: Vec<bool>,
+}
+
+/// A fill's working lists.
+#[derive(Debug, Default)]
+struct Scratch {
+    left: Vec<f64>,
+    unfrozen: Vec<u32>,
+    ends: Vec<(usize, usize)>,
+    rate: Vec<f64>,
+    frozen: Vec<bool>,
 }
 
 const EPS: f64 = 1e-6;
@@ -51,6 +73,8 @@ impl Links {
         self.out.push(Vec::new());
         self.inn.push(Vec::new());
         self.slot.extend([(0, 0), (0, 0)]);
+        self.used.extend([0.0, 0.0]);
+        self.is_pending.push(false);
         self.up.len() - 1
     }
 
@@ -90,8 +114,31 @@ impl Links {
         };
         self.out[src].push(f);
         self.inn[dst].push(f);
-        self.refill(now, &[src, dst]);
+        self.touch(src);
+        self.touch(dst);
         f
+    }
+
+    fn touch(&mut self, n: usize) {
+        if !self.is_pending[n] {
+            self.is_pending[n] = true;
+            self.pending.push(n);
+        }
+    }
+
+    /// Refills the rates around the flows started and ended since the last call. Rates are
+    /// only read after it: flows that start and end at one instant move no bytes meanwhile.
+    pub(crate) fn flush(&mut self, now: u64) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let nodes = std::mem::take(&mut self.pending);
+        for &n in &nodes {
+            self.is_pending[n] = false;
+        }
+        self.refill(now, &nodes);
+        self.pending = nodes;
+        self.pending.clear();
     }
 
     /// Ends a flow (done or aborted).
@@ -99,12 +146,20 @@ impl Links {
         let (src, dst) = (self.flows[f].src, self.flows[f].dst);
         self.settle(f, now);
         self.flows[f].live = false;
-        self.flows[f].rate = 0.0;
+        self.set_rate(f, 0.0);
         self.due.remove(f);
         self.out[src].retain(|x| *x != f);
         self.inn[dst].retain(|x| *x != f);
+        // What rounding left of the sums goes with the last flow.
+        if self.out[src].is_empty() {
+            self.used[2 * src] = 0.0;
+        }
+        if self.inn[dst].is_empty() {
+            self.used[2 * dst + 1] = 0.0;
+        }
         self.free.push(f);
-        self.refill(now, &[src, dst]);
+        self.touch(src);
+        self.touch(dst);
     }
 
     /// Flows of a node, both ways.
@@ -144,49 +199,47 @@ impl Links {
         // Resources (node, is upload): what is left of each once the flows outside the set
         // are counted, and how many of the set's flows cross it unfrozen. Each flow of the
         // set crosses two: its sender's upload and its receiver's download.
-        let mut left: Vec<f64> = Vec::with_capacity(2 * set.len());
-        let mut unfrozen: Vec<u32> = Vec::with_capacity(2 * set.len());
-        let mut ends: Vec<(usize, usize)> = Vec::with_capacity(set.len());
+        let mut sc = std::mem::take(&mut self.scratch);
+        sc.left.clear();
+        sc.unfrozen.clear();
+        sc.ends.clear();
         for &f in &set {
-            let (s, d) = (self.flows[f].src, self.flows[f].dst);
-            let mut at = |n: usize, up: bool| {
-                let key = 2 * n + usize::from(!up);
+            let (s, d, rate) = (self.flows[f].src, self.flows[f].dst, self.flows[f].rate);
+            let mut at = |key: usize, cap: f64| {
                 let (g, r) = self.slot[key];
-                if g == fill {
-                    unfrozen[r as usize] += 1;
-                    return r as usize;
-                }
-                let (cap, list) = if up {
-                    (self.up[n], &self.out[n])
+                let r = if g == fill {
+                    sc.unfrozen[r as usize] += 1;
+                    r as usize
                 } else {
-                    (self.down[n], &self.inn[n])
+                    sc.left.push(cap - self.used[key]);
+                    sc.unfrozen.push(1);
+                    self.slot[key] = (fill, sc.left.len() as u32 - 1);
+                    sc.left.len() - 1
                 };
-                let outside: f64 = list
-                    .iter()
-                    .filter(|g| self.in_set[**g] != fill)
-                    .map(|g| self.flows[*g].rate)
-                    .sum();
-                left.push((cap - outside).max(0.0));
-                unfrozen.push(1);
-                self.slot[key] = (fill, left.len() as u32 - 1);
-                left.len() - 1
+                // The set's own flows are refilled: what they use is free to them.
+                sc.left[r] += rate;
+                r
             };
-            let rs = at(s, true);
-            let rd = at(d, false);
-            ends.push((rs, rd));
+            let rs = at(2 * s, self.up[s]);
+            let rd = at(2 * d + 1, self.down[d]);
+            sc.ends.push((rs, rd));
         }
-        let rate = progressive_fill(&mut left, &mut unfrozen, &ends);
+        for l in &mut sc.left {
+            *l = l.max(0.0);
+        }
+        progressive_fill(&mut sc);
         let mut slowed = Vec::new();
         for (k, &f) in set.iter().enumerate() {
             let old = self.flows[f].rate;
-            if (rate[k] - old).abs() > EPS * (1.0 + old) {
+            let new = sc.rate[k];
+            if (new - old).abs() > EPS * (1.0 + old) {
                 self.settle(f, now);
-                self.flows[f].rate = rate[k];
+                self.set_rate(f, new);
                 match self.finish_at(f) {
                     Some(t) => self.due.set(f, t.max(now)),
                     None => self.due.remove(f),
                 }
-                if rate[k] < old {
+                if new < old {
                     let fl = &self.flows[f];
                     for n in [fl.src, fl.dst] {
                         if !nodes.contains(&n) && !slowed.contains(&n) {
@@ -197,7 +250,18 @@ impl Links {
             }
         }
         self.scratch_set = set;
+        self.scratch = sc;
         slowed
+    }
+
+    /// Sets a flow's rate, keeping the sums of its two ends.
+    fn set_rate(&mut self, f: usize, rate: f64) {
+        let fl = &mut self.flows[f];
+        let delta = rate - fl.rate;
+        fl.rate = rate;
+        let (s, d) = (fl.src, fl.dst);
+        self.used[2 * s] += delta;
+        self.used[2 * d + 1] += delta;
     }
 
     /// For diagnosis: per node (out flows, used share of upload).
@@ -309,10 +373,20 @@ impl DueQueue {
 
 /// Max-min fair rates of flows over resources: every unfrozen flow grows at the same pace
 /// until a resource it crosses is used up, which freezes the flows crossing it. `left`: what
-/// each resource has, `unfrozen`: its flows, `ends`: each flow's two resources.
-fn progressive_fill(left: &mut [f64], unfrozen: &mut [u32], ends: &[(usize, usize)]) -> Vec<f64> {
-    let mut rate = vec![0.0f64; ends.len()];
-    let mut frozen = vec![false; ends.len()];
+/// each resource has, `unfrozen`: its flows, `ends`: each flow's two resources; the rates
+/// go to `rate`.
+fn progressive_fill(sc: &mut Scratch) {
+    let Scratch {
+        left,
+        unfrozen,
+        ends,
+        rate,
+        frozen,
+    } = sc;
+    rate.clear();
+    rate.resize(ends.len(), 0.0);
+    frozen.clear();
+    frozen.resize(ends.len(), false);
     loop {
         let mut delta = f64::INFINITY;
         for (r, n) in unfrozen.iter().enumerate() {
@@ -345,7 +419,6 @@ fn progressive_fill(left: &mut [f64], unfrozen: &mut [u32], ends: &[(usize, usiz
             break;
         }
     }
-    rate
 }
 
 #[cfg(test)]
@@ -359,9 +432,11 @@ mod tests {
         let b = l.add_node(100.0, 100.0);
         let c = l.add_node(100.0, 30.0);
         let f1 = l.start(0, a, b, 1000.0);
+        l.flush(0);
         assert!((l.flows[f1].rate - 100.0).abs() < 1e-3);
         // a also sends to c, whose download is 30: a gives c 30 and b the remaining 70.
         let f2 = l.start(0, a, c, 1000.0);
+        l.flush(0);
         assert!(
             (l.flows[f2].rate - 30.0).abs() < 1e-3,
             "{}",
@@ -374,11 +449,13 @@ mod tests {
         );
         // When the flow to c ends, b gets all of a's upload again.
         l.end(1_000_000_000, f2);
+        l.flush(1_000_000_000);
         assert!((l.flows[f1].rate - 100.0).abs() < 1e-3);
         // 70 bytes went in the first second: 930 left, at 100 a second.
         assert_eq!(l.finish_at(f1), Some(1_000_000_000 + 9_300_000_000));
         assert_eq!(l.next_due(), Some((10_300_000_000, f1)));
         l.end(10_300_000_000, f1);
+        l.flush(10_300_000_000);
         assert_eq!(l.next_due(), None);
     }
 
@@ -403,5 +480,50 @@ mod tests {
             }
             assert_eq!(q.first(), model.keys().next().copied());
         }
+    }
+
+    /// Random flows start and end among a few nodes: no capacity is ever exceeded, every
+    /// node's sums match its flows, and a lone flow on a path gets its bottleneck.
+    #[test]
+    fn random_flows_never_exceed_a_capacity_and_the_sums_stay_true() {
+        let mut l = Links::default();
+        let caps = [100.0, 250.0, 40.0, 1000.0, 75.0, 300.0];
+        for (i, c) in caps.iter().enumerate() {
+            l.add_node(*c, caps[(i + 2) % caps.len()]);
+        }
+        let mut live: Vec<usize> = Vec::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut now = 0;
+        for _ in 0..4000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            now += x % 1000;
+            if live.len() > 12 || (!live.is_empty() && x.is_multiple_of(3)) {
+                let f = live.swap_remove((x >> 8) as usize % live.len());
+                l.end(now, f);
+            } else {
+                let (s, d) = ((x >> 8) as usize % 6, (x >> 16) as usize % 6);
+                if s != d {
+                    live.push(l.start(now, s, d, 1e9));
+                }
+            }
+            l.flush(now);
+            for n in 0..caps.len() {
+                let up: f64 = l.out[n].iter().map(|f| l.flows[*f].rate).sum();
+                let down: f64 = l.inn[n].iter().map(|f| l.flows[*f].rate).sum();
+                assert!(up <= l.up[n] * (1.0 + 1e-6), "node {n} sends {up}");
+                assert!(down <= l.down[n] * (1.0 + 1e-6), "node {n} receives {down}");
+                assert!((l.used[2 * n] - up).abs() < 1e-6 * (1.0 + up));
+                assert!((l.used[2 * n + 1] - down).abs() < 1e-6 * (1.0 + down));
+            }
+        }
+        for f in live {
+            l.end(now, f);
+        }
+        let f = l.start(now, 2, 3, 1e9);
+        l.flush(now);
+        // Node 2 sends at most 40, node 3 receives at most caps[5] = 300.
+        assert!((l.flows[f].rate - 40.0).abs() < 1e-6);
     }
 }

@@ -97,9 +97,6 @@ struct Node {
     adm: Admission,
     subs: Subscribers,
     held: Vec<PieceSet>,
-    /// Pushes held back while the engine has no use for them (see [`Engine::wants_news`]),
-    /// merged by provider and blob: handed over before its next event or timeout.
-    held_back: Vec<(usize, usize, PieceSet)>,
     /// Requests waiting in this provider's admission queue, by token.
     waiting: HashMap<u64, Pending>,
     timer: Option<(u64, u32)>,
@@ -161,7 +158,6 @@ impl Node {
             adm: Admission::new(cfg.clone(), sc.seed ^ ((i as u64) << 1)),
             subs: Subscribers::new(cfg.clone()),
             held,
-            held_back: Vec::new(),
             waiting: HashMap::default(),
             timer: None,
             timer_gen: 0,
@@ -221,6 +217,30 @@ pub(crate) struct World {
     debug: bool,
     /// Events processed, by [`Ev::kind`].
     kinds: [u64; Ev::KINDS.len()],
+    /// Per node and blob (`node * blobs + blob`): whether its engine has a use for pushes
+    /// now ([`Engine::wants_news`]), as last asked since the engine last ran; kept apart
+    /// from the nodes, so that a push fanned out to dozens of subscribers touches a few
+    /// dense bytes of each rather than its engine.
+    news: Vec<News>,
+    /// Per node: the pushes held back while its engine has no use for them, one unit each
+    /// as (provider, blob, unit); handed over, merged by provider and blob, before its next
+    /// event or timeout.
+    held_back: Vec<Vec<(u32, u32, u32)>>,
+    /// Per blob: an empty set to build a merged push in.
+    scratch: Vec<PieceSet>,
+}
+
+/// What a push to a node's engine does: see [`World::news`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum News {
+    /// Not asked since the engine last ran.
+    Unknown,
+    /// Handed over at once: the engine may act on it.
+    Now,
+    /// Held back until the engine's next event or timeout.
+    Later,
+    /// Dropped: the node left, or downloads nothing.
+    Never,
 }
 
 const HEARTBEAT: u64 = 30_000_000_000;
@@ -286,7 +306,13 @@ impl World {
             traced_below: 1 + seeds + sc_traced,
             debug: std::env::var_os("VOLTOOL_SIM_DEBUG").is_some(),
             kinds: [0; Ev::KINDS.len()],
+            news: Vec::new(),
+            held_back: Vec::new(),
+            scratch: Vec::new(),
         };
+        w.news = vec![News::Unknown; w.nodes.len() * w.units.len()];
+        w.held_back = vec![Vec::new(); w.nodes.len()];
+        w.scratch = w.units.iter().map(|&u| PieceSet::empty(u)).collect();
         for (t, ev) in initial {
             w.push(t, ev);
         }
@@ -341,6 +367,7 @@ impl World {
         while self.downloading > 0 {
             // A flow finishing comes before an event of the same time.
             let next_event = self.heap.peek().map(|Reverse(Item(t, ..))| *t);
+            self.links.flush(self.now);
             if let Some((t, f)) = self.links.next_due()
                 && next_event.is_none_or(|e| t <= e)
             {
@@ -389,7 +416,8 @@ impl World {
     fn step(&mut self, ev: Ev) {
         match ev {
             Ev::Timer(n, epoch) => {
-                if self.nodes[n].timer.is_some_and(|(_, g)| g == epoch) {
+                // A node that left does nothing more.
+                if !self.nodes[n].gone && self.nodes[n].timer.is_some_and(|(_, g)| g == epoch) {
                     self.nodes[n].timer = None;
                     let now = self.instant();
                     self.hand_over(n);
@@ -418,20 +446,14 @@ impl World {
             } => {
                 let group = GroupId(blob as u32);
                 for n in to {
-                    let node = &mut self.nodes[n];
-                    let Some(e) = node.engine.as_mut().filter(|_| !node.gone) else {
-                        continue;
-                    };
-                    if !e.wants_news(group) {
-                        match node
-                            .held_back
-                            .iter_mut()
-                            .find(|(f, b, _)| *f == from && *b == blob)
-                        {
-                            Some((_, _, set)) => set.union_with(&units),
-                            None => node.held_back.push((from, blob, units.clone())),
+                    match self.news_for(n, blob) {
+                        News::Now => {}
+                        News::Later => {
+                            let held = &mut self.held_back[n];
+                            held.extend(units.iter().map(|u| (from as u32, blob as u32, u)));
+                            continue;
                         }
-                        continue;
+                        News::Never | News::Unknown => continue,
                     }
                     self.hand_over(n);
                     if let Some(e) = &mut self.nodes[n].engine {
@@ -462,21 +484,49 @@ impl World {
         }
     }
 
-    /// Hands node `n`'s engine the pushes held back for it.
+    /// Whether a push of `blob` to node `n` goes to its engine now, waits, or is dropped.
+    fn news_for(&mut self, n: usize, blob: usize) -> News {
+        let k = n * self.units.len() + blob;
+        if self.news[k] == News::Unknown {
+            let node = &self.nodes[n];
+            self.news[k] = match &node.engine {
+                Some(e) if !node.gone => {
+                    if e.wants_news(GroupId(blob as u32)) {
+                        News::Now
+                    } else {
+                        News::Later
+                    }
+                }
+                _ => News::Never,
+            };
+        }
+        self.news[k]
+    }
+
+    /// Hands node `n`'s engine the pushes held back for it, one call per provider and blob
+    /// (the engine takes them merged and in any order: see [`Engine::wants_news`]).
     fn hand_over(&mut self, n: usize) {
-        let node = &mut self.nodes[n];
-        if node.held_back.is_empty() {
+        if self.held_back[n].is_empty() {
             return;
         }
-        let held = std::mem::take(&mut node.held_back);
-        if let Some(e) = &mut node.engine {
-            for (from, blob, units) in &held {
-                e.handle_have(node_id(*from), GroupId(*blob as u32), units);
+        let mut held = std::mem::take(&mut self.held_back[n]);
+        held.sort_unstable();
+        if let Some(e) = &mut self.nodes[n].engine {
+            for run in held.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+                let (from, blob) = (run[0].0 as usize, run[0].1 as usize);
+                let set = &mut self.scratch[blob];
+                for &(_, _, u) in run {
+                    set.insert(u);
+                }
+                e.handle_have(node_id(from), GroupId(blob as u32), set);
+                for &(_, _, u) in run {
+                    set.remove(u);
+                }
             }
         }
         // The buffer's room is kept for the next pushes.
-        node.held_back = held;
-        node.held_back.clear();
+        held.clear();
+        self.held_back[n] = held;
     }
 
     /// `from` subscribes to what `prov` gets of a blob: it hears what `prov` holds now.
@@ -522,6 +572,9 @@ impl World {
         {
             self.act(n, a);
         }
+        // The engine ran: whether it has a use for pushes is asked afresh.
+        let blobs = self.units.len();
+        self.news[n * blobs..(n + 1) * blobs].fill(News::Unknown);
         while let Some(push) = self.nodes[n].subs.poll_push(now) {
             let blob = self
                 .hashes

@@ -31,9 +31,17 @@ impl Engine {
             if info.id == self.me {
                 continue;
             }
+            let full = info.complete || info.origin;
+            // A partial holder that would not be taken is not even remembered: what an
+            // engine keeps is bounded by its sources, not by how many lookups it made.
+            if !full
+                && self.groups[gi].srcs.len() >= self.cfg.max_sources
+                && !self.prov_index.contains_key(&info.id)
+            {
+                continue;
+            }
             let p = self.intern(info.id, info.origin);
             let g = &mut self.groups[gi];
-            let full = info.complete || info.origin;
             match g.src_of(p) {
                 Some(si) if full => {
                     let all = PieceSet::full(g.units);

@@ -140,15 +140,16 @@ impl PieceSet {
     /// Adds the indices of `other` that are not in `except`, calling `added` with each one
     /// that was not in the set yet.
     pub fn absorb(&mut self, other: &PieceSet, except: &PieceSet, mut added: impl FnMut(u32)) {
-        let except = except.words.iter().chain(std::iter::repeat(&0));
-        for (k, ((a, b), x)) in self
-            .words
-            .iter_mut()
-            .zip(&other.words)
-            .zip(except)
-            .enumerate()
-        {
-            let mut new = b & !x & !*a;
+        // Only the words where `other` has indices are read of `self` and `except`: a push
+        // of one new piece touches one word of the receiver's sets, not all of them.
+        for (k, &b) in other.words.iter().enumerate() {
+            if b == 0 {
+                continue;
+            }
+            let (Some(a), x) = (self.words.get_mut(k), except.words.get(k).copied()) else {
+                break;
+            };
+            let mut new = b & !x.unwrap_or(0) & !*a;
             *a |= new;
             while new != 0 {
                 added(k as u32 * 64 + new.trailing_zeros());
@@ -159,8 +160,11 @@ impl PieceSet {
 
     /// Whether every index of the set is in `other`.
     pub fn is_subset(&self, other: &PieceSet) -> bool {
-        let other = other.words.iter().chain(std::iter::repeat(&0));
-        self.words.iter().zip(other).all(|(a, b)| a & !b == 0)
+        // `other`'s words are read only where `self` has indices.
+        self.words
+            .iter()
+            .enumerate()
+            .all(|(k, &a)| a == 0 || a & !other.words.get(k).copied().unwrap_or(0) == 0)
     }
 
     /// Removes every index of `other`.
@@ -172,7 +176,11 @@ impl PieceSet {
 
     /// Whether the two sets share an index.
     pub fn intersects(&self, other: &PieceSet) -> bool {
-        self.words.iter().zip(&other.words).any(|(a, b)| a & b != 0)
+        // `other`'s words are read only where `self` has indices.
+        self.words
+            .iter()
+            .zip(&other.words)
+            .any(|(&a, b)| a != 0 && a & b != 0)
     }
 
     /// Number of indices the two sets share.

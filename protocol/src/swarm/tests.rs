@@ -681,3 +681,26 @@ proptest! {
         prop_assert!(h.e.provs.iter().all(|p| p.in_flight == 0));
     }
 }
+
+#[test]
+fn partial_holders_past_max_sources_are_not_remembered_but_complete_ones_are_taken() {
+    let mut h = H::new(Config {
+        max_sources: 3,
+        // Holders that hold nothing yet do not fail the blob meanwhile.
+        stuck_rounds: 100,
+        ..cfg()
+    });
+    let g = h.pieces(1, 8);
+    h.drain();
+    // Lookup after lookup names new partial holders: only the first three are kept.
+    for round in 0..5u8 {
+        let list: Vec<(u8, bool)> = (0..4).map(|k| (10 + round * 4 + k, false)).collect();
+        h.providers(g, &list);
+    }
+    assert_eq!(h.e.provs.len(), 3, "providers remembered");
+    assert_eq!(h.e.groups[g.0 as usize].srcs.len(), 3);
+    // A complete holder is taken all the same, and pieces are asked of it.
+    let acts = h.providers(g, &[(40, true)]);
+    assert_eq!(h.e.groups[g.0 as usize].srcs.len(), 4);
+    assert!(requests(&acts).iter().any(|r| r.1 == id(40)), "{acts:?}");
+}

@@ -2,7 +2,7 @@
 
 use voltool_protocol::swarm::{Admit, Ask, Event, Outcome, PieceSet, ReqId};
 
-use super::{Carry, Ev, Pending, Role, World, at};
+use super::{Carry, Ev, News, Pending, Role, World, at};
 
 impl World {
     /// Answers request `p` with `outcome` and nothing more.
@@ -255,6 +255,10 @@ impl World {
             return;
         }
         self.nodes[n].gone = true;
+        // Pushes to it are dropped from now on.
+        self.held_back[n] = Vec::new();
+        let blobs = self.units.len();
+        self.news[n * blobs..(n + 1) * blobs].fill(News::Unknown);
         if self.nodes[n].engine.is_some()
             && self.nodes[n].result.done_at.is_none()
             && !self.nodes[n].result.failed
