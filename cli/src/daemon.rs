@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use tracing_subscriber::EnvFilter;
-use voltool_agent::coordinator::{Coordinator, CoordinatorOptions, read_members};
+use voltool_agent::coordinator::{Coordinator, CoordinatorOptions, Retention, read_members};
 use voltool_agent::net::{Congestion, NodeAddr};
 use voltool_agent::node::{Agent, AgentOptions, SnapshotMode};
 use voltool_agent::rate::Rate;
@@ -60,6 +60,16 @@ pub(crate) struct CoordinatorArgs {
     /// Egress limit of the origin, e.g. 50mbit, 12MiB/s.
     #[arg(long, value_name = "RATE")]
     max_egress: Option<Rate>,
+    /// Versions of each volume the origin keeps (with every blob they reference); older
+    /// versions and blobs nothing kept references are freed.
+    #[arg(long, default_value_t = 10, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    keep_versions: u64,
+    /// How long a blob uploaded, or found held, is kept for the commit about to name it.
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    gc_grace: std::time::Duration,
+    /// Time between garbage collections of the origin (deleting a volume starts one).
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    gc_interval: std::time::Duration,
     #[command(flatten)]
     tuning: Tuning,
 }
@@ -156,6 +166,11 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
         max_egress: a.max_egress,
         congestion: a.tuning.congestion,
         swarm: swarm_config(&a.tuning.swarm_knob)?,
+        retention: Retention {
+            keep_versions: a.keep_versions,
+            grace: a.gc_grace,
+            interval: a.gc_interval,
+        },
     })
     .await
     .context("starting the coordinator")?;

@@ -35,9 +35,11 @@ pub struct TestFleet {
     limits: Limits,
 }
 
-/// Bandwidth limits of a test fleet.
+/// Limits of a test fleet: bandwidth, and what the origin keeps.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Limits {
+    /// The origin's retention.
+    pub retention: voltool_agent::coordinator::Retention,
     /// The origin's egress.
     pub origin_egress: Option<Rate>,
     /// Every agent's ingress.
@@ -70,6 +72,7 @@ impl TestFleet {
             max_egress: limits.origin_egress,
             congestion: Default::default(),
             swarm: Default::default(),
+            retention: limits.retention,
         })
         .await
         .unwrap();
@@ -153,6 +156,7 @@ impl TestFleet {
                 max_egress: self.limits.origin_egress,
                 congestion: Default::default(),
                 swarm: Default::default(),
+                retention: self.limits.retention,
             })
             .await
             {

@@ -47,6 +47,8 @@ pub struct CoordinatorOptions {
     pub congestion: crate::net::Congestion,
     /// The swarm's knobs (the tracker's, and the origin's as a provider).
     pub swarm: voltool_protocol::swarm::Config,
+    /// What the origin keeps.
+    pub retention: Retention,
 }
 
 /// A coordinator failure.
@@ -108,8 +110,14 @@ struct State {
     tracker: std::sync::Mutex<Tracker>,
     /// The swarm's knobs (the tracker's, and the origin's as a provider).
     swarm: voltool_protocol::swarm::Config,
-    /// Serialises commits and registry changes.
+    /// Serialises commits, registry changes and garbage collections.
     write_lock: tokio::sync::Mutex<()>,
+    /// What the origin keeps.
+    retention: Retention,
+    /// Blobs uploaded or found held lately (kept for the commits about to name them).
+    recent: std::sync::Mutex<gc::Recent>,
+    /// Starts a collection now.
+    gc_now: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for State {
@@ -208,10 +216,14 @@ impl Coordinator {
             tracker: std::sync::Mutex::new(Tracker::new(swarm.clone(), rand::random())),
             swarm,
             write_lock: Default::default(),
+            retention: opts.retention,
+            recent: std::sync::Mutex::new(gc::Recent::new()),
+            gc_now: tokio::sync::Notify::new(),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(accept_loop(ep.clone(), state.clone(), cancel.clone()));
         tokio::spawn(tracker::expire_loop(state.clone(), cancel.clone()));
+        tokio::spawn(gc::gc_loop(state.clone(), cancel.clone()));
         Ok(Coordinator {
             state,
             ep,
@@ -231,6 +243,13 @@ impl Coordinator {
     /// The origin store (tests corrupt it on purpose).
     pub fn origin(&self) -> &Store {
         &self.state.origin
+    }
+
+    /// Collects the origin's garbage now (it also runs every [`Retention::interval`]).
+    pub async fn collect_garbage(&self) -> Result<GcStats, CoordinatorError> {
+        gc::run(&self.state)
+            .await
+            .map_err(|f| CoordinatorError::Db(f.message))
     }
 
     /// Stops serving and closes the endpoint.
@@ -351,11 +370,17 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             if hashes.len() > MAX_HAS {
                 return fail(ErrorKind::Invalid, "too many hashes in one request").into();
             }
-            state
+            let held = state
                 .origin
                 .has_complete_many(&hashes)
-                .map(CoordResponse::Has)
-                .map_err(|e| fail(ErrorKind::Internal, e.to_string()))
+                .map_err(|e| fail(ErrorKind::Internal, e.to_string()));
+            // A blob found held is kept a while for the commit that will name it.
+            if let Ok(held) = &held {
+                let found = hashes.iter().zip(held).filter(|(_, h)| **h);
+                let mut recent = state.recent.lock().expect("not poisoned");
+                recent.touch(found.map(|(h, _)| *h));
+            }
+            held.map(CoordResponse::Has)
         }
         CoordRequest::Announce {
             addr,
@@ -457,10 +482,12 @@ pub fn read_members(path: &Path) -> Result<HashSet<EndpointId>, CoordinatorError
 }
 
 mod commit;
+mod gc;
 mod tracker;
 mod upload;
 mod volumes;
 
+pub use gc::{GcStats, Retention};
 use tracker::{Tracker, lookup, lookup_all, node_id};
 use upload::upload;
 use volumes::*;

@@ -37,6 +37,12 @@ pub(super) async fn upload(
         )
         .into();
     }
+    // Kept a while from now for the commit that will name them, even before they land.
+    state
+        .recent
+        .lock()
+        .expect("not poisoned")
+        .touch(blobs.iter().map(|(h, _)| *h));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Received>(RECEIVED_QUEUE);
     let batch = state.origin.batch();
     let worker = tokio::task::spawn_blocking(move || {

@@ -154,5 +154,7 @@ pub(super) fn delete(state: &State, name: &str) -> Reply {
     }
     w.commit().map_err(internal)?;
     info!(volume = name, "deleted volume");
+    // Its blobs are freed now (those no other volume names).
+    state.gc_now.notify_one();
     Ok(CoordResponse::Ok)
 }

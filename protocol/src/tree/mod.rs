@@ -50,7 +50,7 @@ mod write;
 
 pub use diff::{Delta, diff, diff_each, missing_for_diff};
 pub use page::Page;
-pub use read::{children, get, missing, missing_in, range, under};
+pub use read::{children, get, mark, missing, missing_in, range, under};
 pub use write::{Built, apply, build};
 
 /// Encoding version, the first byte of every page.

@@ -180,3 +180,34 @@ pub fn missing_in(
     }
     Ok(out)
 }
+
+/// Adds to `pages` every page of the tree at `root`, and to `blobs` every blob its entries
+/// name. A page already in `pages` is not read again, nor what is below it: the versions
+/// of a volume share most of their pages, so marking several costs about the pages in
+/// which they differ.
+pub fn mark(
+    src: &dyn PageSource,
+    root: &PageRef,
+    pages: &mut std::collections::HashSet<Hash>,
+    blobs: &mut std::collections::HashSet<Hash>,
+) -> Result<(), TreeError> {
+    if !pages.insert(root.hash) {
+        return Ok(());
+    }
+    let mut todo = vec![load(src, root)?];
+    while let Some(page) = todo.pop() {
+        match &*page {
+            Page::Leaf(entries) => {
+                blobs.extend(entries.iter().filter_map(|(_, e)| e.blob()).map(|(h, _)| h));
+            }
+            Page::Branch { level, children } => {
+                for c in children {
+                    if pages.insert(c.page) {
+                        todo.push(load_child(src, c, *level)?);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

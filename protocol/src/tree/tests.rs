@@ -75,6 +75,36 @@ proptest! {
         }
     }
 
+    /// Marking two versions of a tree finds exactly the pages that built them and the
+    /// blobs their entries name, and reads no page twice.
+    #[test]
+    fn mark_finds_every_page_and_blob_of_several_versions(
+        start in proptest::collection::vec(arb_change(), 0..60),
+        edits in proptest::collection::vec(arb_change(), 0..12),
+    ) {
+        let before = manifest_of(&start);
+        let mut after = before.clone();
+        after.apply(&edits).unwrap();
+        let mut pages = MemPages::default();
+        let old = tree_of(&before, SMALL, &mut pages);
+        let new = tree_of(&after, SMALL, &mut pages);
+        let counting = Counting(&pages, Cell::new(0));
+        let (mut marked, mut blobs) = (Default::default(), Default::default());
+        mark(&counting, &old.root, &mut marked, &mut blobs).unwrap();
+        mark(&counting, &new.root, &mut marked, &mut blobs).unwrap();
+        let all: std::collections::HashSet<Hash> = pages.0.keys().copied().collect();
+        prop_assert_eq!(&marked, &all);
+        prop_assert_eq!(counting.1.get(), all.len());
+        let named: std::collections::HashSet<Hash> = before
+            .entries()
+            .values()
+            .chain(after.entries().values())
+            .filter_map(|e| e.blob())
+            .map(|(h, _)| h)
+            .collect();
+        prop_assert_eq!(blobs, named);
+    }
+
     /// A diff of two trees, applied to the first, gives the second; lookups and listings
     /// agree with the manifest in memory.
     #[test]

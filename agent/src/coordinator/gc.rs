@@ -1,0 +1,180 @@
+//! Origin retention: the last versions of every volume and what they reference are kept;
+//! older versions, deleted volumes and blobs nothing references any more are freed.
+//!
+//! A collection runs with the write lock held, so no commit or registry change is half
+//! done meanwhile: a commit's new pages and the blobs it checked are named by a head (or
+//! the commit failed) by the time the collection reads the heads. What the lock cannot
+//! cover is an upload, or a "does the origin hold this?" answer, that a commit in flight has
+//! yet to refer to: every blob uploaded or found held is kept for [`Retention::grace`]
+//! after that, and for a grace after the coordinator starts (the memory of it is not
+//! kept across restarts).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// What the origin keeps, and when it looks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Versions of each volume kept (the head and those before it); at least 1.
+    pub keep_versions: u64,
+    /// How long a blob uploaded or found held, and not yet referenced, is kept for the
+    /// commit that is about to refer to it.
+    pub grace: Duration,
+    /// Time between collections (a deleted volume starts one at once).
+    pub interval: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep_versions: 10,
+            grace: Duration::from_secs(3600),
+            interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What one collection did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcStats {
+    /// Volumes whose versions were read.
+    pub volumes: usize,
+    /// Version records dropped (older than the versions kept).
+    pub versions_dropped: u64,
+    /// Blobs and manifest pages the versions kept reference.
+    pub live: usize,
+    /// Blobs freed, and their bytes.
+    pub freed: usize,
+    /// Bytes freed.
+    pub freed_bytes: u64,
+    /// Blobs unreferenced but kept for their grace.
+    pub in_grace: usize,
+}
+
+/// Blobs uploaded or found held lately, for the commits that will refer to them.
+#[derive(Debug)]
+pub(super) struct Recent {
+    started: Instant,
+    touched: HashMap<Hash, Instant>,
+}
+
+impl Recent {
+    pub(super) fn new() -> Self {
+        Recent {
+            started: Instant::now(),
+            touched: HashMap::new(),
+        }
+    }
+
+    /// Blobs a commit may refer to soon.
+    pub(super) fn touch(&mut self, hashes: impl IntoIterator<Item = Hash>) {
+        let now = Instant::now();
+        self.touched.extend(hashes.into_iter().map(|h| (h, now)));
+    }
+}
+
+impl State {
+    /// Keeps the last versions of every volume and what they reference; frees the rest.
+    /// The caller holds the write lock.
+    pub(super) fn collect(&self) -> Result<GcStats, Fail> {
+        let keep = self.retention.keep_versions.max(1);
+        let mut stats = GcStats::default();
+        let w = self.db.begin_write().map_err(internal)?;
+        let mut roots = Vec::new();
+        {
+            let heads = w.open_table(HEADS).map_err(internal)?;
+            let mut versions = w.open_table(VERSIONS).map_err(internal)?;
+            let mut ids = Vec::new();
+            for e in heads.iter().map_err(internal)? {
+                let (k, v) = e.map_err(internal)?;
+                let head: SignedHead = postcard::from_bytes(v.value()).map_err(internal)?;
+                ids.push((k.value(), head.commit.version));
+                roots.push(head.commit.root());
+            }
+            stats.volumes = ids.len();
+            for (id, head) in ids {
+                let first = head.saturating_sub(keep - 1);
+                for e in versions.range((id, first)..(id, head)).map_err(internal)? {
+                    let (_, v) = e.map_err(internal)?;
+                    let c: Commit = postcard::from_bytes(v.value()).map_err(internal)?;
+                    roots.push(c.root());
+                }
+                let dropped = &mut stats.versions_dropped;
+                versions
+                    .retain_in((id, 0)..(id, first), |_, _| {
+                        *dropped += 1;
+                        false
+                    })
+                    .map_err(internal)?;
+            }
+        }
+        let (mut pages, mut blobs) = (HashSet::new(), HashSet::new());
+        for root in &roots {
+            tree::mark(&self.pages, root, &mut pages, &mut blobs)
+                .map_err(|e| internal(format!("reading the manifests the origin keeps: {e}")))?;
+        }
+        stats.live = pages.len() + blobs.len();
+        let now = Instant::now();
+        let mut recent = self.recent.lock().expect("not poisoned");
+        let cutoff = now.checked_sub(self.retention.grace);
+        recent.touched.retain(|_, t| cutoff.is_none_or(|c| *t > c));
+        // Within a grace of the start, an answer given before a restart may still be used.
+        let all_in_grace = cutoff.is_none_or(|c| recent.started > c);
+        let mut dead = Vec::new();
+        for (h, size) in self.origin.all_blobs().map_err(internal)? {
+            if pages.contains(&h) || blobs.contains(&h) {
+                continue;
+            }
+            if all_in_grace || recent.touched.contains_key(&h) {
+                stats.in_grace += 1;
+                continue;
+            }
+            dead.push(h);
+            stats.freed_bytes += size;
+        }
+        drop(recent);
+        stats.freed = dead.len();
+        // The version records go first: a crash between the two leaves blobs that the next
+        // collection frees, never a kept version without its blobs.
+        w.commit().map_err(internal)?;
+        for chunk in dead.chunks(4096) {
+            self.origin.remove_many(chunk).map_err(internal)?;
+        }
+        if stats.freed > 0 || stats.versions_dropped > 0 {
+            info!(
+                freed = stats.freed,
+                freed_bytes = stats.freed_bytes,
+                versions_dropped = stats.versions_dropped,
+                live = stats.live,
+                in_grace = stats.in_grace,
+                "origin garbage collected"
+            );
+        }
+        Ok(stats)
+    }
+}
+
+/// Collects every [`Retention::interval`], and at once when asked (a volume deleted).
+pub(super) async fn gc_loop(state: Arc<State>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(state.retention.interval) => {}
+            _ = state.gc_now.notified() => {}
+        }
+        if let Err(e) = run(&state).await {
+            warn!("origin garbage collection failed: {e}");
+        }
+    }
+}
+
+/// One collection, with the write lock held, on the blocking pool.
+pub(super) async fn run(state: &Arc<State>) -> Result<GcStats, Fail> {
+    let _guard = state.write_lock.lock().await;
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || st.collect())
+        .await
+        .map_err(internal)?
+}
