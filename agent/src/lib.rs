@@ -5,6 +5,7 @@ pub mod control;
 pub mod coord_client;
 pub mod coordinator;
 pub mod keys;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod overlay;

@@ -67,6 +67,9 @@ pub(crate) struct CoordinatorArgs {
     /// How long a blob uploaded, or found held, is kept for the commit about to name it.
     #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = humantime::parse_duration)]
     gc_grace: std::time::Duration,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Time between garbage collections of the origin (deleting a volume starts one).
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration)]
     gc_interval: std::time::Duration,
@@ -94,6 +97,9 @@ pub(crate) struct AgentArgs {
     /// Egress limit, e.g. 50mbit, 12MiB/s.
     #[arg(long, value_name = "RATE")]
     max_egress: Option<Rate>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     tuning: Tuning,
     /// Fault injection for tests and the testnet's hostile-peer scenario: serve corrupt
@@ -171,6 +177,7 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
             grace: a.gc_grace,
             interval: a.gc_interval,
         },
+        metrics: a.metrics,
     })
     .await
     .context("starting the coordinator")?;
@@ -196,6 +203,7 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         origin_only: a.origin_only,
         snapshots: a.snapshots,
         crash_at: a.crash_at,
+        metrics: a.metrics,
     })
     .await
     .context("starting the agent")?;

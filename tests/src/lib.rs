@@ -73,6 +73,7 @@ impl TestFleet {
             congestion: Default::default(),
             swarm: Default::default(),
             retention: limits.retention,
+            metrics: Some("127.0.0.1:0".parse().unwrap()),
         })
         .await
         .unwrap();
@@ -112,6 +113,7 @@ impl TestFleet {
             crash_at: None,
             congestion: Default::default(),
             swarm: Default::default(),
+            metrics: Some("127.0.0.1:0".parse().unwrap()),
         })
         .await
         .unwrap()
@@ -157,6 +159,7 @@ impl TestFleet {
                 congestion: Default::default(),
                 swarm: Default::default(),
                 retention: self.limits.retention,
+                metrics: Some("127.0.0.1:0".parse().unwrap()),
             })
             .await
             {

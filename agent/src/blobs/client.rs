@@ -267,6 +267,17 @@ pub struct ConnPool {
 }
 
 impl ConnPool {
+    /// Connections open now (`None` while the pool is busy).
+    pub fn open_count(&self) -> Option<usize> {
+        let conns = self.conns.try_lock().ok()?;
+        Some(
+            conns
+                .values()
+                .filter(|c| c.close_reason().is_none())
+                .count(),
+        )
+    }
+
     /// A pool over an endpoint.
     pub fn new(ep: iroh::Endpoint, ingress: Option<Arc<TokenBucket>>) -> Self {
         ConnPool {

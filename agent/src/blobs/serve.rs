@@ -30,6 +30,8 @@ pub struct ServeOptions {
     pub corrupt: bool,
     /// Admission and subscriptions, shared by every connection of this node.
     pub serving: Arc<Serving>,
+    /// Where bytes sent are counted.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl ServeOptions {
@@ -39,6 +41,19 @@ impl ServeOptions {
             egress,
             corrupt,
             serving: Arc::new(Serving::new(cfg)),
+            metrics: None,
+        }
+    }
+
+    /// Counts bytes sent in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn sent(&self, bytes: usize) {
+        if let Some(m) = &self.metrics {
+            m.bytes_out.inc_by(bytes as u64);
         }
     }
 }
@@ -309,10 +324,12 @@ impl Stream {
                     let mid = bytes.len() / 2;
                     bytes[mid] ^= 0x55;
                 }
+                let n = bytes.len();
                 self.send
                     .write_chunk(Bytes::from(bytes))
                     .await
                     .map_err(NetError::stream)?;
+                self.opts.sent(n);
             }
         }
         Ok(())
@@ -347,10 +364,12 @@ impl Stream {
                 v[mid] ^= 0x55;
                 chunk = Bytes::from(v);
             }
+            let n = chunk.len();
             self.send
                 .write_chunk(chunk)
                 .await
                 .map_err(NetError::stream)?;
+            self.opts.sent(n);
         }
         match task.await.map_err(NetError::stream)? {
             Ok(()) => Ok(()),

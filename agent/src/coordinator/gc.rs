@@ -142,6 +142,7 @@ impl State {
         for chunk in dead.chunks(4096) {
             self.origin.remove_many(chunk).map_err(internal)?;
         }
+        self.metrics.gc_freed_bytes.inc_by(stats.freed_bytes);
         if stats.freed > 0 || stats.versions_dropped > 0 {
             info!(
                 freed = stats.freed,

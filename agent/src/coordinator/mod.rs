@@ -21,6 +21,7 @@ use voltool_protocol::tree::{self, Shape};
 use voltool_protocol::volume::check_volume_name;
 use voltool_protocol::{Commit, Hash, Manifest, SignedHead, VolumeId, blobs};
 
+use crate::metrics::{Metrics, observe};
 use crate::net::{self, NetError, NodeAddr};
 use crate::rate::{Rate, TokenBucket};
 use crate::store::{Store, StoreError};
@@ -49,6 +50,8 @@ pub struct CoordinatorOptions {
     pub swarm: voltool_protocol::swarm::Config,
     /// What the origin keeps.
     pub retention: Retention,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A coordinator failure.
@@ -94,6 +97,7 @@ pub struct Coordinator {
     ep: Endpoint,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 struct State {
@@ -118,6 +122,7 @@ struct State {
     recent: std::sync::Mutex<gc::Recent>,
     /// Starts a collection now.
     gc_now: tokio::sync::Notify,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for State {
@@ -201,6 +206,7 @@ impl Coordinator {
             })?;
         info!(%addr, "coordinator listening");
         let swarm = opts.swarm.clone();
+        let metrics = Metrics::new(true);
         let state = Arc::new(State {
             key,
             db,
@@ -211,7 +217,8 @@ impl Coordinator {
                 opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
                 false,
                 swarm.clone(),
-            ),
+            )
+            .with_metrics(metrics.clone()),
             addr: addr.clone(),
             tracker: std::sync::Mutex::new(Tracker::new(swarm.clone(), rand::random())),
             swarm,
@@ -219,16 +226,41 @@ impl Coordinator {
             retention: opts.retention,
             recent: std::sync::Mutex::new(gc::Recent::new()),
             gc_now: tokio::sync::Notify::new(),
+            metrics,
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(accept_loop(ep.clone(), state.clone(), cancel.clone()));
         tokio::spawn(tracker::expire_loop(state.clone(), cancel.clone()));
         tokio::spawn(gc::gc_loop(state.clone(), cancel.clone()));
+        let metrics_addr = match opts.metrics {
+            Some(addr) => {
+                let st = state.clone();
+                state.metrics.on_scrape(Box::new(move |m| {
+                    if let Ok(blobs) = st.origin.all_blobs() {
+                        m.store_blobs.set(blobs.len() as i64);
+                        m.store_bytes
+                            .set(blobs.iter().map(|(_, s)| *s as i64).sum::<i64>());
+                    }
+                    let entries = st.tracker.lock().expect("not poisoned").entries();
+                    m.tracker_entries.set(entries as i64);
+                }));
+                let served =
+                    crate::metrics::serve(addr, state.metrics.clone(), cancel.clone()).await;
+                let served = served.map_err(|e| CoordinatorError::Io {
+                    path: e.addr.to_string(),
+                    source: e.source,
+                })?;
+                info!(addr = %served, "metrics at /metrics");
+                Some(served)
+            }
+            None => None,
+        };
         Ok(Coordinator {
             state,
             ep,
             cancel,
             task,
+            metrics_addr,
         })
     }
 
@@ -238,6 +270,11 @@ impl Coordinator {
             id: self.ep.id(),
             addr: net::local_addr(&self.ep),
         }
+    }
+
+    /// Where Prometheus metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The origin store (tests corrupt it on purpose).
@@ -332,9 +369,13 @@ async fn serve_request(
             base_version,
         } => {
             let _guard = state.write_lock.lock().await;
-            commit::commit(&state, &mut recv, name, volume, base_version, peer)
-                .await
-                .unwrap_or_else(Into::into)
+            let started = std::time::Instant::now();
+            let r = commit::commit(&state, &mut recv, name, volume, base_version, peer).await;
+            if matches!(r, Ok(CoordResponse::Committed { .. })) {
+                state.metrics.commits.inc();
+                observe(&state.metrics.commit_seconds, started.elapsed());
+            }
+            r.unwrap_or_else(Into::into)
         }
         other => {
             let state = state.clone();

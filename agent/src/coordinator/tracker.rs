@@ -20,6 +20,7 @@ pub(super) fn node_id(id: &EndpointId) -> NodeId {
 /// announced it (never the asker), ranked (zone, round-trip time, whole before partial, at
 /// random within a rank); then the origin if it holds the blob.
 pub(super) fn lookup(state: &State, asker: &EndpointId, hash: &Hash) -> Vec<coord::ProviderInfo> {
+    state.metrics.tracker_lookups.inc();
     let holders =
         state
             .tracker
@@ -38,6 +39,7 @@ pub(super) fn lookup_all(
     asker: &EndpointId,
     hashes: &[Hash],
 ) -> Vec<coord::ProviderInfo> {
+    state.metrics.tracker_lookups.inc();
     let holders = state.tracker.lock().expect("not poisoned").lookup_all(
         Instant::now(),
         &node_id(asker),

@@ -24,6 +24,7 @@ impl Inner {
             cfg: self.serve.serving.config().clone(),
             origin_only: self.opts.origin_only,
             serving: self.serve.serving.clone(),
+            metrics: Some(self.metrics.clone()),
         })
     }
 }

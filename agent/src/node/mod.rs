@@ -25,6 +25,7 @@ use crate::control::{
     ReloadReport, Reply, Request, Sources, StatusReport, VolumeView,
 };
 use crate::coord_client::{ClientError, CoordClient};
+use crate::metrics::{Metrics, observe};
 use crate::net::{self, NodeAddr};
 use crate::rate::{Rate, TokenBucket};
 use crate::scan::{self, ScanMode, StatCache};
@@ -87,6 +88,8 @@ pub struct AgentOptions {
     pub congestion: crate::net::Congestion,
     /// The swarm's knobs (a downloader's and a provider's).
     pub swarm: voltool_protocol::swarm::Config,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Where [`AgentOptions::crash_at`] can stop the agent: a batched commit once its files are
@@ -109,6 +112,7 @@ pub struct Agent {
     inner: Arc<Inner>,
     cancel: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 struct Inner {
@@ -132,6 +136,7 @@ struct Inner {
     members: Mutex<(HashSet<iroh::PublicKey>, Option<Instant>)>,
     /// Whether snapshots are overlays (else copies).
     overlays: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -208,13 +213,16 @@ impl Agent {
             net::local_addr(&ep),
             opts.zone.clone(),
         ));
+        let metrics = Metrics::new(false);
         let inner = Arc::new(Inner {
             pool,
             serve: crate::blobs::ServeOptions::new(
                 opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
                 opts.corrupt_served_bytes,
                 opts.swarm.clone(),
-            ),
+            )
+            .with_metrics(metrics.clone()),
+            metrics,
             tracker,
             opts,
             pages: crate::store::Pages::new(store.clone()),
@@ -272,6 +280,27 @@ impl Agent {
             });
         }
         tasks.spawn(inner.serve.serving.clone().run_pushes(cancel.clone()));
+        let metrics_addr = match inner.opts.metrics {
+            Some(addr) => {
+                let i = inner.clone();
+                inner.metrics.on_scrape(Box::new(move |m| {
+                    if let Ok(blobs) = i.store.all_blobs() {
+                        m.store_blobs.set(blobs.len() as i64);
+                        m.store_bytes
+                            .set(blobs.iter().map(|(_, s)| *s as i64).sum::<i64>());
+                    }
+                    if let Some(n) = i.pool.open_count() {
+                        m.active_peers.set(n as i64);
+                    }
+                }));
+                let served = crate::metrics::serve(addr, inner.metrics.clone(), cancel.clone())
+                    .await
+                    .map_err(|e| other(&e))?;
+                info!(addr = %served, "metrics at /metrics");
+                Some(served)
+            }
+            None => None,
+        };
         info!(
             node = %inner.ep.id(),
             addr = %net::local_addr(&inner.ep),
@@ -282,7 +311,13 @@ impl Agent {
             inner,
             cancel,
             tasks,
+            metrics_addr,
         })
+    }
+
+    /// Where Prometheus metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// This node's address.
@@ -485,16 +520,26 @@ impl Inner {
             }
             Request::Commit { name } => {
                 let name = self.which_mount(name)?;
+                let started = Instant::now();
                 let r = self
                     .commit_and_follow(&name, &events)
                     .await
                     .map(Reply::Committed);
+                if r.is_ok() {
+                    self.metrics.commits.inc();
+                    observe(&self.metrics.commit_seconds, started.elapsed());
+                }
                 self.compact_later(name);
                 r
             }
             Request::Reload { name, mode } => {
                 let name = self.which_mount(name)?;
+                let started = Instant::now();
                 let r = self.reload(&name, mode, &events).await.map(Reply::Reloaded);
+                if r.is_ok() {
+                    self.metrics.reloads.inc();
+                    observe(&self.metrics.reload_seconds, started.elapsed());
+                }
                 self.compact_later(name);
                 r
             }

@@ -173,6 +173,14 @@ impl Actor {
             return;
         };
         (j.counter)(bytes);
+        if let Some(m) = &self.ctx.metrics {
+            let source = if origin {
+                crate::metrics::Source::Origin
+            } else {
+                crate::metrics::Source::Peer
+            };
+            m.received(source, bytes);
+        }
         if origin {
             j.stats.from_origin += bytes;
         } else {

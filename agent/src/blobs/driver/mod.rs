@@ -62,6 +62,8 @@ pub struct SwarmCtx {
     pub origin_only: bool,
     /// This node's provider side: told of each piece verified, for its subscribers.
     pub serving: Arc<Serving>,
+    /// Where bytes received and bans are counted.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// A download: fetches blobs into the store from the swarm. See the [module docs](self).
@@ -112,6 +114,9 @@ impl Download {
             .map_err(|e| FetchError::Net(NetError::stream(e)))?
             .map_err(FetchError::Store)?;
         counter(plan.already_held);
+        if let Some(m) = &self.ctx.metrics {
+            m.received(crate::metrics::Source::Local, plan.already_held);
+        }
         let mut stats = FetchStats {
             already_held: plan.already_held,
             ..FetchStats::default()

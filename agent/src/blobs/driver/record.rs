@@ -150,6 +150,9 @@ impl Actor {
             .iter()
             .map(|id| peer_name(*id))
             .collect();
+        if let Some(m) = &self.ctx.metrics {
+            m.bans.inc_by((banned.len() - self.bans_told) as u64);
+        }
         self.bans_told = banned.len();
         let (store, tracker) = (self.ctx.store.clone(), self.ctx.tracker.clone());
         self.tasks.spawn(async move {
