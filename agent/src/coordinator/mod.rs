@@ -234,8 +234,12 @@ impl Coordinator {
         tokio::spawn(gc::gc_loop(state.clone(), cancel.clone()));
         let metrics_addr = match opts.metrics {
             Some(addr) => {
-                let st = state.clone();
+                // Weak: the metrics belong to the state, which must drop when it stops.
+                let st = Arc::downgrade(&state);
                 state.metrics.on_scrape(Box::new(move |m| {
+                    let Some(st) = st.upgrade() else {
+                        return;
+                    };
                     if let Ok(blobs) = st.origin.all_blobs() {
                         m.store_blobs.set(blobs.len() as i64);
                         m.store_bytes

@@ -282,8 +282,12 @@ impl Agent {
         tasks.spawn(inner.serve.serving.clone().run_pushes(cancel.clone()));
         let metrics_addr = match inner.opts.metrics {
             Some(addr) => {
-                let i = inner.clone();
+                // Weak: the metrics belong to the agent, which must drop when it stops.
+                let i = Arc::downgrade(&inner);
                 inner.metrics.on_scrape(Box::new(move |m| {
+                    let Some(i) = i.upgrade() else {
+                        return;
+                    };
                     if let Ok(blobs) = i.store.all_blobs() {
                         m.store_blobs.set(blobs.len() as i64);
                         m.store_bytes
