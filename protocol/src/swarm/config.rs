@@ -135,72 +135,113 @@ pub enum KnobError {
     /// Not `NAME=VALUE`.
     #[error("{0:?}: expected NAME=VALUE")]
     Form(String),
-    /// The value is not a non-negative number.
-    #[error("{0:?}: the value is not a non-negative number")]
+    /// The value is not a whole number the knob can take.
+    #[error(
+        "{0:?}: not a value the swarm can run with (counts 1 to 1,000,000; piece_kib a \
+         multiple of 16 up to 65,536; _ms up to a day)"
+    )]
     Value(String),
     /// No knob of this name.
-    #[error("unknown knob {0:?}; the knobs are: {knobs}", knobs = Config::KNOBS.join(", "))]
+    #[error("unknown knob {0:?}; the knobs are: {knobs}", knobs = Config::knobs().collect::<Vec<_>>().join(", "))]
     Unknown(String),
 }
+
+/// How a knob's value reads.
+#[derive(Clone, Copy)]
+enum Unit {
+    /// A count, at least 1.
+    Count,
+    /// KiB, a positive multiple of 16 (the chunk group).
+    Kib,
+    /// Milliseconds, at most a day.
+    Ms,
+}
+
+type Setter = fn(&mut Config, u64);
+
+/// Every knob: its name, its unit, and what it sets.
+const TABLE: [(&str, Unit, Setter); 17] = [
+    ("piece_kib", Unit::Kib, |c, v| c.piece_bytes = v << 10),
+    ("pieces_in_flight", Unit::Count, |c, v| {
+        c.pieces_in_flight = v as usize
+    }),
+    ("pieces_per_provider", Unit::Count, |c, v| {
+        c.pieces_per_provider = v as usize
+    }),
+    ("origin_in_flight", Unit::Count, |c, v| {
+        c.origin_in_flight = v as usize
+    }),
+    ("serve_slots", Unit::Count, |c, v| {
+        c.serve_slots = v as usize
+    }),
+    ("serve_queue", Unit::Count, |c, v| {
+        c.serve_queue = v as usize
+    }),
+    ("rarest_of", Unit::Count, |c, v| c.rarest_of = v as usize),
+    ("subscriptions", Unit::Count, |c, v| {
+        c.subscriptions = v as usize
+    }),
+    ("max_sources", Unit::Count, |c, v| {
+        c.max_sources = v as usize
+    }),
+    ("max_subscribers", Unit::Count, |c, v| {
+        c.max_subscribers = v as usize
+    }),
+    ("lookup_answer", Unit::Count, |c, v| {
+        c.lookup_answer = v as usize
+    }),
+    ("busy_backoff_ms", Unit::Ms, |c, v| {
+        c.busy_backoff = Duration::from_millis(v)
+    }),
+    ("busy_backoff_max_ms", Unit::Ms, |c, v| {
+        c.busy_backoff_max = Duration::from_millis(v)
+    }),
+    ("endgame_after_ms", Unit::Ms, |c, v| {
+        c.endgame_after = Duration::from_millis(v)
+    }),
+    ("have_interval_ms", Unit::Ms, |c, v| {
+        c.have_interval = Duration::from_millis(v)
+    }),
+    ("lookup_refresh_ms", Unit::Ms, |c, v| {
+        c.lookup_refresh = Duration::from_millis(v)
+    }),
+    ("lookup_refresh_max_ms", Unit::Ms, |c, v| {
+        c.lookup_refresh_max = Duration::from_millis(v)
+    }),
+];
 
 impl Config {
     /// The knobs [`Config::set`] takes: counts, sizes in KiB (`_kib`) and durations in
     /// milliseconds (`_ms`).
-    pub const KNOBS: [&str; 17] = [
-        "piece_kib",
-        "pieces_in_flight",
-        "pieces_per_provider",
-        "origin_in_flight",
-        "serve_slots",
-        "serve_queue",
-        "rarest_of",
-        "subscriptions",
-        "max_sources",
-        "max_subscribers",
-        "lookup_answer",
-        "busy_backoff_ms",
-        "busy_backoff_max_ms",
-        "endgame_after_ms",
-        "have_interval_ms",
-        "lookup_refresh_ms",
-        "lookup_refresh_max_ms",
-    ];
+    pub fn knobs() -> impl Iterator<Item = &'static str> {
+        TABLE.iter().map(|(name, ..)| *name)
+    }
 
-    /// Turns one knob, written `NAME=VALUE` (see [`Config::KNOBS`]): for the simulator and
-    /// for trials on a fleet. A knob that makes no sense (a piece size that is not a
-    /// multiple of 16 KiB, zero slots) is taken as given; the simulator exists to try such.
+    /// Turns one knob, written `NAME=VALUE` (see [`Config::knobs`]): for the simulator and
+    /// for trials on a fleet. A value the swarm cannot run with is refused, naming the
+    /// knob: a count of 0 or past a million, a piece size that is not a positive multiple
+    /// of 16 KiB (at most 64 MiB), a duration past a day.
     pub fn set(&mut self, kv: &str) -> Result<(), KnobError> {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| KnobError::Form(kv.to_string()))?;
-        let n: f64 = v
+        let (_, unit, setter) = TABLE
+            .iter()
+            .find(|(name, ..)| *name == k.trim())
+            .ok_or_else(|| KnobError::Unknown(k.trim().to_string()))?;
+        let n: u64 = v
             .trim()
             .parse()
-            .ok()
-            .filter(|n: &f64| n.is_finite() && *n >= 0.0)
-            .ok_or_else(|| KnobError::Value(kv.to_string()))?;
-        let ms = Duration::from_secs_f64(n / 1e3);
-        let count = n as usize;
-        match k.trim() {
-            "piece_kib" => self.piece_bytes = (n as u64) << 10,
-            "pieces_in_flight" => self.pieces_in_flight = count,
-            "pieces_per_provider" => self.pieces_per_provider = count,
-            "origin_in_flight" => self.origin_in_flight = count,
-            "serve_slots" => self.serve_slots = count,
-            "serve_queue" => self.serve_queue = count,
-            "rarest_of" => self.rarest_of = count,
-            "subscriptions" => self.subscriptions = count,
-            "max_sources" => self.max_sources = count,
-            "max_subscribers" => self.max_subscribers = count,
-            "lookup_answer" => self.lookup_answer = count,
-            "busy_backoff_ms" => self.busy_backoff = ms,
-            "busy_backoff_max_ms" => self.busy_backoff_max = ms,
-            "endgame_after_ms" => self.endgame_after = ms,
-            "have_interval_ms" => self.have_interval = ms,
-            "lookup_refresh_ms" => self.lookup_refresh = ms,
-            "lookup_refresh_max_ms" => self.lookup_refresh_max = ms,
-            other => return Err(KnobError::Unknown(other.to_string())),
+            .map_err(|_| KnobError::Value(kv.to_string()))?;
+        let fits = match unit {
+            Unit::Count => (1..=1_000_000).contains(&n),
+            Unit::Kib => n > 0 && n.is_multiple_of(16) && n <= 64 << 10,
+            Unit::Ms => n <= 86_400_000,
+        };
+        if !fits {
+            return Err(KnobError::Value(kv.to_string()));
         }
+        setter(self, n);
         Ok(())
     }
 }
@@ -211,9 +252,9 @@ mod tests {
 
     #[test]
     fn every_listed_knob_turns_and_bad_ones_are_named() {
-        for k in Config::KNOBS {
+        for k in Config::knobs() {
             let mut c = Config::default();
-            c.set(&format!("{k}=7")).unwrap();
+            c.set(&format!("{k}=112")).unwrap();
             assert_ne!(c, Config::default(), "{k} changed nothing");
         }
         let mut c = Config::default();
@@ -226,5 +267,19 @@ mod tests {
         assert!(matches!(c.set("serve_slots"), Err(KnobError::Form(_))));
         assert!(matches!(c.set("serve_slots=-1"), Err(KnobError::Value(_))));
         assert!(matches!(c.set("serve_slots=NaN"), Err(KnobError::Value(_))));
+        // What would stop or crash the swarm is refused.
+        for bad in [
+            "serve_slots=0",
+            "serve_slots=1.5",
+            "piece_kib=0",
+            "piece_kib=24",
+            "piece_kib=1048576",
+            "max_sources=100000000000000000000000",
+            "endgame_after_ms=100000000000",
+        ] {
+            assert!(matches!(c.set(bad), Err(KnobError::Value(_))), "{bad}");
+        }
+        c.set("piece_kib=256").unwrap();
+        assert_eq!(c.piece_bytes, 256 << 10);
     }
 }
