@@ -34,12 +34,12 @@ pub(crate) struct Links {
     free: Vec<usize>,
     scratch_set: Vec<usize>,
     /// Per flow: the fill it was last put in the set of (spares a search of the set).
-    in_set: Vec<u32>,
+    in_set: Vec<u64>,
     /// Per node and direction (2n: upload, 2n+1: download): the fill that last counted it,
     /// and its position among that fill's resources.
-    slot: Vec<(u32, u32)>,
+    slot: Vec<(u64, u32)>,
     /// Counts fills; 0 is never one.
-    fill_gen: u32,
+    fill_gen: u64,
     /// When each flow with a rate finishes, kept up to date as rates change: the next
     /// completion is read here rather than from events (a rate changes several times in a
     /// flow's life; stale completion events would outnumber the flows).
@@ -167,12 +167,17 @@ impl Links {
         self.out[n].iter().chain(&self.inn[n]).copied().collect()
     }
 
-    /// Refills the rates of the flows at `nodes`, then once more around the far ends of any
-    /// flow that slowed (their other flows may use what it gave up).
+    /// Refills the rates of the flows at `nodes`, then around the far ends of any flow that
+    /// slowed (their other flows may use what it gave up), and so on until no flow slows:
+    /// no link is left with room that a flow crossing it could use.
     fn refill(&mut self, now: u64, nodes: &[usize]) {
-        let slowed = self.fill(now, nodes);
-        if !slowed.is_empty() {
-            self.fill(now, &slowed);
+        let mut slowed = self.fill(now, nodes);
+        // Bounded, in case float rounding kept a cascade going.
+        for _ in 0..64 {
+            if slowed.is_empty() {
+                break;
+            }
+            slowed = self.fill(now, &slowed);
         }
     }
 
@@ -276,6 +281,7 @@ impl Links {
 
     /// The flow that finishes first at the current rates, and when (nanoseconds).
     pub(crate) fn next_due(&self) -> Option<(u64, usize)> {
+        debug_assert!(self.pending.is_empty(), "rates read before a flush");
         self.due.first()
     }
 
@@ -482,8 +488,9 @@ mod tests {
         }
     }
 
-    /// Random flows start and end among a few nodes: no capacity is ever exceeded, every
-    /// node's sums match its flows, and a lone flow on a path gets its bottleneck.
+    /// Random flows start and end among a few nodes: no capacity is ever exceeded, no flow
+    /// is left below what its ends allow, the due queue yields the earliest completion,
+    /// every node's sums match its flows, and a lone flow gets its bottleneck.
     #[test]
     fn random_flows_never_exceed_a_capacity_and_the_sums_stay_true() {
         let mut l = Links::default();
@@ -509,6 +516,26 @@ mod tests {
                 }
             }
             l.flush(now);
+            // No flow could go faster: each crosses a resource that is used up.
+            let full = |used: f64, cap: f64| used >= cap * (1.0 - 1e-6);
+            for &f in &live {
+                let fl = &l.flows[f];
+                assert!(
+                    full(l.used[2 * fl.src], l.up[fl.src])
+                        || full(l.used[2 * fl.dst + 1], l.down[fl.dst]),
+                    "flow {f} at {} has room at both ends",
+                    fl.rate
+                );
+            }
+            // The next completion is the earliest of the live flows'.
+            let earliest = live
+                .iter()
+                .filter_map(|f| l.finish_at(*f).map(|t| (t, *f)))
+                .min();
+            assert_eq!(
+                l.next_due().map(|(t, _)| t),
+                earliest.map(|(t, _)| t.max(now))
+            );
             for n in 0..caps.len() {
                 let up: f64 = l.out[n].iter().map(|f| l.flows[*f].rate).sum();
                 let down: f64 = l.inn[n].iter().map(|f| l.flows[*f].rate).sum();

@@ -221,7 +221,10 @@ pub(crate) struct World {
     /// now ([`Engine::wants_news`]), as last asked since the engine last ran; kept apart
     /// from the nodes, so that a push fanned out to dozens of subscribers touches a few
     /// dense bytes of each rather than its engine.
-    news: Vec<News>,
+    news: Vec<(u32, News)>,
+    /// Per node: how many times its engine ran; an entry of `news` from an earlier run is
+    /// unknown (so a run costs nothing however many blobs there are).
+    runs: Vec<u32>,
     /// Per node: the pushes held back while its engine has no use for them, one unit each
     /// as (provider, blob, unit); handed over, merged by provider and blob, before its next
     /// event or timeout.
@@ -233,8 +236,6 @@ pub(crate) struct World {
 /// What a push to a node's engine does: see [`World::news`].
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum News {
-    /// Not asked since the engine last ran.
-    Unknown,
     /// Handed over at once: the engine may act on it.
     Now,
     /// Held back until the engine's next event or timeout.
@@ -307,10 +308,13 @@ impl World {
             debug: std::env::var_os("VOLTOOL_SIM_DEBUG").is_some(),
             kinds: [0; Ev::KINDS.len()],
             news: Vec::new(),
+            runs: Vec::new(),
             held_back: Vec::new(),
             scratch: Vec::new(),
         };
-        w.news = vec![News::Unknown; w.nodes.len() * w.units.len()];
+        // Run 0 is never current: every entry starts unknown.
+        w.news = vec![(0, News::Never); w.nodes.len() * w.units.len()];
+        w.runs = vec![1; w.nodes.len()];
         w.held_back = vec![Vec::new(); w.nodes.len()];
         w.scratch = w.units.iter().map(|&u| PieceSet::empty(u)).collect();
         for (t, ev) in initial {
@@ -453,7 +457,7 @@ impl World {
                             held.extend(units.iter().map(|u| (from as u32, blob as u32, u)));
                             continue;
                         }
-                        News::Never | News::Unknown => continue,
+                        News::Never => continue,
                     }
                     self.hand_over(n);
                     if let Some(e) = &mut self.nodes[n].engine {
@@ -487,9 +491,9 @@ impl World {
     /// Whether a push of `blob` to node `n` goes to its engine now, waits, or is dropped.
     fn news_for(&mut self, n: usize, blob: usize) -> News {
         let k = n * self.units.len() + blob;
-        if self.news[k] == News::Unknown {
+        if self.news[k].0 != self.runs[n] {
             let node = &self.nodes[n];
-            self.news[k] = match &node.engine {
+            let news = match &node.engine {
                 Some(e) if !node.gone => {
                     if e.wants_news(GroupId(blob as u32)) {
                         News::Now
@@ -499,8 +503,9 @@ impl World {
                 }
                 _ => News::Never,
             };
+            self.news[k] = (self.runs[n], news);
         }
-        self.news[k]
+        self.news[k].1
     }
 
     /// Hands node `n`'s engine the pushes held back for it, one call per provider and blob
@@ -573,8 +578,7 @@ impl World {
             self.act(n, a);
         }
         // The engine ran: whether it has a use for pushes is asked afresh.
-        let blobs = self.units.len();
-        self.news[n * blobs..(n + 1) * blobs].fill(News::Unknown);
+        self.runs[n] += 1;
         while let Some(push) = self.nodes[n].subs.poll_push(now) {
             let blob = self
                 .hashes

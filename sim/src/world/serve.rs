@@ -2,7 +2,7 @@
 
 use voltool_protocol::swarm::{Admit, Ask, Event, Outcome, PieceSet, ReqId};
 
-use super::{Carry, Ev, News, Pending, Role, World, at};
+use super::{Carry, Ev, Pending, Role, World, at};
 
 impl World {
     /// Answers request `p` with `outcome` and nothing more.
@@ -86,7 +86,9 @@ impl World {
     pub(super) fn start_flow(&mut self, prov: usize, p: Pending) {
         let from = p.from;
         if self.nodes[from].gone {
+            // Its requester left while it waited: the piece was never sent.
             self.pending.remove(&(from, p.req));
+            self.unchoose(prov, &p);
             self.next_turn(prov);
             return;
         }
@@ -257,8 +259,7 @@ impl World {
         self.nodes[n].gone = true;
         // Pushes to it are dropped from now on.
         self.held_back[n] = Vec::new();
-        let blobs = self.units.len();
-        self.news[n * blobs..(n + 1) * blobs].fill(News::Unknown);
+        self.runs[n] += 1;
         if self.nodes[n].engine.is_some()
             && self.nodes[n].result.done_at.is_none()
             && !self.nodes[n].result.failed
@@ -295,6 +296,8 @@ impl World {
                     },
                 );
             } else {
+                // The requester left mid-piece: the piece did not get through.
+                self.unchoose(c.prov, &c.p);
                 self.next_turn(c.prov);
             }
         }

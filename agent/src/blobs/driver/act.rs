@@ -117,7 +117,11 @@ impl Actor {
                 g.first.short()
             )
         };
-        match (reason, g.why.take()) {
+        let why = g
+            .why
+            .take()
+            .or_else(|| g.lookup_failed.take().map(|w| (false, w)));
+        match (reason, why) {
             (Failure::LocalStore, _) => FetchError::Store(
                 self.local
                     .take()

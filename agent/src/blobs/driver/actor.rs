@@ -80,6 +80,7 @@ impl Actor {
                 first,
                 count,
                 why: None,
+                lookup_failed: None,
             });
         }
         let open = self.groups.iter().filter(|g| g.job == id).count();
@@ -192,10 +193,15 @@ impl Actor {
         let now = Instant::now();
         match done {
             Done::Lookup { group, found } => {
+                // A failed lookup explains a failure only until the tracker answers again.
+                let g = &mut self.groups[group.0 as usize];
                 let list = match found {
-                    Ok(list) => list,
+                    Ok(list) => {
+                        g.lookup_failed = None;
+                        list
+                    }
                     Err(why) => {
-                        self.groups[group.0 as usize].why = Some((false, why));
+                        g.lookup_failed = Some(why);
                         self.engine.handle(now, Event::LookupFailed { group });
                         return;
                     }

@@ -244,6 +244,8 @@ struct GroupState {
     count: usize,
     /// The last request's failure, for the message if the group fails.
     why: Option<(bool, String)>,
+    /// The last lookup's failure, while the tracker has not answered since.
+    lookup_failed: Option<String>,
 }
 
 struct JobState {
