@@ -519,4 +519,35 @@ mod tests {
         assert!(again.is_some());
         assert_eq!(s.state.lock().unwrap().adm.sending(), 1);
     }
+
+    #[tokio::test]
+    async fn a_peer_holds_a_few_feeds_of_a_blob_and_one_ending_leaves_the_others_subscribed() {
+        let s = Arc::new(Serving::new(Config::default()));
+        let cancel = CancellationToken::new();
+        tokio::spawn(s.clone().run_pushes(cancel.clone()));
+        let (peer, hash) = (NodeId([7; 32]), Hash([9; 32]));
+        let mut feeds = Vec::new();
+        for _ in 0..admission::FEEDS_PER_PEER {
+            let (tx, rx) = mpsc::channel(8);
+            let id = s.subscribe(peer, hash, 16, tx).expect("a feed");
+            feeds.push((id, rx));
+        }
+        // One more is refused; another peer is not.
+        let (tx, _rx) = mpsc::channel(8);
+        assert!(s.subscribe(peer, hash, 16, tx).is_none());
+        let (tx, _other) = mpsc::channel(8);
+        assert!(s.subscribe(NodeId([8; 32]), hash, 16, tx).is_some());
+        // One feed ends: the others still hear of a piece newly held.
+        let (gone, _) = feeds.remove(0);
+        s.unsubscribe(peer, hash, gone);
+        s.held(hash, 3);
+        for (_, rx) in &mut feeds {
+            let set = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a push")
+                .expect("the feed is open");
+            assert_eq!(set.iter().collect::<Vec<_>>(), vec![3]);
+        }
+        cancel.cancel();
+    }
 }

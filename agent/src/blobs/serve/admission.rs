@@ -14,6 +14,9 @@ pub struct Serving {
     wake: Notify,
 }
 
+/// Subscription streams one peer may hold to one blob at once.
+pub(super) const FEEDS_PER_PEER: usize = 4;
+
 /// One subscription stream: its id, the blob's pieces, and where pushes go.
 type Feed = (u64, u32, mpsc::Sender<PieceSet>);
 
@@ -171,6 +174,15 @@ impl Serving {
         tx: mpsc::Sender<PieceSet>,
     ) -> Option<u64> {
         let mut st = self.state.lock().expect("not poisoned");
+        // A few downloads of one peer may follow one blob at once; more is a peer tying up
+        // this node's memory.
+        if st
+            .feeds
+            .get(&(peer, hash))
+            .is_some_and(|l| l.len() >= FEEDS_PER_PEER)
+        {
+            return None;
+        }
         if !st.subs.subscribe(peer, hash) {
             return None;
         }
@@ -220,9 +232,18 @@ impl Serving {
             let mut st = self.state.lock().expect("not poisoned");
             let now = Instant::now();
             while let Some(push) = st.subs.poll_push(now) {
+                // One set per push (per piece count a subscriber gave), cloned to each feed.
+                let mut built: Option<PieceSet> = None;
                 for peer in push.to {
                     for (_, units, tx) in st.feeds.get(&(peer, push.hash)).into_iter().flatten() {
-                        let set = PieceSet::from_iter(*units, push.units.iter().copied());
+                        let set = match &built {
+                            Some(b) if b.len() == *units => b.clone(),
+                            _ => {
+                                let b = PieceSet::from_iter(*units, push.units.iter().copied());
+                                built = Some(b.clone());
+                                b
+                            }
+                        };
                         // A subscriber too slow to take pushes misses some; the tracker's
                         // answers and its next lookups still tell it.
                         let _ = tx.try_send(set);
