@@ -183,6 +183,16 @@ impl Metrics {
         let _ = self.refresh.set(f);
     }
 
+    /// The store's bytes and blobs, read now.
+    pub fn read_store(&self, store: &crate::store::Store) {
+        if let Ok(blobs) = store.all_blobs() {
+            self.store_blobs.set(blobs.len() as i64);
+            let bytes: u64 = blobs.iter().map(|(_, s)| s).sum();
+            self.store_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Bytes received from (or found held at) `source`.
     pub fn received(&self, source: Source, bytes: u64) {
         self.bytes_in

@@ -119,6 +119,25 @@ impl TestFleet {
         .unwrap()
     }
 
+    /// A raw client of the coordinator with the last agent's key (that agent stopped first,
+    /// so the fleet has a member that is no running agent).
+    pub async fn member_client(&mut self) -> voltool_agent::coord_client::CoordClient {
+        let i = self.agents.len() - 1;
+        let agent = self.agents.remove(i);
+        agent.shutdown().await;
+        let key = voltool_agent::keys::load_or_create(&self.agent_dir(i)).unwrap();
+        let ep = voltool_agent::net::bind(
+            key,
+            "127.0.0.1:0".parse().unwrap(),
+            vec![voltool_protocol::coord::ALPN.to_vec()],
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        let coord = self.coord.as_ref().expect("coordinator running").addr();
+        voltool_agent::coord_client::CoordClient::new(ep, coord)
+    }
+
     /// Restarts agent `i` as a liar: it holds what it held, but flips bytes in everything it
     /// serves.
     pub async fn make_liar(&mut self, i: usize) {

@@ -101,26 +101,10 @@ async fn a_lying_peer_of_small_files_is_banned_and_the_bytes_come_right() {
     assert_eq!(tree(&a), tree(&b));
 }
 
-/// A client of the coordinator with agent 1's key (agent 1 stopped first).
-async fn member_client(f: &mut TestFleet) -> CoordClient {
-    let a1 = f.agents.remove(1);
-    a1.shutdown().await;
-    let key = voltool_agent::keys::load_or_create(&f.agent_dir(1)).unwrap();
-    let ep = net::bind(
-        key,
-        "127.0.0.1:0".parse().unwrap(),
-        vec![coord::ALPN.to_vec()],
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    CoordClient::new(ep, f.coord.as_ref().unwrap().addr())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_batch_with_one_bad_blob_is_refused_whole() {
     let mut f = TestFleet::start(2).await;
-    let client = member_client(&mut f).await;
+    let client = f.member_client().await;
     let dir = f.dir.path().join("up");
     std::fs::create_dir_all(&dir).unwrap();
     let mut blobs = Vec::new();
@@ -153,7 +137,7 @@ async fn an_upload_batch_with_one_bad_blob_is_refused_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_upload_is_refused_by_name() {
     let mut f = TestFleet::start(2).await;
-    let client = member_client(&mut f).await;
+    let client = f.member_client().await;
     let b = bytes(50, 3000);
     let hash = Hash::of(&b);
     // The request names 3000 bytes; only 1000 follow before the stream ends.
@@ -256,7 +240,7 @@ async fn head(client: &CoordClient, name: &str) -> coord::VolumeInfo {
 async fn a_commit_in_parts_lands_whole_or_not_at_all() {
     let mut f = TestFleet::start(2).await;
     f.create("vol").await;
-    let client = member_client(&mut f).await;
+    let client = f.member_client().await;
     let v0 = head(&client, "vol").await;
 
     // Cut short: parts come, but none says it is the last.

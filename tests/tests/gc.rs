@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use voltool_agent::control::{ReloadMode, Request};
-use voltool_agent::coord_client::CoordClient;
 use voltool_agent::coordinator::Retention;
-use voltool_protocol::{Hash, coord};
+use voltool_protocol::Hash;
 use voltool_tests::{Limits, TestFleet, bytes, tree};
 
 fn hash_of(b: &[u8]) -> Hash {
@@ -101,18 +100,7 @@ async fn a_blob_uploaded_for_a_commit_in_flight_survives_a_collection() {
     }
 
     // A member uploads a blob on its own, as a commit does before it names it.
-    let member = f.agents.pop().unwrap();
-    member.shutdown().await;
-    let key = voltool_agent::keys::load_or_create(&f.agent_dir(1)).unwrap();
-    let ep = voltool_agent::net::bind(
-        key,
-        "127.0.0.1:0".parse().unwrap(),
-        vec![coord::ALPN.to_vec()],
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    let client = CoordClient::new(ep, f.coord.as_ref().unwrap().addr());
+    let client = f.member_client().await;
     let new = bytes(2, 150_000);
     let file = f.dir.path().join("new.bin");
     std::fs::write(&file, &new).unwrap();

@@ -240,11 +240,7 @@ impl Coordinator {
                     let Some(st) = st.upgrade() else {
                         return;
                     };
-                    if let Ok(blobs) = st.origin.all_blobs() {
-                        m.store_blobs.set(blobs.len() as i64);
-                        m.store_bytes
-                            .set(blobs.iter().map(|(_, s)| *s as i64).sum::<i64>());
-                    }
+                    m.read_store(&st.origin);
                     let entries = st.tracker.lock().expect("not poisoned").entries();
                     m.tracker_entries.set(entries as i64);
                 }));

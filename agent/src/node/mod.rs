@@ -288,11 +288,7 @@ impl Agent {
                     let Some(i) = i.upgrade() else {
                         return;
                     };
-                    if let Ok(blobs) = i.store.all_blobs() {
-                        m.store_blobs.set(blobs.len() as i64);
-                        m.store_bytes
-                            .set(blobs.iter().map(|(_, s)| *s as i64).sum::<i64>());
-                    }
+                    m.read_store(&i.store);
                     if let Some(n) = i.pool.open_count() {
                         m.active_peers.set(n as i64);
                     }

@@ -388,31 +388,35 @@ impl Store {
         Ok(Some(bytes))
     }
 
-    /// Every blob recorded, complete or in part, with its size.
-    pub fn all_blobs(&self) -> Result<Vec<(Hash, u64)>, StoreError> {
+    /// Calls `f` with every blob recorded, complete or in part.
+    fn each_blob(&self, mut f: impl FnMut(Hash, BlobMeta)) -> Result<(), StoreError> {
         let r = self.inner.db.begin_read().map_err(db_err)?;
         let t = r.open_table(BLOBS).map_err(db_err)?;
-        let mut out = Vec::new();
         for e in t.iter().map_err(db_err)? {
             let (k, v) = e.map_err(db_err)?;
-            let m: BlobMeta = postcard::from_bytes(v.value()).map_err(db_err)?;
-            out.push((Hash(k.value()), m.size));
+            f(
+                Hash(k.value()),
+                postcard::from_bytes(v.value()).map_err(db_err)?,
+            );
         }
+        Ok(())
+    }
+
+    /// Every blob recorded, complete or in part, with its size.
+    pub fn all_blobs(&self) -> Result<Vec<(Hash, u64)>, StoreError> {
+        let mut out = Vec::new();
+        self.each_blob(|h, m| out.push((h, m.size)))?;
         Ok(out)
     }
 
     /// Hashes of all complete blobs (to announce them).
     pub fn complete_blobs(&self) -> Result<Vec<Hash>, StoreError> {
-        let r = self.inner.db.begin_read().map_err(db_err)?;
-        let t = r.open_table(BLOBS).map_err(db_err)?;
         let mut out = Vec::new();
-        for e in t.iter().map_err(db_err)? {
-            let (k, v) = e.map_err(db_err)?;
-            let m: BlobMeta = postcard::from_bytes(v.value()).map_err(db_err)?;
+        self.each_blob(|h, m| {
             if m.is_complete() {
-                out.push(Hash(k.value()));
+                out.push(h);
             }
-        }
+        })?;
         Ok(out)
     }
 }
