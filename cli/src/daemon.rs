@@ -48,6 +48,13 @@ pub(crate) struct Tuning {
 
 #[derive(Debug, Args)]
 pub(crate) struct CoordinatorArgs {
+    /// Read options from this TOML file: its keys are the long options (`max-egress =
+    /// "50mbit"`); an environment variable or a flag of the same option wins.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Print the effective options as a config file, each with its description, and exit.
+    #[arg(long)]
+    pub(crate) print_config: bool,
     /// Data directory: node key, database, origin blobs.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
@@ -79,6 +86,13 @@ pub(crate) struct CoordinatorArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
+    /// Read options from this TOML file: its keys are the long options (`max-egress =
+    /// "50mbit"`); an environment variable or a flag of the same option wins.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Print the effective options as a config file, each with its description, and exit.
+    #[arg(long)]
+    pub(crate) print_config: bool,
     /// Data directory: node key, store, snapshots, control socket.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
@@ -161,6 +175,9 @@ async fn until_signal() -> anyhow::Result<()> {
 
 pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     init_logs();
+    if let Some(f) = &a.config {
+        tracing::info!(file = %f.display(), "options read from a config file");
+    }
     let members = match &a.members {
         Some(f) => Some(read_members(f)?),
         None => None,
@@ -189,6 +206,9 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
 
 pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
     init_logs();
+    if let Some(f) = &a.config {
+        tracing::info!(file = %f.display(), "options read from a config file");
+    }
     let data = a.data.unwrap_or_else(default_data_dir);
     let agent = Agent::start(AgentOptions {
         data: data.clone(),

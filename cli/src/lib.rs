@@ -6,6 +6,7 @@
 //! Exit codes: 0 success, 1 failure (including a refused operation), 2 usage error (bad
 //! arguments, an invalid volume name).
 
+mod config;
 mod daemon;
 mod local;
 mod output;
@@ -15,7 +16,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub use daemon::default_data_dir;
 
@@ -60,13 +61,35 @@ fn agent_dir(cli: Option<PathBuf>) -> PathBuf {
 }
 
 fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
-    let cli = match Cli::try_parse_from(args) {
-        Ok(c) => c,
+    let command = Cli::command();
+    let args = match config::expand(&command, args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let parsed = command
+        .clone()
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));
+    let (cli, matches) = match parsed {
+        Ok(p) => p,
         Err(e) => {
             let _ = e.print();
             return Ok(ExitCode::from(if e.use_stderr() { 2 } else { 0 }));
         }
     };
+    let print_config = match &cli.cmd {
+        Cmd::Coordinator(a) => a.print_config,
+        Cmd::Agent(a) => a.print_config,
+        _ => false,
+    };
+    if print_config && let Some((name, sub)) = matches.subcommand() {
+        let cmd = command.find_subcommand(name).expect("a subcommand");
+        print!("{}", config::print(cmd, sub));
+        return Ok(ExitCode::SUCCESS);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
