@@ -119,12 +119,9 @@ impl TestFleet {
         .unwrap()
     }
 
-    /// A raw client of the coordinator with the last agent's key (that agent stopped first,
-    /// so the fleet has a member that is no running agent).
-    pub async fn member_client(&mut self) -> voltool_agent::coord_client::CoordClient {
-        let i = self.agents.len() - 1;
-        let agent = self.agents.remove(i);
-        agent.shutdown().await;
+    /// A raw client of the coordinator speaking with agent `i`'s key (for crafted
+    /// requests; the agent may be running or not).
+    pub async fn client_as(&self, i: usize) -> voltool_agent::coord_client::CoordClient {
         let key = voltool_agent::keys::load_or_create(&self.agent_dir(i)).unwrap();
         let ep = voltool_agent::net::bind(
             key,
@@ -136,6 +133,15 @@ impl TestFleet {
         .unwrap();
         let coord = self.coord.as_ref().expect("coordinator running").addr();
         voltool_agent::coord_client::CoordClient::new(ep, coord)
+    }
+
+    /// A raw client of the coordinator with the last agent's key (that agent stopped first,
+    /// so the fleet has a member that is no running agent).
+    pub async fn member_client(&mut self) -> voltool_agent::coord_client::CoordClient {
+        let i = self.agents.len() - 1;
+        let agent = self.agents.remove(i);
+        agent.shutdown().await;
+        self.client_as(i).await
     }
 
     /// Restarts agent `i` as a liar: it holds what it held, but flips bytes in everything it

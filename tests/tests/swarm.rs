@@ -141,21 +141,6 @@ async fn a_provider_dying_mid_transfer_does_not_fail_the_reload() {
     );
 }
 
-/// A raw tracker client speaking as agent `i` (same key), for crafting announcements.
-async fn tracker_client(f: &TestFleet, i: usize) -> voltool_agent::coord_client::CoordClient {
-    let key = voltool_agent::keys::load_or_create(&f.agent_dir(i)).unwrap();
-    let ep = voltool_agent::net::bind(
-        key,
-        "127.0.0.1:0".parse().unwrap(),
-        vec![voltool_protocol::coord::ALPN.to_vec()],
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    let coord = f.coord.as_ref().unwrap().addr();
-    voltool_agent::coord_client::CoordClient::new(ep, coord)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
     use voltool_protocol::coord::{CoordRequest, CoordResponse, PeerRtt};
@@ -170,7 +155,7 @@ async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
         })
         .collect();
     for i in [1, 2] {
-        let c = tracker_client(&f, i).await;
+        let c = f.client_as(i).await;
         let r = c
             .request(&CoordRequest::Announce {
                 addr: format!("127.0.0.{}:9", i + 1).parse().unwrap(),
@@ -182,7 +167,7 @@ async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
             .unwrap();
         assert_eq!(r, CoordResponse::Ok);
     }
-    let asker = tracker_client(&f, 0).await;
+    let asker = f.client_as(0).await;
     // Round-trip times count for members the tracker knows (the agent's own heartbeat may
     // not have arrived yet).
     let r = asker
@@ -271,7 +256,7 @@ async fn a_liar_is_banned_once_across_blobs_and_left_out_once_reported_by_two() 
     assert_eq!(tree(&f.mount_path(1)), tree(&a));
 
     // Agent 1 reported the liar; one more member's report makes the tracker leave it out.
-    let witness = tracker_client(&f, 2).await;
+    let witness = f.client_as(2).await;
     let r = witness
         .request(&CoordRequest::Report {
             provider: *liar.as_bytes(),
