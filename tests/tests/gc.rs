@@ -8,10 +8,6 @@ use voltool_agent::coordinator::Retention;
 use voltool_protocol::Hash;
 use voltool_tests::{Limits, TestFleet, bytes, tree};
 
-fn hash_of(b: &[u8]) -> Hash {
-    Hash(*blake3::hash(b).as_bytes())
-}
-
 fn fleet_limits(keep_versions: u64, grace: Duration) -> Limits {
     Limits {
         retention: Retention {
@@ -41,7 +37,7 @@ async fn old_versions_and_deleted_volumes_are_freed_at_the_origin() {
         std::fs::write(a.join("model.bin"), &content).unwrap();
         let c = f.commit(0, "vol").await.unwrap();
         assert_eq!(c.version, u64::from(v));
-        versions.push(hash_of(&content));
+        versions.push(Hash::of(&content));
     }
     assert!(versions.iter().all(|h| origin_has(&f, h)));
     let coord = f.coord.as_ref().unwrap();
@@ -53,7 +49,7 @@ async fn old_versions_and_deleted_volumes_are_freed_at_the_origin() {
     assert!(s.freed_bytes >= 600_000, "{s:?}");
     assert!(!origin_has(&f, &versions[0]) && !origin_has(&f, &versions[1]));
     assert!(origin_has(&f, &versions[2]) && origin_has(&f, &versions[3]));
-    assert!(origin_has(&f, &hash_of(&bytes(9, 200_000))));
+    assert!(origin_has(&f, &Hash::of(&bytes(9, 200_000))));
     // A second collection finds nothing more.
     let again = coord.collect_garbage().await.unwrap();
     assert_eq!((again.freed, again.versions_dropped), (0, 0), "{again:?}");
@@ -75,7 +71,7 @@ async fn old_versions_and_deleted_volumes_are_freed_at_the_origin() {
     let s = coord.collect_garbage().await.unwrap();
     assert_eq!(s.volumes, 0, "{s:?}");
     assert!(!origin_has(&f, &versions[2]) && !origin_has(&f, &versions[3]));
-    assert!(!origin_has(&f, &hash_of(&bytes(9, 200_000))));
+    assert!(!origin_has(&f, &Hash::of(&bytes(9, 200_000))));
     assert!(coord.origin().all_blobs().unwrap().is_empty());
 }
 
@@ -93,7 +89,7 @@ async fn a_blob_uploaded_for_a_commit_in_flight_survives_a_collection() {
     f.commit(0, "vol").await.unwrap();
     // Once its grace is over, a collection frees it (waited for as an event, bounded).
     let deadline = tokio::time::Instant::now() + grace * 5;
-    while origin_has(&f, &hash_of(&old)) {
+    while origin_has(&f, &Hash::of(&old)) {
         assert!(tokio::time::Instant::now() < deadline, "never freed");
         f.coord.as_ref().unwrap().collect_garbage().await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -104,7 +100,7 @@ async fn a_blob_uploaded_for_a_commit_in_flight_survives_a_collection() {
     let new = bytes(2, 150_000);
     let file = f.dir.path().join("new.bin");
     std::fs::write(&file, &new).unwrap();
-    let h = hash_of(&new);
+    let h = Hash::of(&new);
     client
         .upload(&[(h, new.len() as u64, file)], &|_| {})
         .await

@@ -145,7 +145,7 @@ async fn a_provider_dying_mid_transfer_does_not_fail_the_reload() {
 async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
     use voltool_protocol::coord::{CoordRequest, CoordResponse, PeerRtt};
     let f = TestFleet::start(3).await;
-    let hash = voltool_protocol::Hash(*blake3::hash(b"not held by the origin").as_bytes());
+    let hash = voltool_protocol::Hash::of(b"not held by the origin");
     let ids: Vec<[u8; 32]> = (0..3)
         .map(|i| {
             *voltool_agent::keys::load_or_create(&f.agent_dir(i))
