@@ -3,8 +3,12 @@
 # Python package against a real local fleet. Installs what the Python side needs into a
 # virtualenv under target/ (maturin and pytest from PyPI); needs cargo and python3 (3.9+).
 # VOLTOOL_SNAPSHOTS=copy runs it all on the copy fallback instead of overlay snapshots.
+# The tests of the origin on S3 start a real Garage server: scripts/garage.sh installs the
+# pinned version (once; about 5 minutes cold), and those tests then refuse to skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/garage.sh
+export VOLTOOL_REQUIRE_S3=1
 cargo test --workspace
 # The binaries the Python fixture starts (debug), with the very feature set of the test
 # build above, so nothing is compiled twice.

@@ -11,6 +11,7 @@ use voltool_agent::coordinator::{Coordinator, CoordinatorOptions, Retention, rea
 use voltool_agent::net::{Congestion, NodeAddr};
 use voltool_agent::node::{Agent, AgentOptions, SnapshotMode};
 use voltool_agent::rate::Rate;
+use voltool_agent::store::S3Options;
 
 /// File in an agent's data directory holding `NODE_ID@IP:PORT` once it listens.
 pub(crate) const AGENT_ADDR_FILE: &str = "agent.addr";
@@ -80,8 +81,23 @@ pub(crate) struct CoordinatorArgs {
     /// Time between garbage collections of the origin (deleting a volume starts one).
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration)]
     gc_interval: std::time::Duration,
+    /// Keep the origin's blobs in an S3-compatible bucket, s3://BUCKET/PREFIX, rather than
+    /// under the data directory (which keeps the metadata either way). Credentials come
+    /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_SESSION_TOKEN).
+    #[arg(long, value_name = "URL", value_parser = parse_s3)]
+    origin: Option<S3Options>,
+    /// The S3 endpoint, e.g. http://127.0.0.1:3900 for a local Garage; without it, AWS's.
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL", requires = "origin")]
+    s3_endpoint: Option<String>,
+    /// The S3 region.
+    #[arg(long, env = "AWS_REGION", value_name = "REGION", requires = "origin")]
+    s3_region: Option<String>,
     #[command(flatten)]
     tuning: Tuning,
+}
+
+fn parse_s3(url: &str) -> Result<S3Options, String> {
+    S3Options::from_url(url).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +211,11 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
             interval: a.gc_interval,
         },
         metrics: a.metrics,
+        s3: a.origin.map(|o| S3Options {
+            endpoint: a.s3_endpoint,
+            region: a.s3_region,
+            ..o
+        }),
     })
     .await
     .context("starting the coordinator")?;

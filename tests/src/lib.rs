@@ -12,6 +12,8 @@ use voltool_agent::coordinator::{Coordinator, CoordinatorOptions};
 use voltool_agent::node::{Agent, AgentOptions, Events};
 use voltool_agent::rate::Rate;
 
+pub mod garage;
+
 /// Writes a seeded key into a data directory.
 pub fn seed_key(dir: &Path, seed: u8) -> voltool_protocol::PublicKey {
     std::fs::create_dir_all(dir).unwrap();
@@ -33,6 +35,7 @@ pub struct TestFleet {
     pub agents: Vec<Agent>,
     members: HashSet<voltool_protocol::PublicKey>,
     limits: Limits,
+    s3: Option<voltool_agent::store::S3Options>,
 }
 
 /// Limits of a test fleet: bandwidth, and what the origin keeps.
@@ -56,6 +59,16 @@ impl TestFleet {
 
     /// Starts a coordinator and `n` agents with bandwidth limits.
     pub async fn start_with(n: usize, limits: Limits) -> Self {
+        Self::start_on(n, limits, None).await
+    }
+
+    /// Starts a coordinator whose origin keeps its blobs in the bucket `s3` (if given),
+    /// and `n` agents.
+    pub async fn start_on(
+        n: usize,
+        limits: Limits,
+        s3: Option<voltool_agent::store::S3Options>,
+    ) -> Self {
         let dir = test_dir();
         seed_key(&dir.path().join("coordinator"), 0xC0);
         let mut members = HashSet::new();
@@ -65,27 +78,18 @@ impl TestFleet {
                 i as u8 + 1,
             ));
         }
-        let coord = Coordinator::start(CoordinatorOptions {
-            data: dir.path().join("coordinator"),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            members: Some(members.clone()),
-            max_egress: limits.origin_egress,
-            congestion: Default::default(),
-            swarm: Default::default(),
-            retention: limits.retention,
-            metrics: Some("127.0.0.1:0".parse().unwrap()),
-        })
-        .await
-        .unwrap();
-        let coord_listen = coord.addr().addr;
         let mut f = TestFleet {
             dir,
-            coord: Some(coord),
-            coord_listen,
+            coord: None,
+            coord_listen: "127.0.0.1:0".parse().unwrap(),
             agents: Vec::new(),
             members,
             limits,
+            s3,
         };
+        let coord = Coordinator::start(f.coord_options()).await.unwrap();
+        f.coord_listen = coord.addr().addr;
+        f.coord = Some(coord);
         for i in 0..n {
             let a = f.start_agent(i).await;
             f.agents.push(a);
@@ -158,6 +162,22 @@ impl TestFleet {
         self.dir.path().join(format!("agent-{i}"))
     }
 
+    /// The coordinator's options: its data directory and address, the fleet's members and
+    /// limits, metrics on a free port.
+    fn coord_options(&self) -> CoordinatorOptions {
+        CoordinatorOptions {
+            data: self.coord_dir(),
+            listen: self.coord_listen,
+            members: Some(self.members.clone()),
+            max_egress: self.limits.origin_egress,
+            congestion: Default::default(),
+            swarm: Default::default(),
+            retention: self.limits.retention,
+            metrics: Some("127.0.0.1:0".parse().unwrap()),
+            s3: self.s3.clone(),
+        }
+    }
+
     /// Data directory of the coordinator.
     pub fn coord_dir(&self) -> PathBuf {
         self.dir.path().join("coordinator")
@@ -176,18 +196,7 @@ impl TestFleet {
         // bind on the same address for a bounded time.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match Coordinator::start(CoordinatorOptions {
-                data: self.coord_dir(),
-                listen: self.coord_listen,
-                members: Some(self.members.clone()),
-                max_egress: self.limits.origin_egress,
-                congestion: Default::default(),
-                swarm: Default::default(),
-                retention: self.limits.retention,
-                metrics: Some("127.0.0.1:0".parse().unwrap()),
-            })
-            .await
-            {
+            match Coordinator::start(self.coord_options()).await {
                 Ok(c) => {
                     self.coord = Some(c);
                     return;

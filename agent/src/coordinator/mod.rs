@@ -52,6 +52,9 @@ pub struct CoordinatorOptions {
     pub retention: Retention,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     pub metrics: Option<SocketAddr>,
+    /// Keep the origin's blobs in this S3-compatible bucket rather than under `data`
+    /// (which keeps the metadata either way).
+    pub s3: Option<crate::store::S3Options>,
 }
 
 /// A coordinator failure.
@@ -162,6 +165,48 @@ fn fail(kind: ErrorKind, message: impl Into<String>) -> Fail {
     }
 }
 
+/// The file in the origin's folder naming where its blob bytes are (`dir`, or the
+/// bucket's `s3://…` address): records made for one place mean nothing for another.
+const ORIGIN_FILE: &str = "where";
+
+/// Opens the origin store, refusing one whose blobs were kept elsewhere.
+fn open_origin(dir: &Path, s3: Option<&crate::store::S3Options>) -> Result<Store, CoordinatorError> {
+    let want = s3.map_or_else(|| "dir".to_string(), |o| o.url());
+    let file = dir.join(ORIGIN_FILE);
+    let io = |source| CoordinatorError::Io {
+        path: file.display().to_string(),
+        source,
+    };
+    let was = match std::fs::read_to_string(&file) {
+        Ok(was) => Some(was.trim().to_string()),
+        // A store made before this file existed kept its blobs in the folder.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir
+            .join("store.redb")
+            .exists()
+            .then(|| "dir".to_string()),
+        Err(e) => return Err(io(e)),
+    };
+    if let Some(was) = was.filter(|w| *w != want) {
+        let name = |w: &str| {
+            if w == "dir" {
+                format!("the folder {}", dir.join("blobs").display())
+            } else {
+                w.to_string()
+            }
+        };
+        return Err(io(std::io::Error::other(format!(
+            "this data directory's origin keeps its blobs in {}, not {}: start it with the same origin, or with a fresh data directory",
+            name(&was),
+            name(&want)
+        ))));
+    }
+    let store = Store::open_with(dir, s3)?;
+    if !file.exists() {
+        std::fs::write(&file, format!("{want}\n")).map_err(io)?;
+    }
+    Ok(store)
+}
+
 impl Coordinator {
     /// Opens the data directory, binds, writes [`ADDR_FILE`] and starts serving.
     pub async fn start(opts: CoordinatorOptions) -> Result<Self, CoordinatorError> {
@@ -170,7 +215,7 @@ impl Coordinator {
             source,
         })?;
         let key = crate::keys::load_or_create(&opts.data)?;
-        let origin = Store::open(&opts.data.join("origin"))?;
+        let origin = open_origin(&opts.data.join("origin"), opts.s3.as_ref())?;
         let db_file = opts.data.join("coordinator.redb");
         let db = crate::store::open_db(&db_file).map_err(db_err)?;
         // Heads of version 0 name manifests of the old, flat encoding.

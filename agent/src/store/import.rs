@@ -402,6 +402,19 @@ impl Store {
     fn place_all(&self, placed: &[Placed]) -> Result<(), StoreError> {
         self.room_for_meta()?;
         let _placing = self.inner.place_lock.lock().expect("not poisoned");
+        if let Some(r) = &self.inner.remote {
+            // The bucket holds them before they are recorded; the staged files go.
+            r.put_files(
+                placed
+                    .iter()
+                    .map(|p| (p.hash, p.tmp_data.clone(), p.with_outboard))
+                    .collect(),
+            )?;
+            for p in placed {
+                remove_tmp(&p.tmp_data);
+            }
+            return self.record_complete(placed);
+        }
         let mut dirs = HashSet::new();
         for p in placed {
             let dst = self.data_path(&p.hash);
@@ -422,6 +435,11 @@ impl Store {
             .collect();
         self.sync_files(&files)?;
         self.sync_dirs(&dirs, placed.len())?;
+        self.record_complete(placed)
+    }
+
+    /// Records placed blobs as complete, in one transaction.
+    fn record_complete(&self, placed: &[Placed]) -> Result<(), StoreError> {
         let w = self.inner.db.begin_write().map_err(db_err)?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;

@@ -67,6 +67,14 @@ pub enum StoreError {
     /// A provider lacks some requested ranges of a partial blob.
     #[error("blob {0} is held only in part; requested ranges are missing")]
     MissingRanges(Hash),
+    /// The object store holding the blob bytes failed or refused.
+    #[error("{what}: {message}")]
+    Remote {
+        /// The bucket or object.
+        what: String,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// A failure of the metadata database, or of decoding what it holds; a full disk under the
@@ -191,11 +199,20 @@ struct Inner {
     /// partial blob begun, a blob removed), so that none of them meets another's
     /// half-done work at the same place.
     place_lock: std::sync::Mutex<()>,
+    /// The bucket holding blob bytes, if not the `blobs` folder.
+    remote: Option<remote::Remote>,
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, None)
+    }
+
+    /// Opens (or creates) the store in `dir`, keeping blob bytes in the bucket `s3` if
+    /// given (metadata stays in `dir`).
+    pub fn open_with(dir: &Path, s3: Option<&S3Options>) -> Result<Self, StoreError> {
+        let remote = s3.map(remote::Remote::open).transpose()?;
         let blobs = dir.join("blobs");
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&blobs).ctx(&blobs)?;
@@ -218,6 +235,7 @@ impl Store {
                 db,
                 unsynced: Default::default(),
                 place_lock: Default::default(),
+                remote,
             }),
         })
     }
@@ -335,6 +353,9 @@ impl Store {
             }
         }
         w.commit().map_err(db_err)?;
+        if let Some(r) = &self.inner.remote {
+            return r.delete(hashes);
+        }
         for h in hashes {
             let _ = std::fs::remove_file(self.data_path(h));
             let _ = std::fs::remove_file(self.outboard_path(h));
@@ -350,6 +371,9 @@ impl Store {
             t.remove(hash.0).map_err(db_err)?;
         }
         w.commit().map_err(db_err)?;
+        if let Some(r) = &self.inner.remote {
+            return r.delete(&[*hash]);
+        }
         let _ = std::fs::remove_file(self.data_path(hash));
         let _ = std::fs::remove_file(self.outboard_path(hash));
         Ok(())
@@ -362,6 +386,9 @@ impl Store {
         }
         if !self.has_complete(hash)? {
             return Err(StoreError::NotFound(*hash));
+        }
+        if let Some(r) = &self.inner.remote {
+            return r.get_all(hash);
         }
         let p = self.data_path(hash);
         std::fs::read(&p).ctx(&p)
@@ -456,7 +483,9 @@ pub fn sync_fs_of(path: &Path) -> io::Result<()> {
 mod import;
 mod pages;
 mod ranges;
+mod remote;
 
+pub use remote::S3Options;
 pub use import::{BATCH_FLUSH, IN_MEMORY_MAX, ImportBatch, PER_FILE_SYNC_MAX};
 pub use pages::{PageSink, Pages};
 

@@ -22,6 +22,9 @@ impl Store {
         if !meta.is_complete() && (meta.ranges().to_chunk_ranges() & want.clone()) != want {
             return Err(StoreError::MissingRanges(*hash));
         }
+        if let Some(r) = &self.inner.remote {
+            return r.encode(hash, size, ranges, out);
+        }
         let dp = self.data_path(hash);
         let data = File::open(&dp).ctx(&dp)?;
         let ob = PreOrderOutboard {
@@ -40,6 +43,12 @@ impl Store {
     /// Prepares to receive a blob in ranges: creates its (sparse) files and an empty record
     /// if it has none. Returns what is held.
     pub fn begin_partial(&self, hash: &Hash, size: u64) -> Result<BlobMeta, StoreError> {
+        if self.inner.remote.is_some() {
+            return Err(StoreError::Remote {
+                what: format!("blob {hash}"),
+                message: "a store in a bucket takes whole verified blobs only".into(),
+            });
+        }
         let _placing = self.inner.place_lock.lock().expect("not poisoned");
         if let Some(m) = self.meta(hash)? {
             if m.size == size {

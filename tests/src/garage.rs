@@ -1,0 +1,173 @@
+//! A real S3 server for tests: a single-node Garage on 127.0.0.1, in a temp dir, with one
+//! bucket and one key. `scripts/garage.sh` installs the pinned version.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use voltool_agent::store::S3Options;
+
+/// The bucket every test origin lives in (each under a prefix of its own).
+pub const BUCKET: &str = "voltool-test";
+const KEY_ID: &str = "GK0123456789abcdef01234567";
+const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const REGION: &str = "garage";
+
+/// A running Garage server, stopped when dropped.
+#[derive(Debug)]
+pub struct Garage {
+    child: Child,
+    dir: TempDir,
+    /// `http://127.0.0.1:PORT`, its S3 API.
+    pub endpoint: String,
+}
+
+/// The `garage` program: on `PATH`, or where `cargo install` puts it.
+fn program() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("garage"));
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin").join("garage"));
+    on_path.chain(cargo_home).find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Garage {
+    /// Starts a server, or `None` (the test skips, saying so) when Garage is not installed
+    /// and `VOLTOOL_REQUIRE_S3` is not set; `scripts/test.sh` installs it and sets it.
+    pub fn start() -> Option<Self> {
+        let Some(bin) = program() else {
+            assert!(
+                std::env::var_os("VOLTOOL_REQUIRE_S3").is_none(),
+                "garage is not installed: run scripts/garage.sh"
+            );
+            eprintln!("skipped: garage is not installed (scripts/garage.sh installs it)");
+            return None;
+        };
+        let dir = crate::test_dir();
+        let (s3, rpc) = (free_port(), free_port());
+        let config = format!(
+            r#"metadata_dir = "{d}/meta"
+data_dir = "{d}/data"
+db_engine = "lmdb"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{SECRET}"
+
+[s3_api]
+s3_region = "{REGION}"
+api_bind_addr = "127.0.0.1:{s3}"
+root_domain = ".s3.garage.localhost"
+"#,
+            d = dir.path().display(),
+        );
+        let conf = dir.path().join("garage.toml");
+        std::fs::write(&conf, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting garage");
+        let g = Garage {
+            child,
+            dir,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+        };
+        g.await_up(&bin, &conf);
+        let id = g.cli(&bin, &conf, &["node", "id", "-q"]);
+        let id = id.trim().split('@').next().unwrap().to_string();
+        g.cli(&bin, &conf, &["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+        g.cli(&bin, &conf, &["layout", "apply", "--version", "1"]);
+        g.cli(&bin, &conf, &["key", "import", "--yes", KEY_ID, SECRET]);
+        g.cli(&bin, &conf, &["bucket", "create", BUCKET]);
+        g.cli(
+            &bin,
+            &conf,
+            &["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", KEY_ID],
+        );
+        Some(g)
+    }
+
+    /// Waits (bounded) until the server answers its own CLI.
+    fn await_up(&self, bin: &Path, conf: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = Command::new(bin)
+                .arg("-c")
+                .arg(conf)
+                .arg("status")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "garage did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn cli(&self, bin: &Path, conf: &Path, args: &[&str]) -> String {
+        let out = Command::new(bin)
+            .arg("-c")
+            .arg(conf)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "garage {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
+    }
+
+    /// Where an origin under `prefix` lives, with the server's address and key.
+    pub fn origin(&self, prefix: &str) -> S3Options {
+        S3Options {
+            bucket: BUCKET.into(),
+            prefix: prefix.into(),
+            endpoint: Some(self.endpoint.clone()),
+            region: Some(REGION.into()),
+            access_key_id: Some(KEY_ID.into()),
+            secret_access_key: Some(SECRET.into()),
+        }
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
