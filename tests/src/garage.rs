@@ -95,14 +95,20 @@ root_domain = ".s3.garage.localhost"
         g.await_up(&bin, &conf);
         let id = g.cli(&bin, &conf, &["node", "id", "-q"]);
         let id = id.trim().split('@').next().unwrap().to_string();
-        g.cli(&bin, &conf, &["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+        g.cli(
+            &bin,
+            &conf,
+            &["layout", "assign", "-z", "dc1", "-c", "1G", &id],
+        );
         g.cli(&bin, &conf, &["layout", "apply", "--version", "1"]);
         g.cli(&bin, &conf, &["key", "import", "--yes", KEY_ID, SECRET]);
         g.cli(&bin, &conf, &["bucket", "create", BUCKET]);
         g.cli(
             &bin,
             &conf,
-            &["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", KEY_ID],
+            &[
+                "bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", KEY_ID,
+            ],
         );
         Some(g)
     }

@@ -71,7 +71,10 @@ async fn an_origin_in_a_bucket_serves_verified_ranges_and_frees_what_gc_drops() 
         assert!(meta.size > 0);
     }
     let staged = data_files(&f.coord_dir().join("origin"));
-    assert!(staged.is_empty(), "blob files on the coordinator: {staged:?}");
+    assert!(
+        staged.is_empty(),
+        "blob files on the coordinator: {staged:?}"
+    );
 
     // Only the origin has it now: a fresh agent reloads it all from the bucket.
     let writer = f.agents.pop().unwrap();
@@ -95,14 +98,25 @@ async fn an_origin_in_a_bucket_serves_verified_ranges_and_frees_what_gc_drops() 
     .await
     .unwrap();
     assert!(matches!(r, Err(StoreError::Corrupt { .. })), "{r:?}");
-    bucket.put(&key, PutPayload::from(big.clone())).await.unwrap();
+    bucket
+        .put(&key, PutPayload::from(big.clone()))
+        .await
+        .unwrap();
 
-    // A new version; the old one's blobs leave the bucket at the next collection.
+    // A new version; the old one's blobs leave the bucket at the next collection, and so
+    // do objects put but never recorded (a crash between the two).
     let new_big = bytes(3, 2 * 1024 * 1024);
     std::fs::write(c.join("model.bin"), &new_big).unwrap();
     f.commit(0, "vol").await.unwrap();
+    let stray = origin.blob_key(&Hash::of(b"stray"), "data");
+    bucket
+        .put(&stray, PutPayload::from_static(b"stray"))
+        .await
+        .unwrap();
     let s = f.coord.as_ref().unwrap().collect_garbage().await.unwrap();
     assert!(s.freed_bytes >= big.len() as u64, "{s:?}");
+    assert_eq!(s.unrecorded, 1, "{s:?}");
+    assert!(bucket.head(&stray).await.is_err());
     for ext in ["data", "obao"] {
         let gone = bucket.head(&origin.blob_key(&big_hash, ext)).await;
         assert!(
@@ -131,7 +145,10 @@ async fn an_origin_in_a_bucket_serves_verified_ranges_and_frees_what_gc_drops() 
     .await
     .unwrap_err()
     .to_string();
-    assert!(e.contains("s3://voltool-test/fleet-1") && e.contains("blobs"), "{e}");
+    assert!(
+        e.contains("s3://voltool-test/fleet-1") && e.contains("blobs"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,6 +51,9 @@ pub struct GcStats {
     pub freed_bytes: u64,
     /// Blobs unreferenced but kept for their grace.
     pub in_grace: usize,
+    /// Blobs whose objects were in the origin's bucket but never recorded (a crash between
+    /// the two), deleted.
+    pub unrecorded: usize,
 }
 
 /// Blobs uploaded or found held lately, for the commits that will refer to them.
@@ -142,14 +145,19 @@ impl State {
         for chunk in dead.chunks(4096) {
             self.origin.remove_many(chunk).map_err(internal)?;
         }
+        stats.unrecorded = self
+            .origin
+            .sweep_unrecorded(self.retention.grace)
+            .map_err(internal)?;
         self.metrics.gc_freed_bytes.inc_by(stats.freed_bytes);
-        if stats.freed > 0 || stats.versions_dropped > 0 {
+        if stats.freed > 0 || stats.versions_dropped > 0 || stats.unrecorded > 0 {
             info!(
                 freed = stats.freed,
                 freed_bytes = stats.freed_bytes,
                 versions_dropped = stats.versions_dropped,
                 live = stats.live,
                 in_grace = stats.in_grace,
+                unrecorded = stats.unrecorded,
                 "origin garbage collected"
             );
         }

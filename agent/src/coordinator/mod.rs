@@ -170,7 +170,10 @@ fn fail(kind: ErrorKind, message: impl Into<String>) -> Fail {
 const ORIGIN_FILE: &str = "where";
 
 /// Opens the origin store, refusing one whose blobs were kept elsewhere.
-fn open_origin(dir: &Path, s3: Option<&crate::store::S3Options>) -> Result<Store, CoordinatorError> {
+fn open_origin(
+    dir: &Path,
+    s3: Option<&crate::store::S3Options>,
+) -> Result<Store, CoordinatorError> {
     let want = s3.map_or_else(|| "dir".to_string(), |o| o.url());
     let file = dir.join(ORIGIN_FILE);
     let io = |source| CoordinatorError::Io {
@@ -180,10 +183,9 @@ fn open_origin(dir: &Path, s3: Option<&crate::store::S3Options>) -> Result<Store
     let was = match std::fs::read_to_string(&file) {
         Ok(was) => Some(was.trim().to_string()),
         // A store made before this file existed kept its blobs in the folder.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir
-            .join("store.redb")
-            .exists()
-            .then(|| "dir".to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            dir.join("store.redb").exists().then(|| "dir".to_string())
+        }
         Err(e) => return Err(io(e)),
     };
     if let Some(was) = was.filter(|w| *w != want) {

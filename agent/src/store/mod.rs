@@ -436,6 +436,27 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes the objects of blobs a bucket holds but the store never recorded (a crash
+    /// between putting them and recording them), once older than `grace`; returns how
+    /// many blobs. A store in a folder has nothing to sweep.
+    pub fn sweep_unrecorded(&self, grace: std::time::Duration) -> Result<usize, StoreError> {
+        let Some(r) = &self.inner.remote else {
+            return Ok(0);
+        };
+        // No batch puts and records while the bucket is listed and swept.
+        let _placing = self.inner.place_lock.lock().expect("not poisoned");
+        let listed = r.list_blobs()?;
+        let cutoff = std::time::SystemTime::now().checked_sub(grace);
+        let mut orphans = Vec::new();
+        for (h, written) in listed {
+            if cutoff.is_some_and(|c| written <= c) && self.meta(&h)?.is_none() {
+                orphans.push(h);
+            }
+        }
+        r.delete(&orphans)?;
+        Ok(orphans.len())
+    }
+
     /// Hashes of all complete blobs (to announce them).
     pub fn complete_blobs(&self) -> Result<Vec<Hash>, StoreError> {
         let mut out = Vec::new();
@@ -485,9 +506,9 @@ mod pages;
 mod ranges;
 mod remote;
 
-pub use remote::S3Options;
 pub use import::{BATCH_FLUSH, IN_MEMORY_MAX, ImportBatch, PER_FILE_SYNC_MAX};
 pub use pages::{PageSink, Pages};
+pub use remote::S3Options;
 
 #[cfg(test)]
 mod tests {

@@ -241,7 +241,9 @@ impl Remote {
             let mut jobs = jobs.into_iter();
             loop {
                 while set.len() < PARALLEL {
-                    let Some((key, file)) = jobs.next() else { break };
+                    let Some((key, file)) = jobs.next() else {
+                        break;
+                    };
                     let b = bucket.clone();
                     set.spawn(async move { put_file(b, &key, &file).await.map_err(|e| (key, e)) });
                 }
@@ -296,6 +298,37 @@ impl Remote {
         r.map_err(|(key, e)| self.fail(&key, e))
     }
 
+    /// Blobs with objects in the bucket, each with the time its newest object was written.
+    pub(crate) fn list_blobs(&self) -> Result<HashMap<Hash, std::time::SystemTime>, StoreError> {
+        use futures_lite::StreamExt;
+        let (b, under) = (self.bucket.clone(), self.opts.blob_key(&Hash::EMPTY, "x"));
+        // PREFIX/blobs, the parent of the fan-out folders.
+        let parts: Vec<_> = under.parts().collect();
+        let blobs = ObjPath::from_iter(parts[..parts.len() - 2].iter().cloned());
+        let listed = self.run(async move {
+            let mut out = HashMap::new();
+            let mut s = b.list(Some(&blobs));
+            while let Some(m) = s.next().await {
+                let m = m?;
+                let Some(name) = m.location.filename() else {
+                    continue;
+                };
+                let Some((hex, _)) = name.split_once('.') else {
+                    continue;
+                };
+                let Ok(h) = hex.parse::<Hash>() else { continue };
+                let t: std::time::SystemTime = m.last_modified.into();
+                let e = out.entry(h).or_insert(t);
+                *e = (*e).max(t);
+            }
+            Ok::<_, object_store::Error>(out)
+        });
+        listed.map_err(|e| StoreError::Remote {
+            what: self.opts.url(),
+            message: format!("listing blobs: {e}"),
+        })
+    }
+
     /// A whole object.
     pub(crate) fn get_all(&self, hash: &Hash) -> Result<Vec<u8>, StoreError> {
         let key = self.key(hash, "data");
@@ -331,7 +364,9 @@ impl Remote {
             ob.bytes += v.len();
         }
         while ob.bytes > OUTBOARD_CACHE {
-            let Some((_, old)) = ob.cache.pop_lru() else { break };
+            let Some((_, old)) = ob.cache.pop_lru() else {
+                break;
+            };
             ob.bytes -= old.len();
         }
         Ok(v)
@@ -477,7 +512,9 @@ impl ReadAt for MemOutboard {
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
         match &self.0 {
             Some(v) => v.as_slice().read_at(pos, buf),
-            None => Err(io::Error::other("a blob of one chunk group has no outboard")),
+            None => Err(io::Error::other(
+                "a blob of one chunk group has no outboard",
+            )),
         }
     }
 }
