@@ -95,7 +95,7 @@ pub(crate) struct CoordinatorArgs {
     )]
     s3_endpoint: Option<String>,
     /// The S3 region.
-    #[arg(long, env = "AWS_REGION", value_name = "REGION", requires = "origin")]
+    #[arg(long, env = "AWS_REGION", value_name = "REGION")]
     s3_region: Option<String>,
     #[command(flatten)]
     tuning: Tuning,
