@@ -96,6 +96,39 @@ impl CoordClient {
 
     /// Sends a request, returns the answer; an error answer becomes [`ClientError::Remote`].
     pub async fn request(&self, req: &CoordRequest) -> Result<CoordResponse, ClientError> {
+        let r = self.request_once(req).await;
+        self.explain(r).await
+    }
+
+    /// A transport failure because the coordinator refused this node (not a fleet
+    /// member) says so.
+    async fn explain<T>(&self, r: Result<T, ClientError>) -> Result<T, ClientError> {
+        let Err(ClientError::Net(e)) = r else {
+            return r;
+        };
+        let reason = self
+            .conn
+            .lock()
+            .await
+            .as_ref()
+            .and_then(|c| c.close_reason());
+        match reason {
+            Some(iroh::endpoint::ConnectionError::ApplicationClosed(a))
+                if a.error_code == coord::CLOSE_NOT_MEMBER.into() =>
+            {
+                Err(ClientError::Remote {
+                    kind: ErrorKind::Forbidden,
+                    message: format!(
+                        "the coordinator refused this node ({}): it is not a member of the fleet",
+                        self.ep.id()
+                    ),
+                })
+            }
+            _ => Err(ClientError::Net(e)),
+        }
+    }
+
+    async fn request_once(&self, req: &CoordRequest) -> Result<CoordResponse, ClientError> {
         let (mut send, mut recv) = self.open().await?;
         net::write_frame(&mut send, req).await?;
         send.finish().map_err(NetError::stream)?;
@@ -106,11 +139,29 @@ impl CoordClient {
         }
     }
 
+    /// Watches the fleet's members: the stream answers with the member ids now and after
+    /// every change ([`CoordRequest::WatchMembers`]).
+    pub async fn watch_members(&self) -> Result<MembersWatch, ClientError> {
+        let (mut send, recv) = self.open().await?;
+        net::write_frame(&mut send, &CoordRequest::WatchMembers).await?;
+        send.finish().map_err(NetError::stream)?;
+        Ok(MembersWatch { recv })
+    }
+
     /// Sends a commit: the `header` ([`CoordRequest::Commit`]), then the parts `parts`
     /// yields until the one marked last, on one stream; the coordinator answers once it
     /// has applied them all. When `parts` ends before a last part, the stream is reset and
     /// nothing is committed.
     pub async fn commit(
+        &self,
+        header: &CoordRequest,
+        parts: &mut tokio::sync::mpsc::Receiver<CommitPart>,
+    ) -> Result<CoordResponse, ClientError> {
+        let r = self.commit_once(header, parts).await;
+        self.explain(r).await
+    }
+
+    async fn commit_once(
         &self,
         header: &CoordRequest,
         parts: &mut tokio::sync::mpsc::Receiver<CommitPart>,
@@ -148,6 +199,15 @@ impl CoordClient {
     /// Uploads blobs from the files that hold them, on one stream; the origin verifies
     /// each against its hash and answers once all are durable.
     pub async fn upload(
+        &self,
+        blobs: &[(Hash, u64, PathBuf)],
+        on_bytes: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<(), ClientError> {
+        let r = self.upload_once(blobs, on_bytes).await;
+        self.explain(r).await
+    }
+
+    async fn upload_once(
         &self,
         blobs: &[(Hash, u64, PathBuf)],
         on_bytes: &(dyn Fn(u64) + Send + Sync),
@@ -250,4 +310,21 @@ async fn send_file(
         on_bytes(n as u64);
     }
     Ok(())
+}
+
+/// The fleet's members as the coordinator pushes them (see [`CoordClient::watch_members`]).
+#[derive(Debug)]
+pub struct MembersWatch {
+    recv: iroh::endpoint::RecvStream,
+}
+
+impl MembersWatch {
+    /// The next member list: waits until the membership changes (the first comes at once).
+    pub async fn next(&mut self) -> Result<Vec<[u8; 32]>, ClientError> {
+        match net::read_frame(&mut self.recv, MAX_RESPONSE).await? {
+            CoordResponse::Members(ids) => Ok(ids),
+            CoordResponse::Error { kind, message } => Err(ClientError::Remote { kind, message }),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
 }

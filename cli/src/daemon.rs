@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use tracing_subscriber::EnvFilter;
-use voltool_agent::coordinator::{Coordinator, CoordinatorOptions, Retention, read_members};
+use voltool_agent::coordinator::{
+    Coordinator, CoordinatorOptions, Membership, Retention, read_members,
+};
 use voltool_agent::net::{Congestion, NodeAddr};
 use voltool_agent::node::{Agent, AgentOptions, SnapshotMode};
 use voltool_agent::rate::Rate;
@@ -62,9 +64,16 @@ pub(crate) struct CoordinatorArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     listen: SocketAddr,
-    /// File of node ids allowed in the fleet, one per line. Without it any node may join.
+    /// File of node ids allowed in the fleet, one per line (`#` comments). Without it any
+    /// node may join. Re-read on SIGHUP: a node removed is refused at once, by the
+    /// coordinator and by its peers.
     #[arg(long, value_name = "FILE")]
     members: Option<PathBuf>,
+    /// File of node ids that may write (commit, put, rm, cp, batch uploads; create, rename
+    /// and delete volumes), one per line; they are members too. Without it every member
+    /// may write. Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    writers: Option<PathBuf>,
     /// Egress limit of the origin, e.g. 50mbit, 12MiB/s.
     #[arg(long, value_name = "RATE")]
     max_egress: Option<Rate>,
@@ -199,14 +208,12 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
     if let Some(f) = &a.config {
         tracing::info!(file = %f.display(), "options read from a config file");
     }
-    let members = match &a.members {
-        Some(f) => Some(read_members(f)?),
-        None => None,
-    };
+    let m = membership(&a)?;
     let c = Coordinator::start(CoordinatorOptions {
         data: a.data.clone(),
         listen: a.listen,
-        members,
+        members: m.members,
+        writers: m.writers,
         max_egress: a.max_egress,
         congestion: a.tuning.congestion,
         swarm: swarm_config(&a.tuning.swarm_knob)?,
@@ -216,18 +223,39 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
             interval: a.gc_interval,
         },
         metrics: a.metrics,
-        s3: a.origin.map(|o| S3Options {
-            endpoint: a.s3_endpoint,
-            region: a.s3_region,
+        s3: a.origin.clone().map(|o| S3Options {
+            endpoint: a.s3_endpoint.clone(),
+            region: a.s3_region.clone(),
             ..o
         }),
     })
     .await
     .context("starting the coordinator")?;
     println!("coordinator {}", c.addr());
-    until_signal().await?;
+    // SIGHUP: the members and writers files again (kept as they were if either fails).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let stop = until_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = &mut stop => { r?; break; }
+            _ = hup.recv() => match membership(&a) {
+                Ok(m) => c.set_membership(m),
+                Err(e) => tracing::error!("membership kept as it was: {e:#}"),
+            },
+        }
+    }
     c.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The members and writers files, read.
+fn membership(a: &CoordinatorArgs) -> anyhow::Result<Membership> {
+    let read = |f: &Option<PathBuf>| f.as_deref().map(read_members).transpose();
+    Ok(Membership {
+        members: read(&a.members)?,
+        writers: read(&a.writers)?,
+    })
 }
 
 pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {

@@ -128,7 +128,14 @@ pub enum CoordRequest {
         /// The provider's node id.
         provider: [u8; 32],
     },
+    /// The fleet's members now, and again each time they change: the coordinator answers
+    /// [`CoordResponse::Members`] on this stream until either side closes it.
+    WatchMembers,
 }
+
+/// The application code a coordinator closes a connection with when the node is not a
+/// fleet member.
+pub const CLOSE_NOT_MEMBER: u32 = 1;
 
 /// Most changes in one [`CommitPart`].
 pub const MAX_COMMIT_PART: usize = 16_384;
@@ -204,7 +211,7 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The request is invalid (bad name, hostile path, bad change set).
     Invalid,
-    /// The caller is not a fleet member or may not write.
+    /// The caller is not a fleet member, or may read but not write.
     Forbidden,
     /// An uploaded blob does not hash to its claimed hash, or is truncated.
     Corrupt,

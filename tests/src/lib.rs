@@ -34,6 +34,7 @@ pub struct TestFleet {
     /// The agents.
     pub agents: Vec<Agent>,
     members: HashSet<voltool_protocol::PublicKey>,
+    writers: Option<HashSet<voltool_protocol::PublicKey>>,
     limits: Limits,
     s3: Option<voltool_agent::store::S3Options>,
 }
@@ -84,6 +85,7 @@ impl TestFleet {
             coord_listen: "127.0.0.1:0".parse().unwrap(),
             agents: Vec::new(),
             members,
+            writers: None,
             limits,
             s3,
         };
@@ -169,6 +171,7 @@ impl TestFleet {
             data: self.coord_dir(),
             listen: self.coord_listen,
             members: Some(self.members.clone()),
+            writers: self.writers.clone(),
             max_egress: self.limits.origin_egress,
             congestion: Default::default(),
             swarm: Default::default(),
@@ -176,6 +179,30 @@ impl TestFleet {
             metrics: Some("127.0.0.1:0".parse().unwrap()),
             s3: self.s3.clone(),
         }
+    }
+
+    /// Replaces the fleet's members and writers (kept for restarts); `None` writers: every
+    /// member may write.
+    pub fn set_membership(
+        &mut self,
+        members: HashSet<voltool_protocol::PublicKey>,
+        writers: Option<HashSet<voltool_protocol::PublicKey>>,
+    ) {
+        self.members = members.clone();
+        self.writers = writers.clone();
+        if let Some(c) = &self.coord {
+            c.set_membership(voltool_agent::coordinator::Membership {
+                members: Some(members),
+                writers,
+            });
+        }
+    }
+
+    /// Agent `i`'s node id.
+    pub fn agent_id(&self, i: usize) -> voltool_protocol::PublicKey {
+        voltool_agent::keys::load_or_create(&self.agent_dir(i))
+            .unwrap()
+            .public()
     }
 
     /// Data directory of the coordinator.

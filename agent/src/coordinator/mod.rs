@@ -42,6 +42,8 @@ pub struct CoordinatorOptions {
     pub listen: SocketAddr,
     /// Node ids allowed in the fleet; `None` admits any node (a warning is logged).
     pub members: Option<HashSet<EndpointId>>,
+    /// Node ids that may write (they are members too); `None`: every member may.
+    pub writers: Option<HashSet<EndpointId>>,
     /// Egress limit of the origin (bytes/s).
     pub max_egress: Option<Rate>,
     /// The QUIC congestion controller.
@@ -109,7 +111,7 @@ struct State {
     origin: Store,
     /// The manifest pages in the origin store.
     pages: crate::store::Pages,
-    members: Option<HashSet<EndpointId>>,
+    roster: members::Roster,
     serve: crate::blobs::ServeOptions,
     /// Where the origin serves blobs (handed out as the last provider).
     addr: NodeAddr,
@@ -259,7 +261,10 @@ impl Coordinator {
             db,
             pages: crate::store::Pages::new(origin.clone()),
             origin,
-            members: opts.members,
+            roster: members::Roster::new(Membership {
+                members: opts.members,
+                writers: opts.writers,
+            }),
             serve: crate::blobs::ServeOptions::new(
                 opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
                 false,
@@ -329,6 +334,17 @@ impl Coordinator {
         &self.state.origin
     }
 
+    /// Replaces the fleet's members and writers: refused at once, and pushed to the agents
+    /// that watch them (their peers stop serving a removed node).
+    pub fn set_membership(&self, m: Membership) {
+        info!(
+            members = m.members.as_ref().map(|s| s.len()),
+            writers = m.writers.as_ref().map(|s| s.len()),
+            "fleet membership replaced"
+        );
+        self.state.roster.set(m);
+    }
+
     /// Collects the origin's garbage now (it also runs every [`Retention::interval`]).
     pub async fn collect_garbage(&self) -> Result<GcStats, CoordinatorError> {
         gc::run(&self.state)
@@ -362,7 +378,7 @@ async fn accept_loop(ep: Endpoint, state: Arc<State>, cancel: CancellationToken)
             let peer = conn.remote_id();
             if !state.is_member(&peer) {
                 warn!(peer = %peer.fmt_short(), "refused a node that is not a fleet member");
-                conn.close(1u32.into(), b"not a fleet member");
+                conn.close(coord::CLOSE_NOT_MEMBER.into(), b"not a fleet member");
                 return;
             }
             match conn.alpn() {
@@ -376,12 +392,6 @@ async fn accept_loop(ep: Endpoint, state: Arc<State>, cancel: CancellationToken)
                 _ => conn.close(2u32.into(), b"unknown protocol"),
             }
         });
-    }
-}
-
-impl State {
-    fn is_member(&self, id: &EndpointId) -> bool {
-        self.members.as_ref().is_none_or(|m| m.contains(id))
     }
 }
 
@@ -408,7 +418,14 @@ async fn serve_request(
     peer: EndpointId,
 ) -> Result<(), NetError> {
     let req: CoordRequest = net::read_frame(&mut recv, MAX_REQUEST).await?;
+    // Checked at every request: a node removed from the fleet is refused at once.
+    if let Err(refused) = state.admit(&peer, &req) {
+        net::write_frame(&mut send, &CoordResponse::from(refused)).await?;
+        send.finish().map_err(NetError::stream)?;
+        return Ok(());
+    }
     let resp = match req {
+        CoordRequest::WatchMembers => return members::watch(&mut send, &state, &peer).await,
         CoordRequest::Upload { blobs } => upload(&state, &mut recv, blobs).await,
         CoordRequest::Commit {
             name,
@@ -531,15 +548,7 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             }
             Ok(CoordResponse::Providers(lookup_all(state, &peer, &hashes)))
         }
-        CoordRequest::Members => {
-            let t = state.tracker.lock().expect("not poisoned");
-            let mut ids: Vec<[u8; 32]> = match &state.members {
-                Some(m) => m.iter().map(|id| *id.as_bytes()).collect(),
-                None => t.members().map(|id| id.0).collect(),
-            };
-            ids.push(*state.key.public().as_bytes());
-            Ok(CoordResponse::Members(ids))
-        }
+        CoordRequest::Members => Ok(CoordResponse::Members(state.member_ids())),
         CoordRequest::Upload { .. } | CoordRequest::Commit { .. } => {
             Err(fail(ErrorKind::Invalid, "request out of place"))
         }
@@ -571,11 +580,13 @@ pub fn read_members(path: &Path) -> Result<HashSet<EndpointId>, CoordinatorError
 
 mod commit;
 mod gc;
+mod members;
 mod tracker;
 mod upload;
 mod volumes;
 
 pub use gc::{GcStats, Retention};
+pub use members::Membership;
 use tracker::{Tracker, lookup, lookup_all, node_id};
 use upload::upload;
 use volumes::*;

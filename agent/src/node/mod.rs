@@ -250,6 +250,7 @@ impl Agent {
         let listener = UnixListener::bind(&sock).map_err(|e| other(&e))?;
         tasks.spawn(control_loop(inner.clone(), listener, cancel.clone()));
         tasks.spawn(peer_loop(inner.clone(), cancel.clone()));
+        tasks.spawn(remote::watch_members(inner.clone(), cancel.clone()));
         for m in inner.mounts().map_err(|e| other(&e))? {
             if let Some(secs) = m.background_commit_secs {
                 tasks.spawn(background_commits(
@@ -426,7 +427,9 @@ async fn peer_loop(inner: Arc<Inner>, cancel: CancellationToken) {
             if !member {
                 warn!(peer = %conn.remote_id().fmt_short(), "refused a node that is not a fleet member");
             }
-            let allow: crate::blobs::Allow = Arc::new(move |_| member);
+            // Checked again at every request: a node removed meanwhile is refused.
+            let i = inner.clone();
+            let allow: crate::blobs::Allow = Arc::new(move |id| member && i.is_listed_member(id));
             crate::blobs::serve(conn, inner.store.clone(), allow, inner.serve.clone()).await;
         });
     }

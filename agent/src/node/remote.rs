@@ -64,17 +64,55 @@ impl Inner {
                 return false;
             }
         }
-        let fresh = match self.coord.request(&CoordRequest::Members).await {
-            Ok(CoordResponse::Members(ids)) => ids
-                .iter()
-                .filter_map(|b| iroh::PublicKey::from_bytes(b).ok())
-                .collect(),
-            _ => HashSet::new(),
+        match self.coord.request(&CoordRequest::Members).await {
+            Ok(CoordResponse::Members(ids)) => self.set_members(&ids),
+            _ => self.set_members(&[]),
+        }
+        self.is_listed_member(id)
+    }
+}
+
+impl Inner {
+    /// Whether `id` is a member by the list held now (no refresh): checked at every
+    /// request a peer sends, so a node the coordinator removed is refused at once.
+    pub(super) fn is_listed_member(&self, id: &iroh::PublicKey) -> bool {
+        *id == self.opts.coordinator.id || self.members.lock().expect("not poisoned").0.contains(id)
+    }
+
+    fn set_members(&self, ids: &[[u8; 32]]) {
+        let fresh = ids
+            .iter()
+            .filter_map(|b| iroh::PublicKey::from_bytes(b).ok())
+            .collect();
+        *self.members.lock().expect("not poisoned") = (fresh, Some(Instant::now()));
+    }
+}
+
+/// Keeps the member list current as the coordinator pushes it, reconnecting (with a
+/// bounded back-off) when the watch breaks.
+pub(super) async fn watch_members(inner: Arc<Inner>, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let watched = async {
+            let mut w = inner.coord.watch_members().await?;
+            loop {
+                let ids = w.next().await?;
+                inner.set_members(&ids);
+                backoff = Duration::from_millis(200);
+            }
         };
-        let mut m = self.members.lock().expect("not poisoned");
-        m.0 = fresh;
-        m.1 = Some(Instant::now());
-        m.0.contains(id)
+        let r: Result<(), crate::coord_client::ClientError> = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = watched => r,
+        };
+        if let Err(e) = r {
+            debug!("watching the fleet's members: {e}");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

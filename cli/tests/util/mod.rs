@@ -53,12 +53,22 @@ impl Fleet {
     }
 
     pub fn start_with(agents: usize, agent_args: &[&str]) -> Fleet {
-        let dir = voltool_tests::test_dir();
+        Self::start_in(voltool_tests::test_dir(), agents, &[], agent_args)
+    }
+
+    /// Starts a fleet in `dir` (where the coordinator's extra arguments may name files).
+    pub fn start_in(
+        dir: tempfile::TempDir,
+        agents: usize,
+        coordinator_args: &[&str],
+        agent_args: &[&str],
+    ) -> Fleet {
         let cdir = dir.path().join("coordinator");
         std::fs::create_dir_all(&cdir).unwrap();
         let mut c = voltool()
             .args(["coordinator", "--data"])
             .arg(&cdir)
+            .args(coordinator_args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("coordinator.log")).unwrap())
             .spawn()
@@ -119,6 +129,24 @@ impl Fleet {
 
     pub fn run(&self, i: usize, args: &[&str]) -> Output {
         self.cmd(i, args).output().unwrap()
+    }
+
+    /// The process id of a node ("coordinator", "agent-0", …).
+    pub fn pid(&self, name: &str) -> u32 {
+        self.children.iter().find(|(n, _)| n == name).unwrap().1.id()
+    }
+
+    /// Waits (bounded) until a node's log holds `text`.
+    pub fn wait_log(&self, name: &str, text: &str) {
+        let start = Instant::now();
+        while !self.log(name).contains(text) {
+            assert!(
+                start.elapsed() < START_TIMEOUT,
+                "{name} never logged {text:?}: {}",
+                self.log(name)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn log(&self, name: &str) -> String {
