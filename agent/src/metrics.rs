@@ -85,6 +85,10 @@ pub struct Metrics {
     pub tracker_lookups: Counter,
     /// Bytes the origin's garbage collection freed (coordinator).
     pub gc_freed_bytes: Counter,
+    /// Blobs evicted from an agent's store to keep it within its budget.
+    pub evictions: Counter,
+    /// Bytes those evictions freed.
+    pub evicted_bytes: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -116,6 +120,8 @@ impl Metrics {
             tracker_entries: Gauge::default(),
             tracker_lookups: Counter::default(),
             gc_freed_bytes: Counter::default(),
+            evictions: Counter::default(),
+            evicted_bytes: Counter::default(),
             registry: Registry::default(),
             refresh: std::sync::OnceLock::new(),
         };
@@ -173,6 +179,16 @@ impl Metrics {
                 "active_peers",
                 "Peers with an open connection",
                 m.active_peers.clone(),
+            );
+            r.register(
+                "evictions",
+                "Blobs evicted from the store to keep it within its budget",
+                m.evictions.clone(),
+            );
+            r.register(
+                "evicted_bytes",
+                "Bytes evictions freed",
+                m.evicted_bytes.clone(),
             );
         }
         Arc::new(Metrics { registry: r, ..m })

@@ -11,7 +11,7 @@ use voltool_agent::coordinator::{
     Coordinator, CoordinatorOptions, Membership, Retention, read_members,
 };
 use voltool_agent::net::{Congestion, NodeAddr};
-use voltool_agent::node::{Agent, AgentOptions, SnapshotMode};
+use voltool_agent::node::{Agent, AgentOptions, SnapshotMode, StoreBudget};
 use voltool_agent::rate::Rate;
 use voltool_agent::store::S3Options;
 
@@ -144,6 +144,14 @@ pub(crate) struct AgentArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// The store's budget, e.g. 200GiB: past it, blobs no mounted snapshot needs are evicted,
+    /// least recently used first (partial blobs of abandoned downloads before them), and
+    /// withdrawn from the tracker. Without it nothing is evicted.
+    #[arg(long, value_name = "SIZE")]
+    store_max: Option<bytesize::ByteSize>,
+    /// What an eviction frees down to (the low watermark); 90 % of --store-max by default.
+    #[arg(long, value_name = "SIZE", requires = "store_max")]
+    store_low: Option<bytesize::ByteSize>,
     #[command(flatten)]
     tuning: Tuning,
     /// Fault injection for tests and the testnet's hostile-peer scenario: serve corrupt
@@ -278,6 +286,9 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         snapshots: a.snapshots,
         crash_at: a.crash_at,
         metrics: a.metrics,
+        store_max: a
+            .store_max
+            .map(|m| StoreBudget::new(m.as_u64(), a.store_low.map(|l| l.as_u64()))),
     })
     .await
     .context("starting the agent")?;

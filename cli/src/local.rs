@@ -183,6 +183,19 @@ pub(crate) async fn status(agent: &Path, a: StatusArgs) -> anyhow::Result<ExitCo
     println!("address     {}", s.addr);
     println!("coordinator {}", s.coordinator);
     println!("snapshots   {}", s.snapshots);
+    let size = |b: u64| bytesize::ByteSize(b).display().iec().to_string();
+    let budget = s
+        .store
+        .max
+        .map(|m| format!(" of {}", size(m)))
+        .unwrap_or_default();
+    println!(
+        "store       {}{budget} in {} blobs; {} evicted ({})",
+        size(s.store.bytes),
+        s.store.blobs,
+        s.store.evictions,
+        size(s.store.evicted_bytes)
+    );
     if s.mounts.is_empty() {
         println!("no mounts");
     }

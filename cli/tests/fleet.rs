@@ -7,7 +7,11 @@ use util::{Fleet, expect, stderr, voltool};
 
 /// Creates a node's key in `dir` and returns its id.
 fn node_id(dir: &std::path::Path) -> String {
-    let o = voltool().args(["node-id", "--data"]).arg(dir).output().unwrap();
+    let o = voltool()
+        .args(["node-id", "--data"])
+        .arg(dir)
+        .output()
+        .unwrap();
     expect(&o, 0);
     util::stdout(&o).trim().to_string()
 }
@@ -22,10 +26,7 @@ fn members_and_writers_files_are_re_read_on_sighup() {
     let writers = dir.path().join("writers");
     std::fs::write(&members, format!("# the fleet\n{}\n", ids[0])).unwrap();
     std::fs::write(&writers, format!("{}\n", ids[0])).unwrap();
-    let (m, w) = (
-        members.display().to_string(),
-        writers.display().to_string(),
-    );
+    let (m, w) = (members.display().to_string(), writers.display().to_string());
     let f = Fleet::start_in(dir, 2, &["--members", &m, "--writers", &w], &[]);
 
     let o = f.run(1, &["volume", "list"]);

@@ -324,6 +324,24 @@ pub struct StatusReport {
     pub snapshots: String,
     /// Mounts.
     pub mounts: Vec<MountStatus>,
+    /// The content store.
+    #[serde(default)]
+    pub store: StoreStatus,
+}
+
+/// What the agent's content store holds, and what its budget evicted.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// Bytes held (blob data and outboards).
+    pub bytes: u64,
+    /// Blobs held, complete or in part.
+    pub blobs: u64,
+    /// The budget's high watermark (`--store-max`), if any.
+    pub max: Option<u64>,
+    /// Blobs evicted since the agent started.
+    pub evictions: u64,
+    /// Bytes those evictions freed.
+    pub evicted_bytes: u64,
 }
 
 /// A successful answer.

@@ -13,6 +13,7 @@ use voltool_agent::node::{Agent, AgentOptions, Events};
 use voltool_agent::rate::Rate;
 
 pub mod garage;
+pub mod metrics;
 
 /// Writes a seeded key into a data directory.
 pub fn seed_key(dir: &Path, seed: u8) -> voltool_protocol::PublicKey {
@@ -35,7 +36,9 @@ pub struct TestFleet {
     pub agents: Vec<Agent>,
     members: HashSet<voltool_protocol::PublicKey>,
     writers: Option<HashSet<voltool_protocol::PublicKey>>,
-    limits: Limits,
+    /// The limits agents and the coordinator start with (changed, they apply at the next
+    /// start).
+    pub limits: Limits,
     s3: Option<voltool_agent::store::S3Options>,
 }
 
@@ -50,6 +53,8 @@ pub struct Limits {
     pub agent_ingress: Option<Rate>,
     /// Every agent's egress.
     pub agent_egress: Option<Rate>,
+    /// Every agent's store budget.
+    pub store_max: Option<voltool_agent::node::StoreBudget>,
 }
 
 impl TestFleet {
@@ -120,6 +125,7 @@ impl TestFleet {
             congestion: Default::default(),
             swarm: Default::default(),
             metrics: Some("127.0.0.1:0".parse().unwrap()),
+            store_max: self.limits.store_max,
         })
         .await
         .unwrap()

@@ -58,10 +58,7 @@ async fn readers_read_writers_write_and_the_lists_change_without_a_restart() {
     let c = f.commit(1, "vol").await.unwrap();
     assert_eq!(c.version, 2);
     f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
-    assert_eq!(
-        std::fs::read(a.join("r.bin")).unwrap(),
-        bytes(2, 100_000)
-    );
+    assert_eq!(std::fs::read(a.join("r.bin")).unwrap(), bytes(2, 100_000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,13 +84,9 @@ async fn a_removed_node_is_refused_at_once_and_one_added_joins_without_a_restart
     )
     .await
     .unwrap();
-    let conn = voltool_agent::net::connect(
-        &ep,
-        &f.agents[2].addr(),
-        voltool_protocol::blobs::ALPN,
-    )
-    .await
-    .unwrap();
+    let conn = voltool_agent::net::connect(&ep, &f.agents[2].addr(), voltool_protocol::blobs::ALPN)
+        .await
+        .unwrap();
     let (hash, size) = (Hash::of(&content), content.len() as u64);
     let first = RangeList(vec![(0, 16)]);
     get_encoded(&conn, hash, size, &first, 0, None)
@@ -117,7 +110,10 @@ async fn a_removed_node_is_refused_at_once_and_one_added_joins_without_a_restart
             Ok(_) => {}
             Err(e) => panic!("unexpected: {e}"),
         }
-        assert!(Instant::now() < deadline, "agent 2 still serves a removed node");
+        assert!(
+            Instant::now() < deadline,
+            "agent 2 still serves a removed node"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -129,19 +125,19 @@ async fn a_removed_node_is_refused_at_once_and_one_added_joins_without_a_restart
     // one is admitted once it has.)
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let conn = voltool_agent::net::connect(
-            &ep,
-            &f.agents[2].addr(),
-            voltool_protocol::blobs::ALPN,
-        )
-        .await
-        .unwrap();
+        let conn =
+            voltool_agent::net::connect(&ep, &f.agents[2].addr(), voltool_protocol::blobs::ALPN)
+                .await
+                .unwrap();
         match get_encoded(&conn, hash, size, &first, 0, None).await {
             Ok(_) => break,
             Err(FetchError::Refused(GetHeader::Forbidden)) => {}
             Err(e) => panic!("unexpected: {e}"),
         }
-        assert!(Instant::now() < deadline, "agent 2 refuses a node listed again");
+        assert!(
+            Instant::now() < deadline,
+            "agent 2 refuses a node listed again"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -36,6 +36,7 @@ mod commit;
 mod compact;
 mod error;
 mod events;
+mod evict;
 mod fetch;
 mod local;
 mod mount;
@@ -53,6 +54,7 @@ pub use compact::COMPACT_AT;
 pub use error::OpError;
 use error::{OpResult, db_err, err, failed, scan_err};
 pub use events::Events;
+pub use evict::StoreBudget;
 use fetch::local_root;
 use local::{Local, Take};
 use mounts::{MAX_OWN, MOUNTS, MountRecord, STATS, switch_link};
@@ -90,6 +92,8 @@ pub struct AgentOptions {
     pub swarm: voltool_protocol::swarm::Config,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     pub metrics: Option<SocketAddr>,
+    /// How much the store may hold; `None`: no limit (nothing is evicted).
+    pub store_max: Option<StoreBudget>,
 }
 
 /// Where [`AgentOptions::crash_at`] can stop the agent: a batched commit once its files are
@@ -137,6 +141,14 @@ struct Inner {
     /// Whether snapshots are overlays (else copies).
     overlays: bool,
     metrics: Arc<Metrics>,
+    /// Held for reading by every operation while it runs, for writing by an eviction.
+    ops: tokio::sync::RwLock<()>,
+    /// When an eviction last found each blob needed (its recency, with its write time).
+    last_needed: Mutex<HashMap<Hash, std::time::SystemTime>>,
+    /// What evictions freed since the start.
+    evicted: Mutex<evict::Evicted>,
+    /// Wakes the budget's check (after an operation).
+    budget_check: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Inner {
@@ -236,6 +248,10 @@ impl Agent {
             cancel: CancellationToken::new(),
             members: Default::default(),
             overlays,
+            ops: Default::default(),
+            last_needed: Default::default(),
+            evicted: Default::default(),
+            budget_check: Default::default(),
         });
         if inner.overlays {
             // The whole data directory, so that sealed upper layers (under mounts/) can be
@@ -251,6 +267,7 @@ impl Agent {
         tasks.spawn(control_loop(inner.clone(), listener, cancel.clone()));
         tasks.spawn(peer_loop(inner.clone(), cancel.clone()));
         tasks.spawn(remote::watch_members(inner.clone(), cancel.clone()));
+        tasks.spawn(budget_loop(inner.clone(), cancel.clone()));
         for m in inner.mounts().map_err(|e| other(&e))? {
             if let Some(secs) = m.background_commit_secs {
                 tasks.spawn(background_commits(
@@ -342,7 +359,13 @@ impl Agent {
 
     /// Runs one request as if it came over the control socket.
     pub async fn request(&self, req: Request, events: Events) -> Result<Reply, ErrorReply> {
-        self.inner.clone().handle(req, events).await
+        self.inner.clone().run_op(req, events).await
+    }
+
+    /// Keeps the store within its budget now (it is also kept after every operation and
+    /// every minute): waits for operations in progress, evicts if over the high watermark.
+    pub async fn enforce_store_budget(&self) -> Result<(), ErrorReply> {
+        self.inner.enforce_budget().await
     }
 
     /// Stops: final commits of mounts with background commits, then closes everything.
@@ -396,7 +419,7 @@ async fn control_loop(inner: Arc<Inner>, listener: UnixListener, cancel: Cancell
             debug!(?req, "control request");
             let (tx, mut rx) = mpsc::channel(64);
             let events = Events { tx: Some(tx) };
-            let op = tokio::spawn(inner.handle(req, events));
+            let op = tokio::spawn(inner.clone().run_op(req, events));
             while let Some(ev) = rx.recv().await {
                 if control::write_msg(&mut stream, &ev).await.is_err() {
                     break;
@@ -407,6 +430,23 @@ async fn control_loop(inner: Arc<Inner>, listener: UnixListener, cancel: Cancell
                 .unwrap_or_else(|e| Err(failed(format!("operation panicked: {e}"))));
             let _ = control::write_msg(&mut stream, &Event::Done(Box::new(result))).await;
         });
+    }
+}
+
+/// Keeps the store within its budget: after operations, and every minute.
+async fn budget_loop(inner: Arc<Inner>, cancel: CancellationToken) {
+    if inner.opts.store_max.is_none() {
+        return;
+    }
+    loop {
+        if let Err(e) = inner.enforce_budget().await {
+            warn!("evicting from the store failed: {e}");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = inner.budget_check.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
     }
 }
 
@@ -443,7 +483,12 @@ async fn background_commits(inner: Arc<Inner>, name: String, secs: u64, cancel: 
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match inner.commit(&name, &Events::none()).await {
+        let done = {
+            let _op = inner.ops.read().await;
+            inner.commit(&name, &Events::none()).await
+        };
+        inner.budget_check.notify_one();
+        match done {
             Ok(r) if r.changed > 0 => {
                 info!(volume = name, version = r.version, "background commit")
             }
@@ -466,6 +511,21 @@ impl Inner {
 }
 
 impl Inner {
+    /// Runs an operation with the operations gate held (see [`evict`]), then lets the
+    /// store's budget be checked.
+    async fn run_op(self: Arc<Self>, req: Request, events: Events) -> Result<Reply, ErrorReply> {
+        let r = {
+            // Not status: it is answered even while an eviction runs.
+            let _op = match req {
+                Request::Status => None,
+                _ => Some(self.ops.read().await),
+            };
+            self.clone().handle(req, events).await
+        };
+        self.budget_check.notify_one();
+        r
+    }
+
     pub(super) async fn handle(
         self: Arc<Self>,
         req: Request,

@@ -34,6 +34,12 @@ impl Inner {
                 read_only: m.read_only,
             });
         }
+        let st = self.store.clone();
+        let s = tokio::task::spawn_blocking(move || super::evict::usage(&st))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
+        let evicted = *self.evicted.lock().expect("not poisoned");
         Ok(StatusReport {
             node_id: self.ep.id().to_string(),
             addr: net::local_addr(&self.ep).to_string(),
@@ -41,6 +47,13 @@ impl Inner {
             zone: self.opts.zone.clone(),
             snapshots: if self.overlays { "overlay" } else { "copy" }.to_string(),
             mounts,
+            store: voltool_protocol::control::StoreStatus {
+                bytes: s.0,
+                blobs: s.1,
+                max: self.opts.store_max.map(|b| b.max),
+                evictions: evicted.blobs,
+                evicted_bytes: evicted.bytes,
+            },
         })
     }
 }

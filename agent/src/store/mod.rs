@@ -429,6 +429,13 @@ impl Store {
         Ok(())
     }
 
+    /// Every blob recorded, complete or in part, with what is held of it.
+    pub fn all_metas(&self) -> Result<Vec<(Hash, BlobMeta)>, StoreError> {
+        let mut out = Vec::new();
+        self.each_blob(|h, m| out.push((h, m)))?;
+        Ok(out)
+    }
+
     /// Every blob recorded, complete or in part, with its size.
     pub fn all_blobs(&self) -> Result<Vec<(Hash, u64)>, StoreError> {
         let mut out = Vec::new();

@@ -133,7 +133,12 @@ impl Fleet {
 
     /// The process id of a node ("coordinator", "agent-0", …).
     pub fn pid(&self, name: &str) -> u32 {
-        self.children.iter().find(|(n, _)| n == name).unwrap().1.id()
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .id()
     }
 
     /// Waits (bounded) until a node's log holds `text`.

@@ -1,0 +1,235 @@
+//! The disk budget (`--store-max`): once the store holds more than its high watermark,
+//! blobs that nothing here needs are evicted down to the low watermark, partial blobs of
+//! abandoned downloads first, then complete blobs least recently used first; each is
+//! withdrawn from the tracker as it goes.
+//!
+//! Needed, and never evicted: every blob a layer of a snapshot redirects to (found by
+//! reading the layers under `mounts/`, the trash's too, where a process may still be inside
+//! an old overlay), and the pages and blobs of every mount's manifests. Operations (a
+//! reload, a commit, a `get`) hold the operations gate for reading while they run; an
+//! eviction holds it for writing, so no download is in flight and no snapshot half built
+//! while it decides. Recency is the later of when a blob was written here and when an
+//! eviction last found it needed.
+
+use std::os::unix::fs::MetadataExt;
+use std::time::SystemTime;
+
+use super::fetch::tree_error;
+use crate::overlay::XATTR_REDIRECT;
+use crate::store::{BlobMeta, StoreError};
+
+use super::*;
+
+/// How much the store may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreBudget {
+    /// The high watermark: past it, an eviction starts.
+    pub max: u64,
+    /// The low watermark: an eviction frees down to it.
+    pub low: u64,
+}
+
+impl StoreBudget {
+    /// A budget of `max` bytes that evicts down to `low`, or to 90 % of `max`.
+    pub fn new(max: u64, low: Option<u64>) -> Self {
+        StoreBudget {
+            max,
+            low: low.unwrap_or(max / 10 * 9).min(max),
+        }
+    }
+}
+
+/// What evictions did since the agent started.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Evicted {
+    pub(super) blobs: u64,
+    pub(super) bytes: u64,
+}
+
+/// Bytes a blob takes in the store: what is held of its data, and its outboard.
+fn held_bytes(m: &BlobMeta) -> u64 {
+    let ob = voltool_protocol::blob::tree(m.size).outboard_size();
+    let data = if m.is_complete() {
+        m.size
+    } else {
+        (m.ranges().chunks() * voltool_protocol::blob::CHUNK_BYTES).min(m.size)
+    };
+    data + ob
+}
+
+/// A store's bytes and blobs now.
+pub(super) fn usage(store: &crate::store::Store) -> Result<(u64, u64), StoreError> {
+    let all = store.all_metas()?;
+    Ok((
+        all.iter().map(|(_, m)| held_bytes(m)).sum(),
+        all.len() as u64,
+    ))
+}
+
+impl Inner {
+    /// Evicts down to the low watermark if the store holds more than the high one; waits
+    /// for operations in progress to end, and holds new ones back while it runs.
+    pub(super) async fn enforce_budget(self: &Arc<Self>) -> OpResult<()> {
+        let Some(budget) = self.opts.store_max else {
+            return Ok(());
+        };
+        let s = self.store.clone();
+        let (used, _) = tokio::task::spawn_blocking(move || usage(&s))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
+        if used <= budget.max {
+            return Ok(());
+        }
+        let _gate = self.ops.write().await;
+        let s = self.clone();
+        let evicted = tokio::task::spawn_blocking(move || s.evict(budget))
+            .await
+            .map_err(failed)??;
+        if !evicted.is_empty() {
+            self.tracker.withdraw(evicted).await;
+        }
+        Ok(())
+    }
+
+    /// Chooses and removes what goes (with the gate held); returns the blobs removed.
+    fn evict(&self, budget: StoreBudget) -> OpResult<Vec<Hash>> {
+        let needed = self.needed()?;
+        let now = SystemTime::now();
+        let all = self.store.all_metas().map_err(failed)?;
+        let mut used: u64 = all.iter().map(|(_, m)| held_bytes(m)).sum();
+        let mut candidates = Vec::new();
+        {
+            let mut seen = self.last_needed.lock().expect("not poisoned");
+            for h in &needed {
+                seen.insert(*h, now);
+            }
+            for (h, m) in all {
+                if needed.contains(&h) {
+                    continue;
+                }
+                let written = std::fs::metadata(self.store.data_path(&h))
+                    .and_then(|md| md.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                let last = seen.get(&h).map_or(written, |t| (*t).max(written));
+                // Partial blobs first: nothing is downloading now, so they were abandoned.
+                candidates.push((m.is_complete(), last, h, held_bytes(&m)));
+            }
+            seen.retain(|h, _| needed.contains(h));
+        }
+        candidates.sort_unstable();
+        let mut gone = Vec::new();
+        let mut freed = 0u64;
+        for (_, _, h, bytes) in candidates {
+            if used <= budget.low {
+                break;
+            }
+            gone.push(h);
+            used -= bytes;
+            freed += bytes;
+        }
+        for chunk in gone.chunks(4096) {
+            self.store.remove_many(chunk).map_err(failed)?;
+        }
+        {
+            let mut e = self.evicted.lock().expect("not poisoned");
+            e.blobs += gone.len() as u64;
+            e.bytes += freed;
+        }
+        self.metrics.evictions.inc_by(gone.len() as u64);
+        self.metrics.evicted_bytes.inc_by(freed);
+        if used > budget.max {
+            warn!(
+                held = used,
+                max = budget.max,
+                "the store holds more than its budget, all of it needed by mounted snapshots"
+            );
+        }
+        if !gone.is_empty() {
+            info!(
+                blobs = gone.len(),
+                bytes = freed,
+                held = used,
+                "evicted from the store"
+            );
+        }
+        Ok(gone)
+    }
+
+    /// Blobs (and manifest pages) that must stay: what the layers of every snapshot here
+    /// redirect to, and the trees of every mount's manifests.
+    fn needed(&self) -> OpResult<HashSet<Hash>> {
+        let mut blobs = HashSet::new();
+        let mut pages = HashSet::new();
+        for m in self.mounts()? {
+            for root in [m.manifest, m.lower_manifest] {
+                tree::mark(&self.pages, &local_root(root), &mut pages, &mut blobs)
+                    .map_err(tree_error)?;
+            }
+        }
+        redirects_under(&self.opts.data.join("mounts"), &mut blobs).map_err(failed)?;
+        blobs.extend(pages);
+        Ok(blobs)
+    }
+}
+
+/// Adds every blob that a metadata layer's file under `dir` redirects to, without
+/// crossing into mounted file systems (the snapshots' overlays).
+fn redirects_under(dir: &Path, out: &mut HashSet<Hash>) -> std::io::Result<()> {
+    let dev = match std::fs::metadata(dir) {
+        Ok(m) => m.dev(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut buf = vec![0u8; 128];
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            // Removed meanwhile (the trash empties itself), or unreadable: nothing to add.
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            if md.dev() != dev {
+                continue;
+            }
+            if md.is_dir() {
+                todo.push(e.path());
+            } else if md.is_file()
+                && let Ok(n) = rustix::fs::lgetxattr(e.path(), XATTR_REDIRECT, &mut buf)
+                && let Some(h) = redirect_hash(&buf[..n])
+            {
+                out.insert(h);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The blob a data-only redirect (`/ab/<hex>.data`) names.
+fn redirect_hash(r: &[u8]) -> Option<Hash> {
+    let s = std::str::from_utf8(r).ok()?;
+    let (_, name) = s.rsplit_once('/')?;
+    name.strip_suffix(".data")?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_name_blobs_and_nothing_else() {
+        let h = Hash::of(b"x");
+        let r = crate::overlay::layer::data_redirect(&h);
+        assert_eq!(redirect_hash(r.as_bytes()), Some(h));
+        assert_eq!(redirect_hash(b"/dir/renamed"), None);
+        assert_eq!(redirect_hash(b"/ab/zz.data"), None);
+        assert_eq!(redirect_hash(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn the_low_watermark_defaults_below_the_high() {
+        assert_eq!(StoreBudget::new(1000, None).low, 900);
+        assert_eq!(StoreBudget::new(1000, Some(5000)).low, 1000);
+    }
+}
