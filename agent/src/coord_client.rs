@@ -213,49 +213,69 @@ impl CoordClient {
         on_bytes: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), ClientError> {
         let (mut send, mut recv) = self.open().await?;
-        let names = blobs.iter().map(|(h, s, _)| (*h, *s)).collect();
-        net::write_frame(&mut send, &CoordRequest::Upload { blobs: names }).await?;
-        let mut rest = blobs;
-        while !rest.is_empty() {
-            // Small blobs are read a group at a time on the blocking pool, large ones
-            // streamed from their file.
-            let small = rest
-                .iter()
-                .take_while(|(_, s, _)| *s <= SMALL_UPLOAD)
-                .scan(0u64, |total, b| {
-                    *total += b.1;
-                    (*total <= UPLOAD_READ_GROUP).then_some(b)
-                })
-                .count();
-            if small > 0 {
-                let group: Vec<(u64, PathBuf)> = rest[..small]
-                    .iter()
-                    .map(|(_, s, p)| (*s, p.clone()))
-                    .collect();
-                let bufs = tokio::task::spawn_blocking(move || read_group(&group))
-                    .await
-                    .map_err(|e| ClientError::Io {
-                        path: String::new(),
-                        source: std::io::Error::other(e),
-                    })??;
-                for b in bufs {
-                    send.write_all(&b).await.map_err(NetError::stream)?;
-                    on_bytes(b.len() as u64);
-                }
-                rest = &rest[small..];
-            } else {
-                let (_, size, path) = &rest[0];
-                send_file(&mut send, path, *size, on_bytes).await?;
-                rest = &rest[1..];
+        if let Err(e) = send_upload(&mut send, blobs, on_bytes).await {
+            // The coordinator may have refused the upload and stopped reading: its answer
+            // says why.
+            if let ClientError::Net(_) = e
+                && let Ok(CoordResponse::Error { kind, message }) =
+                    net::read_frame(&mut recv, MAX_RESPONSE).await
+            {
+                return Err(ClientError::Remote { kind, message });
             }
+            return Err(e);
         }
-        send.finish().map_err(NetError::stream)?;
         match net::read_frame(&mut recv, MAX_RESPONSE).await? {
             CoordResponse::Ok => Ok(()),
             CoordResponse::Error { kind, message } => Err(ClientError::Remote { kind, message }),
             _ => Err(ClientError::Unexpected),
         }
     }
+}
+
+/// Sends an upload request and the blobs' bytes, and finishes the stream.
+async fn send_upload(
+    send: &mut iroh::endpoint::SendStream,
+    blobs: &[(Hash, u64, PathBuf)],
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+) -> Result<(), ClientError> {
+    let names = blobs.iter().map(|(h, s, _)| (*h, *s)).collect();
+    net::write_frame(send, &CoordRequest::Upload { blobs: names }).await?;
+    let mut rest = blobs;
+    while !rest.is_empty() {
+        // Small blobs are read a group at a time on the blocking pool, large ones
+        // streamed from their file.
+        let small = rest
+            .iter()
+            .take_while(|(_, s, _)| *s <= SMALL_UPLOAD)
+            .scan(0u64, |total, b| {
+                *total += b.1;
+                (*total <= UPLOAD_READ_GROUP).then_some(b)
+            })
+            .count();
+        if small > 0 {
+            let group: Vec<(u64, PathBuf)> = rest[..small]
+                .iter()
+                .map(|(_, s, p)| (*s, p.clone()))
+                .collect();
+            let bufs = tokio::task::spawn_blocking(move || read_group(&group))
+                .await
+                .map_err(|e| ClientError::Io {
+                    path: String::new(),
+                    source: std::io::Error::other(e),
+                })??;
+            for b in bufs {
+                send.write_all(&b).await.map_err(NetError::stream)?;
+                on_bytes(b.len() as u64);
+            }
+            rest = &rest[small..];
+        } else {
+            let (_, size, path) = &rest[0];
+            send_file(send, path, *size, on_bytes).await?;
+            rest = &rest[1..];
+        }
+    }
+    send.finish().map_err(NetError::stream)?;
+    Ok(())
 }
 
 /// Blobs up to this size are read whole, a group at a time.
