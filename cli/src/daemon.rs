@@ -96,12 +96,7 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, value_name = "URL", value_parser = parse_s3)]
     origin: Option<S3Options>,
     /// The S3 endpoint, e.g. http://127.0.0.1:3900 for a local Garage; without it, AWS's.
-    #[arg(
-        long,
-        env = "AWS_ENDPOINT_URL",
-        value_name = "URL",
-        requires = "origin"
-    )]
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
     s3_endpoint: Option<String>,
     /// The S3 region.
     #[arg(long, env = "AWS_REGION", value_name = "REGION")]

@@ -2,7 +2,7 @@
 //! bucket and one key. `scripts/garage.sh` installs the pinned version.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,8 @@ const REGION: &str = "garage";
 pub struct Garage {
     child: Child,
     dir: TempDir,
+    bin: PathBuf,
+    conf: PathBuf,
     /// `http://127.0.0.1:PORT`, its S3 API.
     pub endpoint: String,
 }
@@ -90,36 +92,30 @@ root_domain = ".s3.garage.localhost"
         let g = Garage {
             child,
             dir,
+            bin,
+            conf,
             endpoint: format!("http://127.0.0.1:{s3}"),
         };
-        g.await_up(&bin, &conf);
-        let id = g.cli(&bin, &conf, &["node", "id", "-q"]);
+        g.await_up();
+        let id = g.cli(&["node", "id", "-q"]);
         let id = id.trim().split('@').next().unwrap().to_string();
-        g.cli(
-            &bin,
-            &conf,
-            &["layout", "assign", "-z", "dc1", "-c", "1G", &id],
-        );
-        g.cli(&bin, &conf, &["layout", "apply", "--version", "1"]);
-        g.cli(&bin, &conf, &["key", "import", "--yes", KEY_ID, SECRET]);
-        g.cli(&bin, &conf, &["bucket", "create", BUCKET]);
-        g.cli(
-            &bin,
-            &conf,
-            &[
-                "bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", KEY_ID,
-            ],
-        );
+        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+        g.cli(&["layout", "apply", "--version", "1"]);
+        g.cli(&["key", "import", "--yes", KEY_ID, SECRET]);
+        g.cli(&["bucket", "create", BUCKET]);
+        g.cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", KEY_ID,
+        ]);
         Some(g)
     }
 
     /// Waits (bounded) until the server answers its own CLI.
-    fn await_up(&self, bin: &Path, conf: &Path) {
+    fn await_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let ok = Command::new(bin)
+            let ok = Command::new(&self.bin)
                 .arg("-c")
-                .arg(conf)
+                .arg(&self.conf)
                 .arg("status")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -137,10 +133,10 @@ root_domain = ".s3.garage.localhost"
         }
     }
 
-    fn cli(&self, bin: &Path, conf: &Path, args: &[&str]) -> String {
-        let out = Command::new(bin)
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.bin)
             .arg("-c")
-            .arg(conf)
+            .arg(&self.conf)
             .args(args)
             .output()
             .unwrap();
@@ -151,6 +147,12 @@ root_domain = ".s3.garage.localhost"
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Takes write access to the bucket from the key (puts fail), or gives it back.
+    pub fn allow_writes(&self, allow: bool) {
+        let verb = if allow { "allow" } else { "deny" };
+        self.cli(&["bucket", verb, "--write", BUCKET, "--key", KEY_ID]);
     }
 
     /// The server's log so far.

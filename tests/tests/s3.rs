@@ -103,20 +103,24 @@ async fn an_origin_in_a_bucket_serves_verified_ranges_and_frees_what_gc_drops() 
         .await
         .unwrap();
 
-    // A new version; the old one's blobs leave the bucket at the next collection, and so
-    // do objects put but never recorded (a crash between the two).
+    // A put the bucket refuses fails the commit, and leaves nothing recorded; the next
+    // collection sweeps what that put began.
+    garage.allow_writes(false);
+    std::fs::write(c.join("refused.bin"), bytes(4, 50_000)).unwrap();
+    let e = f.commit(0, "vol").await.unwrap_err().message;
+    assert!(e.contains("s3://voltool-test"), "{e}");
+    garage.allow_writes(true);
+    std::fs::remove_file(c.join("refused.bin")).unwrap();
+
+    // A new version; the old one's blobs leave the bucket at the next collection.
     let new_big = bytes(3, 2 * 1024 * 1024);
     std::fs::write(c.join("model.bin"), &new_big).unwrap();
     f.commit(0, "vol").await.unwrap();
-    let stray = origin.blob_key(&Hash::of(b"stray"), "data");
-    bucket
-        .put(&stray, PutPayload::from_static(b"stray"))
-        .await
-        .unwrap();
     let s = f.coord.as_ref().unwrap().collect_garbage().await.unwrap();
     assert!(s.freed_bytes >= big.len() as u64, "{s:?}");
     assert_eq!(s.unrecorded, 1, "{s:?}");
-    assert!(bucket.head(&stray).await.is_err());
+    let again = f.coord.as_ref().unwrap().collect_garbage().await.unwrap();
+    assert_eq!(again.unrecorded, 0, "{again:?}");
     for ext in ["data", "obao"] {
         let gone = bucket.head(&origin.blob_key(&big_hash, ext)).await;
         assert!(
@@ -176,4 +180,32 @@ async fn a_bucket_that_does_not_answer_is_refused_at_start_by_name() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("s3://voltool-test/x"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_may_not_share_a_prefix() {
+    let Some(garage) = Garage::start() else {
+        return;
+    };
+    let shared = garage.origin("shared");
+    let first = TestFleet::start_on(0, Limits::default(), Some(shared.clone())).await;
+    let dir = voltool_tests::test_dir();
+    voltool_tests::seed_key(&dir.path().join("c"), 0xAB);
+    let e = Coordinator::start(CoordinatorOptions {
+        data: dir.path().join("c"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        members: None,
+        writers: None,
+        max_egress: None,
+        congestion: Default::default(),
+        swarm: Default::default(),
+        retention: Retention::default(),
+        metrics: None,
+        s3: Some(shared),
+    })
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("belongs to the coordinator"), "{e}");
+    drop(first);
 }

@@ -51,8 +51,8 @@ pub struct GcStats {
     pub freed_bytes: u64,
     /// Blobs unreferenced but kept for their grace.
     pub in_grace: usize,
-    /// Blobs whose objects were in the origin's bucket but never recorded (a crash between
-    /// the two), deleted.
+    /// Blobs whose put into the origin's bucket began but never ended (a failed upload,
+    /// a crash), their objects deleted.
     pub unrecorded: usize,
 }
 
@@ -145,19 +145,14 @@ impl State {
         for chunk in dead.chunks(4096) {
             self.origin.remove_many(chunk).map_err(internal)?;
         }
-        stats.unrecorded = self
-            .origin
-            .sweep_unrecorded(self.retention.grace)
-            .map_err(internal)?;
         self.metrics.gc_freed_bytes.inc_by(stats.freed_bytes);
-        if stats.freed > 0 || stats.versions_dropped > 0 || stats.unrecorded > 0 {
+        if stats.freed > 0 || stats.versions_dropped > 0 {
             info!(
                 freed = stats.freed,
                 freed_bytes = stats.freed_bytes,
                 versions_dropped = stats.versions_dropped,
                 live = stats.live,
                 in_grace = stats.in_grace,
-                unrecorded = stats.unrecorded,
                 "origin garbage collected"
             );
         }
@@ -179,11 +174,27 @@ pub(super) async fn gc_loop(state: Arc<State>, cancel: CancellationToken) {
     }
 }
 
-/// One collection, with the write lock held, on the blocking pool.
+/// One collection, with the write lock held, on the blocking pool; then, without it, a
+/// sweep of puts into the origin's bucket that never ended (it waits for puts in flight,
+/// not for commits).
 pub(super) async fn run(state: &Arc<State>) -> Result<GcStats, Fail> {
-    let _guard = state.write_lock.lock().await;
+    let mut stats = {
+        let _guard = state.write_lock.lock().await;
+        let st = state.clone();
+        tokio::task::spawn_blocking(move || st.collect())
+            .await
+            .map_err(internal)??
+    };
     let st = state.clone();
-    tokio::task::spawn_blocking(move || st.collect())
+    stats.unrecorded = tokio::task::spawn_blocking(move || st.origin.sweep_unrecorded())
         .await
         .map_err(internal)?
+        .map_err(internal)?;
+    if stats.unrecorded > 0 {
+        info!(
+            blobs = stats.unrecorded,
+            "origin: objects of puts that never ended deleted"
+        );
+    }
+    Ok(stats)
 }

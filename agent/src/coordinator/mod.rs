@@ -220,6 +220,7 @@ impl Coordinator {
         })?;
         let key = crate::keys::load_or_create(&opts.data)?;
         let origin = open_origin(&opts.data.join("origin"), opts.s3.as_ref())?;
+        origin.claim(&key.public().to_string())?;
         let db_file = opts.data.join("coordinator.redb");
         let db = crate::store::open_db(&db_file).map_err(db_err)?;
         // Heads of version 0 name manifests of the old, flat encoding.

@@ -401,20 +401,10 @@ impl ImportBatch {
 impl Store {
     fn place_all(&self, placed: &[Placed]) -> Result<(), StoreError> {
         self.room_for_meta()?;
-        let _placing = self.inner.place_lock.lock().expect("not poisoned");
         if let Some(r) = &self.inner.remote {
-            // The bucket holds them before they are recorded; the staged files go.
-            r.put_files(
-                placed
-                    .iter()
-                    .map(|p| (p.hash, p.tmp_data.clone(), p.with_outboard))
-                    .collect(),
-            )?;
-            for p in placed {
-                remove_tmp(&p.tmp_data);
-            }
-            return self.record_complete(placed);
+            return self.place_remote(r, placed);
         }
+        let _placing = self.inner.place_lock.lock().expect("not poisoned");
         let mut dirs = HashSet::new();
         for p in placed {
             let dst = self.data_path(&p.hash);
@@ -438,7 +428,36 @@ impl Store {
         self.record_complete(placed)
     }
 
-    /// Records placed blobs as complete, in one transaction.
+    /// Puts blobs into the bucket, then records them: the put's beginning is recorded
+    /// first, so that one that never ends is swept ([`Store::sweep_unrecorded`]). The
+    /// staged files go once the bucket holds them.
+    fn place_remote(&self, r: &super::remote::Remote, placed: &[Placed]) -> Result<(), StoreError> {
+        let _putting = self.inner.puts_gate.read().expect("not poisoned");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let w = self.inner.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(PUTS).map_err(db_err)?;
+            for p in placed {
+                t.insert(p.hash.0, now).map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)?;
+        r.put_files(
+            placed
+                .iter()
+                .map(|p| (p.hash, p.tmp_data.clone(), p.with_outboard))
+                .collect(),
+        )?;
+        for p in placed {
+            remove_tmp(&p.tmp_data);
+        }
+        let _placing = self.inner.place_lock.lock().expect("not poisoned");
+        self.record_complete(placed)
+    }
+
+    /// Records placed blobs as complete (and their puts as ended), in one transaction.
     fn record_complete(&self, placed: &[Placed]) -> Result<(), StoreError> {
         let w = self.inner.db.begin_write().map_err(db_err)?;
         {
@@ -450,6 +469,10 @@ impl Store {
                 };
                 let v = postcard::to_stdvec(&meta).map_err(db_err)?;
                 t.insert(p.hash.0, v.as_slice()).map_err(db_err)?;
+            }
+            let mut puts = w.open_table(PUTS).map_err(db_err)?;
+            for p in placed {
+                puts.remove(p.hash.0).map_err(db_err)?;
             }
         }
         w.commit().map_err(db_err)

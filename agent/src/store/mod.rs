@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 use voltool_protocol::{Hash, RangeList, blob};
 
 const BLOBS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("blobs-0");
+/// Blobs whose put into the bucket began (a store in a bucket), with when: recorded
+/// before the put, dropped with the record that follows it.
+const PUTS: TableDefinition<[u8; 32], u64> = TableDefinition::new("puts-0");
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +204,9 @@ struct Inner {
     place_lock: std::sync::Mutex<()>,
     /// The bucket holding blob bytes, if not the `blobs` folder.
     remote: Option<remote::Remote>,
+    /// Held for reading by every put into the bucket, for writing by a sweep of puts
+    /// that never ended.
+    puts_gate: std::sync::RwLock<()>,
 }
 
 impl Store {
@@ -228,6 +234,7 @@ impl Store {
         let db = open_db(&dir.join("store.redb")).map_err(db_err)?;
         let w = db.begin_write().map_err(db_err)?;
         w.open_table(BLOBS).map_err(db_err)?;
+        w.open_table(PUTS).map_err(db_err)?;
         w.commit().map_err(db_err)?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -236,6 +243,7 @@ impl Store {
                 unsynced: Default::default(),
                 place_lock: Default::default(),
                 remote,
+                puts_gate: Default::default(),
             }),
         })
     }
@@ -269,6 +277,15 @@ impl Store {
     /// The directory of blob files (an overlay's data-only layer).
     pub fn blobs_dir(&self) -> PathBuf {
         self.inner.dir.join("blobs")
+    }
+
+    /// Claims a bucket's prefix for the coordinator `owner` (see [`S3Options`]); nothing
+    /// to do for a store in a folder.
+    pub fn claim(&self, owner: &str) -> Result<(), StoreError> {
+        match &self.inner.remote {
+            Some(r) => r.claim(owner),
+            None => Ok(()),
+        }
     }
 
     /// The data file of a blob.
@@ -345,6 +362,12 @@ impl Store {
     /// Removes blobs, in one transaction.
     pub fn remove_many(&self, hashes: &[Hash]) -> Result<(), StoreError> {
         let _placing = self.inner.place_lock.lock().expect("not poisoned");
+        {
+            let mut unsynced = self.inner.unsynced.lock().expect("not poisoned");
+            for h in hashes {
+                unsynced.remove(h);
+            }
+        }
         let w = self.inner.db.begin_write().map_err(db_err)?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
@@ -365,6 +388,11 @@ impl Store {
 
     /// [`Store::remove`], with the place lock held.
     pub(super) fn remove_placed(&self, hash: &Hash) -> Result<(), StoreError> {
+        self.inner
+            .unsynced
+            .lock()
+            .expect("not poisoned")
+            .remove(hash);
         let w = self.inner.db.begin_write().map_err(db_err)?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
@@ -429,6 +457,16 @@ impl Store {
         Ok(())
     }
 
+    /// Whether ranges of the blob are being written (verified, not yet recorded): a
+    /// download is still at work on it.
+    pub fn is_being_written(&self, hash: &Hash) -> bool {
+        self.inner
+            .unsynced
+            .lock()
+            .expect("not poisoned")
+            .contains_key(hash)
+    }
+
     /// Every blob recorded, complete or in part, with what is held of it.
     pub fn all_metas(&self) -> Result<Vec<(Hash, BlobMeta)>, StoreError> {
         let mut out = Vec::new();
@@ -443,24 +481,38 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes the objects of blobs a bucket holds but the store never recorded (a crash
-    /// between putting them and recording them), once older than `grace`; returns how
-    /// many blobs. A store in a folder has nothing to sweep.
-    pub fn sweep_unrecorded(&self, grace: std::time::Duration) -> Result<usize, StoreError> {
+    /// Deletes the objects of blobs whose put into the bucket began but was never
+    /// recorded (the put failed, or a crash came between the two); returns how many
+    /// blobs. Waits for puts in flight. A store in a folder has nothing to sweep.
+    pub fn sweep_unrecorded(&self) -> Result<usize, StoreError> {
         let Some(r) = &self.inner.remote else {
             return Ok(0);
         };
-        // No batch puts and records while the bucket is listed and swept.
-        let _placing = self.inner.place_lock.lock().expect("not poisoned");
-        let listed = r.list_blobs()?;
-        let cutoff = std::time::SystemTime::now().checked_sub(grace);
+        let _no_puts = self.inner.puts_gate.write().expect("not poisoned");
+        let mut begun = Vec::new();
+        {
+            let rd = self.inner.db.begin_read().map_err(db_err)?;
+            let t = rd.open_table(PUTS).map_err(db_err)?;
+            for e in t.iter().map_err(db_err)? {
+                begun.push(Hash(e.map_err(db_err)?.0.value()));
+            }
+        }
         let mut orphans = Vec::new();
-        for (h, written) in listed {
-            if cutoff.is_some_and(|c| written <= c) && self.meta(&h)?.is_none() {
-                orphans.push(h);
+        for h in &begun {
+            // Put again and recorded by a later batch: kept.
+            if !self.has_complete(h)? {
+                orphans.push(*h);
             }
         }
         r.delete(&orphans)?;
+        let w = self.inner.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = w.open_table(PUTS).map_err(db_err)?;
+            for h in &begun {
+                t.remove(h.0).map_err(db_err)?;
+            }
+        }
+        w.commit().map_err(db_err)?;
         Ok(orphans.len())
     }
 

@@ -197,21 +197,27 @@ impl Remote {
             }),
         };
         let (b, p) = (r.bucket.clone(), r.prefix.clone());
-        r.run(async move { b.list_with_delimiter(Some(&p)).await })
+        r.run(async move { b.list_with_delimiter(Some(&p)).await })?
             .map_err(|e| err(&format!("the bucket does not answer as expected: {e}")))?;
         Ok(r)
     }
 
     /// Runs `f` on the remote's runtime and waits for it (from any thread).
-    fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.rt
-            .as_ref()
-            .expect("the runtime lives as long as the remote")
-            .spawn(async move {
+        if let Some(rt) = &self.rt {
+            rt.spawn(async move {
                 let _ = tx.send(f.await);
             });
-        rx.recv().expect("object store tasks run to their end")
+        }
+        // A task that panicked dropped its sender.
+        rx.recv().map_err(|_| StoreError::Remote {
+            what: self.opts.url(),
+            message: "an object store request failed inside its client".into(),
+        })
     }
 
     fn key(&self, hash: &Hash, ext: &str) -> ObjPath {
@@ -254,7 +260,7 @@ impl Remote {
                     Some(Err(e)) => return Err((ObjPath::default(), e.to_string())),
                 }
             }
-        });
+        })?;
         r.map_err(|(key, e)| self.fail(&key, e))
     }
 
@@ -294,53 +300,58 @@ impl Remote {
                     Some(Err(e)) => return Err((ObjPath::default(), e.to_string())),
                 }
             }
-        });
+        })?;
         r.map_err(|(key, e)| self.fail(&key, e))
     }
 
-    /// Blobs with objects in the bucket, each with the time its newest object was written.
-    pub(crate) fn list_blobs(&self) -> Result<HashMap<Hash, std::time::SystemTime>, StoreError> {
-        use futures_lite::StreamExt;
-        let (b, under) = (self.bucket.clone(), self.opts.blob_key(&Hash::EMPTY, "x"));
-        // PREFIX/blobs, the parent of the fan-out folders.
-        let parts: Vec<_> = under.parts().collect();
-        let blobs = ObjPath::from_iter(parts[..parts.len() - 2].iter().cloned());
-        let listed = self.run(async move {
-            let mut out = HashMap::new();
-            let mut s = b.list(Some(&blobs));
-            while let Some(m) = s.next().await {
-                let m = m?;
-                let Some(name) = m.location.filename() else {
-                    continue;
-                };
-                let Some((hex, _)) = name.split_once('.') else {
-                    continue;
-                };
-                let Ok(h) = hex.parse::<Hash>() else { continue };
-                let t: std::time::SystemTime = m.last_modified.into();
-                let e = out.entry(h).or_insert(t);
-                *e = (*e).max(t);
+    /// Claims the bucket's prefix for the coordinator `owner` (an object naming it), or
+    /// refuses a prefix another coordinator claimed: blobs are named by their content, so
+    /// two coordinators sharing one prefix would free each other's.
+    pub(crate) fn claim(&self, owner: &str) -> Result<(), StoreError> {
+        let key = if self.opts.prefix.is_empty() {
+            ObjPath::from("voltool-origin")
+        } else {
+            ObjPath::from(format!("{}/voltool-origin", self.opts.prefix))
+        };
+        let (b, k, me) = (self.bucket.clone(), key.clone(), owner.to_string());
+        let held = self.run(async move {
+            // Read, then write if absent (not every S3 store honours conditional puts).
+            match b.get(&k).await {
+                Ok(got) => {
+                    let got = got.bytes().await?;
+                    Ok(String::from_utf8_lossy(&got).trim().to_string())
+                }
+                Err(object_store::Error::NotFound { .. }) => {
+                    b.put(&k, PutPayload::from(format!("{me}\n"))).await?;
+                    Ok(me)
+                }
+                Err(e) => Err(e),
             }
-            Ok::<_, object_store::Error>(out)
-        });
-        listed.map_err(|e| StoreError::Remote {
-            what: self.opts.url(),
-            message: format!("listing blobs: {e}"),
-        })
+        })?;
+        let held = held.map_err(|e| self.fail(&key, e))?;
+        if held != owner {
+            return Err(StoreError::Remote {
+                what: self.opts.url(),
+                message: format!(
+                    "this prefix belongs to the coordinator {held} (its {key} says so), not to {owner}: give each coordinator a prefix of its own"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// A whole object.
     pub(crate) fn get_all(&self, hash: &Hash) -> Result<Vec<u8>, StoreError> {
         let key = self.key(hash, "data");
         let (b, k) = (self.bucket.clone(), key.clone());
-        self.run(async move { b.get(&k).await?.bytes().await })
+        self.run(async move { b.get(&k).await?.bytes().await })?
             .map(|b| b.to_vec())
             .map_err(|e| self.fail(&key, e))
     }
 
     fn get_range(&self, key: &ObjPath, range: Range<u64>) -> Result<Bytes, StoreError> {
         let (b, k) = (self.bucket.clone(), key.clone());
-        self.run(async move { b.get_range(&k, range).await })
+        self.run(async move { b.get_range(&k, range).await })?
             .map_err(|e| self.fail(key, e))
     }
 
@@ -451,8 +462,13 @@ fn byte_spans(ranges: &RangeList, size: u64) -> Vec<Range<u64>> {
     let group = blob::GROUP_BYTES;
     let mut spans: Vec<Range<u64>> = Vec::new();
     for &(s, e) in &ranges.0 {
-        let start = (s * blob::CHUNK_BYTES) / group * group;
-        let end = (e * blob::CHUNK_BYTES).div_ceil(group) * group;
+        // Chunk numbers come from a peer's request: they may lie far past the blob.
+        let start = s.saturating_mul(blob::CHUNK_BYTES).min(size) / group * group;
+        let end = e
+            .saturating_mul(blob::CHUNK_BYTES)
+            .min(size)
+            .div_ceil(group)
+            .saturating_mul(group);
         let span = start.min(size)..end.min(size);
         match spans.last_mut() {
             Some(last) if last.end >= span.start => last.end = last.end.max(span.end),
