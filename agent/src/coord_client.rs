@@ -339,10 +339,12 @@ pub struct MembersWatch {
 }
 
 impl MembersWatch {
-    /// The next member list: waits until the membership changes (the first comes at once).
-    pub async fn next(&mut self) -> Result<Vec<[u8; 32]>, ClientError> {
+    /// The next member list, or `None` for a fleet that keeps none: waits until the
+    /// membership changes (the first comes at once).
+    pub async fn next(&mut self) -> Result<Option<Vec<[u8; 32]>>, ClientError> {
         match net::read_frame(&mut self.recv, MAX_RESPONSE).await? {
-            CoordResponse::Members(ids) => Ok(ids),
+            CoordResponse::Members(ids) => Ok(Some(ids)),
+            CoordResponse::OpenFleet => Ok(None),
             CoordResponse::Error { kind, message } => Err(ClientError::Remote { kind, message }),
             _ => Err(ClientError::Unexpected),
         }

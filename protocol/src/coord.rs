@@ -254,4 +254,7 @@ pub enum CoordResponse {
     Providers(Vec<ProviderInfo>),
     /// Answer to [`CoordRequest::Members`].
     Members(Vec<[u8; 32]>),
+    /// On a [`CoordRequest::WatchMembers`] stream: the fleet keeps no list of members
+    /// (any node may join), so peers need not check one at every request.
+    OpenFleet,
 }

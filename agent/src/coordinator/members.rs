@@ -130,7 +130,13 @@ pub(super) async fn watch(
             net::write_frame(send, &refused).await?;
             return Ok(());
         }
-        net::write_frame(send, &CoordResponse::Members(state.member_ids())).await?;
+        let listed = state.roster.get().members.is_some();
+        let now = if listed {
+            CoordResponse::Members(state.member_ids())
+        } else {
+            CoordResponse::OpenFleet
+        };
+        net::write_frame(send, &now).await?;
         tokio::select! {
             r = changed.changed() => if r.is_err() { return Ok(()) },
             _ = send.stopped() => return Ok(()),

@@ -480,8 +480,11 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
                 .origin
                 .has_complete_many(&hashes)
                 .map_err(|e| fail(ErrorKind::Internal, e.to_string()));
-            // A blob found held is kept a while for the commit that will name it.
-            if let Ok(held) = &held {
+            // A blob found held is kept a while for the commit that will name it (only a
+            // writer's: a reader cannot keep garbage alive by asking).
+            if let Ok(held) = &held
+                && state.roster.get().may_write(&peer)
+            {
                 let found = hashes.iter().zip(held).filter(|(_, h)| **h);
                 let mut recent = state.recent.lock().expect("not poisoned");
                 recent.touch(found.map(|(h, _)| *h));

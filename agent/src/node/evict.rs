@@ -4,12 +4,14 @@
 //! withdrawn from the tracker as it goes.
 //!
 //! Needed, and never evicted: every blob a layer of a snapshot redirects to (found by
-//! reading the layers under `mounts/`, the trash's too, where a process may still be inside
-//! an old overlay), and the pages and blobs of every mount's manifests. Operations (a
-//! reload, a commit, a `get`) hold the operations gate for reading while they run; an
-//! eviction holds it for writing, so no download is in flight and no snapshot half built
-//! while it decides. Recency is the later of when a blob was written here and when an
-//! eviction last found it needed.
+//! reading the layers under `mounts/`, then under `trash/`, where a process may still be
+//! inside an old overlay: layers only move from the one to the other, so a walk in that
+//! order misses none), and the pages and blobs of every mount's manifests, and blobs a
+//! download is still writing. Operations (a reload, a commit, a `get`) hold the
+//! operations gate for reading while they run; an eviction takes it for writing only when
+//! no operation runs (it never waits for one, so it never holds the next ones back), and
+//! decides while no download is in flight and no snapshot half built. Recency is the later
+//! of when a blob was written here and when an eviction last found it needed.
 
 use std::os::unix::fs::MetadataExt;
 use std::time::SystemTime;
@@ -81,19 +83,37 @@ impl Inner {
         if used <= budget.max {
             return Ok(());
         }
-        let _gate = self.ops.write().await;
+        // A pass that found everything needed is not repeated until the store grows.
+        if self
+            .budget_futile
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|at| used <= at)
+        {
+            return Ok(());
+        }
+        // Operations in progress: the one that ends last checks again.
+        let Ok(gate) = self.ops.clone().try_write_owned() else {
+            return Ok(());
+        };
         let s = self.clone();
-        let evicted = tokio::task::spawn_blocking(move || s.evict(budget))
-            .await
-            .map_err(failed)??;
+        let (evicted, after) = tokio::task::spawn_blocking(move || {
+            let r = s.evict(budget);
+            drop(gate);
+            r
+        })
+        .await
+        .map_err(failed)??;
+        *self.budget_futile.lock().expect("not poisoned") = (after > budget.max).then_some(after);
         if !evicted.is_empty() {
             self.tracker.withdraw(evicted).await;
         }
         Ok(())
     }
 
-    /// Chooses and removes what goes (with the gate held); returns the blobs removed.
-    fn evict(&self, budget: StoreBudget) -> OpResult<Vec<Hash>> {
+    /// Chooses and removes what goes (with the gate held); returns the blobs removed and
+    /// the bytes held after.
+    fn evict(&self, budget: StoreBudget) -> OpResult<(Vec<Hash>, u64)> {
         let needed = self.needed()?;
         let now = SystemTime::now();
         let all = self.store.all_metas().map_err(failed)?;
@@ -105,7 +125,7 @@ impl Inner {
                 seen.insert(*h, now);
             }
             for (h, m) in all {
-                if needed.contains(&h) {
+                if needed.contains(&h) || self.store.is_being_written(&h) {
                     continue;
                 }
                 let written = std::fs::metadata(self.store.data_path(&h))
@@ -115,7 +135,6 @@ impl Inner {
                 // Partial blobs first: nothing is downloading now, so they were abandoned.
                 candidates.push((m.is_complete(), last, h, held_bytes(&m)));
             }
-            seen.retain(|h, _| needed.contains(h));
         }
         candidates.sort_unstable();
         let mut gone = Vec::new();
@@ -130,6 +149,13 @@ impl Inner {
         }
         for chunk in gone.chunks(4096) {
             self.store.remove_many(chunk).map_err(failed)?;
+        }
+        {
+            // Recency is kept for what the store still holds.
+            let mut seen = self.last_needed.lock().expect("not poisoned");
+            for h in &gone {
+                seen.remove(h);
+            }
         }
         {
             let mut e = self.evicted.lock().expect("not poisoned");
@@ -153,7 +179,7 @@ impl Inner {
                 "evicted from the store"
             );
         }
-        Ok(gone)
+        Ok((gone, used))
     }
 
     /// Blobs (and manifest pages) that must stay: what the layers of every snapshot here
@@ -167,7 +193,9 @@ impl Inner {
                     .map_err(tree_error)?;
             }
         }
-        redirects_under(&self.opts.data.join("mounts"), &mut blobs).map_err(failed)?;
+        for dir in ["mounts", snapshot::TRASH] {
+            redirects_under(&self.opts.data.join(dir), &mut blobs).map_err(failed)?;
+        }
         blobs.extend(pages);
         Ok(blobs)
     }
@@ -181,25 +209,37 @@ fn redirects_under(dir: &Path, out: &mut HashSet<Hash>) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
+    // Gone meanwhile (the trash empties itself): nothing to add. Anything else fails the
+    // pass: an eviction never guesses what is needed.
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let mut buf = vec![0u8; 128];
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            // Removed meanwhile (the trash empties itself), or unreadable: nothing to add.
-            continue;
+        let rd = match std::fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
         };
-        for e in rd.flatten() {
-            let Ok(md) = e.metadata() else { continue };
+        for e in rd {
+            let e = e?;
+            let md = match e.metadata() {
+                Ok(md) => md,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
+            };
             if md.dev() != dev {
                 continue;
             }
             if md.is_dir() {
                 todo.push(e.path());
-            } else if md.is_file()
-                && let Ok(n) = rustix::fs::lgetxattr(e.path(), XATTR_REDIRECT, &mut buf)
-                && let Some(h) = redirect_hash(&buf[..n])
-            {
-                out.insert(h);
+            } else if md.is_file() {
+                match rustix::fs::lgetxattr(e.path(), XATTR_REDIRECT, &mut buf) {
+                    Ok(n) => out.extend(redirect_hash(&buf[..n])),
+                    Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOENT) => {}
+                    // Copies on a file system without extended attributes name no blob.
+                    Err(rustix::io::Errno::OPNOTSUPP) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
     }

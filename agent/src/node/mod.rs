@@ -136,13 +136,16 @@ struct Inner {
     compacting: Mutex<HashSet<String>>,
     /// Cancelled when the agent stops; background loops end with it.
     cancel: CancellationToken,
-    /// Fleet members as the coordinator last said, and when it said it.
-    members: Mutex<(HashSet<iroh::PublicKey>, Option<Instant>)>,
+    /// Fleet members as the coordinator last said.
+    members: Mutex<remote::Members>,
     /// Whether snapshots are overlays (else copies).
     overlays: bool,
     metrics: Arc<Metrics>,
     /// Held for reading by every operation while it runs, for writing by an eviction.
-    ops: tokio::sync::RwLock<()>,
+    ops: Arc<tokio::sync::RwLock<()>>,
+    /// The store's bytes after an eviction that could not get under the budget (all of it
+    /// needed): no pass again until the store holds more.
+    budget_futile: Mutex<Option<u64>>,
     /// When an eviction last found each blob needed (its recency, with its write time).
     last_needed: Mutex<HashMap<Hash, std::time::SystemTime>>,
     /// What evictions freed since the start.
@@ -249,6 +252,7 @@ impl Agent {
             members: Default::default(),
             overlays,
             ops: Default::default(),
+            budget_futile: Default::default(),
             last_needed: Default::default(),
             evicted: Default::default(),
             budget_check: Default::default(),

@@ -48,44 +48,68 @@ impl Inner {
     }
 }
 
+/// The fleet's members as the coordinator last said.
+#[derive(Debug, Default)]
+pub(super) struct Members {
+    ids: HashSet<iroh::PublicKey>,
+    /// When the list was last asked for (asked again for an unknown node at most once a
+    /// second).
+    asked: Option<Instant>,
+    /// Whether the coordinator keeps a list (pushed on the watch): then every request a
+    /// peer sends is checked against it. An open fleet's, or before the first push, only
+    /// connections are.
+    listed: bool,
+}
+
 impl Inner {
     /// Whether `id` is a fleet member the coordinator vouches for (refreshing the list at
-    /// most once a second when an unknown node asks).
+    /// most once a second when an unknown node asks; a failed refresh keeps the list).
     pub(super) async fn is_member(&self, id: &iroh::PublicKey) -> bool {
         if *id == self.opts.coordinator.id {
             return true;
         }
         {
-            let m = self.members.lock().expect("not poisoned");
-            if m.0.contains(id) {
+            let mut m = self.members.lock().expect("not poisoned");
+            if m.ids.contains(id) {
                 return true;
             }
-            if m.1.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            if m.asked
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+            {
                 return false;
             }
+            m.asked = Some(Instant::now());
         }
-        match self.coord.request(&CoordRequest::Members).await {
-            Ok(CoordResponse::Members(ids)) => self.set_members(&ids),
-            _ => self.set_members(&[]),
+        if let Ok(CoordResponse::Members(ids)) = self.coord.request(&CoordRequest::Members).await {
+            let mut m = self.members.lock().expect("not poisoned");
+            m.ids = parse_ids(&ids);
+            return m.ids.contains(id);
         }
-        self.is_listed_member(id)
+        false
+    }
+
+    /// Whether `id` may send this request (no refresh): in a fleet with a list of members,
+    /// a node the coordinator removed is refused at once.
+    pub(super) fn is_listed_member(&self, id: &iroh::PublicKey) -> bool {
+        let m = self.members.lock().expect("not poisoned");
+        !m.listed || *id == self.opts.coordinator.id || m.ids.contains(id)
+    }
+
+    /// What the watch pushed: the members, or `None` for an open fleet.
+    fn pushed(&self, ids: Option<&[[u8; 32]]>) {
+        let mut m = self.members.lock().expect("not poisoned");
+        m.listed = ids.is_some();
+        if let Some(ids) = ids {
+            m.ids = parse_ids(ids);
+            m.asked = Some(Instant::now());
+        }
     }
 }
 
-impl Inner {
-    /// Whether `id` is a member by the list held now (no refresh): checked at every
-    /// request a peer sends, so a node the coordinator removed is refused at once.
-    pub(super) fn is_listed_member(&self, id: &iroh::PublicKey) -> bool {
-        *id == self.opts.coordinator.id || self.members.lock().expect("not poisoned").0.contains(id)
-    }
-
-    fn set_members(&self, ids: &[[u8; 32]]) {
-        let fresh = ids
-            .iter()
-            .filter_map(|b| iroh::PublicKey::from_bytes(b).ok())
-            .collect();
-        *self.members.lock().expect("not poisoned") = (fresh, Some(Instant::now()));
-    }
+fn parse_ids(ids: &[[u8; 32]]) -> HashSet<iroh::PublicKey> {
+    ids.iter()
+        .filter_map(|b| iroh::PublicKey::from_bytes(b).ok())
+        .collect()
 }
 
 /// Keeps the member list current as the coordinator pushes it, reconnecting (with a
@@ -97,7 +121,7 @@ pub(super) async fn watch_members(inner: Arc<Inner>, cancel: CancellationToken) 
             let mut w = inner.coord.watch_members().await?;
             loop {
                 let ids = w.next().await?;
-                inner.set_members(&ids);
+                inner.pushed(ids.as_deref());
                 backoff = Duration::from_millis(200);
             }
         };
@@ -107,6 +131,16 @@ pub(super) async fn watch_members(inner: Arc<Inner>, cancel: CancellationToken) 
         };
         if let Err(e) = r {
             debug!("watching the fleet's members: {e}");
+            // Refused (not a member now): ask again rarely.
+            if matches!(
+                e,
+                crate::coord_client::ClientError::Remote {
+                    kind: voltool_protocol::coord::ErrorKind::Forbidden,
+                    ..
+                }
+            ) {
+                backoff = Duration::from_secs(60);
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
