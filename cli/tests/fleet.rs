@@ -16,6 +16,15 @@ fn node_id(dir: &std::path::Path) -> String {
     util::stdout(&o).trim().to_string()
 }
 
+/// Tells the coordinator to re-read its files.
+fn hup(f: &Fleet) {
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &f.pid("coordinator").to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 #[test]
 fn members_and_writers_files_are_re_read_on_sighup() {
     let dir = voltool_tests::test_dir();
@@ -35,11 +44,7 @@ fn members_and_writers_files_are_re_read_on_sighup() {
 
     // Agent 1 listed as a member (a reader), and the coordinator told.
     std::fs::write(&members, format!("{}\n{}\n", ids[0], ids[1])).unwrap();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &f.pid("coordinator").to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    hup(&f);
     f.wait_log("coordinator", "fleet membership replaced");
     expect(&f.run(1, &["volume", "list"]), 0);
     let o = f.run(1, &["volume", "create", "mine"]);
@@ -49,11 +54,7 @@ fn members_and_writers_files_are_re_read_on_sighup() {
 
     // A file that fails to read keeps the lists as they were.
     std::fs::write(&writers, "not a node id\n").unwrap();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &f.pid("coordinator").to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    hup(&f);
     f.wait_log("coordinator", "membership kept as it was");
     expect(&f.run(0, &["volume", "create", "again"]), 0);
 }

@@ -18,6 +18,16 @@ async fn status(f: &TestFleet, i: usize) -> StatusReport {
     }
 }
 
+/// Two agents, the second with a store budget.
+async fn fleet_with_budget(budget: StoreBudget) -> TestFleet {
+    let mut f = TestFleet::start(2).await;
+    f.agents.pop().unwrap().shutdown().await;
+    f.limits.store_max = Some(budget);
+    let b = f.start_agent(1).await;
+    f.agents.push(b);
+    f
+}
+
 /// Whether the tracker names agent `i` as a provider of `hash`.
 async fn tracker_lists(f: &TestFleet, i: usize, hash: Hash) -> bool {
     let c = f.client_as(0).await;
@@ -30,12 +40,8 @@ async fn tracker_lists(f: &TestFleet, i: usize, hash: Hash) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_its_budget_an_agent_evicts_what_no_snapshot_needs_least_recently_used_first() {
-    let mut f = TestFleet::start(2).await;
     // Agent 1 gets a budget of 1,000,000 bytes, freeing down to 600,000.
-    f.agents.pop().unwrap().shutdown().await;
-    f.limits.store_max = Some(StoreBudget::new(1_000_000, Some(600_000)));
-    let b = f.start_agent(1).await;
-    f.agents.push(b);
+    let f = fleet_with_budget(StoreBudget::new(1_000_000, Some(600_000))).await;
 
     // A mounted volume (needed) and another whose files agent 1 only copies out.
     f.create("vol").await;
@@ -141,11 +147,7 @@ async fn past_its_budget_an_agent_evicts_what_no_snapshot_needs_least_recently_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_a_layer_of_a_mounted_snapshot_names_is_never_evicted() {
-    let mut f = TestFleet::start(2).await;
-    f.agents.pop().unwrap().shutdown().await;
-    f.limits.store_max = Some(StoreBudget::new(500_000, Some(100_000)));
-    let b = f.start_agent(1).await;
-    f.agents.push(b);
+    let f = fleet_with_budget(StoreBudget::new(500_000, Some(100_000))).await;
     f.create("vol").await;
     let a = f.mount(0, "vol").await;
     let (old, new) = (bytes(1, 300_000), bytes(2, 300_000));

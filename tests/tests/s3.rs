@@ -7,7 +7,7 @@ use std::time::Duration;
 use object_store::{ObjectStoreExt, PutPayload};
 use voltool_agent::control::ReloadMode;
 use voltool_agent::coordinator::{Coordinator, CoordinatorOptions, Retention};
-use voltool_agent::store::StoreError;
+use voltool_agent::store::{S3Options, StoreError};
 use voltool_protocol::{Hash, RangeList};
 use voltool_tests::garage::Garage;
 use voltool_tests::{Limits, TestFleet, bytes, tree};
@@ -30,6 +30,22 @@ fn data_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// A coordinator's options with nothing but its data directory and origin.
+fn bare(data: std::path::PathBuf, s3: Option<S3Options>) -> CoordinatorOptions {
+    CoordinatorOptions {
+        data,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        members: None,
+        writers: None,
+        max_egress: None,
+        congestion: Default::default(),
+        swarm: Default::default(),
+        retention: Retention::default(),
+        metrics: None,
+        s3,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,21 +151,10 @@ async fn an_origin_in_a_bucket_serves_verified_ranges_and_frees_what_gc_drops() 
     // The data directory remembers where its blobs are: started without the bucket, the
     // coordinator refuses, naming both places.
     f.stop_coordinator().await;
-    let e = Coordinator::start(CoordinatorOptions {
-        data: f.coord_dir(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        members: None,
-        writers: None,
-        max_egress: None,
-        congestion: Default::default(),
-        swarm: Default::default(),
-        retention: Retention::default(),
-        metrics: None,
-        s3: None,
-    })
-    .await
-    .unwrap_err()
-    .to_string();
+    let e = Coordinator::start(bare(f.coord_dir(), None))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("s3://voltool-test/fleet-1") && e.contains("blobs"),
         "{e}"
@@ -164,21 +169,10 @@ async fn a_bucket_that_does_not_answer_is_refused_at_start_by_name() {
     let mut wrong = garage.origin("x");
     wrong.secret_access_key = Some("f".repeat(64));
     let dir = voltool_tests::test_dir();
-    let e = Coordinator::start(CoordinatorOptions {
-        data: dir.path().join("c"),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        members: None,
-        writers: None,
-        max_egress: None,
-        congestion: Default::default(),
-        swarm: Default::default(),
-        retention: Retention::default(),
-        metrics: None,
-        s3: Some(wrong),
-    })
-    .await
-    .unwrap_err()
-    .to_string();
+    let e = Coordinator::start(bare(dir.path().join("c"), Some(wrong)))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("s3://voltool-test/x"), "{e}");
 }
 
@@ -191,21 +185,10 @@ async fn two_coordinators_may_not_share_a_prefix() {
     let first = TestFleet::start_on(0, Limits::default(), Some(shared.clone())).await;
     let dir = voltool_tests::test_dir();
     voltool_tests::seed_key(&dir.path().join("c"), 0xAB);
-    let e = Coordinator::start(CoordinatorOptions {
-        data: dir.path().join("c"),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        members: None,
-        writers: None,
-        max_egress: None,
-        congestion: Default::default(),
-        swarm: Default::default(),
-        retention: Retention::default(),
-        metrics: None,
-        s3: Some(shared),
-    })
-    .await
-    .unwrap_err()
-    .to_string();
+    let e = Coordinator::start(bare(dir.path().join("c"), Some(shared)))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("belongs to the coordinator"), "{e}");
     drop(first);
 }

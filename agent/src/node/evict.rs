@@ -69,9 +69,10 @@ pub(super) fn usage(store: &crate::store::Store) -> Result<(u64, u64), StoreErro
 }
 
 impl Inner {
-    /// Evicts down to the low watermark if the store holds more than the high one; waits
-    /// for operations in progress to end, and holds new ones back while it runs.
-    pub(super) async fn enforce_budget(self: &Arc<Self>) -> OpResult<()> {
+    /// Evicts down to the low watermark if the store holds more than the high one. With
+    /// `wait`, waits for operations in progress (and an eviction) to end, holding new ones
+    /// back; without, does nothing while any runs.
+    pub(super) async fn enforce_budget(self: &Arc<Self>, wait: bool) -> OpResult<()> {
         let Some(budget) = self.opts.store_max else {
             return Ok(());
         };
@@ -92,10 +93,24 @@ impl Inner {
         {
             return Ok(());
         }
-        // Operations in progress: the one that ends last checks again.
-        let Ok(gate) = self.ops.clone().try_write_owned() else {
-            return Ok(());
+        let gate = if wait {
+            self.ops.clone().write_owned().await
+        } else {
+            // Operations in progress: the one that ends last checks again.
+            match self.ops.clone().try_write_owned() {
+                Ok(g) => g,
+                Err(_) => return Ok(()),
+            }
         };
+        // Another pass may have run meanwhile.
+        let s = self.store.clone();
+        let (used, _) = tokio::task::spawn_blocking(move || usage(&s))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
+        if used <= budget.max {
+            return Ok(());
+        }
         let s = self.clone();
         let (evicted, after) = tokio::task::spawn_blocking(move || {
             let r = s.evict(budget);

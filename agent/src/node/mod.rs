@@ -369,7 +369,7 @@ impl Agent {
     /// Keeps the store within its budget now (it is also kept after every operation and
     /// every minute): waits for operations in progress, evicts if over the high watermark.
     pub async fn enforce_store_budget(&self) -> Result<(), ErrorReply> {
-        self.inner.enforce_budget().await
+        self.inner.enforce_budget(true).await
     }
 
     /// Stops: final commits of mounts with background commits, then closes everything.
@@ -443,7 +443,7 @@ async fn budget_loop(inner: Arc<Inner>, cancel: CancellationToken) {
         return;
     }
     loop {
-        if let Err(e) = inner.enforce_budget().await {
+        if let Err(e) = inner.enforce_budget(false).await {
             warn!("evicting from the store failed: {e}");
         }
         tokio::select! {

@@ -242,25 +242,10 @@ impl Remote {
             jobs.push((self.key(&hash, "data"), data));
         }
         let bucket = self.bucket.clone();
-        let r = self.run(async move {
-            let mut set = tokio::task::JoinSet::new();
-            let mut jobs = jobs.into_iter();
-            loop {
-                while set.len() < PARALLEL {
-                    let Some((key, file)) = jobs.next() else {
-                        break;
-                    };
-                    let b = bucket.clone();
-                    set.spawn(async move { put_file(b, &key, &file).await.map_err(|e| (key, e)) });
-                }
-                match set.join_next().await {
-                    None => return Ok(()),
-                    Some(Ok(Ok(()))) => {}
-                    Some(Ok(Err(e))) => return Err(e),
-                    Some(Err(e)) => return Err((ObjPath::default(), e.to_string())),
-                }
-            }
-        })?;
+        let r = self.run(each_bounded(jobs, move |(key, file)| {
+            let b = bucket.clone();
+            async move { put_file(b, &key, &file).await.map_err(|e| (key, e)) }
+        }))?;
         r.map_err(|(key, e)| self.fail(&key, e))
     }
 
@@ -279,28 +264,15 @@ impl Remote {
             }
         }
         let bucket = self.bucket.clone();
-        let r = self.run(async move {
-            let mut set = tokio::task::JoinSet::new();
-            let mut keys = keys.into_iter();
-            loop {
-                while set.len() < PARALLEL {
-                    let Some(key) = keys.next() else { break };
-                    let b = bucket.clone();
-                    set.spawn(async move {
-                        match b.delete(&key).await {
-                            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                            Err(e) => Err((key, e.to_string())),
-                        }
-                    });
-                }
-                match set.join_next().await {
-                    None => return Ok(()),
-                    Some(Ok(Ok(()))) => {}
-                    Some(Ok(Err(e))) => return Err(e),
-                    Some(Err(e)) => return Err((ObjPath::default(), e.to_string())),
+        let r = self.run(each_bounded(keys, move |key| {
+            let b = bucket.clone();
+            async move {
+                match b.delete(&key).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err((key, e.to_string())),
                 }
             }
-        })?;
+        }))?;
         r.map_err(|(key, e)| self.fail(&key, e))
     }
 
@@ -426,6 +398,29 @@ impl Remote {
 impl S3Options {
     fn url_base(&self) -> String {
         format!("s3://{}", self.bucket)
+    }
+}
+
+/// Runs `job` on every item, [`PARALLEL`] at a time; the first failure ends it (with the
+/// object it names).
+async fn each_bounded<T, F, Fut>(items: Vec<T>, job: F) -> Result<(), (ObjPath, String)>
+where
+    F: Fn(T) -> Fut,
+    Fut: Future<Output = Result<(), (ObjPath, String)>> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    let mut items = items.into_iter();
+    loop {
+        while set.len() < PARALLEL {
+            let Some(item) = items.next() else { break };
+            set.spawn(job(item));
+        }
+        match set.join_next().await {
+            None => return Ok(()),
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => return Err(e),
+            Some(Err(e)) => return Err((ObjPath::default(), e.to_string())),
+        }
     }
 }
 
