@@ -24,7 +24,7 @@ fn data_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "data" || x == "obao") {
+            } else if p.extension().is_some_and(|x| x == "data") {
                 out.push(p);
             }
         }
@@ -79,7 +79,8 @@ async fn an_origin_in_a_bucket_serves_verified_ranges_and_frees_what_gc_drops() 
     std::fs::write(a.join("empty"), b"").unwrap();
     f.commit(2, "vol").await.unwrap();
 
-    // The bucket holds the blobs; the coordinator's disk holds none of their bytes.
+    // The bucket holds the blobs; the coordinator's disk holds none of their bytes (only
+    // outboards, 1/256 of them).
     let bucket = origin.client().unwrap();
     let big_hash = Hash::of(&big);
     for ext in ["data", "obao"] {
@@ -92,12 +93,22 @@ async fn an_origin_in_a_bucket_serves_verified_ranges_and_frees_what_gc_drops() 
         "blob files on the coordinator: {staged:?}"
     );
 
-    // Only the origin has it now: a fresh agent reloads it all from the bucket.
+    // Only the origin has it now: a fresh agent reloads it all from the bucket (the
+    // outboard, gone from the coordinator's disk, fetched back from there too).
+    let local_ob = f
+        .coord
+        .as_ref()
+        .unwrap()
+        .origin()
+        .data_path(&big_hash)
+        .with_extension("obao");
+    std::fs::remove_file(&local_ob).unwrap();
     let writer = f.agents.pop().unwrap();
     writer.shutdown().await;
     let c = f.mount(0, "vol").await;
     f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
     assert_eq!(tree(&a), tree(&c));
+    assert!(local_ob.exists());
 
     // Damage in the bucket is never served: one flipped byte in the third window.
     let key = origin.blob_key(&big_hash, "data");
@@ -137,6 +148,7 @@ async fn an_origin_in_a_bucket_serves_verified_ranges_and_frees_what_gc_drops() 
     assert_eq!(s.unrecorded, 1, "{s:?}");
     let again = f.coord.as_ref().unwrap().collect_garbage().await.unwrap();
     assert_eq!(again.unrecorded, 0, "{again:?}");
+    assert!(!local_ob.exists());
     for ext in ["data", "obao"] {
         let gone = bucket.head(&origin.blob_key(&big_hash, ext)).await;
         assert!(

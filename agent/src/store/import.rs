@@ -450,8 +450,18 @@ impl Store {
                 .map(|p| (p.hash, p.tmp_data.clone(), p.with_outboard))
                 .collect(),
         )?;
+        // The outboards stay here too, where encoding reads them.
         for p in placed {
-            remove_tmp(&p.tmp_data);
+            let _ = std::fs::remove_file(&p.tmp_data);
+            if p.with_outboard {
+                let (tmp_ob, op) = (
+                    p.tmp_data.with_extension("obao"),
+                    self.outboard_path(&p.hash),
+                );
+                let parent = op.parent().expect("blob paths have a parent");
+                std::fs::create_dir_all(parent).ctx(parent)?;
+                std::fs::rename(&tmp_ob, &op).ctx(&op)?;
+            }
         }
         let _placing = self.inner.place_lock.lock().expect("not poisoned");
         self.record_complete(placed)

@@ -377,6 +377,9 @@ impl Store {
         }
         w.commit().map_err(db_err)?;
         if let Some(r) = &self.inner.remote {
+            for h in hashes {
+                let _ = std::fs::remove_file(self.outboard_path(h));
+            }
             return r.delete(hashes);
         }
         for h in hashes {
@@ -400,6 +403,7 @@ impl Store {
         }
         w.commit().map_err(db_err)?;
         if let Some(r) = &self.inner.remote {
+            let _ = std::fs::remove_file(self.outboard_path(hash));
             return r.delete(&[*hash]);
         }
         let _ = std::fs::remove_file(self.data_path(hash));
@@ -503,6 +507,9 @@ impl Store {
             if !self.has_complete(h)? {
                 orphans.push(*h);
             }
+        }
+        for h in &orphans {
+            let _ = std::fs::remove_file(self.outboard_path(h));
         }
         r.delete(&orphans)?;
         let w = self.inner.db.begin_write().map_err(db_err)?;

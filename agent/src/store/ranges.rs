@@ -23,7 +23,13 @@ impl Store {
             return Err(StoreError::MissingRanges(*hash));
         }
         if let Some(r) = &self.inner.remote {
-            return r.encode(hash, size, ranges, out);
+            let ob = self.remote_outboard(r, hash, size)?;
+            let sent = r.encode(hash, size, ranges, ob, out);
+            if matches!(sent, Err(StoreError::Corrupt { .. })) {
+                // The copy here may be what is damaged: the next request fetches it again.
+                let _ = std::fs::remove_file(self.outboard_path(hash));
+            }
+            return sent;
         }
         let dp = self.data_path(hash);
         let data = File::open(&dp).ctx(&dp)?;
@@ -185,6 +191,38 @@ impl Store {
             }
         }
         Ok(meta)
+    }
+}
+
+impl Store {
+    /// The outboard of a blob in the bucket, from the store's folder, fetched into it
+    /// first if missing.
+    fn remote_outboard(
+        &self,
+        r: &super::remote::Remote,
+        hash: &Hash,
+        size: u64,
+    ) -> Result<ObFile, StoreError> {
+        if blob::tree(size).outboard_size() == 0 {
+            return Ok(ObFile(None));
+        }
+        let op = self.outboard_path(hash);
+        match File::open(&op) {
+            Ok(f) => return Ok(ObFile(Some(f))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(&op, e)),
+        }
+        let tmp = self.tmp_path("obao");
+        let fetched = r.fetch_outboard(hash, size, &tmp).and_then(|()| {
+            let parent = op.parent().expect("blob paths have a parent");
+            std::fs::create_dir_all(parent).ctx(parent)?;
+            std::fs::rename(&tmp, &op).ctx(&op)
+        });
+        if let Err(e) = fetched {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        File::open(&op).map(|f| ObFile(Some(f))).ctx(&op)
     }
 }
 

@@ -5,8 +5,10 @@
 //! and outboard become two objects, `PREFIX/blobs/<hex[..2]>/<hex>.data` and `….obao`.
 //! Uploads are staged and verified in the store's `tmp` folder as before, put as objects,
 //! and recorded only once the bucket holds them. Ranges are served by ranged GETs through a
-//! bounded read-ahead window, checked against the outboard (kept in a bounded memory cache)
-//! as they are encoded: no whole blob is ever staged on local disk.
+//! bounded read-ahead window, checked against the outboard as they are encoded: no blob's
+//! data is ever staged on local disk. Outboards (1/256 of their blobs) are also kept in
+//! the store's folder, where encoding reads the few hashes it needs, and fetched back from
+//! the bucket when missing there.
 //!
 //! Object I/O runs on a small runtime of its own, so the store's blocking methods may be
 //! called from any thread (the blocking pool, or a test's).
@@ -24,9 +26,6 @@ use tokio::io::AsyncWriteExt;
 
 use super::*;
 
-/// Bytes of outboards kept in memory (an outboard is 1/256 of its blob: this covers
-/// 16 GiB of blobs being served).
-const OUTBOARD_CACHE: usize = 64 << 20;
 /// Bytes read from the bucket at once while a range is encoded.
 const WINDOW: u64 = 4 << 20;
 /// Objects put or deleted at once.
@@ -144,7 +143,6 @@ pub(crate) struct Remote {
     opts: S3Options,
     prefix: ObjPath,
     rt: Option<tokio::runtime::Runtime>,
-    outboards: Mutex<Outboards>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -162,11 +160,6 @@ impl Drop for Remote {
             rt.shutdown_background();
         }
     }
-}
-
-struct Outboards {
-    cache: lru::LruCache<Hash, Arc<Vec<u8>>>,
-    bytes: usize,
 }
 
 impl Remote {
@@ -191,10 +184,6 @@ impl Remote {
             opts: opts.clone(),
             prefix,
             rt: Some(rt),
-            outboards: Mutex::new(Outboards {
-                cache: lru::LruCache::unbounded(),
-                bytes: 0,
-            }),
         };
         let (b, p) = (r.bucket.clone(), r.prefix.clone());
         r.run(async move { b.list_with_delimiter(Some(&p)).await })?
@@ -255,14 +244,6 @@ impl Remote {
             .iter()
             .flat_map(|h| [self.key(h, "data"), self.key(h, "obao")])
             .collect();
-        {
-            let mut ob = self.outboards.lock().expect("not poisoned");
-            for h in hashes {
-                if let Some(v) = ob.cache.pop(h) {
-                    ob.bytes -= v.len();
-                }
-            }
-        }
         let bucket = self.bucket.clone();
         let r = self.run(each_bounded(keys, move |key| {
             let b = bucket.clone();
@@ -327,32 +308,30 @@ impl Remote {
             .map_err(|e| self.fail(key, e))
     }
 
-    /// A blob's outboard, from memory or the bucket.
-    fn outboard(&self, hash: &Hash, size: u64) -> Result<Arc<Vec<u8>>, StoreError> {
-        if let Some(v) = self.outboards.lock().expect("not poisoned").cache.get(hash) {
-            return Ok(v.clone());
-        }
+    /// Copies a blob's outboard from the bucket into the file `dest`, a window at a time.
+    pub(crate) fn fetch_outboard(
+        &self,
+        hash: &Hash,
+        size: u64,
+        dest: &Path,
+    ) -> Result<(), StoreError> {
         let want = blob::tree(size).outboard_size();
         let key = self.key(hash, "obao");
-        let bytes = self.get_range(&key, 0..want)?;
-        if bytes.len() as u64 != want {
-            return Err(StoreError::Corrupt {
-                hash: *hash,
-                message: format!("its outboard holds {} bytes, not {want}", bytes.len()),
-            });
+        let mut f = File::create(dest).ctx(dest)?;
+        let mut at = 0;
+        while at < want {
+            let end = (at + WINDOW).min(want);
+            let bytes = self.get_range(&key, at..end)?;
+            if bytes.len() as u64 != end - at {
+                return Err(StoreError::Corrupt {
+                    hash: *hash,
+                    message: format!("its outboard in the bucket is shorter than {want} bytes"),
+                });
+            }
+            f.write_all(&bytes).ctx(dest)?;
+            at = end;
         }
-        let v = Arc::new(bytes.to_vec());
-        let mut ob = self.outboards.lock().expect("not poisoned");
-        if ob.cache.put(*hash, v.clone()).is_none() {
-            ob.bytes += v.len();
-        }
-        while ob.bytes > OUTBOARD_CACHE {
-            let Some((_, old)) = ob.cache.pop_lru() else {
-                break;
-            };
-            ob.bytes -= old.len();
-        }
-        Ok(v)
+        Ok(())
     }
 
     /// Writes the bao encoding of `want` to `out`: data read from the bucket a window at a
@@ -362,19 +341,14 @@ impl Remote {
         hash: &Hash,
         size: u64,
         ranges: &RangeList,
+        outboard: super::ranges::ObFile,
         out: impl Write,
     ) -> Result<(), StoreError> {
         let want = ranges.to_chunk_ranges();
-        let tree = blob::tree(size);
-        let outboard = if tree.outboard_size() > 0 {
-            Some(self.outboard(hash, size)?)
-        } else {
-            None
-        };
         let ob = PreOrderOutboard {
             root: hash.as_blake3(),
-            tree,
-            data: MemOutboard(outboard),
+            tree: blob::tree(size),
+            data: outboard,
         };
         let data = Window {
             remote: self,
@@ -513,19 +487,5 @@ impl ReadAt for &Window<'_> {
         let n = buf.len().min(bytes.len().saturating_sub(off));
         buf[..n].copy_from_slice(&bytes[off..off + n]);
         Ok(n)
-    }
-}
-
-/// An outboard held in memory (none for a blob of one chunk group).
-struct MemOutboard(Option<Arc<Vec<u8>>>);
-
-impl ReadAt for MemOutboard {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
-        match &self.0 {
-            Some(v) => v.as_slice().read_at(pos, buf),
-            None => Err(io::Error::other(
-                "a blob of one chunk group has no outboard",
-            )),
-        }
     }
 }
