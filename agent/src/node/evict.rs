@@ -69,6 +69,16 @@ pub(super) fn usage(store: &crate::store::Store) -> Result<(u64, u64), StoreErro
 }
 
 impl Inner {
+    /// The store's bytes now (read on the blocking pool).
+    async fn bytes_held(&self) -> OpResult<u64> {
+        let s = self.store.clone();
+        let (bytes, _) = tokio::task::spawn_blocking(move || usage(&s))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
+        Ok(bytes)
+    }
+
     /// Evicts down to the low watermark if the store holds more than the high one. With
     /// `wait`, waits for operations in progress (and an eviction) to end, holding new ones
     /// back; without, does nothing while any runs.
@@ -76,11 +86,7 @@ impl Inner {
         let Some(budget) = self.opts.store_max else {
             return Ok(());
         };
-        let s = self.store.clone();
-        let (used, _) = tokio::task::spawn_blocking(move || usage(&s))
-            .await
-            .map_err(failed)?
-            .map_err(failed)?;
+        let used = self.bytes_held().await?;
         if used <= budget.max {
             return Ok(());
         }
@@ -103,11 +109,7 @@ impl Inner {
             }
         };
         // Another pass may have run meanwhile.
-        let s = self.store.clone();
-        let (used, _) = tokio::task::spawn_blocking(move || usage(&s))
-            .await
-            .map_err(failed)?
-            .map_err(failed)?;
+        let used = self.bytes_held().await?;
         if used <= budget.max {
             return Ok(());
         }
