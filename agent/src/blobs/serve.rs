@@ -80,11 +80,14 @@ pub async fn serve(conn: Connection, store: Store, allow: Allow, opts: ServeOpti
         let store = store.clone();
         let allowed = allow(&peer);
         let opts = opts.clone();
+        let allow = allow.clone();
         tokio::spawn(async move {
             let s = Stream {
                 send,
                 recv,
                 peer: NodeId(*peer.as_bytes()),
+                remote: peer,
+                allow,
                 store,
                 opts,
             };
@@ -108,6 +111,10 @@ struct Stream {
     send: SendStream,
     recv: RecvStream,
     peer: NodeId,
+    /// The peer, as its endpoint, and who may fetch: a subscription checks again at
+    /// every push (a node removed from the fleet hears no more).
+    remote: EndpointId,
+    allow: Allow,
     store: Store,
     opts: ServeOptions,
 }
@@ -258,6 +265,9 @@ impl Stream {
                 tokio::select! {
                     pushed = rx.recv() => {
                         let Some(units) = pushed else { break };
+                        if !(self.allow)(&self.remote) {
+                            break;
+                        }
                         have.union_with(&units);
                         net::write_frame(&mut self.send, &Held { units }).await?;
                     }
