@@ -201,9 +201,9 @@ impl Metrics {
 
     /// The store's bytes and blobs, read now.
     pub fn read_store(&self, store: &crate::store::Store) {
-        if let Ok(blobs) = store.all_blobs() {
-            self.store_blobs.set(blobs.len() as i64);
-            let bytes: u64 = blobs.iter().map(|(_, s)| s).sum();
+        if let Ok((bytes, blobs)) = store.usage() {
+            self.store_blobs
+                .set(i64::try_from(blobs).unwrap_or(i64::MAX));
             self.store_bytes
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }

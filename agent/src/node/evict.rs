@@ -18,7 +18,6 @@ use std::time::SystemTime;
 
 use super::fetch::tree_error;
 use crate::overlay::XATTR_REDIRECT;
-use crate::store::{BlobMeta, StoreError};
 
 use super::*;
 
@@ -48,31 +47,11 @@ pub(super) struct Evicted {
     pub(super) bytes: u64,
 }
 
-/// Bytes a blob takes in the store: what is held of its data, and its outboard.
-fn held_bytes(m: &BlobMeta) -> u64 {
-    let ob = voltool_protocol::blob::tree(m.size).outboard_size();
-    let data = if m.is_complete() {
-        m.size
-    } else {
-        (m.ranges().chunks() * voltool_protocol::blob::CHUNK_BYTES).min(m.size)
-    };
-    data + ob
-}
-
-/// A store's bytes and blobs now.
-pub(super) fn usage(store: &crate::store::Store) -> Result<(u64, u64), StoreError> {
-    let all = store.all_metas()?;
-    Ok((
-        all.iter().map(|(_, m)| held_bytes(m)).sum(),
-        all.len() as u64,
-    ))
-}
-
 impl Inner {
     /// The store's bytes now (read on the blocking pool).
     async fn bytes_held(&self) -> OpResult<u64> {
         let s = self.store.clone();
-        let (bytes, _) = tokio::task::spawn_blocking(move || usage(&s))
+        let (bytes, _) = tokio::task::spawn_blocking(move || s.usage())
             .await
             .map_err(failed)?
             .map_err(failed)?;
@@ -134,7 +113,7 @@ impl Inner {
         let needed = self.needed()?;
         let now = SystemTime::now();
         let all = self.store.all_metas().map_err(failed)?;
-        let mut used: u64 = all.iter().map(|(_, m)| held_bytes(m)).sum();
+        let mut used: u64 = all.iter().map(|(_, m)| m.held_bytes()).sum();
         let mut candidates = Vec::new();
         {
             let mut seen = self.last_needed.lock().expect("not poisoned");
@@ -150,7 +129,7 @@ impl Inner {
                     .unwrap_or(SystemTime::UNIX_EPOCH);
                 let last = seen.get(&h).map_or(written, |t| (*t).max(written));
                 // Partial blobs first: nothing is downloading now, so they were abandoned.
-                candidates.push((m.is_complete(), last, h, held_bytes(&m)));
+                candidates.push((m.is_complete(), last, h, m.held_bytes()));
             }
         }
         candidates.sort_unstable();

@@ -35,7 +35,7 @@ impl Inner {
             });
         }
         let st = self.store.clone();
-        let s = tokio::task::spawn_blocking(move || super::evict::usage(&st))
+        let s = tokio::task::spawn_blocking(move || st.usage())
             .await
             .map_err(failed)?
             .map_err(failed)?;
