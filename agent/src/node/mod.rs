@@ -437,7 +437,11 @@ async fn control_loop(inner: Arc<Inner>, listener: UnixListener, cancel: Cancell
     }
 }
 
-/// Keeps the store within its budget: after operations, and every minute.
+/// The least time between two checks of the store's budget.
+const BUDGET_CHECK_GAP: Duration = Duration::from_secs(2);
+
+/// Keeps the store within its budget: after operations (at most every few seconds: a
+/// check reads every blob's record), and every minute.
 async fn budget_loop(inner: Arc<Inner>, cancel: CancellationToken) {
     if inner.opts.store_max.is_none() {
         return;
@@ -445,6 +449,10 @@ async fn budget_loop(inner: Arc<Inner>, cancel: CancellationToken) {
     loop {
         if let Err(e) = inner.enforce_budget(false).await {
             warn!("evicting from the store failed: {e}");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(BUDGET_CHECK_GAP) => {}
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
