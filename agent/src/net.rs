@@ -95,6 +95,11 @@ impl FromStr for Congestion {
     }
 }
 
+/// How often an idle connection sends a packet.
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Silence after which a connection (or one of its paths) is taken for dead.
+pub const MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// Binds an endpoint on `addr` with the given key and ALPNs: no relays, no discovery, no
 /// port mapping; peers are dialled by explicit address.
 pub async fn bind(
@@ -107,8 +112,16 @@ pub async fn bind(
         addr,
         message: e.to_string(),
     };
+    // A peer that dies without closing (kill -9, a host gone) holds its connections open
+    // at the other end until they idle out: iroh's defaults (a packet every 5 s, 15 s of
+    // silence per path, 30 s per connection) held a request to a dead peer for its whole
+    // 10 s deadline. With a keep-alive every second, 4 s of silence is a dead peer.
     let transport = QuicTransportConfig::builder()
         .congestion_controller_factory(congestion.factory())
+        .keep_alive_interval(KEEP_ALIVE)
+        .default_path_keep_alive_interval(KEEP_ALIVE)
+        .default_path_max_idle_timeout(MAX_IDLE)
+        .max_idle_timeout(Some(MAX_IDLE.try_into().expect("seconds fit a VarInt")))
         .build();
     Endpoint::builder(presets::Minimal)
         .transport_config(transport)

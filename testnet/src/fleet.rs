@@ -43,6 +43,9 @@ pub(crate) struct Fleet {
     pub(crate) root: PathBuf,
     pub(crate) coordinator: String,
     pub(crate) agents: Vec<PathBuf>,
+    /// Node k's command line and process: the coordinator is 0, agent i is i + 1.
+    nodes: Vec<(Vec<String>, u32)>,
+    net: bool,
 }
 
 /// Sends a request to an agent; a refusal becomes an error naming the agent.
@@ -202,7 +205,7 @@ pub(crate) async fn up_with(
     std::fs::write(&members_file, members)?;
     let cdir = coordinator_dir(&root);
     let _ = std::fs::remove_file(cdir.join(ADDR_FILE));
-    let mut cargs = vec![
+    let mut cargs: Vec<String> = vec![
         "coordinator".to_string(),
         "--data".into(),
         cdir.display().to_string(),
@@ -215,6 +218,12 @@ pub(crate) async fn up_with(
     listen(0, &mut cargs);
     let cpid = spawn_node(&cdir, net, 0, &cargs)?;
     let coordinator = wait_file(&cdir.join(ADDR_FILE), cpid, "the coordinator").await?;
+    if net.is_none() {
+        // A restart binds the same port, so that the agents find it again.
+        let port = coordinator.rsplit(':').next().unwrap_or("0");
+        cargs.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
+    }
+    let mut nodes = vec![(cargs, cpid)];
     let mut pids = Vec::new();
     for (i, dir) in agents.iter().enumerate() {
         let _ = std::fs::remove_file(dir.join("agent.addr"));
@@ -234,6 +243,7 @@ pub(crate) async fn up_with(
         args.extend(agent_args(i));
         listen(i + 1, &mut args);
         pids.push(spawn_node(dir, net, i + 1, &args)?);
+        nodes.push((args, *pids.last().expect("pushed")));
     }
     for (dir, pid) in agents.iter().zip(pids) {
         wait_file(
@@ -249,12 +259,74 @@ pub(crate) async fn up_with(
         root,
         coordinator,
         agents,
+        nodes,
+        net: net.is_some(),
     })
+}
+
+impl Fleet {
+    fn node_dir(&self, k: usize) -> PathBuf {
+        match k {
+            0 => coordinator_dir(&self.root),
+            i => self.agents[i - 1].clone(),
+        }
+    }
+
+    /// Whether node `k` (0: the coordinator, i + 1: agent i) runs.
+    pub(crate) fn is_running(&self, k: usize) -> bool {
+        alive(self.nodes[k].1)
+    }
+
+    /// Kills node `k` with SIGKILL and waits until it is gone.
+    pub(crate) async fn kill(&self, k: usize) -> anyhow::Result<()> {
+        let pid = self.nodes[k].1;
+        signal(pid, rustix::process::Signal::KILL);
+        let start = Instant::now();
+        while alive(pid) {
+            if start.elapsed() > NODE_TIMEOUT {
+                bail!("node {k} (pid {pid}) outlived SIGKILL for {NODE_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// Starts node `k` again with its command line (the coordinator on its old port) and
+    /// waits until it serves.
+    pub(crate) async fn restart(&mut self, k: usize) -> anyhow::Result<()> {
+        if self.net {
+            bail!("restarting nodes in network namespaces is not supported");
+        }
+        let dir = self.node_dir(k);
+        let (addr, what) = match k {
+            0 => (dir.join(ADDR_FILE), "the coordinator".to_string()),
+            i => (dir.join("agent.addr"), format!("agent {}", i - 1)),
+        };
+        let _ = std::fs::remove_file(&addr);
+        // The old log is kept beside the new one.
+        let _ = std::fs::rename(
+            dir.join("log"),
+            dir.join(format!("log.{}", self.nodes[k].1)),
+        );
+        let pid = spawn_node(&dir, None, k, &self.nodes[k].0)?;
+        self.nodes[k].1 = pid;
+        wait_file(&addr, pid, &what).await?;
+        Ok(())
+    }
+}
+
+/// Stops every node under `root` (see [`stop`]) and detaches what is mounted below it.
+pub(crate) async fn down(root: &Path) -> anyhow::Result<usize> {
+    let stopped = stop(root).await?;
+    // Agents leave their overlay snapshots mounted when they stop (a restart mounts them
+    // again); a fleet taken down detaches them, so its root can be removed.
+    voltool_agent::overlay::unmount_all_under(root);
+    Ok(stopped)
 }
 
 /// Stops every node under `root`: SIGTERM (agents make their final commits), then SIGKILL
 /// for any still running after the timeout.
-pub(crate) async fn down(root: &Path) -> anyhow::Result<usize> {
+pub(crate) async fn stop(root: &Path) -> anyhow::Result<usize> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .with_context(|| root.display().to_string())?
         .flatten()
@@ -283,9 +355,6 @@ pub(crate) async fn down(root: &Path) -> anyhow::Result<usize> {
             stopped += 1;
         }
     }
-    // Agents leave their overlay snapshots mounted when they stop (a restart mounts them
-    // again); a fleet taken down detaches them, so its root can be removed.
-    voltool_agent::overlay::unmount_all_under(root);
     Ok(stopped)
 }
 

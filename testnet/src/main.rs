@@ -9,6 +9,7 @@
 //! testnet needs nothing but itself.
 
 mod bench;
+mod chaos;
 mod demo;
 mod fleet;
 mod netns;
@@ -36,6 +37,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Measure a scenario of shared/BENCH.md (B1 fan-out; B5 with --evil K).
     Bench(bench::BenchArgs),
+    /// Random operations and faults on a fleet of real processes, checked against a
+    /// model: nothing acknowledged lost, no mixed snapshot, no unverified byte.
+    Chaos(chaos::ChaosArgs),
     /// Run `voltool` with the given arguments (how the testnet starts its nodes).
     #[command(hide = true)]
     Exec {
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
             Cmd::Down(a) => fleet::down_cmd(a).await,
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::Bench(a) => bench::run(a).await,
+            Cmd::Chaos(a) => chaos::run(a).await,
             Cmd::Exec { .. } => unreachable!("handled above"),
         }
     });

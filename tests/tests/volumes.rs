@@ -163,6 +163,27 @@ async fn reload_with_uncommitted_changes_refuses_discards_or_commits_first() {
     assert_eq!(std::fs::read(b.join("y")).unwrap(), b"2");
     f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
     assert_eq!(tree(&a), tree(&b));
+
+    // On the head already, --discard still throws changes away and --commit-first still
+    // commits them (found by the chaos trials: both used to return at once).
+    let head = tree(&b);
+    std::fs::write(b.join("mine"), b"scratch").unwrap();
+    std::fs::write(b.join("new"), b"scratch").unwrap();
+    std::fs::remove_file(b.join("x")).unwrap();
+    let r = f.reload(1, "vol", ReloadMode::Discard).await.unwrap();
+    assert_eq!(r.version, 3);
+    assert_eq!(tree(&b), head, "the mount is the head again");
+    std::fs::write(b.join("new"), b"commit me").unwrap();
+    let r = f.reload(1, "vol", ReloadMode::CommitFirst).await.unwrap();
+    assert!(
+        r.committed.as_ref().is_some_and(|c| c.changed == 1),
+        "{r:?}"
+    );
+    assert_eq!(r.version, 4);
+    f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
+    assert_eq!(std::fs::read(a.join("new")).unwrap(), b"commit me");
+    let r = f.reload(1, "vol", ReloadMode::Discard).await.unwrap();
+    assert!(!r.changed, "nothing to discard, nothing done");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,11 +41,17 @@ impl Inner {
             build_seconds: 0.0,
             seconds: start.elapsed().as_secs_f64(),
         };
-        if info.head.commit.version == rec.version {
+        // On the head already: nothing to fetch, but --discard and --commit-first still
+        // act on what the mount holds uncommitted (a read-only mount keeps nothing).
+        let same = info.head.commit.version == rec.version;
+        if same && (mode == ReloadMode::Refuse || rec.read_only) {
             return Ok(unchanged(rec.version, None));
         }
         let (rec, info, base, dirty_paths, committed) =
             match self.settle(name, rec, info, mode, events).await? {
+                Settled::Ready(r) if same && r.dirty.is_empty() && r.committed.is_none() => {
+                    return Ok(unchanged(from_version, None));
+                }
                 Settled::Ready(r) => (r.rec, r.info, r.base, r.dirty, r.committed),
                 Settled::UpToDate(version, c) => return Ok(unchanged(version, Some(*c))),
             };
