@@ -32,11 +32,10 @@ fn kill_9_mid_reload_keeps_old_snapshot_and_resumes_verified_ranges() {
     std::fs::write(m0.join("weights.bin"), &data).unwrap();
     expect(&f.run(0, &["commit"]), 0);
     let hash = blake3::hash(&data).to_hex().to_string();
-    let partial = f
-        .agent_dir(1)
-        .join("store/blobs")
-        .join(&hash[..2])
-        .join(format!("{hash}.data"));
+    let partial = voltool_agent::store::Store::blob_path_in(
+        &f.agent_dir(1).join("store"),
+        &hash.parse().unwrap(),
+    );
 
     // Start the reload, wait until a good part of the blob is on disk, then SIGKILL.
     // Its output is of no interest: it dies with the agent.

@@ -332,6 +332,14 @@ impl Trial<'_> {
         if let Err(e) = self.fleet.kill(node).await {
             self.out.problem(format!("{e:#}"));
         }
+        if node == 0 {
+            // As its service manager would, the coordinator comes back at once; what was
+            // in flight must end by itself, whether it went through or failed.
+            if let Err(e) = self.fleet.restart(0).await {
+                self.out
+                    .problem(format!("the coordinator did not come back: {e:#}"));
+            }
+        }
         (call.await, true)
     }
 
@@ -1128,10 +1136,14 @@ fn mount_tmpfs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn unmount(dir: &Path) {
-    let _ = std::process::Command::new("umount")
-        .arg("-l")
+/// Copies what agent 2 left on its tmpfs beside it, for a failing trial's post-mortem.
+fn save_tmpfs(dir: &Path) {
+    let mut to = dir.as_os_str().to_owned();
+    to.push("-saved");
+    let _ = std::process::Command::new("cp")
+        .arg("-a")
         .arg(dir)
+        .arg(&to)
         .status();
 }
 
@@ -1148,8 +1160,17 @@ async fn trial(
     let mut out = match result {
         Ok(o) => o,
         Err(e) => {
-            let _ = fleet::down(root).await;
-            unmount(&tmpfs);
+            if let Some(secs) = std::env::var("CHAOS_HOLD")
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
+                // A post-mortem of the live fleet: its mounts stay as they are for a while.
+                eprintln!("trial with seed {seed} failed: {e:#}; holding the fleet for {secs}s");
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+            }
+            let _ = fleet::stop(root).await;
+            save_tmpfs(&tmpfs);
+            voltool_agent::overlay::unmount_all_under(root);
             return Err(e);
         }
     };
@@ -1168,6 +1189,9 @@ async fn trial(
         unverified_bytes(&root.join("coordinator").join("origin"), &mut problems)?;
     for p in problems {
         out.problem(p);
+    }
+    if out.failed() {
+        save_tmpfs(&tmpfs);
     }
     voltool_agent::overlay::unmount_all_under(root);
     Ok(out)

@@ -193,7 +193,7 @@ fn open_origin(
     if let Some(was) = was.filter(|w| *w != want) {
         let name = |w: &str| {
             if w == "dir" {
-                format!("the folder {}", dir.join("blobs").display())
+                format!("the folder {}", dir.join(crate::store::BLOBS_DIR).display())
             } else {
                 w.to_string()
             }

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 use super::fetch::tree_error;
 use crate::overlay::XATTR_REDIRECT;
+use crate::overlay::layer::redirect_hash;
 
 use super::*;
 
@@ -242,13 +243,6 @@ fn redirects_under(dir: &Path, out: &mut HashSet<Hash>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The blob a data-only redirect (`/ab/<hex>.data`) names.
-fn redirect_hash(r: &[u8]) -> Option<Hash> {
-    let s = std::str::from_utf8(r).ok()?;
-    let (_, name) = s.rsplit_once('/')?;
-    name.strip_suffix(".data")?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +254,12 @@ mod tests {
         assert_eq!(redirect_hash(r.as_bytes()), Some(h));
         assert_eq!(redirect_hash(b"/dir/renamed"), None);
         assert_eq!(redirect_hash(b"/ab/zz.data"), None);
+        let old = format!("/{}/{}.data", &h.to_hex()[..2], h.to_hex());
+        assert_eq!(
+            redirect_hash(old.as_bytes()),
+            None,
+            "the old form names no blob"
+        );
         assert_eq!(redirect_hash(&[0xff, 0xfe]), None);
     }
 

@@ -190,6 +190,22 @@ impl Agent {
         let mut opts = opts;
         opts.data = std::fs::canonicalize(&opts.data).map_err(|e| other(&e))?;
         let key: SecretKey = crate::keys::load_or_create(&opts.data)?;
+        // Layers made before the store's blob folder was renamed redirect into the old one.
+        let has_mounts =
+            std::fs::read_dir(opts.data.join("mounts")).is_ok_and(|mut d| d.next().is_some());
+        if has_mounts
+            && opts
+                .data
+                .join("store")
+                .join(crate::store::OLD_BLOBS_DIR)
+                .is_dir()
+        {
+            return Err(other(&format!(
+                "{} holds mounts made by an older voltool (their files point into store/{}): unmount them with that version, or move the data directory away to start afresh",
+                opts.data.display(),
+                crate::store::OLD_BLOBS_DIR
+            )));
+        }
         let store = Store::open(&opts.data.join("store"))?;
         let db_file = opts.data.join("agent.redb");
         let db = crate::store::open_db(&db_file).map_err(|e| other(&e))?;

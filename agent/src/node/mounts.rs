@@ -81,8 +81,15 @@ impl Inner {
         }
     }
 
+    /// A write transaction on the agent's database, refused while the disk is full (see
+    /// [`Store::begin_write`]: the database shares the store's file system).
+    pub(super) fn db_write(&self) -> OpResult<redb::WriteTransaction> {
+        self.store.room_for_meta().map_err(failed)?;
+        self.db.begin_write().map_err(db_err)
+    }
+
     pub(super) fn put_mount(&self, m: &MountRecord, stats: &StatCache) -> OpResult<()> {
-        let w = self.db.begin_write().map_err(db_err)?;
+        let w = self.db_write()?;
         {
             let enc = postcard::to_stdvec(m).map_err(db_err)?;
             w.open_table(MOUNTS)
@@ -101,7 +108,7 @@ impl Inner {
 
     /// Forgets a mount: its record and its stat cache, in one transaction.
     pub(super) fn drop_mount(&self, name: &str) -> OpResult<()> {
-        let w = self.db.begin_write().map_err(db_err)?;
+        let w = self.db_write()?;
         {
             w.open_table(MOUNTS)
                 .map_err(db_err)?

@@ -37,7 +37,7 @@ impl Inner {
         };
         head.verify_against(&self.opts.coordinator.id, seen.as_ref())?;
         if seen.is_none_or(|s| s.version < head.commit.version) {
-            let w = self.db.begin_write().map_err(db_err)?;
+            let w = self.db_write()?;
             w.open_table(SEEN)
                 .map_err(db_err)?
                 .insert(head.commit.volume.0, head.commit.encode().as_slice())

@@ -245,10 +245,9 @@ impl Inner {
             std::fs::create_dir_all(&p).map_err(|e| failed(format!("{}: {e}", p.display())))?;
         }
         mark_unmounted(&dir.join("merged")).map_err(failed)?;
-        let data = self.store.blobs_dir();
         let ov = Overlay {
             lowers: layers.iter().map(|l| self.mounts_dir(id).join(l)).collect(),
-            data: &data,
+            data: self.store.data_layer(),
             upper: &dir.join("upper"),
             work: &dir.join("work"),
             read_only,

@@ -12,10 +12,20 @@ use voltool_protocol::{Entry, Hash, VolPath};
 
 use super::{XATTR_METACOPY, XATTR_REDIRECT};
 
-/// Where a blob lies in the data-only layer (the store's blob directory).
+/// Where a blob lies in the data-only layer (the store's directory; see
+/// [`crate::store::BLOBS_DIR`] for why its first name is that one).
 pub fn data_redirect(hash: &Hash) -> String {
     let hex = hash.to_hex();
-    format!("/{}/{hex}.data", &hex[..2])
+    format!("/{}/{}/{hex}.data", crate::store::BLOBS_DIR, &hex[..2])
+}
+
+/// The blob a data-only redirect ([`data_redirect`]) names; `None` for any other redirect
+/// (a renamed directory's).
+pub fn redirect_hash(r: &[u8]) -> Option<Hash> {
+    let s = std::str::from_utf8(r).ok()?;
+    let rest = s.strip_prefix('/')?.strip_prefix(crate::store::BLOBS_DIR)?;
+    let (_, name) = rest.rsplit_once('/')?;
+    name.strip_suffix(".data")?.parse().ok()
 }
 
 fn ctx(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {

@@ -43,7 +43,7 @@ pub const XATTR_OPAQUE: &str = "trusted.overlay.opaque";
 pub struct Overlay<'a> {
     /// Metadata layers, topmost first.
     pub lowers: Vec<PathBuf>,
-    /// The data-only layer (the store's blobs).
+    /// The data-only layer (the store's directory).
     pub data: &'a Path,
     /// The writable layer and the overlay's work directory (same file system).
     pub upper: &'a Path,

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::lgetxattr;
 use voltool_protocol::manifest::MODE_MASK;
-use voltool_protocol::{Change, Entry, Hash, VolPath};
+use voltool_protocol::{Change, Entry, VolPath};
 
 use super::{XATTR_METACOPY, XATTR_OPAQUE, XATTR_REDIRECT};
 use crate::scan::{
@@ -261,7 +261,12 @@ fn metacopy_entry(
         Some(o) => lowers.get(o)?,
         None => None,
     };
-    let (hash, size) = match (known, redirect.as_deref().and_then(data_path_hash)) {
+    let (hash, size) = match (
+        known,
+        redirect
+            .as_deref()
+            .and_then(|r| super::layer::redirect_hash(r.as_bytes())),
+    ) {
         (Some(Entry::File { hash, size, .. }), _) => (hash, size),
         (_, Some(hash)) => (hash, md.len()),
         _ => {
@@ -279,17 +284,6 @@ fn metacopy_entry(
         mtime_ns: st.mtime_ns,
         hash,
     })
-}
-
-/// The hash named by a redirect into the data-only layer (`/<xx>/<hex>.data`).
-fn data_path_hash(r: &str) -> Option<Hash> {
-    let hex = r
-        .strip_prefix('/')?
-        .split_once('/')?
-        .1
-        .strip_suffix(".data")?;
-    let bytes: [u8; 32] = hex::decode(hex).ok()?.try_into().ok()?;
-    Some(Hash(bytes))
 }
 
 /// Hashes (or imports) the files written through the mount, on all cores. Their stats

@@ -436,7 +436,7 @@ impl Store {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let w = self.inner.db.begin_write().map_err(db_err)?;
+        let w = self.begin_write()?;
         {
             let mut t = w.open_table(PUTS).map_err(db_err)?;
             for p in placed {
@@ -469,7 +469,7 @@ impl Store {
 
     /// Records placed blobs as complete (and their puts as ended), in one transaction.
     fn record_complete(&self, placed: &[Placed]) -> Result<(), StoreError> {
-        let w = self.inner.db.begin_write().map_err(db_err)?;
+        let w = self.begin_write()?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
             for p in placed {

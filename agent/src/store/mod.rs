@@ -30,6 +30,15 @@ pub const RESERVE: u64 = 8 << 20;
 /// Free space below which the store writes no metadata (but removals, which free space).
 pub const META_RESERVE: u64 = 1 << 20;
 
+/// The folder of blob files in a store. Overlays reach blobs through redirects that start
+/// with it, and the kernel follows such a redirect through every metadata layer below the
+/// file first: where a layer holds a directory of the redirect's first name (a volume's
+/// `d2/`, say, for a blob under `d2/`), it no longer looks in the data-only layer and the
+/// file reads as an I/O error. So the first name is one that volumes do not use.
+pub const BLOBS_DIR: &str = ".voltool-blobs";
+/// Where stores before it kept their blob files (renamed when a store is opened).
+pub const OLD_BLOBS_DIR: &str = "blobs";
+
 /// A content store. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -64,7 +73,11 @@ impl Store {
     /// given (metadata stays in `dir`).
     pub fn open_with(dir: &Path, s3: Option<&S3Options>) -> Result<Self, StoreError> {
         let remote = s3.map(remote::Remote::open).transpose()?;
-        let blobs = dir.join("blobs");
+        let blobs = dir.join(BLOBS_DIR);
+        let old = dir.join(OLD_BLOBS_DIR);
+        if old.is_dir() && !blobs.exists() {
+            std::fs::rename(&old, &blobs).ctx(&old)?;
+        }
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&blobs).ctx(&blobs)?;
         // Blob files may be hard links to files users wrote (sealed upper layers): only the
@@ -119,9 +132,15 @@ impl Store {
         Ok(())
     }
 
-    /// The directory of blob files (an overlay's data-only layer).
+    /// The directory of blob files.
     pub fn blobs_dir(&self) -> PathBuf {
-        self.inner.dir.join("blobs")
+        self.inner.dir.join(BLOBS_DIR)
+    }
+
+    /// An overlay's data-only layer: the store's directory, in which redirects name blobs
+    /// as `/.voltool-blobs/ab/<hash>.data` ([`crate::overlay::layer::data_redirect`]).
+    pub fn data_layer(&self) -> &Path {
+        &self.inner.dir
     }
 
     /// Claims a bucket's prefix for the coordinator `owner` (see [`S3Options`]); nothing
@@ -142,7 +161,7 @@ impl Store {
     /// outside).
     pub fn blob_path_in(dir: &Path, hash: &Hash) -> PathBuf {
         let hex = hash.to_hex();
-        dir.join("blobs")
+        dir.join(BLOBS_DIR)
             .join(&hex[..2])
             .join(format!("{hex}.data"))
     }

@@ -161,7 +161,7 @@ impl Store {
             f.sync_data().ctx(&self.outboard_path(hash))?;
         }
         // Merge under the write transaction, so concurrent writers never lose each other.
-        let w = self.inner.db.begin_write().map_err(db_err)?;
+        let w = self.begin_write()?;
         let meta = {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
             let old: Option<BlobMeta> = match t.get(hash.0).map_err(db_err)? {

@@ -76,8 +76,17 @@ impl Store {
         Ok(self.meta(hash)?.is_some_and(|m| m.is_complete()))
     }
 
+    /// A write transaction on the store's database, refused while less than
+    /// [`META_RESERVE`] is free: redb that meets a full disk in a commit refuses every
+    /// transaction after it ("previous I/O error") until it is opened again, so a full disk
+    /// must be met before, with an error that says so.
+    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        self.room_for_meta()?;
+        self.inner.db.begin_write().map_err(db_err)
+    }
+
     pub(super) fn put_meta(&self, hash: &Hash, meta: &BlobMeta) -> Result<(), StoreError> {
-        let w = self.inner.db.begin_write().map_err(db_err)?;
+        let w = self.begin_write()?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
             let v = postcard::to_stdvec(meta).map_err(db_err)?;

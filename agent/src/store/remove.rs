@@ -19,7 +19,7 @@ impl Store {
                 unsynced.remove(h);
             }
         }
-        let w = self.inner.db.begin_write().map_err(db_err)?;
+        let w = self.begin_write()?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
             for h in hashes {
@@ -47,7 +47,7 @@ impl Store {
             .lock()
             .expect("not poisoned")
             .remove(hash);
-        let w = self.inner.db.begin_write().map_err(db_err)?;
+        let w = self.begin_write()?;
         {
             let mut t = w.open_table(BLOBS).map_err(db_err)?;
             t.remove(hash.0).map_err(db_err)?;
@@ -89,7 +89,7 @@ impl Store {
             let _ = std::fs::remove_file(self.outboard_path(h));
         }
         r.delete(&orphans)?;
-        let w = self.inner.db.begin_write().map_err(db_err)?;
+        let w = self.begin_write()?;
         {
             let mut t = w.open_table(PUTS).map_err(db_err)?;
             for h in &begun {
