@@ -266,11 +266,7 @@ async fn volume_folders_named_like_blob_folders_do_not_hide_files() {
     f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
     // Files of the next version land in a layer above it, whatever their blobs' folders.
     for i in 0..16u8 {
-        std::fs::write(
-            a.join(format!("next-{i}")),
-            bytes(i as u8, 3000 + i as usize),
-        )
-        .unwrap();
+        std::fs::write(a.join(format!("next-{i}")), bytes(i, 3000 + i as usize)).unwrap();
     }
     f.commit(0, "vol").await.unwrap();
     f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
