@@ -240,4 +240,6 @@ pub use pages::{PageSink, Pages};
 pub use remote::S3Options;
 
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;
