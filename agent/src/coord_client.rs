@@ -96,7 +96,14 @@ impl CoordClient {
 
     /// Sends a request, returns the answer; an error answer becomes [`ClientError::Remote`].
     pub async fn request(&self, req: &CoordRequest) -> Result<CoordResponse, ClientError> {
-        let r = self.request_once(req).await;
+        let mut r = self.request_once(req).await;
+        if matches!(r, Err(ClientError::Net(_))) && repeatable(req) {
+            // The connection died under the request (a coordinator that restarted is
+            // only known gone once the connection idles out): a request that changes
+            // nothing goes once more, on a fresh connection.
+            *self.conn.lock().await = None;
+            r = self.request_once(req).await;
+        }
         self.explain(r).await
     }
 
@@ -282,6 +289,22 @@ async fn send_upload(
 const SMALL_UPLOAD: u64 = 1 << 20;
 /// Bytes of small blobs read at once.
 const UPLOAD_READ_GROUP: u64 = 4 << 20;
+
+/// Whether a request may be sent again after a lost answer: it reads, or it states what
+/// this node holds (sending it twice is sending it once).
+fn repeatable(req: &CoordRequest) -> bool {
+    matches!(
+        req,
+        CoordRequest::ListVolumes
+            | CoordRequest::GetHead { .. }
+            | CoordRequest::HasBlobs { .. }
+            | CoordRequest::Lookup { .. }
+            | CoordRequest::Members
+            | CoordRequest::Rtts { .. }
+            | CoordRequest::Announce { .. }
+            | CoordRequest::Withdraw { .. }
+    )
+}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
     move |source| ClientError::Io {

@@ -1,5 +1,6 @@
 //! kill -9 of an agent in the middle of a reload, then restart: the partial blob resumes,
-//! from a peer.
+//! from a peer. kill -9 of the coordinator: the agents' next requests go through once it
+//! is back.
 
 mod util;
 
@@ -211,4 +212,25 @@ fn kill_9_at_every_point_of_a_batched_reload_keeps_one_whole_snapshot() {
         f.kill9_agent(1);
         store_claims_only_what_it_holds(&f, 1);
     }
+}
+
+/// The coordinator killed with SIGKILL and started again on its port: the agent's
+/// connection to the old process dies silently, and its next requests still go through
+/// (a read is sent again on a fresh connection once the dead one idles out).
+#[test]
+fn kill_9_of_the_coordinator_then_the_agents_next_requests_go_through() {
+    let mut f = Fleet::start(1);
+    let m = f.dir.path().join("m");
+    expect(&f.run(0, &["volume", "create", "v"]), 0);
+    expect(&f.run(0, &["mount", "v", m.to_str().unwrap()]), 0);
+    std::fs::write(m.join("one"), b"1").unwrap();
+    expect(&f.run(0, &["commit"]), 0);
+    f.kill9_coordinator_and_restart();
+    let o = f.run(0, &["volume", "ls", "v"]);
+    expect(&o, 0);
+    assert!(stdout(&o).contains("one"), "{}", stdout(&o));
+    std::fs::write(m.join("two"), b"2").unwrap();
+    expect(&f.run(0, &["commit"]), 0);
+    let o = f.run(0, &["volume", "ls", "v"]);
+    assert!(stdout(&o).contains("two"), "{}", stdout(&o));
 }

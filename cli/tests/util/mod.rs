@@ -120,6 +120,39 @@ impl Fleet {
         c.wait().unwrap();
     }
 
+    /// SIGKILL the coordinator (no clean shutdown: its connections die silently), then
+    /// start it again on its data directory and port.
+    pub fn kill9_coordinator_and_restart(&mut self) {
+        let pos = self
+            .children
+            .iter()
+            .position(|(n, _)| n == "coordinator")
+            .unwrap();
+        let (_, mut c) = self.children.remove(pos);
+        c.kill().unwrap();
+        c.wait().unwrap();
+        let cdir = self.dir.path().join("coordinator");
+        let _ = std::fs::remove_file(cdir.join("coordinator.addr"));
+        let port = self.coordinator.rsplit(':').next().unwrap().to_string();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("coordinator.log"))
+            .unwrap();
+        let mut c = voltool()
+            .args(["coordinator", "--data"])
+            .arg(&cdir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            wait_file(&cdir.join("coordinator.addr"), &mut c),
+            self.coordinator
+        );
+        self.children.push(("coordinator".into(), c));
+    }
+
     /// `voltool --agent <agent i> args…`
     pub fn cmd(&self, i: usize, args: &[&str]) -> Command {
         let mut c = voltool();
