@@ -127,6 +127,16 @@ impl View {
     fn expected(&self) -> Tree {
         apply(&self.base, &self.pending)
     }
+
+    /// A file deleted from the mount: a change only if the snapshot has it (one created
+    /// and deleted since is no change at all, and leaves another writer's file alone).
+    fn delete(&mut self, path: String) {
+        if self.base.contains_key(&path) {
+            self.pending.insert(path, None);
+        } else {
+            self.pending.remove(&path);
+        }
+    }
 }
 
 /// What one trial found.
@@ -449,6 +459,21 @@ impl Trial<'_> {
 
     /// Writes or deletes a few files in one agent's mount.
     fn write(&mut self, agent: usize, vol: &'static str) -> anyhow::Result<()> {
+        let r = self.write_files(agent, vol);
+        if tracing() {
+            (self.say)(format!(
+                "    agent {agent} {vol} pending {:?}",
+                self.views[agent][vol]
+                    .pending
+                    .iter()
+                    .map(|(p, c)| (p, c.map(|c| c.size)))
+                    .collect::<Vec<_>>()
+            ));
+        }
+        r
+    }
+
+    fn write_files(&mut self, agent: usize, vol: &'static str) -> anyhow::Result<()> {
         let mnt = self.mount_path(agent, vol);
         for _ in 0..self.rng.random_range(1..4) {
             let path = random_path(&mut self.rng);
@@ -460,8 +485,7 @@ impl Trial<'_> {
                     self.views[agent]
                         .get_mut(vol)
                         .expect("mounted")
-                        .pending
-                        .insert(path, None);
+                        .delete(path);
                 }
                 continue;
             }
@@ -478,7 +502,8 @@ impl Trial<'_> {
                 Err(e) if e.raw_os_error() == Some(28) => {
                     // A full disk (agent 2): the user removes what could not be written.
                     std::fs::remove_file(&p)?;
-                    pending.insert(path, None);
+                    let view = self.views[agent].get_mut(vol).expect("mounted");
+                    view.delete(path);
                 }
                 Err(e) => return Err(e).with_context(|| p.display().to_string()),
             }

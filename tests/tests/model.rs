@@ -108,7 +108,13 @@ async fn sequence(seed: u64, steps: usize) {
                 let file = mounts[a].join(&p);
                 if rng.random_bool(0.2) && apply(&base[a], &pending[a]).contains_key(&p) {
                     std::fs::remove_file(&file).unwrap();
-                    pending[a].insert(p, None);
+                    // A change only if the snapshot has the file: one created and deleted
+                    // since is no change, and leaves another writer's file alone.
+                    if base[a].contains_key(&p) {
+                        pending[a].insert(p, None);
+                    } else {
+                        pending[a].remove(&p);
+                    }
                 } else {
                     next = next.wrapping_add(1);
                     let data = bytes(next, rng.random_range(0..40_000));
