@@ -76,18 +76,10 @@ pub(crate) struct ChaosArgs {
 #[derive(Debug, Default, Serialize)]
 struct Totals {
     trials: u64,
-    faults: BTreeMap<&'static str, u64>,
-    operations: u64,
-    acknowledged: u64,
-    lost: u64,
-    mixed_snapshots: u64,
-    unverified_bytes: u64,
-    stuck_agents: u64,
-    /// Operations that failed with no fault to explain it (each retried until it went
-    /// through; the first messages are in `problems`).
-    unexplained_errors: u64,
+    /// Every trial's outcome added up (its problems: the first 50).
+    #[serde(flatten)]
+    sum: Outcome,
     failed_seeds: Vec<u64>,
-    problems: Vec<String>,
     seconds: f64,
 }
 
@@ -140,7 +132,7 @@ impl View {
 }
 
 /// What one trial found.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize)]
 struct Outcome {
     faults: BTreeMap<&'static str, u64>,
     operations: u64,
@@ -149,11 +141,32 @@ struct Outcome {
     mixed_snapshots: u64,
     unverified_bytes: u64,
     stuck_agents: u64,
+    /// Operations that failed with no fault to explain it (each retried until it went
+    /// through; the first messages are in `problems`).
     unexplained_errors: u64,
     problems: Vec<String>,
 }
 
 impl Outcome {
+    /// Adds trial `seed`'s outcome.
+    fn add(&mut self, seed: u64, o: &Outcome) {
+        for (k, v) in &o.faults {
+            *self.faults.entry(k).or_default() += v;
+        }
+        self.operations += o.operations;
+        self.acknowledged += o.acknowledged;
+        self.lost += o.lost;
+        self.mixed_snapshots += o.mixed_snapshots;
+        self.unverified_bytes += o.unverified_bytes;
+        self.stuck_agents += o.stuck_agents;
+        self.unexplained_errors += o.unexplained_errors;
+        for p in &o.problems {
+            if self.problems.len() < 50 {
+                self.problems.push(format!("seed {seed}: {p}"));
+            }
+        }
+    }
+
     fn failed(&self) -> bool {
         self.lost + self.mixed_snapshots + self.unverified_bytes + self.stuck_agents > 0
     }
@@ -543,7 +556,6 @@ impl Trial<'_> {
         let Reply::Committed(rep) = reply else {
             bail!("unexpected answer to commit: {reply:?}");
         };
-        self.out.acknowledged += 1;
         if rep
             .reloaded
             .as_ref()
@@ -553,10 +565,11 @@ impl Trial<'_> {
         }
         let latest = apply(&self.model[vol], &before.pending);
         self.model.insert(vol.to_string(), latest.clone());
-        let view = self.views[agent].get_mut(vol).expect("mounted");
-        view.pending.clear();
-        view.base = latest.clone();
         if let Some(why) = rep.stayed {
+            self.out.acknowledged += 1;
+            let view = self.views[agent].get_mut(vol).expect("mounted");
+            view.pending.clear();
+            view.base = latest;
             self.out.unexplained_errors += 1;
             self.out.problem(format!(
                 "agent {agent}: commit of {vol} stayed on its view: {why}"
@@ -564,8 +577,7 @@ impl Trial<'_> {
             // Its own changes are committed: a discarding reload brings the merged head.
             return self.reload(agent, vol, None).await;
         }
-        self.check_mount(agent, vol, &[latest], "after its commit")?;
-        Ok(())
+        self.moved_to(agent, vol, latest, "after its commit")
     }
 
     fn count_strike(&mut self, strike: Option<Strike>, agent_kind: &'static str) {
@@ -584,15 +596,7 @@ impl Trial<'_> {
         strike: Option<Strike>,
     ) -> anyhow::Result<()> {
         let before = self.views[agent][vol].clone();
-        let mode = if before.pending.is_empty() {
-            ReloadMode::Refuse
-        } else {
-            ReloadMode::Discard
-        };
-        let req = Request::Reload {
-            name: Some(vol.into()),
-            mode,
-        };
+        let (req, mode) = reload_request(vol, &before);
         let (answer, struck) = self.run(agent, req.clone(), strike).await;
         let latest = self.model[vol].clone();
         if struck {
@@ -612,12 +616,7 @@ impl Trial<'_> {
         {
             self.out.fault("lying_peer_banned");
         }
-        self.out.acknowledged += 1;
-        let view = self.views[agent].get_mut(vol).expect("mounted");
-        view.pending.clear();
-        view.base = latest.clone();
-        self.check_mount(agent, vol, &[latest], "after its reload")?;
-        Ok(())
+        self.moved_to(agent, vol, latest, "after its reload")
     }
 
     /// A volume operation through an agent (put, rm, cp, create, rename, delete): applied
@@ -659,71 +658,58 @@ impl Trial<'_> {
         })
     }
 
+    /// A kill of `agent` within `within_ms` of the start (one time in five), else maybe
+    /// one of the coordinator.
+    fn strike_agent_or_coordinator(&mut self, agent: usize, within_ms: u64) -> Option<Strike> {
+        if self.rng.random_bool(0.2) {
+            Some(Strike::Kill {
+                node: agent + 1,
+                after: Duration::from_millis(self.rng.random_range(0..within_ms)),
+            })
+        } else {
+            self.maybe_coordinator_strike(0.1)
+        }
+    }
+
     async fn step(&mut self) -> anyhow::Result<()> {
         let writer = WRITERS[self.rng.random_range(0..WRITERS.len())];
         let vol = MOUNTED[self.rng.random_range(0..MOUNTED.len())];
-        match self.rng.random_range(0..100) {
-            0..22 => {
-                self.last = "write";
-                self.write(writer, vol)
-            }
-            22..42 => {
-                self.last = "commit";
+        self.last = match self.rng.random_range(0..100) {
+            0..22 => "write",
+            22..42 => "commit",
+            42..58 => "reload",
+            58..68 => "put",
+            68..74 => "rm",
+            74..80 => "cp",
+            80..90 => "scratch",
+            90..95 => "peer_leaves",
+            _ => "full_disk",
+        };
+        match self.last {
+            "write" => self.write(writer, vol),
+            "commit" => {
                 if self.views[writer][vol].pending.is_empty() {
                     self.write(writer, vol)?;
                 }
-                let strike = if self.rng.random_bool(0.2) {
-                    Some(Strike::Kill {
-                        node: writer + 1,
-                        after: Duration::from_millis(self.rng.random_range(0..80)),
-                    })
-                } else {
-                    self.maybe_coordinator_strike(0.1)
-                };
+                let strike = self.strike_agent_or_coordinator(writer, 80);
                 self.commit(writer, vol, strike).await
             }
-            42..58 => {
-                self.last = "reload";
+            "reload" => {
                 // The lying peer reloads most, so that it holds what the others fetch.
                 let agent = if self.rng.random_bool(0.4) {
                     LIAR
                 } else {
                     self.rng.random_range(0..AGENTS)
                 };
-                let strike = if self.rng.random_bool(0.2) {
-                    Some(Strike::Kill {
-                        node: agent + 1,
-                        after: Duration::from_millis(self.rng.random_range(0..60)),
-                    })
-                } else {
-                    self.maybe_coordinator_strike(0.1)
-                };
+                let strike = self.strike_agent_or_coordinator(agent, 60);
                 self.reload(agent, vol, strike).await
             }
-            58..68 => {
-                self.last = "put";
-                self.put(writer).await
-            }
-            68..74 => {
-                self.last = "rm";
-                self.rm(writer).await
-            }
-            74..80 => {
-                self.last = "cp";
-                self.cp(writer).await
-            }
-            80..90 => {
-                self.last = "scratch";
-                self.scratch(writer).await
-            }
-            90..95 => {
-                self.last = "peer_leaves";
-                self.peer_leaves().await
-            }
-            _ => {
-                self.last = "full_disk";
-                self.full_disk().await
-            }
+            "put" => self.put(writer).await,
+            "rm" => self.rm(writer).await,
+            "cp" => self.cp(writer).await,
+            "scratch" => self.scratch(writer).await,
+            "peer_leaves" => self.peer_leaves().await,
+            _ => self.full_disk().await,
         }
     }
 
@@ -885,13 +871,15 @@ impl Trial<'_> {
         }
     }
 
-    /// A large file committed by agent 0 and fetched by agent 1; then agent 2 or 3
-    /// fetches it while agent 1 is killed (a peer leaving mid-piece).
-    async fn peer_leaves(&mut self) -> anyhow::Result<()> {
-        let vol = MOUNTED[self.rng.random_range(0..MOUNTED.len())];
+    /// A new file of a size in `sizes`, written into agent 0's mount and committed.
+    async fn commit_new_file(
+        &mut self,
+        vol: &'static str,
+        sizes: std::ops::Range<u64>,
+    ) -> anyhow::Result<()> {
         let path = random_path(&mut self.rng);
         let seed = self.fresh_seed();
-        let bytes = bytes_of(seed, self.rng.random_range(4 << 20..8 << 20));
+        let bytes = bytes_of(seed, self.rng.random_range(sizes));
         let p = self.mount_path(0, vol).join(&path);
         std::fs::create_dir_all(p.parent().expect("in a directory"))?;
         std::fs::write(&p, &bytes)?;
@@ -900,7 +888,31 @@ impl Trial<'_> {
             .expect("mounted")
             .pending
             .insert(path, Some(content_of(&bytes)));
-        self.commit(0, vol, None).await?;
+        self.commit(0, vol, None).await
+    }
+
+    /// An acknowledged reload (or commit) brought `agent`'s mount of `vol` to `latest`:
+    /// the model's view follows, and the mount must show it.
+    fn moved_to(
+        &mut self,
+        agent: usize,
+        vol: &'static str,
+        latest: Tree,
+        when: &str,
+    ) -> anyhow::Result<()> {
+        self.out.acknowledged += 1;
+        let view = self.views[agent].get_mut(vol).expect("mounted");
+        view.pending.clear();
+        view.base = latest.clone();
+        self.check_mount(agent, vol, &[latest], when)?;
+        Ok(())
+    }
+
+    /// A large file committed by agent 0 and fetched by agent 1; then agent 2 or 3
+    /// fetches it while agent 1 is killed (a peer leaving mid-piece).
+    async fn peer_leaves(&mut self) -> anyhow::Result<()> {
+        let vol = MOUNTED[self.rng.random_range(0..MOUNTED.len())];
+        self.commit_new_file(vol, 4 << 20..8 << 20).await?;
         self.reload(1, vol, None).await?;
         let fetcher = [TMPFS_AGENT, LIAR][self.rng.random_range(0..2)];
         let strike = Strike::Kill {
@@ -908,15 +920,7 @@ impl Trial<'_> {
             after: Duration::from_millis(self.rng.random_range(0..40)),
         };
         let before = self.views[fetcher][vol].clone();
-        let mode = if before.pending.is_empty() {
-            ReloadMode::Refuse
-        } else {
-            ReloadMode::Discard
-        };
-        let req = Request::Reload {
-            name: Some(vol.into()),
-            mode,
-        };
+        let (req, _) = reload_request(vol, &before);
         let (answer, struck) = self.run(fetcher, req.clone(), Some(strike)).await;
         if struck {
             self.out.fault("peer_left_mid_fetch");
@@ -929,11 +933,7 @@ impl Trial<'_> {
             .await?;
         self.heal().await?;
         if settled.is_some() {
-            self.out.acknowledged += 1;
-            let view = self.views[fetcher].get_mut(vol).expect("mounted");
-            view.pending.clear();
-            view.base = latest.clone();
-            self.check_mount(fetcher, vol, &[latest], "after a reload its peer left")?;
+            self.moved_to(fetcher, vol, latest, "after a reload its peer left")?;
         }
         // Agent 1 was killed idle: its mount is still whole.
         let v1 = self.views[1][vol].expected();
@@ -945,19 +945,8 @@ impl Trial<'_> {
     /// space comes back; the operation goes through.
     async fn full_disk(&mut self) -> anyhow::Result<()> {
         let vol = MOUNTED[self.rng.random_range(0..MOUNTED.len())];
-        // Something new to fetch: a file committed by agent 0.
-        let path = random_path(&mut self.rng);
-        let seed = self.fresh_seed();
-        let bytes = bytes_of(seed, self.rng.random_range(256 << 10..2 << 20));
-        let p = self.mount_path(0, vol).join(&path);
-        std::fs::create_dir_all(p.parent().expect("in a directory"))?;
-        std::fs::write(&p, &bytes)?;
-        self.views[0]
-            .get_mut(vol)
-            .expect("mounted")
-            .pending
-            .insert(path, Some(content_of(&bytes)));
-        self.commit(0, vol, None).await?;
+        // Something new to fetch.
+        self.commit_new_file(vol, 256 << 10..2 << 20).await?;
         let filler = self.fleet.agents[TMPFS_AGENT].join("filler");
         fill(&filler)?;
         self.out.fault("full_disk");
@@ -1008,7 +997,6 @@ impl Trial<'_> {
         else {
             return Ok(());
         };
-        self.out.acknowledged += 1;
         let latest = if commit {
             let l = apply(&self.model[vol], &before.pending);
             self.model.insert(vol.to_string(), l.clone());
@@ -1016,11 +1004,7 @@ impl Trial<'_> {
         } else {
             self.model[vol].clone()
         };
-        let view = self.views[TMPFS_AGENT].get_mut(vol).expect("mounted");
-        view.pending.clear();
-        view.base = latest.clone();
-        self.check_mount(TMPFS_AGENT, vol, &[latest], "after the disk had room again")?;
-        Ok(())
+        self.moved_to(TMPFS_AGENT, vol, latest, "after the disk had room again")
     }
 
     /// The end of a trial: every node up, every writer's changes committed, every agent
@@ -1098,6 +1082,21 @@ impl Trial<'_> {
         self.out.lost += lost.len() as u64;
         Ok(())
     }
+}
+
+/// A reload of `vol`: refusing uncommitted changes where the model knows of none (so that
+/// one it does not know of shows), discarding them where there are some.
+fn reload_request(vol: &str, view: &View) -> (Request, ReloadMode) {
+    let mode = if view.pending.is_empty() {
+        ReloadMode::Refuse
+    } else {
+        ReloadMode::Discard
+    };
+    let req = Request::Reload {
+        name: Some(vol.into()),
+        mode,
+    };
+    (req, mode)
 }
 
 /// Fills the file system holding `path` with a file until it refuses more.
@@ -1324,29 +1323,22 @@ pub(crate) async fn run(a: ChaosArgs) -> anyhow::Result<ExitCode> {
         totals.trials += 1;
         let failed = match result {
             Ok(o) => {
-                for (k, v) in &o.faults {
-                    *totals.faults.entry(k).or_default() += v;
-                }
-                totals.operations += o.operations;
-                totals.acknowledged += o.acknowledged;
-                totals.lost += o.lost;
-                totals.mixed_snapshots += o.mixed_snapshots;
-                totals.unverified_bytes += o.unverified_bytes;
-                totals.stuck_agents += o.stuck_agents;
-                totals.unexplained_errors += o.unexplained_errors;
                 for p in &o.problems {
                     say(format!("  seed {seed}: {p}"));
-                    if totals.problems.len() < 50 {
-                        totals.problems.push(format!("seed {seed}: {p}"));
-                    }
                 }
+                totals.sum.add(seed, &o);
                 o.failed()
             }
             Err(e) => {
                 say(format!("  seed {seed}: the trial could not go on: {e:#}"));
-                totals
-                    .problems
-                    .push(format!("seed {seed}: the trial could not go on: {e:#}"));
+                let msg = format!("the trial could not go on: {e:#}");
+                totals.sum.add(
+                    seed,
+                    &Outcome {
+                        problems: vec![msg],
+                        ..Outcome::default()
+                    },
+                );
                 true
             }
         };
