@@ -146,3 +146,31 @@ async fn a_full_disk_fails_a_commit_clearly_and_it_lands_once_space_returns() {
     f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
     assert_eq!(tree(&b), written);
 }
+
+/// The disk filled by another program while the agent is idle: a reload meets it before
+/// the agent's databases do (a database whose write met a full disk refuses every write
+/// after it until it is opened again), says so, and works once the space returns (found by
+/// the chaos trials: the agent stayed stuck on "previous I/O error").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filled_by_another_program_leaves_the_agent_working_once_space_returns() {
+    let mut f = TestFleet::start(2).await;
+    if !on_small_disk(&mut f, 1, 24).await {
+        return;
+    }
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    let b = f.mount(1, "vol").await;
+    for round in 0..3u8 {
+        std::fs::write(a.join(format!("f{round}")), bytes(round, 300_000)).unwrap();
+        f.commit(0, "vol").await.unwrap();
+        let before = tree(&b);
+        let filler = f.agent_dir(1).join("filler");
+        fill(&filler);
+        let e = f.reload(1, "vol", ReloadMode::Refuse).await.unwrap_err();
+        assert!(e.message.contains("local disk is full"), "{}", e.message);
+        assert_eq!(tree(&b), before, "the old snapshot stays whole");
+        std::fs::remove_file(&filler).unwrap();
+        f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
+        assert_eq!(tree(&b), tree(&a), "round {round}");
+    }
+}
