@@ -96,15 +96,47 @@ impl CoordClient {
 
     /// Sends a request, returns the answer; an error answer becomes [`ClientError::Remote`].
     pub async fn request(&self, req: &CoordRequest) -> Result<CoordResponse, ClientError> {
+        if repeatable(req) {
+            return self.request_repeatable(req).await;
+        }
+        self.ensure_live().await?;
+        let r = self.request_once(req).await;
+        self.explain(r).await
+    }
+
+    /// A request that changes nothing: when the connection dies under it (a coordinator
+    /// that restarted is only known gone once the connection idles out), it goes once
+    /// more, on a fresh connection.
+    async fn request_repeatable(&self, req: &CoordRequest) -> Result<CoordResponse, ClientError> {
         let mut r = self.request_once(req).await;
-        if matches!(r, Err(ClientError::Net(_))) && repeatable(req) {
-            // The connection died under the request (a coordinator that restarted is
-            // only known gone once the connection idles out): a request that changes
-            // nothing goes once more, on a fresh connection.
+        if matches!(r, Err(ClientError::Net(_))) {
             *self.conn.lock().await = None;
             r = self.request_once(req).await;
         }
         self.explain(r).await
+    }
+
+    /// Before a request that must not be sent twice: makes sure the cached connection
+    /// still answers. A coordinator that died (kill -9, a host gone) leaves it open here
+    /// until it idles out, and a request sent on it would fail without a word of whether
+    /// it landed; an empty `HasBlobs` costs one round trip, and goes once more on a fresh
+    /// connection if the old one is dead. Only the transport counts: a refusal is the
+    /// request's own to meet.
+    async fn ensure_live(&self) -> Result<(), ClientError> {
+        let cached = self
+            .conn
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|c| c.close_reason().is_none());
+        if !cached {
+            return Ok(());
+        }
+        let probe = CoordRequest::HasBlobs { hashes: Vec::new() };
+        match self.request_repeatable(&probe).await {
+            Err(e @ ClientError::Net(_)) => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// A transport failure because the coordinator refused this node (not a fleet
@@ -164,6 +196,7 @@ impl CoordClient {
         header: &CoordRequest,
         parts: &mut tokio::sync::mpsc::Receiver<CommitPart>,
     ) -> Result<CoordResponse, ClientError> {
+        self.ensure_live().await?;
         let r = self.commit_once(header, parts).await;
         self.explain(r).await
     }
@@ -210,6 +243,7 @@ impl CoordClient {
         blobs: &[(Hash, u64, PathBuf)],
         on_bytes: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), ClientError> {
+        self.ensure_live().await?;
         let r = self.upload_once(blobs, on_bytes).await;
         self.explain(r).await
     }

@@ -233,4 +233,13 @@ fn kill_9_of_the_coordinator_then_the_agents_next_requests_go_through() {
     expect(&f.run(0, &["commit"]), 0);
     let o = f.run(0, &["volume", "ls", "v"]);
     assert!(stdout(&o).contains("two"), "{}", stdout(&o));
+    // Requests that must not go twice (a commit, a volume created) are not sent on the
+    // dead connection: its liveness is checked first.
+    f.kill9_coordinator_and_restart();
+    std::fs::write(m.join("three"), b"3").unwrap();
+    expect(&f.run(0, &["commit"]), 0);
+    f.kill9_coordinator_and_restart();
+    expect(&f.run(0, &["volume", "create", "w"]), 0);
+    let o = f.run(0, &["volume", "list"]);
+    assert!(stdout(&o).contains('w'), "{}", stdout(&o));
 }
