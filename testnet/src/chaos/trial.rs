@@ -1,0 +1,464 @@
+//! A trial and its harness: calls to agents struck by faults, retries once the nodes are
+//! back, the mounts checked against the model, and the checks at the end.
+
+use super::*;
+
+/// How a call to an agent ended.
+pub(super) enum Answer {
+    Ok(Box<Reply>),
+    /// The agent refused or failed it.
+    Refused(ErrorReply),
+    /// The connection broke (the agent died) or could not be made.
+    Lost(String),
+    /// No answer within [`OP_TIMEOUT`].
+    TimedOut,
+}
+
+pub(super) async fn call(agent: PathBuf, req: Request) -> Answer {
+    match tokio::time::timeout(OP_TIMEOUT, control::call(&agent, &req, |_| {})).await {
+        Err(_) => Answer::TimedOut,
+        Ok(Err(e)) => Answer::Lost(e.to_string()),
+        Ok(Ok(Err(e))) => Answer::Refused(e),
+        Ok(Ok(Ok(r))) => Answer::Ok(Box::new(r)),
+    }
+}
+
+/// A fault struck in the middle of an operation.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Strike {
+    /// kill -9 of node k (0: the coordinator, i + 1: agent i) after the delay.
+    Kill { node: usize, after: Duration },
+}
+
+/// Whether to print every operation and its time (`CHAOS_TRACE=1`).
+pub(super) fn tracing() -> bool {
+    std::env::var_os("CHAOS_TRACE").is_some()
+}
+
+/// Whether an error is the disk's doing (agent 2's tmpfs).
+pub(super) fn is_disk_full(e: &str) -> bool {
+    let e = e.to_ascii_lowercase();
+    e.contains("no space") || e.contains("room") || e.contains("disk") || e.contains("full")
+}
+
+pub(super) struct Trial<'a> {
+    pub(super) rng: SmallRng,
+    pub(super) fleet: Fleet,
+    /// Every volume's acknowledged state, by name.
+    pub(super) model: BTreeMap<String, Tree>,
+    /// Each agent's mounts, by volume.
+    pub(super) views: Vec<BTreeMap<&'static str, View>>,
+    pub(super) out: Outcome,
+    pub(super) next_seed: u64,
+    pub(super) next_volume: u64,
+    pub(super) src: PathBuf,
+    pub(super) say: &'a dyn Fn(String),
+    pub(super) last: &'static str,
+}
+
+impl Trial<'_> {
+    pub(super) fn mount_path(&self, agent: usize, vol: &str) -> PathBuf {
+        self.fleet.root.join(format!("mnt-{agent}-{vol}"))
+    }
+
+    pub(super) fn agent(&self, i: usize) -> PathBuf {
+        self.fleet.agents[i].clone()
+    }
+
+    pub(super) fn fresh_seed(&mut self) -> u64 {
+        self.next_seed += 1;
+        self.next_seed
+    }
+
+    pub(super) fn scratch_volumes(&self) -> Vec<String> {
+        self.model
+            .keys()
+            .filter(|v| !MOUNTED.contains(&v.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// Runs `req` on agent `agent`; with a strike, kills that node at its time unless the
+    /// call ended first. Returns the answer and whether the strike came.
+    pub(super) async fn run(
+        &mut self,
+        agent: usize,
+        req: Request,
+        strike: Option<Strike>,
+    ) -> (Answer, bool) {
+        self.out.operations += 1;
+        if tracing() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (self.say)(format!(
+                "    {:.3} agent {agent}: {req:?} {strike:?}",
+                now.as_secs_f64() % 1000.0
+            ));
+        }
+        let call = call(self.agent(agent), req);
+        let Some(Strike::Kill { node, after }) = strike else {
+            return (call.await, false);
+        };
+        tokio::pin!(call);
+        tokio::select! {
+            a = &mut call => return (a, false),
+            _ = tokio::time::sleep(after) => {}
+        }
+        if let Err(e) = self.fleet.kill(node).await {
+            self.out.problem(format!("{e:#}"));
+        }
+        if node == 0 {
+            // As its service manager would, the coordinator comes back at once; what was
+            // in flight must end by itself, whether it went through or failed.
+            if let Err(e) = self.fleet.restart(0).await {
+                self.out
+                    .problem(format!("the coordinator did not come back: {e:#}"));
+            }
+        }
+        (call.await, true)
+    }
+
+    /// Starts every node that is not running (after a kill).
+    pub(super) async fn heal(&mut self) -> anyhow::Result<()> {
+        for k in 0..=AGENTS {
+            if !self.fleet.is_running(k) {
+                self.fleet.restart(k).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An operation's answer after a strike or a failure: retried until it goes through,
+    /// at most [`RETRIES`] times. `done_if` says whether a refusal of a retry means the
+    /// interrupted attempt went through (an rm of what is gone, say).
+    pub(super) async fn settle(
+        &mut self,
+        agent: usize,
+        req: &Request,
+        mut answer: Answer,
+        struck: bool,
+        done_if: &dyn Fn(&ErrorReply) -> bool,
+    ) -> anyhow::Result<Option<Reply>> {
+        let mut tries = 0;
+        let mut after_fault = struck;
+        loop {
+            match answer {
+                Answer::Ok(r) => return Ok(Some(*r)),
+                Answer::TimedOut => {
+                    self.out.stuck_agents += 1;
+                    self.out.problem(format!(
+                        "agent {agent} gave no answer to {req:?} in {OP_TIMEOUT:?}"
+                    ));
+                    return Ok(None);
+                }
+                Answer::Refused(ref e) if tries > 0 && done_if(e) => {
+                    // The first attempt went through before the fault.
+                    return Ok(Some(Reply::Done(e.message.clone())));
+                }
+                Answer::Refused(ref e) if !after_fault && !is_disk_full(&e.message) => {
+                    self.out.unexplained_errors += 1;
+                    self.out
+                        .problem(format!("agent {agent}: {req:?} refused: {}", e.message));
+                    after_fault = true;
+                }
+                Answer::Lost(ref e) if !after_fault => {
+                    self.out.unexplained_errors += 1;
+                    self.out
+                        .problem(format!("agent {agent}: {req:?} lost: {e}"));
+                    after_fault = true;
+                }
+                _ => {}
+            }
+            if tracing() {
+                (self.say)(format!(
+                    "  agent {agent}: retrying {req:?} after {}",
+                    match &answer {
+                        Answer::Refused(e) => e.message.clone(),
+                        Answer::Lost(e) => e.clone(),
+                        _ => String::new(),
+                    }
+                ));
+            }
+            tries += 1;
+            if tries > RETRIES {
+                self.out.stuck_agents += 1;
+                self.out.problem(format!(
+                    "agent {agent}: {req:?} failed {RETRIES} retries: {}",
+                    match &answer {
+                        Answer::Refused(e) => e.message.clone(),
+                        Answer::Lost(e) => e.clone(),
+                        _ => String::new(),
+                    }
+                ));
+                return Ok(None);
+            }
+            self.heal().await?;
+            // A node just restarted may still be finding its peers and the coordinator's
+            // connection; the next attempt waits a little longer each time.
+            tokio::time::sleep(Duration::from_millis(50 << tries.min(5))).await;
+            self.out.operations += 1;
+            answer = call(self.agent(agent), req.clone()).await;
+        }
+    }
+
+    /// Compares a mount with the snapshots it may show; a mismatch is a mixed snapshot.
+    pub(super) fn check_mount(
+        &mut self,
+        agent: usize,
+        vol: &'static str,
+        allowed: &[Tree],
+        when: &str,
+    ) -> anyhow::Result<bool> {
+        let seen = read_tree(&self.mount_path(agent, vol))?;
+        if allowed.contains(&seen) {
+            return Ok(true);
+        }
+        self.out.mixed_snapshots += 1;
+        let d = diff(&allowed[0], &seen);
+        self.out.problem(format!(
+            "agent {agent} mount of {vol} {when} shows no whole snapshot: {}",
+            d.iter().take(4).cloned().collect::<Vec<_>>().join("; ")
+        ));
+        Ok(false)
+    }
+
+    /// An acknowledged reload (or commit) brought `agent`'s mount of `vol` to `latest`:
+    /// the model's view follows, and the mount must show it.
+    pub(super) fn moved_to(
+        &mut self,
+        agent: usize,
+        vol: &'static str,
+        latest: Tree,
+        when: &str,
+    ) -> anyhow::Result<()> {
+        self.out.acknowledged += 1;
+        let view = self.views[agent].get_mut(vol).expect("mounted");
+        view.pending.clear();
+        view.base = latest.clone();
+        self.check_mount(agent, vol, &[latest], when)?;
+        Ok(())
+    }
+
+    pub(super) fn count_strike(&mut self, strike: Option<Strike>, agent_kind: &'static str) {
+        match strike {
+            Some(Strike::Kill { node: 0, .. }) => self.out.fault("coordinator_killed"),
+            Some(_) => self.out.fault(agent_kind),
+            None => {}
+        }
+    }
+
+    /// The end of a trial: every node up, every writer's changes committed, every agent
+    /// reloaded; then every mount and every scratch volume compared with the model.
+    pub(super) async fn finish(&mut self) -> anyhow::Result<()> {
+        self.heal().await?;
+        for agent in WRITERS {
+            for vol in MOUNTED {
+                if !self.views[agent][vol].pending.is_empty() {
+                    self.commit(agent, vol, None).await?;
+                }
+            }
+        }
+        let mut lost = BTreeSet::new();
+        for agent in 0..AGENTS {
+            for vol in MOUNTED {
+                let req = Request::Reload {
+                    name: Some(vol.into()),
+                    mode: ReloadMode::Discard,
+                };
+                let (a, _) = self.run(agent, req.clone(), None).await;
+                if self
+                    .settle(agent, &req, a, false, &|_| false)
+                    .await?
+                    .is_none()
+                {
+                    continue;
+                }
+                let seen = read_tree(&self.mount_path(agent, vol))?;
+                for d in diff(&self.model[vol], &seen) {
+                    self.out.problem(format!("agent {agent} {vol}: {d}"));
+                    lost.insert(format!("{vol}:{}", d.split(':').next().unwrap_or("")));
+                }
+            }
+        }
+        // The scratch volumes, through agent 0: their names, then their files.
+        let (a, _) = self.run(0, Request::VolumeList, None).await;
+        if let Some(Reply::Volumes(list)) = self
+            .settle(0, &Request::VolumeList, a, false, &|_| false)
+            .await?
+        {
+            let names: BTreeSet<String> = list.into_iter().map(|v| v.name).collect();
+            let want: BTreeSet<String> = self.model.keys().cloned().collect();
+            for n in names.symmetric_difference(&want) {
+                self.out.problem(format!(
+                    "volume {n}: listed {} but the model says {}",
+                    names.contains(n),
+                    want.contains(n)
+                ));
+                lost.insert(format!("volume {n}"));
+            }
+        }
+        for vol in self.scratch_volumes() {
+            let dir = self.src.join(format!("get-{vol}"));
+            let req = Request::VolumeGet {
+                name: vol.clone(),
+                remote: "/".into(),
+                local: Some(dir.clone()),
+                force: true,
+            };
+            let (a, _) = self.run(0, req.clone(), None).await;
+            if self.settle(0, &req, a, false, &|_| false).await?.is_none() {
+                continue;
+            }
+            let seen = if dir.exists() {
+                read_tree(&dir)?
+            } else {
+                Tree::new()
+            };
+            for d in diff(&self.model[&vol], &seen) {
+                self.out.problem(format!("{vol}: {d}"));
+                lost.insert(format!("{vol}:{}", d.split(':').next().unwrap_or("")));
+            }
+        }
+        self.out.lost += lost.len() as u64;
+        Ok(())
+    }
+}
+
+/// A reload of `vol`: refusing uncommitted changes where the model knows of none (so that
+/// one it does not know of shows), discarding them where there are some.
+pub(super) fn reload_request(vol: &str, view: &View) -> (Request, ReloadMode) {
+    let mode = if view.pending.is_empty() {
+        ReloadMode::Refuse
+    } else {
+        ReloadMode::Discard
+    };
+    let req = Request::Reload {
+        name: Some(vol.into()),
+        mode,
+    };
+    (req, mode)
+}
+
+/// One trial in `root`.
+pub(super) async fn trial(
+    seed: u64,
+    ops: usize,
+    root: &Path,
+    say: &dyn Fn(String),
+) -> anyhow::Result<Outcome> {
+    let tmpfs = fleet::agent_dir(root, TMPFS_AGENT);
+    mount_tmpfs(&tmpfs)?;
+    let result = trial_in(seed, ops, root, say).await;
+    let mut out = match result {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(secs) = std::env::var("CHAOS_HOLD")
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
+                // A post-mortem of the live fleet: its mounts stay as they are for a while.
+                eprintln!("trial with seed {seed} failed: {e:#}; holding the fleet for {secs}s");
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+            }
+            let _ = fleet::stop(root).await;
+            save_tmpfs(&tmpfs);
+            voltool_agent::overlay::unmount_all_under(root);
+            return Err(e);
+        }
+    };
+    // Every store checked once its node has stopped.
+    let mut problems = Vec::new();
+    let t0 = Instant::now();
+    let _ = fleet::stop(root).await;
+    if tracing() {
+        say(format!("  stop {:?}", t0.elapsed()));
+    }
+    for i in 0..AGENTS {
+        out.unverified_bytes +=
+            unverified_bytes(&fleet::agent_dir(root, i).join("store"), &mut problems)?;
+    }
+    out.unverified_bytes +=
+        unverified_bytes(&root.join("coordinator").join("origin"), &mut problems)?;
+    for p in problems {
+        out.problem(p);
+    }
+    if out.failed() {
+        save_tmpfs(&tmpfs);
+    }
+    voltool_agent::overlay::unmount_all_under(root);
+    Ok(out)
+}
+
+pub(super) async fn trial_in(
+    seed: u64,
+    ops: usize,
+    root: &Path,
+    say: &dyn Fn(String),
+) -> anyhow::Result<Outcome> {
+    let agent_args = |i: usize| -> Vec<String> {
+        match i {
+            TMPFS_AGENT => vec!["--store-max".into(), TMPFS_STORE_MAX.into()],
+            LIAR => vec!["--evil".into()],
+            _ => Vec::new(),
+        }
+    };
+    let t0 = Instant::now();
+    let fleet = fleet::up_with(root, AGENTS, None, None, &agent_args, None).await?;
+    if tracing() {
+        say(format!("  up {:?}", t0.elapsed()));
+    }
+    let src = root.join("src");
+    std::fs::create_dir_all(&src)?;
+    let mut t = Trial {
+        rng: SmallRng::seed_from_u64(seed),
+        fleet,
+        model: BTreeMap::new(),
+        views: vec![BTreeMap::new(); AGENTS],
+        out: Outcome::default(),
+        next_seed: seed << 20,
+        next_volume: 0,
+        src,
+        say,
+        last: "",
+    };
+    for vol in MOUNTED {
+        let req = Request::VolumeCreate {
+            name: vol.into(),
+            allow_existing: false,
+        };
+        fleet::ask(&t.agent(0), req).await?;
+        t.model.insert(vol.into(), Tree::new());
+        for i in 0..AGENTS {
+            let req = Request::Mount {
+                name: vol.into(),
+                path: t.mount_path(i, vol),
+                background_commit_secs: None,
+                read_only: i == LIAR,
+            };
+            fleet::ask(&t.agent(i), req).await?;
+            t.views[i].insert(vol, View::default());
+        }
+    }
+    for n in 0..ops {
+        let t0 = Instant::now();
+        t.step().await.with_context(|| format!("operation {n}"))?;
+        if tracing() {
+            (t.say)(format!("  op {n}: {:?} {:?}", t.last, t0.elapsed()));
+        }
+        if t.out.stuck_agents > 0 {
+            (t.say)(format!(
+                "seed {seed}: an agent is stuck; the trial stops here"
+            ));
+            break;
+        }
+    }
+    let t0 = Instant::now();
+    if t.out.stuck_agents == 0 {
+        t.finish().await?;
+    }
+    if tracing() {
+        (t.say)(format!("  finish {:?}", t0.elapsed()));
+    }
+    Ok(t.out)
+}
