@@ -154,7 +154,6 @@ impl Store {
         size: u64,
         ranges: &RangeList,
     ) -> Result<BlobMeta, StoreError> {
-        self.room_for_meta()?;
         let dp = self.data_path(hash);
         File::open(&dp).and_then(|f| f.sync_data()).ctx(&dp)?;
         if let ObFile(Some(f)) = self.open_outboard(hash, size, false)? {
