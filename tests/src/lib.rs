@@ -331,6 +331,28 @@ impl TestFleet {
     }
 }
 
+/// Waits until `cond` holds of agent `i`'s status of its one mount (a background change
+/// such as a compaction, seen in what the agent reports), or fails after 60 s.
+pub async fn until_mount_status(
+    f: &TestFleet,
+    i: usize,
+    what: &str,
+    cond: impl Fn(&voltool_agent::control::MountStatus) -> bool,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let s = match f.req(i, Request::Status).await.unwrap() {
+            Reply::Status(s) => s,
+            other => panic!("unexpected {other:?}"),
+        };
+        if cond(&s.mounts[0]) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {s:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// What a tree holds, for comparison: kind, mode, content hash or target.
 pub fn tree(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();

@@ -10,7 +10,7 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use voltool_agent::control::{ReloadMode, Reply, Request};
-use voltool_tests::{TestFleet, bytes};
+use voltool_tests::{TestFleet, bytes, until_mount_status};
 
 /// A volume's files: path to bytes.
 type Files = BTreeMap<String, Vec<u8>>;
@@ -65,17 +65,7 @@ async fn listed(f: &TestFleet, i: usize) -> BTreeMap<String, u64> {
 /// (read-only file system), which the model does not know of.
 async fn compacted(f: &TestFleet, i: usize) {
     use voltool_agent::node::COMPACT_AT;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let Reply::Status(s) = f.req(i, Request::Status).await.unwrap() else {
-            panic!("unexpected answer to status");
-        };
-        if s.mounts[0].layers < COMPACT_AT {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "no compaction: {s:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    until_mount_status(f, i, "no compaction", |m| m.layers < COMPACT_AT).await;
 }
 
 fn sizes(t: &Files) -> BTreeMap<String, u64> {

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use voltool_agent::control::{ErrorCode, ReloadMode, Reply, Request};
 use voltool_protocol::Hash;
-use voltool_tests::{TestFleet, bytes, tree};
+use voltool_tests::{TestFleet, bytes, tree, until_mount_status};
 
 async fn status(f: &TestFleet, i: usize) -> voltool_agent::control::StatusReport {
     match f.req(i, Request::Status).await.unwrap() {
@@ -198,24 +198,6 @@ async fn a_commit_switches_to_a_fresh_upper_unless_a_file_is_open_for_writing() 
     );
 }
 
-/// Waits until `cond` holds of agent `i`'s status of its one mount, or fails after 60 s.
-async fn until_status(
-    f: &TestFleet,
-    i: usize,
-    what: &str,
-    cond: impl Fn(&voltool_agent::control::MountStatus) -> bool,
-) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let s = status(f, i).await;
-        if cond(&s.mounts[0]) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{what}: {s:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn piled_up_layers_are_compacted_in_the_background() {
     use voltool_agent::node::COMPACT_AT;
@@ -233,7 +215,7 @@ async fn piled_up_layers_are_compacted_in_the_background() {
         f.commit(0, "vol").await.unwrap();
         f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
     }
-    until_status(&f, 1, "layers compacted", |m| m.layers == 1).await;
+    until_mount_status(&f, 1, "layers compacted", |m| m.layers == 1).await;
     assert_eq!(tree(&a), tree(&b));
     // It goes on working: a write, a commit, a reload elsewhere; a write into the
     // compacted mount never reaches the store.
