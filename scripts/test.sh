@@ -2,13 +2,26 @@
 # The whole test suite: the Rust workspace (real nodes on 127.0.0.1 in temp dirs), then the
 # Python package against a real local fleet. Installs what the Python side needs into a
 # virtualenv under target/ (maturin and pytest from PyPI); needs cargo and python3 (3.9+).
-# VOLTOOL_SNAPSHOTS=copy runs it all on the copy fallback instead of overlay snapshots.
+# Runs as root (overlay and tmpfs mounts, programs run as an unprivileged user); with
+# VOLTOOL_SNAPSHOTS=overlay or =copy set it runs that one pass only.
 # The tests of the origin on S3 start a real Garage server: scripts/garage.sh installs the
 # pinned version (once; about 5 minutes cold), and those tests then refuse to skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Two passes, each mode forced by name: overlay snapshots (an agent that cannot mount them
+# refuses to start, so the pass fails rather than falling back), then the copy fallback.
+# Tests that do not depend on the mode run in the first pass only.
+if [ -z "${VOLTOOL_SNAPSHOTS:-}" ]; then
+    VOLTOOL_SNAPSHOTS=overlay bash "$0"
+    VOLTOOL_SNAPSHOTS=copy bash "$0"
+    exit 0
+fi
+echo "== the suite with VOLTOOL_SNAPSHOTS=$VOLTOOL_SNAPSHOTS"
 bash scripts/garage.sh
 export VOLTOOL_REQUIRE_S3=1
+# Tests that need root, overlay mounts, a tmpfs, namespaces or another user fail without
+# them instead of checking nothing.
+export VOLTOOL_REQUIRE_ROOT=1
 cargo test --workspace
 # The binaries the Python fixture starts (debug), with the very feature set of the test
 # build above, so nothing is compiled twice.

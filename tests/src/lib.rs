@@ -19,7 +19,10 @@ pub mod metrics;
 pub fn seed_key(dir: &Path, seed: u8) -> voltool_protocol::PublicKey {
     std::fs::create_dir_all(dir).unwrap();
     let bytes = [seed; 32];
-    std::fs::write(dir.join("node.key"), hex::encode(bytes)).unwrap();
+    let path = dir.join("node.key");
+    std::fs::write(&path, hex::encode(bytes)).unwrap();
+    // The agent refuses a key others may read.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     voltool_protocol::SecretKey::from_bytes(&bytes).public()
 }
 
@@ -407,6 +410,64 @@ pub fn snapshot_mode() -> voltool_agent::node::SnapshotMode {
                 .expect("VOLTOOL_SNAPSHOTS is auto, overlay or copy")
         })
         .unwrap_or_default()
+}
+
+/// Whether the suite must have every privilege a test needs (root, overlay mounts, tmpfs,
+/// namespaces, running a program as another user): `VOLTOOL_REQUIRE_ROOT`, which
+/// `scripts/test.sh` sets, as `VOLTOOL_REQUIRE_S3` does for the S3 server.
+pub fn root_required() -> bool {
+    std::env::var_os("VOLTOOL_REQUIRE_ROOT").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Whether a test whose requirement `what` is met (`available`) or not may go on: `true`
+/// when it is met; when it is not, the test fails if the suite requires it (see
+/// [`root_required`]) and otherwise says it checks nothing (`false`).
+pub fn need(what: &str, available: bool) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        !root_required(),
+        "this test needs {what}, which is missing here, and VOLTOOL_REQUIRE_ROOT is set"
+    );
+    eprintln!("skipped: this test needs {what}, which is missing here");
+    false
+}
+
+/// Whether this process runs as root (tests that run programs as other users, mount
+/// file systems or make namespaces need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+/// Whether this pass of the suite runs the tests that do not depend on the snapshot mode:
+/// the suite runs twice, and those tests run only in the pass that is not forced to copies.
+pub fn mode_independent_pass() -> bool {
+    let run = snapshot_mode() != voltool_agent::node::SnapshotMode::Copy;
+    if !run {
+        eprintln!("not in the copy pass: this test does not depend on the snapshot mode");
+    }
+    run
+}
+
+/// Whether this pass of the suite runs overlay snapshots: `false` (saying so) in the pass
+/// forced to copies; fails if an agent of `f` could not mount overlays where the suite
+/// requires them.
+pub async fn overlay_pass(f: &TestFleet) -> bool {
+    if snapshot_mode() == voltool_agent::node::SnapshotMode::Copy {
+        eprintln!("the copy pass: overlay checks belong to the overlay pass");
+        return false;
+    }
+    let s = match f.req(0, Request::Status).await.unwrap() {
+        Reply::Status(s) => s,
+        other => panic!("unexpected {other:?}"),
+    };
+    need("overlay snapshots", s.snapshots == "overlay")
 }
 
 /// Prefix of the temporary directories of fleets started by tests.
