@@ -17,6 +17,26 @@ use crate::tree::{Built, PageRef, PageSource, Shape, TreeError};
 pub const MAX_ENTRIES: usize = 4_000_000;
 /// Permission bits kept in a mode.
 pub const MODE_MASK: u32 = 0o7777;
+/// The setuid and setgid bits: kept in a manifest (what the writer committed), never made
+/// on a host (see [`host_mode`]).
+pub const PRIVILEGE_BITS: u32 = 0o6000;
+
+/// The mode a file of a volume gets on a host: its committed mode without the setuid and
+/// setgid bits. A writer is trusted with a volume's contents, never with the hosts that read
+/// it, so no file a volume puts on a host runs with its owner's rights.
+pub fn host_mode(mode: u32) -> u32 {
+    mode & MODE_MASK & !PRIVILEGE_BITS
+}
+
+/// The mode to commit for a file found with mode `found` on a host whose committed mode was
+/// `committed`: the committed one when the two differ only in the bits [`host_mode`] strips
+/// (the file was made without them), else what was found.
+pub fn found_mode(found: u32, committed: Option<u32>) -> u32 {
+    match committed {
+        Some(c) if host_mode(c) == found & MODE_MASK => c & MODE_MASK,
+        _ => found & MODE_MASK,
+    }
+}
 
 /// One entry of a manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +338,20 @@ pub(crate) mod tests {
             mtime_ns: 1,
             hash: Hash([h; 32]),
         }
+    }
+
+    #[test]
+    fn privilege_bits_never_reach_a_host_and_are_not_lost_by_it() {
+        assert_eq!(host_mode(0o4755), 0o755);
+        assert_eq!(host_mode(0o2750), 0o750);
+        assert_eq!(host_mode(0o1777), 0o1777, "the sticky bit is no privilege");
+        // A file made without its setuid bit keeps the committed mode ...
+        assert_eq!(found_mode(0o755, Some(0o4755)), 0o4755);
+        assert_eq!(found_mode(0o755, Some(0o755)), 0o755);
+        // ... a real change of mode is one, and a new file has only what it has.
+        assert_eq!(found_mode(0o700, Some(0o4755)), 0o700);
+        assert_eq!(found_mode(0o644, None), 0o644);
+        assert_eq!(found_mode(0o100644, None), 0o644);
     }
 
     #[test]

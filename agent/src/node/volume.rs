@@ -443,7 +443,9 @@ pub(super) fn write_out(store: &Store, items: &[(PathBuf, Entry)], force: bool) 
                 } else {
                     std::fs::copy(store.data_path(hash), &tmp).map_err(io)?;
                 }
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode))
+                // Never a setuid/setgid file on the host (see `host_mode`).
+                let mode = voltool_protocol::manifest::host_mode(*mode);
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
                     .map_err(io)?;
                 std::fs::rename(&tmp, p).map_err(io)?;
             }

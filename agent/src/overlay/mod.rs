@@ -58,6 +58,13 @@ fn with_path(what: &str, p: &Path) -> impl FnOnce(rustix::io::Errno) -> io::Erro
     move |e| io::Error::new(io::Error::from(e).kind(), format!("{msg}: {e}"))
 }
 
+/// What every snapshot's mount is, whatever else it is: `nosuid,nodev`.
+const SAFE_ATTRS: MountAttrFlags =
+    MountAttrFlags::MOUNT_ATTR_NOSUID.union(MountAttrFlags::MOUNT_ATTR_NODEV);
+/// The same flags for a remount, which sets a mount's flags whole: every remount passes them,
+/// or it would clear them.
+const SAFE_FLAGS: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
+
 /// Mounts `ov` at `target` (an empty directory).
 pub fn mount(ov: &Overlay<'_>, target: &Path) -> io::Result<()> {
     let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
@@ -74,10 +81,12 @@ pub fn mount(ov: &Overlay<'_>, target: &Path) -> io::Result<()> {
         fsconfig_set_string(&fs, k, v).map_err(with_path(k, target))?;
     }
     fsconfig_create(&fs).map_err(with_path("overlay for", target))?;
+    // A volume's contents never grant privileges on the host: no setuid/setgid program,
+    // no device node takes effect through a snapshot.
     let attrs = if ov.read_only {
-        MountAttrFlags::MOUNT_ATTR_RDONLY
+        MountAttrFlags::MOUNT_ATTR_RDONLY | SAFE_ATTRS
     } else {
-        MountAttrFlags::empty()
+        SAFE_ATTRS
     };
     let m = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
         .map_err(with_path("overlay for", target))?;
@@ -91,7 +100,7 @@ pub fn mount(ov: &Overlay<'_>, target: &Path) -> io::Result<()> {
 pub fn freeze(target: &Path) -> io::Result<bool> {
     // The whole file system, not one mount of it: the kernel then counts writers on
     // every mount of it (bind mounts, other namespaces), and all of them turn read-only.
-    match mount_remount(target, MountFlags::RDONLY, "") {
+    match mount_remount(target, MountFlags::RDONLY | SAFE_FLAGS, "") {
         Ok(()) => Ok(true),
         Err(rustix::io::Errno::BUSY) => Ok(false),
         Err(e) => Err(with_path("freeze", target)(e)),
@@ -102,7 +111,11 @@ pub fn freeze(target: &Path) -> io::Result<bool> {
 /// the kernel's cached entries of every file read through it, which takes long once many
 /// were). `Ok(false)` when a file is open for writing through it.
 pub fn freeze_mount(target: &Path) -> io::Result<bool> {
-    match mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "") {
+    match mount_remount(
+        target,
+        MountFlags::BIND | MountFlags::RDONLY | SAFE_FLAGS,
+        "",
+    ) {
         Ok(()) => Ok(true),
         Err(rustix::io::Errno::BUSY) => Ok(false),
         Err(e) => Err(with_path("freeze", target)(e)),
@@ -111,7 +124,7 @@ pub fn freeze_mount(target: &Path) -> io::Result<bool> {
 
 /// Makes a mount frozen by [`freeze_mount`] writable again.
 pub fn thaw_mount(target: &Path) -> io::Result<()> {
-    mount_remount(target, MountFlags::BIND, "").map_err(with_path("thaw", target))
+    mount_remount(target, MountFlags::BIND | SAFE_FLAGS, "").map_err(with_path("thaw", target))
 }
 
 /// Whether the mount at `dir` (this mount, not its file system) is read-only.
@@ -130,7 +143,7 @@ pub fn is_mount_ro(dir: &Path) -> bool {
 
 /// Makes a frozen mount writable again.
 pub fn thaw(target: &Path) -> io::Result<()> {
-    mount_remount(target, MountFlags::empty(), "").map_err(with_path("thaw", target))
+    mount_remount(target, SAFE_FLAGS, "").map_err(with_path("thaw", target))
 }
 
 /// Detaches the overlay at `target` now; the kernel frees it once nothing uses it.
