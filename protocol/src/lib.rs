@@ -68,6 +68,7 @@ pub mod control;
 pub mod coord;
 pub mod frame;
 pub mod hash;
+pub mod links;
 pub mod manifest;
 pub mod path;
 pub mod swarm;

@@ -33,6 +33,8 @@ struct Merge {
     changes: u64,
     overwritten: Vec<VolPath>,
     overwritten_total: u64,
+    /// The links the merged tree must be checked for.
+    links: super::links::LinkCheck,
 }
 
 /// Receives a commit's parts from `recv` and applies them (the caller holds the write
@@ -120,6 +122,7 @@ impl Merge {
             ));
         }
         let current = head.commit.root();
+        let links = super::links::LinkCheck::start(state, rec.id, head.commit.version, &current)?;
         Ok(Merge {
             name,
             id: rec.id,
@@ -129,6 +132,7 @@ impl Merge {
             changes: 0,
             overwritten: Vec::new(),
             overwritten_total: 0,
+            links,
         })
     }
 
@@ -190,6 +194,7 @@ impl Merge {
                 }
             }
         }
+        self.links.part(state, &changes)?;
         let mut pages = Vec::new();
         let built = tree::apply(
             &state.pages,
@@ -207,7 +212,7 @@ impl Merge {
     }
 
     /// Signs the merged tree as the new head (unless it is the head's own tree).
-    fn finish(self, state: &State, peer: EndpointId) -> Reply {
+    fn finish(mut self, state: &State, peer: EndpointId) -> Reply {
         let head = &self.head;
         if self.next == self.current {
             return Ok(CoordResponse::Committed {
@@ -227,6 +232,9 @@ impl Merge {
         }
         .sign(&state.key);
         let w = state.db.begin_write().map_err(internal)?;
+        // No link of the merged tree leads out of the volume; the index moves with the head.
+        self.links
+            .finish(state, &self.next, new.commit.version, &w)?;
         put_head(&w, &new)?;
         w.commit().map_err(internal)?;
         info!(
@@ -234,6 +242,7 @@ impl Merge {
             version = new.commit.version,
             changes = self.changes,
             overwritten = self.overwritten_total,
+            links_checked = self.links.checked,
             author = %peer.fmt_short(),
             "committed"
         );

@@ -151,6 +151,7 @@ pub(super) fn delete(state: &State, name: &str) -> Reply {
             .map_err(internal)?
             .retain_in((rec.id.0, 0)..=(rec.id.0, u64::MAX), |_, _| false)
             .map_err(internal)?;
+        super::links::forget(&w, rec.id)?;
     }
     w.commit().map_err(internal)?;
     info!(volume = name, "deleted volume");
