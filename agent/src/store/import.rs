@@ -136,7 +136,12 @@ impl ImportBatch {
     /// Copies a file into the store, hashing it in the same read. The store keeps its own
     /// copy: later writes to `src` never touch it.
     pub fn import_file(&self, src: &Path) -> Result<(Hash, u64), StoreError> {
-        let mut f = File::open(src).ctx(src)?;
+        self.import_open(File::open(src).ctx(src)?, src)
+    }
+
+    /// Copies the file `f` (opened from `src`, which names it in messages) into the store,
+    /// hashing it in the same read.
+    pub fn import_open(&self, mut f: File, src: &Path) -> Result<(Hash, u64), StoreError> {
         let hint = f.metadata().map(|m| m.len()).unwrap_or(0);
         if hint <= IN_MEMORY_MAX {
             // Small files: one read, hashed in memory, one write.
