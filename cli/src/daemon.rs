@@ -64,11 +64,15 @@ pub(crate) struct CoordinatorArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     listen: SocketAddr,
-    /// File of node ids allowed in the fleet, one per line (`#` comments). Without it any
-    /// node may join. Re-read on SIGHUP: a node removed is refused at once, by the
-    /// coordinator and by its peers.
+    /// File of node ids allowed in the fleet, one per line (`#` comments); required unless
+    /// --open. Re-read on SIGHUP: a node removed is refused at once, by the coordinator and
+    /// by its peers.
     #[arg(long, value_name = "FILE")]
     members: Option<PathBuf>,
+    /// Admit every node that reaches the coordinator as a member and a writer, with no
+    /// members file: only for a trial on a network nobody else reaches.
+    #[arg(long, conflicts_with = "members")]
+    open: bool,
     /// File of node ids that may write (commit, put, rm, cp, batch uploads; create, rename
     /// and delete volumes), one per line; they are members too. Without it every member
     /// may write. Re-read on SIGHUP.
@@ -211,7 +215,17 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
     if let Some(f) = &a.config {
         tracing::info!(file = %f.display(), "options read from a config file");
     }
+    if a.members.is_none() && !a.open {
+        anyhow::bail!(
+            "no --members file: a coordinator without one would admit every node that reaches it as a member and a writer; give --members FILE, or --open to run so on purpose"
+        );
+    }
     let m = membership(&a)?;
+    if a.open {
+        tracing::warn!(
+            "--open: every node that reaches this coordinator is a member and may write"
+        );
+    }
     let c = Coordinator::start(CoordinatorOptions {
         data: a.data.clone(),
         listen: a.listen,

@@ -214,10 +214,8 @@ fn open_origin(
 impl Coordinator {
     /// Opens the data directory, binds, writes [`ADDR_FILE`] and starts serving.
     pub async fn start(opts: CoordinatorOptions) -> Result<Self, CoordinatorError> {
-        std::fs::create_dir_all(&opts.data).map_err(|source| CoordinatorError::Io {
-            path: opts.data.display().to_string(),
-            source,
-        })?;
+        // The coordinator's alone: key, database, origin blobs.
+        crate::keys::check_data_dir(&opts.data, 0o700)?;
         let key = crate::keys::load_or_create(&opts.data)?;
         let origin = open_origin(&opts.data.join("origin"), opts.s3.as_ref())?;
         origin.claim(&key.public().to_string())?;
@@ -230,6 +228,7 @@ impl Coordinator {
             w.open_table(VOLUMES).map_err(db_err)?;
             w.open_table(HEADS).map_err(db_err)?;
             w.open_table(VERSIONS).map_err(db_err)?;
+            links::create_tables(&w).map_err(db_err)?;
             w.commit().map_err(db_err)?;
         }
         if opts.members.is_none() {
@@ -584,6 +583,7 @@ pub fn read_members(path: &Path) -> Result<HashSet<EndpointId>, CoordinatorError
 
 mod commit;
 mod gc;
+mod links;
 mod members;
 mod tracker;
 mod upload;

@@ -185,7 +185,9 @@ impl Agent {
     /// socket and peers.
     pub async fn start(opts: AgentOptions) -> Result<Self, StartError> {
         let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
-        std::fs::create_dir_all(&opts.data).map_err(|e| other(&e))?;
+        // The agent's own: nobody else may write it. Others may pass through it (not list
+        // it) while mounts are links to snapshots inside it.
+        crate::keys::check_data_dir(&opts.data, 0o711)?;
         // One spelling of every path under it: mounts are found by comparing paths.
         let mut opts = opts;
         opts.data = std::fs::canonicalize(&opts.data).map_err(|e| other(&e))?;
@@ -282,8 +284,7 @@ impl Agent {
         let cancel = inner.cancel.clone();
         let mut tasks = tokio::task::JoinSet::new();
         let sock = inner.opts.data.join(control::SOCKET);
-        let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock).map_err(|e| other(&e))?;
+        let listener = bind_socket(&sock, 0o600).map_err(|e| other(&e))?;
         tasks.spawn(control_loop(inner.clone(), listener, cancel.clone()));
         tasks.spawn(peer_loop(inner.clone(), cancel.clone()));
         tasks.spawn(remote::watch_members(inner.clone(), cancel.clone()));
@@ -414,6 +415,32 @@ impl Agent {
         let _ = std::fs::remove_file(self.inner.opts.data.join(control::SOCKET));
         self.inner.ep.close().await;
     }
+}
+
+/// Binds the control socket at `path` with exactly `mode`, whatever the umask: bound in a
+/// fresh directory only this user may enter, given its mode there, then moved into place,
+/// so nobody connects while it has another mode.
+fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let ctx = |what: &Path| {
+        let what = what.display().to_string();
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    let staging = parent.join(format!(".sock-{:016x}", rand::random::<u64>()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(ctx(&staging))?;
+    let bound = (|| {
+        let at = staging.join("s");
+        let l = UnixListener::bind(&at).map_err(ctx(&at))?;
+        std::fs::set_permissions(&at, std::fs::Permissions::from_mode(mode)).map_err(ctx(&at))?;
+        std::fs::rename(&at, path).map_err(ctx(path))?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
 }
 
 async fn control_loop(inner: Arc<Inner>, listener: UnixListener, cancel: CancellationToken) {

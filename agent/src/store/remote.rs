@@ -31,8 +31,9 @@ const WINDOW: u64 = 4 << 20;
 /// Objects put or deleted at once.
 const PARALLEL: usize = 16;
 
-/// Where an S3-compatible origin lives.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Where an S3-compatible origin lives. Its `Debug` shows whether a secret key is set,
+/// never the key.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct S3Options {
     /// The bucket.
     pub bucket: String,
@@ -47,6 +48,22 @@ pub struct S3Options {
     pub access_key_id: Option<String>,
     /// Secret access key; `None`: `AWS_SECRET_ACCESS_KEY`.
     pub secret_access_key: Option<String>,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 impl S3Options {
@@ -487,5 +504,26 @@ impl ReadAt for &Window<'_> {
         let n = buf.len().min(bytes.len().saturating_sub(off));
         buf[..n].copy_from_slice(&bytes[off..off + n]);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_secret_key_never_reaches_debug() {
+        let o = S3Options {
+            bucket: "b".into(),
+            secret_access_key: Some("very-secret-key".into()),
+            access_key_id: Some("GKid".into()),
+            ..Default::default()
+        };
+        let shown = format!("{o:?} {o:#?}");
+        assert!(!shown.contains("very-secret-key"), "{shown}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("GKid"),
+            "{shown}"
+        );
     }
 }

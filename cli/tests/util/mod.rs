@@ -65,10 +65,13 @@ impl Fleet {
     ) -> Fleet {
         let cdir = dir.path().join("coordinator");
         std::fs::create_dir_all(&cdir).unwrap();
+        // A fleet of the tests' own, on loopback: open unless the test gives members.
+        let open = !coordinator_args.contains(&"--members");
         let mut c = voltool()
             .args(["coordinator", "--data"])
             .arg(&cdir)
             .args(coordinator_args)
+            .args(open.then_some("--open"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("coordinator.log")).unwrap())
             .spawn()
@@ -90,15 +93,37 @@ impl Fleet {
     }
 
     pub fn start_agent(&mut self, i: usize, extra: &[&str]) {
+        self.start_agent_umask(i, extra, None)
+    }
+
+    /// Starts agent `i` with the file mode creation mask `umask` (e.g. "000"), if given.
+    pub fn start_agent_umask(&mut self, i: usize, extra: &[&str], umask: Option<&str>) {
         let d = self.agent_dir(i);
-        std::fs::create_dir_all(&d).unwrap();
+        // With a umask given, the agent makes its data directory itself.
+        if umask.is_none() {
+            std::fs::create_dir_all(&d).unwrap();
+        }
         let _ = std::fs::remove_file(d.join("agent.addr"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("agent-{i}.log")))
             .unwrap();
-        let mut child = voltool()
+        let mut cmd = match umask {
+            Some(m) => {
+                let mut c = voltool();
+                c.env_remove("PATH");
+                let mut sh = Command::new("sh");
+                sh.args(["-c", &format!("umask {m}; exec \"$0\" \"$@\""), BIN])
+                    .env_clear()
+                    .envs(c.get_envs().filter_map(|(k, v)| Some((k, v?))))
+                    .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                    .stdin(Stdio::null());
+                sh
+            }
+            None => voltool(),
+        };
+        let mut child = cmd
             .args(["agent", "--data"])
             .arg(&d)
             .args(["--coordinator", &self.coordinator])
@@ -139,7 +164,7 @@ impl Fleet {
             .open(self.dir.path().join("coordinator.log"))
             .unwrap();
         let mut c = voltool()
-            .args(["coordinator", "--data"])
+            .args(["coordinator", "--open", "--data"])
             .arg(&cdir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stdout(Stdio::null())
