@@ -12,7 +12,7 @@ use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey};
 use noq_proto::congestion;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use voltool_protocol::frame;
+use voltool_protocol::{blobs, frame};
 
 /// A transport failure.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +117,12 @@ pub async fn bind(
     // silence per path, 30 s per connection) held a request to a dead peer for its whole
     // 10 s deadline. With a keep-alive every second, 4 s of silence is a dead peer.
     let transport = QuicTransportConfig::builder()
+        // What one peer may make this node hold: streams open at once, bytes received and
+        // not yet read (over all its streams), bytes queued to send to it.
+        .max_concurrent_bidi_streams(blobs::CONNECTION_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .receive_window(blobs::CONNECTION_RECEIVE_WINDOW.into())
+        .send_window(blobs::CONNECTION_SEND_WINDOW)
         .congestion_controller_factory(congestion.factory())
         .keep_alive_interval(KEEP_ALIVE)
         .default_path_keep_alive_interval(KEEP_ALIVE)
@@ -211,6 +217,9 @@ pub async fn read_frame<T: DeserializeOwned>(
         .ok_or_else(|| NetError::Stream("stream ended before a frame".into()))
 }
 
+/// How much of a frame's body is read (and allocated) at a time.
+const FRAME_STEP: usize = 64 << 10;
+
 /// Reads one frame of at most `max` body bytes, or `None` when the stream ends cleanly
 /// where a frame would start.
 pub async fn read_frame_or_end<T: DeserializeOwned>(
@@ -224,8 +233,21 @@ pub async fn read_frame_or_end<T: DeserializeOwned>(
         Err(e) => return Err(read_exact_err(e)),
     }
     let len = frame::body_len(prefix, max)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(read_exact_err)?;
+    // Memory follows the bytes that came, not the length the peer announced: a prefix of
+    // `max` followed by nothing costs nothing.
+    let mut body = Vec::with_capacity(len.min(FRAME_STEP));
+    while body.len() < len {
+        let at = body.len();
+        body.resize((at + FRAME_STEP).min(len), 0);
+        recv.read_exact(&mut body[at..])
+            .await
+            .map_err(|e| match e {
+                ReadExactError::FinishedEarly(n) => {
+                    read_exact_err(ReadExactError::FinishedEarly(at + n))
+                }
+                e => read_exact_err(e),
+            })?;
+    }
     Ok(Some(frame::decode(&body)?))
 }
 

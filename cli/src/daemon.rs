@@ -91,6 +91,10 @@ pub(crate) struct CoordinatorArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Longest time a commit may take to send its change set (it holds the lock every
+    /// commit takes meanwhile).
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    commit_deadline: std::time::Duration,
     /// Time between garbage collections of the origin (deleting a volume starts one).
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration)]
     gc_interval: std::time::Duration,
@@ -107,6 +111,17 @@ pub(crate) struct CoordinatorArgs {
     s3_region: Option<String>,
     #[command(flatten)]
     tuning: Tuning,
+}
+
+fn parse_zone(z: &str) -> Result<String, String> {
+    if z.len() > voltool_protocol::coord::MAX_ZONE {
+        return Err(format!(
+            "{} bytes; a zone label has at most {}",
+            z.len(),
+            voltool_protocol::coord::MAX_ZONE
+        ));
+    }
+    Ok(z.to_string())
 }
 
 fn parse_s3(url: &str) -> Result<S3Options, String> {
@@ -131,8 +146,8 @@ pub(crate) struct AgentArgs {
     /// Address to listen on for peers.
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     listen: SocketAddr,
-    /// Zone label: peers in the same zone are preferred.
-    #[arg(long, value_name = "Z")]
+    /// Zone label (at most 64 bytes): peers in the same zone are preferred.
+    #[arg(long, value_name = "Z", value_parser = parse_zone)]
     zone: Option<String>,
     /// Ingress limit, e.g. 50mbit, 12MiB/s.
     #[arg(long, value_name = "RATE")]
@@ -240,6 +255,7 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
             interval: a.gc_interval,
         },
         metrics: a.metrics,
+        commit_deadline: a.commit_deadline,
         s3: a.origin.clone().map(|o| S3Options {
             endpoint: a.s3_endpoint.clone(),
             region: a.s3_region.clone(),

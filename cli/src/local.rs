@@ -69,8 +69,23 @@ pub(crate) struct StatusArgs {
     json: bool,
 }
 
+/// The mount path as the agent takes it: absolute, its directory with every symbolic link
+/// resolved, as this user sees it (the agent follows none).
+fn mount_path(p: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let abs = std::path::absolute(p).context("mount path")?;
+    let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) else {
+        anyhow::bail!(
+            "{}: a mount path names an entry in a directory",
+            abs.display()
+        );
+    };
+    let dir = std::fs::canonicalize(dir)
+        .with_context(|| format!("the directory of the mount path, {}", dir.display()))?;
+    Ok(dir.join(name))
+}
+
 pub(crate) async fn mount(agent: &Path, a: MountArgs) -> anyhow::Result<ExitCode> {
-    let path = std::path::absolute(&a.path).context("mount path")?;
+    let path = mount_path(&a.path)?;
     let reply = call(
         agent,
         Request::Mount {

@@ -41,6 +41,23 @@ use crate::swarm::PieceSet;
 pub const ALPN: &[u8] = b"voltool/blobs/4";
 /// Largest request frame.
 pub const MAX_REQUEST: usize = 64 << 10;
+
+/// Streams one peer may have open to a node at once (both protocols).
+pub const CONNECTION_STREAMS: u32 = 128;
+/// Bytes a connection may have received and not yet read, over all its streams.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 << 20;
+/// Bytes queued to send on one connection.
+pub const CONNECTION_SEND_WINDOW: u64 = 8 << 20;
+/// What one peer can make a provider hold, whatever it sends: a request frame on each of
+/// its streams ([`CONNECTION_STREAMS`] × [`MAX_REQUEST`], 8 MiB) and its connection's
+/// windows (16 MiB). A provider decodes a request's sizes against what it holds before it
+/// allocates anything for them (a subscription to a blob it does not hold at that size ends
+/// at once), gives one peer at most [`crate::swarm::Config::serve_slots_per_peer`] sending
+/// slots and [`crate::swarm::Config::serve_queue_per_peer`] places in its queue, and resets
+/// an answer its requester has not taken within the swarm's request deadline.
+pub const MAX_PER_PEER_BYTES: u64 = CONNECTION_STREAMS as u64 * MAX_REQUEST as u64
+    + CONNECTION_RECEIVE_WINDOW as u64
+    + CONNECTION_SEND_WINDOW;
 /// Largest header or have frame.
 pub const MAX_RESPONSE: usize = 64 << 10;
 /// Most blobs in one [`BlobRequest::GetMany`].

@@ -1,4 +1,4 @@
-//! `voltool/coord/5`: what agents ask the coordinator.
+//! `voltool/coord/6`: what agents ask the coordinator.
 //!
 //! One request per bidirectional QUIC stream: the agent sends a [`CoordRequest`] frame and,
 //! for [`CoordRequest::Upload`], the raw bytes of every blob it names after it, one after
@@ -15,13 +15,31 @@ use crate::manifest::{Change, Entry};
 use crate::path::VolPath;
 
 /// ALPN of the coordinator protocol.
-pub const ALPN: &[u8] = b"voltool/coord/5";
-/// Largest request frame (a change set of a large volume).
-pub const MAX_REQUEST: usize = 256 << 20;
+pub const ALPN: &[u8] = b"voltool/coord/6";
+/// Largest request frame. A commit's change set comes in [`CommitPart`] frames of their own
+/// (at most [`MAX_COMMIT_PART_BYTES`]), read only from a writer once its request is admitted;
+/// every other request fits in this.
+pub const MAX_REQUEST: usize = 1 << 20;
 /// Largest response frame.
 pub const MAX_RESPONSE: usize = 64 << 20;
-/// Most hashes in one [`CoordRequest::HasBlobs`].
-pub const MAX_HAS: usize = 65_536;
+/// Requests of one member the coordinator serves at once; its further streams wait unread.
+pub const REQUESTS_PER_MEMBER: usize = 16;
+/// What one member can make the coordinator hold, whatever it sends, the tracker aside:
+/// [`REQUESTS_PER_MEMBER`] request frames of at most [`MAX_REQUEST`] and its connection's
+/// windows ([`crate::blobs::CONNECTION_RECEIVE_WINDOW`], [`crate::blobs::CONNECTION_SEND_WINDOW`]).
+/// A frame's memory follows the bytes that came, never the length its prefix announces. The
+/// tracker keeps at most [`crate::swarm::Config::max_held_per_member`] entries of one member
+/// (about 100 bytes each), and only for blobs the origin holds. A writer's commit part (at most
+/// [`MAX_COMMIT_PART_BYTES`]) is read only while it holds the one commit lock, for at most the
+/// coordinator's commit deadline.
+pub const MAX_PER_MEMBER_BYTES: u64 = REQUESTS_PER_MEMBER as u64 * MAX_REQUEST as u64
+    + crate::blobs::CONNECTION_RECEIVE_WINDOW as u64
+    + crate::blobs::CONNECTION_SEND_WINDOW;
+/// Most hashes in one [`CoordRequest::HasBlobs`], [`CoordRequest::Announce`] or
+/// [`CoordRequest::Withdraw`] (half a MiB of hashes).
+pub const MAX_HAS: usize = 16_384;
+/// Longest zone label, in bytes.
+pub const MAX_ZONE: usize = 64;
 /// Most blobs in one [`CoordRequest::Upload`].
 pub const MAX_UPLOAD_BLOBS: usize = 4096;
 
@@ -82,16 +100,16 @@ pub enum CoordRequest {
     Announce {
         /// Where the sender serves `voltool/blobs/4`.
         addr: SocketAddr,
-        /// Its zone label.
+        /// Its zone label (at most [`MAX_ZONE`] bytes).
         zone: Option<String>,
-        /// Blobs held.
+        /// Blobs held (at most [`MAX_HAS`]); blobs the origin does not hold are not entered.
         blobs: Vec<Hash>,
         /// Whether they are complete.
         complete: bool,
     },
     /// Tracker: the sender no longer holds these blobs (eviction, shutdown).
     Withdraw {
-        /// Blobs dropped; empty means all of them.
+        /// Blobs dropped (at most [`MAX_HAS`]); empty means all of them.
         blobs: Vec<Hash>,
     },
     /// Tracker: who can serve this blob, nearest first, the origin last.
@@ -119,14 +137,18 @@ pub enum CoordRequest {
     Heartbeat {
         /// Where the sender serves `voltool/blobs/4`.
         addr: SocketAddr,
-        /// Its zone label.
+        /// Its zone label (at most [`MAX_ZONE`] bytes).
         zone: Option<String>,
     },
-    /// Tracker: a provider sent the sender bytes that failed verification. Once enough
-    /// members reported it, lookups leave it out.
+    /// Tracker: a provider sent the sender bytes of `hash` that failed verification. A
+    /// report counts only when the tracker handed the sender that provider lately and the
+    /// provider announced the blob; once enough distinct members reported it, lookups leave
+    /// it out for a while.
     Report {
         /// The provider's node id.
         provider: [u8; 32],
+        /// The blob whose bytes failed.
+        hash: Hash,
     },
     /// The fleet's members now, and again each time they change: the coordinator answers
     /// [`CoordResponse::Members`] on this stream until either side closes it.

@@ -188,12 +188,15 @@ class Volume:
     ) -> str:
         """Mounts the volume at ``path`` on this host (a new path or an empty directory,
         which becomes a link to the current snapshot). Returns the agent's message."""
+        # The agent follows no symbolic link on the way: resolve the directory's here.
+        path = os.path.abspath(os.fspath(path))
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
         return _call(
             self._agent,
             {
                 "Mount": {
                     "name": self._name,
-                    "path": os.path.abspath(os.fspath(path)),
+                    "path": path,
                     "background_commit_secs": background_commit_secs,
                     "read_only": read_only,
                 }

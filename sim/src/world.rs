@@ -399,11 +399,12 @@ impl World {
             self.kinds[ev.kind()] += 1;
             self.step(ev);
         }
+        let end = self.instant();
         let reported = self
             .nodes
             .iter()
             .enumerate()
-            .filter(|(i, n)| n.spec.liar && self.tracker.distrusted(&node_id(*i)))
+            .filter(|(i, n)| n.spec.liar && self.tracker.distrusted(end, &node_id(*i)))
             .count();
         let sim_s = self.now as f64 / 1e9;
         Run {
@@ -480,8 +481,10 @@ impl World {
                 self.tracker
                     .announce(now, node_id(from), (), zone, &blobs, complete);
             }
-            Ev::Report { from, liar } => {
-                self.tracker.report(&node_id(from), &node_id(liar));
+            Ev::Report { from, liar, hash } => {
+                let now = self.instant();
+                self.tracker
+                    .report(now, &node_id(from), &node_id(liar), &hash);
             }
             Ev::Leave(n) => self.leave(n),
             Ev::Heartbeat => self.heartbeat(),

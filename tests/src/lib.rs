@@ -58,6 +58,8 @@ pub struct Limits {
     pub agent_egress: Option<Rate>,
     /// Every agent's store budget.
     pub store_max: Option<voltool_agent::node::StoreBudget>,
+    /// The coordinator's commit deadline (default: the coordinator's).
+    pub commit_deadline: Option<std::time::Duration>,
 }
 
 impl TestFleet {
@@ -187,6 +189,10 @@ impl TestFleet {
             retention: self.limits.retention,
             metrics: Some("127.0.0.1:0".parse().unwrap()),
             s3: self.s3.clone(),
+            commit_deadline: self
+                .limits
+                .commit_deadline
+                .unwrap_or(voltool_agent::coordinator::COMMIT_DEADLINE),
         }
     }
 

@@ -284,3 +284,74 @@ async fn a_later_commit_that_turns_a_harmless_link_into_an_escape_is_refused() {
     .unwrap_err();
     assert!(e.contains("\"later\""), "{e}");
 }
+
+/// Mounts `vol` on agent `i` at `path`.
+async fn mount_at(f: &TestFleet, i: usize, path: &Path) {
+    let req = Request::Mount {
+        name: "vol".into(),
+        path: path.to_path_buf(),
+        background_commit_secs: None,
+        read_only: false,
+    };
+    f.req(i, req).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_swapped_for_a_link_between_two_commits_redirects_nothing() {
+    let mut f = TestFleet::start(1).await;
+    f.create("vol").await;
+    let root = std::fs::canonicalize(f.dir.path()).unwrap();
+    std::fs::create_dir_all(root.join("u/sub")).unwrap();
+    std::fs::create_dir_all(root.join("victim")).unwrap();
+    std::fs::write(root.join("victim/mnt"), b"precious").unwrap();
+    let mnt = root.join("u/sub/mnt");
+    mount_at(&f, 0, &mnt).await;
+    std::fs::write(mnt.join("a"), b"a").unwrap();
+    f.commit(0, "vol").await.unwrap();
+
+    // The owner of `u` moves `sub` away and puts a link to the victim in its place.
+    std::fs::rename(root.join("u/sub"), root.join("u/old")).unwrap();
+    std::os::unix::fs::symlink(root.join("victim"), root.join("u/sub")).unwrap();
+    std::fs::write(root.join("u/old/mnt/b"), b"b").unwrap();
+    f.commit(0, "vol").await.unwrap();
+    f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
+    assert_eq!(std::fs::read(root.join("victim/mnt")).unwrap(), b"precious");
+    // The mount went with its directory.
+    assert_eq!(std::fs::read(root.join("u/old/mnt/b")).unwrap(), b"b");
+    let req = Request::Unmount {
+        name: Some("vol".into()),
+        mode: ReloadMode::Refuse,
+    };
+    f.req(0, req).await.unwrap();
+    assert_eq!(std::fs::read(root.join("victim/mnt")).unwrap(), b"precious");
+    assert!(std::fs::symlink_metadata(root.join("u/old/mnt")).is_err());
+
+    // A mount whose directory is replaced while the agent is down is refused at restart,
+    // and nothing is made in the new directory.
+    std::fs::create_dir_all(root.join("w/x")).unwrap();
+    let mnt = root.join("w/x/mnt");
+    mount_at(&f, 0, &mnt).await;
+    let agent = f.agents.remove(0);
+    agent.shutdown().await;
+    voltool_agent::overlay::unmount_all_under(&f.agent_dir(0));
+    std::fs::rename(root.join("w/x"), root.join("w/gone")).unwrap();
+    std::fs::create_dir(root.join("w/x")).unwrap();
+    let agent = f.start_agent(0).await;
+    f.agents.push(agent);
+    assert!(
+        std::fs::symlink_metadata(&mnt).is_err(),
+        "a link was made in the new directory"
+    );
+    let e = f.commit(0, "vol").await.unwrap_err();
+    assert!(e.message.contains("not the one it was mounted in"), "{e:?}");
+    let e = f.reload(0, "vol", ReloadMode::Refuse).await.unwrap_err();
+    assert!(e.message.contains("not the one it was mounted in"), "{e:?}");
+    // Unmounting forgets it, and leaves the path alone.
+    let req = Request::Unmount {
+        name: Some("vol".into()),
+        mode: ReloadMode::Discard,
+    };
+    f.req(0, req).await.unwrap();
+    assert!(std::fs::symlink_metadata(&mnt).is_err());
+    assert!(std::fs::symlink_metadata(root.join("w/gone/mnt")).is_ok());
+}

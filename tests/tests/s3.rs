@@ -45,6 +45,7 @@ fn bare(data: std::path::PathBuf, s3: Option<S3Options>) -> CoordinatorOptions {
         retention: Retention::default(),
         metrics: None,
         s3,
+        commit_deadline: voltool_agent::coordinator::COMMIT_DEADLINE,
     }
 }
 

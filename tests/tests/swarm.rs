@@ -145,7 +145,14 @@ async fn a_provider_dying_mid_transfer_does_not_fail_the_reload() {
 async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
     use voltool_protocol::coord::{CoordRequest, CoordResponse, PeerRtt};
     let f = TestFleet::start(3).await;
-    let hash = voltool_protocol::Hash::of(b"not held by the origin");
+    // The tracker enters only blobs the origin holds.
+    f.create("vol").await;
+    let content = f.dir.path().join("content");
+    std::fs::write(&content, b"held by the origin").unwrap();
+    f.req(0, TestFleet::put("vol", &content, "c", false))
+        .await
+        .unwrap();
+    let hash = voltool_protocol::Hash::of(b"held by the origin");
     let ids: Vec<[u8; 32]> = (0..3)
         .map(|i| {
             *voltool_agent::keys::load_or_create(&f.agent_dir(i))
@@ -203,7 +210,7 @@ async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
             else {
                 panic!("not a provider list");
             };
-            let order: Vec<[u8; 32]> = p.iter().map(|p| p.id).collect();
+            let order: Vec<[u8; 32]> = p.iter().filter(|p| !p.origin).map(|p| p.id).collect();
             assert_eq!(order, vec![ids[near], ids[far]]);
         }
     }
@@ -255,14 +262,26 @@ async fn a_liar_is_banned_once_across_blobs_and_left_out_once_reported_by_two() 
     );
     assert_eq!(tree(&f.mount_path(1)), tree(&a));
 
-    // Agent 1 reported the liar; one more member's report makes the tracker leave it out.
+    // Agent 1 reported the liar; one more member's report makes the tracker leave it out,
+    // but only a report with evidence: the reporter was handed the liar for that blob.
     let witness = f.client_as(2).await;
-    let r = witness
-        .request(&CoordRequest::Report {
-            provider: *liar.as_bytes(),
-        })
+    let report = CoordRequest::Report {
+        provider: *liar.as_bytes(),
+        hash: hashes[0],
+    };
+    assert_eq!(witness.request(&report).await.unwrap(), CoordResponse::Ok);
+    let CoordResponse::Providers(p) = witness
+        .request(&CoordRequest::Lookup { hash: hashes[0] })
         .await
-        .unwrap();
+        .unwrap()
+    else {
+        panic!("not a provider list");
+    };
+    assert!(
+        p.iter().any(|p| p.id == *liar.as_bytes()),
+        "a report with no evidence counted: {p:?}"
+    );
+    let r = witness.request(&report).await.unwrap();
     assert_eq!(r, CoordResponse::Ok);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {

@@ -157,7 +157,12 @@ impl Stream {
                     Wait::Gone => return Ok(()),
                 };
                 net::write_frame(&mut self.send, &header).await?;
-                self.stream_encoded(hash, size, ranges).await?;
+                let d = self.deadline(ranges.bytes(size));
+                let sent = tokio::time::timeout(d, self.stream_encoded(hash, size, ranges)).await;
+                match sent {
+                    Ok(r) => r?,
+                    Err(_) => return self.too_slow(),
+                }
             }
             BlobRequest::Pick {
                 hash,
@@ -179,7 +184,7 @@ impl Stream {
                     return self.answer(GetHeader::Missing).await;
                 }
                 let serving = self.opts.serving.clone();
-                let Some(unit) = serving.choose(hash, units, &among, rank) else {
+                let Some(unit) = serving.choose(hash, units, &among, &self.peer, rank) else {
                     return self.answer(GetHeader::Busy).await;
                 };
                 let _turn = match self.turn(rank).await {
@@ -195,7 +200,12 @@ impl Stream {
                 };
                 net::write_frame(&mut self.send, &GetHeader::Picked { unit }).await?;
                 let ranges = voltool_protocol::blobs::piece_ranges(size, piece_bytes, unit);
-                self.stream_encoded(hash, size, ranges).await?;
+                let d = self.deadline(ranges.bytes(size));
+                let sent = tokio::time::timeout(d, self.stream_encoded(hash, size, ranges)).await;
+                match sent {
+                    Ok(r) => r?,
+                    Err(_) => return self.too_slow(),
+                }
             }
             BlobRequest::Subscribe {
                 hash,
@@ -211,7 +221,12 @@ impl Stream {
                     Wait::Busy => return self.answer(GetHeader::Busy).await,
                     Wait::Gone => return Ok(()),
                 };
-                self.send_many(blobs).await?;
+                let d = self.deadline(blobs.iter().map(|(_, s)| s).sum());
+                let sent = tokio::time::timeout(d, self.send_many(blobs)).await;
+                match sent {
+                    Ok(r) => r?,
+                    Err(_) => return self.too_slow(),
+                }
             }
             _ => return self.answer(GetHeader::Invalid).await,
         }
@@ -222,9 +237,24 @@ impl Stream {
     /// the stream while it waits (it cancelled, or went): then its place in the queue goes.
     async fn turn(&self, rank: u16) -> Wait {
         tokio::select! {
-            t = self.opts.serving.admit(rank) => t.map_or(Wait::Busy, Wait::Turn),
+            t = self.opts.serving.admit(self.peer, rank) => t.map_or(Wait::Busy, Wait::Turn),
             _ = self.send.stopped() => Wait::Gone,
         }
+    }
+
+    /// The time a requester gives an answer of `bytes` (the swarm's request deadline): a
+    /// peer that does not take it by then loses its slot.
+    fn deadline(&self, bytes: u64) -> std::time::Duration {
+        self.opts.serving.config().deadline_for(bytes)
+    }
+
+    /// Ends an answer whose deadline passed: the stream is reset, the slot goes.
+    fn too_slow(&mut self) -> Result<(), NetError> {
+        debug!(peer = %self.remote.fmt_short(), "send deadline passed: the stream is reset");
+        let _ = self.send.reset(0u32.into());
+        Err(NetError::Stream(
+            "the requester did not take the answer in time".into(),
+        ))
     }
 
     /// Answers with one header and finishes.
@@ -244,6 +274,11 @@ impl Stream {
         if !valid_piece(size, piece_bytes) || piece_bytes != self.opts.serving.config().piece_bytes
         {
             // Pieces of another size would name other bytes: no frames at all.
+            return self.send.finish().map_err(NetError::stream);
+        }
+        // Only a blob held here, with the size the requester names: nothing is allocated
+        // for a size a peer made up.
+        if !matches!(meta_of(&self.store, hash).await?, Some(m) if m.size == size) {
             return self.send.finish().map_err(NetError::stream);
         }
         let units = pieces(size, piece_bytes);
@@ -448,9 +483,9 @@ mod tests {
     #[tokio::test]
     async fn a_slot_passes_to_the_waiting_request_furthest_behind() {
         let s = Arc::new(Serving::new(cfg(1, 2)));
-        let first = s.admit(500).await.expect("a free slot");
+        let first = s.admit(NodeId([1; 32]), 500).await.expect("a free slot");
         let (ahead, behind) = (s.clone(), s.clone());
-        let ahead = tokio::spawn(async move { ahead.admit(900).await.is_some() });
+        let ahead = tokio::spawn(async move { ahead.admit(NodeId([2; 32]), 900).await.is_some() });
         // Both wait (bounded: a lost wake-up fails the test, it does not hang it).
         let wait_queued = |n: usize| {
             let s = s.clone();
@@ -466,7 +501,7 @@ mod tests {
         };
         wait_queued(1).await;
         let behind = tokio::spawn(async move {
-            let t = behind.admit(100).await;
+            let t = behind.admit(NodeId([3; 32]), 100).await;
             (t.is_some(), behind.state.lock().unwrap().adm.waiting())
         });
         wait_queued(2).await;
@@ -487,9 +522,9 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_answers_busy_and_pushes_out_the_one_furthest_along() {
         let s = Arc::new(Serving::new(cfg(1, 1)));
-        let _first = s.admit(0).await.expect("a free slot");
+        let _first = s.admit(NodeId([4; 32]), 0).await.expect("a free slot");
         let s2 = s.clone();
-        let far = tokio::spawn(async move { s2.admit(800).await.is_some() });
+        let far = tokio::spawn(async move { s2.admit(NodeId([5; 32]), 800).await.is_some() });
         for _ in 0..1000 {
             if s.state.lock().unwrap().adm.waiting() == 1 {
                 break;
@@ -497,10 +532,10 @@ mod tests {
             tokio::task::yield_now().await;
         }
         // One further along than the waiting one: busy at once.
-        assert!(s.admit(900).await.is_none());
+        assert!(s.admit(NodeId([6; 32]), 900).await.is_none());
         // One further behind takes its place: the waiting one is answered busy.
         let s3 = s.clone();
-        let near = tokio::spawn(async move { s3.admit(100).await.is_some() });
+        let near = tokio::spawn(async move { s3.admit(NodeId([7; 32]), 100).await.is_some() });
         let pushed_out = tokio::time::timeout(std::time::Duration::from_secs(10), far)
             .await
             .expect("answered")
@@ -512,9 +547,9 @@ mod tests {
     #[tokio::test]
     async fn a_turn_given_to_a_request_that_went_passes_on() {
         let s = Arc::new(Serving::new(cfg(1, 4)));
-        let first = s.admit(0).await.expect("a free slot");
+        let first = s.admit(NodeId([8; 32]), 0).await.expect("a free slot");
         let s2 = s.clone();
-        let gone = tokio::spawn(async move { s2.admit(10).await.map(|_| ()) });
+        let gone = tokio::spawn(async move { s2.admit(NodeId([9; 32]), 10).await.map(|_| ()) });
         for _ in 0..1000 {
             if s.state.lock().unwrap().adm.waiting() == 1 {
                 break;
@@ -525,9 +560,39 @@ mod tests {
         let _ = gone.await;
         drop(first);
         // Every slot is free again: a new request is served at once.
-        let again = s.admit(0).await;
+        let again = s.admit(NodeId([10; 32]), 0).await;
         assert!(again.is_some());
         assert_eq!(s.state.lock().unwrap().adm.sending(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_peer_holds_its_share_of_slots_and_places_and_no_more() {
+        let s = Arc::new(Serving::new(Config::default()));
+        let hog = NodeId([66; 32]);
+        // Two slots of three, at the rank that would go first.
+        let _a = s.admit(hog, 0).await.expect("a slot");
+        let _b = s.admit(hog, 0).await.expect("a slot");
+        let (s1, s2) = (s.clone(), s.clone());
+        let q1 = tokio::spawn(async move { s1.admit(hog, 0).await.is_some() });
+        let q2 = tokio::spawn(async move { s2.admit(hog, 0).await.is_some() });
+        for _ in 0..1000 {
+            if s.state.lock().unwrap().adm.waiting() == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(s.state.lock().unwrap().adm.waiting(), 2);
+        // A fifth request of the hog is busy, while another peer is served at once.
+        assert!(s.admit(hog, 0).await.is_none());
+        let other = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            s.admit(NodeId([1; 32]), 900),
+        )
+        .await
+        .expect("served at once");
+        assert!(other.is_some());
+        q1.abort();
+        q2.abort();
     }
 
     #[tokio::test]

@@ -80,10 +80,11 @@ impl TrackerClient {
         }
     }
 
-    /// Tells the tracker that `provider` sent bytes that failed verification.
-    pub async fn report(&self, provider: NodeId) {
+    /// Tells the tracker that `provider` sent bytes of `hash` that failed verification.
+    pub async fn report(&self, provider: NodeId, hash: Hash) {
         let req = CoordRequest::Report {
             provider: provider.0,
+            hash,
         };
         if let Err(e) = self.coord.request(&req).await {
             debug!("report failed: {e}");

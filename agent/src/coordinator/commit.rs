@@ -49,28 +49,49 @@ pub(super) async fn commit(
 ) -> Reply {
     let st = state.clone();
     let mut merge = blocking(move || Merge::start(&st, name, volume, base_version)).await?;
+    // The whole change set comes within the deadline, whatever the pace of its parts: the
+    // lock held meanwhile stops every other commit.
+    let deadline = tokio::time::Instant::now() + state.commit_deadline;
     loop {
-        let part: CommitPart =
-            match tokio::time::timeout(PART_TIMEOUT, net::read_frame(recv, MAX_COMMIT_PART_BYTES))
-                .await
-            {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
-                    return Err(fail(
-                        ErrorKind::Invalid,
-                        format!("the commit's change set ended early or is malformed: {e}"),
-                    ));
-                }
-                Err(_) => {
-                    return Err(fail(
-                        ErrorKind::Invalid,
-                        format!(
-                            "no part of the commit's change set came for {} s",
-                            PART_TIMEOUT.as_secs()
-                        ),
-                    ));
-                }
-            };
+        let wait = (tokio::time::Instant::now() + PART_TIMEOUT).min(deadline);
+        let part: CommitPart = match tokio::time::timeout_at(
+            wait,
+            net::read_frame::<CommitPart>(recv, MAX_COMMIT_PART_BYTES),
+        )
+        .await
+        {
+            Ok(Ok(p)) if p.changes.is_empty() && !p.last => {
+                return Err(fail(
+                    ErrorKind::Invalid,
+                    "an empty part of a commit's change set that is not its last",
+                ));
+            }
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                return Err(fail(
+                    ErrorKind::Invalid,
+                    format!("the commit's change set ended early or is malformed: {e}"),
+                ));
+            }
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(fail(
+                    ErrorKind::Invalid,
+                    format!(
+                        "the commit's change set did not come whole within {} s",
+                        state.commit_deadline.as_secs_f64()
+                    ),
+                ));
+            }
+            Err(_) => {
+                return Err(fail(
+                    ErrorKind::Invalid,
+                    format!(
+                        "no part of the commit's change set came for {} s",
+                        PART_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+        };
         let last = part.last;
         let st = state.clone();
         merge = blocking(move || merge.part(&st, part).map(|()| merge)).await?;

@@ -57,7 +57,13 @@ pub struct CoordinatorOptions {
     /// Keep the origin's blobs in this S3-compatible bucket rather than under `data`
     /// (which keeps the metadata either way).
     pub s3: Option<crate::store::S3Options>,
+    /// Longest time a commit may take to send its change set: it holds the lock every
+    /// commit takes meanwhile (default [`COMMIT_DEADLINE`]).
+    pub commit_deadline: std::time::Duration,
 }
+
+/// How long a commit may take to send its change set by default.
+pub const COMMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A coordinator failure.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +133,8 @@ struct State {
     recent: std::sync::Mutex<gc::Recent>,
     /// Starts a collection now.
     gc_now: tokio::sync::Notify,
+    /// See [`CoordinatorOptions::commit_deadline`].
+    commit_deadline: std::time::Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -278,6 +286,7 @@ impl Coordinator {
             retention: opts.retention,
             recent: std::sync::Mutex::new(gc::Recent::new()),
             gc_now: tokio::sync::Notify::new(),
+            commit_deadline: opts.commit_deadline,
             metrics,
         });
         let cancel = CancellationToken::new();
@@ -397,7 +406,12 @@ async fn accept_loop(ep: Endpoint, state: Arc<State>, cancel: CancellationToken)
 
 async fn serve_coord(conn: Connection, state: Arc<State>) {
     let peer = conn.remote_id();
+    // Its further streams wait unread, in its connection's receive window.
+    let permits = Arc::new(tokio::sync::Semaphore::new(coord::REQUESTS_PER_MEMBER));
     loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(_) => return,
@@ -407,6 +421,7 @@ async fn serve_coord(conn: Connection, state: Arc<State>) {
             if let Err(e) = serve_request(send, recv, state, peer).await {
                 debug!(peer = %peer.fmt_short(), "coordinator request failed: {e}");
             }
+            drop(permit);
         });
     }
 }
@@ -496,16 +511,42 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             blobs,
             complete,
         } => {
+            if let Err(f) = check_zone(zone.as_deref()) {
+                return f.into();
+            }
+            if blobs.len() > MAX_HAS {
+                return fail(ErrorKind::Invalid, "too many blobs in one announcement").into();
+            }
+            // Only blobs the origin holds (uploaded, or named by a kept version) enter the
+            // tracker: random hashes cost nothing here.
+            let known = match state.origin.has_complete_many(&blobs) {
+                Ok(k) => k,
+                Err(e) => return fail(ErrorKind::Internal, e.to_string()).into(),
+            };
+            let blobs: Vec<Hash> = blobs
+                .into_iter()
+                .zip(known)
+                .filter_map(|(h, k)| k.then_some(h))
+                .collect();
             let mut t = state.tracker.lock().expect("not poisoned");
             let now = std::time::Instant::now();
-            t.announce(now, node_id(&peer), addr, zone, &blobs, complete);
+            let left_out = t.announce(now, node_id(&peer), addr, zone, &blobs, complete);
+            if left_out > 0 {
+                warn!(peer = %peer.fmt_short(), left_out, "tracker: a member announced more blobs than it may enter");
+            }
             Ok(CoordResponse::Ok)
         }
         CoordRequest::Heartbeat { addr, zone } => {
+            if let Err(f) = check_zone(zone.as_deref()) {
+                return f.into();
+            }
             let mut t = state.tracker.lock().expect("not poisoned");
             let now = std::time::Instant::now();
             t.announce(now, node_id(&peer), addr, zone, &[], false);
             Ok(CoordResponse::Ok)
+        }
+        CoordRequest::Withdraw { blobs } if blobs.len() > MAX_HAS => {
+            Err(fail(ErrorKind::Invalid, "too many blobs in one withdrawal"))
         }
         CoordRequest::Withdraw { blobs } => {
             let mut t = state.tracker.lock().expect("not poisoned");
@@ -516,10 +557,11 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             }
             Ok(CoordResponse::Ok)
         }
-        CoordRequest::Report { provider } => {
+        CoordRequest::Report { provider, hash } => {
             let liar = voltool_protocol::swarm::NodeId(provider);
             let mut t = state.tracker.lock().expect("not poisoned");
-            if t.report(&node_id(&peer), &liar) {
+            let now = std::time::Instant::now();
+            if t.report(now, &node_id(&peer), &liar, &hash) {
                 warn!(provider = ?liar, "tracker: left out of answers, reported by several members for bytes that fail verification");
             }
             Ok(CoordResponse::Ok)
@@ -558,6 +600,22 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
         _ => Err(fail(ErrorKind::Invalid, "unknown request")),
     };
     r.unwrap_or_else(Into::into)
+}
+
+/// Refuses a zone label longer than [`coord::MAX_ZONE`] bytes: every lookup answer that
+/// names its member carries it.
+fn check_zone(zone: Option<&str>) -> Result<(), Fail> {
+    match zone {
+        Some(z) if z.len() > coord::MAX_ZONE => Err(fail(
+            ErrorKind::Invalid,
+            format!(
+                "a zone label of {} bytes; at most {}",
+                z.len(),
+                coord::MAX_ZONE
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Reads the members file: one node id per line, `#` comments.

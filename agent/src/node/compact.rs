@@ -102,7 +102,7 @@ impl Inner {
             self.thaw(&rec);
             return Err(e);
         }
-        switch_link(&new.path, &self.link_target(new.id, &new.snapshot))?;
+        self.switch_mount(&new, &new.snapshot)?;
         self.retire(&rec, &new, HashSet::new()).await?;
         Ok(true)
     }

@@ -40,6 +40,7 @@ mod evict;
 mod fetch;
 mod local;
 mod mount;
+mod mount_point;
 mod mounts;
 mod registry;
 mod reload;
@@ -57,7 +58,8 @@ pub use events::Events;
 pub use evict::StoreBudget;
 use fetch::local_root;
 use local::{Local, Take};
-use mounts::{MAX_OWN, MOUNTS, MountRecord, STATS, switch_link};
+use mount_point::{MountPoint, ParentId};
+use mounts::{MAX_OWN, MOUNTS, MountRecord, STATS};
 use remote::SEEN;
 use snapshot::Source;
 pub use snapshot::{MAX_LAYERS, NOT_MOUNTED, SnapshotMode};
@@ -152,6 +154,8 @@ struct Inner {
     evicted: Mutex<evict::Evicted>,
     /// Wakes the budget's check (after an operation).
     budget_check: tokio::sync::Notify,
+    /// The held parents of mount paths, by volume.
+    mount_points: Mutex<HashMap<String, Arc<MountPoint>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -185,6 +189,15 @@ impl Agent {
     /// socket and peers.
     pub async fn start(opts: AgentOptions) -> Result<Self, StartError> {
         let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
+        if let Some(z) = opts.zone.as_deref()
+            && z.len() > voltool_protocol::coord::MAX_ZONE
+        {
+            return Err(other(&format!(
+                "a zone label of {} bytes; at most {}",
+                z.len(),
+                voltool_protocol::coord::MAX_ZONE
+            )));
+        }
         // The agent's own: nobody else may write it. Others may pass through it (not list
         // it) while mounts are links to snapshots inside it.
         crate::keys::check_data_dir(&opts.data, 0o711)?;
@@ -219,6 +232,7 @@ impl Agent {
             &["mounts-1", "stats-1", "mounts-2", "stats-2"],
         )
         .map_err(|e| other(&e))?;
+        mounts::migrate_mounts(&db).map_err(|e| other(&e))?;
         {
             let w = db.begin_write().map_err(|e| other(&e))?;
             w.open_table(MOUNTS).map_err(|e| other(&e))?;
@@ -274,6 +288,7 @@ impl Agent {
             last_needed: Default::default(),
             evicted: Default::default(),
             budget_check: Default::default(),
+            mount_points: Default::default(),
         });
         if inner.overlays {
             // The whole data directory, so that sealed upper layers (under mounts/) can be
@@ -638,6 +653,7 @@ impl Inner {
             }
             Request::Commit { name } => {
                 let name = self.which_mount(name)?;
+                self.mount_point(&self.mount(&name)?)?;
                 let started = Instant::now();
                 let r = self
                     .commit_and_follow(&name, &events)
@@ -652,6 +668,7 @@ impl Inner {
             }
             Request::Reload { name, mode } => {
                 let name = self.which_mount(name)?;
+                self.mount_point(&self.mount(&name)?)?;
                 let started = Instant::now();
                 let r = self.reload(&name, mode, &events).await.map(Reply::Reloaded);
                 if r.is_ok() {

@@ -39,24 +39,18 @@ impl Inner {
                 format!("volume {name:?} is already mounted here"),
             ));
         }
-        if !path.is_absolute() {
-            return Err(err(ErrorCode::Invalid, "mount path must be absolute"));
-        }
-        match std::fs::symlink_metadata(path) {
-            Err(_) => {}
-            Ok(md) if md.is_dir() && std::fs::read_dir(path).map_err(failed)?.next().is_none() => {
-                std::fs::remove_dir(path).map_err(failed)?;
+        // The path's directory is held from here on: nothing at the path is ever reached
+        // through a name a user can change again.
+        let mp = MountPoint::open(path).map_err(|e| match e {
+            super::mount_point::MountPointError::NotAbsolute(_) => {
+                err(ErrorCode::Invalid, e.to_string())
             }
-            Ok(_) => {
-                return Err(err(
-                    ErrorCode::Exists,
-                    format!(
-                        "{} exists; mount on a new path or an empty directory",
-                        path.display()
-                    ),
-                ));
-            }
-        }
+            e => failed(e),
+        })?;
+        mp.prepare().map_err(|e| match e {
+            super::mount_point::MountPointError::Exists(_) => err(ErrorCode::Exists, e.to_string()),
+            e => failed(e),
+        })?;
         let info = self.verified_head(name).await?;
         let root = info.head.commit.root();
         self.fetch_tree(root).await?;
@@ -109,9 +103,14 @@ impl Inner {
             layers: built.layers,
             lower_manifest: mhash,
             read_only,
+            parent: mp.id(),
         };
         self.put_mount(&rec, &built.stats)?;
-        switch_link(path, &self.link_target(rec.id, &rec.snapshot))?;
+        self.mount_points
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_string(), Arc::new(mp));
+        self.switch_mount(&rec, &rec.snapshot)?;
         if let Some(secs) = background_commit_secs {
             let cancel = self.cancel.clone();
             tokio::spawn(background_commits(

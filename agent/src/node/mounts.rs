@@ -2,8 +2,10 @@
 
 use super::*;
 
-pub(super) const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-3");
+pub(super) const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-4");
 pub(super) const STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("stats-3");
+/// Mount records without their parent directory's identity (taken over at start).
+const MOUNTS_3: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts-3");
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct MountRecord {
@@ -26,6 +28,88 @@ pub(super) struct MountRecord {
     pub(super) lower_manifest: Hash,
     /// Mounted read-only: nothing is written through it, nothing is committed.
     pub(super) read_only: bool,
+    /// The mount path's directory, as it was when mounted: the path is only ever handled
+    /// through that directory, and a restart refuses a directory that is another.
+    pub(super) parent: ParentId,
+}
+
+/// A mount record as `mounts-3` held it: all of [`MountRecord`] but its parent.
+#[derive(Deserialize)]
+struct MountRecord3 {
+    name: String,
+    id: VolumeId,
+    path: PathBuf,
+    version: u64,
+    manifest: Hash,
+    snapshot: String,
+    background_commit_secs: Option<u64>,
+    own: Option<Vec<Change>>,
+    layers: Vec<String>,
+    lower_manifest: Hash,
+    read_only: bool,
+}
+
+/// Takes the mount records of `mounts-3` over into [`MOUNTS`], each with the identity of
+/// its path's directory as it is now (a directory reached through a symbolic link is
+/// refused, and its mount dropped with a warning: unmount it by hand).
+pub(super) fn migrate_mounts(db: &Database) -> Result<(), String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let r = db.begin_read().map_err(|x| e(&x))?;
+    if !r
+        .list_tables()
+        .map_err(|x| e(&x))?
+        .any(|t| redb::TableHandle::name(&t) == "mounts-3")
+    {
+        return Ok(());
+    }
+    let t = r.open_table(MOUNTS_3).map_err(|x| e(&x))?;
+    let mut new = Vec::new();
+    for entry in redb::ReadableTable::iter(&t).map_err(|x| e(&x))? {
+        let (_, v) = entry.map_err(|x| e(&x))?;
+        let o: MountRecord3 = postcard::from_bytes(v.value()).map_err(|x| e(&x))?;
+        let parent = match MountPoint::open(&o.path) {
+            Ok(mp) => mp.id(),
+            Err(err) => {
+                warn!(
+                    volume = o.name,
+                    "dropping a mount whose path cannot be held: {err}"
+                );
+                continue;
+            }
+        };
+        new.push(MountRecord {
+            name: o.name,
+            id: o.id,
+            path: o.path,
+            version: o.version,
+            manifest: o.manifest,
+            snapshot: o.snapshot,
+            background_commit_secs: o.background_commit_secs,
+            own: o.own,
+            layers: o.layers,
+            lower_manifest: o.lower_manifest,
+            read_only: o.read_only,
+            parent,
+        });
+    }
+    drop(t);
+    drop(r);
+    let w = db.begin_write().map_err(|x| e(&x))?;
+    {
+        let mut t = w.open_table(MOUNTS).map_err(|x| e(&x))?;
+        for m in &new {
+            let enc = postcard::to_stdvec(m).map_err(|x| e(&x))?;
+            t.insert(m.name.as_str(), enc.as_slice())
+                .map_err(|x| e(&x))?;
+        }
+    }
+    w.delete_table(MOUNTS_3).map_err(|x| e(&x))?;
+    w.commit().map_err(|x| e(&x))?;
+    info!(
+        mounts = new.len(),
+        "mount records taken over with their directories"
+    );
+    Ok(())
 }
 
 /// Committed changes a mount keeps to report overwrites by other writers at its next reload.
@@ -191,14 +275,38 @@ impl Inner {
                 crate::overlay::thaw_mount(&target).map_err(failed)?;
             }
         }
-        if std::fs::read_link(&m.path).ok().as_deref() != Some(target.as_path()) {
+        let mp = self.mount_point(m)?;
+        if mp.read_link().as_deref() != Some(target.as_path()) {
             warn!(
                 volume = m.name,
                 "re-pointing mount at its recorded snapshot"
             );
-            switch_link(&m.path, &target)?;
+            mp.switch(&target).map_err(failed)?;
         }
         Ok(())
+    }
+
+    /// The held parent of mount `m`'s path: opened at its first use since the agent
+    /// started, and checked against the directory the record names.
+    pub(super) fn mount_point(&self, m: &MountRecord) -> OpResult<Arc<MountPoint>> {
+        let mut held = self.mount_points.lock().expect("not poisoned");
+        if let Some(mp) = held.get(&m.name)
+            && mp.path() == m.path
+            && mp.id() == m.parent
+        {
+            return Ok(mp.clone());
+        }
+        let mp = Arc::new(MountPoint::reopen(&m.path, m.parent).map_err(failed)?);
+        held.insert(m.name.clone(), mp.clone());
+        Ok(mp)
+    }
+
+    /// Points mount `m`'s path at its snapshot `snapshot`, through its held parent.
+    pub(super) fn switch_mount(&self, m: &MountRecord, snapshot: &str) -> OpResult<()> {
+        let target = self.link_target(m.id, snapshot);
+        self.mount_point(m)?
+            .switch(&target)
+            .map_err(|e| failed(format!("cannot switch the mount: {e}")))
     }
 
     /// Detaches overlays that are not `current` snapshots, and removes what lies under the
@@ -232,16 +340,4 @@ impl Inner {
         }
         super::snapshot::discard(&self.opts.data.join(super::snapshot::TRASH), stale);
     }
-}
-
-/// Points `link` at `target` atomically (a new symlink renamed over the old one).
-pub(super) fn switch_link(link: &Path, target: &Path) -> OpResult<()> {
-    let tmp = link.with_file_name(format!(
-        ".{}.voltool-{:08x}",
-        link.file_name().and_then(|n| n.to_str()).unwrap_or("mount"),
-        rand::random::<u32>()
-    ));
-    std::os::unix::fs::symlink(target, &tmp)
-        .and_then(|_| std::fs::rename(&tmp, link))
-        .map_err(|e| failed(format!("cannot switch {}: {e}", link.display())))
 }

@@ -303,10 +303,7 @@ impl Inner {
         self.put_mount(&new_rec, &built.stats)
             .inspect_err(|_| self.thaw(rec))?;
         self.crash_point("reload-recorded");
-        switch_link(
-            &new_rec.path,
-            &self.link_target(new_rec.id, &new_rec.snapshot),
-        )?;
+        self.switch_mount(&new_rec, &new_rec.snapshot)?;
         let fresh = self.retire(rec, &new_rec, reuse).await?;
         if !fresh.is_empty() {
             let mut stats = built.stats;

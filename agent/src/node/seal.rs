@@ -124,7 +124,7 @@ impl Inner {
             ..rec.clone()
         };
         self.put_mount(&new, &StatCache::new())?;
-        switch_link(&new.path, &self.link_target(new.id, &new.snapshot))?;
+        self.switch_mount(&new, &new.snapshot)?;
         self.retire(rec, &new, HashSet::new()).await?;
         Ok(new)
     }
@@ -141,7 +141,7 @@ impl Inner {
             ..rec.clone()
         };
         self.put_mount(&new, &StatCache::new())?;
-        switch_link(&new.path, &self.link_target(new.id, &new.snapshot))?;
+        self.switch_mount(&new, &new.snapshot)?;
         self.retire(rec, &new, HashSet::new()).await?;
         Ok(new)
     }

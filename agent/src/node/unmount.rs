@@ -38,11 +38,18 @@ impl Inner {
         }
         self.freeze_for_switch(&rec, local_root(rec.manifest), mode, "unmount")
             .await?;
-        if std::fs::symlink_metadata(&rec.path).is_ok_and(|m| m.file_type().is_symlink()) {
-            std::fs::remove_file(&rec.path)
-                .map_err(|e| failed(format!("cannot remove {}: {e}", rec.path.display())))?;
+        // A path whose directory is no longer the one mounted in is left as it is.
+        match self.mount_point(&rec) {
+            Ok(mp) => mp
+                .remove()
+                .map_err(|e| failed(format!("cannot remove the mount's link: {e}")))?,
+            Err(e) => warn!(
+                volume = name,
+                "the mount's path is left alone: {}", e.message
+            ),
         }
         self.drop_mount(name)?;
+        self.mount_points.lock().expect("not poisoned").remove(name);
         let vol = self.mounts_dir(rec.id);
         let snap_dir = vol.join(&rec.snapshot);
         let trash = self.opts.data.join(TRASH);

@@ -66,6 +66,10 @@ pub struct Config {
     pub serve_slots: usize,
     /// Requests that may wait for a slot; more are answered busy.
     pub serve_queue: usize,
+    /// Slots one peer may hold at once (the others stay for other peers).
+    pub serve_slots_per_peer: usize,
+    /// Places in the queue one peer may hold at once.
+    pub serve_queue_per_peer: usize,
     /// Subscribers to one blob's progress at once.
     pub max_subscribers: usize,
     /// Longest wait before newly held pieces are pushed to subscribers (pushes coalesce).
@@ -81,6 +85,13 @@ pub struct Config {
     pub holder_ttl: Duration,
     /// Distinct members that must report a provider before the tracker stops handing it out.
     pub report_quorum: usize,
+    /// How long a report counts, how long a provider handed to a member counts as evidence
+    /// for that member's report, and how long a reported provider stays out of answers
+    /// after the report that made the quorum.
+    pub report_ttl: Duration,
+    /// Most (blob, holder) entries the tracker keeps for one member; more announcements
+    /// are not entered.
+    pub max_held_per_member: usize,
 }
 
 impl Default for Config {
@@ -111,12 +122,16 @@ impl Default for Config {
             announce_interval: Duration::from_millis(200),
             serve_slots: 3,
             serve_queue: 6,
+            serve_slots_per_peer: 2,
+            serve_queue_per_peer: 2,
             max_subscribers: 64,
             have_interval: Duration::from_millis(100),
             lookup_answer: 32,
             lookup_sample: 4,
             holder_ttl: Duration::from_secs(90),
             report_quorum: 2,
+            report_ttl: Duration::from_secs(1800),
+            max_held_per_member: 1 << 20,
         }
     }
 }
@@ -160,7 +175,7 @@ enum Unit {
 type Setter = fn(&mut Config, u64);
 
 /// Every knob: its name, its unit, and what it sets.
-const TABLE: [(&str, Unit, Setter); 17] = [
+const TABLE: [(&str, Unit, Setter); 19] = [
     ("piece_kib", Unit::Kib, |c, v| c.piece_bytes = v << 10),
     ("pieces_in_flight", Unit::Count, |c, v| {
         c.pieces_in_flight = v as usize
@@ -176,6 +191,12 @@ const TABLE: [(&str, Unit, Setter); 17] = [
     }),
     ("serve_queue", Unit::Count, |c, v| {
         c.serve_queue = v as usize
+    }),
+    ("serve_slots_per_peer", Unit::Count, |c, v| {
+        c.serve_slots_per_peer = v as usize
+    }),
+    ("serve_queue_per_peer", Unit::Count, |c, v| {
+        c.serve_queue_per_peer = v as usize
     }),
     ("rarest_of", Unit::Count, |c, v| c.rarest_of = v as usize),
     ("subscriptions", Unit::Count, |c, v| {

@@ -2,9 +2,10 @@
 
 use std::time::Instant;
 
-use super::engine::{Action, Engine, Failure, GroupId, ProviderInfo, ReqId};
+use super::engine::{Action, Blobs, Engine, Failure, GroupId, ProviderInfo, ReqId};
 use super::state::add_have;
 use super::{NodeId, PieceSet};
+use crate::hash::Hash;
 
 impl Engine {
     pub(super) fn on_providers(
@@ -178,11 +179,24 @@ impl Engine {
             return;
         };
         let prov = r.prov;
+        // The blob whose bytes failed: the piece's, or the first small blob not yet got.
+        let hash = match &self.groups[r.group.0 as usize].spec {
+            Blobs::Pieces { hash, .. } => *hash,
+            Blobs::Whole { blobs } => {
+                let unit = r.units.iter().find(|u| !r.got.contains(u)).copied();
+                blobs
+                    .get(unit.or(r.units.first().copied()).unwrap_or(0) as usize)
+                    .map_or(Hash::EMPTY, |b| b.0)
+            }
+        };
         let p = &mut self.provs[prov];
         if !p.banned {
             p.banned = true;
             self.stats.banned.push(p.id);
-            self.actions.push_back(Action::Report { provider: p.id });
+            self.actions.push_back(Action::Report {
+                provider: p.id,
+                hash,
+            });
         }
         // Nothing more is taken from it: every request to it ends now.
         let to_it: Vec<ReqId> = self

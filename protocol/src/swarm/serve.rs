@@ -34,6 +34,9 @@ struct Sent {
 
 /// A provider's admission of requests: [`Config::serve_slots`] served at once, up to
 /// [`Config::serve_queue`] waiting, the rest answered busy so their senders go elsewhere.
+/// One peer holds at most [`Config::serve_slots_per_peer`] of the slots and
+/// [`Config::serve_queue_per_peer`] of the places in the queue, whatever rank it claims: a
+/// peer that never reads what it asked for cannot starve the others.
 ///
 /// For the origin ([`Admission::choose`]) a request names the pieces it may take and the
 /// origin chooses the one it has sent least; while its slots are full it sends only pieces it
@@ -43,9 +46,11 @@ pub struct Admission {
     cfg: Config,
     rng: SmallRng,
     sending: usize,
-    /// Waiting requests: (rank, arrival, token), served lowest rank first.
-    queue: Vec<(u16, u64, u64)>,
+    /// Waiting requests: (rank, arrival, token, peer), served lowest rank first.
+    queue: Vec<(u16, u64, u64, NodeId)>,
     arrivals: u64,
+    /// Slots and queue places each peer holds.
+    per_peer: HashMap<NodeId, (usize, usize)>,
     sent: HashMap<Hash, Sent>,
 }
 
@@ -58,6 +63,7 @@ impl Admission {
             sending: 0,
             queue: Vec::new(),
             arrivals: 0,
+            per_peer: HashMap::new(),
             sent: HashMap::new(),
         }
     }
@@ -77,18 +83,37 @@ impl Admission {
         self.sending >= self.cfg.serve_slots
     }
 
-    /// A request, named by the caller's `token`, wants to be served. `rank` is how far
-    /// along its requester is (permille of its download): while requests wait, the one
-    /// furthest behind goes first, so that a fleet finishes together rather than leaving
-    /// a tail of unlucky laggards.
-    pub fn admit(&mut self, token: u64, rank: u16) -> Admit {
-        if self.sending < self.cfg.serve_slots {
+    fn held_by(&self, peer: &NodeId) -> (usize, usize) {
+        self.per_peer.get(peer).copied().unwrap_or_default()
+    }
+
+    fn count(&mut self, peer: NodeId, slots: isize, queued: isize) {
+        let e = self.per_peer.entry(peer).or_default();
+        e.0 = e.0.saturating_add_signed(slots);
+        e.1 = e.1.saturating_add_signed(queued);
+        if *e == (0, 0) {
+            self.per_peer.remove(&peer);
+        }
+    }
+
+    /// A request of `peer`, named by the caller's `token`, wants to be served. `rank` is
+    /// how far along its requester is (permille of its download): while requests wait, the
+    /// one furthest behind goes first, so that a fleet finishes together rather than
+    /// leaving a tail of unlucky laggards.
+    pub fn admit(&mut self, token: u64, peer: NodeId, rank: u16) -> Admit {
+        let (slots, queued) = self.held_by(&peer);
+        if self.sending < self.cfg.serve_slots && slots < self.cfg.serve_slots_per_peer {
             self.sending += 1;
+            self.count(peer, 1, 0);
             return Admit::Now;
+        }
+        if queued >= self.cfg.serve_queue_per_peer {
+            return Admit::Busy;
         }
         self.arrivals += 1;
         if self.queue.len() < self.cfg.serve_queue {
-            self.queue.push((rank, self.arrivals, token));
+            self.queue.push((rank, self.arrivals, token, peer));
+            self.count(peer, 0, 1);
             return Admit::Queued { evicted: None };
         }
         // Full: push out the waiting request furthest along, if this one is behind it.
@@ -96,11 +121,13 @@ impl Admission {
             .queue
             .iter()
             .enumerate()
-            .max_by_key(|(_, (r, a, _))| (*r, *a))
+            .max_by_key(|(_, (r, a, _, _))| (*r, *a))
             .map(|(k, e)| (k, *e))
             .expect("a full queue has an entry");
         if self.cfg.serve_queue > 0 && rank < worst.0 {
-            self.queue[k] = (rank, self.arrivals, token);
+            self.queue[k] = (rank, self.arrivals, token, peer);
+            self.count(worst.3, 0, -1);
+            self.count(peer, 0, 1);
             Admit::Queued {
                 evicted: Some(worst.2),
             }
@@ -109,31 +136,48 @@ impl Admission {
         }
     }
 
-    /// Whether a request of `rank` would be admitted now (served or queued).
-    pub fn would_admit(&self, rank: u16) -> bool {
-        self.sending < self.cfg.serve_slots
-            || self.queue.len() < self.cfg.serve_queue
-            || self.queue.iter().any(|(r, _, _)| *r > rank)
+    /// Whether a request of `peer` and `rank` would be admitted now (served or queued).
+    pub fn would_admit(&self, peer: &NodeId, rank: u16) -> bool {
+        let (slots, queued) = self.held_by(peer);
+        (self.sending < self.cfg.serve_slots && slots < self.cfg.serve_slots_per_peer)
+            || (queued < self.cfg.serve_queue_per_peer
+                && (self.queue.len() < self.cfg.serve_queue
+                    || self.queue.iter().any(|(r, _, _, _)| *r > rank)))
     }
 
-    /// A request served now is done: its slot goes to the waiting one furthest behind, if
-    /// any, whose token is returned (its slot is taken for it).
-    pub fn finished(&mut self) -> Option<u64> {
-        if let Some((k, _)) = self
+    /// A request of `peer` served now is done: a slot goes to the waiting one furthest
+    /// behind whose peer may take one more, if any; its token and peer are returned (the
+    /// slot is taken for it).
+    pub fn finished(&mut self, peer: &NodeId) -> Option<(u64, NodeId)> {
+        self.sending = self.sending.saturating_sub(1);
+        self.count(*peer, -1, 0);
+        self.next_turn()
+    }
+
+    /// Gives a free slot to the waiting request furthest behind whose peer may take one.
+    fn next_turn(&mut self) -> Option<(u64, NodeId)> {
+        if self.sending >= self.cfg.serve_slots {
+            return None;
+        }
+        let cap = self.cfg.serve_slots_per_peer;
+        let (k, _) = self
             .queue
             .iter()
             .enumerate()
-            .min_by_key(|(_, (r, a, _))| (*r, *a))
-        {
-            return Some(self.queue.swap_remove(k).2);
-        }
-        self.sending = self.sending.saturating_sub(1);
-        None
+            .filter(|(_, (_, _, _, p))| self.held_by(p).0 < cap)
+            .min_by_key(|(_, (r, a, _, _))| (*r, *a))?;
+        let (_, _, token, p) = self.queue.swap_remove(k);
+        self.sending += 1;
+        self.count(p, 1, -1);
+        Some((token, p))
     }
 
     /// A waiting request went away (its requester cancelled it).
     pub fn forget(&mut self, token: u64) {
-        self.queue.retain(|(_, _, t)| *t != token);
+        if let Some(k) = self.queue.iter().position(|(_, _, t, _)| *t == token) {
+            let (_, _, _, p) = self.queue.swap_remove(k);
+            self.count(p, 0, -1);
+        }
     }
 
     /// The origin's choice for a request that may take any of `among` (pieces of a blob of

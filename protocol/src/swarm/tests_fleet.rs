@@ -113,7 +113,7 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
                             );
                             continue;
                         };
-                        match adm.admit(req.0, rank) {
+                        match adm.admit(req.0, id(p), rank) {
                             Admit::Busy => e.handle(
                                 now,
                                 Event::Answer {
@@ -219,7 +219,7 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
                 }
             }
             let adm = admission.get_mut(&q).unwrap();
-            if let Some(tok) = adm.finished()
+            if let Some((tok, _)) = adm.finished(&id(p))
                 && let Some(k) = waiting
                     .get(&q)
                     .and_then(|w| w.iter().position(|x| x.1 == tok))

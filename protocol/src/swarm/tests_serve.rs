@@ -22,37 +22,70 @@ fn cfg() -> Config {
 #[test]
 fn admission_serves_slots_then_queues_then_answers_busy() {
     let mut a = Admission::new(cfg(), 1);
-    assert_eq!(a.admit(1, 500), Admit::Now);
-    assert_eq!(a.admit(2, 500), Admit::Now);
+    assert_eq!(a.admit(1, id(1), 500), Admit::Now);
+    assert_eq!(a.admit(2, id(2), 500), Admit::Now);
     assert!(a.contested());
-    assert_eq!(a.admit(3, 500), Admit::Queued { evicted: None });
-    assert_eq!(a.admit(4, 500), Admit::Queued { evicted: None });
+    assert_eq!(a.admit(3, id(3), 500), Admit::Queued { evicted: None });
+    assert_eq!(a.admit(4, id(4), 500), Admit::Queued { evicted: None });
     // Full, and nobody waiting is further along than 500: busy.
-    assert!(!a.would_admit(500));
-    assert_eq!(a.admit(5, 500), Admit::Busy);
+    assert!(!a.would_admit(&id(5), 500));
+    assert_eq!(a.admit(5, id(5), 500), Admit::Busy);
     // A slot frees: the first of equals waiting gets it.
-    assert_eq!(a.finished(), Some(3));
-    assert_eq!(a.finished(), Some(4));
-    assert_eq!(a.finished(), None);
+    assert_eq!(a.finished(&id(1)), Some((3, id(3))));
+    assert_eq!(a.finished(&id(2)), Some((4, id(4))));
+    assert_eq!(a.finished(&id(3)), None);
     assert_eq!(a.sending(), 1);
 }
 
 #[test]
 fn the_requester_furthest_behind_goes_first_and_pushes_out_the_furthest_along() {
     let mut a = Admission::new(cfg(), 1);
-    a.admit(1, 0);
-    a.admit(2, 0);
-    assert_eq!(a.admit(10, 900), Admit::Queued { evicted: None });
-    assert_eq!(a.admit(11, 400), Admit::Queued { evicted: None });
+    a.admit(1, id(1), 0);
+    a.admit(2, id(2), 0);
+    assert_eq!(a.admit(10, id(10), 900), Admit::Queued { evicted: None });
+    assert_eq!(a.admit(11, id(11), 400), Admit::Queued { evicted: None });
     // A laggard arrives at a full queue: the one furthest along (900) is pushed out.
-    assert!(a.would_admit(100));
-    assert_eq!(a.admit(12, 100), Admit::Queued { evicted: Some(10) });
-    assert_eq!(a.finished(), Some(12));
-    assert_eq!(a.finished(), Some(11));
+    assert!(a.would_admit(&id(12), 100));
+    assert_eq!(
+        a.admit(12, id(12), 100),
+        Admit::Queued { evicted: Some(10) }
+    );
+    assert_eq!(a.finished(&id(1)), Some((12, id(12))));
+    assert_eq!(a.finished(&id(2)), Some((11, id(11))));
     // A cancelled waiter never gets a turn.
-    a.admit(13, 5);
+    a.admit(13, id(13), 5);
     a.forget(13);
-    assert_eq!(a.finished(), None);
+    assert_eq!(a.finished(&id(12)), None);
+}
+
+#[test]
+fn one_peer_holds_at_most_its_share_whatever_rank_it_claims() {
+    let c = Config {
+        serve_slots: 3,
+        serve_queue: 6,
+        ..Config::default()
+    };
+    let mut a = Admission::new(c, 1);
+    let hog = id(66);
+    assert_eq!(a.admit(1, hog, 0), Admit::Now);
+    assert_eq!(a.admit(2, hog, 0), Admit::Now);
+    // Its third request waits although a slot is free: the slot is for others.
+    assert_eq!(a.admit(3, hog, 0), Admit::Queued { evicted: None });
+    assert_eq!(a.admit(4, hog, 0), Admit::Queued { evicted: None });
+    assert!(!a.would_admit(&hog, 0));
+    assert_eq!(a.admit(5, hog, 0), Admit::Busy);
+    // Another peer, far along, is served at once, and queues behind nobody of the hog's.
+    assert_eq!(a.admit(6, id(1), 999), Admit::Now);
+    for t in 7..10 {
+        assert_eq!(
+            a.admit(t, id(t as u16), 999),
+            Admit::Queued { evicted: None }
+        );
+    }
+    // The hog's slot frees: the hog's own waiter takes it (it holds one slot now).
+    assert_eq!(a.finished(&hog), Some((3, hog)));
+    // Another peer's slot frees: not to the hog (two slots), to the next other waiter.
+    assert_eq!(a.finished(&id(1)), Some((7, id(7))));
 }
 
 #[test]
@@ -67,12 +100,12 @@ fn the_origin_sends_fresh_pieces_first_and_only_fresh_ones_while_contested() {
     first.sort();
     assert_eq!(first, vec![0, 1, 2, 3], "every piece once before any twice");
     // All sent once; slots full: no second copy.
-    a.admit(10, 0);
-    a.admit(11, 0);
+    a.admit(10, id(10), 0);
+    a.admit(11, id(11), 0);
     assert!(a.contested());
     assert_eq!(a.choose(h, 4, &all), None);
     // Uncontested, a second copy of the least sent goes out.
-    a.finished();
+    a.finished(&id(10));
     assert!(a.choose(h, 4, &PieceSet::from_iter(4, [2])) == Some(2));
     assert_eq!(a.pieces_sent(&h), 5);
     // A request naming nothing it can take gets nothing; a wrong length neither.
@@ -86,8 +119,8 @@ fn a_chosen_piece_that_was_never_sent_is_fresh_again() {
     let h = Hash([1; 32]);
     let one = PieceSet::from_iter(2, [1]);
     assert_eq!(a.choose(h, 2, &one), Some(1));
-    a.admit(10, 0);
-    a.admit(11, 0);
+    a.admit(10, id(10), 0);
+    a.admit(11, id(11), 0);
     // Contested: piece 1 counts as sent, so nobody gets it from the origin...
     assert_eq!(a.choose(h, 2, &one), None);
     // ...until the request that took it is pushed out before it was sent.
@@ -187,23 +220,63 @@ fn members_that_stop_announcing_expire_and_reported_liars_are_left_out() {
     );
     assert_eq!(t.expire(later), 1);
     assert_eq!(t.entries(), 3);
+    // Member 2 was handed nobody yet: its report has no evidence and does not count.
+    assert!(!t.report(later, &id(2), &id(3), &h));
     // One report is not enough; two distinct members are.
-    assert!(!t.report(&id(1), &id(3)));
+    assert!(!t.report(later, &id(1), &id(3), &h));
     assert!(
-        !t.report(&id(1), &id(3)),
+        !t.report(later, &id(1), &id(3), &h),
         "the same reporter twice counts once"
     );
-    assert!(!t.report(&id(3), &id(3)), "nobody reports itself");
-    assert!(t.report(&id(2), &id(3)));
-    assert!(t.distrusted(&id(3)));
+    assert!(
+        !t.report(later, &id(3), &id(3), &h),
+        "nobody reports itself"
+    );
+    // Handed member 3 now, member 2 reports it for a blob member 3 never announced.
+    let _ = t.lookup(later, &id(2), &h);
+    assert!(!t.report(later, &id(2), &id(3), &Hash([6; 32])));
+    assert!(t.report(later, &id(2), &id(3), &h));
+    assert!(t.distrusted(later, &id(3)));
     let ans = t.lookup(later, &id(1), &h);
     assert_eq!(ans.iter().map(|p| p.id).collect::<Vec<_>>(), vec![id(2)]);
     // A member that leaves takes its holdings along.
     t.forget(&id(2));
     assert!(t.lookup(later, &id(1), &h).is_empty());
-    // A reported liar that leaves and comes back stays left out.
+    // A reported liar that leaves and comes back stays left out, for a while.
     t.forget(&id(3));
     t.announce(later, id(3), (), None, &[h], true);
-    assert!(t.distrusted(&id(3)));
+    assert!(t.distrusted(later, &id(3)));
     assert!(t.lookup(later, &id(1), &h).is_empty());
+    let after = later + c.report_ttl + Duration::from_secs(1);
+    t.heartbeat(after, &id(1));
+    t.heartbeat(after, &id(3));
+    assert!(!t.distrusted(after, &id(3)), "distrust expires");
+    assert_eq!(t.lookup(after, &id(1), &h).len(), 1);
+}
+
+#[test]
+fn a_member_enters_at_most_its_share_of_the_tracker() {
+    let c = Config {
+        max_held_per_member: 100,
+        ..Config::default()
+    };
+    let mut t: Tracker<()> = Tracker::new(c, 1);
+    let t0 = Instant::now();
+    let flood: Vec<Hash> = (0..1000u32)
+        .map(|i| {
+            let mut b = [0u8; 32];
+            b[..4].copy_from_slice(&i.to_le_bytes());
+            Hash(b)
+        })
+        .collect();
+    assert_eq!(t.announce(t0, id(1), (), None, &flood, true), 900);
+    assert_eq!(t.entries(), 100);
+    // Announcing again enters nothing new; withdrawing makes room.
+    assert_eq!(t.announce(t0, id(1), (), None, &flood[..100], true), 0);
+    t.withdraw(&id(1), &flood[..50]);
+    assert_eq!(t.announce(t0, id(1), (), None, &flood[100..], true), 850);
+    assert_eq!(t.entries(), 100);
+    // Another member has its own share.
+    assert_eq!(t.announce(t0, id(2), (), None, &flood[..10], true), 0);
+    assert_eq!(t.entries(), 110);
 }

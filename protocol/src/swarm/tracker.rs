@@ -2,7 +2,7 @@
 //! entries expire, and whom the fleet reported. Sans-IO: the coordinator and the simulator
 //! run this same struct.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use rand::rngs::SmallRng;
@@ -29,9 +29,14 @@ struct Member<A> {
     last_seen: Instant,
     /// Round-trip times it measured to others, microseconds, by member index.
     rtts: HashMap<u32, u32>,
-    /// Members that reported it for bytes that failed verification (by id: a report
-    /// stands when its reporter leaves).
-    reporters: BTreeSet<NodeId>,
+    /// Members that reported it for bytes that failed verification, and when (by id: a
+    /// report stands when its reporter leaves, until it expires).
+    reporters: BTreeMap<NodeId, Instant>,
+    /// Providers handed to it in answers, and when: a report it makes counts only against
+    /// one of them.
+    handed: HashMap<NodeId, Instant>,
+    /// (blob, holder) entries it has in the tracker.
+    held: usize,
 }
 
 /// How a holder ranks for an asker: other zone, round-trip band, partial, a random draw
@@ -62,9 +67,9 @@ pub struct Tracker<A> {
     /// Holders of each blob by member index, and whether whole.
     holders: HashMap<Hash, Vec<(u32, bool)>>,
     free: Vec<u32>,
-    /// Members reported by a quorum: left out of answers for as long as this tracker runs,
-    /// also if they leave and come back.
-    distrusted: std::collections::HashSet<NodeId>,
+    /// Members reported by a quorum, and until when they are left out of answers (also if
+    /// they leave and come back meanwhile).
+    distrusted: HashMap<NodeId, Instant>,
 }
 
 impl<A: Clone> Tracker<A> {
@@ -95,7 +100,9 @@ impl<A: Clone> Tracker<A> {
             zone,
             last_seen: now,
             rtts: HashMap::new(),
-            reporters: BTreeSet::new(),
+            reporters: BTreeMap::new(),
+            handed: HashMap::new(),
+            held: 0,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -111,7 +118,9 @@ impl<A: Clone> Tracker<A> {
         i
     }
 
-    /// A member holds `blobs` (whole, or in part); it is seen now.
+    /// A member holds `blobs` (whole, or in part); it is seen now. Past
+    /// [`Config::max_held_per_member`] entries of this member, new blobs are not entered.
+    /// Returns how many were left out.
     pub fn announce(
         &mut self,
         now: Instant,
@@ -120,15 +129,28 @@ impl<A: Clone> Tracker<A> {
         zone: Option<String>,
         blobs: &[Hash],
         complete: bool,
-    ) {
+    ) -> usize {
         let m = self.member(now, id, addr, zone);
+        let cap = self.cfg.max_held_per_member;
+        let mut left_out = 0;
         for h in blobs {
+            let held = self.members[m as usize].held;
             let list = self.holders.entry(*h).or_default();
             match list.iter_mut().find(|(i, _)| *i == m) {
                 Some(e) => e.1 |= complete,
-                None => list.push((m, complete)),
+                None if held < cap => {
+                    list.push((m, complete));
+                    self.members[m as usize].held += 1;
+                }
+                None => {
+                    left_out += 1;
+                    if list.is_empty() {
+                        self.holders.remove(h);
+                    }
+                }
             }
         }
+        left_out
     }
 
     /// A member is alive (it holds what it announced before).
@@ -145,7 +167,10 @@ impl<A: Clone> Tracker<A> {
         };
         for h in blobs {
             if let Some(list) = self.holders.get_mut(h) {
+                let before = list.len();
                 list.retain(|(i, _)| *i != m);
+                let member = &mut self.members[m as usize];
+                member.held = member.held.saturating_sub(before - list.len());
                 if list.is_empty() {
                     self.holders.remove(h);
                 }
@@ -165,8 +190,11 @@ impl<A: Clone> Tracker<A> {
         for other in &mut self.members {
             other.rtts.remove(&m);
         }
-        self.members[m as usize].rtts.clear();
-        self.members[m as usize].reporters.clear();
+        let member = &mut self.members[m as usize];
+        member.rtts.clear();
+        member.reporters.clear();
+        member.handed.clear();
+        member.held = 0;
         self.free.push(m);
     }
 
@@ -182,30 +210,45 @@ impl<A: Clone> Tracker<A> {
         }
     }
 
-    /// `reporter` got bytes from `liar` that failed verification. Returns whether `liar` is
-    /// now left out of answers ([`Config::report_quorum`] distinct members reported it).
-    pub fn report(&mut self, reporter: &NodeId, liar: &NodeId) -> bool {
-        let (Some(_), Some(&l)) = (self.index.get(reporter), self.index.get(liar)) else {
-            return false;
+    /// `reporter` got bytes of `hash` from `liar` that failed verification. The report
+    /// counts only with evidence the tracker can check: `liar` was handed to `reporter` in an
+    /// answer within [`Config::report_ttl`], and `liar` announced `hash`. Reports expire
+    /// after [`Config::report_ttl`]; once [`Config::report_quorum`] distinct members'
+    /// reports stand, `liar` is left out of answers for [`Config::report_ttl`]. Returns
+    /// whether it is left out now.
+    pub fn report(&mut self, now: Instant, reporter: &NodeId, liar: &NodeId, hash: &Hash) -> bool {
+        let ttl = self.cfg.report_ttl;
+        let within = |t: &Instant| now.saturating_duration_since(*t) < ttl;
+        let (Some(&r), Some(&l)) = (self.index.get(reporter), self.index.get(liar)) else {
+            return self.distrusted(now, liar);
         };
-        if reporter == liar {
-            return false;
+        let handed = self.members[r as usize]
+            .handed
+            .get(liar)
+            .is_some_and(within);
+        let holds = self
+            .holders
+            .get(hash)
+            .is_some_and(|list| list.iter().any(|(i, _)| *i == l));
+        if reporter == liar || !handed || !holds {
+            return self.distrusted(now, liar);
         }
         let m = &mut self.members[l as usize];
-        m.reporters.insert(*reporter);
+        m.reporters.insert(*reporter, now);
+        m.reporters.retain(|_, t| within(t));
         if m.reporters.len() >= self.cfg.report_quorum {
-            self.distrusted.insert(*liar);
+            self.distrusted.insert(*liar, now + ttl);
         }
-        self.distrusted.contains(liar)
+        self.distrusted(now, liar)
     }
 
     /// Whether a member is left out of answers for reports against it.
-    pub fn distrusted(&self, id: &NodeId) -> bool {
-        self.distrusted.contains(id)
+    pub fn distrusted(&self, now: Instant, id: &NodeId) -> bool {
+        self.distrusted.get(id).is_some_and(|until| now < *until)
     }
 
-    fn distrusted_at(&self, i: u32) -> bool {
-        !self.distrusted.is_empty() && self.distrusted.contains(&self.members[i as usize].id)
+    fn distrusted_at(&self, now: Instant, i: u32) -> bool {
+        !self.distrusted.is_empty() && self.distrusted(now, &self.members[i as usize].id)
     }
 
     fn live(&self, now: Instant, i: u32) -> bool {
@@ -265,7 +308,9 @@ impl<A: Clone> Tracker<A> {
         let my_zone = asker.and_then(|a| self.members[a as usize].zone.clone());
         let cands: Vec<(u32, bool)> = cands
             .into_iter()
-            .filter(|(m, _)| Some(*m) != asker && self.live(now, *m) && !self.distrusted_at(*m))
+            .filter(|(m, _)| {
+                Some(*m) != asker && self.live(now, *m) && !self.distrusted_at(now, *m)
+            })
             .collect();
         let mut ranked: Vec<(Rank, u32, bool)> = cands
             .into_iter()
@@ -284,6 +329,22 @@ impl<A: Clone> Tracker<A> {
             .collect();
         ranked.sort_unstable_by_key(|(k, _, _)| *k);
         ranked.truncate(self.cfg.lookup_answer);
+        // What the asker was handed: evidence for a report it may make.
+        if let Some(a) = asker {
+            let ttl = self.cfg.report_ttl;
+            let ids: Vec<NodeId> = ranked
+                .iter()
+                .map(|(_, m, _)| self.members[*m as usize].id)
+                .collect();
+            let handed = &mut self.members[a as usize].handed;
+            for id in ids {
+                handed.insert(id, now);
+            }
+            // At most one entry per member; expired ones go when the map outgrows the fleet.
+            if handed.len() > 2 * self.index.len() + 64 {
+                handed.retain(|_, t| now.saturating_duration_since(*t) < ttl);
+            }
+        }
         ranked
             .into_iter()
             .map(|(_, m, complete)| {
@@ -299,8 +360,10 @@ impl<A: Clone> Tracker<A> {
     }
 
     /// Drops the holdings of members not seen within [`Config::holder_ttl`]: they stopped
-    /// announcing (they left, or crashed). Returns how many members expired.
+    /// announcing (they left, or crashed), and distrust that ran out. Returns how many
+    /// members expired.
     pub fn expire(&mut self, now: Instant) -> usize {
+        self.distrusted.retain(|_, until| now < *until);
         let dead: Vec<NodeId> = self
             .index
             .iter()

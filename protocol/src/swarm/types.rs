@@ -112,6 +112,8 @@ pub enum Action {
     Report {
         /// The provider.
         provider: NodeId,
+        /// The blob whose bytes failed verification.
+        hash: Hash,
     },
     /// Every unit of the group is verified: make it durable and record it.
     Done {

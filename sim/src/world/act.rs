@@ -76,9 +76,17 @@ impl World {
                 };
                 self.send_to(n, 0, ev);
             }
-            Action::Report { provider } => {
+            Action::Report { provider, hash } => {
                 let liar = index_of(&provider);
-                self.send_to(n, 0, Ev::Report { from: n, liar });
+                self.send_to(
+                    n,
+                    0,
+                    Ev::Report {
+                        from: n,
+                        liar,
+                        hash,
+                    },
+                );
             }
             Action::Done { .. } => {
                 let node = &mut self.nodes[n];

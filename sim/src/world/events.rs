@@ -43,6 +43,7 @@ pub(super) enum Ev {
     Report {
         from: usize,
         liar: usize,
+        hash: Hash,
     },
     Leave(usize),
     Heartbeat,

@@ -20,7 +20,10 @@ impl World {
         if !self.pending.contains_key(&(p.from, p.req)) {
             return; // cancelled on the way
         }
-        if !self.nodes[prov].adm.would_admit(p.rank) {
+        if !self.nodes[prov]
+            .adm
+            .would_admit(&super::node_id(p.from), p.rank)
+        {
             return self.answer(prov, &p, Outcome::Busy);
         }
         let unit = match self.choose(prov, &p, &ask) {
@@ -33,7 +36,10 @@ impl World {
         }
         let token = self.next_token;
         self.next_token += 1;
-        match self.nodes[prov].adm.admit(token, p.rank) {
+        match self.nodes[prov]
+            .adm
+            .admit(token, super::node_id(p.from), p.rank)
+        {
             Admit::Now => self.start_flow(prov, p),
             Admit::Queued { evicted } => {
                 self.pending.insert((p.from, p.req), (prov, Some(token)));
@@ -89,7 +95,7 @@ impl World {
             // Its requester left while it waited: the piece was never sent.
             self.pending.remove(&(from, p.req));
             self.unchoose(prov, &p);
-            self.next_turn(prov);
+            self.next_turn(prov, from);
             return;
         }
         let size = self.unit_bytes(p.blob, p.unit);
@@ -110,9 +116,9 @@ impl World {
         );
     }
 
-    /// A slot of `prov` is free: the next request waiting gets it.
-    pub(super) fn next_turn(&mut self, prov: usize) {
-        if let Some(token) = self.nodes[prov].adm.finished()
+    /// A slot `prov` gave to a request of `from` is free: the next request waiting gets it.
+    pub(super) fn next_turn(&mut self, prov: usize, from: usize) {
+        if let Some((token, _)) = self.nodes[prov].adm.finished(&super::node_id(from))
             && let Some(p) = self.nodes[prov].waiting.remove(&token)
         {
             self.start_flow(prov, p);
@@ -170,7 +176,7 @@ impl World {
                 outcome: Outcome::Ok,
             },
         );
-        self.next_turn(c.prov);
+        self.next_turn(c.prov, from);
     }
 
     /// For `VOLTOOL_SIM_DEBUG`: how many flows each uplink carries and how much of it they
@@ -239,7 +245,7 @@ impl World {
                 }
                 self.carry.remove(&f);
                 self.links.end(self.now, f);
-                self.next_turn(prov);
+                self.next_turn(prov, from);
             }
         } else if let Some((_, token)) = self.pending.remove(&(from, req))
             && let Some(token) = token
@@ -298,7 +304,7 @@ impl World {
             } else {
                 // The requester left mid-piece: the piece did not get through.
                 self.unchoose(c.prov, &c.p);
-                self.next_turn(c.prov);
+                self.next_turn(c.prov, c.p.from);
             }
         }
     }

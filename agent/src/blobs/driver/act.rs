@@ -76,11 +76,11 @@ impl Actor {
                     Done::Quiet
                 });
             }
-            Action::Report { provider } => {
-                warn!(provider = ?provider, "banned for this download: it sent bytes that fail verification");
+            Action::Report { provider, hash } => {
+                warn!(provider = ?provider, blob = %hash.short(), "banned for this download: it sent bytes that fail verification");
                 let tracker = self.ctx.tracker.clone();
                 self.tasks.spawn(async move {
-                    tracker.report(provider).await;
+                    tracker.report(provider, hash).await;
                     Done::Quiet
                 });
             }

@@ -36,11 +36,11 @@ pub(super) struct ServeState {
 
 /// A sending slot, given back (to the waiting request furthest behind) when dropped.
 #[derive(Debug)]
-pub struct Turn(Arc<Serving>);
+pub struct Turn(Arc<Serving>, NodeId);
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        self.0.release();
+        self.0.release(self.1);
     }
 }
 
@@ -49,6 +49,7 @@ impl Drop for Turn {
 struct Waiting {
     serving: Arc<Serving>,
     token: u64,
+    peer: NodeId,
     rx: Option<oneshot::Receiver<()>>,
 }
 
@@ -67,7 +68,7 @@ impl Drop for Waiting {
         };
         if !queued && rx.try_recv().is_ok() {
             // Its turn came as it went: the slot passes on.
-            self.serving.release();
+            self.serving.release(self.peer);
         }
     }
 }
@@ -94,16 +95,17 @@ impl Serving {
         &self.cfg
     }
 
-    /// A sending slot for a request of `rank` (how far along its requester is): at once,
-    /// or after a wait in the queue; `None` when the answer is busy (the queue is full of
-    /// requests further behind, or this one was pushed out of it).
-    pub async fn admit(self: &Arc<Self>, rank: u16) -> Option<Turn> {
+    /// A sending slot for a request of `peer` of `rank` (how far along its requester is):
+    /// at once, or after a wait in the queue; `None` when the answer is busy (the queue is
+    /// full of requests further behind, or this one was pushed out of it, or `peer` holds
+    /// its share of slots and places already).
+    pub async fn admit(self: &Arc<Self>, peer: NodeId, rank: u16) -> Option<Turn> {
         let (token, rx) = {
             let mut st = self.state.lock().expect("not poisoned");
             let token = st.next_token;
             st.next_token += 1;
-            match st.adm.admit(token, rank) {
-                Admit::Now => return Some(Turn(self.clone())),
+            match st.adm.admit(token, peer, rank) {
+                Admit::Now => return Some(Turn(self.clone(), peer)),
                 Admit::Busy => return None,
                 Admit::Queued { evicted } => {
                     if let Some(e) = evicted {
@@ -119,22 +121,27 @@ impl Serving {
         let mut wait = Waiting {
             serving: self.clone(),
             token,
+            peer,
             rx: Some(rx),
         };
         let turn = wait.rx.as_mut().expect("set above").await;
         wait.rx = None;
-        turn.ok().map(|()| Turn(self.clone()))
+        turn.ok().map(|()| Turn(self.clone(), peer))
     }
 
-    /// A slot is free: it goes to the waiting request furthest behind that is still there.
-    pub(super) fn release(&self) {
+    /// `peer`'s slot is free: it goes to the waiting request furthest behind (whose peer
+    /// may take one more) that is still there.
+    pub(super) fn release(&self, peer: NodeId) {
         let mut st = self.state.lock().expect("not poisoned");
-        while let Some(token) = st.adm.finished() {
+        let mut next = st.adm.finished(&peer);
+        while let Some((token, p)) = next {
             if let Some(w) = st.waiters.remove(&token)
                 && w.send(()).is_ok()
             {
                 return;
             }
+            // Its requester went meanwhile: the slot taken for it is free again.
+            next = st.adm.finished(&p);
         }
     }
 
@@ -146,10 +153,11 @@ impl Serving {
         hash: Hash,
         units: u32,
         among: &PieceSet,
+        peer: &NodeId,
         rank: u16,
     ) -> Option<u32> {
         let mut st = self.state.lock().expect("not poisoned");
-        if !st.adm.would_admit(rank) {
+        if !st.adm.would_admit(peer, rank) {
             return None;
         }
         st.adm.choose(hash, units, among)

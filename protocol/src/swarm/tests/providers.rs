@@ -78,7 +78,10 @@ fn a_ban_lasts_the_whole_download_across_blobs_and_is_reported_once() {
             .count(),
         1
     );
-    assert!(out.contains(&Action::Report { provider: id(1) }));
+    assert!(out.contains(&Action::Report {
+        provider: id(1),
+        hash: blob(1),
+    }));
     // Whatever the liar still sends is not taken, and it is never asked again.
     let before = h.e.stats().by_provider.get(&id(1)).copied();
     for r in reqs.iter().filter(|r| r.1 == id(1)) {
