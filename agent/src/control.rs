@@ -38,13 +38,24 @@ pub async fn call(
     req: &Request,
     mut on_event: impl FnMut(Event),
 ) -> Result<Result<Reply, ErrorReply>, ControlError> {
-    let path = data.join(SOCKET);
-    let mut s = UnixStream::connect(&path)
-        .await
-        .map_err(|source| ControlError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+    let [admin, path] = sockets(data);
+    let mut s = match UnixStream::connect(&admin).await {
+        Ok(s) => s,
+        Err(e) if try_next(&e) => {
+            UnixStream::connect(&path)
+                .await
+                .map_err(|source| ControlError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })?
+        }
+        Err(source) => {
+            return Err(ControlError::Connect {
+                path: admin.display().to_string(),
+                source,
+            });
+        }
+    };
     write_msg(&mut s, req).await?;
     let mut listed = Vec::new();
     loop {

@@ -113,6 +113,21 @@ pub(crate) struct CoordinatorArgs {
     tuning: Tuning,
 }
 
+/// A group by number, or by its name in /etc/group.
+fn parse_group(g: &str) -> Result<u32, String> {
+    if let Ok(n) = g.parse() {
+        return Ok(n);
+    }
+    let groups = std::fs::read_to_string("/etc/group").map_err(|e| format!("/etc/group: {e}"))?;
+    groups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next() == Some(g)).then(|| f.nth(1)?.parse().ok())?
+        })
+        .ok_or_else(|| format!("no group {g:?} in /etc/group (give its number)"))
+}
+
 fn parse_zone(z: &str) -> Result<String, String> {
     if z.len() > voltool_protocol::coord::MAX_ZONE {
         return Err(format!(
@@ -166,6 +181,15 @@ pub(crate) struct AgentArgs {
     /// What an eviction frees down to (the low watermark); 90 % of --store-max by default.
     #[arg(long, value_name = "SIZE", requires = "store_max")]
     store_low: Option<bytesize::ByteSize>,
+    /// The group (a name in /etc/group, or a number) whose members may use the agent: read
+    /// volumes, and mount, commit, reload and unmount mounts of their own. Without it, root
+    /// alone.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    socket_group: Option<u32>,
+    /// The group whose members may also create, delete and rename volumes, rm and cp.
+    /// Without it, root alone.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    admin_group: Option<u32>,
     #[command(flatten)]
     tuning: Tuning,
     /// Fault injection for tests and the testnet's hostile-peer scenario: serve corrupt
@@ -314,6 +338,8 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         store_max: a
             .store_max
             .map(|m| StoreBudget::new(m.as_u64(), a.store_low.map(|l| l.as_u64()))),
+        socket_group: a.socket_group,
+        admin_group: a.admin_group,
     })
     .await
     .context("starting the agent")?;

@@ -8,6 +8,7 @@
 
 mod config;
 mod daemon;
+mod get;
 mod local;
 mod output;
 mod volume;

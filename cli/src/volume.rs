@@ -224,19 +224,7 @@ pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode
             }
             let local =
                 std::path::absolute(local.as_deref().unwrap_or(".")).context("local path")?;
-            done(
-                call(
-                    agent,
-                    Request::VolumeGet {
-                        name,
-                        remote,
-                        local: Some(local),
-                        force,
-                    },
-                    false,
-                )
-                .await?,
-            )
+            crate::get::get(agent, name, remote, &local, force).await
         }
         VolumeCmd::Rm {
             name,

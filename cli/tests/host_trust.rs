@@ -132,3 +132,153 @@ fn an_agent_refuses_a_data_directory_or_key_others_may_write() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("readable by others"), "{}", stderr(&o));
 }
+
+/// `voltool --agent DIR args…` as user `uid` (group 65534) with the supplementary `groups`.
+fn as_user(
+    uid: u32,
+    groups: &[u32],
+    agent: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid", &uid.to_string(), "--regid", "65534"]);
+    if groups.is_empty() {
+        c.arg("--clear-groups");
+    } else {
+        c.args(["--groups", &groups.join(",")]);
+    }
+    c.arg(BIN)
+        .arg("--agent")
+        .arg(agent)
+        .args(args)
+        .env_clear()
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn group_members_use_the_agent_with_their_own_rights_and_their_own_mounts_only() {
+    if !mode_independent_pass() || !need("root (commands run as other users)", is_root()) {
+        return;
+    }
+    let (user, admin) = (4242u32, 4243u32);
+    let mut f = Fleet::start(0);
+    std::fs::set_permissions(f.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    f.start_agent(
+        0,
+        &[
+            "--socket-group",
+            &user.to_string(),
+            "--admin-group",
+            &admin.to_string(),
+        ],
+    );
+    let agent = f.agent_dir(0);
+    for (sock, gid) in [("agent.sock", user), ("admin.sock", admin)] {
+        let md = std::fs::metadata(agent.join(sock)).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o660, "{sock}");
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&md), gid, "{sock}");
+    }
+    let local = f.dir.path().join("a.txt");
+    std::fs::write(&local, b"hello").unwrap();
+    expect(&f.run(0, &["volume", "create", "v"]), 0);
+    expect(
+        &f.run(
+            0,
+            &["volume", "put", "v", local.to_str().unwrap(), "/a.txt"],
+        ),
+        0,
+    );
+    let mine = f.dir.path().join("n");
+    let roots = f.dir.path().join("r");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::create_dir(&roots).unwrap();
+    std::os::unix::fs::chown(&mine, Some(65534), Some(65534)).unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let fails = |o: std::process::Output, why: &str| {
+        assert!(!o.status.success(), "succeeded: {}", util::stdout(&o));
+        assert!(stderr(&o).contains(why), "{why:?} not in: {}", stderr(&o));
+    };
+
+    // Outside both groups: the kernel refuses both sockets.
+    fails(
+        as_user(65534, &[], &agent, &["status"]),
+        "Permission denied",
+    );
+    // In the socket group: reads, and mounts of its own in a directory of its own.
+    expect(&as_user(65534, &[user], &agent, &["status"]), 0);
+    expect(&as_user(65534, &[user], &agent, &["volume", "ls", "v"]), 0);
+    fails(
+        as_user(65534, &[user], &agent, &["volume", "create", "x"]),
+        "admin group",
+    );
+    fails(
+        as_user(
+            65534,
+            &[user],
+            &agent,
+            &["mount", "v", &s(&roots.join("m"))],
+        ),
+        "belongs to uid 0",
+    );
+    let m = mine.join("m");
+    expect(&as_user(65534, &[user], &agent, &["mount", "v", &s(&m)]), 0);
+    assert_eq!(std::fs::read(m.join("a.txt")).unwrap(), b"hello");
+    // Another user of the group may not touch it; root may.
+    for cmd in [&["reload", "v"][..], &["unmount", "v"], &["commit", "v"]] {
+        fails(as_user(65533, &[user], &agent, cmd), "belongs to uid 65534");
+    }
+    expect(&f.run(0, &["reload", "v"]), 0);
+    expect(&as_user(65534, &[user], &agent, &["reload", "v"]), 0);
+    expect(&as_user(65534, &[user], &agent, &["unmount", "v"]), 0);
+    assert!(std::fs::symlink_metadata(&m).is_err());
+    // The admin group changes volumes, but never has the agent read a file by name.
+    expect(
+        &as_user(65534, &[admin], &agent, &["volume", "create", "x"]),
+        0,
+    );
+    fails(
+        as_user(
+            65534,
+            &[admin],
+            &agent,
+            &["volume", "put", "x", "/etc/hostname", "/h"],
+        ),
+        "only root",
+    );
+    // `get` into local files: written by the CLI, as the caller, so they are the caller's.
+    let got = mine.join("got");
+    expect(
+        &as_user(
+            65534,
+            &[user],
+            &agent,
+            &["volume", "get", "v", "/a.txt", &s(&got)],
+        ),
+        0,
+    );
+    assert_eq!(std::fs::read(&got).unwrap(), b"hello");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&got).unwrap()),
+        65534
+    );
+    // Where the caller may not write, it cannot have the agent write for it.
+    fails(
+        as_user(
+            65534,
+            &[user],
+            &agent,
+            &["volume", "get", "v", "/a.txt", "/etc/x"],
+        ),
+        "Permission denied",
+    );
+    let o = as_user(
+        65534,
+        &[admin],
+        &agent,
+        &["volume", "get", "v", "/a.txt", "-"],
+    );
+    expect(&o, 0);
+    assert_eq!(o.stdout, b"hello");
+}

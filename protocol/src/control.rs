@@ -5,8 +5,8 @@
 //! A connection carries one [`Request`] frame (the framing of [`crate::frame`], at most
 //! [`MAX_FRAME`] bytes) and gets back any number of [`Event`] frames, the last of which is
 //! [`Event::Done`]. The agent is local and trusted by the client; the client is trusted by
-//! the agent as far as the socket's file permissions allow, and every request is still
-//! checked (paths, names, sizes) before it is acted on.
+//! the agent as far as the socket it came through and its user allow (the agent's access
+//! table), and every request is still checked (paths, names, sizes) before it is acted on.
 
 use std::path::PathBuf;
 
@@ -14,6 +14,23 @@ use serde::{Deserialize, Serialize};
 
 /// File name of the socket in the agent's data directory.
 pub const SOCKET: &str = "agent.sock";
+/// File name of the admin socket beside it: the same requests, with the rights of the
+/// agent's admin group (whose members alone the kernel lets open it).
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
+/// The sockets a client tries, in order: the admin socket (the kernel refuses it to whom
+/// the admin group does not include), then the control socket.
+pub fn sockets(data: &std::path::Path) -> [std::path::PathBuf; 2] {
+    [data.join(ADMIN_SOCKET), data.join(SOCKET)]
+}
+
+/// Whether a failure to connect to the admin socket means "try the control socket".
+pub fn try_next(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound
+    )
+}
 /// Largest control frame.
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -97,6 +114,16 @@ pub enum Request {
         local: Option<PathBuf>,
         /// Replace existing local files (and what stands where a directory goes).
         force: bool,
+    },
+    /// What lies at a path, for the client to write itself (`volume get` into local
+    /// files): an [`Event::Item`] for the path itself (its `path` empty), then one for each
+    /// entry below it in path order (`path` relative to `remote`), each file's bytes right
+    /// after its item as [`Event::Data`]; all from one verified head.
+    VolumeExport {
+        /// Volume.
+        name: String,
+        /// Remote path (a file, a symlink or a directory; `/` the root).
+        remote: String,
     },
     /// The bytes of one file, as [`Event::Data`].
     VolumeRead {
@@ -380,6 +407,9 @@ pub enum ErrorCode {
     Verify,
     /// A head was refused: its signature does not verify, or it rolls back.
     HeadRefused,
+    /// The caller may not ask for this (another user's mount, a change of volumes without
+    /// the admin group).
+    Forbidden,
     /// Anything else.
     Failed,
 }
@@ -412,6 +442,8 @@ pub enum Event {
     Done(Box<Result<Reply, ErrorReply>>),
     /// A part of a long listing (see [`Reply::Ls`]).
     Entries(Vec<LsEntry>),
+    /// One entry of a [`Request::VolumeExport`]; a file's bytes follow as [`Event::Data`].
+    Item(LsEntry),
 }
 
 /// Entries of a listing in one frame: a longer listing comes in parts of this many.

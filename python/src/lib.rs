@@ -47,6 +47,7 @@ impl NativeError {
                 ErrorCode::Dirty => "ConflictError",
                 ErrorCode::Verify => "VerificationError",
                 ErrorCode::HeadRefused => "HeadRefusedError",
+                ErrorCode::Forbidden => "ForbiddenError",
                 _ => "Error",
             },
         }
@@ -67,11 +68,23 @@ struct Conn(UnixStream);
 impl Conn {
     fn open(agent: &str, request: &str) -> Result<Self, NativeError> {
         let req: Request = serde_json::from_str(request).map_err(NativeError::Request)?;
-        let path = Path::new(agent).join(control::SOCKET);
-        let mut s = UnixStream::connect(&path).map_err(|source| ControlError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let [admin, path] = control::sockets(Path::new(agent));
+        let mut s = match UnixStream::connect(&admin) {
+            Ok(s) => s,
+            Err(e) if control::try_next(&e) => {
+                UnixStream::connect(&path).map_err(|source| ControlError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })?
+            }
+            Err(source) => {
+                return Err(ControlError::Connect {
+                    path: admin.display().to_string(),
+                    source,
+                }
+                .into());
+            }
+        };
         s.write_all(&frame::encode(&req))
             .map_err(ControlError::Io)?;
         Ok(Conn(s))

@@ -19,6 +19,7 @@ __all__ = [
     "VerificationError",
     "HeadRefusedError",
     "AgentUnavailableError",
+    "ForbiddenError",
 ]
 
 
@@ -56,6 +57,11 @@ class VerificationError(Error):
 class HeadRefusedError(VerificationError):
     """A head from the coordinator was refused: its signature does not verify, or its
     version is older than one this agent has seen (a rollback)."""
+
+
+class ForbiddenError(Error, PermissionError):
+    """The agent refused the caller: another user's mount, or a change of volumes without
+    the agent's admin group."""
 
 
 class AgentUnavailableError(Error, ConnectionError):

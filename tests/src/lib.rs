@@ -131,6 +131,8 @@ impl TestFleet {
             swarm: Default::default(),
             metrics: Some("127.0.0.1:0".parse().unwrap()),
             store_max: self.limits.store_max,
+            socket_group: None,
+            admin_group: None,
         })
         .await
         .unwrap()

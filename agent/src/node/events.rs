@@ -35,6 +35,17 @@ impl Events {
         }
     }
 
+    /// One entry of an export.
+    pub(super) async fn item(&self, e: LsEntry) -> OpResult<()> {
+        match &self.tx {
+            Some(tx) => tx
+                .send(Event::Item(e))
+                .await
+                .map_err(|_| failed("client went away")),
+            None => Ok(()),
+        }
+    }
+
     /// Sends a long listing a part at a time, all but the last part as events; returns
     /// what the final answer holds. Without a client (in-process callers) the whole
     /// listing is the answer.

@@ -32,11 +32,13 @@ use crate::scan::{self, ScanMode, StatCache};
 use crate::store::Store;
 use voltool_protocol::tree::{self, Delta, PageRef, Shape};
 
+mod access;
 mod commit;
 mod compact;
 mod error;
 mod events;
 mod evict;
+mod export;
 mod fetch;
 mod local;
 mod mount;
@@ -51,6 +53,7 @@ mod status;
 mod unmount;
 mod volume;
 
+pub use access::{ADMIN_SOCKET, Caller};
 pub use compact::COMPACT_AT;
 pub use error::OpError;
 use error::{OpResult, db_err, err, failed, scan_err};
@@ -96,6 +99,12 @@ pub struct AgentOptions {
     pub metrics: Option<SocketAddr>,
     /// How much the store may hold; `None`: no limit (nothing is evicted).
     pub store_max: Option<StoreBudget>,
+    /// The group whose members may open the control socket (`agent.sock`, mode 0660);
+    /// `None`: root alone (0600).
+    pub socket_group: Option<u32>,
+    /// The group whose members may open the admin socket (`admin.sock`): they may also
+    /// create, delete and rename volumes, rm and cp; `None`: root alone.
+    pub admin_group: Option<u32>,
 }
 
 /// Where [`AgentOptions::crash_at`] can stop the agent: a batched commit once its files are
@@ -298,9 +307,14 @@ impl Agent {
         inner.recover().await.map_err(|e| other(&e))?;
         let cancel = inner.cancel.clone();
         let mut tasks = tokio::task::JoinSet::new();
-        let sock = inner.opts.data.join(control::SOCKET);
-        let listener = bind_socket(&sock, 0o600).map_err(|e| other(&e))?;
-        tasks.spawn(control_loop(inner.clone(), listener, cancel.clone()));
+        for (file, group, admin) in [
+            (control::SOCKET, inner.opts.socket_group, false),
+            (ADMIN_SOCKET, inner.opts.admin_group, true),
+        ] {
+            let listener =
+                bind_socket(&inner.opts.data.join(file), group).map_err(|e| other(&e))?;
+            tasks.spawn(control_loop(inner.clone(), listener, admin, cancel.clone()));
+        }
         tasks.spawn(peer_loop(inner.clone(), cancel.clone()));
         tasks.spawn(remote::watch_members(inner.clone(), cancel.clone()));
         tasks.spawn(budget_loop(inner.clone(), cancel.clone()));
@@ -393,9 +407,19 @@ impl Agent {
         self.inner.accept_head(head)
     }
 
-    /// Runs one request as if it came over the control socket.
+    /// Runs one request as if root sent it over the control socket.
     pub async fn request(&self, req: Request, events: Events) -> Result<Reply, ErrorReply> {
-        self.inner.clone().run_op(req, events).await
+        self.inner.clone().run_op(req, Caller::ROOT, events).await
+    }
+
+    /// Runs one request as if `caller` sent it over the control socket.
+    pub async fn request_as(
+        &self,
+        req: Request,
+        caller: Caller,
+        events: Events,
+    ) -> Result<Reply, ErrorReply> {
+        self.inner.clone().run_op(req, caller, events).await
     }
 
     /// Keeps the store within its budget now (it is also kept after every operation and
@@ -428,14 +452,16 @@ impl Agent {
         }
         self.inner.tracker.withdraw(Vec::new()).await;
         let _ = std::fs::remove_file(self.inner.opts.data.join(control::SOCKET));
+        let _ = std::fs::remove_file(self.inner.opts.data.join(ADMIN_SOCKET));
         self.inner.ep.close().await;
     }
 }
 
-/// Binds the control socket at `path` with exactly `mode`, whatever the umask: bound in a
-/// fresh directory only this user may enter, given its mode there, then moved into place,
-/// so nobody connects while it has another mode.
-fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+/// Binds a control socket at `path` with exactly mode 0600, or 0660 and group `group`,
+/// whatever the umask: bound in a fresh directory only this user may enter, given its mode
+/// and group there, then moved into place, so nobody connects while it has another.
+fn bind_socket(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let parent = path.parent().unwrap_or(Path::new("."));
     let ctx = |what: &Path| {
@@ -450,6 +476,9 @@ fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     let bound = (|| {
         let at = staging.join("s");
         let l = UnixListener::bind(&at).map_err(ctx(&at))?;
+        if let Some(g) = group {
+            std::os::unix::fs::chown(&at, None, Some(g)).map_err(ctx(&at))?;
+        }
         std::fs::set_permissions(&at, std::fs::Permissions::from_mode(mode)).map_err(ctx(&at))?;
         std::fs::rename(&at, path).map_err(ctx(path))?;
         Ok(l)
@@ -458,7 +487,13 @@ fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     bound
 }
 
-async fn control_loop(inner: Arc<Inner>, listener: UnixListener, cancel: CancellationToken) {
+/// Serves a control socket; `admin`: the admin socket.
+async fn control_loop(
+    inner: Arc<Inner>,
+    listener: UnixListener,
+    admin: bool,
+    cancel: CancellationToken,
+) {
     loop {
         let (mut stream, _) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -469,6 +504,15 @@ async fn control_loop(inner: Arc<Inner>, listener: UnixListener, cancel: Cancell
         };
         let inner = inner.clone();
         tokio::spawn(async move {
+            // The kernel let the caller open this socket (its groups); who it is, it says
+            // in the connection's credentials.
+            let caller = match stream.peer_cred() {
+                Ok(c) => Caller {
+                    uid: c.uid(),
+                    admin: admin || c.uid() == 0,
+                },
+                Err(e) => return warn!("control socket: no credentials of the caller: {e}"),
+            };
             let req: Request = match control::read_msg(&mut stream).await {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
@@ -478,10 +522,15 @@ async fn control_loop(inner: Arc<Inner>, listener: UnixListener, cancel: Cancell
                     return;
                 }
             };
-            debug!(?req, "control request");
+            debug!(
+                ?req,
+                uid = caller.uid,
+                admin = caller.admin,
+                "control request"
+            );
             let (tx, mut rx) = mpsc::channel(64);
             let events = Events { tx: Some(tx) };
-            let op = tokio::spawn(inner.clone().run_op(req, events));
+            let op = tokio::spawn(inner.clone().run_op(req, caller, events));
             while let Some(ev) = rx.recv().await {
                 if control::write_msg(&mut stream, &ev).await.is_err() {
                     break;
@@ -583,14 +632,20 @@ impl Inner {
 impl Inner {
     /// Runs an operation with the operations gate held (see [`evict`]), then lets the
     /// store's budget be checked.
-    async fn run_op(self: Arc<Self>, req: Request, events: Events) -> Result<Reply, ErrorReply> {
+    async fn run_op(
+        self: Arc<Self>,
+        req: Request,
+        caller: Caller,
+        events: Events,
+    ) -> Result<Reply, ErrorReply> {
+        self.authorize(&req, &caller)?;
         let r = {
             // Not status: it is answered even while an eviction runs.
             let _op = match req {
                 Request::Status => None,
                 _ => Some(self.ops.read().await),
             };
-            self.clone().handle(req, events).await
+            self.clone().handle(req, caller, events).await
         };
         self.budget_check.notify_one();
         r
@@ -599,6 +654,7 @@ impl Inner {
     pub(super) async fn handle(
         self: Arc<Self>,
         req: Request,
+        caller: Caller,
         events: Events,
     ) -> Result<Reply, ErrorReply> {
         match req {
@@ -624,6 +680,7 @@ impl Inner {
                     .await
             }
             Request::VolumeRead { name, path } => self.read(&name, &path, &events).await,
+            Request::VolumeExport { name, remote } => self.export(&name, &remote, &events).await,
             Request::VolumeRm {
                 name,
                 path,
@@ -644,16 +701,16 @@ impl Inner {
                 let how = mount::How {
                     background_commit_secs,
                     read_only,
+                    owner: caller.uid,
                 };
                 self.clone().mount_volume(&name, &path, how, &events).await
             }
             Request::Unmount { name, mode } => {
-                let name = self.which_mount(name)?;
+                let name = self.caller_mount(name, &caller, false)?;
                 self.unmount(&name, mode, &events).await
             }
             Request::Commit { name } => {
-                let name = self.which_mount(name)?;
-                self.mount_point(&self.mount(&name)?)?;
+                let name = self.caller_mount(name, &caller, true)?;
                 let started = Instant::now();
                 let r = self
                     .commit_and_follow(&name, &events)
@@ -667,8 +724,7 @@ impl Inner {
                 r
             }
             Request::Reload { name, mode } => {
-                let name = self.which_mount(name)?;
-                self.mount_point(&self.mount(&name)?)?;
+                let name = self.caller_mount(name, &caller, true)?;
                 let started = Instant::now();
                 let r = self.reload(&name, mode, &events).await.map(Reply::Reloaded);
                 if r.is_ok() {

@@ -11,6 +11,8 @@ pub(super) struct How {
     /// overlay, so even root gets EROFS; copy mode: commits are refused and a reload
     /// replaces whatever was written to the copies).
     pub(super) read_only: bool,
+    /// The user the mount belongs to.
+    pub(super) owner: u32,
 }
 
 impl Inner {
@@ -24,6 +26,7 @@ impl Inner {
         let How {
             background_commit_secs,
             read_only,
+            owner,
         } = how;
         if read_only && background_commit_secs.is_some() {
             return Err(err(
@@ -47,6 +50,18 @@ impl Inner {
             }
             e => failed(e),
         })?;
+        // A user other than root mounts only in a directory of its own: the agent makes the
+        // link there as root.
+        if owner != 0 && mp.id().uid != owner {
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!(
+                    "{}: its directory belongs to uid {}; uid {owner} mounts in a directory of its own",
+                    path.display(),
+                    mp.id().uid
+                ),
+            ));
+        }
         mp.prepare().map_err(|e| match e {
             super::mount_point::MountPointError::Exists(_) => err(ErrorCode::Exists, e.to_string()),
             e => failed(e),
@@ -104,6 +119,7 @@ impl Inner {
             lower_manifest: mhash,
             read_only,
             parent: mp.id(),
+            owner,
         };
         self.put_mount(&rec, &built.stats)?;
         self.mount_points

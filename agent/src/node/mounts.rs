@@ -31,6 +31,8 @@ pub(super) struct MountRecord {
     /// The mount path's directory, as it was when mounted: the path is only ever handled
     /// through that directory, and a restart refuses a directory that is another.
     pub(super) parent: ParentId,
+    /// The user it belongs to: only it (and root) may commit, reload or unmount it.
+    pub(super) owner: u32,
 }
 
 /// A mount record as `mounts-3` held it: all of [`MountRecord`] but its parent.
@@ -90,6 +92,7 @@ pub(super) fn migrate_mounts(db: &Database) -> Result<(), String> {
             lower_manifest: o.lower_manifest,
             read_only: o.read_only,
             parent,
+            owner: 0,
         });
     }
     drop(t);

@@ -117,6 +117,32 @@ impl Inner {
         force: bool,
         events: &Events,
     ) -> OpResult<Reply> {
+        let (src, entry, below) = self.entries_at(name, remote).await?;
+        let Some(local) = local else {
+            // To stdout: the file, or every file below the directory in path order.
+            let files: Vec<(Hash, u64)> = match &entry {
+                Some(e @ Entry::File { .. }) => e.blob().into_iter().collect(),
+                Some(Entry::Symlink { .. }) => {
+                    return Err(err(
+                        ErrorCode::Invalid,
+                        format!("{name}:{remote} is a symlink; only files go to stdout"),
+                    ));
+                }
+                _ => below.iter().filter_map(|(_, e)| e.blob()).collect(),
+            };
+            self.stream_blobs(&files, events).await?;
+            return Ok(Reply::Done(String::new()));
+        };
+        self.get_into(src, entry, below, local, force, events).await
+    }
+
+    /// What lies at `remote` of volume `name` in its verified head: the path, its entry
+    /// (`None` for the root) and the entries below it (for a directory).
+    pub(super) async fn entries_at(
+        &self,
+        name: &str,
+        remote: &str,
+    ) -> OpResult<(Option<VolPath>, Option<Entry>, Vec<(VolPath, Entry)>)> {
         let info = self.verified_head(name).await?;
         let root = info.head.commit.root();
         let src = user_path(Some(remote))?;
@@ -147,21 +173,20 @@ impl Inner {
                 format!("no such path: {name}:{p}"),
             ));
         };
-        let Some(local) = local else {
-            // To stdout: the file, or every file below the directory in path order.
-            let files: Vec<(Hash, u64)> = match &entry {
-                Some(e @ Entry::File { .. }) => e.blob().into_iter().collect(),
-                Some(Entry::Symlink { .. }) => {
-                    return Err(err(
-                        ErrorCode::Invalid,
-                        format!("{name}:{remote} is a symlink; only files go to stdout"),
-                    ));
-                }
-                _ => below.iter().filter_map(|(_, e)| e.blob()).collect(),
-            };
-            self.stream_blobs(&files, events).await?;
-            return Ok(Reply::Done(String::new()));
-        };
+        Ok((src, entry, below))
+    }
+
+    /// `get` into local files written by the agent (root's API; the CLI writes them itself
+    /// from a [`Request::VolumeExport`]).
+    async fn get_into(
+        &self,
+        src: Option<VolPath>,
+        entry: Option<Entry>,
+        below: Vec<(VolPath, Entry)>,
+        local: &Path,
+        force: bool,
+        events: &Events,
+    ) -> OpResult<Reply> {
         // The set of entries to write, relative to the destination.
         let base_name = src.as_ref().map(|p| p.file_name().to_string());
         let dest = match std::fs::metadata(local) {
@@ -242,7 +267,11 @@ impl Inner {
 
     /// Fetches `blobs` (verified) and sends their bytes, one after the other, as data
     /// events. A blob is fetched just before it is sent, so a long listing starts at once.
-    async fn stream_blobs(&self, blobs: &[(Hash, u64)], events: &Events) -> OpResult<()> {
+    pub(super) async fn stream_blobs(
+        &self,
+        blobs: &[(Hash, u64)],
+        events: &Events,
+    ) -> OpResult<()> {
         const PIECE: usize = 256 * 1024;
         for &(hash, size) in blobs {
             if size == 0 {
@@ -377,7 +406,7 @@ pub(super) fn user_path(p: Option<&str>) -> OpResult<Option<VolPath>> {
     }
 }
 
-pub(super) fn ls_entry(p: &VolPath, e: &Entry) -> LsEntry {
+pub(super) fn ls_entry(p: &impl std::fmt::Display, e: &Entry) -> LsEntry {
     let (kind, size, mode, mtime_ns, target) = match e {
         Entry::File {
             size,
