@@ -489,15 +489,22 @@ pub fn restat(root: &Path, paths: &HashSet<VolPath>) -> Result<StatCache, ScanEr
 /// writes into a mount cannot reach what the agent serves). Files in `reuse` are hard-linked
 /// from `old` instead (unchanged, clean files of the previous snapshot). The snapshot is
 /// durable before this returns (one `syncfs` of its file system, not a sync per file).
-/// Returns the stats of the files built.
+/// Every entry belongs to `owner` when given (a mount of a user other than root). Returns
+/// the stats of the files built.
 pub fn build_snapshot(
     dir: &Path,
     manifest: &Manifest,
     store: &Store,
     old: Option<&Path>,
     reuse: &HashSet<VolPath>,
+    owner: Option<u32>,
 ) -> Result<StatCache, ScanError> {
+    let own = |p: &Path| match owner {
+        Some(uid) => std::os::unix::fs::lchown(p, Some(uid), None).map_err(io_err(p)),
+        None => Ok(()),
+    };
     std::fs::create_dir(dir).map_err(io_err(dir))?;
+    own(dir)?;
     let files: Vec<(&VolPath, &Entry)> = manifest
         .entries()
         .iter()
@@ -510,8 +517,9 @@ pub fn build_snapshot(
             Entry::Symlink { target } => {
                 std::os::unix::fs::symlink(target, &full).map_err(io_err(&full))?
             }
-            Entry::File { .. } => {}
+            Entry::File { .. } => continue,
         }
+        own(&full)?;
     }
     let stats: Vec<(VolPath, Stat)> = files
         .into_par_iter()
@@ -539,6 +547,7 @@ pub fn build_snapshot(
                     std::fs::copy(&src, &full).map_err(io_err(&full))?;
                 }
             }
+            own(&full)?;
             // Read-only is enough to set times (we own it).
             let f = std::fs::File::open(&full).map_err(io_err(&full))?;
             f.set_permissions(std::fs::Permissions::from_mode(host_mode(*mode)))

@@ -158,8 +158,8 @@ fn as_user(
 }
 
 #[test]
-fn group_members_use_the_agent_with_their_own_rights_and_their_own_mounts_only() {
-    if !mode_independent_pass() || !need("root (commands run as other users)", is_root()) {
+fn group_members_use_the_agent_with_their_own_rights_write_into_their_own_mounts_and_commit() {
+    if !need("root (commands run as other users)", is_root()) {
         return;
     }
     let (user, admin) = (4242u32, 4243u32);
@@ -225,6 +225,31 @@ fn group_members_use_the_agent_with_their_own_rights_and_their_own_mounts_only()
     let m = mine.join("m");
     expect(&as_user(65534, &[user], &agent, &["mount", "v", &s(&m)]), 0);
     assert_eq!(std::fs::read(m.join("a.txt")).unwrap(), b"hello");
+    // Its files are its own: it writes into the mount and commits, as itself.
+    let md = std::fs::metadata(m.join("a.txt")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&md), 65534);
+    let mm = s(&m);
+    let wrote = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "echo changed > {mm}/a.txt && mkdir {mm}/d && echo new > {mm}/d/f"
+        ))
+        .output()
+        .unwrap();
+    assert!(wrote.status.success(), "{}", stderr(&wrote));
+    expect(&as_user(65534, &[user], &agent, &["commit", "v"]), 0);
+    let o = f.run(0, &["volume", "get", "v", "/a.txt", "-"]);
+    assert_eq!(o.stdout, b"changed\n");
+    let o = f.run(0, &["volume", "get", "v", "/d/f", "-"]);
+    assert_eq!(o.stdout, b"new\n");
     // Another user of the group may not touch it; root may.
     for cmd in [&["reload", "v"][..], &["unmount", "v"], &["commit", "v"]] {
         fails(as_user(65533, &[user], &agent, cmd), "belongs to uid 65534");
@@ -258,7 +283,7 @@ fn group_members_use_the_agent_with_their_own_rights_and_their_own_mounts_only()
         ),
         0,
     );
-    assert_eq!(std::fs::read(&got).unwrap(), b"hello");
+    assert_eq!(std::fs::read(&got).unwrap(), b"changed\n");
     assert_eq!(
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&got).unwrap()),
         65534
@@ -280,5 +305,5 @@ fn group_members_use_the_agent_with_their_own_rights_and_their_own_mounts_only()
         &["volume", "get", "v", "/a.txt", "-"],
     );
     expect(&o, 0);
-    assert_eq!(o.stdout, b"hello");
+    assert_eq!(o.stdout, b"changed\n");
 }

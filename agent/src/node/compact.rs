@@ -58,6 +58,7 @@ impl Inner {
                 rec.version,
                 Source::Full { root: lowers },
                 rec.read_only,
+                rec.owner,
             )
             .await?;
         let lock = self.lock_for(name);

@@ -103,7 +103,7 @@ impl Inner {
             }
         };
         let built = self
-            .build(info.id, info.head.commit.version, source, read_only)
+            .build(info.id, info.head.commit.version, source, read_only, owner)
             .await?;
         let mhash = root.hash;
         let rec = MountRecord {

@@ -254,7 +254,7 @@ impl Inner {
         if self.overlays {
             if !crate::overlay::is_mounted(&target) {
                 info!(volume = m.name, "mounting the recorded snapshot again");
-                self.mount_overlay(m.id, &m.snapshot, &m.layers, m.read_only)?;
+                self.mount_overlay(m.id, &m.snapshot, &m.layers, m.read_only, m.owner)?;
             }
             let sealing = self
                 .mounts_dir(m.id)

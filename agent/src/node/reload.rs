@@ -281,7 +281,9 @@ impl Inner {
                 reuse.clone(),
             ),
         };
-        let built = self.build(rec.id, version, source, rec.read_only).await;
+        let built = self
+            .build(rec.id, version, source, rec.read_only, rec.owner)
+            .await;
         let built = built.inspect_err(|_| self.thaw(rec))?;
         self.crash_point("reload-built");
         let (pages, r2) = (self.pages.clone(), rec.clone());

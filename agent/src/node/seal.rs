@@ -113,7 +113,7 @@ impl Inner {
         let snapshot = format!("v{}-{:08x}", rec.version, rand::random::<u32>());
         // What the layers hold is durable before a record names them.
         crate::store::sync_fs_of(&self.mounts_dir(rec.id)).map_err(failed)?;
-        if let Err(e) = self.mount_overlay(rec.id, &snapshot, &layers, false) {
+        if let Err(e) = self.mount_overlay(rec.id, &snapshot, &layers, false, rec.owner) {
             let _ = scan::remove_tree(&self.mounts_dir(rec.id).join(&snapshot));
             return Err(e);
         }
@@ -132,7 +132,13 @@ impl Inner {
     /// Like [`Self::switch_to`], over one full layer of `state` (the stack grew too deep).
     async fn rebuild(&self, rec: &MountRecord, state: PageRef) -> OpResult<MountRecord> {
         let built = self
-            .build(rec.id, rec.version, Source::Full { root: state }, false)
+            .build(
+                rec.id,
+                rec.version,
+                Source::Full { root: state },
+                false,
+                rec.owner,
+            )
             .await?;
         let new = MountRecord {
             snapshot: built.snapshot,

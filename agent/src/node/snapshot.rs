@@ -146,6 +146,7 @@ impl Inner {
         version: u64,
         source: Source<'_>,
         read_only: bool,
+        owner: u32,
     ) -> OpResult<Built> {
         let snapshot = format!("v{version}-{:08x}", rand::random::<u32>());
         let vol_dir = self.mounts_dir(id);
@@ -157,7 +158,7 @@ impl Inner {
                 reuse,
             } => {
                 let stats = self
-                    .build_copy(&vol_dir, &snapshot, manifest, prev, reuse)
+                    .build_copy(&vol_dir, &snapshot, manifest, prev, reuse, owner)
                     .await?;
                 return Ok(Built {
                     snapshot,
@@ -183,14 +184,14 @@ impl Inner {
         let (d2, pages) = (dir.clone(), self.pages.clone());
         // The layer is durable before a record names it (one syncfs, not one per file).
         let written = tokio::task::spawn_blocking(move || {
-            write_part(&d2, part, &pages)?;
+            write_part(&d2, part, &pages, owner_of(owner))?;
             crate::store::sync_fs_of(&d2).map_err(|e| e.to_string())
         })
         .await
         .map_err(failed)?;
         layers.insert(0, name);
         let mounted = match written {
-            Ok(()) => self.mount_overlay(id, &snapshot, &layers, read_only),
+            Ok(()) => self.mount_overlay(id, &snapshot, &layers, read_only, owner),
             Err(e) => Err(failed(format!("cannot write a snapshot layer: {e}"))),
         };
         if let Err(e) = mounted {
@@ -213,12 +214,13 @@ impl Inner {
         manifest: &Manifest,
         prev: Option<&MountRecord>,
         reuse: HashSet<VolPath>,
+        owner: u32,
     ) -> OpResult<StatCache> {
         let store = self.store.clone();
         let (m, dir) = (manifest.clone(), vol_dir.join(snapshot));
         let old = prev.map(|r| vol_dir.join(&r.snapshot));
         tokio::task::spawn_blocking(move || {
-            let r = scan::build_snapshot(&dir, &m, &store, old.as_deref(), &reuse);
+            let r = scan::build_snapshot(&dir, &m, &store, old.as_deref(), &reuse, owner_of(owner));
             if r.is_err() {
                 // Leave nothing of a failed build behind (a full disk must not stay full).
                 let _ = scan::remove_tree(&dir);
@@ -231,18 +233,25 @@ impl Inner {
     }
 
     /// Mounts the overlay of a snapshot: its layers, and its upper layer (new, or kept from
-    /// before a restart); a read-only mount of it when `read_only`.
+    /// before a restart); a read-only mount of it when `read_only`. The mount's root (the
+    /// upper layer's) belongs to `owner`, as every entry of its layers does.
     pub(super) fn mount_overlay(
         &self,
         id: VolumeId,
         snapshot: &str,
         layers: &[String],
         read_only: bool,
+        owner: u32,
     ) -> OpResult<()> {
         let dir = self.mounts_dir(id).join(snapshot);
         for d in ["upper", "work", "merged"] {
             let p = dir.join(d);
             std::fs::create_dir_all(&p).map_err(|e| failed(format!("{}: {e}", p.display())))?;
+        }
+        if let Some(uid) = owner_of(owner) {
+            let upper = dir.join("upper");
+            std::os::unix::fs::lchown(&upper, Some(uid), None)
+                .map_err(|e| failed(format!("{}: {e}", upper.display())))?;
         }
         mark_unmounted(&dir.join("merged")).map_err(failed)?;
         let ov = Overlay {
@@ -344,6 +353,11 @@ fn mark_unmounted(mount_point: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The user whose files a snapshot shows, when it is not root (whose they are anyway).
+fn owner_of(owner: u32) -> Option<u32> {
+    (owner != 0).then_some(owner)
+}
+
 /// What a layer holds: every entry of a tree, or the thin layer of a change.
 enum LayerPart {
     Full(PageRef),
@@ -351,8 +365,13 @@ enum LayerPart {
 }
 
 /// Writes a layer, a full one in parts as its entries are read.
-fn write_part(dir: &Path, part: LayerPart, pages: &crate::store::Pages) -> Result<(), String> {
-    let mut w = layer::LayerWriter::create(dir).map_err(|e| e.to_string())?;
+fn write_part(
+    dir: &Path,
+    part: LayerPart,
+    pages: &crate::store::Pages,
+    owner: Option<u32>,
+) -> Result<(), String> {
+    let mut w = layer::LayerWriter::create(dir, owner).map_err(|e| e.to_string())?;
     match part {
         LayerPart::Thin(entries) => w.add(&entries).map_err(|e| e.to_string())?,
         LayerPart::Full(root) => {

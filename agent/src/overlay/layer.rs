@@ -66,15 +66,29 @@ pub struct LayerWriter {
     dir: std::path::PathBuf,
     /// Directories written, with their modes (set last).
     dirs: Vec<(VolPath, u32)>,
+    /// The user its entries belong to (root's if `None`): a mount of a user other than
+    /// root shows its files as that user's, so it can write them (the manifest records no
+    /// owners).
+    owner: Option<u32>,
+}
+
+/// Gives `path` (not following a link) to `owner`, if there is one.
+fn own(path: &Path, owner: Option<u32>) -> io::Result<()> {
+    match owner {
+        Some(uid) => std::os::unix::fs::lchown(path, Some(uid), None).map_err(ctx(path)),
+        None => Ok(()),
+    }
 }
 
 impl LayerWriter {
-    /// Creates the layer's directory (which must not exist).
-    pub fn create(dir: &Path) -> io::Result<Self> {
+    /// Creates the layer's directory (which must not exist), its entries `owner`'s.
+    pub fn create(dir: &Path, owner: Option<u32>) -> io::Result<Self> {
         std::fs::create_dir(dir).map_err(ctx(dir))?;
+        own(dir, owner)?;
         Ok(LayerWriter {
             dir: dir.to_path_buf(),
             dirs: Vec::new(),
+            owner,
         })
     }
 
@@ -87,10 +101,12 @@ impl LayerWriter {
             match e {
                 Some(Entry::Dir { mode }) => {
                     std::fs::create_dir(&full).map_err(ctx(&full))?;
+                    own(&full, self.owner)?;
                     self.dirs.push((p.clone(), *mode));
                 }
                 Some(Entry::Symlink { target }) => {
-                    std::os::unix::fs::symlink(target, &full).map_err(ctx(&full))?
+                    std::os::unix::fs::symlink(target, &full).map_err(ctx(&full))?;
+                    own(&full, self.owner)?;
                 }
                 Some(Entry::File { .. }) => {}
                 None => mknodat(CWD, &full, FileType::CharacterDevice, Mode::empty(), 0)
@@ -112,10 +128,11 @@ impl LayerWriter {
                 let full = dir.join(p.as_str());
                 if size == 0 {
                     let f = std::fs::File::create(&full).map_err(ctx(&full))?;
-                    set_meta(&f, &full, mode, mtime_ns)
+                    set_meta(&f, &full, mode, mtime_ns)?;
                 } else {
-                    metacopy_file(&full, size, mode, mtime_ns, &data_redirect(hash))
+                    metacopy_file(&full, size, mode, mtime_ns, &data_redirect(hash))?;
                 }
+                own(&full, self.owner)
             })
     }
 
