@@ -54,7 +54,14 @@ pub(super) fn unverified_bytes(
 pub(super) fn mount_tmpfs(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={TMPFS_BYTES}"), "tmpfs"])
+        // The agent refuses a data directory others may write (a tmpfs root is 1777).
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={TMPFS_BYTES},mode=0711"),
+            "tmpfs",
+        ])
         .arg(dir)
         .status()
         .context("running mount")?;
