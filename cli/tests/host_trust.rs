@@ -12,21 +12,24 @@ use std::process::Command;
 use util::{BIN, Fleet, expect, stderr, voltool};
 use voltool_tests::{is_root, mode_independent_pass, need};
 
+/// A command run as user `uid` (group 65534) with the supplementary `groups` (none: the
+/// groups cleared), and a clean environment.
+fn setpriv(uid: u32, groups: &[u32], program: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid", &uid.to_string(), "--regid", "65534"]);
+    if groups.is_empty() {
+        c.arg("--clear-groups");
+    } else {
+        let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
+        c.args(["--groups", &groups.join(",")]);
+    }
+    c.arg(program).env_clear();
+    c
+}
+
 /// `voltool args…` as user and group 65534 with no supplementary groups.
 fn as_nobody(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    Command::new("setpriv")
-        .args([
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            BIN,
-        ])
-        .args(args)
-        .env_clear()
-        .output()
-        .unwrap()
+    setpriv(65534, &[], BIN).args(args).output().unwrap()
 }
 
 #[test]
@@ -140,19 +143,10 @@ fn as_user(
     agent: &std::path::Path,
     args: &[&str],
 ) -> std::process::Output {
-    let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
-    let mut c = Command::new("setpriv");
-    c.args(["--reuid", &uid.to_string(), "--regid", "65534"]);
-    if groups.is_empty() {
-        c.arg("--clear-groups");
-    } else {
-        c.args(["--groups", &groups.join(",")]);
-    }
-    c.arg(BIN)
+    setpriv(uid, groups, BIN)
         .arg("--agent")
         .arg(agent)
         .args(args)
-        .env_clear()
         .output()
         .unwrap()
 }
@@ -229,16 +223,8 @@ fn group_members_use_the_agent_with_their_own_rights_write_into_their_own_mounts
     let md = std::fs::metadata(m.join("a.txt")).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&md), 65534);
     let mm = s(&m);
-    let wrote = Command::new("setpriv")
-        .args([
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-        ])
+    let wrote = setpriv(65534, &[], "sh")
+        .arg("-c")
         .arg(format!(
             "echo changed > {mm}/a.txt && mkdir {mm}/d && echo new > {mm}/d/f"
         ))

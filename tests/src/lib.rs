@@ -138,18 +138,24 @@ impl TestFleet {
         .unwrap()
     }
 
-    /// A raw client of the coordinator speaking with agent `i`'s key (for crafted
-    /// requests; the agent may be running or not).
-    pub async fn client_as(&self, i: usize) -> voltool_agent::coord_client::CoordClient {
+    /// An endpoint holding agent `i`'s key, on a port of its own: a fleet member that
+    /// sends crafted requests (the agent may be running or not).
+    pub async fn endpoint_as(&self, i: usize) -> iroh::Endpoint {
         let key = voltool_agent::keys::load_or_create(&self.agent_dir(i)).unwrap();
-        let ep = voltool_agent::net::bind(
+        voltool_agent::net::bind(
             key,
             "127.0.0.1:0".parse().unwrap(),
-            vec![voltool_protocol::coord::ALPN.to_vec()],
+            vec![],
             Default::default(),
         )
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A raw client of the coordinator speaking with agent `i`'s key (for crafted
+    /// requests; the agent may be running or not).
+    pub async fn client_as(&self, i: usize) -> voltool_agent::coord_client::CoordClient {
+        let ep = self.endpoint_as(i).await;
         let coord = self.coord.as_ref().expect("coordinator running").addr();
         voltool_agent::coord_client::CoordClient::new(ep, coord)
     }

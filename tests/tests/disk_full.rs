@@ -22,7 +22,13 @@ async fn on_small_disk(f: &mut TestFleet, i: usize, mib: u32) -> bool {
     std::fs::rename(&dir, &saved).unwrap();
     std::fs::create_dir(&dir).unwrap();
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0711"), "tmpfs"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mib}m,mode=0711"),
+            "tmpfs",
+        ])
         .arg(&dir)
         .status()
         .is_ok_and(|s| s.success());

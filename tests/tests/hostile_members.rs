@@ -34,6 +34,11 @@ fn rss() -> u64 {
 fn assert_bounded(what: &str, before: u64, per_peer: u64, peers: u64) {
     let grew = rss().saturating_sub(before);
     let bound = per_peer * peers + (64 << 20);
+    eprintln!(
+        "{what}: memory grew by {} MiB (bound {} MiB)",
+        grew >> 20,
+        bound >> 20
+    );
     assert!(
         grew <= bound,
         "{what}: memory grew by {} MiB, bound {} MiB",
@@ -55,16 +60,7 @@ async fn hostile(f: &mut TestFleet, n: usize) -> Vec<Endpoint> {
     for _ in 0..n {
         let i = f.agents.len() - 1;
         f.agents.remove(i).shutdown().await;
-        let key = voltool_agent::keys::load_or_create(&f.agent_dir(i)).unwrap();
-        let ep = net::bind(
-            key,
-            "127.0.0.1:0".parse().unwrap(),
-            vec![],
-            Default::default(),
-        )
-        .await
-        .unwrap();
-        out.push(ep);
+        out.push(f.endpoint_as(i).await);
     }
     out
 }

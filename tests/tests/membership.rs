@@ -75,15 +75,7 @@ async fn a_removed_node_is_refused_at_once_and_one_added_joins_without_a_restart
     f.mount(1, "vol").await;
 
     // Agent 1's key fetches from agent 2, which holds the blob, on one connection.
-    let key = voltool_agent::keys::load_or_create(&f.agent_dir(1)).unwrap();
-    let ep = voltool_agent::net::bind(
-        key,
-        "127.0.0.1:0".parse().unwrap(),
-        vec![],
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let ep = f.endpoint_as(1).await;
     let conn = voltool_agent::net::connect(&ep, &f.agents[2].addr(), voltool_protocol::blobs::ALPN)
         .await
         .unwrap();
