@@ -10,13 +10,16 @@ use voltool_protocol::frame;
 pub use voltool_protocol::control::*;
 
 /// Writes one frame to a Unix stream.
-pub async fn write_msg<T: serde::Serialize>(s: &mut UnixStream, msg: &T) -> std::io::Result<()> {
+pub async fn write_msg<T: serde::Serialize>(
+    s: &mut (impl tokio::io::AsyncWrite + Unpin),
+    msg: &T,
+) -> std::io::Result<()> {
     s.write_all(&frame::encode(msg)).await
 }
 
 /// Reads one frame, `None` at a clean end.
 pub async fn read_msg<T: serde::de::DeserializeOwned>(
-    s: &mut UnixStream,
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> Result<Option<T>, ControlError> {
     let mut prefix = [0u8; frame::PREFIX_LEN];
     match s.read_exact(&mut prefix).await {
@@ -36,10 +39,18 @@ pub async fn read_msg<T: serde::de::DeserializeOwned>(
 pub async fn call(
     data: &Path,
     req: &Request,
-    mut on_event: impl FnMut(Event),
+    on_event: impl FnMut(Event),
 ) -> Result<Result<Reply, ErrorReply>, ControlError> {
+    let mut s = connect(data).await?;
+    write_msg(&mut s, req).await?;
+    answer(s, on_event).await
+}
+
+/// Connects to the agent whose data directory is `data`: through its admin socket if the
+/// kernel lets this user, else its control socket.
+pub async fn connect(data: &Path) -> Result<UnixStream, ControlError> {
     let [admin, path] = sockets(data);
-    let mut s = match UnixStream::connect(&admin).await {
+    let s = match UnixStream::connect(&admin).await {
         Ok(s) => s,
         Err(e) if try_next(&e) => {
             UnixStream::connect(&path)
@@ -56,7 +67,15 @@ pub async fn call(
             });
         }
     };
-    write_msg(&mut s, req).await?;
+    Ok(s)
+}
+
+/// Reads the agent's answer on `s`: calls `on_event` for every event before the last and
+/// returns the final answer (a listing sent in parts joined whole).
+pub async fn answer(
+    mut s: UnixStream,
+    mut on_event: impl FnMut(Event),
+) -> Result<Result<Reply, ErrorReply>, ControlError> {
     let mut listed = Vec::new();
     loop {
         match read_msg::<Event>(&mut s).await? {

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
-use voltool_agent::control::{self, Event, LsEntry, PutItem, Reply, Request};
+use voltool_agent::control::{
+    self, Event, LsEntry, Reply, Request, UploadChunk, UploadEntry, UploadKind,
+};
 use voltool_protocol::volume::check_volume_name;
 
 use crate::output::{Refused, call, ok, print_json, usage};
@@ -361,31 +363,134 @@ async fn put(
             None => format!("/{base}"),
         }
     };
-    // Stdin goes to a temporary file first: the agent reads local paths (and hashes a file
-    // while it takes it into its store).
-    let spool = if from_stdin {
-        let mut f = tempfile::NamedTempFile::new().context("a temporary file for stdin")?;
-        std::io::copy(&mut std::io::stdin().lock(), &mut f).context("reading stdin")?;
-        f.as_file().sync_data().ok();
-        Some(f)
+    // The files are read here, as this user, and their bytes sent to the agent: it never
+    // opens a local path for anyone. Stdin goes as it comes.
+    let mut entries = Vec::new();
+    let mut files: Vec<Option<PathBuf>> = Vec::new();
+    if from_stdin {
+        entries.push(UploadEntry {
+            path: remote,
+            kind: UploadKind::File {
+                mode: 0o644,
+                mtime_ns: now_ns(),
+            },
+        });
+        files.push(None);
     } else {
-        None
-    };
-    let local = match &spool {
-        Some(f) => f.path().to_path_buf(),
-        None => std::path::absolute(&local).context("local path")?,
-    };
-    let mode = spool.as_ref().map(|_| 0o644);
-    let req = Request::VolumePut {
+        let local = std::path::absolute(&local).context("local path")?;
+        walk(&local, &remote, &mut entries, &mut files)?;
+    }
+    let mut progress = crate::output::Progress::new(false);
+    let mut sock = control::connect(agent).await?;
+    let req = Request::VolumeUpload {
         name,
-        items: vec![PutItem {
-            local,
-            remote,
-            mode,
-        }],
+        entries,
         force,
     };
-    done(call(agent, req, false).await?)
+    control::write_msg(&mut sock, &req).await?;
+    // A refusal ends the connection early (the answer says why); a file that cannot be read
+    // here ends the upload, nothing of it committed, and is what this command reports.
+    let sent = send_files(&mut sock, &files).await;
+    if sent.is_err() {
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut sock).await;
+    }
+    let r = control::answer(sock, |ev| {
+        if let Event::Progress { phase, done, total } = ev {
+            progress.update(&phase, done, total);
+        }
+    })
+    .await;
+    progress.finish();
+    match (r?, sent) {
+        (Ok(reply), Ok(())) => done(reply),
+        (_, Err(e)) => Err(e),
+        (Err(e), _) => Err(Refused(e).into()),
+    }
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// The entries of `local` (a file, or a directory and all below it) placed at `remote`,
+/// and the files whose bytes follow, in order.
+fn walk(
+    local: &Path,
+    remote: &str,
+    entries: &mut Vec<UploadEntry>,
+    files: &mut Vec<Option<PathBuf>>,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md = std::fs::symlink_metadata(local).with_context(|| local.display().to_string())?;
+    let mode = md.permissions().mode() & voltool_protocol::manifest::MODE_MASK;
+    let kind = if md.is_dir() {
+        UploadKind::Dir { mode }
+    } else if md.file_type().is_symlink() {
+        let target = std::fs::read_link(local)?
+            .into_os_string()
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("{}: link targets must be UTF-8", local.display()))?;
+        UploadKind::Symlink { target }
+    } else if md.is_file() {
+        UploadKind::File {
+            mode,
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        }
+    } else {
+        eprintln!(
+            "skipping {}: not a file, directory or symlink",
+            local.display()
+        );
+        return Ok(());
+    };
+    let is_file = matches!(kind, UploadKind::File { .. });
+    entries.push(UploadEntry {
+        path: remote.to_string(),
+        kind,
+    });
+    if is_file {
+        files.push(Some(local.to_path_buf()));
+    }
+    if md.is_dir() {
+        let mut names: Vec<_> = std::fs::read_dir(local)
+            .with_context(|| local.display().to_string())?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        for n in names {
+            let name = n
+                .to_str()
+                .ok_or_else(|| anyhow::anyhow!("{}: file names must be UTF-8", local.display()))?;
+            let below = format!("{}/{name}", remote.trim_end_matches('/'));
+            walk(&local.join(name), &below, entries, files)?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends each file's bytes (stdin for `None`) as chunks, an empty chunk after each.
+async fn send_files(
+    sock: &mut tokio::net::UnixStream,
+    files: &[Option<PathBuf>],
+) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut buf = vec![0u8; control::UPLOAD_CHUNK];
+    for f in files {
+        let mut src: Box<dyn Read> = match f {
+            Some(p) => Box::new(std::fs::File::open(p).with_context(|| p.display().to_string())?),
+            None => Box::new(std::io::stdin().lock()),
+        };
+        loop {
+            let n = src.read(&mut buf)?;
+            control::write_msg(sock, &UploadChunk(buf[..n].to_vec())).await?;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `volume ls` as Modal prints it: a table on a terminal, the paths alone in a pipe, and

@@ -249,14 +249,25 @@ fn group_members_use_the_agent_with_their_own_rights_write_into_their_own_mounts
         &as_user(65534, &[admin], &agent, &["volume", "create", "x"]),
         0,
     );
-    fails(
-        as_user(
+    // It puts what it can read itself (the CLI reads the files, as the caller), and nothing
+    // it cannot: the agent opens no local path for it.
+    expect(
+        &as_user(
             65534,
             &[admin],
             &agent,
             &["volume", "put", "x", "/etc/hostname", "/h"],
         ),
-        "only root",
+        0,
+    );
+    fails(
+        as_user(
+            65534,
+            &[admin],
+            &agent,
+            &["volume", "put", "x", "/etc/shadow", "/s"],
+        ),
+        "Permission denied",
     );
     // `get` into local files: written by the CLI, as the caller, so they are the caller's.
     let got = mine.join("got");

@@ -125,6 +125,17 @@ pub enum Request {
         /// Remote path (a file, a symlink or a directory; `/` the root).
         remote: String,
     },
+    /// Upload files the client reads itself (`volume put`): the entries, in order; after
+    /// this frame, for each file entry in order, its bytes in [`UploadChunk`] frames, the
+    /// last of each file empty. A later entry of a path wins over an earlier one.
+    VolumeUpload {
+        /// Volume.
+        name: String,
+        /// What goes where.
+        entries: Vec<UploadEntry>,
+        /// Overwrite existing files (a directory is never replaced by a file).
+        force: bool,
+    },
     /// The bytes of one file, as [`Event::Data`].
     VolumeRead {
         /// Volume.
@@ -198,6 +209,44 @@ pub enum Request {
         mode: ReloadMode,
     },
 }
+
+/// One entry of a [`Request::VolumeUpload`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadEntry {
+    /// Its path in the volume (`/` or empty: the root, for a directory).
+    pub path: String,
+    /// What it is.
+    pub kind: UploadKind,
+}
+
+/// What an [`UploadEntry`] is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadKind {
+    /// A file, whose bytes follow in [`UploadChunk`] frames.
+    File {
+        /// Permission bits.
+        mode: u32,
+        /// Modification time, ns since the epoch.
+        mtime_ns: i64,
+    },
+    /// A directory.
+    Dir {
+        /// Permission bits.
+        mode: u32,
+    },
+    /// A symbolic link.
+    Symlink {
+        /// Its target.
+        target: String,
+    },
+}
+
+/// Bytes of the file an upload is at; an empty chunk ends the file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadChunk(#[serde(with = "serde_bytes_vec")] pub Vec<u8>);
+
+/// Most bytes in one [`UploadChunk`].
+pub const UPLOAD_CHUNK: usize = 1 << 20;
 
 /// One local file or directory of a [`Request::VolumePut`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

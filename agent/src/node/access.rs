@@ -10,12 +10,13 @@
 //! | --- | --- | --- | --- |
 //! | status, volume list, ls, read, get to stdout | yes | yes | yes |
 //! | mount, commit, reload, unmount | its own mounts | its own mounts | every mount |
-//! | volume create, delete, rename, rm, cp | no | yes | yes |
-//! | put of local files, get into local files | no | no | yes |
+//! | volume create, delete, rename, rm, cp, upload (`put`: the CLI streams the files) | no | yes | yes |
+//! | put of local files by name, get into local files by name | no | no | yes |
 //!
 //! A mount belongs to the user who made it; a user other than root mounts only in a
 //! directory of its own. `put` and `get` of local paths make the agent open the files the
-//! caller names: root's alone until the CLI hands the agent the files it opened itself.
+//! caller names: root's alone; the CLI streams what it read itself (`VolumeUpload`) and
+//! writes what the agent streams (`VolumeExport`).
 
 use super::*;
 
@@ -69,6 +70,7 @@ impl Inner {
             | Request::VolumeRename { .. }
             | Request::VolumeRm { .. }
             | Request::VolumeCp { .. }
+            | Request::VolumeUpload { .. }
                 if caller.admin =>
             {
                 Ok(())
@@ -77,7 +79,8 @@ impl Inner {
             | Request::VolumeDelete { .. }
             | Request::VolumeRename { .. }
             | Request::VolumeRm { .. }
-            | Request::VolumeCp { .. } => Err(denied(format!(
+            | Request::VolumeCp { .. }
+            | Request::VolumeUpload { .. } => Err(denied(format!(
                 "uid {} may not change volumes: that takes the agent's admin group (admin.sock)",
                 caller.uid
             ))),

@@ -51,6 +51,7 @@ mod seal;
 mod snapshot;
 mod status;
 mod unmount;
+mod upload;
 mod volume;
 
 pub use access::{ADMIN_SOCKET, Caller};
@@ -65,6 +66,9 @@ use mount_point::{MountPoint, ParentId};
 use mounts::{MAX_OWN, MOUNTS, MountRecord, STATS};
 use remote::SEEN;
 use snapshot::Source;
+
+/// What a client sends after its request (an upload's bytes).
+pub(super) type Input = tokio::net::unix::OwnedReadHalf;
 pub use snapshot::{MAX_LAYERS, NOT_MOUNTED, SnapshotMode};
 
 /// Agent options.
@@ -409,7 +413,10 @@ impl Agent {
 
     /// Runs one request as if root sent it over the control socket.
     pub async fn request(&self, req: Request, events: Events) -> Result<Reply, ErrorReply> {
-        self.inner.clone().run_op(req, Caller::ROOT, events).await
+        self.inner
+            .clone()
+            .run_op(req, Caller::ROOT, events, None)
+            .await
     }
 
     /// Runs one request as if `caller` sent it over the control socket.
@@ -419,7 +426,7 @@ impl Agent {
         caller: Caller,
         events: Events,
     ) -> Result<Reply, ErrorReply> {
-        self.inner.clone().run_op(req, caller, events).await
+        self.inner.clone().run_op(req, caller, events, None).await
     }
 
     /// Keeps the store within its budget now (it is also kept after every operation and
@@ -495,7 +502,7 @@ async fn control_loop(
     cancel: CancellationToken,
 ) {
     loop {
-        let (mut stream, _) = tokio::select! {
+        let (stream, _) = tokio::select! {
             _ = cancel.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -513,7 +520,8 @@ async fn control_loop(
                 },
                 Err(e) => return warn!("control socket: no credentials of the caller: {e}"),
             };
-            let req: Request = match control::read_msg(&mut stream).await {
+            let (mut input, mut stream) = stream.into_split();
+            let req: Request = match control::read_msg(&mut input).await {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(e) => {
@@ -530,7 +538,7 @@ async fn control_loop(
             );
             let (tx, mut rx) = mpsc::channel(64);
             let events = Events { tx: Some(tx) };
-            let op = tokio::spawn(inner.clone().run_op(req, caller, events));
+            let op = tokio::spawn(inner.clone().run_op(req, caller, events, Some(input)));
             while let Some(ev) = rx.recv().await {
                 if control::write_msg(&mut stream, &ev).await.is_err() {
                     break;
@@ -637,6 +645,7 @@ impl Inner {
         req: Request,
         caller: Caller,
         events: Events,
+        input: Option<Input>,
     ) -> Result<Reply, ErrorReply> {
         self.authorize(&req, &caller)?;
         let r = {
@@ -645,7 +654,7 @@ impl Inner {
                 Request::Status => None,
                 _ => Some(self.ops.read().await),
             };
-            self.clone().handle(req, caller, events).await
+            self.clone().handle(req, caller, events, input).await
         };
         self.budget_check.notify_one();
         r
@@ -656,6 +665,7 @@ impl Inner {
         req: Request,
         caller: Caller,
         events: Events,
+        input: Option<Input>,
     ) -> Result<Reply, ErrorReply> {
         match req {
             Request::Status => self.status().await.map(Reply::Status),
@@ -680,6 +690,19 @@ impl Inner {
                     .await
             }
             Request::VolumeRead { name, path } => self.read(&name, &path, &events).await,
+            Request::VolumeUpload {
+                name,
+                entries,
+                force,
+            } => {
+                let input = input.ok_or_else(|| {
+                    err(
+                        ErrorCode::Invalid,
+                        "an upload's bytes come over the control socket",
+                    )
+                })?;
+                self.upload(&name, entries, force, input, &events).await
+            }
             Request::VolumeExport { name, remote } => self.export(&name, &remote, &events).await,
             Request::VolumeRm {
                 name,

@@ -90,7 +90,28 @@ impl Inner {
             .await
             .map_err(failed)?
             .map_err(|e| scan_err(e, ""))?;
-        check_overwrites(name, &current, &changes, force)?;
+        let to = match items {
+            [one] => format!("{name}:/{}", one.remote.trim_start_matches('/')),
+            _ => name.to_string(),
+        };
+        self.commit_put(name, &info, &current, changes, force, &to, events)
+            .await
+    }
+
+    /// Commits the changes of a put (their blobs in the store): refused where they replace
+    /// what they may not, their blobs uploaded where the origin lacks them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn commit_put(
+        &self,
+        name: &str,
+        info: &VolumeInfo,
+        current: &Manifest,
+        changes: Vec<Change>,
+        force: bool,
+        to: &str,
+        events: &Events,
+    ) -> OpResult<Reply> {
+        check_overwrites(name, current, &changes, force)?;
         let blobs: Vec<(Hash, u64)> = changes
             .iter()
             .filter_map(|c| c.entry.as_ref().and_then(|e| e.blob()))
@@ -99,11 +120,7 @@ impl Inner {
         let files = blobs.len();
         let (grow, done) = events.growing_counter("upload");
         self.upload_missing(&blobs, &grow, &done).await?;
-        let version = self.commit_changes(&info, &current, changes).await?;
-        let to = match items {
-            [one] => format!("{name}:/{}", one.remote.trim_start_matches('/')),
-            _ => name.to_string(),
-        };
+        let version = self.commit_changes(info, current, changes).await?;
         Ok(Reply::Done(format!(
             "uploaded {files} file(s), {bytes} bytes, to {to} (version {version})"
         )))
@@ -531,22 +548,25 @@ fn import_local(store: &Store, plan: &[Import]) -> Result<Vec<Change>, scan::Sca
         }
     }
     batch.finish()?;
-    // A later item's file where an earlier one put a directory replaces that directory
-    // whole: what the earlier one put below it goes.
+    Ok(put_changes(out))
+}
+
+/// The changes that place `out`'s entries: a later item's file where an earlier one put a
+/// directory replaces that directory whole, so what the earlier one put below it goes.
+pub(super) fn put_changes(out: BTreeMap<VolPath, Option<Entry>>) -> Vec<Change> {
     let hidden = |p: &VolPath| {
         p.ancestors().any(|a| {
             out.get(&a)
                 .is_some_and(|e| e.as_ref().is_some_and(|e| !e.is_dir()))
         })
     };
-    Ok(out
-        .iter()
+    out.iter()
         .filter(|(p, _)| !hidden(p))
         .map(|(path, entry)| Change {
             path: path.clone(),
             entry: entry.clone(),
         })
-        .collect())
+        .collect()
 }
 
 /// Refuses a put's changes that would replace what is there: a directory by a file (always:

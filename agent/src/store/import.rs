@@ -221,7 +221,13 @@ impl ImportBatch {
         Ok(tmp)
     }
 
-    fn import_reader(&self, mut src: impl Read, what: &Path) -> Result<(Hash, u64), StoreError> {
+    /// Copies what `src` reads (until its end) into the store, hashing it in the same read;
+    /// `what` names it in messages.
+    pub fn import_reader(
+        &self,
+        mut src: impl Read,
+        what: &Path,
+    ) -> Result<(Hash, u64), StoreError> {
         let tmp_data = self.store.tmp_path("import");
         let mut out = File::create(&tmp_data).ctx(&tmp_data)?;
         let mut buf = vec![0u8; 1 << 20];
