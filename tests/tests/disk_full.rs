@@ -1,7 +1,6 @@
 //! A full local disk during a reload: a clear error that names it, the old snapshot intact,
 //! no space kept by the failed download, and the agent working again once the volume needs
-//! less. Needs the right to mount a tmpfs (root): fails without it where the suite requires it
-//! (`VOLTOOL_REQUIRE_ROOT`), says so and checks nothing otherwise.
+//! less. Needs the right to mount a tmpfs (root): fails without it.
 
 use std::process::Command;
 
