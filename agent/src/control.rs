@@ -7,6 +7,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use voltool_protocol::frame;
 
+pub mod export;
+pub mod upload;
+
 pub use voltool_protocol::control::*;
 
 /// Writes one frame to a Unix stream.

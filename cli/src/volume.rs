@@ -6,9 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
-use voltool_agent::control::{
-    self, Event, LsEntry, Reply, Request, UploadChunk, UploadEntry, UploadKind,
-};
+use voltool_agent::control::upload::{Source, Upload};
+use voltool_agent::control::{self, Event, LsEntry, Reply, Request};
 use voltool_protocol::volume::check_volume_name;
 
 use crate::output::{Refused, call, ok, print_json, usage};
@@ -222,7 +221,7 @@ pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode
             force,
         } => {
             if local.as_deref() == Some("-") {
-                return get_stdout(agent, name, remote, force).await;
+                return get_stdout(agent, name, remote).await;
             }
             let local =
                 std::path::absolute(local.as_deref().unwrap_or(".")).context("local path")?;
@@ -300,31 +299,17 @@ pub(crate) async fn run(agent: &Path, cmd: VolumeCmd) -> anyhow::Result<ExitCode
     }
 }
 
-async fn get_stdout(
-    agent: &Path,
-    name: String,
-    remote: String,
-    force: bool,
-) -> anyhow::Result<ExitCode> {
+async fn get_stdout(agent: &Path, name: String, remote: String) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
-    let r = control::call(
-        agent,
-        &Request::VolumeGet {
-            name,
-            remote,
-            local: None,
-            force,
-        },
-        |ev| {
-            if let Event::Data(bytes) = ev
-                && write_err.is_none()
-                && let Err(e) = out.write_all(&bytes)
-            {
-                write_err = Some(e);
-            }
-        },
-    )
+    let r = control::call(agent, &Request::VolumeGet { name, remote }, |ev| {
+        if let Event::Data(bytes) = ev
+            && write_err.is_none()
+            && let Err(e) = out.write_all(&bytes)
+        {
+            write_err = Some(e);
+        }
+    })
     .await?;
     if let Some(e) = write_err {
         return Err(e.into());
@@ -336,8 +321,9 @@ async fn get_stdout(
     }
 }
 
-/// `volume put`: one local file or directory (or stdin, spooled to a temporary file the
-/// agent reads) to the remote path it names.
+/// `volume put`: one local file or directory (or stdin, as it comes) to the remote path it
+/// names. The files are read here, as this user, and their bytes sent to the agent: it
+/// never opens a local path for anyone.
 async fn put(
     agent: &Path,
     name: String,
@@ -347,64 +333,41 @@ async fn put(
 ) -> anyhow::Result<ExitCode> {
     let from_stdin = local.as_os_str() == "-";
     let into_dir = remote.as_deref().is_none_or(|r| r.ends_with('/'));
-    let remote = if from_stdin {
-        match remote {
+    let mut up = Upload::new();
+    if from_stdin {
+        let remote = match remote {
             Some(r) if !into_dir => r,
             _ => return usage("put from stdin ('-') needs a remote file path (not ending in '/')"),
-        }
+        };
+        up.add_file(&remote, 0o644, now_ns(), Source::Stdin);
     } else {
         let base = local
             .file_name()
             .and_then(|n| n.to_str())
             .context("the local path has no usable file name")?;
-        match remote {
+        let remote = match remote {
             Some(r) if !into_dir => r,
             Some(r) => format!("{r}{base}"),
             None => format!("/{base}"),
-        }
-    };
-    // The files are read here, as this user, and their bytes sent to the agent: it never
-    // opens a local path for anyone. Stdin goes as it comes.
-    let mut entries = Vec::new();
-    let mut files: Vec<Option<PathBuf>> = Vec::new();
-    if from_stdin {
-        entries.push(UploadEntry {
-            path: remote,
-            kind: UploadKind::File {
-                mode: 0o644,
-                mtime_ns: now_ns(),
-            },
-        });
-        files.push(None);
-    } else {
+        };
         let local = std::path::absolute(&local).context("local path")?;
-        walk(&local, &remote, &mut entries, &mut files)?;
+        up.add_local(&local, &remote, None)?;
+        for s in up.skipped() {
+            eprintln!("skipping {}: not a file, directory or symlink", s.display());
+        }
     }
     let mut progress = crate::output::Progress::new(false);
-    let mut sock = control::connect(agent).await?;
-    let req = Request::VolumeUpload {
-        name,
-        entries,
-        force,
-    };
-    control::write_msg(&mut sock, &req).await?;
-    // A refusal ends the connection early (the answer says why); a file that cannot be read
-    // here ends the upload, nothing of it committed, and is what this command reports.
-    let sent = send_files(&mut sock, &files).await;
-    if sent.is_err() {
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut sock).await;
-    }
-    let r = control::answer(sock, |ev| {
-        if let Event::Progress { phase, done, total } = ev {
-            progress.update(&phase, done, total);
-        }
-    })
-    .await;
+    let r = up
+        .send(agent, &name, force, |ev| {
+            if let Event::Progress { phase, done, total } = ev {
+                progress.update(&phase, done, total);
+            }
+        })
+        .await;
     progress.finish();
-    match (r?, sent) {
-        (Ok(reply), Ok(())) => done(reply),
-        (_, Err(e)) => Err(e),
-        (Err(e), _) => Err(Refused(e).into()),
+    match r? {
+        Ok(reply) => done(reply),
+        Err(e) => Err(Refused(e).into()),
     }
 }
 
@@ -412,85 +375,6 @@ fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64)
-}
-
-/// The entries of `local` (a file, or a directory and all below it) placed at `remote`,
-/// and the files whose bytes follow, in order.
-fn walk(
-    local: &Path,
-    remote: &str,
-    entries: &mut Vec<UploadEntry>,
-    files: &mut Vec<Option<PathBuf>>,
-) -> anyhow::Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let md = std::fs::symlink_metadata(local).with_context(|| local.display().to_string())?;
-    let mode = md.permissions().mode() & voltool_protocol::manifest::MODE_MASK;
-    let kind = if md.is_dir() {
-        UploadKind::Dir { mode }
-    } else if md.file_type().is_symlink() {
-        let target = std::fs::read_link(local)?
-            .into_os_string()
-            .into_string()
-            .map_err(|_| anyhow::anyhow!("{}: link targets must be UTF-8", local.display()))?;
-        UploadKind::Symlink { target }
-    } else if md.is_file() {
-        UploadKind::File {
-            mode,
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        }
-    } else {
-        eprintln!(
-            "skipping {}: not a file, directory or symlink",
-            local.display()
-        );
-        return Ok(());
-    };
-    let is_file = matches!(kind, UploadKind::File { .. });
-    entries.push(UploadEntry {
-        path: remote.to_string(),
-        kind,
-    });
-    if is_file {
-        files.push(Some(local.to_path_buf()));
-    }
-    if md.is_dir() {
-        let mut names: Vec<_> = std::fs::read_dir(local)
-            .with_context(|| local.display().to_string())?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
-        names.sort();
-        for n in names {
-            let name = n
-                .to_str()
-                .ok_or_else(|| anyhow::anyhow!("{}: file names must be UTF-8", local.display()))?;
-            let below = format!("{}/{name}", remote.trim_end_matches('/'));
-            walk(&local.join(name), &below, entries, files)?;
-        }
-    }
-    Ok(())
-}
-
-/// Sends each file's bytes (stdin for `None`) as chunks, an empty chunk after each.
-async fn send_files(
-    sock: &mut tokio::net::UnixStream,
-    files: &[Option<PathBuf>],
-) -> anyhow::Result<()> {
-    use std::io::Read;
-    let mut buf = vec![0u8; control::UPLOAD_CHUNK];
-    for f in files {
-        let mut src: Box<dyn Read> = match f {
-            Some(p) => Box::new(std::fs::File::open(p).with_context(|| p.display().to_string())?),
-            None => Box::new(std::io::stdin().lock()),
-        };
-        loop {
-            let n = src.read(&mut buf)?;
-            control::write_msg(sock, &UploadChunk(buf[..n].to_vec())).await?;
-            if n == 0 {
-                break;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// `volume ls` as Modal prints it: a table on a terminal, the paths alone in a pipe, and

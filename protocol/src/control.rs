@@ -93,27 +93,13 @@ pub enum Request {
         /// Everything below the directory, not only what is directly in it.
         recursive: bool,
     },
-    /// Upload local files and directories as one commit.
-    VolumePut {
-        /// Volume.
-        name: String,
-        /// What goes where; a later item wins over an earlier one for the same path.
-        items: Vec<PutItem>,
-        /// Overwrite existing files (a directory is never replaced by a file).
-        force: bool,
-    },
-    /// Download files.
+    /// The bytes of a file, or of every file below a directory in path order, one after
+    /// the other, as [`Event::Data`] (`volume get … -`).
     VolumeGet {
         /// Volume.
         name: String,
         /// Remote path.
         remote: String,
-        /// Local destination (absolute), or `None` for the byte stream (stdout): the bytes
-        /// of the file, or of every file below the directory in path order, one after the
-        /// other.
-        local: Option<PathBuf>,
-        /// Replace existing local files (and what stands where a directory goes).
-        force: bool,
     },
     /// What lies at a path, for the client to write itself (`volume get` into local
     /// files): an [`Event::Item`] for the path itself (its `path` empty), then one for each
@@ -247,18 +233,6 @@ pub struct UploadChunk(#[serde(with = "serde_bytes_vec")] pub Vec<u8>);
 
 /// Most bytes in one [`UploadChunk`].
 pub const UPLOAD_CHUNK: usize = 1 << 20;
-
-/// One local file or directory of a [`Request::VolumePut`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PutItem {
-    /// Local file or directory (absolute).
-    pub local: PathBuf,
-    /// The path it takes in the volume (`/` or empty: the root, for a directory, whose
-    /// contents then go into the root).
-    pub remote: String,
-    /// Permission bits of a file (default: the local file's).
-    pub mode: Option<u32>,
-}
 
 /// One line of `volume list`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

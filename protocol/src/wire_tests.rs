@@ -23,31 +23,34 @@ fn hexdump(s: &str) -> Vec<u8> {
 }
 
 #[test]
-fn control_put_is_pinned() {
-    use crate::control::{PutItem, Request};
-    let put = Request::VolumePut {
+fn control_upload_is_pinned() {
+    use crate::control::{Request, UploadEntry, UploadKind};
+    let put = Request::VolumeUpload {
         name: "v".into(),
-        items: vec![PutItem {
-            local: "/t/a".into(),
-            remote: "/d/a".into(),
-            mode: Some(0o644),
+        entries: vec![UploadEntry {
+            path: "/d/a".into(),
+            kind: UploadKind::File {
+                mode: 0o644,
+                mtime_ns: 1,
+            },
         }],
         force: false,
     };
     let expected = hexdump(
         "
-        12 00 00 00   # frame length 18
-        04            # Request::VolumePut
+        0e 00 00 00   # frame length 14
+        06            # Request::VolumeUpload
         01 76         # name \"v\"
-        01            # 1 item
-        04 2f742f61   # local \"/t/a\"
-        04 2f642f61   # remote \"/d/a\"
-        01 a4 03      # mode Some(0o644) (varint 420)
+        01            # 1 entry
+        04 2f642f61   # path \"/d/a\"
+        00            # UploadKind::File
+        a4 03         # mode 0o644 (varint 420)
+        02            # mtime_ns 1 (zigzag)
         00            # force false
         ",
     );
     assert_eq!(frame::encode(&put), expected);
-    let json = r#"{"VolumePut":{"name":"v","items":[{"local":"/t/a","remote":"/d/a","mode":420}],"force":false}}"#;
+    let json = r#"{"VolumeUpload":{"name":"v","entries":[{"path":"/d/a","kind":{"File":{"mode":420,"mtime_ns":1}}}],"force":false}}"#;
     assert_eq!(serde_json::to_string(&put).unwrap(), json);
     let back: Request = serde_json::from_str(json).unwrap();
     assert_eq!(frame::encode(&back), expected);
@@ -272,7 +275,7 @@ proptest! {
         let _ = frame::decode::<crate::coord::CommitPart>(&bytes);
         // The control socket, both ways, and the JSON form the Python package sends.
         let _ = frame::decode::<crate::control::Request>(&bytes);
-        let _ = frame::decode::<crate::control::Request>(&[&[4u8][..], &bytes].concat());
+        let _ = frame::decode::<crate::control::Request>(&[&[6u8][..], &bytes].concat());
         let _ = frame::decode::<crate::control::Event>(&bytes);
         let _ = serde_json::from_slice::<crate::control::Request>(&bytes);
     }
@@ -280,7 +283,7 @@ proptest! {
     #[test]
     fn json_control_requests_never_panic(s in "\\PC{0,200}", name in "[a-z]{1,8}") {
         let _ = serde_json::from_str::<crate::control::Request>(&s);
-        let wrapped = format!("{{\"VolumePut\":{{\"name\":\"{name}\",\"items\":{s},\"force\":true}}}}");
+        let wrapped = format!("{{\"VolumeUpload\":{{\"name\":\"{name}\",\"entries\":{s},\"force\":true}}}}");
         let _ = serde_json::from_str::<crate::control::Request>(&wrapped);
     }
 

@@ -12,7 +12,9 @@ use std::path::Path;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use voltool_protocol::control::{self, ControlError, ErrorCode, ErrorReply, Event, Request};
+use voltool_protocol::control::{
+    self, ControlError, ErrorCode, ErrorReply, Event, Request, UploadChunk,
+};
 use voltool_protocol::frame;
 
 /// A failure of a request.
@@ -180,10 +182,85 @@ fn read(py: Python<'_>, agent: String, request: String) -> PyResult<ByteStream> 
     Ok(ByteStream { conn: Some(conn) })
 }
 
+/// An upload in progress (`VolumeUpload`): the request is sent; each file's bytes follow,
+/// in the order of the request's file entries, as [`UploadChunk`] frames, an empty one
+/// ending each file; then the answer.
+#[pyclass(module = "voltool._native")]
+struct Uploader {
+    conn: Option<Conn>,
+}
+
+impl Uploader {
+    fn conn(&mut self) -> PyResult<&mut Conn> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("the upload is over"))
+    }
+}
+
+#[pymethods]
+impl Uploader {
+    /// Sends one chunk of the current file (at most `UPLOAD_CHUNK` bytes; empty ends the
+    /// file). False if the agent has closed the connection: `finish` then says why.
+    fn send(&mut self, py: Python<'_>, chunk: &[u8]) -> PyResult<bool> {
+        if chunk.len() > control::UPLOAD_CHUNK {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "a chunk holds at most {} bytes",
+                control::UPLOAD_CHUNK
+            )));
+        }
+        let conn = self.conn()?;
+        let frame = frame::encode(&UploadChunk(chunk.to_vec()));
+        match py.detach(|| conn.0.write_all(&frame)) {
+            Ok(()) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(NativeError::from(ControlError::Io(e)).into_py(py)),
+        }
+    }
+
+    /// Ends the upload early (a local file could not be read): the agent sees the stream
+    /// end inside a file and commits nothing.
+    fn abort(&mut self, py: Python<'_>) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.0.shutdown(std::net::Shutdown::Write);
+            let _ = py.detach(|| conn.finish());
+        }
+    }
+
+    /// The agent's answer (JSON), or the matching `voltool.exception` class raised.
+    fn finish(&mut self, py: Python<'_>) -> PyResult<String> {
+        let conn = self
+            .conn
+            .take()
+            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("the upload is over"))?;
+        py.detach(|| conn.finish()).map_err(|e| e.into_py(py))
+    }
+}
+
+/// Starts an upload (a `VolumeUpload` request, JSON): the files' bytes follow through the
+/// returned [`Uploader`]. The bytes are read by the caller, never by the agent.
+#[pyfunction]
+fn upload(py: Python<'_>, agent: String, request: String) -> PyResult<Uploader> {
+    let conn = py
+        .detach(|| Conn::open(&agent, &request))
+        .map_err(|e| e.into_py(py))?;
+    Ok(Uploader { conn: Some(conn) })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(call, m)?)?;
     m.add_function(wrap_pyfunction!(read, m)?)?;
+    m.add_function(wrap_pyfunction!(upload, m)?)?;
     m.add_class::<ByteStream>()?;
+    m.add_class::<Uploader>()?;
+    m.add("UPLOAD_CHUNK", control::UPLOAD_CHUNK)?;
     Ok(())
 }

@@ -156,6 +156,47 @@ def test_batch_upload_overwrites_only_with_force_and_never_a_directory(fleet, tm
             b.put_file(io.BytesIO(b"x"), "/ends/in/slash/")
 
 
+class _Breaks(io.RawIOBase):
+    """A file object that gives ``n`` bytes and then fails, as a dying disk or network
+    file would."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.left == 0:
+            raise OSError(5, "the source broke")
+        k = min(len(b), self.left)
+        b[:k] = b"z" * k
+        self.left -= k
+        return k
+
+
+def test_an_upload_whose_source_breaks_commits_nothing(fleet):
+    vol = Volume.from_name(fleet.volume_name(), create_if_missing=True, agent=fleet.agents[0])
+    with pytest.raises(OSError, match="the source broke"):
+        with vol.batch_upload() as b:
+            b.put_file(io.BytesIO(b"fine"), "/a")
+            b.put_file(_Breaks(3 << 20), "/b")
+    # The agent saw the stream end inside /b: nothing of the batch landed.
+    assert vol.listdir("/") == []
+    with vol.batch_upload() as b:
+        b.put_file(io.BytesIO(b"fine"), "/a")
+    assert [e.path for e in vol.listdir("/")] == ["a"]
+
+
+def test_an_upload_the_agent_refuses_at_once_says_why(fleet):
+    vol = Volume.from_name(fleet.volume_name(), create_if_missing=True, agent=fleet.agents[0])
+    Volume.objects.delete(vol.name, agent=fleet.agents[0])
+    # More bytes than the socket holds: the agent has closed before they are all sent.
+    with pytest.raises(NotFoundError):
+        with vol.batch_upload() as b:
+            b.put_file(io.BytesIO(b"x" * (16 << 20)), "/big")
+
+
 def test_read_remove_and_copy(fleet):
     vol = Volume.from_name(fleet.volume_name(), create_if_missing=True, agent=fleet.agents[0])
     with vol.batch_upload() as b:

@@ -11,8 +11,8 @@ import enum
 import json
 import os
 import re
-import shutil
-import tempfile
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO, Iterator, Optional, Sequence, Union
@@ -24,10 +24,6 @@ __all__ = ["Volume", "FileEntry", "FileEntryType", "VolumeUploadContext"]
 
 # Volume names, as the agent checks them.
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-# How much of a file object `put_file` copies at a time while spooling it.
-_COPY_CHUNK = 8 << 20
-
 
 def _agent_dir(agent: Union[str, os.PathLike, None]) -> str:
     if agent is not None:
@@ -312,16 +308,44 @@ def _remote_file(remote_path: Union[str, PurePosixPath]) -> str:
 
 
 class VolumeUploadContext:
-    """What :meth:`Volume.batch_upload` returns."""
+    """What :meth:`Volume.batch_upload` returns. The files are read by this process, as
+    its user, and their bytes streamed to the agent when the block exits: the agent never
+    opens a local path for anyone."""
 
     def __init__(self, volume: Volume, force: bool):
         self._volume = volume
         self._force = force
-        # (local path or file object, remote path, mode)
-        self._items: "list[tuple[Union[str, BinaryIO], str, Optional[int]]]" = []
+        self._entries: "list[dict]" = []
+        # The source of each file entry's bytes, in order: a local path or a file object.
+        self._sources: "list[Union[str, BinaryIO]]" = []
 
     def __enter__(self) -> "VolumeUploadContext":
         return self
+
+    def _file(self, remote: str, mode: int, mtime_ns: int, source: Union[str, BinaryIO]) -> None:
+        self._entries.append(
+            {"path": remote, "kind": {"File": {"mode": mode & 0o7777, "mtime_ns": mtime_ns}}}
+        )
+        self._sources.append(source)
+
+    def _walk(self, local: str, remote: str) -> None:
+        """``local`` (a directory and everything below it, in name order; symlinks as
+        symlinks) at ``remote``."""
+        st = os.lstat(local)
+        if stat.S_ISDIR(st.st_mode):
+            self._entries.append(
+                {"path": remote, "kind": {"Dir": {"mode": stat.S_IMODE(st.st_mode)}}}
+            )
+            for name in sorted(os.listdir(local)):
+                _utf8(os.path.join(local, name))
+                self._walk(os.path.join(local, name), f"{remote.rstrip('/')}/{name}")
+        elif stat.S_ISLNK(st.st_mode):
+            target = os.readlink(local)
+            _utf8(target)
+            self._entries.append({"path": remote, "kind": {"Symlink": {"target": target}}})
+        elif stat.S_ISREG(st.st_mode):
+            self._file(remote, stat.S_IMODE(st.st_mode), st.st_mtime_ns, local)
+        # Anything else (a socket, a device, a FIFO) is no volume entry.
 
     def put_file(
         self,
@@ -335,9 +359,14 @@ class VolumeUploadContext:
         a file object)."""
         remote = _remote_file(remote_path)
         if isinstance(local_file, (str, os.PathLike)):
-            self._items.append((os.path.abspath(os.fspath(local_file)), remote, mode))
+            path = os.path.abspath(os.fspath(local_file))
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(f"{path} is not a regular file")
+            own = stat.S_IMODE(st.st_mode)
+            self._file(remote, own if mode is None else mode, st.st_mtime_ns, path)
         elif hasattr(local_file, "read"):
-            self._items.append((local_file, remote, 0o644 if mode is None else mode))
+            self._file(remote, 0o644 if mode is None else mode, time.time_ns(), local_file)
         else:
             raise TypeError("local_file must be a path or a binary file object")
 
@@ -354,39 +383,58 @@ class VolumeUploadContext:
             raise NotADirectoryError(f"{local_path} is not a directory")
         remote = PurePosixPath(str(remote_path)).as_posix()
         if recursive:
-            self._items.append((os.path.abspath(local), remote, None))
+            self._walk(os.path.abspath(local), remote)
         else:
             for child in sorted(local.iterdir()):
                 if child.is_file():
-                    self._items.append(
-                        (os.path.abspath(child), f"{remote.rstrip('/')}/{child.name}", None)
+                    st = child.stat()
+                    self._file(
+                        f"{remote.rstrip('/')}/{child.name}",
+                        stat.S_IMODE(st.st_mode),
+                        st.st_mtime_ns,
+                        os.path.abspath(child),
                     )
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or not self._items:
+        if exc_type is not None or not self._entries:
             return
-        spool = None
+        request = {
+            "VolumeUpload": {
+                "name": self._volume.name,
+                "entries": self._entries,
+                "force": self._force,
+            }
+        }
+        up = _native.upload(self._volume._agent, json.dumps(request))
         try:
-            items = []
-            for local, remote, mode in self._items:
-                if not isinstance(local, str):
-                    if spool is None:
-                        spool = tempfile.mkdtemp(prefix="voltool-upload-")
-                    path = os.path.join(spool, str(len(items)))
-                    with open(path, "wb") as out:
-                        shutil.copyfileobj(local, out, _COPY_CHUNK)
-                    local = path
-                items.append({"local": local, "remote": remote, "mode": mode})
-            _call(
-                self._volume._agent,
-                {
-                    "VolumePut": {
-                        "name": self._volume.name,
-                        "items": items,
-                        "force": self._force,
-                    }
-                },
-            )
-        finally:
-            if spool is not None:
-                shutil.rmtree(spool, ignore_errors=True)
+            for source in self._sources:
+                if isinstance(source, str):
+                    with open(source, "rb") as f:
+                        open_ = _send(up, f)
+                else:
+                    open_ = _send(up, source)
+                if not open_ or not up.send(b""):
+                    break
+        except BaseException:
+            up.abort()
+            raise
+        json.loads(up.finish())
+
+
+def _send(up: "_native.Uploader", f: BinaryIO) -> bool:
+    """Sends a file's bytes; False if the agent closed the connection (it refused)."""
+    while True:
+        chunk = f.read(_native.UPLOAD_CHUNK)
+        if not chunk:
+            return True
+        if not isinstance(chunk, bytes):
+            chunk = bytes(chunk)
+        if not up.send(chunk):
+            return False
+
+
+def _utf8(name: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidError(f"{name!r}: names and link targets must be UTF-8") from None

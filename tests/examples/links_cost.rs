@@ -13,7 +13,7 @@ use voltool_tests::TestFleet;
 /// Puts the local tree `dir` at the root of `vol`; seconds taken.
 async fn put(f: &TestFleet, vol: &str, dir: &Path) -> f64 {
     let t = Instant::now();
-    let r = f.req(0, TestFleet::put(vol, dir, "/", true)).await;
+    let r = f.put(0, vol, dir, "/", true).await;
     assert!(matches!(r, Ok(Reply::Done(_))), "{r:?}");
     t.elapsed().as_secs_f64()
 }

@@ -270,17 +270,38 @@ impl TestFleet {
         self.agents[i].request(r, Events::none()).await
     }
 
-    /// A request that puts the local `local` at `remote` of volume `name`.
-    pub fn put(name: &str, local: &Path, remote: &str, force: bool) -> Request {
-        Request::VolumePut {
-            name: name.into(),
-            items: vec![voltool_agent::control::PutItem {
-                local: local.to_path_buf(),
-                remote: remote.into(),
-                mode: None,
-            }],
-            force,
-        }
+    /// Puts the local `local` at `remote` of volume `name` through agent `i`'s control
+    /// socket, as `voltool volume put` does (this process reads the files).
+    pub async fn put(
+        &self,
+        i: usize,
+        name: &str,
+        local: &Path,
+        remote: &str,
+        force: bool,
+    ) -> Result<Reply, ErrorReply> {
+        let mut up = voltool_agent::control::upload::Upload::new();
+        up.add_local(local, remote, None).unwrap();
+        up.send(&self.agent_dir(i), name, force, |_| {})
+            .await
+            .unwrap()
+    }
+
+    /// Writes `remote` of volume `name` at `local` (into it, if a directory) through agent
+    /// `i`'s control socket, as `voltool volume get` does (this process writes the files).
+    pub async fn get(
+        &self,
+        i: usize,
+        name: &str,
+        remote: &str,
+        local: &Path,
+        force: bool,
+    ) -> Result<Reply, ErrorReply> {
+        use voltool_agent::control::export;
+        let dest = export::destination(remote, local);
+        export::get(&self.agent_dir(i), name, remote, &dest, force, |_| {})
+            .await
+            .unwrap()
     }
 
     /// Creates a volume through agent 0.

@@ -54,7 +54,7 @@ async fn past_its_budget_an_agent_evicts_what_no_snapshot_needs_least_recently_u
     for (i, content) in files.iter().enumerate() {
         let local = f.dir.path().join(format!("f{i}"));
         std::fs::write(&local, content).unwrap();
-        f.req(0, TestFleet::put("big", &local, &format!("/f{i}"), false))
+        f.put(0, "big", &local, &format!("/f{i}"), false)
             .await
             .unwrap();
     }
@@ -72,14 +72,12 @@ async fn past_its_budget_an_agent_evicts_what_no_snapshot_needs_least_recently_u
     let out = f.dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     for i in 0..3 {
-        f.req(
+        f.get(
             1,
-            Request::VolumeGet {
-                name: "big".into(),
-                remote: format!("/f{i}"),
-                local: Some(out.join(format!("f{i}"))),
-                force: false,
-            },
+            "big",
+            &format!("/f{i}"),
+            &out.join(format!("f{i}")),
+            false,
         )
         .await
         .unwrap();
@@ -127,17 +125,9 @@ async fn past_its_budget_an_agent_evicts_what_no_snapshot_needs_least_recently_u
     assert!(!tracker_lists(&f, 1, f0).await && !tracker_lists(&f, 1, f1).await);
 
     // What went comes back when asked for again; the mount still reloads whole.
-    f.req(
-        1,
-        Request::VolumeGet {
-            name: "big".into(),
-            remote: "/f0".into(),
-            local: Some(out.join("again")),
-            force: false,
-        },
-    )
-    .await
-    .unwrap();
+    f.get(1, "big", "/f0", &out.join("again"), false)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(out.join("again")).unwrap(), files[0]);
     std::fs::write(a.join("new.bin"), bytes(4, 50_000)).unwrap();
     f.commit(0, "vol").await.unwrap();

@@ -115,9 +115,7 @@ async fn a_setuid_program_in_a_volume_never_runs_as_root_through_a_mount() {
     let f = TestFleet::start(2).await;
     f.create("vol").await;
     let sid = setuid_id(&f);
-    f.req(0, TestFleet::put("vol", &sid, "sid", false))
-        .await
-        .unwrap();
+    f.put(0, "vol", &sid, "sid", false).await.unwrap();
     // The manifest keeps what the writer committed.
     assert_eq!(committed_mode(&f, "vol", "sid").await, 0o4755);
 
@@ -136,9 +134,7 @@ async fn a_setuid_program_in_a_volume_never_runs_as_root_through_a_mount() {
     assert_eq!(committed_mode(&f, "vol", "sid").await, 0o4755);
     reachable(&f, &mnt);
     check_snapshot(&mnt);
-    f.req(0, TestFleet::put("vol", &sid, "again", false))
-        .await
-        .unwrap();
+    f.put(0, "vol", &sid, "again", false).await.unwrap();
     f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
     assert!(mnt.join("again").exists());
     reachable(&f, &mnt);
@@ -153,19 +149,11 @@ async fn volume_get_never_makes_a_setuid_file() {
     let f = TestFleet::start(1).await;
     f.create("vol").await;
     let sid = setuid_id(&f);
-    f.req(0, TestFleet::put("vol", &sid, "d/sid", false))
-        .await
-        .unwrap();
+    f.put(0, "vol", &sid, "d/sid", false).await.unwrap();
     let out = f.dir.path().join("got");
     for (remote, local) in [("d/sid", out.join("sid")), ("d", out.join("d"))] {
         std::fs::create_dir_all(&out).unwrap();
-        let req = Request::VolumeGet {
-            name: "vol".into(),
-            remote: remote.into(),
-            local: Some(local.clone()),
-            force: false,
-        };
-        f.req(0, req).await.unwrap();
+        f.get(0, "vol", remote, &local, false).await.unwrap();
         let file = if local.is_dir() {
             local.join("sid")
         } else {

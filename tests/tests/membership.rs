@@ -35,8 +35,7 @@ async fn readers_read_writers_write_and_the_lists_change_without_a_restart() {
     let local = f.dir.path().join("local.txt");
     std::fs::write(&local, b"hello").unwrap();
     let e = refused(
-        f.req(1, TestFleet::put("vol", &local, "/hello.txt", false))
-            .await,
+        f.put(1, "vol", &local, "/hello.txt", false).await,
         "a reader's put",
     );
     assert!(e.contains("writers list"), "{e}");

@@ -130,9 +130,7 @@ async fn sequence(seed: u64, steps: usize) {
                 let local = src.join(format!("put-{n}"));
                 std::fs::write(&local, &data).unwrap();
                 let p = random_path(&mut rng);
-                f.req(a, TestFleet::put("vol", &local, &p, true))
-                    .await
-                    .unwrap();
+                f.put(a, "vol", &local, &p, true).await.unwrap();
                 head.insert(p, data);
             }
             6 => {

@@ -149,9 +149,7 @@ async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
     f.create("vol").await;
     let content = f.dir.path().join("content");
     std::fs::write(&content, b"held by the origin").unwrap();
-    f.req(0, TestFleet::put("vol", &content, "c", false))
-        .await
-        .unwrap();
+    f.put(0, "vol", &content, "c", false).await.unwrap();
     let hash = voltool_protocol::Hash::of(b"held by the origin");
     let ids: Vec<[u8; 32]> = (0..3)
         .map(|i| {

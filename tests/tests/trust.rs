@@ -1,6 +1,6 @@
 //! Hostile input: forged and old heads, corrupt origin bytes, hostile paths.
 
-use voltool_agent::control::{ErrorCode, ReloadMode, Request};
+use voltool_agent::control::{ErrorCode, ReloadMode};
 use voltool_protocol::{Commit, Hash, SecretKey};
 use voltool_tests::{TestFleet, bytes};
 
@@ -119,16 +119,11 @@ async fn hostile_paths_are_refused_and_nothing_is_written_outside() {
     let src = f.dir.path().join("src.txt");
     std::fs::write(&src, b"payload").unwrap();
     for remote in ["../x", "a/../../b", "x/..", "..", "a/\0b"] {
-        let e = f
-            .req(0, TestFleet::put("vol", &src, remote, true))
-            .await
-            .unwrap_err();
+        let e = f.put(0, "vol", &src, remote, true).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::Invalid, "{remote:?}: {}", e.message);
     }
     // A leading '/' names the volume's root, as in Modal: it lands inside the volume.
-    f.req(0, TestFleet::put("vol", &src, "/etc/x", false))
-        .await
-        .unwrap();
+    f.put(0, "vol", &src, "/etc/x", false).await.unwrap();
     assert_ne!(
         std::fs::read("/etc/x").ok().as_deref(),
         Some(&b"payload"[..]),
@@ -139,10 +134,7 @@ async fn hostile_paths_are_refused_and_nothing_is_written_outside() {
     let dir = f.dir.path().join("tree");
     std::fs::create_dir_all(&dir).unwrap();
     std::os::unix::fs::symlink("../../outside", dir.join("escape")).unwrap();
-    let e = f
-        .req(0, TestFleet::put("vol", &dir, "t", false))
-        .await
-        .unwrap_err();
+    let e = f.put(0, "vol", &dir, "t", false).await.unwrap_err();
     assert!(e.message.contains("outside the volume"), "{}", e.message);
 
     // Nor committed from a mount; absolute links neither.
@@ -157,17 +149,7 @@ async fn hostile_paths_are_refused_and_nothing_is_written_outside() {
     // get never writes outside its destination.
     let dest = f.dir.path().join("dest");
     std::fs::create_dir_all(&dest).unwrap();
-    f.req(
-        0,
-        Request::VolumeGet {
-            name: "vol".into(),
-            remote: "/".into(),
-            local: Some(dest.clone()),
-            force: false,
-        },
-    )
-    .await
-    .unwrap();
+    f.get(0, "vol", "/", &dest, false).await.unwrap();
     assert_eq!(std::fs::read(dest.join("etc/x")).unwrap(), b"payload");
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
 }

@@ -225,11 +225,11 @@ async fn volume_commands_work_on_the_head() {
     f.create("vol").await;
     let src = f.dir.path().join("src.txt");
     std::fs::write(&src, b"hello").unwrap();
-    let put = |remote: &str, force: bool| TestFleet::put("vol", &src, remote, force);
-    f.req(0, put("docs/hello.txt", false)).await.unwrap();
-    let e = f.req(0, put("docs/hello.txt", false)).await.unwrap_err();
+    let put = |remote: &'static str, force: bool| f.put(0, "vol", &src, remote, force);
+    put("docs/hello.txt", false).await.unwrap();
+    let e = put("docs/hello.txt", false).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::Exists);
-    f.req(0, put("docs/hello.txt", true)).await.unwrap();
+    put("docs/hello.txt", true).await.unwrap();
     let Reply::Ls(ls) = f
         .req(
             0,

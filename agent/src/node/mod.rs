@@ -21,7 +21,7 @@ use voltool_protocol::{
 
 use crate::blobs::{ConnPool, FetchError, FetchStats, TrackerClient};
 use crate::control::{
-    self, CommitReport, ErrorCode, ErrorReply, Event, LsEntry, MountStatus, PutItem, ReloadMode,
+    self, CommitReport, ErrorCode, ErrorReply, Event, LsEntry, MountStatus, ReloadMode,
     ReloadReport, Reply, Request, Sources, StatusReport, VolumeView,
 };
 use crate::coord_client::{ClientError, CoordClient};
@@ -591,18 +591,7 @@ impl Inner {
                 let all = self.ls(&name, path.as_deref(), recursive).await?;
                 events.listing(all).await.map(Reply::Ls)
             }
-            Request::VolumePut { name, items, force } => {
-                self.put(&name, &items, force, &events).await
-            }
-            Request::VolumeGet {
-                name,
-                remote,
-                local,
-                force,
-            } => {
-                self.get(&name, &remote, local.as_deref(), force, &events)
-                    .await
-            }
+            Request::VolumeGet { name, remote } => self.get(&name, &remote, &events).await,
             Request::VolumeRead { name, path } => self.read(&name, &path, &events).await,
             Request::VolumeUpload {
                 name,

@@ -48,56 +48,6 @@ impl Inner {
 }
 
 impl Inner {
-    /// Uploads local files and directories as one commit. Without `force` an existing file
-    /// is never replaced; a directory is never replaced by a file, `force` or not (its
-    /// whole subtree would go).
-    pub(super) async fn put(
-        &self,
-        name: &str,
-        items: &[PutItem],
-        force: bool,
-        events: &Events,
-    ) -> OpResult<Reply> {
-        if items.is_empty() {
-            return Err(err(ErrorCode::Invalid, "nothing to upload"));
-        }
-        let info = self.verified_head(name).await?;
-        let current = self.manifest_of(&info.head.commit).await?;
-        let mut plan = Vec::with_capacity(items.len());
-        for it in items {
-            let meta = std::fs::symlink_metadata(&it.local)
-                .map_err(|e| err(ErrorCode::NotFound, format!("{}: {e}", it.local.display())))?;
-            let to = user_path(Some(&it.remote))?;
-            if to.is_none() && !meta.is_dir() {
-                return Err(err(
-                    ErrorCode::Invalid,
-                    format!("{}: the volume root is not a file", it.local.display()),
-                ));
-            }
-            let dir_mode = meta.is_dir().then(|| {
-                std::os::unix::fs::PermissionsExt::mode(&meta.permissions())
-                    & voltool_protocol::manifest::MODE_MASK
-            });
-            plan.push(Import {
-                local: it.local.clone(),
-                to,
-                dir_mode,
-                mode: it.mode,
-            });
-        }
-        let store = self.store.clone();
-        let changes = tokio::task::spawn_blocking(move || import_local(&store, &plan))
-            .await
-            .map_err(failed)?
-            .map_err(|e| scan_err(e, ""))?;
-        let to = match items {
-            [one] => format!("{name}:/{}", one.remote.trim_start_matches('/')),
-            _ => name.to_string(),
-        };
-        self.commit_put(name, &info, &current, changes, force, &to, events)
-            .await
-    }
-
     /// Commits the changes of a put (their blobs in the store): refused where they replace
     /// what they may not, their blobs uploaded where the origin lacks them.
     #[allow(clippy::too_many_arguments)]
@@ -126,31 +76,23 @@ impl Inner {
         )))
     }
 
-    pub(super) async fn get(
-        &self,
-        name: &str,
-        remote: &str,
-        local: Option<&Path>,
-        force: bool,
-        events: &Events,
-    ) -> OpResult<Reply> {
-        let (src, entry, below) = self.entries_at(name, remote).await?;
-        let Some(local) = local else {
-            // To stdout: the file, or every file below the directory in path order.
-            let files: Vec<(Hash, u64)> = match &entry {
-                Some(e @ Entry::File { .. }) => e.blob().into_iter().collect(),
-                Some(Entry::Symlink { .. }) => {
-                    return Err(err(
-                        ErrorCode::Invalid,
-                        format!("{name}:{remote} is a symlink; only files go to stdout"),
-                    ));
-                }
-                _ => below.iter().filter_map(|(_, e)| e.blob()).collect(),
-            };
-            self.stream_blobs(&files, events).await?;
-            return Ok(Reply::Done(String::new()));
+    /// The bytes of a file, or of every file below a directory in path order (`volume get
+    /// … -`).
+    pub(super) async fn get(&self, name: &str, remote: &str, events: &Events) -> OpResult<Reply> {
+        let (_, entry, below) = self.entries_at(name, remote).await?;
+        // The file, or every file below the directory in path order.
+        let files: Vec<(Hash, u64)> = match &entry {
+            Some(e @ Entry::File { .. }) => e.blob().into_iter().collect(),
+            Some(Entry::Symlink { .. }) => {
+                return Err(err(
+                    ErrorCode::Invalid,
+                    format!("{name}:{remote} is a symlink; only files go to stdout"),
+                ));
+            }
+            _ => below.iter().filter_map(|(_, e)| e.blob()).collect(),
         };
-        self.get_into(src, entry, below, local, force, events).await
+        self.stream_blobs(&files, events).await?;
+        Ok(Reply::Done(String::new()))
     }
 
     /// What lies at `remote` of volume `name` in its verified head: the path, its entry
@@ -191,72 +133,6 @@ impl Inner {
             ));
         };
         Ok((src, entry, below))
-    }
-
-    /// `get` into local files written by the agent (root's API; the CLI writes them itself
-    /// from a [`Request::VolumeExport`]).
-    async fn get_into(
-        &self,
-        src: Option<VolPath>,
-        entry: Option<Entry>,
-        below: Vec<(VolPath, Entry)>,
-        local: &Path,
-        force: bool,
-        events: &Events,
-    ) -> OpResult<Reply> {
-        // The set of entries to write, relative to the destination.
-        let base_name = src.as_ref().map(|p| p.file_name().to_string());
-        let dest = match std::fs::metadata(local) {
-            Ok(md) if md.is_dir() => match &base_name {
-                Some(b) => local.join(b),
-                None => local.to_path_buf(),
-            },
-            _ => local.to_path_buf(),
-        };
-        let mut items: Vec<(PathBuf, Entry)> = Vec::new();
-        match &entry {
-            Some(e @ (Entry::File { .. } | Entry::Symlink { .. })) => {
-                items.push((dest.clone(), e.clone()))
-            }
-            _ => {
-                items.push((dest.clone(), Entry::Dir { mode: 0o755 }));
-                for (p, e) in &below {
-                    let rel = match &src {
-                        Some(s) => &p.as_str()[s.as_str().len() + 1..],
-                        None => p.as_str(),
-                    };
-                    items.push((dest.join(rel), e.clone()));
-                }
-            }
-        }
-        if !force
-            && let Some((p, _)) = items
-                .iter()
-                .find(|(p, e)| !e.is_dir() && std::fs::symlink_metadata(p).is_ok())
-        {
-            return Err(err(
-                ErrorCode::Exists,
-                format!("{} already exists (use --force to overwrite)", p.display()),
-            ));
-        }
-        let blobs: Vec<(Hash, u64)> = items.iter().filter_map(|(_, e)| e.blob()).collect();
-        let total: u64 = blobs.iter().map(|(_, s)| s).sum();
-        self.fetch_blobs(&blobs, events).await?;
-        // The destination's parents are made as needed.
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| failed(format!("{}: {e}", parent.display())))?;
-        }
-        let store = self.store.clone();
-        let n = items.len();
-        tokio::task::spawn_blocking(move || write_out(&store, &items, force))
-            .await
-            .map_err(failed)??;
-        Ok(Reply::Done(format!(
-            "downloaded {n} entr{} ({total} bytes) to {}",
-            if n == 1 { "y" } else { "ies" },
-            dest.display()
-        )))
     }
 
     /// The bytes of one file as data events (the Python package's `read_file`).
@@ -442,113 +318,6 @@ pub(super) fn ls_entry(p: &impl std::fmt::Display, e: &Entry) -> LsEntry {
         mtime_ns,
         target,
     }
-}
-
-/// Writes fetched entries to local paths (for `get`): files through a temporary name and a
-/// rename; never through an existing symlink. With `force`, what stands where an entry goes
-/// is replaced, a directory in the way of a file included; without it, only directories
-/// are merged into.
-pub(super) fn write_out(store: &Store, items: &[(PathBuf, Entry)], force: bool) -> OpResult<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for (p, e) in items {
-        let io = |e: std::io::Error| failed(format!("{}: {e}", p.display()));
-        let there = std::fs::symlink_metadata(p).ok();
-        let in_the_way = there.as_ref().is_some_and(|md| {
-            md.is_dir() != e.is_dir() || !md.is_dir() && matches!(e, Entry::Symlink { .. })
-        });
-        if in_the_way {
-            if !force {
-                return Err(err(
-                    ErrorCode::Exists,
-                    format!("{} already exists (use --force to replace it)", p.display()),
-                ));
-            }
-            if there.as_ref().is_some_and(|md| md.is_dir()) {
-                std::fs::remove_dir_all(p).map_err(io)?;
-            } else {
-                std::fs::remove_file(p).map_err(io)?;
-            }
-        }
-        match e {
-            Entry::Dir { .. } => {
-                if there.is_none() || in_the_way {
-                    std::fs::create_dir(p).map_err(io)?;
-                }
-            }
-            Entry::Symlink { target } => {
-                std::os::unix::fs::symlink(target, p).map_err(io)?;
-            }
-            Entry::File { hash, mode, .. } => {
-                let tmp = p.with_file_name(format!(
-                    ".{}.voltool-{:08x}",
-                    p.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-                    rand::random::<u32>()
-                ));
-                if *hash == Hash::EMPTY {
-                    std::fs::File::create(&tmp).map_err(io)?;
-                } else {
-                    std::fs::copy(store.data_path(hash), &tmp).map_err(io)?;
-                }
-                // Never a setuid/setgid file on the host (see `host_mode`).
-                let mode = voltool_protocol::manifest::host_mode(*mode);
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-                    .map_err(io)?;
-                std::fs::rename(&tmp, p).map_err(io)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// One local file or directory of a put, resolved.
-struct Import {
-    local: PathBuf,
-    /// Where it goes (`None`: the root, for a directory).
-    to: Option<VolPath>,
-    /// Set for a directory: its permission bits.
-    dir_mode: Option<u32>,
-    /// Permission bits for a file, instead of the local file's.
-    mode: Option<u32>,
-}
-
-/// Imports local files and directory trees into the store as one durable batch, and
-/// describes them as changes that place each where it goes; a later item's change of a
-/// path wins.
-fn import_local(store: &Store, plan: &[Import]) -> Result<Vec<Change>, scan::ScanError> {
-    let batch = store.batch();
-    let mut out: BTreeMap<VolPath, Option<Entry>> = BTreeMap::new();
-    for it in plan {
-        match (it.dir_mode, &it.to) {
-            (None, Some(to)) => {
-                let mut entry = scan::import_file_entry(&batch, &it.local)?;
-                if let (Entry::File { mode, .. }, Some(m)) = (&mut entry, it.mode) {
-                    *mode = m & voltool_protocol::manifest::MODE_MASK;
-                }
-                out.insert(to.clone(), Some(entry));
-            }
-            (None, None) => unreachable!("a file always has a path (checked before)"),
-            (Some(mode), to) => {
-                let s = scan::scan(
-                    &it.local,
-                    &Manifest::new(),
-                    &StatCache::new(),
-                    ScanMode::Import(&batch),
-                )?;
-                if let Some(to) = to {
-                    out.insert(to.clone(), Some(Entry::Dir { mode }));
-                }
-                for (p, e) in s.manifest.into_entries() {
-                    let path = match to {
-                        Some(to) => to.join(&p),
-                        None => p,
-                    };
-                    out.insert(path, Some(e));
-                }
-            }
-        }
-    }
-    batch.finish()?;
-    Ok(put_changes(out))
 }
 
 /// The changes that place `out`'s entries: a later item's file where an earlier one put a

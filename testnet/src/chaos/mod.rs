@@ -32,7 +32,11 @@ use clap::Args;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use voltool_agent::control::{self, ErrorCode, ErrorReply, PutItem, ReloadMode, Reply, Request};
+use voltool_agent::control::export;
+use voltool_agent::control::upload::{Source, Upload};
+use voltool_agent::control::{
+    self, ErrorCode, ErrorReply, ReloadMode, Reply, Request, UploadEntry, UploadKind,
+};
 
 use crate::fleet::{self, Fleet};
 

@@ -244,27 +244,32 @@ impl Trial<'_> {
 
     pub(super) async fn put(&mut self, agent: usize) -> anyhow::Result<()> {
         let vol = self.random_volume();
-        let mut items = Vec::new();
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
         let mut changes = Vec::new();
         for _ in 0..self.rng.random_range(1..3) {
             let remote = random_path(&mut self.rng);
             let seed = self.fresh_seed();
             let size = random_size(&mut self.rng);
             let bytes = bytes_of(seed, size);
-            let local = self.src.join(format!("put-{seed}"));
-            std::fs::write(&local, &bytes)?;
-            items.retain(|i: &PutItem| i.remote != remote);
+            files.retain(|(r, _)| *r != remote);
             changes.retain(|(r, _): &(String, Content)| *r != remote);
-            items.push(PutItem {
-                local,
-                remote: remote.clone(),
-                mode: None,
-            });
-            changes.push((remote, content_of(&bytes)));
+            changes.push((remote.clone(), content_of(&bytes)));
+            files.push((remote, bytes));
         }
-        let req = Request::VolumePut {
+        let entries = files
+            .iter()
+            .map(|(remote, _)| UploadEntry {
+                path: remote.clone(),
+                kind: UploadKind::File {
+                    mode: 0o644,
+                    mtime_ns: 0,
+                },
+            })
+            .collect();
+        self.uploading = files.into_iter().map(|(_, b)| b).collect();
+        let req = Request::VolumeUpload {
             name: vol.clone(),
-            items,
+            entries,
             force: true,
         };
         let strike = self.maybe_coordinator_strike(0.15);
@@ -500,7 +505,7 @@ impl Trial<'_> {
             Answer::Ok(r) => Answer::Ok(r),
             _ => {
                 self.out.operations += 1;
-                call(self.agent(TMPFS_AGENT), req.clone()).await
+                call(self.agent(TMPFS_AGENT), req.clone(), Vec::new()).await
             }
         };
         let Some(_) = self

@@ -14,10 +14,35 @@ pub(super) enum Answer {
     TimedOut,
 }
 
-pub(super) async fn call(agent: PathBuf, req: Request) -> Answer {
-    match tokio::time::timeout(OP_TIMEOUT, control::call(&agent, &req, |_| {})).await {
+pub(super) async fn call(agent: PathBuf, req: Request, files: Vec<Vec<u8>>) -> Answer {
+    let sent = async {
+        match req {
+            // An upload's files follow its request, in the order of its file entries.
+            Request::VolumeUpload {
+                name,
+                entries,
+                force,
+            } => {
+                let mut up = Upload::new();
+                let mut files = files.into_iter();
+                for e in entries {
+                    if let UploadKind::File { mode, mtime_ns } = e.kind {
+                        let bytes = files.next().unwrap_or_default();
+                        up.add_file(&e.path, mode, mtime_ns, Source::Bytes(bytes));
+                    }
+                }
+                up.send(&agent, &name, force, |_| {})
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            req => control::call(&agent, &req, |_| {})
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    };
+    match tokio::time::timeout(OP_TIMEOUT, sent).await {
         Err(_) => Answer::TimedOut,
-        Ok(Err(e)) => Answer::Lost(e.to_string()),
+        Ok(Err(e)) => Answer::Lost(e),
         Ok(Ok(Err(e))) => Answer::Refused(e),
         Ok(Ok(Ok(r))) => Answer::Ok(Box::new(r)),
     }
@@ -54,6 +79,8 @@ pub(super) struct Trial<'a> {
     pub(super) src: PathBuf,
     pub(super) say: &'a dyn Fn(String),
     pub(super) last: &'static str,
+    /// The files of the upload in progress, in the order of its file entries.
+    pub(super) uploading: Vec<Vec<u8>>,
 }
 
 impl Trial<'_> {
@@ -96,7 +123,7 @@ impl Trial<'_> {
                 now.as_secs_f64() % 1000.0
             ));
         }
-        let call = call(self.agent(agent), req);
+        let call = call(self.agent(agent), req, self.uploading.clone());
         let Some(Strike::Kill { node, after }) = strike else {
             return (call.await, false);
         };
@@ -198,8 +225,35 @@ impl Trial<'_> {
             // connection; the next attempt waits a little longer each time.
             tokio::time::sleep(Duration::from_millis(50 << tries.min(5))).await;
             self.out.operations += 1;
-            answer = call(self.agent(agent), req.clone()).await;
+            answer = call(self.agent(agent), req.clone(), self.uploading.clone()).await;
         }
+    }
+
+    /// Writes all of `vol` at `dir` through agent 0, as `volume get` does, retried as
+    /// [`Self::settle`] retries; whether it went through.
+    async fn get_all(&mut self, vol: &str, dir: &Path) -> anyhow::Result<bool> {
+        for tries in 0..=RETRIES {
+            self.out.operations += 1;
+            let agent = self.agent(0);
+            let got = export::get(&agent, vol, "/", dir, true, |_| {});
+            let why = match tokio::time::timeout(OP_TIMEOUT, got).await {
+                Ok(Ok(Ok(_))) => return Ok(true),
+                Ok(Ok(Err(e))) => e.message,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer in {OP_TIMEOUT:?}"),
+            };
+            if tries == 0 {
+                self.out.unexplained_errors += 1;
+                self.out
+                    .problem(format!("agent 0: get of {vol} failed: {why}"));
+            }
+            self.heal().await?;
+            tokio::time::sleep(Duration::from_millis(50 << tries.min(5))).await;
+        }
+        self.out.stuck_agents += 1;
+        self.out
+            .problem(format!("agent 0: get of {vol} failed {RETRIES} retries"));
+        Ok(false)
     }
 
     /// Compares a mount with the snapshots it may show; a mismatch is a mixed snapshot.
@@ -300,14 +354,7 @@ impl Trial<'_> {
         }
         for vol in self.scratch_volumes() {
             let dir = self.src.join(format!("get-{vol}"));
-            let req = Request::VolumeGet {
-                name: vol.clone(),
-                remote: "/".into(),
-                local: Some(dir.clone()),
-                force: true,
-            };
-            let (a, _) = self.run(0, req.clone(), None).await;
-            if self.settle(0, &req, a, false, &|_| false).await?.is_none() {
+            if !self.get_all(&vol, &dir).await? {
                 continue;
             }
             let seen = if dir.exists() {
@@ -421,6 +468,7 @@ pub(super) async fn trial_in(
         src,
         say,
         last: "",
+        uploading: Vec::new(),
     };
     for vol in MOUNTED {
         let req = Request::VolumeCreate {
