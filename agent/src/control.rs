@@ -36,7 +36,7 @@ pub async fn read_msg<T: serde::de::DeserializeOwned>(
     Ok(Some(frame::decode(&body)?))
 }
 
-/// Sends a request to the agent whose data directory is `data`; calls `on_event` for every
+/// Sends a request to the agent whose run directory (that of its sockets) is `data`; calls `on_event` for every
 /// event before the last and returns the final answer (a listing sent in parts joined
 /// whole).
 pub async fn call(
@@ -49,7 +49,7 @@ pub async fn call(
     answer(s, on_event).await
 }
 
-/// Connects to the agent whose data directory is `data`: through its admin socket if the
+/// Connects to the agent whose run directory is `data`: through its admin socket if the
 /// kernel lets this user, else its control socket.
 pub async fn connect(data: &Path) -> Result<UnixStream, ControlError> {
     let [admin, path] = sockets(data);

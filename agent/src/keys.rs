@@ -77,6 +77,8 @@ pub fn check_data_dir(dir: &Path, mode: u32) -> Result<(), KeyError> {
                 .mode(mode)
                 .create(dir)
                 .map_err(io)?;
+            // Exactly `mode`, whatever the umask took from it.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io)?;
         }
         Err(e) => return Err(io(e)),
         Ok(_) => {}

@@ -26,6 +26,31 @@ pub fn default_data_dir() -> PathBuf {
         .join(".voltool")
 }
 
+/// Where a root agent's control sockets live unless `--run-dir` says otherwise, and where
+/// clients look for them first.
+pub(crate) const SYSTEM_RUN_DIR: &str = "/run/voltool";
+
+/// The agent's run directory when `--run-dir` is not given: `/run/voltool` for root, the
+/// data directory for anyone else.
+pub(crate) fn default_run_dir(data: &std::path::Path) -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        PathBuf::from(SYSTEM_RUN_DIR)
+    } else {
+        data.to_path_buf()
+    }
+}
+
+/// Where clients find the agent when neither `--agent` nor `VOLTOOL_AGENT` is given:
+/// `/run/voltool` if it exists, else `~/.voltool` (an agent of one's own).
+pub(crate) fn default_agent_dir() -> PathBuf {
+    let system = PathBuf::from(SYSTEM_RUN_DIR);
+    if system.is_dir() {
+        system
+    } else {
+        default_data_dir()
+    }
+}
+
 /// How a daemon moves bytes: options the coordinator and the agent share.
 #[derive(Debug, Args)]
 pub(crate) struct Tuning {
@@ -152,9 +177,13 @@ pub(crate) struct AgentArgs {
     /// Print the effective options as a config file, each with its description, and exit.
     #[arg(long)]
     pub(crate) print_config: bool,
-    /// Data directory: node key, store, snapshots, control socket.
+    /// Data directory: node key, store, snapshots (default ~/.voltool).
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// Where the control sockets go (`agent.sock`, `admin.sock`), the directory clients
+    /// name with --agent: /run/voltool for root, else the data directory.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
     /// The coordinator, as NODE_ID@IP:PORT (what `voltool coordinator` prints).
     #[arg(long, value_name = "NODE_ID@ADDR")]
     coordinator: NodeAddr,
@@ -321,8 +350,10 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(file = %f.display(), "options read from a config file");
     }
     let data = a.data.unwrap_or_else(default_data_dir);
+    let run_dir = a.run_dir.unwrap_or_else(|| default_run_dir(&data));
     let agent = Agent::start(AgentOptions {
         data: data.clone(),
+        run_dir,
         coordinator: a.coordinator,
         listen: a.listen,
         zone: a.zone,

@@ -27,7 +27,8 @@ pub use daemon::default_data_dir;
 #[derive(Debug, Parser)]
 #[command(name = "voltool", version, propagate_version = true)]
 struct Cli {
-    /// Data directory of the local agent to talk to.
+    /// The local agent to talk to: the directory of its sockets (its --run-dir; default
+    /// /run/voltool if it exists, else ~/.voltool).
     #[arg(long, global = true, env = "VOLTOOL_AGENT", value_name = "DIR")]
     agent: Option<PathBuf>,
     #[command(subcommand)]
@@ -58,7 +59,7 @@ enum Cmd {
 }
 
 fn agent_dir(cli: Option<PathBuf>) -> PathBuf {
-    cli.unwrap_or_else(daemon::default_data_dir)
+    cli.unwrap_or_else(daemon::default_agent_dir)
 }
 
 fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {

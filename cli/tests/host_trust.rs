@@ -136,6 +136,57 @@ fn an_agent_refuses_a_data_directory_or_key_others_may_write() {
     assert!(stderr(&o).contains("readable by others"), "{}", stderr(&o));
 }
 
+/// Removes `/run/voltool` at the end of a test that made it.
+struct RemoveAfter(Option<&'static std::path::Path>);
+
+impl Drop for RemoveAfter {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+#[test]
+fn a_root_agent_serves_its_sockets_from_run_voltool_where_clients_find_them() {
+    if !mode_independent_pass() || !need("root (the agent's default run directory)", is_root())
+    {
+        return;
+    }
+    let run = std::path::Path::new("/run/voltool");
+    let _cleanup = RemoveAfter((!run.exists()).then_some(run));
+    let mut f = Fleet::start(0);
+    // A umask that would leave the directory closed to everyone else.
+    f.start_agent_in(0, &[], Some("077"), None);
+    let md = std::fs::metadata(run).unwrap();
+    assert_eq!(md.permissions().mode() & 0o7777, 0o755, "{}", run.display());
+    let sock = std::fs::metadata(run.join("agent.sock")).unwrap();
+    assert!(sock.file_type().is_socket());
+    assert_eq!(sock.permissions().mode() & 0o777, 0o600);
+    assert!(!f.agent_dir(0).join("agent.sock").exists());
+    // No --agent, no VOLTOOL_AGENT: the CLI looks there.
+    expect(&voltool().args(["volume", "create", "x"]).output().unwrap(), 0);
+    let o = voltool().args(["volume", "list"]).output().unwrap();
+    expect(&o, 0);
+    assert!(util::stdout(&o).contains('x'));
+    // One agent a run directory: a second one there refuses to start, naming it.
+    let data = f.dir.path().join("second");
+    let o = voltool()
+        .args(["agent", "--coordinator", &f.coordinator.clone()])
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("another agent serves /run/voltool"),
+        "{}",
+        stderr(&o)
+    );
+    // The first one still answers.
+    expect(&voltool().args(["volume", "list"]).output().unwrap(), 0);
+}
+
 /// `voltool --agent DIR args…` as user `uid` (group 65534) with the supplementary `groups`.
 fn as_user(
     uid: u32,

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// File name of the socket in the agent's data directory.
+/// File name of the socket in the agent's run directory (`--run-dir`).
 pub const SOCKET: &str = "agent.sock";
 /// File name of the admin socket beside it: the same requests, with the rights of the
 /// agent's admin group (whose members alone the kernel lets open it).
@@ -40,7 +40,7 @@ pub const MAX_FRAME: usize = 64 << 20;
 pub enum ControlError {
     /// Cannot reach the agent.
     #[error(
-        "cannot reach the agent at {path}: {source} (is `voltool agent` running with this data directory?)"
+        "cannot reach the agent at {path}: {source} (is `voltool agent` running with this --run-dir?)"
     )]
     Connect {
         /// Socket path.

@@ -125,7 +125,7 @@ impl Conn {
     }
 }
 
-/// Sends one request (JSON) to the agent whose data directory is `agent`; returns the
+/// Sends one request (JSON) to the agent whose run directory (that of its sockets) is `agent`; returns the
 /// answer (JSON) or raises the matching `voltool.exception` class.
 #[pyfunction]
 fn call(py: Python<'_>, agent: String, request: String) -> PyResult<String> {

@@ -1,8 +1,8 @@
 """``voltool.Volume``: Modal's Volume API over the local voltool agent.
 
-Every method sends one request to the agent of this host (the data directory given as
-``agent=``, else ``$VOLTOOL_AGENT``, else ``~/.voltool``), exactly as the ``voltool`` CLI
-does; the agent verifies every byte against the coordinator's signed head.
+Every method sends one request to the agent of this host (the directory of its sockets,
+its ``--run-dir``, given as ``agent=``, else ``$VOLTOOL_AGENT``, else ``/run/voltool`` if it
+exists, else ``~/.voltool``), exactly as the ``voltool`` CLI does; the agent verifies every byte against the coordinator's signed head.
 """
 
 from __future__ import annotations
@@ -25,12 +25,18 @@ __all__ = ["Volume", "FileEntry", "FileEntryType", "VolumeUploadContext"]
 # Volume names, as the agent checks them.
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
+# Where a root agent's sockets live (`voltool agent --run-dir`'s default for root).
+_SYSTEM_RUN_DIR = "/run/voltool"
+
+
 def _agent_dir(agent: Union[str, os.PathLike, None]) -> str:
     if agent is not None:
         return os.fspath(agent)
     env = os.environ.get("VOLTOOL_AGENT")
     if env:
         return env
+    if os.path.isdir(_SYSTEM_RUN_DIR):
+        return _SYSTEM_RUN_DIR
     return os.path.join(os.path.expanduser("~"), ".voltool")
 
 

@@ -227,9 +227,12 @@ pub(crate) async fn up_with(
     let mut pids = Vec::new();
     for (i, dir) in agents.iter().enumerate() {
         let _ = std::fs::remove_file(dir.join("agent.addr"));
+        // The sockets beside the data (the testnet's agents share a host).
         let mut args = vec![
             "agent".to_string(),
             "--data".into(),
+            dir.display().to_string(),
+            "--run-dir".into(),
             dir.display().to_string(),
             "--coordinator".into(),
             coordinator.clone(),

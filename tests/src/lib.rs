@@ -118,6 +118,7 @@ impl TestFleet {
     pub async fn start_agent_with(&self, i: usize, evil: bool) -> Agent {
         Agent::start(AgentOptions {
             data: self.agent_dir(i),
+            run_dir: self.agent_dir(i),
             coordinator: self.coord.as_ref().expect("coordinator running").addr(),
             listen: "127.0.0.1:0".parse().unwrap(),
             zone: None,

@@ -47,7 +47,7 @@ pub fn destination(remote: &str, local: &Path) -> PathBuf {
     }
 }
 
-/// Writes what the agent whose data directory is `data` sends of `name:remote` at `dest`
+/// Writes what the agent whose run directory is `data` sends of `name:remote` at `dest`
 /// (see [`destination`]): directories merged into, each file written beside its place and
 /// renamed into it, modes without setuid or setgid; what stands in the way is refused
 /// ([`ErrorCode::Exists`]), or replaced with `force`. Calls `on_event` for progress.

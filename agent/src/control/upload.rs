@@ -154,7 +154,7 @@ impl Upload {
         Ok(())
     }
 
-    /// Sends the upload to the agent whose data directory is `data` as one commit of
+    /// Sends the upload to the agent whose run directory is `data` as one commit of
     /// volume `name`; calls `on_event` for every event before the answer. A local file that
     /// cannot be read ends the upload (nothing of it is committed) and is the error
     /// returned; an agent that refuses early is answered with its refusal.

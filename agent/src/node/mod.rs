@@ -111,6 +111,10 @@ pub struct AgentOptions {
     /// The group whose members may open the admin socket (`admin.sock`): they may also
     /// create, delete and rename volumes, rm and cp; `None`: root alone.
     pub admin_group: Option<u32>,
+    /// Where the control sockets live (e.g. `/run/voltool`), made 0755 if missing: the
+    /// users who may talk to the agent reach them there without entering the data
+    /// directory. One agent a directory (`agent.lock`).
+    pub run_dir: PathBuf,
 }
 
 /// Where [`AgentOptions::crash_at`] can stop the agent: a batched commit once its files are
@@ -134,6 +138,8 @@ pub struct Agent {
     cancel: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     metrics_addr: Option<SocketAddr>,
+    /// Held locked while the agent serves its run directory.
+    _run_lock: std::fs::File,
 }
 
 struct Inner {
@@ -216,6 +222,8 @@ impl Agent {
         // The agent's own: nobody else may write it. Others may pass through it (not list
         // it) while mounts are links to snapshots inside it.
         crate::keys::check_data_dir(&opts.data, 0o711)?;
+        crate::keys::check_data_dir(&opts.run_dir, 0o755)?;
+        let run_lock = socket::claim_run_dir(&opts.run_dir).map_err(|e| other(&e))?;
         // One spelling of every path under it: mounts are found by comparing paths.
         let mut opts = opts;
         opts.data = std::fs::canonicalize(&opts.data).map_err(|e| other(&e))?;
@@ -318,7 +326,7 @@ impl Agent {
             (ADMIN_SOCKET, inner.opts.admin_group, true),
         ] {
             let listener =
-                bind_socket(&inner.opts.data.join(file), group).map_err(|e| other(&e))?;
+                bind_socket(&inner.opts.run_dir.join(file), group).map_err(|e| other(&e))?;
             tasks.spawn(control_loop(inner.clone(), listener, admin, cancel.clone()));
         }
         tasks.spawn(peer_loop(inner.clone(), cancel.clone()));
@@ -386,6 +394,7 @@ impl Agent {
             cancel,
             tasks,
             metrics_addr,
+            _run_lock: run_lock,
         })
     }
 

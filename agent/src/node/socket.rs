@@ -3,6 +3,35 @@
 
 use super::*;
 
+/// The lock file that keeps two agents from serving one run directory.
+pub(super) const RUN_LOCK: &str = "agent.lock";
+
+/// Claims `dir` for this agent's sockets: an exclusive lock on `dir/agent.lock`, held
+/// while the returned file is open; refused while another agent holds it.
+pub(super) fn claim_run_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(RUN_LOCK);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        std::io::Error::other(if e == rustix::io::Errno::WOULDBLOCK {
+            format!(
+                "another agent serves {} (its {RUN_LOCK} is locked): give this one a --run-dir of its own",
+                dir.display()
+            )
+        } else {
+            format!("{}: {e}", path.display())
+        })
+    })?;
+    Ok(f)
+}
+
 /// Binds a control socket at `path` with exactly mode 0600, or 0660 and group `group`,
 /// whatever the umask: bound in a fresh directory only this user may enter, given its mode
 /// and group there, then moved into place, so nobody connects while it has another.

@@ -99,6 +99,18 @@ impl Fleet {
     /// Starts agent `i` with the file mode creation mask `umask` (e.g. "000"), if given.
     pub fn start_agent_umask(&mut self, i: usize, extra: &[&str], umask: Option<&str>) {
         let d = self.agent_dir(i);
+        self.start_agent_in(i, extra, umask, Some(&d))
+    }
+
+    /// Starts agent `i` with its sockets in `run_dir` (`None`: the agent's default).
+    pub fn start_agent_in(
+        &mut self,
+        i: usize,
+        extra: &[&str],
+        umask: Option<&str>,
+        run_dir: Option<&Path>,
+    ) {
+        let d = self.agent_dir(i);
         // With a umask given, the agent makes its data directory itself.
         if umask.is_none() {
             std::fs::create_dir_all(&d).unwrap();
@@ -126,6 +138,7 @@ impl Fleet {
         let mut child = cmd
             .args(["agent", "--data"])
             .arg(&d)
+            .args(run_dir.map(|r| [Path::new("--run-dir"), r]).into_iter().flatten())
             .args(["--coordinator", &self.coordinator])
             .args(extra)
             .stdout(Stdio::null())
