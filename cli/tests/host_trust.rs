@@ -43,9 +43,12 @@ fn a_user_outside_cannot_use_the_socket_even_under_umask_0() {
     f.start_agent_umask(0, &[], Some("000"));
     let data = f.agent_dir(0);
     let md = std::fs::metadata(&data).unwrap();
-    assert_eq!(md.permissions().mode() & 0o777, 0o711, "data directory");
-    let sock = data.join("agent.sock");
-    let md = std::fs::metadata(&sock).unwrap();
+    // Overlay snapshots are mounted at their paths: nobody else enters the data directory.
+    assert_eq!(md.permissions().mode() & 0o777, 0o700, "data directory");
+    let run = f.run_dir(0);
+    let md = std::fs::metadata(&run).unwrap();
+    assert_eq!(md.permissions().mode() & 0o777, 0o755, "run directory");
+    let md = std::fs::metadata(run.join("agent.sock")).unwrap();
     assert!(md.file_type().is_socket());
     assert_eq!(md.permissions().mode() & 0o777, 0o600, "socket");
     let key = std::fs::metadata(data.join("node.key")).unwrap();
@@ -53,7 +56,7 @@ fn a_user_outside_cannot_use_the_socket_even_under_umask_0() {
     // Root still uses it.
     expect(&f.run(0, &["volume", "create", "x"]), 0);
 
-    let agent = data.as_os_str();
+    let agent = run.as_os_str();
     for args in [
         vec!["status"],
         vec!["volume", "put", "x", "/etc/shadow", "/s"],
@@ -149,8 +152,7 @@ impl Drop for RemoveAfter {
 
 #[test]
 fn a_root_agent_serves_its_sockets_from_run_voltool_where_clients_find_them() {
-    if !mode_independent_pass() || !need("root (the agent's default run directory)", is_root())
-    {
+    if !mode_independent_pass() || !need("root (the agent's default run directory)", is_root()) {
         return;
     }
     let run = std::path::Path::new("/run/voltool");
@@ -165,7 +167,10 @@ fn a_root_agent_serves_its_sockets_from_run_voltool_where_clients_find_them() {
     assert_eq!(sock.permissions().mode() & 0o777, 0o600);
     assert!(!f.agent_dir(0).join("agent.sock").exists());
     // No --agent, no VOLTOOL_AGENT: the CLI looks there.
-    expect(&voltool().args(["volume", "create", "x"]).output().unwrap(), 0);
+    expect(
+        &voltool().args(["volume", "create", "x"]).output().unwrap(),
+        0,
+    );
     let o = voltool().args(["volume", "list"]).output().unwrap();
     expect(&o, 0);
     assert!(util::stdout(&o).contains('x'));
@@ -219,7 +224,7 @@ fn group_members_use_the_agent_with_their_own_rights_write_into_their_own_mounts
             &admin.to_string(),
         ],
     );
-    let agent = f.agent_dir(0);
+    let agent = f.run_dir(0);
     for (sock, gid) in [("agent.sock", user), ("admin.sock", admin)] {
         let md = std::fs::metadata(agent.join(sock)).unwrap();
         assert_eq!(md.permissions().mode() & 0o777, 0o660, "{sock}");

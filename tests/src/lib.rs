@@ -118,7 +118,7 @@ impl TestFleet {
     pub async fn start_agent_with(&self, i: usize, evil: bool) -> Agent {
         Agent::start(AgentOptions {
             data: self.agent_dir(i),
-            run_dir: self.agent_dir(i),
+            run_dir: self.run_dir(i),
             coordinator: self.coord.as_ref().expect("coordinator running").addr(),
             listen: "127.0.0.1:0".parse().unwrap(),
             zone: None,
@@ -180,6 +180,11 @@ impl TestFleet {
     }
 
     /// Data directory of agent `i`.
+    /// Where agent `i`'s control sockets are.
+    pub fn run_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("run-{i}"))
+    }
+
     pub fn agent_dir(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("agent-{i}"))
     }
@@ -283,7 +288,7 @@ impl TestFleet {
     ) -> Result<Reply, ErrorReply> {
         let mut up = voltool_agent::control::upload::Upload::new();
         up.add_local(local, remote, None).unwrap();
-        up.send(&self.agent_dir(i), name, force, |_| {})
+        up.send(&self.run_dir(i), name, force, |_| {})
             .await
             .unwrap()
     }
@@ -300,7 +305,7 @@ impl TestFleet {
     ) -> Result<Reply, ErrorReply> {
         use voltool_agent::control::export;
         let dest = export::destination(remote, local);
-        export::get(&self.agent_dir(i), name, remote, &dest, force, |_| {})
+        export::get(&self.run_dir(i), name, remote, &dest, force, |_| {})
             .await
             .unwrap()
     }
@@ -491,7 +496,70 @@ pub async fn overlay_pass(f: &TestFleet) -> bool {
     need("overlay snapshots", s.snapshots == "overlay")
 }
 
+/// A process in a mount namespace of its own with slave propagation, as a container's,
+/// that binds a mount path recursively (`mount --rbind`, as Docker's `-v PATH:…:rslave`
+/// does) and reports what a file reads there whenever asked.
+#[derive(Debug)]
+pub struct Container {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    input: std::process::ChildStdin,
+}
+
+impl Container {
+    /// Binds `path` at `at` in a new namespace.
+    pub fn bind(path: &Path, at: &Path) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let script = format!(
+            "mount --rbind '{p}' '{x}' && echo ready && while read -r f; do cat \"{x}/$f\" 2>/dev/null; echo; done",
+            p = path.display(),
+            x = at.display()
+        );
+        let mut child = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "slave", "sh", "-c", &script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("unshare runs");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let input = child.stdin.take().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "the bind could not be made");
+        Container { child, out, input }
+    }
+
+    /// What `file` (relative to the bind) holds, as the container sees it (empty if
+    /// missing).
+    pub fn read(&mut self, file: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.input, "{file}").unwrap();
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        l.trim_end_matches('\n').to_string()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Prefix of the temporary directories of fleets started by tests.
+/// Which snapshot a mount path shows: the link's target (copy mode), or the device of
+/// the file system mounted there (overlay mode: each snapshot is an overlay of its own).
+pub fn shown(path: &Path) -> String {
+    match std::fs::read_link(path) {
+        Ok(t) => t.display().to_string(),
+        Err(_) => format!(
+            "device {}",
+            std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(path).unwrap())
+        ),
+    }
+}
+
 pub const TEST_DIR_PREFIX: &str = "voltool-test-";
 
 /// A temporary directory for a test fleet, named after this process. Mounts left under the

@@ -321,7 +321,8 @@ async fn a_parent_swapped_for_a_link_between_two_commits_redirects_nothing() {
     mount_at(&f, 0, &mnt).await;
     let agent = f.agents.remove(0);
     agent.shutdown().await;
-    voltool_agent::overlay::unmount_all_under(&f.agent_dir(0));
+    // As after a reboot: nothing stays mounted.
+    voltool_agent::overlay::unmount_all_under(f.dir.path());
     std::fs::rename(root.join("w/x"), root.join("w/gone")).unwrap();
     std::fs::create_dir(root.join("w/x")).unwrap();
     let agent = f.start_agent(0).await;

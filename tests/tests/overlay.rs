@@ -128,7 +128,7 @@ async fn a_restart_after_a_reboot_mounts_the_snapshot_again_with_its_uncommitted
     let agent = f.agents.remove(0);
     agent.shutdown().await;
     // A reboot: the overlays are gone, the directories stay.
-    voltool_agent::overlay::unmount_all_under(&f.agent_dir(0));
+    voltool_agent::overlay::unmount_all_under(f.dir.path());
     assert!(!a.join("committed").exists());
     // Never an empty directory: until the agent is back the path says why.
     assert!(a.join(voltool_agent::node::NOT_MOUNTED).exists());
@@ -148,13 +148,13 @@ async fn a_commit_switches_to_a_fresh_upper_unless_a_file_is_open_for_writing() 
     }
     f.create("vol").await;
     let a = f.mount(0, "vol").await;
-    let target = std::fs::read_link(&a).unwrap();
+    let target = voltool_tests::shown(&a);
     for k in 0..50u8 {
         std::fs::write(a.join(format!("f{k}")), bytes(k, 10_000)).unwrap();
     }
     let c = f.commit(0, "vol").await.unwrap();
     assert_eq!(c.hashed_bytes, 50 * 10_000);
-    let switched = std::fs::read_link(&a).unwrap();
+    let switched = voltool_tests::shown(&a);
     assert_ne!(switched, target, "the mount moved to a fresh upper layer");
     // The files joined the store by hard links to the sealed upper layer, not by copies.
     let blob = f.agents[0].store().data_path(&Hash::of(&bytes(0, 10_000)));
@@ -166,17 +166,17 @@ async fn a_commit_switches_to_a_fresh_upper_unless_a_file_is_open_for_writing() 
     assert_eq!((c.changed, c.hashed_bytes), (1, 5));
 
     // With a file open for writing the commit copies what it needs and the mount stays.
-    let here = std::fs::read_link(&a).unwrap();
+    let here = voltool_tests::shown(&a);
     let mut w = std::fs::File::create(a.join("open")).unwrap();
     std::io::Write::write_all(&mut w, b"part one").unwrap();
     let c = f.commit(0, "vol").await.unwrap();
     assert_eq!(c.changed, 1);
-    assert_eq!(std::fs::read_link(&a).unwrap(), here);
+    assert_eq!(voltool_tests::shown(&a), here);
     std::io::Write::write_all(&mut w, b", part two").unwrap();
     drop(w);
     let c = f.commit(0, "vol").await.unwrap();
     assert_eq!(c.changed, 1);
-    assert_ne!(std::fs::read_link(&a).unwrap(), here);
+    assert_ne!(voltool_tests::shown(&a), here);
     assert_eq!(
         std::fs::read(a.join("open")).unwrap(),
         b"part one, part two"

@@ -86,7 +86,7 @@ impl Inner {
             return Ok(false);
         }
         let merged = self.link_target(rec.id, &rec.snapshot);
-        if !overlay::freeze_mount(&merged).map_err(failed)? {
+        if !overlay::freeze(&merged).map_err(failed)? {
             return Ok(false);
         }
         // Written between the look and the freeze: the next compaction, then.
@@ -109,10 +109,12 @@ impl Inner {
     }
 
     /// Detaches and removes a snapshot built but not used.
-    fn drop_built(&self, id: VolumeId, built: &Built) {
+    pub(super) fn drop_built(&self, id: VolumeId, built: &Built) {
         let dir = self.mounts_dir(id);
         let merged = self.link_target(id, &built.snapshot);
-        if let Err(e) = overlay::unmount_lazy(&merged) {
+        if self.overlays
+            && let Err(e) = overlay::unmount_lazy(&merged)
+        {
             warn!("cannot detach an unused snapshot: {e}");
         }
         let mut parts = vec![dir.join(&built.snapshot)];

@@ -71,7 +71,8 @@ use socket::{bind_socket, control_loop};
 
 /// What a client sends after its request (an upload's bytes).
 pub(super) type Input = tokio::net::unix::OwnedReadHalf;
-pub use snapshot::{MAX_LAYERS, NOT_MOUNTED, SnapshotMode};
+pub use mount_point::NOT_MOUNTED;
+pub use snapshot::{MAX_LAYERS, SnapshotMode};
 
 /// Agent options.
 #[derive(Clone, Debug)]
@@ -219,9 +220,8 @@ impl Agent {
                 voltool_protocol::coord::MAX_ZONE
             )));
         }
-        // The agent's own: nobody else may write it. Others may pass through it (not list
-        // it) while mounts are links to snapshots inside it.
-        crate::keys::check_data_dir(&opts.data, 0o711)?;
+        // The agent's own: nobody else may write it (made 0700; see below for copy mode).
+        crate::keys::check_data_dir(&opts.data, 0o700)?;
         crate::keys::check_data_dir(&opts.run_dir, 0o755)?;
         let run_lock = socket::claim_run_dir(&opts.run_dir).map_err(|e| other(&e))?;
         // One spelling of every path under it: mounts are found by comparing paths.
@@ -319,6 +319,15 @@ impl Agent {
             crate::overlay::make_private_root(&inner.opts.data).map_err(|e| other(&e))?;
         }
         inner.recover().await.map_err(|e| other(&e))?;
+        // Overlay snapshots are mounted at their paths, so nobody else needs to enter the
+        // data directory; copied ones are reached through links into it, which others may
+        // follow (not list).
+        let mode = if inner.overlays { 0o700 } else { 0o711 };
+        std::fs::set_permissions(
+            &inner.opts.data,
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .map_err(|e| other(&format!("{}: {e}", inner.opts.data.display())))?;
         let cancel = inner.cancel.clone();
         let mut tasks = tokio::task::JoinSet::new();
         for (file, group, admin) in [

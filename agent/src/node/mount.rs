@@ -62,10 +62,11 @@ impl Inner {
                 ),
             ));
         }
-        mp.prepare().map_err(|e| match e {
+        let taken = |e: super::mount_point::MountPointError| match e {
             super::mount_point::MountPointError::Exists(_) => err(ErrorCode::Exists, e.to_string()),
             e => failed(e),
-        })?;
+        };
+        mp.check_free().map_err(taken)?;
         let info = self.verified_head(name).await?;
         let root = info.head.commit.root();
         self.fetch_tree(root).await?;
@@ -105,6 +106,16 @@ impl Inner {
         let built = self
             .build(info.id, info.head.commit.version, source, read_only, owner)
             .await?;
+        // The path becomes a mount point (overlay mode) or makes room for its link.
+        let prepared = if self.overlays {
+            mp.prepare_base(owner, true)
+        } else {
+            mp.prepare()
+        };
+        if let Err(e) = prepared {
+            self.drop_built(info.id, &built);
+            return Err(taken(e));
+        }
         let mhash = root.hash;
         let rec = MountRecord {
             name: name.to_string(),

@@ -260,7 +260,7 @@ impl Inner {
                 .mounts_dir(m.id)
                 .join(&m.snapshot)
                 .join(super::seal::SEALING);
-            if sealing.exists() || crate::overlay::is_frozen(&target) {
+            if sealing.exists() {
                 info!(
                     volume = m.name,
                     "finishing the seal of an upper layer a commit began"
@@ -270,16 +270,33 @@ impl Inner {
                 }
                 return Ok(());
             }
-            if !m.read_only && crate::overlay::is_mount_ro(&target) {
+            if crate::overlay::is_frozen(&target) {
+                // Frozen for a switch (a reload, a compaction, or a commit before its seal
+                // began) that never happened.
                 info!(
                     volume = m.name,
-                    "making the mount writable again: a reload stopped before its switch"
+                    "making the mount writable again: a switch stopped before it was made"
                 );
+                crate::overlay::thaw(&target).map_err(failed)?;
+            }
+            if !m.read_only && crate::overlay::is_mount_ro(&target) {
+                // An older voltool froze single mounts.
                 crate::overlay::thaw_mount(&target).map_err(failed)?;
             }
         }
         let mp = self.mount_point(m)?;
-        if mp.read_link().as_deref() != Some(target.as_path()) {
+        if self.overlays {
+            // The base again after a reboot (or in place of a link an older voltool made),
+            // and the recorded snapshot shown.
+            mp.prepare_base(m.owner, false).map_err(failed)?;
+            if !mp.shows(&target) {
+                info!(
+                    volume = m.name,
+                    "showing the recorded snapshot at the mount point"
+                );
+                mp.show(&target).map_err(failed)?;
+            }
+        } else if mp.read_link().as_deref() != Some(target.as_path()) {
             warn!(
                 volume = m.name,
                 "re-pointing mount at its recorded snapshot"
@@ -304,12 +321,17 @@ impl Inner {
         Ok(mp)
     }
 
-    /// Points mount `m`'s path at its snapshot `snapshot`, through its held parent.
+    /// Shows snapshot `snapshot` at mount `m`'s path, through its held parent: mounted
+    /// there (overlay mode) or linked (copy mode).
     pub(super) fn switch_mount(&self, m: &MountRecord, snapshot: &str) -> OpResult<()> {
         let target = self.link_target(m.id, snapshot);
-        self.mount_point(m)?
-            .switch(&target)
-            .map_err(|e| failed(format!("cannot switch the mount: {e}")))
+        let mp = self.mount_point(m)?;
+        if self.overlays {
+            mp.show(&target)
+        } else {
+            mp.switch(&target)
+        }
+        .map_err(|e| failed(format!("cannot switch the mount: {e}")))
     }
 
     /// Detaches overlays that are not `current` snapshots, and removes what lies under the

@@ -406,7 +406,9 @@ impl Inner {
             return Ok(());
         }
         let merged = self.link_target(rec.id, &rec.snapshot);
-        if !crate::overlay::freeze_mount(&merged).map_err(failed)? {
+        // The whole file system: the kernel then counts writers through every mount of it
+        // (the mount point, binds of it, copies in other namespaces).
+        if !crate::overlay::freeze(&merged).map_err(failed)? {
             let which = crate::overlay::openfiles::first_open_for_writing(&merged)
                 .map(|p| {
                     p.strip_prefix(&merged)
@@ -449,11 +451,12 @@ impl Inner {
         }
     }
 
-    /// Makes a mount frozen for a switch that did not happen writable again.
+    /// Makes a mount frozen for a switch that did not happen writable again (its file
+    /// system: a read-only mount stays read-only by its own flag).
     pub(super) fn thaw(&self, rec: &MountRecord) {
-        if self.overlays && !rec.read_only {
+        if self.overlays {
             let merged = self.link_target(rec.id, &rec.snapshot);
-            if let Err(e) = crate::overlay::thaw_mount(&merged) {
+            if let Err(e) = crate::overlay::thaw(&merged) {
                 warn!(
                     volume = rec.name,
                     "cannot make the mount writable again: {e}"

@@ -253,7 +253,6 @@ impl Inner {
             std::os::unix::fs::lchown(&upper, Some(uid), None)
                 .map_err(|e| failed(format!("{}: {e}", upper.display())))?;
         }
-        mark_unmounted(&dir.join("merged")).map_err(failed)?;
         let ov = Overlay {
             lowers: layers.iter().map(|l| self.mounts_dir(id).join(l)).collect(),
             data: self.store.data_layer(),
@@ -332,25 +331,6 @@ pub(super) fn retire_overlay(volume: &str, merged: &Path, trash: &Path, stale: V
         }
     }
     discard(trash, stale);
-}
-
-/// The file a mount point holds under its overlay: after a reboot, until the agent has
-/// mounted the snapshot again, a user's path shows this instead of an empty directory.
-pub const NOT_MOUNTED: &str = "VOLTOOL-NOT-MOUNTED";
-
-/// Puts [`NOT_MOUNTED`] in a mount point that does not hold it yet, and makes the mount
-/// point read-only for everyone but root.
-fn mark_unmounted(mount_point: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let marker = mount_point.join(NOT_MOUNTED);
-    if !marker.exists() {
-        std::fs::write(
-            &marker,
-            "This volume is not mounted: its voltool agent has not started (yet).\n",
-        )?;
-        std::fs::set_permissions(mount_point, std::fs::Permissions::from_mode(0o555))?;
-    }
-    Ok(())
 }
 
 /// The user whose files a snapshot shows, when it is not root (whose they are anyway).

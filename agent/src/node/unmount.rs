@@ -40,9 +40,12 @@ impl Inner {
             .await?;
         // A path whose directory is no longer the one mounted in is left as it is.
         match self.mount_point(&rec) {
-            Ok(mp) => mp
-                .remove()
-                .map_err(|e| failed(format!("cannot remove the mount's link: {e}")))?,
+            Ok(mp) => if self.overlays {
+                mp.remove_mounts()
+            } else {
+                mp.remove()
+            }
+            .map_err(|e| failed(format!("cannot remove the mount at its path: {e}")))?,
             Err(e) => warn!(
                 volume = name,
                 "the mount's path is left alone: {}", e.message

@@ -107,22 +107,8 @@ pub fn freeze(target: &Path) -> io::Result<bool> {
     }
 }
 
-/// Makes this one mount of an overlay read-only (not its file system: that would also drop
-/// the kernel's cached entries of every file read through it, which takes long once many
-/// were). `Ok(false)` when a file is open for writing through it.
-pub fn freeze_mount(target: &Path) -> io::Result<bool> {
-    match mount_remount(
-        target,
-        MountFlags::BIND | MountFlags::RDONLY | SAFE_FLAGS,
-        "",
-    ) {
-        Ok(()) => Ok(true),
-        Err(rustix::io::Errno::BUSY) => Ok(false),
-        Err(e) => Err(with_path("freeze", target)(e)),
-    }
-}
-
-/// Makes a mount frozen by [`freeze_mount`] writable again.
+/// Makes a single mount of an overlay writable again (older versions froze single mounts
+/// for a reload; a restart thaws what one left frozen).
 pub fn thaw_mount(target: &Path) -> io::Result<()> {
     mount_remount(target, MountFlags::BIND | SAFE_FLAGS, "").map_err(with_path("thaw", target))
 }

@@ -1,12 +1,30 @@
-//! Files open for writing under a directory, found through `/proc` (as `lsof` does): a
+//! Files open for writing in a file system, found through `/proc` (as `lsof` does): a
 //! switch to a new snapshot would leave such a writer on the old one, and its later writes
 //! would be lost, so a switch refuses and names the file.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// The first file under `dir` that some process holds open for writing, if any. Processes
-/// whose descriptors cannot be read (gone meanwhile, or not ours to see) are skipped.
+/// The first file under `dir`, or anywhere in the file system mounted at `dir` (through
+/// any mount of it: a bind, a mount point, another namespace), that some process holds
+/// open for writing, if any, named as that process sees it. Processes whose descriptors
+/// cannot be read (gone meanwhile, or not ours to see) are skipped.
 pub fn first_open_for_writing(dir: &Path) -> Option<PathBuf> {
+    // A file system's device, where `dir` is the root of a mount (not of a directory that
+    // merely shares a device with the rest of its disk).
+    let dev = rustix::fs::statx(
+        rustix::fs::CWD,
+        dir,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        rustix::fs::StatxFlags::BASIC_STATS,
+    )
+    .ok()
+    .filter(|st| {
+        st.stx_attributes
+            .contains(rustix::fs::StatxAttributes::MOUNT_ROOT)
+    })
+    .and_then(|_| std::fs::metadata(dir).ok())
+    .map(|m| m.dev());
     let procs = std::fs::read_dir("/proc").ok()?;
     for p in procs.flatten() {
         let name = p.file_name();
@@ -23,7 +41,9 @@ pub fn first_open_for_writing(dir: &Path) -> Option<PathBuf> {
             let Ok(target) = std::fs::read_link(fd.path()) else {
                 continue;
             };
-            if !target.starts_with(dir) {
+            let inside = target.starts_with(dir)
+                || dev.is_some_and(|d| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == d));
+            if !inside {
                 continue;
             }
             let info = p.path().join("fdinfo").join(fd.file_name());

@@ -92,14 +92,19 @@ impl Fleet {
         self.dir.path().join(format!("agent-{i}"))
     }
 
+    /// Where agent `i`'s sockets are (what `--agent` names).
+    pub fn run_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("run-{i}"))
+    }
+
     pub fn start_agent(&mut self, i: usize, extra: &[&str]) {
         self.start_agent_umask(i, extra, None)
     }
 
     /// Starts agent `i` with the file mode creation mask `umask` (e.g. "000"), if given.
     pub fn start_agent_umask(&mut self, i: usize, extra: &[&str], umask: Option<&str>) {
-        let d = self.agent_dir(i);
-        self.start_agent_in(i, extra, umask, Some(&d))
+        let r = self.run_dir(i);
+        self.start_agent_in(i, extra, umask, Some(&r))
     }
 
     /// Starts agent `i` with its sockets in `run_dir` (`None`: the agent's default).
@@ -138,7 +143,12 @@ impl Fleet {
         let mut child = cmd
             .args(["agent", "--data"])
             .arg(&d)
-            .args(run_dir.map(|r| [Path::new("--run-dir"), r]).into_iter().flatten())
+            .args(
+                run_dir
+                    .map(|r| [Path::new("--run-dir"), r])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--coordinator", &self.coordinator])
             .args(extra)
             .stdout(Stdio::null())
@@ -194,7 +204,7 @@ impl Fleet {
     /// `voltool --agent <agent i> args…`
     pub fn cmd(&self, i: usize, args: &[&str]) -> Command {
         let mut c = voltool();
-        c.arg("--agent").arg(self.agent_dir(i)).args(args);
+        c.arg("--agent").arg(self.run_dir(i)).args(args);
         c
     }
 
