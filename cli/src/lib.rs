@@ -46,7 +46,7 @@ enum Cmd {
     /// Manage volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
-    /// Mount a volume at a host path (the path becomes a link to the current snapshot).
+    /// Mount a volume at a host path (a mount point that follows every reload; a link in copy mode).
     Mount(local::MountArgs),
     /// Remove a mount (refused with uncommitted changes unless --discard or --commit-first).
     Unmount(local::UnmountArgs),

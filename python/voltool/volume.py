@@ -189,7 +189,8 @@ class Volume:
         background_commit_secs: Optional[int] = None,
     ) -> str:
         """Mounts the volume at ``path`` on this host (a new path or an empty directory,
-        which becomes a link to the current snapshot). Returns the agent's message."""
+        which becomes a mount point that shows each version reloaded; a link to the current
+        snapshot where the agent makes copies). Returns the agent's message."""
         # The agent follows no symbolic link on the way: resolve the directory's here.
         path = os.path.abspath(os.fspath(path))
         path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
