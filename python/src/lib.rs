@@ -176,10 +176,15 @@ impl ByteStream {
 /// the matching `voltool.exception` class if the agent fails the request.
 #[pyfunction]
 fn read(py: Python<'_>, agent: String, request: String) -> PyResult<ByteStream> {
-    let conn = py
-        .detach(|| Conn::open(&agent, &request))
-        .map_err(|e| e.into_py(py))?;
-    Ok(ByteStream { conn: Some(conn) })
+    Ok(ByteStream {
+        conn: Some(open(py, &agent, &request)?),
+    })
+}
+
+/// Sends a request on a fresh connection, the GIL released while it connects.
+fn open(py: Python<'_>, agent: &str, request: &str) -> PyResult<Conn> {
+    py.detach(|| Conn::open(agent, request))
+        .map_err(|e| e.into_py(py))
 }
 
 /// An upload in progress (`VolumeUpload`): the request is sent; each file's bytes follow,
@@ -248,10 +253,9 @@ impl Uploader {
 /// returned [`Uploader`]. The bytes are read by the caller, never by the agent.
 #[pyfunction]
 fn upload(py: Python<'_>, agent: String, request: String) -> PyResult<Uploader> {
-    let conn = py
-        .detach(|| Conn::open(&agent, &request))
-        .map_err(|e| e.into_py(py))?;
-    Ok(Uploader { conn: Some(conn) })
+    Ok(Uploader {
+        conn: Some(open(py, &agent, &request)?),
+    })
 }
 
 #[pymodule]

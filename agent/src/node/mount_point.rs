@@ -279,65 +279,55 @@ impl MountPoint {
         &self.path
     }
 
-    /// Makes room for a new mount: nothing may stand at the path but an empty directory,
-    /// which is removed.
+    /// Makes room for a new mount's link (copy mode): nothing may stand at the path but an
+    /// empty directory, which is removed.
     pub(crate) fn prepare(&self) -> Result<(), MountPointError> {
-        let st = match rustix::fs::statat(&self.parent, &self.name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(rustix::io::Errno::NOENT) => return Ok(()),
-            Err(e) => return Err(io(&self.path)(e)),
-        };
-        let exists = || MountPointError::Exists(self.path.display().to_string());
-        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
-            return Err(exists());
+        if self.free()? {
+            rustix::fs::unlinkat(&self.parent, &self.name, AtFlags::REMOVEDIR)
+                .map_err(io(&self.path))?;
         }
-        let dir = rustix::fs::openat(
-            &self.parent,
-            &self.name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io(&self.path))?;
-        let empty = rustix::fs::Dir::read_from(&dir)
-            .map_err(io(&self.path))?
-            .filter_map(Result::ok)
-            .all(|e| matches!(e.file_name().to_bytes(), b"." | b".."));
-        if !empty {
-            return Err(exists());
-        }
-        rustix::fs::unlinkat(&self.parent, &self.name, AtFlags::REMOVEDIR).map_err(io(&self.path))
+        Ok(())
     }
 
     /// Whether a new mount may take the path: nothing stands there, or an empty
     /// directory (left as it is).
     pub(crate) fn check_free(&self) -> Result<(), MountPointError> {
+        self.free().map(|_| ())
+    }
+
+    /// Refuses a path where something stands but an empty directory that is no mount
+    /// point; whether such a directory stands there.
+    fn free(&self) -> Result<bool, MountPointError> {
         let st = match rustix::fs::statat(&self.parent, &self.name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
-            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(rustix::io::Errno::NOENT) => return Ok(false),
             Err(e) => return Err(io(&self.path)(e)),
         };
         let exists = || MountPointError::Exists(self.path.display().to_string());
         if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
             return Err(exists());
         }
-        let dir = rustix::fs::openat(
+        let dir = self.open_dir()?;
+        let empty = rustix::fs::Dir::read_from(&dir)
+            .map_err(io(&self.path))?
+            .filter_map(Result::ok)
+            .all(|e| matches!(e.file_name().to_bytes(), b"." | b".."));
+        if is_mount_root(&dir) || !empty {
+            return Err(exists());
+        }
+        Ok(true)
+    }
+
+    /// The directory at the path (the top mount's root, if something is mounted there),
+    /// opened for reading without following a link.
+    fn open_dir(&self) -> Result<OwnedFd, MountPointError> {
+        rustix::fs::openat(
             &self.parent,
             &self.name,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(io(&self.path))?;
-        if is_mount_root(&dir) {
-            return Err(exists());
-        }
-        let empty = rustix::fs::Dir::read_from(&dir)
-            .map_err(io(&self.path))?
-            .filter_map(Result::ok)
-            .all(|e| matches!(e.file_name().to_bytes(), b"." | b".."));
-        if !empty {
-            return Err(exists());
-        }
-        Ok(())
+        .map_err(io(&self.path))
     }
 
     /// Where the link at the path leads, if a link stands there.
@@ -406,13 +396,7 @@ impl MountPoint {
             return Ok(());
         }
         // The directory under the base: empty but for the marker.
-        let dir = rustix::fs::openat(
-            &self.parent,
-            &self.name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(&io)?;
+        let dir = self.open_dir()?;
         let foreign = rustix::fs::Dir::read_from(&dir)
             .map_err(&io)?
             .filter_map(Result::ok)
@@ -547,12 +531,7 @@ impl MountPoint {
             }
             rustix::mount::unmount(proc_fd(&top), UnmountFlags::DETACH).map_err(&io)?;
         }
-        if let Ok(dir) = rustix::fs::openat(
-            &self.parent,
-            &self.name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
+        if let Ok(dir) = self.open_dir() {
             let _ = rustix::fs::unlinkat(&dir, NOT_MOUNTED, AtFlags::empty());
             let _ = rustix::fs::unlinkat(&self.parent, &self.name, AtFlags::REMOVEDIR);
         }
