@@ -243,3 +243,58 @@ fn kill_9_of_the_coordinator_then_the_agents_next_requests_go_through() {
     let o = f.run(0, &["volume", "list"]);
     assert!(stdout(&o).contains('w'), "{}", stdout(&o));
 }
+
+/// How many times `text` is in node `name`'s log, once it is there at least `n` times.
+fn wait_log_count(f: &Fleet, name: &str, text: &str, n: usize) {
+    let start = Instant::now();
+    while f.log(name).matches(text).count() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{name} did not log {text:?} {n} times: {}",
+            f.log(name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn after_a_kill_9_of_the_coordinator_the_tracker_rebuilds_and_peers_serve_a_new_reader() {
+    const BIG: usize = 32 << 20;
+    let mut f = Fleet::start(3);
+    let tmp = f.dir.path().to_path_buf();
+    let (m0, m1, m2) = (tmp.join("m0"), tmp.join("m1"), tmp.join("m2"));
+    expect(&f.run(0, &["volume", "create", "v"]), 0);
+    expect(&f.run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
+    let mut data = vec![0u8; BIG];
+    blake3::Hasher::new_keyed(&[9; 32])
+        .finalize_xof()
+        .fill(&mut data);
+    std::fs::write(m0.join("weights.bin"), &data).unwrap();
+    expect(&f.run(0, &["commit"]), 0);
+    expect(&f.run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
+    // Agents 0 and 1 hold the blob whole. The coordinator dies without a word and comes
+    // back with an empty tracker: each agent learns so from its next heartbeat (on its
+    // new connection) and announces what it holds again.
+    let announced = "announcing what this node holds to the tracker";
+    for a in ["agent-0", "agent-1"] {
+        wait_log_count(&f, a, announced, 1);
+    }
+    f.kill9_coordinator_and_restart();
+    for a in ["agent-0", "agent-1"] {
+        wait_log_count(&f, a, announced, 2);
+    }
+    let o = f.run(2, &["mount", "v", m2.to_str().unwrap()]);
+    expect(&o, 0);
+    let out = stdout(&o);
+    let from_origin: u64 = out
+        .trim_end()
+        .split("; ")
+        .find_map(|p| p.strip_suffix(" bytes from the origin"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no origin bytes in {out:?}"));
+    assert!(
+        from_origin < (BIG / 2) as u64,
+        "the new reader took {from_origin} of {BIG} bytes from the origin: its peers were not found"
+    );
+    assert_eq!(std::fs::read(m2.join("weights.bin")).unwrap(), data);
+}

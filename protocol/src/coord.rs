@@ -15,7 +15,7 @@ use crate::manifest::{Change, Entry};
 use crate::path::VolPath;
 
 /// ALPN of the coordinator protocol.
-pub const ALPN: &[u8] = b"voltool/coord/6";
+pub const ALPN: &[u8] = b"voltool/coord/7";
 /// Largest request frame. A commit's change set comes in [`CommitPart`] frames of their own
 /// (at most [`MAX_COMMIT_PART_BYTES`]), read only from a writer once its request is admitted;
 /// every other request fits in this.
@@ -133,7 +133,8 @@ pub enum CoordRequest {
     },
     /// Tracker: the sender is alive and still holds what it announced (holdings of a
     /// member not heard from within the tracker's time to live expire). It registers the
-    /// sender, with where it serves, as an announcement of nothing would.
+    /// sender, with where it serves, as an announcement of nothing would. Answered with
+    /// [`CoordResponse::Tracked`].
     Heartbeat {
         /// Where the sender serves `voltool/blobs/4`.
         addr: SocketAddr,
@@ -279,4 +280,14 @@ pub enum CoordResponse {
     /// On a [`CoordRequest::WatchMembers`] stream: the fleet keeps no list of members
     /// (any node may join), so peers need not check one at every request.
     OpenFleet,
+    /// Answer to [`CoordRequest::Heartbeat`]. The tracker is soft state: `epoch` is new
+    /// each time a coordinator starts, and `known` says whether the tracker knew the sender
+    /// before this heartbeat. When it did not (a new epoch, an entry that expired), the
+    /// sender announces again everything it holds.
+    Tracked {
+        /// The tracker's epoch.
+        epoch: u64,
+        /// Whether the tracker knew the sender.
+        known: bool,
+    },
 }

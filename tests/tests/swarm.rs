@@ -182,7 +182,7 @@ async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
         })
         .await
         .unwrap();
-    assert_eq!(r, CoordResponse::Ok);
+    assert!(matches!(r, CoordResponse::Tracked { .. }), "{r:?}");
     for (near, far) in [(1usize, 2usize), (2, 1)] {
         let r = asker
             .request(&CoordRequest::Rtts {
@@ -298,6 +298,34 @@ async fn a_liar_is_banned_once_across_blobs_and_left_out_once_reported_by_two() 
         assert!(
             tokio::time::Instant::now() < deadline,
             "the tracker still hands out a provider two members reported: {p:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // A restarted coordinator's tracker is rebuilt by the agents' announcements, and the
+    // liar stays out: the distrust was recorded.
+    f.stop_coordinator().await;
+    f.start_coordinator().await;
+    let honest = *f.agents[1].addr().id.as_bytes();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let CoordResponse::Providers(p) = witness
+            .request(&CoordRequest::Lookup { hash: hashes[0] })
+            .await
+            .unwrap()
+        else {
+            panic!("not a provider list");
+        };
+        assert!(
+            p.iter().all(|p| p.id != *liar.as_bytes()),
+            "a restart let the liar back in: {p:?}"
+        );
+        if p.iter().any(|p| p.id == honest) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted tracker never learnt of agent 1 again: {p:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

@@ -16,6 +16,8 @@ pub struct TrackerClient {
     /// Where this node serves blobs.
     addr: SocketAddr,
     zone: Option<String>,
+    /// The tracker's epoch at the last heartbeat (0: none yet).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl TrackerClient {
@@ -32,6 +34,7 @@ impl TrackerClient {
             pool,
             addr,
             zone,
+            epoch: Default::default(),
         }
     }
 
@@ -69,14 +72,30 @@ impl TrackerClient {
     }
 
     /// Tells the tracker this node is alive (and registers it): without one within the
-    /// tracker's time to live, what it announced expires.
-    pub async fn heartbeat(&self) {
+    /// tracker's time to live, what it announced expires. Returns whether the tracker did
+    /// not know this node (a coordinator that started afresh, an entry that expired): what
+    /// it holds must then be announced again.
+    pub async fn heartbeat(&self) -> bool {
         let req = CoordRequest::Heartbeat {
             addr: self.addr,
             zone: self.zone.clone(),
         };
-        if let Err(e) = self.coord.request(&req).await {
-            debug!("heartbeat failed: {e}");
+        match self.coord.request(&req).await {
+            Ok(CoordResponse::Tracked { epoch, known }) => {
+                let before = self.epoch.swap(epoch, std::sync::atomic::Ordering::Relaxed);
+                if before != epoch && before != 0 {
+                    tracing::info!("the tracker started afresh (a new epoch)");
+                }
+                !known
+            }
+            Ok(other) => {
+                debug!("the tracker answered a heartbeat with {other:?}");
+                false
+            }
+            Err(e) => {
+                debug!("heartbeat failed: {e}");
+                false
+            }
         }
     }
 

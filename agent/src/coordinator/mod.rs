@@ -121,8 +121,11 @@ struct State {
     serve: crate::blobs::ServeOptions,
     /// Where the origin serves blobs (handed out as the last provider).
     addr: NodeAddr,
-    /// Who holds what (in memory: agents announce again when they start).
+    /// Who holds what (in memory: agents announce again when a heartbeat's answer says
+    /// the tracker does not know them).
     tracker: std::sync::Mutex<Tracker>,
+    /// The tracker's epoch: new at each start.
+    epoch: u64,
     /// The swarm's knobs (the tracker's, and the origin's as a provider).
     swarm: voltool_protocol::swarm::Config,
     /// Serialises commits, registry changes and garbage collections.
@@ -264,6 +267,8 @@ impl Coordinator {
         info!(%addr, "coordinator listening");
         let swarm = opts.swarm.clone();
         let metrics = Metrics::new(true);
+        let mut tracker = Tracker::new(swarm.clone(), rand::random());
+        tracker::restore_distrust(&db, &mut tracker)?;
         let state = Arc::new(State {
             key,
             db,
@@ -280,7 +285,8 @@ impl Coordinator {
             )
             .with_metrics(metrics.clone()),
             addr: addr.clone(),
-            tracker: std::sync::Mutex::new(Tracker::new(swarm.clone(), rand::random())),
+            tracker: std::sync::Mutex::new(tracker),
+            epoch: rand::random(),
             swarm,
             write_lock: Default::default(),
             retention: opts.retention,
@@ -542,8 +548,13 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
             }
             let mut t = state.tracker.lock().expect("not poisoned");
             let now = std::time::Instant::now();
-            t.announce(now, node_id(&peer), addr, zone, &[], false);
-            Ok(CoordResponse::Ok)
+            let id = node_id(&peer);
+            let known = t.knows(&id);
+            t.announce(now, id, addr, zone, &[], false);
+            Ok(CoordResponse::Tracked {
+                epoch: state.epoch,
+                known,
+            })
         }
         CoordRequest::Withdraw { blobs } if blobs.len() > MAX_HAS => {
             Err(fail(ErrorKind::Invalid, "too many blobs in one withdrawal"))
@@ -559,11 +570,7 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
         }
         CoordRequest::Report { provider, hash } => {
             let liar = voltool_protocol::swarm::NodeId(provider);
-            let mut t = state.tracker.lock().expect("not poisoned");
-            let now = std::time::Instant::now();
-            if t.report(now, &node_id(&peer), &liar, &hash) {
-                warn!(provider = ?liar, "tracker: left out of answers, reported by several members for bytes that fail verification");
-            }
+            tracker::report(state, &node_id(&peer), liar, &hash);
             Ok(CoordResponse::Ok)
         }
         CoordRequest::Rtts { rtts } => {

@@ -11,6 +11,77 @@ use super::*;
 /// Who holds which blobs, and where they listen.
 pub(super) type Tracker = swarm::Tracker<SocketAddr>;
 
+/// Providers left out of answers for reports against them, and until when (ms since the
+/// Unix epoch): the one part of the tracker that outlives a restart, since the evidence
+/// behind it (who was handed whom) does not.
+const DISTRUST: TableDefinition<[u8; 32], u64> = TableDefinition::new("distrust-0");
+
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Leaves out again the providers distrusted before a restart, for what remains of their
+/// time; forgets those whose time is up.
+pub(super) fn restore_distrust(db: &Database, t: &mut Tracker) -> Result<(), CoordinatorError> {
+    let now_ms = unix_ms(std::time::SystemTime::now());
+    let now = Instant::now();
+    let w = db.begin_write().map_err(db_err)?;
+    {
+        let mut table = w.open_table(DISTRUST).map_err(db_err)?;
+        let all: Vec<([u8; 32], u64)> = table
+            .iter()
+            .map_err(db_err)?
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k.value(), v.value()))
+            .collect();
+        for (id, until) in all {
+            if until > now_ms {
+                t.distrust_until(
+                    NodeId(id),
+                    now + std::time::Duration::from_millis(until - now_ms),
+                );
+            } else {
+                table.remove(id).map_err(db_err)?;
+            }
+        }
+    }
+    w.commit().map_err(db_err)
+}
+
+/// Records that `id` is left out of answers for `ttl` from now.
+fn save_distrust(
+    db: &Database,
+    id: &NodeId,
+    ttl: std::time::Duration,
+) -> Result<(), CoordinatorError> {
+    let until = unix_ms(std::time::SystemTime::now() + ttl);
+    let w = db.begin_write().map_err(db_err)?;
+    w.open_table(DISTRUST)
+        .map_err(db_err)?
+        .insert(id.0, until)
+        .map_err(db_err)?;
+    w.commit().map_err(db_err)
+}
+
+/// A report from `reporter` against `liar` for `hash`: counted if the tracker can check
+/// it; a provider that the report leaves out is recorded, so it stays out after a restart
+/// (a write that happens once a quorum forms, at most once a provider per report time).
+pub(super) fn report(state: &State, reporter: &NodeId, liar: NodeId, hash: &Hash) {
+    let newly = {
+        let mut t = state.tracker.lock().expect("not poisoned");
+        let now = Instant::now();
+        let before = t.distrusted(now, &liar);
+        t.report(now, reporter, &liar, hash) && !before
+    };
+    if newly {
+        warn!(provider = ?liar, "tracker: left out of answers, reported by several members for bytes that fail verification");
+        if let Err(e) = save_distrust(&state.db, &liar, state.swarm.report_ttl) {
+            warn!("cannot record a distrusted provider: {e}");
+        }
+    }
+}
+
 /// A node's id as the swarm names it.
 pub(super) fn node_id(id: &EndpointId) -> NodeId {
     NodeId(*id.as_bytes())

@@ -9,6 +9,25 @@ const FETCH_PART: usize = 16_384;
 
 impl Inner {
     /// Tells the tracker this node holds `blobs` (complete or in part).
+    /// A heartbeat; when the tracker did not know this node (the coordinator started
+    /// afresh, or this node's entry expired), everything the store holds whole, announced
+    /// again. The tracker is soft state: this is how it rebuilds itself.
+    pub(super) async fn stay_tracked(&self) {
+        if !self.tracker.heartbeat().await {
+            return;
+        }
+        match self.store.complete_blobs() {
+            Ok(held) => {
+                info!(
+                    blobs = held.len(),
+                    "announcing what this node holds to the tracker"
+                );
+                self.announce(held, true).await;
+            }
+            Err(e) => warn!("cannot list the store's blobs for the tracker: {e}"),
+        }
+    }
+
     pub(super) async fn announce(&self, blobs: Vec<Hash>, complete: bool) {
         self.tracker.announce(blobs, complete).await;
     }

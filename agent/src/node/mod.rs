@@ -355,17 +355,16 @@ impl Agent {
             let inner = inner.clone();
             let cancel = cancel.clone();
             tasks.spawn(async move {
-                // Registered with the tracker at once, then what it holds, then alive
-                // (what it announced expires without a heartbeat).
-                inner.tracker.heartbeat().await;
-                if let Ok(held) = inner.store.complete_blobs() {
-                    inner.announce(held, true).await;
-                }
+                // Registered with the tracker at once, with what it holds; then alive (what
+                // it announced expires without a heartbeat), and announced again whenever
+                // the tracker no longer knows it. Each new connection to the coordinator
+                // checks the same (`watch_members`).
+                inner.stay_tracked().await;
                 let every = inner.serve.serving.config().holder_ttl / 3;
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(every) => inner.tracker.heartbeat().await,
+                        _ = tokio::time::sleep(every) => inner.stay_tracked().await,
                     }
                 }
             });

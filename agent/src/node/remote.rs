@@ -119,6 +119,8 @@ pub(super) async fn watch_members(inner: Arc<Inner>, cancel: CancellationToken) 
     loop {
         let watched = async {
             let mut w = inner.coord.watch_members().await?;
+            // A new connection: the coordinator may have restarted, its tracker empty.
+            inner.stay_tracked().await;
             loop {
                 let ids = w.next().await?;
                 inner.pushed(ids.as_deref());

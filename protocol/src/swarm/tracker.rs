@@ -153,6 +153,18 @@ impl<A: Clone> Tracker<A> {
         left_out
     }
 
+    /// Whether `id` is a member the tracker knows (announced or sent a heartbeat, and
+    /// neither expired nor forgotten since).
+    pub fn knows(&self, id: &NodeId) -> bool {
+        self.index.contains_key(id)
+    }
+
+    /// Leaves `id` out of answers until `until` (distrust carried over from before a
+    /// restart).
+    pub fn distrust_until(&mut self, id: NodeId, until: Instant) {
+        self.distrusted.insert(id, until);
+    }
+
     /// A member is alive (it holds what it announced before).
     pub fn heartbeat(&mut self, now: Instant, id: &NodeId) {
         if let Some(&i) = self.index.get(id) {
