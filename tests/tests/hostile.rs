@@ -1,7 +1,9 @@
 //! Hostile peers of each kind: a fleet member that claims to hold a blob and then sends a
 //! truncated stream, ranges other than those asked, a frame prefix of 4 GiB, one byte at a
-//! time, or nothing it claimed. The reload still ends with the blob's own bytes (from the
-//! origin), and the hostile peer was asked (so its misbehaviour was met, not avoided).
+//! time, or nothing it claimed. The hostile peer is asked (its misbehaviour is met, not
+//! avoided); a lie (bytes or a header that fail) bans it for the download, a peer that is
+//! slow or lacks what it claimed is left behind unbanned; not a byte of it is kept (every
+//! byte comes from the origin), and the reload ends within the swarm's request deadline.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -195,8 +197,29 @@ async fn reload_past(lie: Lie) {
         .unwrap();
     assert!(matches!(announced, CoordResponse::Ok));
 
-    f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
+    let started = std::time::Instant::now();
+    let rep = f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
+    let took = started.elapsed();
     assert_eq!(tree(&w), tree(&r), "{lie:?}");
+    let liar = ep.id().to_string();
+    let s = &rep.sources;
+    let lies = matches!(lie, Lie::Truncated | Lie::OtherRanges | Lie::HugePrefix);
+    assert_eq!(
+        s.banned,
+        if lies { vec![liar] } else { Vec::new() },
+        "{lie:?}: {s:?}"
+    );
+    assert_eq!(
+        (s.peer_bytes, s.origin_bytes),
+        (0, content.len() as u64),
+        "{lie:?}: {s:?}"
+    );
+    // Not a wait on the liar: the deadline of a request (10 s plus its bytes at 64 KiB/s,
+    // 18 s for a 512 KiB piece) bounds what it can hold a piece back.
+    assert!(
+        took < Duration::from_secs(30),
+        "{lie:?}: the reload took {took:?}"
+    );
     assert_eq!(std::fs::read(r.join("model.bin")).unwrap(), content);
     assert!(
         asked.load(Ordering::SeqCst) > 0,

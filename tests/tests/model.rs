@@ -188,7 +188,17 @@ async fn sequence(seed: u64, steps: usize) {
                 }
             }
         }
+        // After every step: each mount shows its snapshot and its own writes, byte for
+        // byte, and the head holds the model's bytes (listed, and read back whole).
+        for (m, mount) in mounts.iter().enumerate() {
+            let own = apply(&base[m], &pending[m]);
+            assert_eq!(files(mount), own, "{what}: agent {m}'s mount");
+        }
         assert_eq!(listed(&f, a).await, sizes(&head), "{what}: the head");
+        let got = f.dir.path().join("got");
+        let _ = std::fs::remove_dir_all(&got);
+        f.get(a, "vol", "/", &got, true).await.unwrap();
+        assert_eq!(files(&got), head, "{what}: the head's contents");
         if matches!(step, 3 | 4 | 8) {
             compacted(&f, a).await;
         }

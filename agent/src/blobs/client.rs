@@ -53,6 +53,11 @@ pub async fn ask(
         Err(NetError::Reset(code)) if code == RESET_SELF_CHECK.into_inner() => {
             return Err(FetchError::SelfCheck);
         }
+        // A header that is no header (a length past the bound, bytes that do not decode)
+        // is a lie like a bad byte: nothing more is taken from that provider.
+        Err(NetError::Frame(e)) => {
+            return Err(FetchError::Corrupt(format!("a malformed answer: {e}")));
+        }
         Err(e) => return Err(e.into()),
     };
     match header {

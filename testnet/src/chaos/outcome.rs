@@ -38,8 +38,15 @@ impl Outcome {
         }
     }
 
+    /// Whether the trial broke a promise: anything lost, mixed, unverified or stuck, or an
+    /// error that no fault of the trial explains.
     pub(super) fn failed(&self) -> bool {
-        self.lost + self.mixed_snapshots + self.unverified_bytes + self.stuck_agents > 0
+        self.lost
+            + self.mixed_snapshots
+            + self.unverified_bytes
+            + self.stuck_agents
+            + self.unexplained_errors
+            > 0
     }
 
     pub(super) fn fault(&mut self, kind: &'static str) {
