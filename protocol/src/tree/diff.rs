@@ -11,6 +11,8 @@ use crate::manifest::{Change, Entry};
 struct Node {
     r: PageRef,
     expect: Option<(u8, VolPath)>,
+    /// Its keys' bound (the next sibling's first key, or its parent's bound).
+    upper: Option<VolPath>,
 }
 
 impl Node {
@@ -97,7 +99,13 @@ fn read_node(
         };
     };
     if let Some((level, first)) = &n.expect {
-        check_place(&p, &n.r.hash, *level, first)?;
+        check_place(
+            &p,
+            &n.r.hash,
+            *level,
+            first,
+            n.upper.as_ref().map(VolPath::as_str),
+        )?;
     }
     Ok(Some(p))
 }
@@ -112,6 +120,7 @@ fn diff_walk(
     let root = |r: &PageRef| Node {
         r: *r,
         expect: None,
+        upper: None,
     };
     let mut sides = [vec![root(old)], vec![root(new)]];
     // The roots' levels are known once they are read.
@@ -149,9 +158,15 @@ fn diff_walk(
                 match read_node(src, &n, &mut missing)? {
                     Some(p) => {
                         if let Page::Branch { level, children } = &*p {
-                            next.extend(children.iter().map(|c| Node {
-                                r: c.page_ref(),
-                                expect: Some((level - 1, c.first.clone())),
+                            next.extend(children.iter().enumerate().map(|(i, c)| {
+                                Node {
+                                    r: c.page_ref(),
+                                    expect: Some((level - 1, c.first.clone())),
+                                    upper: children
+                                        .get(i + 1)
+                                        .map(|s| s.first.clone())
+                                        .or(n.upper.clone()),
+                                }
                             }));
                         }
                     }

@@ -29,6 +29,14 @@ impl Page {
         }
     }
 
+    /// Its last key (a branch: its last child's first), `None` for an empty leaf.
+    pub fn last(&self) -> Option<&VolPath> {
+        match self {
+            Page::Leaf(e) => e.last().map(|(p, _)| p),
+            Page::Branch { children, .. } => children.last().map(|c| &c.first),
+        }
+    }
+
     /// Its first key, `None` for an empty leaf.
     pub fn first(&self) -> Option<&VolPath> {
         match self {
@@ -107,12 +115,15 @@ fn check_order<'a>(keys: impl Iterator<Item = &'a VolPath>) -> Result<(), Manife
 }
 
 /// Checks that page `p` (named `hash`) stands where its parent says: at `level`, with
-/// `first` as its first path.
+/// `first` as its first path, and every key of it below `upper` (the first key of the next
+/// sibling, or the parent's own bound). Each page's keys thus lie in the range its parent
+/// gives it, and no key can stand in two pages of a tree.
 pub(super) fn check_place(
     p: &Page,
     hash: &Hash,
     level: u8,
     first: &VolPath,
+    upper: Option<&str>,
 ) -> Result<(), TreeError> {
     if p.level() != level || p.first() != Some(first) {
         return Err(bad(
@@ -120,7 +131,25 @@ pub(super) fn check_place(
             "a child page that does not stand where it should",
         ));
     }
+    if let (Some(u), Some(last)) = (upper, p.last())
+        && last.as_str() >= u
+    {
+        return Err(bad(
+            hash,
+            "a child page with keys past the range its parent gives it (out of order, or in two pages)",
+        ));
+    }
     Ok(())
+}
+
+/// The bound of child `i` of `children` under a page bounded by `upper`: the next child's
+/// first key, or `upper` for the last child.
+pub(super) fn child_upper<'a>(
+    children: &'a [Child],
+    i: usize,
+    upper: Option<&'a str>,
+) -> Option<&'a str> {
+    children.get(i + 1).map(|n| n.first.as_str()).or(upper)
 }
 
 /// Reads a page that must be held.
@@ -128,13 +157,15 @@ pub(super) fn load(src: &dyn PageSource, r: &PageRef) -> Result<Arc<Page>, TreeE
     src.page(r)?.ok_or(TreeError::Missing(*r))
 }
 
-/// Reads the child `c` of a page at `level` and checks that it stands where it should.
+/// Reads the child `c` of a page at `level` and checks that it stands where it should,
+/// its keys below `upper`.
 pub(super) fn load_child(
     src: &dyn PageSource,
     c: &Child,
     level: u8,
+    upper: Option<&str>,
 ) -> Result<Arc<Page>, TreeError> {
     let p = load(src, &c.page_ref())?;
-    check_place(&p, &c.page, level - 1, &c.first)?;
+    check_place(&p, &c.page, level - 1, &c.first, upper)?;
     Ok(p)
 }

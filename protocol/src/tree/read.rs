@@ -1,6 +1,6 @@
 //! Reading a tree: lookups, ranges, directory listings, and the pages a read needs.
 
-use super::page::{check_place, load, load_child};
+use super::page::{check_place, child_upper, load, load_child};
 use super::*;
 use crate::manifest::Entry;
 
@@ -18,6 +18,7 @@ pub fn get(
     path: &VolPath,
 ) -> Result<Option<Entry>, TreeError> {
     let mut page = load(src, root)?;
+    let mut upper: Option<String> = None;
     loop {
         let next = match &*page {
             Page::Leaf(e) => {
@@ -27,8 +28,11 @@ pub fn get(
                     .map(|i| e[i].1.clone()));
             }
             Page::Branch { level, children } => {
-                let c = &children[child_for(children, path.as_str())];
-                load_child(src, c, *level)?
+                let i = child_for(children, path.as_str());
+                let bound = child_upper(children, i, upper.as_deref()).map(str::to_string);
+                let p = load_child(src, &children[i], *level, bound.as_deref())?;
+                upper = bound;
+                p
             }
         };
         page = next;
@@ -45,6 +49,7 @@ pub fn range(
     fn walk(
         src: &dyn PageSource,
         page: &Page,
+        upper: Option<&str>,
         from: &str,
         visit: &mut dyn FnMut(&VolPath, &Entry) -> bool,
     ) -> Result<bool, TreeError> {
@@ -59,9 +64,10 @@ pub fn range(
                 Ok(true)
             }
             Page::Branch { level, children } => {
-                for c in &children[child_for(children, from)..] {
-                    let p = load_child(src, c, *level)?;
-                    if !walk(src, &p, from, visit)? {
+                for i in child_for(children, from)..children.len() {
+                    let bound = child_upper(children, i, upper);
+                    let p = load_child(src, &children[i], *level, bound)?;
+                    if !walk(src, &p, bound, from, visit)? {
                         return Ok(false);
                     }
                 }
@@ -70,7 +76,7 @@ pub fn range(
         }
     }
     let page = load(src, root)?;
-    walk(src, &page, from, visit).map(|_| ())
+    walk(src, &page, None, from, visit).map(|_| ())
 }
 
 /// The entries strictly below `dir` (all of them for `None`), in order.
@@ -159,7 +165,7 @@ pub fn missing_in(
             continue;
         };
         if let Some((level, first)) = &place {
-            check_place(&p, &r.hash, *level, first)?;
+            check_place(&p, &r.hash, *level, first, hi.as_deref())?;
         }
         if let Page::Branch { level, children } = &*p {
             for (i, c) in children.iter().enumerate() {
@@ -194,16 +200,18 @@ pub fn mark(
     if !pages.insert(root.hash) {
         return Ok(());
     }
-    let mut todo = vec![load(src, root)?];
-    while let Some(page) = todo.pop() {
+    let mut todo: Vec<(Arc<Page>, Option<String>)> = vec![(load(src, root)?, None)];
+    while let Some((page, upper)) = todo.pop() {
         match &*page {
             Page::Leaf(entries) => {
                 blobs.extend(entries.iter().filter_map(|(_, e)| e.blob()).map(|(h, _)| h));
             }
             Page::Branch { level, children } => {
-                for c in children {
+                for (i, c) in children.iter().enumerate() {
                     if pages.insert(c.page) {
-                        todo.push(load_child(src, c, *level)?);
+                        let bound = child_upper(children, i, upper.as_deref());
+                        let p = load_child(src, c, *level, bound)?;
+                        todo.push((p, bound.map(str::to_string)));
                     }
                 }
             }

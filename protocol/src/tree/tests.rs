@@ -309,3 +309,51 @@ fn a_directory_listing_reads_only_its_pages() {
     let top = children(&all, &t.root, None).unwrap();
     assert_eq!(top.len(), 50);
 }
+
+/// Two leaves whose keys overlap (a key in both, or out of order across them) under a
+/// branch whose own keys are in order: every walk over the tree refuses it, none merges or
+/// skips (a lookup reads one path's pages only, and checks those).
+#[test]
+fn leaves_whose_ranges_overlap_are_refused() {
+    let leaf = |keys: &[&str], pages: &mut MemPages| {
+        let p = Page::Leaf(
+            keys.iter()
+                .map(|k| (VolPath::new(k).unwrap(), Entry::Dir { mode: 0o755 }))
+                .collect(),
+        );
+        let bytes = p.encode();
+        let r = PageRef {
+            hash: Hash::of(&bytes),
+            size: bytes.len() as u64,
+        };
+        pages.insert(r, &bytes).unwrap();
+        Child {
+            first: VolPath::new(keys[0]).unwrap(),
+            page: r.hash,
+            size: r.size as u32,
+            entries: keys.len() as u64,
+        }
+    };
+    for (left, right) in [(["a", "b"], ["b", "c"]), (["a", "c"], ["b", "d"])] {
+        let mut pages = MemPages::default();
+        let children = vec![leaf(&left, &mut pages), leaf(&right, &mut pages)];
+        let bytes = Page::Branch { level: 1, children }.encode();
+        let root = PageRef {
+            hash: Hash::of(&bytes),
+            size: bytes.len() as u64,
+        };
+        pages.insert(root, &bytes).unwrap();
+        let what = format!("{left:?} then {right:?}");
+        assert!(Manifest::from_tree(&pages, &root).is_err(), "{what}");
+        assert!(missing(&pages, &root).is_err(), "{what}");
+        assert!(range(&pages, &root, "", &mut |_, _| true).is_err(), "{what}");
+        let empty = Manifest::new();
+        let mut none = MemPages::default();
+        let e = tree_of(&empty, SMALL, &mut none);
+        let both = Layered(&pages, &none);
+        assert!(diff(&both, &e.root, &root).is_err(), "{what}");
+        let mut p = std::collections::HashSet::new();
+        let mut b = std::collections::HashSet::new();
+        assert!(mark(&pages, &root, &mut p, &mut b).is_err(), "{what}");
+    }
+}

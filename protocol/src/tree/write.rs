@@ -301,7 +301,7 @@ fn rebuild(
                 if !edited && !last && b.empty_upto(below) {
                     b.reuse(below, c.clone());
                 } else {
-                    let p = load_child(src, c, *level)?;
+                    let p = load_child(src, c, *level, chi)?;
                     rebuild(src, b, &p, clo, chi, last, edits)?;
                 }
             }
