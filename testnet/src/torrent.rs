@@ -177,7 +177,8 @@ pub(crate) async fn run(r: BtRun<'_>) -> anyhow::Result<BtReport> {
         "-a",
         &announce,
         "-l",
-        "20", // 1 MiB pieces, as our own
+        // 2^19: 512 KiB pieces, as the swarm's own (`piece_bytes`).
+        "19",
         "-n",
         "bench",
         "-o",

@@ -285,18 +285,32 @@ impl Remote {
         };
         let (b, k, me) = (self.bucket.clone(), key.clone(), owner.to_string());
         let held = self.run(async move {
-            // Read, then write if absent (not every S3 store honours conditional puts).
+            let read = |got: object_store::GetResult| async move {
+                let got = got.bytes().await?;
+                Ok::<_, object_store::Error>(String::from_utf8_lossy(&got).trim().to_string())
+            };
             match b.get(&k).await {
-                Ok(got) => {
-                    let got = got.bytes().await?;
-                    Ok(String::from_utf8_lossy(&got).trim().to_string())
-                }
-                Err(object_store::Error::NotFound { .. }) => {
-                    b.put(&k, PutPayload::from(format!("{me}\n"))).await?;
-                    Ok(me)
-                }
-                Err(e) => Err(e),
+                Ok(got) => return read(got).await,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
             }
+            // Absent: created only if still absent (`If-None-Match: *`), so that of two
+            // coordinators starting at once on a store that honours it one gets the
+            // prefix; then read back, which also catches a store that ignores the
+            // condition unless both wrote before either read (README: start them one at a
+            // time on such a store).
+            let create = object_store::PutOptions {
+                mode: object_store::PutMode::Create,
+                ..Default::default()
+            };
+            match b
+                .put_opts(&k, PutPayload::from(format!("{me}\n")), create)
+                .await
+            {
+                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            read(b.get(&k).await?).await
         })?;
         let held = held.map_err(|e| self.fail(&key, e))?;
         if held != owner {

@@ -346,7 +346,10 @@ fn leaves_whose_ranges_overlap_are_refused() {
         let what = format!("{left:?} then {right:?}");
         assert!(Manifest::from_tree(&pages, &root).is_err(), "{what}");
         assert!(missing(&pages, &root).is_err(), "{what}");
-        assert!(range(&pages, &root, "", &mut |_, _| true).is_err(), "{what}");
+        assert!(
+            range(&pages, &root, "", &mut |_, _| true).is_err(),
+            "{what}"
+        );
         let empty = Manifest::new();
         let mut none = MemPages::default();
         let e = tree_of(&empty, SMALL, &mut none);

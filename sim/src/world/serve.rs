@@ -100,8 +100,9 @@ impl World {
         }
         let size = self.unit_bytes(p.blob, p.unit);
         let corrupt = self.nodes[prov].spec.liar;
-        // A liar's first bad chunk group fails verification: the rest is never read.
-        let bytes = if corrupt { size.min(16 << 10) } else { size } as f64;
+        // A liar's piece costs its whole size on the links: the agent reads a piece whole
+        // before it verifies it, as an honest one.
+        let bytes = size as f64;
         self.pending.remove(&(from, p.req));
         let f = self.links.start(self.now, prov, from, bytes.max(1.0));
         self.flowing.insert((from, p.req), f);
