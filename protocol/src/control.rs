@@ -353,6 +353,10 @@ pub struct MountStatus {
     /// Metadata layers under the mount (overlay mode; 0 in copy mode).
     #[serde(default)]
     pub layers: usize,
+    /// A compaction wrote one layer of them all, which the mount's next switch (a reload,
+    /// a commit) stacks on instead.
+    #[serde(default)]
+    pub compacted: bool,
     /// Mounted read-only.
     #[serde(default)]
     pub read_only: bool,

@@ -382,7 +382,7 @@ pub async fn until_mount_status(
     i: usize,
     what: &str,
     cond: impl Fn(&voltool_agent::control::MountStatus) -> bool,
-) {
+) -> voltool_agent::control::MountStatus {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let s = match f.req(i, Request::Status).await.unwrap() {
@@ -390,7 +390,7 @@ pub async fn until_mount_status(
             other => panic!("unexpected {other:?}"),
         };
         if cond(&s.mounts[0]) {
-            return;
+            return s.mounts[0].clone();
         }
         assert!(std::time::Instant::now() < deadline, "{what}: {s:?}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -10,7 +10,7 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use voltool_agent::control::{ReloadMode, Reply, Request};
-use voltool_tests::{TestFleet, bytes, until_mount_status};
+use voltool_tests::{TestFleet, bytes};
 
 /// A volume's files: path to bytes.
 type Files = BTreeMap<String, Vec<u8>>;
@@ -58,14 +58,6 @@ async fn listed(f: &TestFleet, i: usize) -> BTreeMap<String, u64> {
         .filter(|e| e.kind == "file")
         .map(|e| (e.path, e.size))
         .collect()
-}
-
-/// Waits until a compaction that agent `i`'s last commit or reload started has switched
-/// the mount: the switch freezes it for a moment, and a write in that moment is refused
-/// (read-only file system), which the model does not know of.
-async fn compacted(f: &TestFleet, i: usize) {
-    use voltool_agent::node::COMPACT_AT;
-    until_mount_status(f, i, "no compaction", |m| m.layers < COMPACT_AT).await;
 }
 
 fn sizes(t: &Files) -> BTreeMap<String, u64> {
@@ -199,9 +191,6 @@ async fn sequence(seed: u64, steps: usize) {
         let _ = std::fs::remove_dir_all(&got);
         f.get(a, "vol", "/", &got, true).await.unwrap();
         assert_eq!(files(&got), head, "{what}: the head's contents");
-        if matches!(step, 3 | 4 | 8) {
-            compacted(&f, a).await;
-        }
     }
     // In the end every agent shows the head, byte for byte.
     for (a, mount) in mounts.iter().enumerate() {

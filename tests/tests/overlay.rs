@@ -184,7 +184,8 @@ async fn a_commit_switches_to_a_fresh_upper_unless_a_file_is_open_for_writing() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn piled_up_layers_are_compacted_in_the_background() {
+async fn piled_up_layers_are_compacted_in_the_background_without_stopping_a_writer() {
+    use std::io::Write;
     use voltool_agent::node::COMPACT_AT;
     let f = TestFleet::start(2).await;
     if !overlay_pass(&f).await {
@@ -194,22 +195,38 @@ async fn piled_up_layers_are_compacted_in_the_background() {
     let a = f.mount(0, "vol").await;
     let b = f.mount(1, "vol").await;
     // Agent 1 reloads one change at a time: a thin layer on its full one each, until the
-    // last reload reaches COMPACT_AT layers and starts a compaction.
+    // last reload reaches COMPACT_AT layers and starts a compaction. A writer opens a file
+    // in the mount at once and holds it.
     for i in 0..COMPACT_AT - 1 {
         std::fs::write(a.join(format!("f{i}")), format!("{i}")).unwrap();
         f.commit(0, "vol").await.unwrap();
         f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
     }
-    until_mount_status(&f, 1, "layers compacted", |m| m.layers == 1).await;
-    assert_eq!(tree(&a), tree(&b));
-    // It goes on working: a write, a commit, a reload elsewhere; a write into the
-    // compacted mount never reaches the store.
-    std::fs::write(b.join("f0"), b"written over").unwrap();
-    std::fs::write(b.join("after"), b"after").unwrap();
-    f.commit(1, "vol").await.unwrap();
+    let mut w = std::fs::File::create(b.join("log")).unwrap();
+    w.write_all(b"before\n").unwrap();
+    // The compaction writes its layer while the file stays open and written: nothing
+    // freezes, nothing switches.
+    let before = until_mount_status(&f, 1, "a compacted layer", |m| m.compacted).await;
+    assert!(before.layers >= COMPACT_AT, "{before:?}");
+    w.write_all(b"after the compaction\n").unwrap();
+    w.sync_all().unwrap();
+    drop(w);
+    let still = until_mount_status(&f, 1, "status", |_| true).await;
+    assert_eq!(still.layers, before.layers, "nothing switched");
+    // The next switch stacks on the one compacted layer.
+    let c = f.commit(1, "vol").await.unwrap();
+    assert_eq!(c.changed, 1);
+    let after = until_mount_status(&f, 1, "the switch", |m| !m.compacted).await;
+    assert_eq!(
+        after.layers, 2,
+        "the sealed upper on the compacted layer: {after:?}"
+    );
     f.reload(0, "vol", ReloadMode::Refuse).await.unwrap();
     assert_eq!(tree(&a), tree(&b));
-    assert_eq!(std::fs::read(a.join("f0")).unwrap(), b"written over");
+    assert_eq!(
+        std::fs::read_to_string(a.join("log")).unwrap(),
+        "before\nafter the compaction\n"
+    );
 }
 
 /// A layer's file redirects into the data-only layer by a path whose first name no volume

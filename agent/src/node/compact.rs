@@ -1,18 +1,28 @@
 //! Compaction in the background: a mount whose layers have piled up (a thin one for each
-//! reload, the sealed upper of each commit) gets one full layer of the same tree, built
-//! while the mount works on, and switches to it once it holds no uncommitted change. A
-//! reload or commit writes a full layer itself only past [`MAX_LAYERS`], which compaction
-//! keeps it from reaching while the mount is idle now and then.
-
-use std::collections::HashSet;
-
-use crate::overlay;
+//! reload, the sealed upper of each commit) gets one full layer of the same tree, written
+//! while the mount works on. Nothing switches for it: the next switch the mount makes
+//! anyway (a reload, a commit's seal) stacks on that one layer instead of the pile, so a
+//! compaction never freezes a mount, never makes an open or a write fail and never drops a
+//! write. A reload or commit writes a full layer itself only past [`MAX_LAYERS`], which
+//! compaction keeps it from reaching.
 
 use super::snapshot::{Built, TRASH, discard};
 use super::*;
 
 /// Layers under a mount from which a reload or commit starts a compaction.
 pub const COMPACT_AT: usize = 8;
+
+/// A compacted layer waiting for its mount's next switch, by volume name: the layer's name
+/// (relative to the volume's mounts directory) and the tree it shows (the mount's
+/// `lower_manifest` when it was written).
+pub(super) const COMPACTED: TableDefinition<&str, &[u8]> = TableDefinition::new("compacted-0");
+
+/// The layer a compaction left for a mount, and the tree it shows.
+#[derive(Serialize, Deserialize)]
+struct Compacted {
+    layer: String,
+    shows: Hash,
+}
 
 impl Inner {
     /// Starts a compaction of `name`'s layers in the background if it has
@@ -33,79 +43,113 @@ impl Inner {
             let r = self.compact(&name).await;
             self.compacting.lock().expect("not poisoned").remove(&name);
             match r {
-                Ok(true) => info!(volume = name, "compacted the snapshot's layers into one"),
+                Ok(true) => info!(
+                    volume = name,
+                    "compacted the snapshot's layers into one, for the mount's next switch"
+                ),
                 Ok(false) => debug!(
                     volume = name,
-                    "compaction left for later: the mount changed, holds uncommitted changes or a file open for writing"
+                    "compaction dropped: the mount moved on meanwhile"
                 ),
                 Err(e) => warn!(volume = name, "compaction failed: {}", e.message),
             }
         });
     }
 
-    /// Builds one full layer of the tree a mount's layers show (the slow part, while the
-    /// mount works on), then switches the mount to it if the mount still shows that tree
-    /// and holds no uncommitted change; else drops it. Returns whether it switched.
+    /// Writes one full layer of the tree a mount's layers show (the slow part, while the
+    /// mount works on) and leaves it for the mount's next switch, if the mount still shows
+    /// that tree; else drops it. Returns whether it was left.
     pub(super) async fn compact(&self, name: &str) -> OpResult<bool> {
         let rec = self.mount(name)?;
         if rec.layers.len() < COMPACT_AT {
             return Ok(false);
         }
         let lowers = local_root(rec.lower_manifest);
-        let built = self
-            .build(
-                rec.id,
-                rec.version,
-                Source::Full { root: lowers },
-                rec.read_only,
-                rec.owner,
-            )
+        let layer = self
+            .full_layer(rec.id, rec.version, lowers, rec.owner)
             .await?;
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
-        let switched = self.switch_compacted(name, &rec, &built).await;
-        if !matches!(switched, Ok(true)) {
-            self.drop_built(rec.id, &built);
+        let now = self.mount(name)?;
+        if now.lower_manifest != rec.lower_manifest {
+            // A commit or reload moved the mount on meanwhile.
+            self.trash_layers(rec.id, vec![layer]);
+            return Ok(false);
         }
-        switched
+        let c = Compacted {
+            layer,
+            shows: rec.lower_manifest,
+        };
+        let w = self.db_write()?;
+        {
+            let enc = postcard::to_stdvec(&c).map_err(db_err)?;
+            w.open_table(COMPACTED)
+                .map_err(db_err)?
+                .insert(name, enc.as_slice())
+                .map_err(db_err)?;
+        }
+        w.commit().map_err(db_err)?;
+        Ok(true)
     }
 
-    async fn switch_compacted(
+    /// The compacted layer left for mount `name`, if any.
+    fn compacted(&self, name: &str) -> Option<Compacted> {
+        let r = self.db.begin_read().ok()?;
+        let t = r.open_table(COMPACTED).ok()?;
+        let v = t.get(name).ok()??;
+        postcard::from_bytes(v.value()).ok()
+    }
+
+    /// The layers a new snapshot of mount `rec` stacks on: one compacted layer of the same
+    /// tree where a compaction left one, else the mount's own.
+    pub(super) fn base_layers(&self, rec: &MountRecord) -> Vec<String> {
+        match self.compacted(&rec.name) {
+            Some(c)
+                if c.shows == rec.lower_manifest
+                    && self.mounts_dir(rec.id).join(&c.layer).is_dir() =>
+            {
+                vec![c.layer]
+            }
+            _ => rec.layers.clone(),
+        }
+    }
+
+    /// In a write transaction that records mount `m`: forgets a compacted layer that no
+    /// longer fits it (the switch used it, or went past it); one that `m` does not use goes
+    /// to the trash once the transaction is done.
+    pub(super) fn settle_compacted(
         &self,
-        name: &str,
-        seen: &MountRecord,
-        built: &Built,
-    ) -> OpResult<bool> {
-        let rec = self.mount(name)?;
-        if rec.snapshot != seen.snapshot {
-            // A commit or reload switched the mount meanwhile.
-            return Ok(false);
-        }
-        let upper = self.mounts_dir(rec.id).join(&rec.snapshot).join("upper");
-        if !is_empty_dir(&upper)? {
-            return Ok(false);
-        }
-        let merged = self.link_target(rec.id, &rec.snapshot);
-        if !overlay::freeze(&merged).map_err(failed)? {
-            return Ok(false);
-        }
-        // Written between the look and the freeze: the next compaction, then.
-        if !is_empty_dir(&upper)? {
-            self.thaw(&rec);
-            return Ok(false);
-        }
-        let new = MountRecord {
-            snapshot: built.snapshot.clone(),
-            layers: built.layers.clone(),
-            ..rec.clone()
+        w: &redb::WriteTransaction,
+        m: &MountRecord,
+        drop: bool,
+    ) -> OpResult<Option<String>> {
+        use redb::ReadableTable;
+        let mut t = w.open_table(COMPACTED).map_err(db_err)?;
+        let Some(c) = t
+            .get(m.name.as_str())
+            .map_err(db_err)?
+            .and_then(|v| postcard::from_bytes::<Compacted>(v.value()).ok())
+        else {
+            return Ok(None);
         };
-        if let Err(e) = self.put_mount(&new, &StatCache::new()) {
-            self.thaw(&rec);
-            return Err(e);
+        if !drop && c.shows == m.lower_manifest {
+            return Ok(None);
         }
-        self.switch_mount(&new, &new.snapshot)?;
-        self.retire(&rec, &new, HashSet::new()).await?;
-        Ok(true)
+        t.remove(m.name.as_str()).map_err(db_err)?;
+        Ok((drop || !m.layers.contains(&c.layer)).then_some(c.layer))
+    }
+
+    /// The layer a compaction left for `m`, kept through a restart's sweep.
+    pub(super) fn compacted_layer(&self, m: &MountRecord) -> Option<PathBuf> {
+        self.compacted(&m.name)
+            .map(|c| self.mounts_dir(m.id).join(c.layer))
+    }
+
+    /// Moves layers of volume `id` no mount uses to the trash.
+    pub(super) fn trash_layers(&self, id: VolumeId, layers: Vec<String>) {
+        let dir = self.mounts_dir(id);
+        let parts = layers.iter().map(|l| dir.join(l)).collect();
+        discard(&self.opts.data.join(TRASH), parts);
     }
 
     /// Detaches and removes a snapshot built but not used.
@@ -113,7 +157,7 @@ impl Inner {
         let dir = self.mounts_dir(id);
         let merged = self.link_target(id, &built.snapshot);
         if self.overlays
-            && let Err(e) = overlay::unmount_lazy(&merged)
+            && let Err(e) = crate::overlay::unmount_lazy(&merged)
         {
             warn!("cannot detach an unused snapshot: {e}");
         }
@@ -121,11 +165,4 @@ impl Inner {
         parts.extend(built.layers.iter().map(|l| dir.join(l)));
         discard(&self.opts.data.join(TRASH), parts);
     }
-}
-
-fn is_empty_dir(dir: &Path) -> OpResult<bool> {
-    Ok(std::fs::read_dir(dir)
-        .map_err(|e| failed(format!("{}: {e}", dir.display())))?
-        .next()
-        .is_none())
 }

@@ -177,6 +177,7 @@ impl Inner {
 
     pub(super) fn put_mount(&self, m: &MountRecord, stats: &StatCache) -> OpResult<()> {
         let w = self.db_write()?;
+        let unused = self.settle_compacted(&w, m, false)?;
         {
             let enc = postcard::to_stdvec(m).map_err(db_err)?;
             w.open_table(MOUNTS)
@@ -190,12 +191,19 @@ impl Inner {
                 .insert(m.name.as_str(), enc.as_slice())
                 .map_err(db_err)?;
         }
-        w.commit().map_err(db_err)
+        w.commit().map_err(db_err)?;
+        if let Some(l) = unused {
+            self.trash_layers(m.id, vec![l]);
+        }
+        Ok(())
     }
 
-    /// Forgets a mount: its record and its stat cache, in one transaction.
-    pub(super) fn drop_mount(&self, name: &str) -> OpResult<()> {
+    /// Forgets a mount: its record, its stat cache and a compacted layer left for it, in
+    /// one transaction.
+    pub(super) fn drop_mount(&self, m: &MountRecord) -> OpResult<()> {
+        let name = m.name.as_str();
         let w = self.db_write()?;
+        let unused = self.settle_compacted(&w, m, true)?;
         {
             w.open_table(MOUNTS)
                 .map_err(db_err)?
@@ -206,7 +214,11 @@ impl Inner {
                 .remove(name)
                 .map_err(db_err)?;
         }
-        w.commit().map_err(db_err)
+        w.commit().map_err(db_err)?;
+        if let Some(l) = unused {
+            self.trash_layers(m.id, vec![l]);
+        }
+        Ok(())
     }
 
     /// After a crash, a restart or a reboot: mount every recorded snapshot again (overlay
@@ -236,6 +248,7 @@ impl Inner {
             let vol = self.mounts_dir(m.id);
             keep.insert(vol.join(&m.snapshot));
             keep.extend(m.layers.iter().map(|l| vol.join(l)));
+            keep.extend(self.compacted_layer(m));
         }
         let current: HashSet<PathBuf> = mounts
             .iter()

@@ -81,7 +81,7 @@ impl Inner {
             // Nothing was written: the mount stays as it is.
             return Ok((rec.clone(), sealed(state)));
         }
-        let mut layers = rec.layers.clone();
+        let mut layers = self.base_layers(rec);
         layers.insert(0, format!("{}/upper", rec.snapshot));
         // Its files are now the store's too: nobody but the agent reaches them by this path
         // any more (the kernel reads lower layers with the mounter's rights).

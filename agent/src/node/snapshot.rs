@@ -166,35 +166,22 @@ impl Inner {
                     stats,
                 });
             }
-            Source::Thin { prev, deltas, root } if prev.layers.len() < MAX_LAYERS => {
+            Source::Thin { prev, deltas, root } if self.base_layers(prev).len() < MAX_LAYERS => {
                 let pages = self.pages.clone();
                 let deltas = deltas.to_vec();
                 let thin = self
                     .blocking(move || thin_layer(&deltas, &pages, &root))
                     .await?;
-                (LayerPart::Thin(thin), prev.layers.clone())
+                (LayerPart::Thin(thin), self.base_layers(prev))
             }
             Source::Thin { root, .. } | Source::Full { root } => {
                 (LayerPart::Full(root), Vec::new())
             }
         };
-        let name = format!("{LAYERS}/{snapshot}");
+        let name = self.write_layer(id, &snapshot, part, owner).await?;
         let dir = vol_dir.join(&name);
-        std::fs::create_dir_all(self.layers_dir(id)).map_err(failed)?;
-        let (d2, pages) = (dir.clone(), self.pages.clone());
-        // The layer is durable before a record names it (one syncfs, not one per file).
-        let written = tokio::task::spawn_blocking(move || {
-            write_part(&d2, part, &pages, owner_of(owner))?;
-            crate::store::sync_fs_of(&d2).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(failed)?;
         layers.insert(0, name);
-        let mounted = match written {
-            Ok(()) => self.mount_overlay(id, &snapshot, &layers, read_only, owner),
-            Err(e) => Err(failed(format!("cannot write a snapshot layer: {e}"))),
-        };
-        if let Err(e) = mounted {
+        if let Err(e) = self.mount_overlay(id, &snapshot, &layers, read_only, owner) {
             // Leave nothing of a failed build behind (a full disk must not stay full).
             let _ = scan::remove_tree(&dir);
             let _ = scan::remove_tree(&vol_dir.join(&snapshot));
@@ -205,6 +192,48 @@ impl Inner {
             layers,
             stats: StatCache::new(),
         })
+    }
+
+    /// Writes a metadata layer named after `snapshot` under volume `id`'s mounts
+    /// directory, durable before it returns (one syncfs, not one per file); its name
+    /// relative to that directory. Nothing of it is left when it fails.
+    async fn write_layer(
+        &self,
+        id: VolumeId,
+        snapshot: &str,
+        part: LayerPart,
+        owner: u32,
+    ) -> OpResult<String> {
+        let name = format!("{LAYERS}/{snapshot}");
+        let dir = self.mounts_dir(id).join(&name);
+        std::fs::create_dir_all(self.layers_dir(id)).map_err(failed)?;
+        let (d2, pages) = (dir.clone(), self.pages.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            write_part(&d2, part, &pages, owner_of(owner))?;
+            crate::store::sync_fs_of(&d2).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(failed)?;
+        if let Err(e) = written {
+            let _ = scan::remove_tree(&dir);
+            return Err(failed(format!("cannot write a snapshot layer: {e}")));
+        }
+        Ok(name)
+    }
+
+    /// One full layer of the tree at `root`, for volume `id` at `version` (a compaction):
+    /// its name.
+    pub(super) async fn full_layer(
+        &self,
+        id: VolumeId,
+        version: u64,
+        root: PageRef,
+        owner: u32,
+    ) -> OpResult<String> {
+        let snapshot = format!("v{version}-{:08x}", rand::random::<u32>());
+        std::fs::create_dir_all(self.mounts_dir(id)).map_err(failed)?;
+        self.write_layer(id, &snapshot, LayerPart::Full(root), owner)
+            .await
     }
 
     async fn build_copy(

@@ -18,6 +18,7 @@ impl Inner {
                 }
                 _ => None,
             };
+            let compacted = self.base_layers(&m) != m.layers;
             mounts.push(MountStatus {
                 last_reload: self
                     .last_reload
@@ -31,6 +32,7 @@ impl Inner {
                 remote_version: remote,
                 background_commit_secs: m.background_commit_secs,
                 layers: m.layers.len(),
+                compacted,
                 read_only: m.read_only,
             });
         }

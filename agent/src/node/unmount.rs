@@ -51,7 +51,7 @@ impl Inner {
                 "the mount's path is left alone: {}", e.message
             ),
         }
-        self.drop_mount(name)?;
+        self.drop_mount(&rec)?;
         self.mount_points.lock().expect("not poisoned").remove(name);
         let vol = self.mounts_dir(rec.id);
         let snap_dir = vol.join(&rec.snapshot);
