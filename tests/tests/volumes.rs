@@ -316,3 +316,55 @@ async fn background_commits_run_and_a_clean_stop_commits_last_changes() {
     let names: Vec<_> = ls.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(names, vec!["auto", "last"]);
 }
+
+/// A reader inside a mount when it switches (its working directory there, a file open)
+/// keeps reading the whole old tree, in either snapshot mode: nothing of it is taken from
+/// under it; the mount path shows the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_inside_the_old_view_keeps_reading_it_through_a_switch() {
+    use std::io::{BufRead, Write};
+    let f = TestFleet::start(2).await;
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    let b = f.mount(1, "vol").await;
+    std::fs::write(a.join("f"), b"old f").unwrap();
+    std::fs::write(a.join("g"), b"old g").unwrap();
+    f.commit(0, "vol").await.unwrap();
+    f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
+    // A reader whose working directory is the mount, reading by relative names on demand.
+    let mut reader = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "cd \"$0\" && echo ready && while read -r x; do cat f; echo; cat g; echo; done",
+        ])
+        .arg(&b)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(reader.stdout.take().unwrap());
+    let mut input = reader.stdin.take().unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let mut read = || {
+        writeln!(input).unwrap();
+        let mut f = String::new();
+        let mut g = String::new();
+        out.read_line(&mut f).unwrap();
+        out.read_line(&mut g).unwrap();
+        (f.trim().to_string(), g.trim().to_string())
+    };
+    assert_eq!(read(), ("old f".into(), "old g".into()));
+    // A new version: f changed, g gone.
+    std::fs::write(a.join("f"), b"new f").unwrap();
+    std::fs::remove_file(a.join("g")).unwrap();
+    f.commit(0, "vol").await.unwrap();
+    f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
+    assert_eq!(std::fs::read(b.join("f")).unwrap(), b"new f");
+    assert!(!b.join("g").exists());
+    // The reader still sees the whole old tree.
+    assert_eq!(read(), ("old f".into(), "old g".into()));
+    drop(input);
+    reader.wait().unwrap();
+}

@@ -149,7 +149,7 @@ impl Inner {
     pub(super) fn trash_layers(&self, id: VolumeId, layers: Vec<String>) {
         let dir = self.mounts_dir(id);
         let parts = layers.iter().map(|l| dir.join(l)).collect();
-        discard(&self.opts.data.join(TRASH), parts);
+        discard(&self.opts.data.join(TRASH), parts, None);
     }
 
     /// Detaches and removes a snapshot built but not used.
@@ -163,6 +163,6 @@ impl Inner {
         }
         let mut parts = vec![dir.join(&built.snapshot)];
         parts.extend(built.layers.iter().map(|l| dir.join(l)));
-        discard(&self.opts.data.join(TRASH), parts);
+        discard(&self.opts.data.join(TRASH), parts, None);
     }
 }

@@ -51,6 +51,7 @@ mod seal;
 mod snapshot;
 mod socket;
 mod status;
+mod trash;
 mod unmount;
 mod upload;
 mod volume;

@@ -256,7 +256,7 @@ impl Inner {
             .collect();
         self.sweep(&current, &keep);
         let trash = self.opts.data.join(super::snapshot::TRASH);
-        tokio::task::spawn_blocking(move || super::snapshot::discard(&trash, Vec::new()))
+        tokio::task::spawn_blocking(move || super::snapshot::discard(&trash, Vec::new(), None))
             .await
             .map_err(failed)?;
         Ok(())
@@ -376,6 +376,6 @@ impl Inner {
                 }
             }
         }
-        super::snapshot::discard(&self.opts.data.join(super::snapshot::TRASH), stale);
+        super::snapshot::discard(&self.opts.data.join(super::snapshot::TRASH), stale, None);
     }
 }

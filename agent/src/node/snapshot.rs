@@ -57,33 +57,7 @@ pub(super) fn resolve_mode(data: &Path, mode: SnapshotMode) -> Result<bool, Stri
 /// upper layer of a snapshot frozen by a commit.
 const LAYERS: &str = "layers";
 
-/// Where retired snapshots and layers wait before they are removed: a process may still be
-/// inside an old overlay (detached lazily), and its layers must not change under it.
-pub(super) const TRASH: &str = "trash";
-/// How long retired snapshots and layers wait in the trash.
-pub(super) const TRASH_AGE: std::time::Duration = std::time::Duration::from_secs(600);
-
-/// Moves `paths` into the trash, and removes from it what has waited [`TRASH_AGE`].
-pub(super) fn discard(trash: &Path, paths: Vec<PathBuf>) {
-    use std::os::unix::fs::MetadataExt;
-    let _ = std::fs::create_dir_all(trash);
-    for p in paths {
-        let to = trash.join(format!("{:016x}", rand::random::<u64>()));
-        if std::fs::rename(&p, &to).is_err() {
-            let _ = scan::remove_tree(&p);
-        }
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    for e in std::fs::read_dir(trash).into_iter().flatten().flatten() {
-        // The change time is when it was moved here.
-        let age = e.metadata().map_or(i64::MAX, |m| now - m.ctime());
-        if age >= TRASH_AGE.as_secs() as i64 {
-            let _ = scan::remove_tree(&e.path());
-        }
-    }
-}
+pub(super) use super::trash::{TRASH, discard};
 
 /// Layers stacked on one mount before a reload writes one full layer instead of a thin one.
 pub const MAX_LAYERS: usize = 32;
@@ -328,10 +302,16 @@ impl Inner {
             return Ok(StatCache::new());
         }
         // Removing the old snapshot changes the change time of the files the new one shares
-        // with it: refresh their stats, or the next scan would rehash them all.
+        // with it: refresh their stats, or the next scan would rehash them all. A tree a
+        // process is still inside (a working directory, an open file) waits in the trash
+        // instead, until nothing holds it (the next scan after it goes rehashes the files
+        // they shared).
         let new_dir = self.mounts_dir(new.id).join(&new.snapshot);
+        let trash = self.opts.data.join(TRASH);
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = scan::remove_tree(&old_dir) {
+            if super::trash::in_use(&old_dir) {
+                discard(&trash, vec![old_dir], None);
+            } else if let Err(e) = scan::remove_tree(&old_dir) {
                 warn!(path = %old_dir.display(), "cannot remove the old snapshot: {e}");
             }
             scan::restat(&new_dir, &reuse)
@@ -346,6 +326,12 @@ impl Inner {
 /// through another mount of it, a container's bind mount, gets an error rather than losing
 /// its writes with the old upper layer), detaches it, and moves its parts to the trash.
 pub(super) fn retire_overlay(volume: &str, merged: &Path, trash: &Path, stale: Vec<PathBuf>) {
+    // Its device names it in the trash: its parts wait while any process or mount (a
+    // private bind of the mount path, in any namespace) still holds the overlay.
+    let dev = overlay::is_mounted(merged)
+        .then(|| std::fs::metadata(merged).ok())
+        .flatten()
+        .map(|m| std::os::unix::fs::MetadataExt::dev(&m));
     if overlay::is_mounted(merged) {
         match overlay::freeze(merged) {
             Ok(true) => {}
@@ -359,7 +345,7 @@ pub(super) fn retire_overlay(volume: &str, merged: &Path, trash: &Path, stale: V
             warn!("cannot detach the old snapshot: {e}");
         }
     }
-    discard(trash, stale);
+    discard(trash, stale, dev);
 }
 
 /// The user whose files a snapshot shows, when it is not root (whose they are anyway).

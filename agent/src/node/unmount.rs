@@ -67,7 +67,9 @@ impl Inner {
             let volume = rec.name.clone();
             tokio::task::spawn_blocking(move || retire_overlay(&volume, &merged, &trash, stale));
         } else {
-            tokio::task::spawn_blocking(move || super::snapshot::discard(&trash, vec![snap_dir]));
+            tokio::task::spawn_blocking(move || {
+                super::snapshot::discard(&trash, vec![snap_dir], None)
+            });
         }
         Ok(Reply::Done(match committed {
             Some(c) => format!(
