@@ -54,3 +54,45 @@ fn a_bind_in_another_namespace_follows_reloads_commits_and_a_restart() {
     assert_eq!(ctr.read("c.txt"), "after the commit");
     assert_eq!(std::fs::read_to_string(m1.join("a.txt")).unwrap(), "three");
 }
+
+#[test]
+fn a_writer_through_a_bind_stops_a_reload_and_loses_no_byte() {
+    if !mode_independent_pass() || !need("root (mount namespaces)", is_root()) {
+        return;
+    }
+    let f = Fleet::start(2);
+    let tmp = f.dir.path().to_path_buf();
+    let (m0, m1) = (tmp.join("m0"), tmp.join("m1"));
+    expect(&f.run(0, &["volume", "create", "v"]), 0);
+    expect(&f.run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
+    expect(&f.run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
+    let o = f.run(1, &["status", "--json"]);
+    need(
+        "overlay snapshots",
+        stdout(&o).contains("\"snapshots\":\"overlay\""),
+    );
+    let mut ctr = Container::bind(&m1, &tmp.join("ctr"));
+    ctr.open("log");
+    ctr.write("one");
+    std::fs::write(m0.join("other"), "from agent 0").unwrap();
+    expect(&f.run(0, &["commit", "v"]), 0);
+    // The writer holds the file open through its bind: the switch is refused, naming it;
+    // what it wrote so far is committed first.
+    let o = f.run(1, &["reload", "v", "--commit-first"]);
+    expect(&o, 1);
+    assert!(
+        util::stderr(&o).contains("open for writing") && util::stderr(&o).contains("log"),
+        "{}",
+        util::stderr(&o)
+    );
+    ctr.write("two");
+    ctr.close();
+    expect(&f.run(1, &["reload", "v", "--commit-first"]), 0);
+    assert_eq!(ctr.read("other"), "from agent 0");
+    // Every byte the writer wrote is committed.
+    expect(&f.run(0, &["reload", "v"]), 0);
+    assert_eq!(
+        std::fs::read_to_string(m0.join("log")).unwrap(),
+        "one\ntwo\n"
+    );
+}

@@ -511,7 +511,11 @@ impl Container {
     pub fn bind(path: &Path, at: &Path) -> Self {
         std::fs::create_dir_all(at).unwrap();
         let script = format!(
-            "mount --rbind '{p}' '{x}' && echo ready && while read -r f; do cat \"{x}/$f\" 2>/dev/null; echo; done",
+            "mount --rbind '{p}' '{x}' && echo ready && while read -r c f; do case $c in \
+             open) exec 3>>\"{x}/$f\" && echo ok ;; \
+             write) echo \"$f\" >&3 && echo ok ;; \
+             close) exec 3>&- && echo ok ;; \
+             *) cat \"{x}/$f\" 2>/dev/null; echo ;; esac; done",
             p = path.display(),
             x = at.display()
         );
@@ -532,8 +536,27 @@ impl Container {
     /// What `file` (relative to the bind) holds, as the container sees it (empty if
     /// missing).
     pub fn read(&mut self, file: &str) -> String {
+        self.say(&format!("cat {file}"))
+    }
+
+    /// Opens `file` (relative to the bind) for appending, and holds it open.
+    pub fn open(&mut self, file: &str) {
+        assert_eq!(self.say(&format!("open {file}")), "ok");
+    }
+
+    /// Appends a line (no spaces) to the file held open.
+    pub fn write(&mut self, line: &str) {
+        assert_eq!(self.say(&format!("write {line}")), "ok");
+    }
+
+    /// Closes the file held open.
+    pub fn close(&mut self) {
+        assert_eq!(self.say("close -"), "ok");
+    }
+
+    fn say(&mut self, command: &str) -> String {
         use std::io::{BufRead, Write};
-        writeln!(self.input, "{file}").unwrap();
+        writeln!(self.input, "{command}").unwrap();
         let mut l = String::new();
         self.out.read_line(&mut l).unwrap();
         l.trim_end_matches('\n').to_string()
