@@ -40,6 +40,7 @@ use voltool_agent::control::{
 
 use crate::fleet::{self, Fleet};
 
+mod binds;
 mod host;
 mod model;
 mod ops;

@@ -210,7 +210,8 @@ impl Trial<'_> {
             58..68 => "put",
             68..74 => "rm",
             74..80 => "cp",
-            80..90 => "scratch",
+            80..87 => "scratch",
+            87..90 => "bind",
             90..95 => "peer_leaves",
             _ => "full_disk",
         };
@@ -237,6 +238,7 @@ impl Trial<'_> {
             "rm" => self.rm(writer).await,
             "cp" => self.cp(writer).await,
             "scratch" => self.scratch(writer).await,
+            "bind" => self.bind(vol),
             "peer_leaves" => self.peer_leaves().await,
             _ => self.full_disk().await,
         }
@@ -427,6 +429,28 @@ impl Trial<'_> {
 
     /// A large file committed by agent 0 and fetched by agent 1; then agent 2 or 3
     /// fetches it while agent 1 is killed (a peer leaving mid-piece).
+    /// A container binds an agent's mount path in a namespace of its own (overlay mode,
+    /// where the path is a mount point; a link in copy mode is resolved once by any
+    /// bind). At most four at a time: the oldest goes first.
+    pub(super) fn bind(&mut self, vol: &'static str) -> anyhow::Result<()> {
+        let agent = self.rng.random_range(0..AGENTS);
+        let path = self.mount_path(agent, vol);
+        if std::fs::symlink_metadata(&path)?.file_type().is_symlink() {
+            return Ok(());
+        }
+        if self.binds.len() >= 4 {
+            self.binds.remove(0);
+        }
+        let n = self.fresh_seed();
+        let at = self.fleet.root.join(format!("ctr-{n}"));
+        self.binds
+            .push(super::binds::Bind::start(agent, vol, &path, &at)?);
+        self.out.fault("container_bind");
+        let seen = read_tree(&path)?;
+        self.check_binds(agent, vol, &seen, "when it was made")?;
+        Ok(())
+    }
+
     pub(super) async fn peer_leaves(&mut self) -> anyhow::Result<()> {
         let vol = MOUNTED[self.rng.random_range(0..MOUNTED.len())];
         self.commit_new_file(vol, 4 << 20..8 << 20).await?;

@@ -81,6 +81,8 @@ pub(super) struct Trial<'a> {
     pub(super) last: &'static str,
     /// The files of the upload in progress, in the order of its file entries.
     pub(super) uploading: Vec<Vec<u8>>,
+    /// Containers' binds of mount paths (overlay mode).
+    pub(super) binds: Vec<super::binds::Bind>,
 }
 
 impl Trial<'_> {
@@ -266,7 +268,7 @@ impl Trial<'_> {
     ) -> anyhow::Result<bool> {
         let seen = read_tree(&self.mount_path(agent, vol))?;
         if allowed.contains(&seen) {
-            return Ok(true);
+            return self.check_binds(agent, vol, &seen, when);
         }
         self.out.mixed_snapshots += 1;
         let d = diff(&allowed[0], &seen);
@@ -275,6 +277,36 @@ impl Trial<'_> {
             d.iter().take(4).cloned().collect::<Vec<_>>().join("; ")
         ));
         Ok(false)
+    }
+
+    /// Every bind of `agent`'s mount of `vol` shows `seen`, the mount path's tree.
+    pub(super) fn check_binds(
+        &mut self,
+        agent: usize,
+        vol: &'static str,
+        seen: &Tree,
+        when: &str,
+    ) -> anyhow::Result<bool> {
+        let views: Vec<PathBuf> = self
+            .binds
+            .iter()
+            .filter(|b| b.agent == agent && b.vol == vol)
+            .map(|b| b.view())
+            .collect();
+        let mut all = true;
+        for v in views {
+            let through = read_tree(&v)?;
+            if &through != seen {
+                all = false;
+                self.out.mixed_snapshots += 1;
+                let d = diff(seen, &through);
+                self.out.problem(format!(
+                    "agent {agent}: a bind of its mount of {vol} in another namespace {when} shows another tree than the mount: {}",
+                    d.iter().take(4).cloned().collect::<Vec<_>>().join("; ")
+                ));
+            }
+        }
+        Ok(all)
     }
 
     /// An acknowledged reload (or commit) brought `agent`'s mount of `vol` to `latest`:
@@ -333,6 +365,7 @@ impl Trial<'_> {
                     self.out.problem(format!("agent {agent} {vol}: {d}"));
                     lost.insert(format!("{vol}:{}", d.split(':').next().unwrap_or("")));
                 }
+                self.check_binds(agent, vol, &seen, "at the end")?;
             }
         }
         // The scratch volumes, through agent 0: their names, then their files.
@@ -469,6 +502,7 @@ pub(super) async fn trial_in(
         say,
         last: "",
         uploading: Vec::new(),
+        binds: Vec::new(),
     };
     for vol in MOUNTED {
         let req = Request::VolumeCreate {
