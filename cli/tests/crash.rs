@@ -265,10 +265,7 @@ fn after_a_kill_9_of_the_coordinator_the_tracker_rebuilds_and_peers_serve_a_new_
     let (m0, m1, m2) = (tmp.join("m0"), tmp.join("m1"), tmp.join("m2"));
     expect(&f.run(0, &["volume", "create", "v"]), 0);
     expect(&f.run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
-    let mut data = vec![0u8; BIG];
-    blake3::Hasher::new_keyed(&[9; 32])
-        .finalize_xof()
-        .fill(&mut data);
+    let data = voltool_tests::bytes(9, BIG);
     std::fs::write(m0.join("weights.bin"), &data).unwrap();
     expect(&f.run(0, &["commit"]), 0);
     expect(&f.run(1, &["mount", "v", m1.to_str().unwrap()]), 0);

@@ -203,11 +203,7 @@ async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
         // Both are complete holders in no zone: only the round-trip time orders them
         // (within a band the order would be random, so ask several times).
         for _ in 0..8 {
-            let CoordResponse::Providers(p) =
-                asker.request(&CoordRequest::Lookup { hash }).await.unwrap()
-            else {
-                panic!("not a provider list");
-            };
+            let p = providers(&asker, hash).await;
             let order: Vec<[u8; 32]> = p.iter().filter(|p| !p.origin).map(|p| p.id).collect();
             assert_eq!(order, vec![ids[near], ids[far]]);
         }
@@ -225,6 +221,22 @@ async fn lookup_ranks_providers_by_the_askers_round_trip_times() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("at most 4096"), "{e}");
+}
+
+/// What the tracker answers `client`'s lookup of `hash` with.
+async fn providers(
+    client: &voltool_agent::coord_client::CoordClient,
+    hash: voltool_protocol::Hash,
+) -> Vec<voltool_protocol::coord::ProviderInfo> {
+    use voltool_protocol::coord::{CoordRequest, CoordResponse};
+    match client
+        .request(&CoordRequest::Lookup { hash })
+        .await
+        .unwrap()
+    {
+        CoordResponse::Providers(p) => p,
+        other => panic!("not a provider list: {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,13 +280,7 @@ async fn a_liar_is_banned_once_across_blobs_and_left_out_once_reported_by_two() 
         hash: hashes[0],
     };
     assert_eq!(witness.request(&report).await.unwrap(), CoordResponse::Ok);
-    let CoordResponse::Providers(p) = witness
-        .request(&CoordRequest::Lookup { hash: hashes[0] })
-        .await
-        .unwrap()
-    else {
-        panic!("not a provider list");
-    };
+    let p = providers(&witness, hashes[0]).await;
     assert!(
         p.iter().any(|p| p.id == *liar.as_bytes()),
         "a report with no evidence counted: {p:?}"
@@ -283,13 +289,7 @@ async fn a_liar_is_banned_once_across_blobs_and_left_out_once_reported_by_two() 
     assert_eq!(r, CoordResponse::Ok);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let CoordResponse::Providers(p) = witness
-            .request(&CoordRequest::Lookup { hash: hashes[0] })
-            .await
-            .unwrap()
-        else {
-            panic!("not a provider list");
-        };
+        let p = providers(&witness, hashes[0]).await;
         if p.iter().all(|p| p.id != *liar.as_bytes()) {
             // Agent 1 and the origin still are.
             assert!(p.iter().any(|p| p.origin), "{p:?}");
@@ -309,13 +309,7 @@ async fn a_liar_is_banned_once_across_blobs_and_left_out_once_reported_by_two() 
     let honest = *f.agents[1].addr().id.as_bytes();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let CoordResponse::Providers(p) = witness
-            .request(&CoordRequest::Lookup { hash: hashes[0] })
-            .await
-            .unwrap()
-        else {
-            panic!("not a provider list");
-        };
+        let p = providers(&witness, hashes[0]).await;
         assert!(
             p.iter().all(|p| p.id != *liar.as_bytes()),
             "a restart let the liar back in: {p:?}"

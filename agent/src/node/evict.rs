@@ -41,6 +41,30 @@ impl StoreBudget {
     }
 }
 
+/// The disk budget's part of the agent: the gate operations hold while they run, and what
+/// evictions found and freed. Only this module and the operations' gate reach it.
+#[derive(Debug, Default)]
+pub(super) struct Budget {
+    /// Held for reading by every operation while it runs, for writing by an eviction.
+    pub(super) ops: Arc<tokio::sync::RwLock<()>>,
+    /// The store's bytes after an eviction that could not get under the budget (all of it
+    /// needed): no pass again until the store holds more.
+    futile: Mutex<Option<u64>>,
+    /// When an eviction last found each blob needed (its recency, with its write time).
+    last_needed: Mutex<HashMap<Hash, SystemTime>>,
+    /// What evictions freed since the start.
+    evicted: Mutex<Evicted>,
+    /// Wakes the budget's check (after an operation).
+    pub(super) check: tokio::sync::Notify,
+}
+
+impl Budget {
+    /// What evictions did since the agent started.
+    pub(super) fn evicted(&self) -> Evicted {
+        *self.evicted.lock().expect("not poisoned")
+    }
+}
+
 /// What evictions did since the agent started.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Evicted {
@@ -72,7 +96,8 @@ impl Inner {
         }
         // A pass that found everything needed is not repeated until the store grows.
         if self
-            .budget_futile
+            .budget
+            .futile
             .lock()
             .expect("not poisoned")
             .is_some_and(|at| used <= at)
@@ -80,10 +105,10 @@ impl Inner {
             return Ok(());
         }
         let gate = if wait {
-            self.ops.clone().write_owned().await
+            self.budget.ops.clone().write_owned().await
         } else {
             // Operations in progress: the one that ends last checks again.
-            match self.ops.clone().try_write_owned() {
+            match self.budget.ops.clone().try_write_owned() {
                 Ok(g) => g,
                 Err(_) => return Ok(()),
             }
@@ -101,9 +126,9 @@ impl Inner {
         })
         .await
         .map_err(failed)??;
-        *self.budget_futile.lock().expect("not poisoned") = (after > budget.max).then_some(after);
+        *self.budget.futile.lock().expect("not poisoned") = (after > budget.max).then_some(after);
         if !evicted.is_empty() {
-            self.tracker.withdraw(evicted).await;
+            self.remote.tracker.withdraw(evicted).await;
         }
         Ok(())
     }
@@ -117,7 +142,7 @@ impl Inner {
         let mut used: u64 = all.iter().map(|(_, m)| m.held_bytes()).sum();
         let mut candidates = Vec::new();
         {
-            let mut seen = self.last_needed.lock().expect("not poisoned");
+            let mut seen = self.budget.last_needed.lock().expect("not poisoned");
             for h in &needed {
                 seen.insert(*h, now);
             }
@@ -149,13 +174,13 @@ impl Inner {
         }
         {
             // Recency is kept for what the store still holds.
-            let mut seen = self.last_needed.lock().expect("not poisoned");
+            let mut seen = self.budget.last_needed.lock().expect("not poisoned");
             for h in &gone {
                 seen.remove(h);
             }
         }
         {
-            let mut e = self.evicted.lock().expect("not poisoned");
+            let mut e = self.budget.evicted.lock().expect("not poisoned");
             e.blobs += gone.len() as u64;
             e.bytes += freed;
         }

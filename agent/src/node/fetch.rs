@@ -13,7 +13,7 @@ impl Inner {
     /// afresh, or this node's entry expired), everything the store holds whole, announced
     /// again. The tracker is soft state: this is how it rebuilds itself.
     pub(super) async fn stay_tracked(&self) {
-        if !self.tracker.heartbeat().await {
+        if !self.remote.tracker.heartbeat().await {
             return;
         }
         match self.store.complete_blobs() {
@@ -29,7 +29,7 @@ impl Inner {
     }
 
     pub(super) async fn announce(&self, blobs: Vec<Hash>, complete: bool) {
-        self.tracker.announce(blobs, complete).await;
+        self.remote.tracker.announce(blobs, complete).await;
     }
 
     /// A new download from the swarm: its bans last as long as it does.
@@ -37,7 +37,7 @@ impl Inner {
         Download::start(SwarmCtx {
             pool: self.pool.clone(),
             store: self.store.clone(),
-            tracker: self.tracker.clone(),
+            tracker: self.remote.tracker.clone(),
             origin: self.opts.coordinator.clone(),
             me: self.ep.id(),
             cfg: self.serve.serving.config().clone(),

@@ -153,30 +153,19 @@ struct Inner {
     ep: Endpoint,
     pool: ConnPool,
     serve: crate::blobs::ServeOptions,
-    coord: Arc<CoordClient>,
-    tracker: Arc<TrackerClient>,
+    /// The coordinator link.
+    remote: remote::Remote,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_reload: Mutex<HashMap<String, ReloadReport>>,
     /// Mounts whose layers are being compacted.
     compacting: Mutex<HashSet<String>>,
     /// Cancelled when the agent stops; background loops end with it.
     cancel: CancellationToken,
-    /// Fleet members as the coordinator last said.
-    members: Mutex<remote::Members>,
     /// Whether snapshots are overlays (else copies).
     overlays: bool,
     metrics: Arc<Metrics>,
-    /// Held for reading by every operation while it runs, for writing by an eviction.
-    ops: Arc<tokio::sync::RwLock<()>>,
-    /// The store's bytes after an eviction that could not get under the budget (all of it
-    /// needed): no pass again until the store holds more.
-    budget_futile: Mutex<Option<u64>>,
-    /// When an eviction last found each blob needed (its recency, with its write time).
-    last_needed: Mutex<HashMap<Hash, std::time::SystemTime>>,
-    /// What evictions freed since the start.
-    evicted: Mutex<evict::Evicted>,
-    /// Wakes the budget's check (after an operation).
-    budget_check: tokio::sync::Notify,
+    /// The disk budget.
+    budget: evict::Budget,
     /// The held parents of mount paths, by volume.
     mount_points: Mutex<HashMap<String, Arc<MountPoint>>>,
 }
@@ -294,24 +283,22 @@ impl Agent {
             )
             .with_metrics(metrics.clone()),
             metrics,
-            tracker,
+            remote: remote::Remote {
+                coord,
+                tracker,
+                members: Default::default(),
+            },
             opts,
             pages: crate::store::Pages::new(store.clone()),
             store,
             db,
             ep,
-            coord,
             locks: Default::default(),
             last_reload: Default::default(),
             compacting: Default::default(),
             cancel: CancellationToken::new(),
-            members: Default::default(),
             overlays,
-            ops: Default::default(),
-            budget_futile: Default::default(),
-            last_needed: Default::default(),
-            evicted: Default::default(),
-            budget_check: Default::default(),
+            budget: Default::default(),
             mount_points: Default::default(),
         });
         if inner.overlays {
@@ -477,7 +464,7 @@ impl Agent {
                 }
             }
         }
-        self.inner.tracker.withdraw(Vec::new()).await;
+        self.inner.remote.tracker.withdraw(Vec::new()).await;
         let _ = std::fs::remove_file(self.inner.opts.data.join(control::SOCKET));
         let _ = std::fs::remove_file(self.inner.opts.data.join(ADMIN_SOCKET));
         self.inner.ep.close().await;
@@ -503,7 +490,7 @@ async fn budget_loop(inner: Arc<Inner>, cancel: CancellationToken) {
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = inner.budget_check.notified() => {}
+            _ = inner.budget.check.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
     }
@@ -543,10 +530,10 @@ async fn background_commits(inner: Arc<Inner>, name: String, secs: u64, cancel: 
             _ = tick.tick() => {}
         }
         let done = {
-            let _op = inner.ops.read().await;
+            let _op = inner.budget.ops.read().await;
             inner.commit(&name, &Events::none()).await
         };
-        inner.budget_check.notify_one();
+        inner.budget.check.notify_one();
         match done {
             Ok(r) if r.changed > 0 => {
                 info!(volume = name, version = r.version, "background commit")
@@ -584,11 +571,11 @@ impl Inner {
             // Not status: it is answered even while an eviction runs.
             let _op = match req {
                 Request::Status => None,
-                _ => Some(self.ops.read().await),
+                _ => Some(self.budget.ops.read().await),
             };
             self.clone().handle(req, caller, events, input).await
         };
-        self.budget_check.notify_one();
+        self.budget.check.notify_one();
         r
     }
 

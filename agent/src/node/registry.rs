@@ -12,6 +12,7 @@ impl Inner {
             } => {
                 check_volume_name(&name).map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
                 match self
+                    .remote
                     .coord
                     .request(&CoordRequest::CreateVolume { name: name.clone() })
                     .await
@@ -24,7 +25,12 @@ impl Inner {
                     Err(e) => Err(e.into()),
                 }
             }
-            Request::VolumeList => match self.coord.request(&CoordRequest::ListVolumes).await? {
+            Request::VolumeList => match self
+                .remote
+                .coord
+                .request(&CoordRequest::ListVolumes)
+                .await?
+            {
                 CoordResponse::Volumes(v) => Ok(Reply::Volumes(
                     v.into_iter()
                         .map(|i| VolumeView {
@@ -40,7 +46,8 @@ impl Inner {
             },
             Request::VolumeRename { from, to } => {
                 check_volume_name(&to).map_err(|e| err(ErrorCode::Invalid, e.to_string()))?;
-                self.coord
+                self.remote
+                    .coord
                     .request(&CoordRequest::RenameVolume {
                         from: from.clone(),
                         to: to.clone(),
@@ -52,6 +59,7 @@ impl Inner {
                 name,
                 allow_missing,
             } => match self
+                .remote
                 .coord
                 .request(&CoordRequest::DeleteVolume { name: name.clone() })
                 .await

@@ -13,6 +13,7 @@ impl Inner {
     /// coordinator key, and no rollback below the newest head seen.
     pub(super) async fn verified_head(&self, name: &str) -> OpResult<VolumeInfo> {
         let info = match self
+            .remote
             .coord
             .request(&CoordRequest::GetHead {
                 name: name.to_string(),
@@ -48,6 +49,15 @@ impl Inner {
     }
 }
 
+/// The coordinator link: its requests, the tracker's side, and the fleet's members as the
+/// coordinator last said.
+#[derive(Debug)]
+pub(super) struct Remote {
+    pub(super) coord: Arc<CoordClient>,
+    pub(super) tracker: Arc<TrackerClient>,
+    pub(super) members: Mutex<Members>,
+}
+
 /// The fleet's members as the coordinator last said.
 #[derive(Debug, Default)]
 pub(super) struct Members {
@@ -69,7 +79,7 @@ impl Inner {
             return true;
         }
         {
-            let mut m = self.members.lock().expect("not poisoned");
+            let mut m = self.remote.members.lock().expect("not poisoned");
             if m.ids.contains(id) {
                 return true;
             }
@@ -80,8 +90,10 @@ impl Inner {
             }
             m.asked = Some(Instant::now());
         }
-        if let Ok(CoordResponse::Members(ids)) = self.coord.request(&CoordRequest::Members).await {
-            let mut m = self.members.lock().expect("not poisoned");
+        if let Ok(CoordResponse::Members(ids)) =
+            self.remote.coord.request(&CoordRequest::Members).await
+        {
+            let mut m = self.remote.members.lock().expect("not poisoned");
             m.ids = parse_ids(&ids);
             return m.ids.contains(id);
         }
@@ -91,13 +103,13 @@ impl Inner {
     /// Whether `id` may send this request (no refresh): in a fleet with a list of members,
     /// a node the coordinator removed is refused at once.
     pub(super) fn is_listed_member(&self, id: &iroh::PublicKey) -> bool {
-        let m = self.members.lock().expect("not poisoned");
+        let m = self.remote.members.lock().expect("not poisoned");
         !m.listed || *id == self.opts.coordinator.id || m.ids.contains(id)
     }
 
     /// What the watch pushed: the members, or `None` for an open fleet.
     fn pushed(&self, ids: Option<&[[u8; 32]]>) {
-        let mut m = self.members.lock().expect("not poisoned");
+        let mut m = self.remote.members.lock().expect("not poisoned");
         m.listed = ids.is_some();
         if let Some(ids) = ids {
             m.ids = parse_ids(ids);
@@ -118,7 +130,7 @@ pub(super) async fn watch_members(inner: Arc<Inner>, cancel: CancellationToken) 
     let mut backoff = Duration::from_millis(200);
     loop {
         let watched = async {
-            let mut w = inner.coord.watch_members().await?;
+            let mut w = inner.remote.coord.watch_members().await?;
             // A new connection: the coordinator may have restarted, its tracker empty.
             inner.stay_tracked().await;
             loop {
@@ -171,6 +183,7 @@ impl Inner {
         for chunk in blobs.chunks(MAX_HAS) {
             let hashes = chunk.iter().map(|(h, _)| *h).collect();
             match self
+                .remote
                 .coord
                 .request(&CoordRequest::HasBlobs { hashes })
                 .await?
@@ -196,7 +209,7 @@ impl Inner {
                 .iter()
                 .map(|(h, s)| (*h, *s, self.store.data_path(h)))
                 .collect();
-            let (coord, counter) = (self.coord.clone(), done.clone());
+            let (coord, counter) = (self.remote.coord.clone(), done.clone());
             set.spawn(async move { coord.upload(&list, counter.as_ref()).await });
         }
         while let Some(r) = set.join_next().await {
@@ -222,7 +235,7 @@ impl Inner {
             volume: info.id,
             base_version,
         };
-        match self.coord.commit(&req, parts).await? {
+        match self.remote.coord.commit(&req, parts).await? {
             CoordResponse::Committed {
                 head,
                 overwritten,

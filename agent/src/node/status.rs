@@ -7,6 +7,7 @@ impl Inner {
         let mut mounts = Vec::new();
         for m in self.mounts()? {
             let remote = match self
+                .remote
                 .coord
                 .request(&CoordRequest::GetHead {
                     name: m.name.clone(),
@@ -41,7 +42,7 @@ impl Inner {
             .await
             .map_err(failed)?
             .map_err(failed)?;
-        let evicted = *self.evicted.lock().expect("not poisoned");
+        let evicted = self.budget.evicted();
         Ok(StatusReport {
             node_id: self.ep.id().to_string(),
             addr: net::local_addr(&self.ep).to_string(),
