@@ -32,6 +32,7 @@ impl Inner {
             return;
         }
         if !self
+            .mounted
             .compacting
             .lock()
             .expect("not poisoned")
@@ -41,7 +42,11 @@ impl Inner {
         }
         tokio::spawn(async move {
             let r = self.compact(&name).await;
-            self.compacting.lock().expect("not poisoned").remove(&name);
+            self.mounted
+                .compacting
+                .lock()
+                .expect("not poisoned")
+                .remove(&name);
             match r {
                 Ok(true) => info!(
                     volume = name,

@@ -155,10 +155,8 @@ struct Inner {
     serve: crate::blobs::ServeOptions,
     /// The coordinator link.
     remote: remote::Remote,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    last_reload: Mutex<HashMap<String, ReloadReport>>,
-    /// Mounts whose layers are being compacted.
-    compacting: Mutex<HashSet<String>>,
+    /// What the agent keeps of its mounts besides their records.
+    mounted: mounts::Mounted,
     /// Cancelled when the agent stops; background loops end with it.
     cancel: CancellationToken,
     /// Whether snapshots are overlays (else copies).
@@ -166,8 +164,6 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The disk budget.
     budget: evict::Budget,
-    /// The held parents of mount paths, by volume.
-    mount_points: Mutex<HashMap<String, Arc<MountPoint>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -283,6 +279,7 @@ impl Agent {
             )
             .with_metrics(metrics.clone()),
             metrics,
+            mounted: Default::default(),
             remote: remote::Remote {
                 coord,
                 tracker,
@@ -293,13 +290,9 @@ impl Agent {
             store,
             db,
             ep,
-            locks: Default::default(),
-            last_reload: Default::default(),
-            compacting: Default::default(),
             cancel: CancellationToken::new(),
             overlays,
             budget: Default::default(),
-            mount_points: Default::default(),
         });
         if inner.overlays {
             // The whole data directory, so that sealed upper layers (under mounts/) can be

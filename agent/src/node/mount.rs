@@ -133,7 +133,8 @@ impl Inner {
             owner,
         };
         self.put_mount(&rec, &built.stats)?;
-        self.mount_points
+        self.mounted
+            .mount_points
             .lock()
             .expect("not poisoned")
             .insert(name.to_string(), Arc::new(mp));

@@ -118,9 +118,21 @@ pub(super) fn migrate_mounts(db: &Database) -> Result<(), String> {
 /// Committed changes a mount keeps to report overwrites by other writers at its next reload.
 pub(super) const MAX_OWN: usize = 10_000;
 
+/// What the agent keeps of its mounts besides their records: a lock per volume that its
+/// operations take in turn, each mount's last reload, the mounts being compacted, and the
+/// held parents of mount paths.
+#[derive(Debug, Default)]
+pub(super) struct Mounted {
+    pub(super) locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(super) last_reload: Mutex<HashMap<String, ReloadReport>>,
+    pub(super) compacting: Mutex<HashSet<String>>,
+    pub(super) mount_points: Mutex<HashMap<String, Arc<MountPoint>>>,
+}
+
 impl Inner {
     pub(super) fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
+        self.mounted
+            .locks
             .lock()
             .expect("not poisoned")
             .entry(name.to_string())
@@ -322,7 +334,7 @@ impl Inner {
     /// The held parent of mount `m`'s path: opened at its first use since the agent
     /// started, and checked against the directory the record names.
     pub(super) fn mount_point(&self, m: &MountRecord) -> OpResult<Arc<MountPoint>> {
-        let mut held = self.mount_points.lock().expect("not poisoned");
+        let mut held = self.mounted.mount_points.lock().expect("not poisoned");
         if let Some(mp) = held.get(&m.name)
             && mp.path() == m.path
             && mp.id() == m.parent

@@ -327,7 +327,8 @@ impl Inner {
             seconds = report.seconds,
             "reloaded"
         );
-        self.last_reload
+        self.mounted
+            .last_reload
             .lock()
             .expect("not poisoned")
             .insert(report.volume.clone(), report.clone());

@@ -22,6 +22,7 @@ impl Inner {
             let compacted = self.base_layers(&m) != m.layers;
             mounts.push(MountStatus {
                 last_reload: self
+                    .mounted
                     .last_reload
                     .lock()
                     .expect("not poisoned")

@@ -52,7 +52,11 @@ impl Inner {
             ),
         }
         self.drop_mount(&rec)?;
-        self.mount_points.lock().expect("not poisoned").remove(name);
+        self.mounted
+            .mount_points
+            .lock()
+            .expect("not poisoned")
+            .remove(name);
         let vol = self.mounts_dir(rec.id);
         let snap_dir = vol.join(&rec.snapshot);
         let trash = self.opts.data.join(TRASH);
