@@ -45,6 +45,10 @@ pub enum StoreError {
         /// What failed.
         message: String,
     },
+    /// The reader of an encoding stopped taking it (a requester that cancelled or left):
+    /// nothing is wrong with the blob.
+    #[error("the receiver of blob {0} stopped reading")]
+    ReceiverGone(Hash),
     /// A provider lacks some requested ranges of a partial blob.
     #[error("blob {0} is held only in part; requested ranges are missing")]
     MissingRanges(Hash),

@@ -22,9 +22,14 @@ impl Store {
         if !meta.is_complete() && (meta.ranges().to_chunk_ranges() & want.clone()) != want {
             return Err(StoreError::MissingRanges(*hash));
         }
+        let mut out = Watched {
+            inner: out,
+            failed: false,
+        };
         if let Some(r) = &self.inner.remote {
             let ob = self.remote_outboard(r, hash, size)?;
-            let sent = r.encode(hash, size, ranges, ob, out);
+            let sent = r.encode(hash, size, ranges, ob, &mut out);
+            let sent = out.classify(sent, hash);
             if matches!(sent, Err(StoreError::Corrupt { .. })) {
                 // The copy here may be what is damaged: the next request fetches it again.
                 let _ = std::fs::remove_file(self.outboard_path(hash));
@@ -38,12 +43,9 @@ impl Store {
             tree: blob::tree(size),
             data: self.open_outboard(hash, size, false)?,
         };
-        bao_tree::io::sync::encode_ranges_validated(data, ob, &want, out).map_err(|e| {
-            StoreError::Corrupt {
-                hash: *hash,
-                message: e.to_string(),
-            }
-        })
+        let sent = bao_tree::io::sync::encode_ranges_validated(data, ob, &want, &mut out)
+            .map_err(|e| encode_error(e, hash, &dp));
+        out.classify(sent, hash)
     }
 
     /// Prepares to receive a blob in ranges: creates its (sparse) files and an empty record
@@ -222,6 +224,55 @@ impl Store {
             return Err(e);
         }
         File::open(&op).map(|f| ObFile(Some(f))).ctx(&op)
+    }
+}
+
+/// What an encoding's failure means: hashes that do not match are a damaged blob; a read
+/// that failed is the disk's (or the bucket's) trouble.
+pub(super) fn encode_error(e: bao_tree::io::EncodeError, hash: &Hash, what: &Path) -> StoreError {
+    use bao_tree::io::EncodeError as E;
+    match e {
+        E::ParentHashMismatch(_) | E::LeafHashMismatch(_) | E::SizeMismatch => {
+            StoreError::Corrupt {
+                hash: *hash,
+                message: e.to_string(),
+            }
+        }
+        E::Io(source) => StoreError::Io {
+            path: what.display().to_string(),
+            source,
+        },
+        other => StoreError::Io {
+            path: what.display().to_string(),
+            source: io::Error::other(other.to_string()),
+        },
+    }
+}
+
+/// The writer an encoding goes to, watched: a failure to write is the receiver's going,
+/// never the blob's fault (a requester that cancels must not make a provider distrust, or
+/// drop, its own copy).
+struct Watched<W> {
+    inner: W,
+    failed: bool,
+}
+
+impl<W: Write> Write for Watched<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).inspect_err(|_| self.failed = true)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().inspect_err(|_| self.failed = true)
+    }
+}
+
+impl<W> Watched<W> {
+    fn classify(&self, sent: Result<(), StoreError>, hash: &Hash) -> Result<(), StoreError> {
+        match sent {
+            Err(_) if self.failed => Err(StoreError::ReceiverGone(*hash)),
+            other => other,
+        }
     }
 }
 

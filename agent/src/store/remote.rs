@@ -393,10 +393,8 @@ impl Remote {
         if let Some(e) = data.failed.lock().expect("not poisoned").take() {
             return Err(e);
         }
-        r.map_err(|e| StoreError::Corrupt {
-            hash: *hash,
-            message: e.to_string(),
-        })
+        let key = std::path::PathBuf::from(data.key.to_string());
+        r.map_err(|e| super::ranges::encode_error(e, hash, &key))
     }
 }
 

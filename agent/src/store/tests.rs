@@ -145,3 +145,37 @@ fn adopt_refuses_wrong_hash() {
     assert!(matches!(r, Err(StoreError::Corrupt { .. })));
     assert!(!s.has_complete(&Hash::of(b"hello")).unwrap());
 }
+
+/// A receiver that stops reading an encoding is not a damaged blob: the provider's copy
+/// stays trusted (and, on a bucket, its outboard kept).
+#[test]
+fn a_receiver_that_stops_is_not_a_damaged_blob() {
+    struct Stops(usize);
+    impl std::io::Write for Stops {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "receiver gone",
+                ));
+            }
+            let n = buf.len().min(self.0);
+            self.0 -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path()).unwrap();
+    let bytes = data(3 << 20);
+    let hash = store.import_bytes(&bytes).unwrap();
+    let size = bytes.len() as u64;
+    let all = RangeList(vec![(0, size.div_ceil(1024))]);
+    let e = store.encode(&hash, size, &all, Stops(100_000)).unwrap_err();
+    assert!(matches!(e, StoreError::ReceiverGone(_)), "{e}");
+    let mut out = Vec::new();
+    store.encode(&hash, size, &all, &mut out).unwrap();
+    assert!(!out.is_empty());
+}
