@@ -33,6 +33,10 @@ pub(super) struct View {
     /// The committed snapshot the mount is on.
     pub(super) base: Tree,
     pub(super) pending: Pending,
+    /// Directories the user made in the mount since its snapshot (the model tracks files
+    /// only: a new directory left empty would be a change it does not know of, so the
+    /// user removes it with its last file).
+    pub(super) made: BTreeSet<String>,
 }
 
 impl View {

@@ -28,17 +28,25 @@ impl Trial<'_> {
             if self.rng.random_bool(0.15) {
                 if view.expected().contains_key(&path) {
                     std::fs::remove_file(&p).with_context(|| p.display().to_string())?;
-                    self.views[agent]
-                        .get_mut(vol)
-                        .expect("mounted")
-                        .delete(path);
+                    let view = self.views[agent].get_mut(vol).expect("mounted");
+                    view.delete(path.clone());
+                    remove_made_dir(&mnt, view, &path);
                 }
                 continue;
             }
             let size = random_size(&mut self.rng);
             let seed = self.fresh_seed();
             let bytes = bytes_of(seed, size);
-            std::fs::create_dir_all(p.parent().expect("a file in a directory"))?;
+            let parent = p.parent().expect("a file in a directory");
+            if !parent.exists() {
+                let dir = path.split('/').next().unwrap_or_default().to_string();
+                self.views[agent]
+                    .get_mut(vol)
+                    .expect("mounted")
+                    .made
+                    .insert(dir);
+            }
+            std::fs::create_dir_all(parent)?;
             let written = std::fs::write(&p, &bytes);
             let pending = &mut self.views[agent].get_mut(vol).expect("mounted").pending;
             match written {
@@ -49,7 +57,8 @@ impl Trial<'_> {
                     // A full disk (agent 2): the user removes what could not be written.
                     std::fs::remove_file(&p)?;
                     let view = self.views[agent].get_mut(vol).expect("mounted");
-                    view.delete(path);
+                    view.delete(path.clone());
+                    remove_made_dir(&mnt, view, &path);
                 }
                 Err(e) => return Err(e).with_context(|| p.display().to_string()),
             }
@@ -102,6 +111,7 @@ impl Trial<'_> {
             self.out.acknowledged += 1;
             let view = self.views[agent].get_mut(vol).expect("mounted");
             view.pending.clear();
+            view.made.clear();
             view.base = latest;
             self.out.unexplained_errors += 1;
             self.out.problem(format!(
@@ -546,5 +556,18 @@ impl Trial<'_> {
             self.model[vol].clone()
         };
         self.moved_to(TMPFS_AGENT, vol, latest, "after the disk had room again")
+    }
+}
+
+/// After the user removed `path` from the mount at `mnt`: its directory too, if the user
+/// made it since the snapshot and nothing else of the model is in it.
+fn remove_made_dir(mnt: &std::path::Path, view: &mut View, path: &str) {
+    let dir = path.split('/').next().unwrap_or_default().to_string();
+    let prefix = format!("{dir}/");
+    if view.made.contains(&dir)
+        && !view.expected().keys().any(|k| k.starts_with(&prefix))
+        && std::fs::remove_dir(mnt.join(&dir)).is_ok()
+    {
+        view.made.remove(&dir);
     }
 }

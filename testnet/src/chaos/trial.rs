@@ -321,6 +321,7 @@ impl Trial<'_> {
         self.out.acknowledged += 1;
         let view = self.views[agent].get_mut(vol).expect("mounted");
         view.pending.clear();
+        view.made.clear();
         view.base = latest.clone();
         self.check_mount(agent, vol, &[latest], when)?;
         Ok(())
