@@ -14,6 +14,13 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
+    /// Draws the progress an agent's event reports (other events are not its business).
+    pub(crate) fn on(&mut self, ev: Event) {
+        if let Event::Progress { phase, done, total } = ev {
+            self.update(&phase, done, total);
+        }
+    }
+
     pub(crate) fn new(quiet: bool) -> Self {
         let show = !quiet && std::io::stderr().is_terminal();
         Progress {
@@ -65,12 +72,7 @@ impl std::error::Error for Refused {}
 /// Sends a request, drawing progress, and returns the reply or an error.
 pub(crate) async fn call(agent: &Path, req: Request, quiet: bool) -> anyhow::Result<Reply> {
     let mut progress = Progress::new(quiet);
-    let r = control::call(agent, &req, |ev| {
-        if let Event::Progress { phase, done, total } = ev {
-            progress.update(&phase, done, total);
-        }
-    })
-    .await;
+    let r = control::call(agent, &req, |ev| progress.on(ev)).await;
     progress.finish();
     match r? {
         Ok(reply) => Ok(reply),

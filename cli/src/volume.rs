@@ -357,13 +357,7 @@ async fn put(
         }
     }
     let mut progress = crate::output::Progress::new(false);
-    let r = up
-        .send(agent, &name, force, |ev| {
-            if let Event::Progress { phase, done, total } = ev {
-                progress.update(&phase, done, total);
-            }
-        })
-        .await;
+    let r = up.send(agent, &name, force, |ev| progress.on(ev)).await;
     progress.finish();
     match r? {
         Ok(reply) => done(reply),
