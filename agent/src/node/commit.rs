@@ -64,7 +64,7 @@ impl Inner {
             ));
         }
         let mut local = None;
-        if self.overlays
+        if self.snapshots.layered()
             && let Some((sealed, state)) = self
                 .seal(&rec)
                 .await

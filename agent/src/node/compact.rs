@@ -28,7 +28,8 @@ impl Inner {
     /// Starts a compaction of `name`'s layers in the background if it has
     /// [`COMPACT_AT`] or more.
     pub(super) fn compact_later(self: Arc<Self>, name: String) {
-        if !self.overlays || self.mount(&name).is_ok_and(|r| r.layers.len() < COMPACT_AT) {
+        if !self.snapshots.layered() || self.mount(&name).is_ok_and(|r| r.layers.len() < COMPACT_AT)
+        {
             return;
         }
         if !self
@@ -160,9 +161,9 @@ impl Inner {
     /// Detaches and removes a snapshot built but not used.
     pub(super) fn drop_built(&self, id: VolumeId, built: &Built) {
         let dir = self.mounts_dir(id);
-        let merged = self.link_target(id, &built.snapshot);
-        if self.overlays
-            && let Err(e) = crate::overlay::unmount_lazy(&merged)
+        let view = self.snapshots.view(&dir.join(&built.snapshot));
+        if crate::overlay::is_mounted(&view)
+            && let Err(e) = crate::overlay::unmount_lazy(&view)
         {
             warn!("cannot detach an unused snapshot: {e}");
         }

@@ -39,7 +39,10 @@ impl Inner {
         let cache = self.stats(&rec.name)?;
         let dir = self.mounts_dir(rec.id).join(&rec.snapshot);
         let base = local_root(rec.manifest);
-        let lowers = self.overlays.then(|| local_root(rec.lower_manifest));
+        let lowers = self
+            .snapshots
+            .layered()
+            .then(|| local_root(rec.lower_manifest));
         let (store, pages) = (self.store.clone(), self.pages.clone());
         tokio::task::spawn_blocking(move || {
             let batch = store.batch();

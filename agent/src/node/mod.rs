@@ -33,6 +33,7 @@ use crate::store::Store;
 use voltool_protocol::tree::{self, Delta, PageRef, Shape};
 
 mod access;
+mod background;
 mod commit;
 mod compact;
 mod error;
@@ -57,6 +58,7 @@ mod upload;
 mod volume;
 
 pub use access::{ADMIN_SOCKET, Caller};
+use background::{background_commits, budget_loop, peer_loop, tracked_loop};
 pub use compact::COMPACT_AT;
 pub use error::OpError;
 use error::{OpResult, db_err, err, failed, scan_err};
@@ -67,7 +69,6 @@ use local::{Local, Take};
 use mount_point::{MountPoint, ParentId};
 use mounts::{MAX_OWN, MOUNTS, MountRecord, STATS};
 use remote::SEEN;
-use snapshot::Source;
 use socket::{bind_socket, control_loop};
 
 /// What a client sends after its request (an upload's bytes).
@@ -159,8 +160,8 @@ struct Inner {
     mounted: mounts::Mounted,
     /// Cancelled when the agent stops; background loops end with it.
     cancel: CancellationToken,
-    /// Whether snapshots are overlays (else copies).
-    overlays: bool,
+    /// The kind of snapshots mounts are made of.
+    snapshots: Arc<dyn snapshot::Snapshots>,
     metrics: Arc<Metrics>,
     /// The disk budget.
     budget: evict::Budget,
@@ -249,8 +250,9 @@ impl Agent {
             w.open_table(SEEN).map_err(|e| other(&e))?;
             w.commit().map_err(|e| other(&e))?;
         }
-        let overlays =
-            snapshot::resolve_mode(&opts.data, opts.snapshots).map_err(StartError::Other)?;
+        let pages = crate::store::Pages::new(store.clone());
+        let snapshots = snapshot::resolve(&opts.data, opts.snapshots, &store, &pages)
+            .map_err(StartError::Other)?;
         let ep = net::bind(
             key,
             opts.listen,
@@ -286,24 +288,20 @@ impl Agent {
                 members: Default::default(),
             },
             opts,
-            pages: crate::store::Pages::new(store.clone()),
+            pages,
             store,
             db,
             ep,
             cancel: CancellationToken::new(),
-            overlays,
+            snapshots,
             budget: Default::default(),
         });
-        if inner.overlays {
-            // The whole data directory, so that sealed upper layers (under mounts/) can be
-            // hard-linked into the store: links never cross mount points.
-            crate::overlay::make_private_root(&inner.opts.data).map_err(|e| other(&e))?;
-        }
+        inner
+            .snapshots
+            .start(&inner.opts.data)
+            .map_err(StartError::Other)?;
         inner.recover().await.map_err(|e| other(&e))?;
-        // Overlay snapshots are mounted at their paths, so nobody else needs to enter the
-        // data directory; copied ones are reached through links into it, which others may
-        // follow (not list).
-        let mode = if inner.overlays { 0o700 } else { 0o711 };
+        let mode = inner.snapshots.data_mode();
         std::fs::set_permissions(
             &inner.opts.data,
             std::os::unix::fs::PermissionsExt::from_mode(mode),
@@ -332,24 +330,7 @@ impl Agent {
                 ));
             }
         }
-        {
-            let inner = inner.clone();
-            let cancel = cancel.clone();
-            tasks.spawn(async move {
-                // Registered with the tracker at once, with what it holds; then alive (what
-                // it announced expires without a heartbeat), and announced again whenever
-                // the tracker no longer knows it. Each new connection to the coordinator
-                // checks the same (`watch_members`).
-                inner.stay_tracked().await;
-                let every = inner.serve.serving.config().holder_ttl / 3;
-                loop {
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(every) => inner.stay_tracked().await,
-                    }
-                }
-            });
-        }
+        tasks.spawn(tracked_loop(inner.clone(), cancel.clone()));
         tasks.spawn(inner.serve.serving.clone().run_pushes(cancel.clone()));
         let metrics_addr = match inner.opts.metrics {
             Some(addr) => {
@@ -461,80 +442,6 @@ impl Agent {
         let _ = std::fs::remove_file(self.inner.opts.data.join(control::SOCKET));
         let _ = std::fs::remove_file(self.inner.opts.data.join(ADMIN_SOCKET));
         self.inner.ep.close().await;
-    }
-}
-
-/// The least time between two checks of the store's budget.
-const BUDGET_CHECK_GAP: Duration = Duration::from_secs(2);
-
-/// Keeps the store within its budget: after operations (at most every few seconds: a
-/// check reads every blob's record), and every minute.
-async fn budget_loop(inner: Arc<Inner>, cancel: CancellationToken) {
-    if inner.opts.store_max.is_none() {
-        return;
-    }
-    loop {
-        if let Err(e) = inner.enforce_budget(false).await {
-            warn!("evicting from the store failed: {e}");
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(BUDGET_CHECK_GAP) => {}
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = inner.budget.check.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-        }
-    }
-}
-
-async fn peer_loop(inner: Arc<Inner>, cancel: CancellationToken) {
-    loop {
-        let incoming = tokio::select! {
-            _ = cancel.cancelled() => return,
-            i = inner.ep.accept() => match i { Some(i) => i, None => return },
-        };
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let Ok(accepting) = incoming.accept() else {
-                return;
-            };
-            let Ok(conn) = accepting.await else { return };
-            // Only fleet members the coordinator vouches for may fetch.
-            let member = inner.is_member(&conn.remote_id()).await;
-            if !member {
-                warn!(peer = %conn.remote_id().fmt_short(), "refused a node that is not a fleet member");
-            }
-            // Checked again at every request: a node removed meanwhile is refused.
-            let i = inner.clone();
-            let allow: crate::blobs::Allow = Arc::new(move |id| member && i.is_listed_member(id));
-            crate::blobs::serve(conn, inner.store.clone(), allow, inner.serve.clone()).await;
-        });
-    }
-}
-
-async fn background_commits(inner: Arc<Inner>, name: String, secs: u64, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(secs.max(1)));
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let done = {
-            let _op = inner.budget.ops.read().await;
-            inner.commit(&name, &Events::none()).await
-        };
-        inner.budget.check.notify_one();
-        match done {
-            Ok(r) if r.changed > 0 => {
-                info!(volume = name, version = r.version, "background commit")
-            }
-            Ok(_) => {}
-            Err(e) if matches!(e.code, ErrorCode::NotMounted | ErrorCode::NotFound) => return,
-            Err(e) => warn!(volume = name, "background commit failed: {e}"),
-        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! `voltool mount`: a first snapshot of a volume at a host path.
 
+use super::snapshot::Source;
 use super::*;
 
 /// How a volume is mounted.
@@ -92,13 +93,11 @@ impl Inner {
                 })
             })
             .await?;
-        let m;
-        let source = if self.overlays {
+        let source = if self.snapshots.layered() {
             Source::Full { root }
         } else {
-            m = self.read_manifest(root).await?;
             Source::Copy {
-                manifest: &m,
+                manifest: self.read_manifest(root).await?,
                 prev: None,
                 reuse: HashSet::new(),
             }
@@ -107,12 +106,7 @@ impl Inner {
             .build(info.id, info.head.commit.version, source, read_only, owner)
             .await?;
         // The path becomes a mount point (overlay mode) or makes room for its link.
-        let prepared = if self.overlays {
-            mp.prepare_base(owner, true)
-        } else {
-            mp.prepare()
-        };
-        if let Err(e) = prepared {
+        if let Err(e) = self.snapshots.prepare(&mp, owner, true) {
             self.drop_built(info.id, &built);
             return Err(taken(e));
         }

@@ -242,12 +242,16 @@ impl Inner {
     /// reported and left; the others still are.
     pub(super) async fn recover(&self) -> OpResult<()> {
         for m in self.mounts()? {
-            if self.overlays == m.layers.is_empty() {
+            if self.snapshots.layered() == m.layers.is_empty() {
+                let was = if m.layers.is_empty() {
+                    "copy"
+                } else {
+                    "overlay"
+                };
                 return Err(failed(format!(
-                    "volume {} was mounted with {} snapshots; start the agent with --snapshots {} (or from another data directory)",
+                    "volume {} was mounted with {was} snapshots, and this agent makes {} snapshots; start it with --snapshots {was} (or from another data directory)",
                     m.name,
-                    if self.overlays { "copied" } else { "overlay" },
-                    if self.overlays { "copy" } else { "overlay" },
+                    self.snapshots.name(),
                 )));
             }
             if let Err(e) = self.recover_one(&m).await {
@@ -275,58 +279,37 @@ impl Inner {
     }
 
     async fn recover_one(&self, m: &MountRecord) -> OpResult<()> {
-        let target = self.link_target(m.id, &m.snapshot);
-        if self.overlays {
-            if !crate::overlay::is_mounted(&target) {
-                info!(volume = m.name, "mounting the recorded snapshot again");
-                self.mount_overlay(m.id, &m.snapshot, &m.layers, m.read_only, m.owner)?;
-            }
-            let sealing = self
-                .mounts_dir(m.id)
-                .join(&m.snapshot)
-                .join(super::seal::SEALING);
-            if sealing.exists() {
-                info!(
-                    volume = m.name,
-                    "finishing the seal of an upper layer a commit began"
-                );
-                if self.seal(m).await?.is_none() {
-                    return Err(failed("a file in the mount is open for writing"));
-                }
-                return Ok(());
-            }
-            if crate::overlay::is_frozen(&target) {
-                // Frozen for a switch (a reload, a compaction, or a commit before its seal
-                // began) that never happened.
-                info!(
-                    volume = m.name,
-                    "making the mount writable again: a switch stopped before it was made"
-                );
-                crate::overlay::thaw(&target).map_err(failed)?;
-            }
-            if !m.read_only && crate::overlay::is_mount_ro(&target) {
-                // An older voltool froze single mounts.
-                crate::overlay::thaw_mount(&target).map_err(failed)?;
-            }
-        }
-        let mp = self.mount_point(m)?;
-        if self.overlays {
-            // The base again after a reboot (or in place of a link an older voltool made),
-            // and the recorded snapshot shown.
-            mp.prepare_base(m.owner, false).map_err(failed)?;
-            if !mp.shows(&target) {
-                info!(
-                    volume = m.name,
-                    "showing the recorded snapshot at the mount point"
-                );
-                mp.show(&target).map_err(failed)?;
-            }
-        } else if mp.read_link().as_deref() != Some(target.as_path()) {
-            warn!(
+        let view = self.view(m, &m.snapshot);
+        self.snapshots
+            .revive(&self.mounts_dir(m.id), m)
+            .map_err(failed)?;
+        let sealing = self
+            .mounts_dir(m.id)
+            .join(&m.snapshot)
+            .join(super::seal::SEALING);
+        if sealing.exists() {
+            info!(
                 volume = m.name,
-                "re-pointing mount at its recorded snapshot"
+                "finishing the seal of an upper layer a commit began"
             );
-            mp.switch(&target).map_err(failed)?;
+            if self.seal(m).await?.is_none() {
+                return Err(failed("a file in the mount is open for writing"));
+            }
+            return Ok(());
+        }
+        self.snapshots.unfreeze(&view, m).map_err(failed)?;
+        // The path ready again after a reboot (or in place of a link an older voltool
+        // made), and the recorded snapshot shown.
+        let mp = self.mount_point(m)?;
+        self.snapshots
+            .prepare(&mp, m.owner, false)
+            .map_err(failed)?;
+        if !self.snapshots.shows(&mp, &view) {
+            info!(
+                volume = m.name,
+                "showing the recorded snapshot at the mount path"
+            );
+            self.snapshots.show(&mp, &view).map_err(failed)?;
         }
         Ok(())
     }
@@ -346,17 +329,12 @@ impl Inner {
         Ok(mp)
     }
 
-    /// Shows snapshot `snapshot` at mount `m`'s path, through its held parent: mounted
-    /// there (overlay mode) or linked (copy mode).
+    /// Shows snapshot `snapshot` at mount `m`'s path, through its held parent.
     pub(super) fn switch_mount(&self, m: &MountRecord, snapshot: &str) -> OpResult<()> {
-        let target = self.link_target(m.id, snapshot);
         let mp = self.mount_point(m)?;
-        if self.overlays {
-            mp.show(&target)
-        } else {
-            mp.switch(&target)
-        }
-        .map_err(|e| failed(format!("cannot switch the mount: {e}")))
+        self.snapshots
+            .show(&mp, &self.view(m, snapshot))
+            .map_err(|e| failed(format!("cannot switch the mount: {e}")))
     }
 
     /// Detaches overlays that are not `current` snapshots, and removes what lies under the

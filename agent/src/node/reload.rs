@@ -1,5 +1,6 @@
 //! `voltool reload`: fetch the newest head and switch the mount to it.
 
+use super::snapshot::Source;
 use super::*;
 
 impl Inner {
@@ -146,7 +147,7 @@ impl Inner {
         base: PageRef,
         dirty: &HashSet<VolPath>,
     ) -> OpResult<Plan> {
-        if self.overlays {
+        if self.snapshots.layered() {
             let lowers = local_root(rec.lower_manifest);
             self.fetch_diff(lowers, new).await?;
             let (needed_bytes, deltas) = self.reload_diff(lowers, new, THIN_MAX).await?;
@@ -262,10 +263,10 @@ impl Inner {
         self.freeze_for_switch(rec, base, mode, "reload").await?;
         let version = info.head.commit.version;
         let new = plan.new;
-        let (source, reuse) = match &plan.how {
+        let (source, reuse) = match plan.how {
             PlanHow::Thin(deltas) => (
                 Source::Thin {
-                    prev: rec,
+                    under: self.base_layers(rec),
                     deltas,
                     root: new,
                 },
@@ -274,11 +275,11 @@ impl Inner {
             PlanHow::Full => (Source::Full { root: new }, HashSet::new()),
             PlanHow::Copy(m, reuse) => (
                 Source::Copy {
-                    manifest: m,
-                    prev: Some(rec),
+                    manifest: *m,
+                    prev: Some(rec.snapshot.clone()),
                     reuse: reuse.clone(),
                 },
-                reuse.clone(),
+                reuse,
             ),
         };
         let built = self
@@ -306,7 +307,7 @@ impl Inner {
             .inspect_err(|_| self.thaw(rec))?;
         self.crash_point("reload-recorded");
         self.switch_mount(&new_rec, &new_rec.snapshot)?;
-        let fresh = self.retire(rec, &new_rec, reuse).await?;
+        let fresh = self.retire(rec, Some(&new_rec), reuse).await?;
         if !fresh.is_empty() {
             let mut stats = built.stats;
             stats.extend(fresh);
@@ -392,10 +393,10 @@ impl Inner {
         }
     }
 
-    /// Overlay mode: freezes the mount for the switch, so nothing written from now on can
-    /// be lost with the old upper layer. A file open for writing refuses it (its writer
-    /// would stay on the old snapshot), and so does a change made since the dirty check
-    /// (unless the reload discards changes).
+    /// Freezes the mount for the switch, so nothing written from now on can be lost with
+    /// the old snapshot. A file open for writing refuses it (its writer would stay on the
+    /// old snapshot), and so does a change made since the dirty check (unless the reload
+    /// discards changes; the copy kind's scan follows the switch instead).
     pub(super) async fn freeze_for_switch(
         &self,
         rec: &MountRecord,
@@ -403,13 +404,8 @@ impl Inner {
         mode: ReloadMode,
         what: &str,
     ) -> OpResult<()> {
-        if !self.overlays {
-            return Ok(());
-        }
-        let merged = self.link_target(rec.id, &rec.snapshot);
-        // The whole file system: the kernel then counts writers through every mount of it
-        // (the mount point, binds of it, copies in other namespaces).
-        if !crate::overlay::freeze(&merged).map_err(failed)? {
+        let merged = self.view(rec, &rec.snapshot);
+        if !self.snapshots.freeze(&merged).map_err(failed)? {
             let which = crate::overlay::openfiles::first_open_for_writing(&merged)
                 .map(|p| {
                     p.strip_prefix(&merged)
@@ -426,7 +422,8 @@ impl Inner {
                 ),
             ));
         }
-        if mode == ReloadMode::Discard {
+        if mode == ReloadMode::Discard || !self.snapshots.layered() {
+            // A copied tree is read by the scan the switch follows.
             return Ok(());
         }
         let written = match self.local_state(rec, Take::Hash).await {
@@ -455,14 +452,11 @@ impl Inner {
     /// Makes a mount frozen for a switch that did not happen writable again (its file
     /// system: a read-only mount stays read-only by its own flag).
     pub(super) fn thaw(&self, rec: &MountRecord) {
-        if self.overlays {
-            let merged = self.link_target(rec.id, &rec.snapshot);
-            if let Err(e) = crate::overlay::thaw(&merged) {
-                warn!(
-                    volume = rec.name,
-                    "cannot make the mount writable again: {e}"
-                );
-            }
+        if let Err(e) = self.snapshots.thaw(&self.view(rec, &rec.snapshot)) {
+            warn!(
+                volume = rec.name,
+                "cannot make the mount writable again: {e}"
+            );
         }
     }
 }

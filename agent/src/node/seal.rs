@@ -2,8 +2,6 @@
 //! takes the files written through it into the store by hard links, and switches the mount
 //! to a snapshot whose top layer is that upper and whose upper is fresh.
 
-use crate::overlay;
-
 use super::local::apply_upper;
 use super::snapshot::{MAX_LAYERS, Source};
 use super::*;
@@ -24,8 +22,8 @@ impl Inner {
     /// takes them back out of the store first. Returns the new record and the mount's
     /// state as sealed (its manifest and the bytes read), which a commit takes as is.
     pub(super) async fn seal(&self, rec: &MountRecord) -> OpResult<Option<(MountRecord, Local)>> {
-        let merged = self.link_target(rec.id, &rec.snapshot);
-        if !overlay::freeze(&merged).map_err(failed)? {
+        let merged = self.view(rec, &rec.snapshot);
+        if !self.snapshots.freeze(&merged).map_err(failed)? {
             return Ok(None);
         }
         let snap_dir = self.mounts_dir(rec.id).join(&rec.snapshot);
@@ -33,7 +31,7 @@ impl Inner {
         let r = self.seal_frozen(rec, &marker).await;
         if r.as_ref().is_ok_and(|r| r.0.snapshot == rec.snapshot) || r.is_err() {
             // Nothing was sealed (or it failed before any link): writable again.
-            let _ = overlay::thaw(&merged);
+            let _ = self.snapshots.thaw(&merged);
         }
         let _ = std::fs::remove_file(&marker);
         r.map(Some)
@@ -110,22 +108,26 @@ impl Inner {
         layers: Vec<String>,
         lowers: Hash,
     ) -> OpResult<MountRecord> {
-        let snapshot = format!("v{}-{:08x}", rec.version, rand::random::<u32>());
         // What the layers hold is durable before a record names them.
         crate::store::sync_fs_of(&self.mounts_dir(rec.id)).map_err(failed)?;
-        if let Err(e) = self.mount_overlay(rec.id, &snapshot, &layers, false, rec.owner) {
-            let _ = scan::remove_tree(&self.mounts_dir(rec.id).join(&snapshot));
-            return Err(e);
-        }
+        let built = self
+            .build(
+                rec.id,
+                rec.version,
+                Source::Over { layers },
+                false,
+                rec.owner,
+            )
+            .await?;
         let new = MountRecord {
-            snapshot,
-            layers,
+            snapshot: built.snapshot,
+            layers: built.layers,
             lower_manifest: lowers,
             ..rec.clone()
         };
         self.put_mount(&new, &StatCache::new())?;
         self.switch_mount(&new, &new.snapshot)?;
-        self.retire(rec, &new, HashSet::new()).await?;
+        self.retire(rec, Some(&new), HashSet::new()).await?;
         Ok(new)
     }
 
@@ -148,7 +150,7 @@ impl Inner {
         };
         self.put_mount(&new, &StatCache::new())?;
         self.switch_mount(&new, &new.snapshot)?;
-        self.retire(rec, &new, HashSet::new()).await?;
+        self.retire(rec, Some(&new), HashSet::new()).await?;
         Ok(new)
     }
 }

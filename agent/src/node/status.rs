@@ -49,7 +49,7 @@ impl Inner {
             addr: net::local_addr(&self.ep).to_string(),
             coordinator: self.opts.coordinator.to_string(),
             zone: self.opts.zone.clone(),
-            snapshots: if self.overlays { "overlay" } else { "copy" }.to_string(),
+            snapshots: self.snapshots.name().to_string(),
             mounts,
             store: voltool_protocol::control::StoreStatus {
                 bytes: s.0,

@@ -1,7 +1,6 @@
 //! `voltool unmount`: a mount's path goes, its snapshot is detached and removed.
 
 use super::reload::dirty_refusal;
-use super::snapshot::{TRASH, retire_overlay};
 use super::*;
 
 impl Inner {
@@ -40,12 +39,10 @@ impl Inner {
             .await?;
         // A path whose directory is no longer the one mounted in is left as it is.
         match self.mount_point(&rec) {
-            Ok(mp) => if self.overlays {
-                mp.remove_mounts()
-            } else {
-                mp.remove()
-            }
-            .map_err(|e| failed(format!("cannot remove the mount at its path: {e}")))?,
+            Ok(mp) => self
+                .snapshots
+                .remove(&mp)
+                .map_err(|e| failed(format!("cannot remove the mount at its path: {e}")))?,
             Err(e) => warn!(
                 volume = name,
                 "the mount's path is left alone: {}", e.message
@@ -57,23 +54,11 @@ impl Inner {
             .lock()
             .expect("not poisoned")
             .remove(name);
-        let vol = self.mounts_dir(rec.id);
-        let snap_dir = vol.join(&rec.snapshot);
-        let trash = self.opts.data.join(TRASH);
-        if self.overlays {
-            let stale = rec
-                .layers
-                .iter()
-                .map(|l| vol.join(l))
-                .chain([snap_dir.clone()])
-                .collect();
-            let merged = snap_dir.join("merged");
-            let volume = rec.name.clone();
-            tokio::task::spawn_blocking(move || retire_overlay(&volume, &merged, &trash, stale));
-        } else {
-            tokio::task::spawn_blocking(move || {
-                super::snapshot::discard(&trash, vec![snap_dir], None)
-            });
+        if let Err(e) = self.retire(&rec, None, HashSet::new()).await {
+            warn!(
+                volume = name,
+                "cannot retire the unmounted snapshot: {}", e.message
+            );
         }
         Ok(Reply::Done(match committed {
             Some(c) => format!(
