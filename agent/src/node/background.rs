@@ -1,4 +1,4 @@
-//! The agent's loops in the background: serving peers, keeping the store within its
+//! The agent's loops in the background: keeping the store within its
 //! budget, staying known to the tracker, and a mount's background commits.
 
 use super::*;
@@ -25,31 +25,6 @@ pub(super) async fn budget_loop(inner: Arc<Inner>, cancel: CancellationToken) {
             _ = inner.budget.check.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-    }
-}
-
-pub(super) async fn peer_loop(inner: Arc<Inner>, cancel: CancellationToken) {
-    loop {
-        let incoming = tokio::select! {
-            _ = cancel.cancelled() => return,
-            i = inner.ep.accept() => match i { Some(i) => i, None => return },
-        };
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let Ok(accepting) = incoming.accept() else {
-                return;
-            };
-            let Ok(conn) = accepting.await else { return };
-            // Only fleet members the coordinator vouches for may fetch.
-            let member = inner.is_member(&conn.remote_id()).await;
-            if !member {
-                warn!(peer = %conn.remote_id().fmt_short(), "refused a node that is not a fleet member");
-            }
-            // Checked again at every request: a node removed meanwhile is refused.
-            let i = inner.clone();
-            let allow: crate::blobs::Allow = Arc::new(move |id| member && i.is_listed_member(id));
-            crate::blobs::serve(conn, inner.store.clone(), allow, inner.serve.clone()).await;
-        });
     }
 }
 
@@ -88,7 +63,7 @@ pub(super) async fn background_commits(
 /// (`watch_members`).
 pub(super) async fn tracked_loop(inner: Arc<Inner>, cancel: CancellationToken) {
     inner.stay_tracked().await;
-    let every = inner.serve.serving.config().holder_ttl / 3;
+    let every = inner.peers.serve.serving.config().holder_ttl / 3;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -35,14 +35,14 @@ impl Inner {
     /// A new download from the swarm: its bans last as long as it does.
     pub(super) fn download(&self) -> Download {
         Download::start(SwarmCtx {
-            pool: self.pool.clone(),
+            pool: self.peers.pool.clone(),
             store: self.store.clone(),
             tracker: self.remote.tracker.clone(),
             origin: self.opts.coordinator.clone(),
-            me: self.ep.id(),
-            cfg: self.serve.serving.config().clone(),
+            me: self.peers.ep.id(),
+            cfg: self.peers.serve.serving.config().clone(),
             origin_only: self.opts.origin_only,
-            serving: self.serve.serving.clone(),
+            serving: self.peers.serve.serving.clone(),
             metrics: Some(self.metrics.clone()),
         })
     }

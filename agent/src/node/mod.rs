@@ -45,6 +45,7 @@ mod local;
 mod mount;
 mod mount_point;
 mod mounts;
+mod peers;
 mod registry;
 mod reload;
 mod remote;
@@ -58,7 +59,7 @@ mod upload;
 mod volume;
 
 pub use access::{ADMIN_SOCKET, Caller};
-use background::{background_commits, budget_loop, peer_loop, tracked_loop};
+use background::{background_commits, budget_loop, tracked_loop};
 pub use compact::COMPACT_AT;
 pub use error::OpError;
 use error::{OpResult, db_err, err, failed, scan_err};
@@ -68,6 +69,7 @@ use fetch::local_root;
 use local::{Local, Take};
 use mount_point::{MountPoint, ParentId};
 use mounts::{MAX_OWN, MOUNTS, MountRecord, STATS};
+use peers::peer_loop;
 use remote::SEEN;
 use socket::{bind_socket, control_loop};
 
@@ -151,9 +153,8 @@ struct Inner {
     /// The store's manifest pages.
     pages: crate::store::Pages,
     db: Database,
-    ep: Endpoint,
-    pool: ConnPool,
-    serve: crate::blobs::ServeOptions,
+    /// The swarm side: this node's endpoint, its connections, what it serves.
+    peers: peers::Peers,
     /// The coordinator link.
     remote: remote::Remote,
     /// What the agent keeps of its mounts besides their records.
@@ -273,13 +274,16 @@ impl Agent {
         ));
         let metrics = Metrics::new(false);
         let inner = Arc::new(Inner {
-            pool,
-            serve: crate::blobs::ServeOptions::new(
-                opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
-                opts.corrupt_served_bytes,
-                opts.swarm.clone(),
-            )
-            .with_metrics(metrics.clone()),
+            peers: peers::Peers {
+                pool,
+                serve: crate::blobs::ServeOptions::new(
+                    opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
+                    opts.corrupt_served_bytes,
+                    opts.swarm.clone(),
+                )
+                .with_metrics(metrics.clone()),
+                ep,
+            },
             metrics,
             mounted: Default::default(),
             remote: remote::Remote {
@@ -291,7 +295,6 @@ impl Agent {
             pages,
             store,
             db,
-            ep,
             cancel: CancellationToken::new(),
             snapshots,
             budget: Default::default(),
@@ -331,7 +334,7 @@ impl Agent {
             }
         }
         tasks.spawn(tracked_loop(inner.clone(), cancel.clone()));
-        tasks.spawn(inner.serve.serving.clone().run_pushes(cancel.clone()));
+        tasks.spawn(inner.peers.serve.serving.clone().run_pushes(cancel.clone()));
         let metrics_addr = match inner.opts.metrics {
             Some(addr) => {
                 // Weak: the metrics belong to the agent, which must drop when it stops.
@@ -341,7 +344,7 @@ impl Agent {
                         return;
                     };
                     m.read_store(&i.store);
-                    if let Some(n) = i.pool.open_count() {
+                    if let Some(n) = i.peers.pool.open_count() {
                         m.active_peers.set(n as i64);
                     }
                 }));
@@ -354,8 +357,8 @@ impl Agent {
             None => None,
         };
         info!(
-            node = %inner.ep.id(),
-            addr = %net::local_addr(&inner.ep),
+            node = %inner.peers.ep.id(),
+            addr = %net::local_addr(&inner.peers.ep),
             coordinator = %inner.opts.coordinator,
             "agent running"
         );
@@ -376,8 +379,8 @@ impl Agent {
     /// This node's address.
     pub fn addr(&self) -> NodeAddr {
         NodeAddr {
-            id: self.inner.ep.id(),
-            addr: net::local_addr(&self.inner.ep),
+            id: self.inner.peers.ep.id(),
+            addr: net::local_addr(&self.inner.peers.ep),
         }
     }
 
@@ -441,7 +444,7 @@ impl Agent {
         self.inner.remote.tracker.withdraw(Vec::new()).await;
         let _ = std::fs::remove_file(self.inner.opts.data.join(control::SOCKET));
         let _ = std::fs::remove_file(self.inner.opts.data.join(ADMIN_SOCKET));
-        self.inner.ep.close().await;
+        self.inner.peers.ep.close().await;
     }
 }
 

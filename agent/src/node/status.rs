@@ -45,8 +45,8 @@ impl Inner {
             .map_err(failed)?;
         let evicted = self.budget.evicted();
         Ok(StatusReport {
-            node_id: self.ep.id().to_string(),
-            addr: net::local_addr(&self.ep).to_string(),
+            node_id: self.peers.ep.id().to_string(),
+            addr: net::local_addr(&self.peers.ep).to_string(),
             coordinator: self.opts.coordinator.to_string(),
             zone: self.opts.zone.clone(),
             snapshots: self.snapshots.name().to_string(),
