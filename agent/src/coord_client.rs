@@ -187,6 +187,19 @@ impl CoordClient {
         Ok(MembersWatch { recv })
     }
 
+    /// Watches the heads of `volumes`: the stream answers with those that exist now, then
+    /// with each new one as soon as it is signed ([`CoordRequest::WatchHeads`]). The heads
+    /// are as the coordinator sent them: the caller verifies them.
+    pub async fn watch_heads(
+        &self,
+        volumes: Vec<voltool_protocol::VolumeId>,
+    ) -> Result<HeadsWatch, ClientError> {
+        let (mut send, recv) = self.open().await?;
+        net::write_frame(&mut send, &CoordRequest::WatchHeads { volumes }).await?;
+        send.finish().map_err(NetError::stream)?;
+        Ok(HeadsWatch { recv })
+    }
+
     /// Sends a commit: the `header` ([`CoordRequest::Commit`]), then the parts `parts`
     /// yields until the one marked last, on one stream; the coordinator answers once it
     /// has applied them all. When `parts` ends before a last part, the stream is reset and
@@ -402,6 +415,23 @@ impl MembersWatch {
         match net::read_frame(&mut self.recv, MAX_RESPONSE).await? {
             CoordResponse::Members(ids) => Ok(Some(ids)),
             CoordResponse::OpenFleet => Ok(None),
+            CoordResponse::Error { kind, message } => Err(ClientError::Remote { kind, message }),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+}
+
+/// A stream of new heads ([`CoordClient::watch_heads`]).
+#[derive(Debug)]
+pub struct HeadsWatch {
+    recv: iroh::endpoint::RecvStream,
+}
+
+impl HeadsWatch {
+    /// The next heads pushed (unverified): the first answer comes at once.
+    pub async fn next(&mut self) -> Result<Vec<voltool_protocol::SignedHead>, ClientError> {
+        match net::read_frame(&mut self.recv, MAX_RESPONSE).await? {
+            CoordResponse::Heads(heads) => Ok(heads),
             CoordResponse::Error { kind, message } => Err(ClientError::Remote { kind, message }),
             _ => Err(ClientError::Unexpected),
         }

@@ -89,6 +89,12 @@ pub struct Metrics {
     pub evictions: Counter,
     /// Bytes those evictions freed.
     pub evicted_bytes: Counter,
+    /// Bytes downloads of followed volumes and preheats received from peers and the origin.
+    pub prefetched_bytes: Counter,
+    /// Versions of followed volumes (and preheats) downloaded whole.
+    pub prefetched_versions: Counter,
+    /// Heads pushed for followed volumes and refused (forged, rolled back).
+    pub heads_refused: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -122,6 +128,9 @@ impl Metrics {
             gc_freed_bytes: Counter::default(),
             evictions: Counter::default(),
             evicted_bytes: Counter::default(),
+            prefetched_bytes: Counter::default(),
+            prefetched_versions: Counter::default(),
+            heads_refused: Counter::default(),
             registry: Registry::default(),
             refresh: std::sync::OnceLock::new(),
         };
@@ -189,6 +198,21 @@ impl Metrics {
                 "evicted_bytes",
                 "Bytes evictions freed",
                 m.evicted_bytes.clone(),
+            );
+            r.register(
+                "prefetched_bytes",
+                "Bytes followed volumes' downloads and preheats received",
+                m.prefetched_bytes.clone(),
+            );
+            r.register(
+                "prefetched_versions",
+                "Versions of followed volumes and preheats downloaded whole",
+                m.prefetched_versions.clone(),
+            );
+            r.register(
+                "heads_refused",
+                "Heads pushed for followed volumes and refused (forged, rolled back)",
+                m.heads_refused.clone(),
             );
         }
         Arc::new(Metrics { registry: r, ..m })

@@ -219,6 +219,11 @@ pub(crate) struct AgentArgs {
     /// Without it, root alone.
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     admin_group: Option<u32>,
+    /// Follow this volume from the start (repeat for more; `follow = [...]` in the config
+    /// file): its newest version is downloaded as soon as it is committed and served to
+    /// peers, as `voltool follow` does.
+    #[arg(long, value_name = "VOLUME", action = clap::ArgAction::Append)]
+    follow: Vec<String>,
     #[command(flatten)]
     tuning: Tuning,
     /// Fault injection for tests and the testnet's hostile-peer scenario: serve corrupt
@@ -371,6 +376,7 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
             .map(|m| StoreBudget::new(m.as_u64(), a.store_low.map(|l| l.as_u64()))),
         socket_group: a.socket_group,
         admin_group: a.admin_group,
+        follow: a.follow,
     })
     .await
     .context("starting the agent")?;

@@ -54,8 +54,15 @@ enum Cmd {
     Commit(local::CommitArgs),
     /// Bring a mounted volume to the newest committed version.
     Reload(local::ReloadArgs),
-    /// Show mounts with their local and remote versions.
+    /// Show mounts with their local and remote versions, and followed volumes.
     Status(local::StatusArgs),
+    /// Keep the newest version of a volume in this host's store as soon as it is
+    /// committed, and serve it to peers.
+    Follow(local::FollowArgs),
+    /// Stop following a volume (a mount that follows it still does).
+    Unfollow(local::FollowArgs),
+    /// Download the newest version of a volume into this host's store now (a preheat).
+    Prefetch(local::PrefetchArgs),
 }
 
 fn agent_dir(cli: Option<PathBuf>) -> PathBuf {
@@ -107,6 +114,9 @@ fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             Cmd::Commit(a) => local::commit(&agent, a).await,
             Cmd::Reload(a) => local::reload(&agent, a).await,
             Cmd::Status(a) => local::status(&agent, a).await,
+            Cmd::Follow(a) => local::follow(&agent, a, true).await,
+            Cmd::Unfollow(a) => local::follow(&agent, a, false).await,
+            Cmd::Prefetch(a) => local::prefetch(&agent, a).await,
         }
     })
 }

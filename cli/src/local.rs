@@ -24,6 +24,25 @@ pub(crate) struct MountArgs {
     /// was written.
     #[arg(long)]
     read_only: bool,
+    /// Follow the volume: each new version is downloaded into this host's store as soon
+    /// as it is committed, so that `voltool reload` only switches.
+    #[arg(long)]
+    follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct FollowArgs {
+    /// Volume name.
+    name: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PrefetchArgs {
+    /// Volume name.
+    name: String,
+    /// No progress bar.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -93,12 +112,34 @@ pub(crate) async fn mount(agent: &Path, a: MountArgs) -> anyhow::Result<ExitCode
             path,
             background_commit_secs: a.background_commit,
             read_only: a.read_only,
+            follow: a.follow,
         },
         false,
     )
     .await?;
     if let Reply::Done(msg) = reply {
         println!("{msg}");
+    }
+    ok()
+}
+
+/// `voltool follow` (`on`) and `unfollow`.
+pub(crate) async fn follow(agent: &Path, a: FollowArgs, on: bool) -> anyhow::Result<ExitCode> {
+    let reply = call(agent, Request::Follow { name: a.name, on }, false).await?;
+    if let Reply::Done(msg) = reply {
+        println!("{msg}");
+    }
+    ok()
+}
+
+pub(crate) async fn prefetch(agent: &Path, a: PrefetchArgs) -> anyhow::Result<ExitCode> {
+    let reply = call(agent, Request::Prefetch { name: a.name }, a.json).await?;
+    if let Reply::Done(msg) = reply {
+        if a.json {
+            print_json(&serde_json::json!({ "message": msg }))?;
+        } else {
+            println!("{msg}");
+        }
     }
     ok()
 }
@@ -232,6 +273,30 @@ pub(crate) async fn status(agent: &Path, a: StatusArgs) -> anyhow::Result<ExitCo
             remote,
             state,
             if m.read_only { "  read-only" } else { "" }
+        );
+    }
+    for f in &s.follows {
+        let by = match (&f.mount, f.host) {
+            (Some(p), true) => format!("host, mount {}", p.display()),
+            (Some(p), false) => format!("mount {}", p.display()),
+            (None, _) => "host".to_string(),
+        };
+        let v = |v: Option<u64>| v.map(|v| format!("v{v}")).unwrap_or_else(|| "-".into());
+        let mut state = if f.bytes_to_go > 0 {
+            format!("{} to go", size(f.bytes_to_go))
+        } else if f.newest.is_some() && f.newest == f.held {
+            "held whole".to_string()
+        } else {
+            String::new()
+        };
+        if let Some(w) = &f.waiting {
+            state = format!("waiting: {w}");
+        }
+        println!(
+            "follows {:<16} ({by})  newest {}  held {}  {state}",
+            f.volume,
+            v(f.newest),
+            v(f.held)
         );
     }
     ok()

@@ -174,6 +174,10 @@ pub enum Request {
         /// Nothing can be written through the mount (overlay mode: a read-only overlay;
         /// copy mode: commits are refused and a reload discards what was written).
         read_only: bool,
+        /// Follow the volume while it is mounted: each new version is downloaded as soon
+        /// as it is committed, so that a reload only switches.
+        #[serde(default)]
+        follow: bool,
     },
     /// Remove a mount: its path goes, its snapshot is detached.
     Unmount {
@@ -193,6 +197,19 @@ pub enum Request {
         name: Option<String>,
         /// Uncommitted changes policy.
         mode: ReloadMode,
+    },
+    /// Keep the newest version of a volume in this host's store as it is committed, and
+    /// serve it to peers (`on`), or stop (`voltool follow` / `unfollow`).
+    Follow {
+        /// Volume.
+        name: String,
+        /// Follow it, or no longer.
+        on: bool,
+    },
+    /// Download the newest version of a volume into this host's store once (a preheat).
+    Prefetch {
+        /// Volume.
+        name: String,
     },
 }
 
@@ -381,6 +398,28 @@ pub struct StatusReport {
     /// The content store.
     #[serde(default)]
     pub store: StoreStatus,
+    /// Followed volumes (by the host, or by a mount).
+    #[serde(default)]
+    pub follows: Vec<FollowStatus>,
+}
+
+/// A followed volume in `status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FollowStatus {
+    /// Volume (its name when it was followed).
+    pub volume: String,
+    /// The mount that follows it, if one does.
+    pub mount: Option<PathBuf>,
+    /// Followed by the host (`voltool follow`).
+    pub host: bool,
+    /// The newest version the coordinator pushed (verified), if heard yet.
+    pub newest: Option<u64>,
+    /// The newest version held whole in the store.
+    pub held: Option<u64>,
+    /// Bytes of the newest version still to download.
+    pub bytes_to_go: u64,
+    /// Why its download waits, if it does (no room in the store, a failure).
+    pub waiting: Option<String>,
 }
 
 /// What the agent's content store holds, and what its budget evicted.

@@ -15,7 +15,7 @@ use crate::manifest::{Change, Entry};
 use crate::path::VolPath;
 
 /// ALPN of the coordinator protocol.
-pub const ALPN: &[u8] = b"voltool/coord/7";
+pub const ALPN: &[u8] = b"voltool/coord/8";
 /// Largest request frame. A commit's change set comes in [`CommitPart`] frames of their own
 /// (at most [`MAX_COMMIT_PART_BYTES`]), read only from a writer once its request is admitted;
 /// every other request fits in this.
@@ -154,7 +154,17 @@ pub enum CoordRequest {
     /// The fleet's members now, and again each time they change: the coordinator answers
     /// [`CoordResponse::Members`] on this stream until either side closes it.
     WatchMembers,
+    /// The signed heads of these volumes now, and each new one as soon as it is signed:
+    /// the coordinator answers [`CoordResponse::Heads`] on this stream until either side
+    /// closes it (a follower's push; after a reconnect the first answer lets it catch up).
+    WatchHeads {
+        /// The volumes (at most [`MAX_WATCHED`]).
+        volumes: Vec<VolumeId>,
+    },
 }
+
+/// Most volumes one [`CoordRequest::WatchHeads`] stream watches.
+pub const MAX_WATCHED: usize = 1024;
 
 /// The application code a coordinator closes a connection with when the node is not a
 /// fleet member.
@@ -290,4 +300,7 @@ pub enum CoordResponse {
         /// Whether the tracker knew the sender.
         known: bool,
     },
+    /// On a [`CoordRequest::WatchHeads`] stream: heads of watched volumes, the first time
+    /// all that exist, then each one that moved. A watched volume deleted is left out.
+    Heads(Vec<SignedHead>),
 }

@@ -187,10 +187,13 @@ class Volume:
         *,
         read_only: bool = False,
         background_commit_secs: Optional[int] = None,
+        follow: bool = False,
     ) -> str:
         """Mounts the volume at ``path`` on this host (a new path or an empty directory,
         which becomes a mount point that shows each version reloaded; a link to the current
-        snapshot where the agent makes copies). Returns the agent's message."""
+        snapshot where the agent makes copies). With ``follow``, each new version is
+        downloaded as soon as it is committed, so that :meth:`reload` only switches.
+        Returns the agent's message."""
         # The agent follows no symbolic link on the way: resolve the directory's here.
         path = os.path.abspath(os.fspath(path))
         path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
@@ -202,9 +205,15 @@ class Volume:
                     "path": path,
                     "background_commit_secs": background_commit_secs,
                     "read_only": read_only,
+                    "follow": follow,
                 }
             },
         )["Done"]
+
+    def prefetch(self) -> str:
+        """Downloads the newest version into this host's store now (a preheat), so that a
+        later mount or reload fetches nothing. Returns the agent's message."""
+        return _call(self._agent, {"Prefetch": {"name": self._name}})["Done"]
 
     def unmount(self, *, discard: bool = False, commit_first: bool = False) -> str:
         """Removes this host's mount of the volume. Uncommitted changes raise

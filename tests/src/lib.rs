@@ -119,6 +119,7 @@ impl TestFleet {
         Agent::start(AgentOptions {
             data: self.agent_dir(i),
             run_dir: self.run_dir(i),
+            follow: Vec::new(),
             coordinator: self.coord.as_ref().expect("coordinator running").addr(),
             listen: "127.0.0.1:0".parse().unwrap(),
             zone: None,
@@ -329,6 +330,7 @@ impl TestFleet {
                 path: path.clone(),
                 background_commit_secs: None,
                 read_only: false,
+                follow: false,
             },
         )
         .await
@@ -391,6 +393,28 @@ pub async fn until_mount_status(
         };
         if cond(&s.mounts[0]) {
             return s.mounts[0].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {s:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `cond` holds of agent `i`'s status (a change made in the background, seen
+/// in what the agent reports), or fails after 60 s.
+pub async fn until_status(
+    f: &TestFleet,
+    i: usize,
+    what: &str,
+    cond: impl Fn(&voltool_agent::control::StatusReport) -> bool,
+) -> voltool_agent::control::StatusReport {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let s = match f.req(i, Request::Status).await.unwrap() {
+            Reply::Status(s) => s,
+            other => panic!("unexpected {other:?}"),
+        };
+        if cond(&s) {
+            return s;
         }
         assert!(std::time::Instant::now() < deadline, "{what}: {s:?}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -118,6 +118,8 @@ struct State {
     /// The manifest pages in the origin store.
     pages: crate::store::Pages,
     roster: members::Roster,
+    /// Wakes the followers' watches when a head is signed.
+    heads_moved: follow::HeadsMoved,
     serve: crate::blobs::ServeOptions,
     /// Where the origin serves blobs (handed out as the last provider).
     addr: NodeAddr,
@@ -278,6 +280,7 @@ impl Coordinator {
                 members: opts.members,
                 writers: opts.writers,
             }),
+            heads_moved: Default::default(),
             serve: crate::blobs::ServeOptions::new(
                 opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
                 false,
@@ -447,6 +450,9 @@ async fn serve_request(
     }
     let resp = match req {
         CoordRequest::WatchMembers => return members::watch(&mut send, &state, &peer).await,
+        CoordRequest::WatchHeads { volumes } => {
+            return follow::watch(&mut send, &state, volumes).await;
+        }
         CoordRequest::Upload { blobs } => upload(&state, &mut recv, blobs).await,
         CoordRequest::Commit {
             name,
@@ -457,6 +463,7 @@ async fn serve_request(
             let started = std::time::Instant::now();
             let r = commit::commit(&state, &mut recv, name, volume, base_version, peer).await;
             if matches!(r, Ok(CoordResponse::Committed { .. })) {
+                state.heads_moved.moved();
                 state.metrics.commits.inc();
                 observe(&state.metrics.commit_seconds, started.elapsed());
             }
@@ -647,6 +654,7 @@ pub fn read_members(path: &Path) -> Result<HashSet<EndpointId>, CoordinatorError
 }
 
 mod commit;
+mod follow;
 mod gc;
 mod links;
 mod members;

@@ -60,7 +60,8 @@ impl Inner {
             | Request::VolumeLs { .. }
             | Request::VolumeRead { .. }
             | Request::VolumeExport { .. }
-            | Request::VolumeGet { .. } => Ok(()),
+            | Request::VolumeGet { .. }
+            | Request::Prefetch { .. } => Ok(()),
             Request::Mount { .. }
             | Request::Commit { .. }
             | Request::Reload { .. }
@@ -71,6 +72,7 @@ impl Inner {
             | Request::VolumeRm { .. }
             | Request::VolumeCp { .. }
             | Request::VolumeUpload { .. }
+            | Request::Follow { .. }
                 if caller.admin =>
             {
                 Ok(())
@@ -82,6 +84,10 @@ impl Inner {
             | Request::VolumeCp { .. }
             | Request::VolumeUpload { .. } => Err(denied(format!(
                 "uid {} may not change volumes: that takes the agent's admin group (admin.sock)",
+                caller.uid
+            ))),
+            Request::Follow { .. } => Err(denied(format!(
+                "uid {} may not make this host follow a volume: that takes the agent's admin group (admin.sock); a mount may follow its own volume (mount --follow)",
                 caller.uid
             ))),
         }

@@ -6,8 +6,8 @@
 //! Needed, and never evicted: every blob a layer of a snapshot redirects to (found by
 //! reading the layers under `mounts/`, then under `trash/`, where a process may still be
 //! inside an old overlay: layers only move from the one to the other, so a walk in that
-//! order misses none), and the pages and blobs of every mount's manifests, and blobs a
-//! download is still writing. Operations (a reload, a commit, a `get`) hold the
+//! order misses none), the pages and blobs of every mount's manifests and of the newest
+//! version of every followed volume (see `follow`), and blobs a download is still writing. Operations (a reload, a commit, a `get`) hold the
 //! operations gate for reading while they run; an eviction takes it for writing only when
 //! no operation runs (it never waits for one, so it never holds the next ones back), and
 //! decides while no download is in flight and no snapshot half built. Recency is the later
@@ -214,6 +214,12 @@ impl Inner {
                 tree::mark(&self.pages, &local_root(root), &mut pages, &mut blobs)
                     .map_err(tree_error)?;
             }
+        }
+        // The newest version of each followed volume (held whole, or downloading with its
+        // pages here): a prefetch is not undone.
+        for root in self.followed_roots()? {
+            tree::mark(&self.pages, &local_root(root), &mut pages, &mut blobs)
+                .map_err(tree_error)?;
         }
         for dir in ["mounts", snapshot::TRASH] {
             redirects_under(&self.opts.data.join(dir), &mut blobs).map_err(failed)?;

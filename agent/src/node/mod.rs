@@ -41,6 +41,7 @@ mod events;
 mod evict;
 mod export;
 mod fetch;
+mod follow;
 mod local;
 mod mount;
 mod mount_point;
@@ -120,6 +121,8 @@ pub struct AgentOptions {
     /// users who may talk to the agent reach them there without entering the data
     /// directory. One agent a directory (`agent.lock`).
     pub run_dir: PathBuf,
+    /// Volumes the host follows from the start (as `voltool follow` would make it).
+    pub follow: Vec<String>,
 }
 
 /// Where [`AgentOptions::crash_at`] can stop the agent: a batched commit once its files are
@@ -159,6 +162,8 @@ struct Inner {
     remote: remote::Remote,
     /// What the agent keeps of its mounts besides their records.
     mounted: mounts::Mounted,
+    /// Where followed volumes' downloads stand.
+    following: follow::Following,
     /// Cancelled when the agent stops; background loops end with it.
     cancel: CancellationToken,
     /// The kind of snapshots mounts are made of.
@@ -249,6 +254,7 @@ impl Agent {
             w.open_table(MOUNTS).map_err(|e| other(&e))?;
             w.open_table(STATS).map_err(|e| other(&e))?;
             w.open_table(SEEN).map_err(|e| other(&e))?;
+            w.open_table(follow::FOLLOWS).map_err(|e| other(&e))?;
             w.commit().map_err(|e| other(&e))?;
         }
         let pages = crate::store::Pages::new(store.clone());
@@ -286,6 +292,7 @@ impl Agent {
             },
             metrics,
             mounted: Default::default(),
+            following: Default::default(),
             remote: remote::Remote {
                 coord,
                 tracker,
@@ -334,6 +341,10 @@ impl Agent {
             }
         }
         tasks.spawn(tracked_loop(inner.clone(), cancel.clone()));
+        tasks.spawn(follow::follow_loop(inner.clone(), cancel.clone()));
+        if !inner.opts.follow.is_empty() {
+            tasks.spawn(follow::follow_configured(inner.clone(), cancel.clone()));
+        }
         tasks.spawn(inner.peers.serve.serving.clone().run_pushes(cancel.clone()));
         let metrics_addr = match inner.opts.metrics {
             Some(addr) => {
@@ -531,10 +542,12 @@ impl Inner {
                 path,
                 background_commit_secs,
                 read_only,
+                follow,
             } => {
                 let how = mount::How {
                     background_commit_secs,
                     read_only,
+                    follow,
                     owner: caller.uid,
                 };
                 self.clone().mount_volume(&name, &path, how, &events).await
@@ -568,6 +581,8 @@ impl Inner {
                 self.compact_later(name);
                 r
             }
+            Request::Follow { name, on } => self.follow_volume(&name, on).await,
+            Request::Prefetch { name } => self.prefetch(&name, &events).await,
             other => self.registry(other).await,
         }
     }

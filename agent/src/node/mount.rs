@@ -12,6 +12,8 @@ pub(super) struct How {
     /// overlay, so even root gets EROFS; copy mode: commits are refused and a reload
     /// replaces whatever was written to the copies).
     pub(super) read_only: bool,
+    /// The mount follows its volume (see `follow`).
+    pub(super) follow: bool,
     /// The user the mount belongs to.
     pub(super) owner: u32,
 }
@@ -27,6 +29,7 @@ impl Inner {
         let How {
             background_commit_secs,
             read_only,
+            follow,
             owner,
         } = how;
         if read_only && background_commit_secs.is_some() {
@@ -133,6 +136,9 @@ impl Inner {
             .expect("not poisoned")
             .insert(name.to_string(), Arc::new(mp));
         self.switch_mount(&rec, &rec.snapshot)?;
+        if follow {
+            self.follow_mount(&rec, true)?;
+        }
         if let Some(secs) = background_commit_secs {
             let cancel = self.cancel.clone();
             tokio::spawn(background_commits(
@@ -143,9 +149,10 @@ impl Inner {
             ));
         }
         Ok(Reply::Done(format!(
-            "mounted {name} (version {}{}) at {}; {} bytes from the origin",
+            "mounted {name} (version {}{}{}) at {}; {} bytes from the origin",
             rec.version,
             if read_only { ", read-only" } else { "" },
+            if follow { ", following" } else { "" },
             path.display(),
             fetched.from_origin
         )))

@@ -58,6 +58,7 @@ impl Inner {
                 evictions: evicted.blobs,
                 evicted_bytes: evicted.bytes,
             },
+            follows: self.follow_status()?,
         })
     }
 }

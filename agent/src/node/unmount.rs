@@ -49,6 +49,7 @@ impl Inner {
             ),
         }
         self.drop_mount(&rec)?;
+        self.follow_mount(&rec, false)?;
         self.mounted
             .mount_points
             .lock()

@@ -1,0 +1,555 @@
+//! Following volumes (`voltool follow`, `mount --follow`) and preheating one version
+//! (`voltool prefetch`): the coordinator pushes each new signed head of a followed volume on
+//! one stream the agent keeps open ([`CoordRequest::WatchHeads`]); the agent verifies it
+//! like any head and downloads that version's pages and blobs into its store at once, in
+//! the background, through the swarm. A mount's view still moves only at `reload`, which
+//! then finds every byte here.
+//!
+//! One worker a followed volume downloads its newest head; a newer head stops the download
+//! of the older one (what it verified stays in the store) and starts the newest. The
+//! newest version held whole, and the one downloading once its pages are here, count as
+//! needed by the disk budget; without room the download waits, says why in `status`, and
+//! tries again.
+
+use redb::ReadableTable;
+
+use super::*;
+
+/// Followed volumes, by id: [`FollowRecord`].
+pub(super) const FOLLOWS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("follows-0");
+
+/// The first wait before a failed download is tried again; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+/// The longest wait before a failed download is tried again.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A followed volume, as recorded.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct FollowRecord {
+    /// The volume's name when it was followed.
+    pub(super) name: String,
+    /// Followed by the host (`voltool follow`).
+    pub(super) host: bool,
+    /// Followed by its mount (`mount --follow`): ends with the mount.
+    pub(super) mount: bool,
+    /// The newest version held whole here, and its tree's root.
+    pub(super) held: Option<(u64, Hash)>,
+}
+
+/// The follows' part of the agent: what each followed volume's download stands at.
+#[derive(Debug, Default)]
+pub(super) struct Following {
+    /// Wakes the watch when the set of followed volumes changes.
+    changed: tokio::sync::Notify,
+    progress: Mutex<HashMap<VolumeId, Progress>>,
+}
+
+/// Where a followed volume's download stands.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The newest head pushed and verified.
+    newest: Option<SignedHead>,
+    /// The tree being downloaded, once all its pages are here.
+    pages_here: Option<Hash>,
+    /// Bytes of the version being downloaded, and bytes of it verified so far.
+    total: u64,
+    done: u64,
+    /// Why the download waits, if it does (no room, a failure).
+    waiting: Option<String>,
+    /// The worker that runs for it (its number), and what stops its download.
+    worker: Option<(u64, CancellationToken)>,
+}
+
+/// Why a download stopped before it began fetching blobs.
+enum Stop {
+    /// The store's budget has no room for what is missing.
+    NoRoom(String),
+    Failed(OpError),
+}
+
+impl From<OpError> for Stop {
+    fn from(e: OpError) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+impl Inner {
+    /// Followed volumes, by id.
+    pub(super) fn follows(&self) -> OpResult<Vec<(VolumeId, FollowRecord)>> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(FOLLOWS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(db_err)? {
+            let (k, v) = e.map_err(db_err)?;
+            out.push((
+                VolumeId(k.value()),
+                postcard::from_bytes(v.value()).map_err(db_err)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn follow_record(&self, id: VolumeId) -> OpResult<Option<FollowRecord>> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(FOLLOWS).map_err(db_err)?;
+        t.get(id.0)
+            .map_err(db_err)?
+            .map(|v| postcard::from_bytes(v.value()).map_err(db_err))
+            .transpose()
+    }
+
+    /// Changes volume `id`'s record: `change` gets the record (`None`: not followed) and
+    /// returns the new one (`None`: not followed any more).
+    fn update_follow(
+        &self,
+        id: VolumeId,
+        change: impl FnOnce(Option<FollowRecord>) -> Option<FollowRecord>,
+    ) -> OpResult<Option<FollowRecord>> {
+        let w = self.db_write()?;
+        let new = {
+            let mut t = w.open_table(FOLLOWS).map_err(db_err)?;
+            let old = t
+                .get(id.0)
+                .map_err(db_err)?
+                .map(|v| postcard::from_bytes::<FollowRecord>(v.value()).map_err(db_err))
+                .transpose()?;
+            let new = change(old);
+            match &new {
+                Some(rec) => {
+                    let enc = postcard::to_stdvec(rec).map_err(db_err)?;
+                    t.insert(id.0, enc.as_slice()).map_err(db_err)?;
+                }
+                None => {
+                    t.remove(id.0).map_err(db_err)?;
+                }
+            }
+            new
+        };
+        w.commit().map_err(db_err)?;
+        if new.is_none() {
+            let mut p = self.following.progress.lock().expect("not poisoned");
+            if let Some((_, w)) = p.remove(&id).and_then(|p| p.worker) {
+                w.cancel();
+            }
+        }
+        self.following.changed.notify_one();
+        Ok(new)
+    }
+
+    /// `voltool follow NAME` (`on`), or `unfollow`: the host keeps the newest version of
+    /// volume `name` in its store, or no longer does (a mount that follows it still does).
+    pub(super) async fn follow_volume(&self, name: &str, on: bool) -> OpResult<Reply> {
+        let info = self.verified_head(name).await?;
+        let rec = self.update_follow(info.id, |old| {
+            let mut rec = old.unwrap_or(FollowRecord {
+                name: name.to_string(),
+                host: false,
+                mount: false,
+                held: None,
+            });
+            rec.host = on;
+            (rec.host || rec.mount).then_some(rec)
+        })?;
+        Ok(Reply::Done(match (on, rec) {
+            (true, _) => format!(
+                "following {name}: each new version is downloaded here as soon as it is committed"
+            ),
+            (false, Some(_)) => {
+                format!("{name} is no longer followed by the host (its mount still follows it)")
+            }
+            (false, None) => format!("{name} is no longer followed"),
+        }))
+    }
+
+    /// Makes mount `rec`'s volume followed by the mount (`on`), or no longer by it.
+    pub(super) fn follow_mount(&self, rec: &MountRecord, on: bool) -> OpResult<()> {
+        let exists = self.follow_record(rec.id)?.is_some();
+        if !on && !exists {
+            return Ok(());
+        }
+        self.update_follow(rec.id, |old| {
+            let mut f = old.unwrap_or(FollowRecord {
+                name: rec.name.clone(),
+                host: false,
+                mount: false,
+                held: None,
+            });
+            f.mount = on;
+            (f.host || f.mount).then_some(f)
+        })?;
+        Ok(())
+    }
+
+    /// `voltool prefetch NAME`: downloads the newest version of volume `name` into the
+    /// store once (a preheat), with progress.
+    pub(super) async fn prefetch(&self, name: &str, events: &Events) -> OpResult<Reply> {
+        let info = self.verified_head(name).await?;
+        let root = info.head.commit.root();
+        self.fetch_tree(root).await?;
+        let stats = self
+            .prefetch_blobs(root, events)
+            .await
+            .map_err(|e| match e {
+                Stop::NoRoom(m) => err(ErrorCode::Failed, m),
+                Stop::Failed(e) => e,
+            })?;
+        let peers: u64 = stats.from_peers.values().sum();
+        self.metrics
+            .prefetched_bytes
+            .inc_by(stats.from_origin + peers);
+        self.metrics.prefetched_versions.inc();
+        Ok(Reply::Done(format!(
+            "{name} version {} is here: {peers} bytes from peers, {} from the origin, {} held already",
+            info.head.commit.version, stats.from_origin, stats.already_held
+        )))
+    }
+
+    /// Fetches the blobs of the tree at `root` (its pages here) that the store lacks, if
+    /// the store's budget has room for them.
+    async fn prefetch_blobs(&self, root: PageRef, events: &Events) -> Result<FetchStats, Stop> {
+        let (pages, store) = (self.pages.clone(), self.store.clone());
+        let (total, missing) = self
+            .blocking(move || {
+                let (mut total, mut missing) = (0u64, 0u64);
+                let mut seen = HashSet::new();
+                tree::range(&pages, &root, "", &mut |_, e| {
+                    if let Some((h, s)) = e.blob()
+                        && seen.insert(h)
+                    {
+                        total += s;
+                        let held = store.meta(&h).ok().flatten().map_or(0, |m| m.held_bytes());
+                        missing += s.saturating_sub(held);
+                    }
+                    true
+                })?;
+                Ok((total, missing))
+            })
+            .await?;
+        if let Some(budget) = self.opts.store_max {
+            let s = self.store.clone();
+            let (used, _) = tokio::task::spawn_blocking(move || s.usage())
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
+            if used + missing > budget.max {
+                return Err(Stop::NoRoom(format!(
+                    "no room: {missing} bytes to download, {used} held, the store's budget is {}",
+                    budget.max
+                )));
+            }
+        }
+        let pages = self.pages.clone();
+        let stats = self
+            .fetch_walked(total, events, move |each| {
+                tree::range(&pages, &root, "", &mut |_, e| {
+                    if let Some(b) = e.blob() {
+                        each(b);
+                    }
+                    true
+                })
+            })
+            .await?;
+        Ok(stats)
+    }
+
+    /// A head pushed for a followed volume: verified like any (a forged or rolled-back one
+    /// is refused and reported, and the follow goes on), then downloaded if it is new.
+    fn pushed_head(self: &Arc<Self>, head: SignedHead) {
+        let id = head.commit.volume;
+        if let Err(e) = self.accept_head(&head) {
+            self.metrics.heads_refused.inc();
+            warn!(volume = %id, version = head.commit.version, "refused a head the coordinator pushed: {}", e.message);
+            return;
+        }
+        let mut all = self.following.progress.lock().expect("not poisoned");
+        let p = all.entry(id).or_default();
+        let newer = p
+            .newest
+            .as_ref()
+            .is_none_or(|n| n.commit.version < head.commit.version);
+        if newer {
+            p.newest = Some(head);
+            // An older version's download stops; what it verified stays in the store.
+            if let Some((_, w)) = p.worker.take() {
+                w.cancel();
+            }
+        }
+        if p.worker.is_none() {
+            let token = self.cancel.child_token();
+            let n = rand::random();
+            p.worker = Some((n, token.clone()));
+            tokio::spawn(follow_worker(self.clone(), id, n, token));
+        }
+    }
+
+    /// The trees the disk budget keeps for followed volumes: each one's newest version
+    /// held whole, and the one downloading once its pages are here.
+    pub(super) fn followed_roots(&self) -> OpResult<Vec<Hash>> {
+        let mut roots: Vec<Hash> = self
+            .follows()?
+            .into_iter()
+            .filter_map(|(_, f)| f.held.map(|(_, root)| root))
+            .collect();
+        let p = self.following.progress.lock().expect("not poisoned");
+        roots.extend(p.values().filter_map(|p| p.pages_here));
+        Ok(roots)
+    }
+
+    /// What `status` shows of each followed volume.
+    pub(super) fn follow_status(&self) -> OpResult<Vec<control::FollowStatus>> {
+        let follows = self.follows()?;
+        let mounts = self.mounts()?;
+        let p = self.following.progress.lock().expect("not poisoned");
+        Ok(follows
+            .into_iter()
+            .map(|(id, f)| {
+                let now = p.get(&id);
+                let held = f.held.map(|(v, _)| v);
+                let newest = now.and_then(|p| p.newest.as_ref().map(|h| h.commit.version));
+                let downloading = newest.is_some_and(|n| held.is_none_or(|h| h < n));
+                control::FollowStatus {
+                    mount: mounts
+                        .iter()
+                        .find(|m| m.id == id && f.mount)
+                        .map(|m| m.path.clone()),
+                    volume: f.name,
+                    host: f.host,
+                    newest,
+                    held,
+                    bytes_to_go: match now {
+                        Some(p) if downloading => p.total.saturating_sub(p.done),
+                        _ => 0,
+                    },
+                    waiting: now.and_then(|p| p.waiting.clone()),
+                }
+            })
+            .collect())
+    }
+}
+
+/// Downloads the newest head of followed volume `id` until it is held whole; stops when
+/// `token` is cancelled (a newer head starts a new worker; an unfollow ends it).
+async fn follow_worker(inner: Arc<Inner>, id: VolumeId, n: u64, token: CancellationToken) {
+    let mut retry = RETRY_FIRST;
+    loop {
+        let head = {
+            let mut all = inner.following.progress.lock().expect("not poisoned");
+            let Some(p) = all.get_mut(&id) else { return };
+            let held = inner
+                .follow_record(id)
+                .ok()
+                .flatten()
+                .and_then(|f| f.held.map(|(v, _)| v));
+            match &p.newest {
+                Some(h) if held.is_none_or(|v| v < h.commit.version) => h.clone(),
+                _ => {
+                    if p.worker.as_ref().is_some_and(|(w, _)| *w == n) {
+                        p.worker = None;
+                    }
+                    p.waiting = None;
+                    return;
+                }
+            }
+        };
+        let mut done = tokio::select! {
+            _ = token.cancelled() => return,
+            r = download_head(&inner, id, &head) => r,
+        };
+        if let Err(Stop::NoRoom(m)) = &done {
+            // Room made by evicting what nothing needs, then one more try.
+            set_waiting(&inner, id, Some(m.clone()));
+            let again = async {
+                if let Err(e) = inner.enforce_budget(true).await {
+                    warn!(volume = %id, "evicting for a followed version failed: {}", e.message);
+                }
+                download_head(&inner, id, &head).await
+            };
+            done = tokio::select! {
+                _ = token.cancelled() => return,
+                r = again => r,
+            };
+        }
+        let wait = match done {
+            Ok(()) => {
+                retry = RETRY_FIRST;
+                continue;
+            }
+            Err(Stop::NoRoom(m)) => {
+                info!(volume = %id, "a followed version waits for room in the store: {m}");
+                set_waiting(&inner, id, Some(m));
+                retry
+            }
+            Err(Stop::Failed(e)) => {
+                warn!(volume = %id, version = head.commit.version, "downloading a followed version failed: {}", e.message);
+                set_waiting(&inner, id, Some(e.message));
+                retry
+            }
+        };
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+fn set_waiting(inner: &Inner, id: VolumeId, why: Option<String>) {
+    if let Some(p) = inner
+        .following
+        .progress
+        .lock()
+        .expect("not poisoned")
+        .get_mut(&id)
+    {
+        p.waiting = why;
+    }
+}
+
+/// Downloads version `head` of followed volume `id` into the store and records it held.
+async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> Result<(), Stop> {
+    let root = head.commit.root();
+    let stats = {
+        let _op = inner.budget.ops.read().await;
+        inner.fetch_tree(root).await?;
+        {
+            let mut all = inner.following.progress.lock().expect("not poisoned");
+            if let Some(p) = all.get_mut(&id) {
+                p.pages_here = Some(root.hash);
+                (p.total, p.done) = (0, 0);
+            }
+        }
+        let (events, mut rx) = {
+            let (tx, rx) = mpsc::channel(64);
+            (Events { tx: Some(tx) }, rx)
+        };
+        let watch = {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = rx.recv().await {
+                    if let Event::Progress { done, total, .. } = ev
+                        && let Some(p) = inner
+                            .following
+                            .progress
+                            .lock()
+                            .expect("not poisoned")
+                            .get_mut(&id)
+                    {
+                        (p.done, p.total) = (done, total);
+                    }
+                }
+            })
+        };
+        let r = inner.prefetch_blobs(root, &events).await;
+        drop(events);
+        let _ = watch.await;
+        r?
+    };
+    inner.update_follow(id, |old| {
+        old.map(|mut f| {
+            if f.held.is_none_or(|(v, _)| v < head.commit.version) {
+                f.held = Some((head.commit.version, root.hash));
+            }
+            f
+        })
+    })?;
+    {
+        let mut all = inner.following.progress.lock().expect("not poisoned");
+        if let Some(p) = all.get_mut(&id) {
+            p.pages_here = None;
+            p.waiting = None;
+        }
+    }
+    let peers: u64 = stats.from_peers.values().sum();
+    inner
+        .metrics
+        .prefetched_bytes
+        .inc_by(stats.from_origin + peers);
+    inner.metrics.prefetched_versions.inc();
+    info!(
+        volume = %id,
+        version = head.commit.version,
+        origin_bytes = stats.from_origin,
+        peer_bytes = peers,
+        "a followed version is here"
+    );
+    Ok(())
+}
+
+/// Keeps the watch of followed volumes' heads open, reconnecting (with a bounded back-off)
+/// when it breaks and opening it again when the set of followed volumes changes. Each new
+/// watch starts with the heads as they are, so a follower catches up after a reconnect or a
+/// coordinator's restart.
+pub(super) async fn follow_loop(inner: Arc<Inner>, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let ids: Vec<VolumeId> = match inner.follows() {
+            Ok(f) => f.into_iter().map(|(id, _)| id).collect(),
+            Err(e) => {
+                warn!("cannot read the followed volumes: {}", e.message);
+                Vec::new()
+            }
+        };
+        let changed = inner.following.changed.notified();
+        if ids.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = changed => continue,
+            }
+        }
+        let watched = async {
+            let mut w = inner.remote.coord.watch_heads(ids).await?;
+            loop {
+                let heads = w.next().await?;
+                backoff = Duration::from_millis(200);
+                for h in heads {
+                    inner.pushed_head(h);
+                }
+            }
+        };
+        let r: Result<(), crate::coord_client::ClientError> = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = changed => continue,
+            r = watched => r,
+        };
+        if let Err(e) = r {
+            debug!("watching followed volumes' heads: {e}");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Follows the volumes the agent was started with (`--follow`), trying again while the
+/// coordinator cannot be reached; a volume that does not exist is reported and left.
+pub(super) async fn follow_configured(inner: Arc<Inner>, cancel: CancellationToken) {
+    let mut todo = inner.opts.follow.clone();
+    let mut retry = RETRY_FIRST;
+    while !todo.is_empty() {
+        let mut left = Vec::new();
+        for name in todo {
+            match inner.follow_volume(&name, true).await {
+                Ok(_) => info!(volume = name, "following"),
+                Err(e) if e.code == ErrorCode::NotFound => {
+                    warn!(volume = name, "cannot follow: {}", e.message)
+                }
+                Err(e) => {
+                    debug!(volume = name, "cannot follow yet: {}", e.message);
+                    left.push(name);
+                }
+            }
+        }
+        todo = left;
+        if todo.is_empty() {
+            return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+}
