@@ -292,6 +292,9 @@ pub(crate) async fn status(agent: &Path, a: StatusArgs) -> anyhow::Result<ExitCo
         if let Some(w) = &f.waiting {
             state = format!("waiting: {w}");
         }
+        if let Some(r) = &f.refused {
+            state = format!("{state}  (refused a head: {r})");
+        }
         println!(
             "follows {:<16} ({by})  newest {}  held {}  {state}",
             f.volume,

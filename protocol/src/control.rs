@@ -420,6 +420,8 @@ pub struct FollowStatus {
     pub bytes_to_go: u64,
     /// Why its download waits, if it does (no room in the store, a failure).
     pub waiting: Option<String>,
+    /// Why the last head pushed for it was refused, if one was (forged, rolled back).
+    pub refused: Option<String>,
 }
 
 /// What the agent's content store holds, and what its budget evicted.

@@ -34,17 +34,26 @@ impl Inner {
 
     /// A new download from the swarm: its bans last as long as it does.
     pub(super) fn download(&self) -> Download {
-        Download::start(SwarmCtx {
-            pool: self.peers.pool.clone(),
-            store: self.store.clone(),
-            tracker: self.remote.tracker.clone(),
-            origin: self.opts.coordinator.clone(),
-            me: self.peers.ep.id(),
-            cfg: self.peers.serve.serving.config().clone(),
-            origin_only: self.opts.origin_only,
-            serving: self.peers.serve.serving.clone(),
-            metrics: Some(self.metrics.clone()),
-        })
+        self.download_ranked(crate::blobs::Rank::foreground())
+    }
+
+    /// A download of the priority `rank` says (see [`crate::blobs::Rank`]).
+    pub(super) fn download_ranked(&self, rank: crate::blobs::Rank) -> Download {
+        Download::ranked(
+            SwarmCtx {
+                pool: self.peers.pool.clone(),
+                store: self.store.clone(),
+                tracker: self.remote.tracker.clone(),
+                origin: self.opts.coordinator.clone(),
+                me: self.peers.ep.id(),
+                cfg: self.peers.serve.serving.config().clone(),
+                origin_only: self.opts.origin_only,
+                serving: self.peers.serve.serving.clone(),
+                metrics: Some(self.metrics.clone()),
+                arbiter: self.peers.arbiter.clone(),
+            },
+            rank,
+        )
     }
 }
 
@@ -171,6 +180,18 @@ impl Inner {
         events: &Events,
         walk: impl FnOnce(&mut dyn FnMut((Hash, u64))) -> Result<(), tree::TreeError> + Send + 'static,
     ) -> OpResult<FetchStats> {
+        self.fetch_walked_by(&self.download(), total, events, walk)
+            .await
+    }
+
+    /// Like [`Self::fetch_walked`], by `download`.
+    pub(super) async fn fetch_walked_by(
+        &self,
+        download: &Download,
+        total: u64,
+        events: &Events,
+        walk: impl FnOnce(&mut dyn FnMut((Hash, u64))) -> Result<(), tree::TreeError> + Send + 'static,
+    ) -> OpResult<FetchStats> {
         let counter = events.counter("download", total);
         let (tx, mut rx) = mpsc::channel::<Vec<(Hash, u64)>>(1);
         let walker = tokio::task::spawn_blocking(move || {
@@ -188,7 +209,6 @@ impl Inner {
             }
             Ok(())
         });
-        let download = self.download();
         let mut stats = FetchStats::default();
         while let Some(part) = rx.recv().await {
             stats.merge(&download.fetch(&part, &counter).await?);

@@ -38,11 +38,23 @@ pub(super) struct FollowRecord {
 }
 
 /// The follows' part of the agent: what each followed volume's download stands at.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Following {
     /// Wakes the watch when the set of followed volumes changes.
     changed: tokio::sync::Notify,
     progress: Mutex<HashMap<VolumeId, Progress>>,
+    /// Moves on at every step of a download (progress, its end), for those who joined it.
+    moved: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Following {
+    fn default() -> Self {
+        Following {
+            changed: Default::default(),
+            progress: Default::default(),
+            moved: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 /// Where a followed volume's download stands.
@@ -57,8 +69,13 @@ struct Progress {
     done: u64,
     /// Why the download waits, if it does (no room, a failure).
     waiting: Option<String>,
+    /// Why the last head pushed was refused, if one was.
+    refused: Option<String>,
     /// The worker that runs for it (its number), and what stops its download.
     worker: Option<(u64, CancellationToken)>,
+    /// The version downloading now, and its download's priority (a reload of that
+    /// version raises it and waits for it).
+    downloading: Option<(u64, crate::blobs::Rank)>,
 }
 
 /// Why a download stopped before it began fetching blobs.
@@ -187,8 +204,9 @@ impl Inner {
         let info = self.verified_head(name).await?;
         let root = info.head.commit.root();
         self.fetch_tree(root).await?;
+        let download = self.download_ranked(crate::blobs::Rank::background());
         let stats = self
-            .prefetch_blobs(root, events)
+            .prefetch_blobs(&download, root, events)
             .await
             .map_err(|e| match e {
                 Stop::NoRoom(m) => err(ErrorCode::Failed, m),
@@ -207,7 +225,12 @@ impl Inner {
 
     /// Fetches the blobs of the tree at `root` (its pages here) that the store lacks, if
     /// the store's budget has room for them.
-    async fn prefetch_blobs(&self, root: PageRef, events: &Events) -> Result<FetchStats, Stop> {
+    async fn prefetch_blobs(
+        &self,
+        download: &crate::blobs::Download,
+        root: PageRef,
+        events: &Events,
+    ) -> Result<FetchStats, Stop> {
         let (pages, store) = (self.pages.clone(), self.store.clone());
         let (total, missing) = self
             .blocking(move || {
@@ -241,7 +264,7 @@ impl Inner {
         }
         let pages = self.pages.clone();
         let stats = self
-            .fetch_walked(total, events, move |each| {
+            .fetch_walked_by(download, total, events, move |each| {
                 tree::range(&pages, &root, "", &mut |_, e| {
                     if let Some(b) = e.blob() {
                         each(b);
@@ -257,13 +280,15 @@ impl Inner {
     /// is refused and reported, and the follow goes on), then downloaded if it is new.
     fn pushed_head(self: &Arc<Self>, head: SignedHead) {
         let id = head.commit.volume;
-        if let Err(e) = self.accept_head(&head) {
-            self.metrics.heads_refused.inc();
-            warn!(volume = %id, version = head.commit.version, "refused a head the coordinator pushed: {}", e.message);
-            return;
-        }
+        let accepted = self.accept_head(&head);
         let mut all = self.following.progress.lock().expect("not poisoned");
         let p = all.entry(id).or_default();
+        if let Err(e) = accepted {
+            self.metrics.heads_refused.inc();
+            warn!(volume = %id, version = head.commit.version, "refused a head the coordinator pushed: {}", e.message);
+            p.refused = Some(format!("version {}: {}", head.commit.version, e.message));
+            return;
+        }
         let newer = p
             .newest
             .as_ref()
@@ -322,6 +347,7 @@ impl Inner {
                         _ => 0,
                     },
                     waiting: now.and_then(|p| p.waiting.clone()),
+                    refused: now.and_then(|p| p.refused.clone()),
                 }
             })
             .collect())
@@ -436,11 +462,14 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
                             .get_mut(&id)
                     {
                         (p.done, p.total) = (done, total);
+                        inner.following.moved.send_modify(|n| *n += 1);
                     }
                 }
             })
         };
-        let r = inner.prefetch_blobs(root, &events).await;
+        let download = inner.download_ranked(crate::blobs::Rank::background());
+        let _joinable = Joinable::new(inner, id, head.commit.version, download.rank().clone());
+        let r = inner.prefetch_blobs(&download, root, &events).await;
         drop(events);
         let _ = watch.await;
         r?
@@ -551,5 +580,78 @@ pub(super) async fn follow_configured(inner: Arc<Inner>, cancel: CancellationTok
             _ = tokio::time::sleep(retry) => {}
         }
         retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+/// A followed version's download that a reload of that version may join (see
+/// [`Inner::join_prefetch`]): registered while it lives.
+struct Joinable<'a> {
+    inner: &'a Inner,
+    id: VolumeId,
+}
+
+impl<'a> Joinable<'a> {
+    fn new(inner: &'a Inner, id: VolumeId, version: u64, rank: crate::blobs::Rank) -> Self {
+        if let Some(p) = inner
+            .following
+            .progress
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&id)
+        {
+            p.downloading = Some((version, rank));
+        }
+        Joinable { inner, id }
+    }
+}
+
+impl Drop for Joinable<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self
+            .inner
+            .following
+            .progress
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&self.id)
+        {
+            p.downloading = None;
+        }
+        self.inner.following.moved.send_modify(|n| *n += 1);
+    }
+}
+
+impl Inner {
+    /// Before a foreground download of version `version` of volume `id` (a reload, a
+    /// mount): if a follow is downloading that very version, raises it to foreground and
+    /// waits for it to end (its progress shown as this operation's), so nothing is
+    /// fetched twice; what it could not fetch the caller fetches itself.
+    pub(super) async fn join_prefetch(&self, id: VolumeId, version: u64, events: &Events) {
+        let mut moved = self.following.moved.subscribe();
+        let mut joined = false;
+        loop {
+            {
+                let all = self.following.progress.lock().expect("not poisoned");
+                match all.get(&id) {
+                    Some(Progress {
+                        downloading: Some((v, rank)),
+                        done,
+                        total,
+                        ..
+                    }) if *v == version => {
+                        if !joined {
+                            joined = true;
+                            info!(volume = %id, version, "joining the follow's download of this version");
+                        }
+                        rank.raise();
+                        events.progress("download", *done, *total);
+                    }
+                    _ => return,
+                }
+            }
+            if moved.changed().await.is_err() {
+                return;
+            }
+        }
     }
 }

@@ -289,6 +289,7 @@ impl Agent {
                 )
                 .with_metrics(metrics.clone()),
                 ep,
+                arbiter: Default::default(),
             },
             metrics,
             mounted: Default::default(),

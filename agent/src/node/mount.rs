@@ -85,6 +85,8 @@ impl Inner {
                 Ok(total)
             })
             .await?;
+        self.join_prefetch(info.id, info.head.commit.version, events)
+            .await;
         let pages = self.pages.clone();
         let fetched = self
             .fetch_walked(total, events, move |each| {

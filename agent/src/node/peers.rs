@@ -11,6 +11,8 @@ pub(super) struct Peers {
     pub(super) pool: ConnPool,
     /// What and how it serves (egress limit, the swarm's knobs, the pushes).
     pub(super) serve: crate::blobs::ServeOptions,
+    /// Its downloads by priority: background ones wait while a foreground one fetches.
+    pub(super) arbiter: crate::blobs::Arbiter,
 }
 
 /// Serves the blobs this node holds to the fleet members that connect.

@@ -60,6 +60,8 @@ impl Inner {
         let plan = self.plan(&rec, new, base, &dirty_paths).await?;
         let fetched_files_bytes = plan.needed_bytes;
         let t_fetch = Instant::now();
+        self.join_prefetch(info.id, info.head.commit.version, events)
+            .await;
         let stats = match &plan.needed {
             Needed::List(blobs) => self.fetch_blobs(blobs, events).await?,
             Needed::Diff(old) => {

@@ -37,6 +37,8 @@ pub struct Engine {
     pub(super) dirty: bool,
     /// The next timeout, while the state it derives from is unchanged.
     pub(super) timeout: Option<Option<Instant>>,
+    /// Holding back new requests (see [`Engine::set_paused`]).
+    pub(super) paused: bool,
 }
 
 impl Engine {
@@ -64,7 +66,26 @@ impl Engine {
             units_done: 0,
             dirty: false,
             timeout: None,
+            paused: false,
         }
+    }
+
+    /// Holds back new requests (`true`), or lets them go again: a background download
+    /// (a follow, a prefetch) waits so while a foreground one (a reload, a mount, a get)
+    /// runs on the same node. Requests in flight finish and what they bring counts;
+    /// lookups and subscriptions go on, so the download resumes with fresh news; no
+    /// group counts as stuck and nothing goes to a second provider meanwhile.
+    pub fn set_paused(&mut self, paused: bool) {
+        if self.paused != paused {
+            self.paused = paused;
+            self.dirty = true;
+            self.timeout = None;
+        }
+    }
+
+    /// Whether new requests are held back ([`Engine::set_paused`]).
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// The knobs.
@@ -213,6 +234,10 @@ impl Engine {
             if !group.lookup_in_flight {
                 at(group.lookup_due);
             }
+            if self.paused {
+                // Nothing goes out until it resumes: no endgame, no provider to wake for.
+                continue;
+            }
             if group.is_pieces() && group.wantable.is_empty() {
                 for reqs in group.flights.values() {
                     if let [only] = reqs.as_slice()
@@ -320,11 +345,13 @@ impl Engine {
     /// pushes back and hand them over, merged and in any order, before that next call (the
     /// simulator does, to spare the work of engines that have no use for them yet).
     pub fn wants_news(&self, group: GroupId) -> bool {
-        self.pieces_flying < self.cfg.pieces_in_flight
-            || self
-                .groups
-                .get(group.0 as usize)
-                .is_some_and(|g| g.wantable.is_empty())
+        // A paused engine takes news at its next event (resuming is one).
+        !self.paused
+            && (self.pieces_flying < self.cfg.pieces_in_flight
+                || self
+                    .groups
+                    .get(group.0 as usize)
+                    .is_some_and(|g| g.wantable.is_empty()))
     }
 
     pub(super) fn intern(&mut self, id: NodeId, origin: bool) -> usize {

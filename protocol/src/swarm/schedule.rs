@@ -22,7 +22,7 @@ impl Engine {
                 g.lookup_due = None;
                 self.actions.push_back(Action::Lookup { group: gid });
             }
-            if self.groups[gi].lookups == 0 {
+            if self.groups[gi].lookups == 0 || self.paused {
                 continue;
             }
             if self.groups[gi].is_pieces() {

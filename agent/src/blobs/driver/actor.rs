@@ -7,6 +7,8 @@ impl Actor {
     pub(super) async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Job>) {
         let mut open = true;
         loop {
+            let hold = self.standing.update(!self.jobs.is_empty());
+            self.engine.set_paused(hold);
             while let Some(a) = self.engine.poll_action(Instant::now()) {
                 self.act(a);
             }
@@ -30,8 +32,10 @@ impl Actor {
                     None => open = false,
                 },
                 _ = sleep_until(wake), if wake.is_some() => self.on_wake(),
+                _ = self.standing.changed() => {}
             }
         }
+        self.standing.update(false);
         // What waits to be announced goes now; requests and subscriptions end with the
         // download; announcements and records on the way are let finish (bounded).
         let s = self.engine.stats();

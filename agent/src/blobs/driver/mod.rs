@@ -32,8 +32,11 @@ use super::*;
 
 mod act;
 mod actor;
+mod priority;
 mod record;
 mod request;
+use priority::Standing;
+pub use priority::{Arbiter, Rank};
 use record::{Record, Writer};
 use request::{Ask2, RequestTask};
 
@@ -64,6 +67,8 @@ pub struct SwarmCtx {
     pub serving: Arc<Serving>,
     /// Where bytes received and bans are counted.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The node's downloads by priority (see [`Rank`]).
+    pub arbiter: Arbiter,
 }
 
 /// A download: fetches blobs into the store from the swarm. See the [module docs](self).
@@ -71,6 +76,7 @@ pub struct SwarmCtx {
 pub struct Download {
     ctx: SwarmCtx,
     inbox: mpsc::UnboundedSender<Job>,
+    rank: Rank,
 }
 
 /// One fetch handed to the actor.
@@ -87,10 +93,20 @@ impl Download {
     /// Starts a download's actor; it ends when the download is dropped and its fetches
     /// are through.
     pub fn start(ctx: SwarmCtx) -> Self {
+        Self::ranked(ctx, Rank::foreground())
+    }
+
+    /// Starts a download of the priority `rank` says (see [`Rank`]).
+    pub fn ranked(ctx: SwarmCtx, rank: Rank) -> Self {
         let (inbox, rx) = mpsc::unbounded_channel();
-        let actor = Actor::new(ctx.clone());
+        let actor = Actor::new(ctx.clone(), &rank);
         tokio::spawn(actor.run(rx));
-        Download { ctx, inbox }
+        Download { ctx, inbox, rank }
+    }
+
+    /// Its priority, which may be raised.
+    pub fn rank(&self) -> &Rank {
+        &self.rank
     }
 
     /// Fetches blobs not held completely: small ones whole, many to a request, the others
@@ -277,10 +293,12 @@ struct Actor {
     bans_told: usize,
     /// The local store's failure that failed a group.
     local: Option<StoreError>,
+    /// Its priority among the node's downloads.
+    standing: Standing,
 }
 
 impl Actor {
-    fn new(ctx: SwarmCtx) -> Self {
+    fn new(ctx: SwarmCtx, rank: &Rank) -> Self {
         let (io_tx, io_rx) = mpsc::unbounded_channel();
         let me = NodeId(*ctx.me.as_bytes());
         let mut addrs = HashMap::new();
@@ -289,6 +307,7 @@ impl Actor {
             (ctx.origin.clone(), true),
         );
         Actor {
+            standing: Standing::new(ctx.arbiter.clone(), rank),
             engine: Engine::new(ctx.cfg.clone(), me, rand::random()),
             ctx,
             groups: Vec::new(),

@@ -146,4 +146,5 @@ fn finish_from(h: &mut H, who: NodeId) {
 
 mod groups;
 mod lookups;
+mod paused;
 mod providers;
