@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use voltool_agent::control::{ReloadMode, Reply, Request};
+use voltool_agent::control::{Follow, ReloadMode, Reply, Request};
 
 use crate::output::{call, ok, print_json};
 
@@ -25,9 +25,11 @@ pub(crate) struct MountArgs {
     #[arg(long)]
     read_only: bool,
     /// Follow the volume: each new version is downloaded into this host's store as soon
-    /// as it is committed, so that `voltool reload` only switches.
-    #[arg(long)]
-    follow: bool,
+    /// as it is committed, so that `voltool reload` only switches. `--follow=switch` also
+    /// switches the mount to each version downloaded when it holds no uncommitted change
+    /// and no file open for writing (`voltool status` says why it waits otherwise).
+    #[arg(long, value_name = "HOW", num_args = 0..=1, default_missing_value = "prefetch", value_parser = ["prefetch", "switch"])]
+    follow: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -112,7 +114,10 @@ pub(crate) async fn mount(agent: &Path, a: MountArgs) -> anyhow::Result<ExitCode
             path,
             background_commit_secs: a.background_commit,
             read_only: a.read_only,
-            follow: a.follow,
+            follow: match a.follow.as_deref() {
+                None => Follow::No,
+                Some(how) => how.parse().map_err(anyhow::Error::msg)?,
+            },
         },
         false,
     )

@@ -59,6 +59,33 @@ pub enum ControlError {
     NoAnswer,
 }
 
+/// Whether and how a mount follows its volume.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Follow {
+    /// It does not: versions are downloaded when a reload asks.
+    #[default]
+    No,
+    /// Each new version is downloaded as soon as it is committed; the mount moves at
+    /// `reload`, as always (Modal's rule), which then only switches.
+    Prefetch,
+    /// As `Prefetch`, and the mount switches to each version downloaded by itself when it
+    /// holds no uncommitted change and no file open for writing (`status` says why it
+    /// waits otherwise).
+    Switch,
+}
+
+impl std::str::FromStr for Follow {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "no" => Ok(Follow::No),
+            "prefetch" => Ok(Follow::Prefetch),
+            "switch" => Ok(Follow::Switch),
+            o => Err(format!("{o:?}: a mount follows with prefetch or switch")),
+        }
+    }
+}
+
 /// What to do with uncommitted changes on reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReloadMode {
@@ -175,9 +202,10 @@ pub enum Request {
         /// copy mode: commits are refused and a reload discards what was written).
         read_only: bool,
         /// Follow the volume while it is mounted: each new version is downloaded as soon
-        /// as it is committed, so that a reload only switches.
+        /// as it is committed, so that a reload only switches (and, with
+        /// [`Follow::Switch`], the mount switches to it by itself when it can).
         #[serde(default)]
-        follow: bool,
+        follow: Follow,
     },
     /// Remove a mount: its path goes, its snapshot is detached.
     Unmount {
@@ -412,6 +440,8 @@ pub struct FollowStatus {
     pub mount: Option<PathBuf>,
     /// Followed by the host (`voltool follow`).
     pub host: bool,
+    /// The mount switches to each version held by itself (`--follow=switch`).
+    pub switch: bool,
     /// The newest version the coordinator pushed (verified), if heard yet.
     pub newest: Option<u64>,
     /// The newest version held whole in the store.

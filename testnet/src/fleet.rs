@@ -76,7 +76,7 @@ impl Fleet {
                     path: path.clone(),
                     background_commit_secs: None,
                     read_only: false,
-                    follow: false,
+                    follow: voltool_agent::control::Follow::No,
                 },
             )
             .await?;

@@ -330,7 +330,7 @@ impl TestFleet {
                 path: path.clone(),
                 background_commit_secs: None,
                 read_only: false,
-                follow: false,
+                follow: voltool_agent::control::Follow::No,
             },
         )
         .await

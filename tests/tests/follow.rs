@@ -1,9 +1,9 @@
 //! Following a volume: each new version is downloaded as soon as it is committed, so a
 //! reload only switches; a host may follow without a mount, and preheat one version.
 
-use voltool_agent::control::{ReloadMode, Reply, Request};
+use voltool_agent::control::{Follow, ReloadMode, Reply, Request};
 use voltool_agent::rate::Rate;
-use voltool_tests::{Limits, TestFleet, bytes, until_status};
+use voltool_tests::{Limits, TestFleet, bytes, until_mount_status, until_status};
 
 const SIZE: usize = 6 * 1024 * 1024;
 
@@ -31,7 +31,7 @@ async fn followers_hold_each_new_version_before_anyone_reloads() {
             path: m.clone(),
             background_commit_secs: None,
             read_only: false,
-            follow: true,
+            follow: Follow::Prefetch,
         },
     )
     .await
@@ -71,7 +71,7 @@ async fn followers_hold_each_new_version_before_anyone_reloads() {
         path: f.mount_path(2),
         background_commit_secs: None,
         read_only: false,
-        follow: false,
+        follow: Follow::No,
     };
     let Reply::Done(msg) = f.req(2, mount).await.unwrap() else {
         panic!("mount answered otherwise")
@@ -129,7 +129,7 @@ async fn a_reload_joins_the_follows_download_in_flight_instead_of_fetching_twice
             path: m.clone(),
             background_commit_secs: None,
             read_only: false,
-            follow: true,
+            follow: Follow::Prefetch,
         },
     )
     .await
@@ -210,4 +210,44 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         .unwrap()
         .success();
     assert!(ok, "cp -a {} {}", from.display(), to.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switching_follower_moves_by_itself_only_when_its_mount_is_clean() {
+    let f = TestFleet::start(2).await;
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    let m = f.mount_path(1);
+    f.req(
+        1,
+        Request::Mount {
+            name: "vol".into(),
+            path: m.clone(),
+            background_commit_secs: None,
+            read_only: false,
+            follow: Follow::Switch,
+        },
+    )
+    .await
+    .unwrap();
+    std::fs::write(a.join("one"), b"1").unwrap();
+    let v1 = f.commit(0, "vol").await.unwrap().version;
+    until_mount_status(&f, 1, "switched to v1", |s| s.local_version == v1).await;
+    assert_eq!(std::fs::read(m.join("one")).unwrap(), b"1");
+    // An uncommitted change holds the switch back, and status says why.
+    std::fs::write(m.join("mine"), b"x").unwrap();
+    std::fs::write(a.join("two"), b"2").unwrap();
+    let v2 = f.commit(0, "vol").await.unwrap().version;
+    let s = until_status(&f, 1, "the switch waits", |s| {
+        s.follows[0].held == Some(v2) && s.follows[0].waiting.is_some()
+    })
+    .await;
+    let why = s.follows[0].waiting.clone().unwrap();
+    assert!(why.contains("uncommitted"), "{why}");
+    assert_eq!(s.mounts[0].local_version, v1, "it did not move: {s:?}");
+    assert!(!m.join("two").exists());
+    // Clean again: it moves.
+    std::fs::remove_file(m.join("mine")).unwrap();
+    until_mount_status(&f, 1, "switched to v2", |s| s.local_version == v2).await;
+    assert_eq!(std::fs::read(m.join("two")).unwrap(), b"2");
 }

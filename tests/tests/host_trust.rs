@@ -280,7 +280,7 @@ async fn mount_at(f: &TestFleet, i: usize, path: &Path) {
         path: path.to_path_buf(),
         background_commit_secs: None,
         read_only: false,
-        follow: false,
+        follow: voltool_agent::control::Follow::No,
     };
     f.req(i, req).await.unwrap();
 }

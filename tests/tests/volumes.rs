@@ -279,7 +279,7 @@ async fn background_commits_run_and_a_clean_stop_commits_last_changes() {
             path: path.clone(),
             background_commit_secs: Some(1),
             read_only: false,
-            follow: false,
+            follow: voltool_agent::control::Follow::No,
         },
     )
     .await

@@ -23,6 +23,8 @@ pub(super) const FOLLOWS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::ne
 const RETRY_FIRST: Duration = Duration::from_secs(2);
 /// The longest wait before a failed download is tried again.
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// The longest wait before a switch that waited (`--follow=switch`) is tried again.
+const SWITCH_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// A followed volume, as recorded.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -31,8 +33,9 @@ pub(super) struct FollowRecord {
     pub(super) name: String,
     /// Followed by the host (`voltool follow`).
     pub(super) host: bool,
-    /// Followed by its mount (`mount --follow`): ends with the mount.
-    pub(super) mount: bool,
+    /// Followed by its mount (`mount --follow`): ends with the mount; with
+    /// [`control::Follow::Switch`] the mount moves to each version held by itself.
+    pub(super) mount: control::Follow,
     /// The newest version held whole here, and its tree's root.
     pub(super) held: Option<(u64, Hash)>,
 }
@@ -162,11 +165,11 @@ impl Inner {
             let mut rec = old.unwrap_or(FollowRecord {
                 name: name.to_string(),
                 host: false,
-                mount: false,
+                mount: control::Follow::No,
                 held: None,
             });
             rec.host = on;
-            (rec.host || rec.mount).then_some(rec)
+            (rec.host || rec.mount != control::Follow::No).then_some(rec)
         })?;
         Ok(Reply::Done(match (on, rec) {
             (true, _) => format!(
@@ -179,21 +182,22 @@ impl Inner {
         }))
     }
 
-    /// Makes mount `rec`'s volume followed by the mount (`on`), or no longer by it.
-    pub(super) fn follow_mount(&self, rec: &MountRecord, on: bool) -> OpResult<()> {
+    /// Makes mount `rec`'s volume followed by the mount as `how` says, or no longer by it
+    /// ([`control::Follow::No`]).
+    pub(super) fn follow_mount(&self, rec: &MountRecord, how: control::Follow) -> OpResult<()> {
         let exists = self.follow_record(rec.id)?.is_some();
-        if !on && !exists {
+        if how == control::Follow::No && !exists {
             return Ok(());
         }
         self.update_follow(rec.id, |old| {
             let mut f = old.unwrap_or(FollowRecord {
                 name: rec.name.clone(),
                 host: false,
-                mount: false,
+                mount: control::Follow::No,
                 held: None,
             });
-            f.mount = on;
-            (f.host || f.mount).then_some(f)
+            f.mount = how;
+            (f.host || f.mount != control::Follow::No).then_some(f)
         })?;
         Ok(())
     }
@@ -336,8 +340,9 @@ impl Inner {
                 control::FollowStatus {
                     mount: mounts
                         .iter()
-                        .find(|m| m.id == id && f.mount)
+                        .find(|m| m.id == id && f.mount != control::Follow::No)
                         .map(|m| m.path.clone()),
+                    switch: f.mount == control::Follow::Switch,
                     volume: f.name,
                     host: f.host,
                     newest,
@@ -354,29 +359,108 @@ impl Inner {
     }
 }
 
+/// What a follow's worker does next.
+enum Next {
+    /// Download this version.
+    Download(SignedHead),
+    /// Switch the mount of this name to the version held (`--follow=switch`).
+    Switch(String),
+    /// Nothing: the worker ends.
+    Done,
+}
+
+/// What worker `n` of followed volume `id` does next: download the newest head if it is
+/// not held whole, else switch a `--follow=switch` mount that shows an older version, else
+/// end (and say so, unless another worker took over).
+fn next_step(inner: &Inner, id: VolumeId, n: u64) -> Next {
+    let mut all = inner.following.progress.lock().expect("not poisoned");
+    let Some(p) = all.get_mut(&id) else {
+        return Next::Done;
+    };
+    let rec = inner.follow_record(id).ok().flatten();
+    let held = rec.as_ref().and_then(|f| f.held.map(|(v, _)| v));
+    if let Some(h) = &p.newest
+        && held.is_none_or(|v| v < h.commit.version)
+    {
+        return Next::Download(h.clone());
+    }
+    if let (Some(f), Some(held)) = (&rec, held)
+        && f.mount == control::Follow::Switch
+        && let Some(m) = inner
+            .mounts()
+            .ok()
+            .and_then(|ms| ms.into_iter().find(|m| m.id == id))
+        && m.version < held
+    {
+        return Next::Switch(m.name);
+    }
+    if p.worker.as_ref().is_some_and(|(w, _)| *w == n) {
+        p.worker = None;
+    }
+    p.waiting = None;
+    Next::Done
+}
+
+/// Switches mount `name` to the newest version (`--follow=switch`), as `voltool reload`
+/// would and only when it would: no uncommitted change, no file open for writing.
+async fn switch(inner: &Arc<Inner>, name: &str) -> Result<(), String> {
+    let r = {
+        let _op = inner.budget.ops.read().await;
+        inner
+            .reload(name, ReloadMode::Refuse, &Events::none())
+            .await
+    };
+    inner.budget.check.notify_one();
+    match r {
+        Ok(r) => {
+            inner.metrics.reloads.inc();
+            info!(
+                volume = name,
+                from = r.from_version,
+                to = r.version,
+                "switched the mount to the followed version"
+            );
+            inner.clone().compact_later(name.to_string());
+            Ok(())
+        }
+        Err(e) => Err(e.message),
+    }
+}
+
 /// Downloads the newest head of followed volume `id` until it is held whole; stops when
 /// `token` is cancelled (a newer head starts a new worker; an unfollow ends it).
 async fn follow_worker(inner: Arc<Inner>, id: VolumeId, n: u64, token: CancellationToken) {
     let mut retry = RETRY_FIRST;
     loop {
-        let head = {
-            let mut all = inner.following.progress.lock().expect("not poisoned");
-            let Some(p) = all.get_mut(&id) else { return };
-            let held = inner
-                .follow_record(id)
-                .ok()
-                .flatten()
-                .and_then(|f| f.held.map(|(v, _)| v));
-            match &p.newest {
-                Some(h) if held.is_none_or(|v| v < h.commit.version) => h.clone(),
-                _ => {
-                    if p.worker.as_ref().is_some_and(|(w, _)| *w == n) {
-                        p.worker = None;
+        let head = match next_step(&inner, id, n) {
+            Next::Download(head) => head,
+            Next::Switch(name) => {
+                let switched = tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = switch(&inner, &name) => r,
+                };
+                let wait = match switched {
+                    Ok(()) => {
+                        retry = RETRY_FIRST;
+                        continue;
                     }
-                    p.waiting = None;
-                    return;
+                    Err(why) => {
+                        debug!(
+                            volume = name,
+                            "the switch to the followed version waits: {why}"
+                        );
+                        set_waiting(&inner, id, Some(format!("the switch waits: {why}")));
+                        retry.min(SWITCH_RETRY_MAX)
+                    }
+                };
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
                 }
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
             }
+            Next::Done => return,
         };
         let mut done = tokio::select! {
             _ = token.cancelled() => return,

@@ -12,8 +12,8 @@ pub(super) struct How {
     /// overlay, so even root gets EROFS; copy mode: commits are refused and a reload
     /// replaces whatever was written to the copies).
     pub(super) read_only: bool,
-    /// The mount follows its volume (see `follow`).
-    pub(super) follow: bool,
+    /// Whether the mount follows its volume (see `follow`).
+    pub(super) follow: control::Follow,
     /// The user the mount belongs to.
     pub(super) owner: u32,
 }
@@ -138,8 +138,8 @@ impl Inner {
             .expect("not poisoned")
             .insert(name.to_string(), Arc::new(mp));
         self.switch_mount(&rec, &rec.snapshot)?;
-        if follow {
-            self.follow_mount(&rec, true)?;
+        if follow != control::Follow::No {
+            self.follow_mount(&rec, follow)?;
         }
         if let Some(secs) = background_commit_secs {
             let cancel = self.cancel.clone();
@@ -154,7 +154,11 @@ impl Inner {
             "mounted {name} (version {}{}{}) at {}; {} bytes from the origin",
             rec.version,
             if read_only { ", read-only" } else { "" },
-            if follow { ", following" } else { "" },
+            match follow {
+                control::Follow::No => "",
+                control::Follow::Prefetch => ", following",
+                control::Follow::Switch => ", following and switching",
+            },
             path.display(),
             fetched.from_origin
         )))

@@ -49,7 +49,7 @@ impl Inner {
             ),
         }
         self.drop_mount(&rec)?;
-        self.follow_mount(&rec, false)?;
+        self.follow_mount(&rec, control::Follow::No)?;
         self.mounted
             .mount_points
             .lock()

@@ -518,7 +518,7 @@ pub(super) async fn trial_in(
                 path: t.mount_path(i, vol),
                 background_commit_secs: None,
                 read_only: i == LIAR,
-                follow: false,
+                follow: voltool_agent::control::Follow::No,
             };
             fleet::ask(&t.agent(i), req).await?;
             t.views[i].insert(vol, View::default());
