@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -268,6 +270,41 @@ def test_mount_commit_reload_across_hosts(fleet):
         reader.unmount()
     reader.unmount(discard=True)
     assert not rpath.exists()
+    writer.unmount()
+
+
+def _held(fleet, i: int, name: str):
+    """The version agent ``i`` holds whole of followed volume ``name``, if any."""
+    out = fleet.cli(i, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    for f in json.loads(out.stdout)["follows"]:
+        if f["volume"] == name and f["bytes_to_go"] == 0:
+            return f["held"]
+    return None
+
+
+def test_a_following_mount_reloads_by_switching_only(fleet):
+    name = fleet.volume_name()
+    writer = Volume.from_name(name, create_if_missing=True, agent=fleet.agents[0])
+    reader = vol_on(fleet, 1, name)
+    wpath, rpath = fleet.mount_path(name, 0), fleet.mount_path(name, 1)
+    writer.mount(wpath)
+    with pytest.raises(ValueError):
+        reader.mount(rpath, follow="sometimes")
+    assert "following" in reader.mount(rpath, follow=True)
+    (wpath / "weights.bin").write_bytes(os.urandom(1 << 20))
+    version = writer.commit()["version"]
+    deadline = time.monotonic() + 60
+    while _held(fleet, 1, name) != version:
+        assert time.monotonic() < deadline, "the follower never held the new version"
+        time.sleep(0.05)
+    report = reader.reload()
+    assert report["version"] == version
+    assert report["sources"]["origin_bytes"] == 0 and report["sources"]["peer_bytes"] == 0
+    assert (rpath / "weights.bin").read_bytes() == (wpath / "weights.bin").read_bytes()
+    # A preheat of a version held already fetches nothing.
+    assert "0 bytes from peers, 0 from the origin" in reader.prefetch()
+    reader.unmount()
     writer.unmount()
 
 

@@ -187,13 +187,18 @@ class Volume:
         *,
         read_only: bool = False,
         background_commit_secs: Optional[int] = None,
-        follow: bool = False,
+        follow: Union[bool, str] = False,
     ) -> str:
         """Mounts the volume at ``path`` on this host (a new path or an empty directory,
         which becomes a mount point that shows each version reloaded; a link to the current
-        snapshot where the agent makes copies). With ``follow``, each new version is
-        downloaded as soon as it is committed, so that :meth:`reload` only switches.
+        snapshot where the agent makes copies). With ``follow=True``, each new version is
+        downloaded as soon as it is committed, so that :meth:`reload` only switches; with
+        ``follow="switch"`` the mount also moves to each downloaded version by itself when
+        it holds no uncommitted change and no file open for writing.
         Returns the agent's message."""
+        how = {False: "No", True: "Prefetch", "prefetch": "Prefetch", "switch": "Switch"}.get(follow)
+        if how is None:
+            raise ValueError(f"follow is True, False or 'switch', not {follow!r}")
         # The agent follows no symbolic link on the way: resolve the directory's here.
         path = os.path.abspath(os.fspath(path))
         path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
@@ -205,7 +210,7 @@ class Volume:
                     "path": path,
                     "background_commit_secs": background_commit_secs,
                     "read_only": read_only,
-                    "follow": follow,
+                    "follow": how,
                 }
             },
         )["Done"]
