@@ -378,6 +378,10 @@ pub struct ReloadReport {
     pub build_seconds: f64,
     /// Seconds taken in all.
     pub seconds: f64,
+    /// The switch was prepared ahead by the mount's follow (its layer written when the
+    /// version arrived): the reload only mounted and switched.
+    #[serde(default)]
+    pub prepared: bool,
 }
 
 /// One mount in `status`.

@@ -59,6 +59,10 @@ async fn followers_hold_each_new_version_before_anyone_reloads() {
         (0, 0),
         "the reload only switched: {r:?}"
     );
+    // Layered snapshots: the follow wrote the switch's layer already.
+    let layered = voltool_tests::snapshot_mode() != voltool_agent::node::SnapshotMode::Copy;
+    assert_eq!(r.prepared, layered, "{r:?}");
+    assert_eq!(r.fetched_files_bytes, SIZE as u64, "{r:?}");
     assert_eq!(std::fs::read(m.join("model.bin")).unwrap(), bytes(1, SIZE));
 
     // The next version too, and the host without a mount mounts it fetching nothing.

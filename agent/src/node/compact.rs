@@ -6,7 +6,7 @@
 //! write. A reload or commit writes a full layer itself only past [`MAX_LAYERS`], which
 //! compaction keeps it from reaching.
 
-use super::snapshot::{Built, TRASH, discard};
+use super::snapshot::{Built, LayerOf, TRASH, discard};
 use super::*;
 
 /// Layers under a mount from which a reload or commit starts a compaction.
@@ -72,7 +72,7 @@ impl Inner {
         }
         let lowers = local_root(rec.lower_manifest);
         let layer = self
-            .full_layer(rec.id, rec.version, lowers, rec.owner)
+            .layer_of(rec.id, rec.version, LayerOf::Full(lowers), rec.owner)
             .await?;
         let lock = self.lock_for(name);
         let _g = lock.lock().await;

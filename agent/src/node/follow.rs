@@ -312,6 +312,15 @@ impl Inner {
         }
     }
 
+    /// Whether the follow of volume `id` holds the tree at `root` whole.
+    pub(super) fn holds_whole(&self, id: VolumeId, root: Hash) -> bool {
+        self.follow_record(id)
+            .ok()
+            .flatten()
+            .and_then(|f| f.held)
+            .is_some_and(|(_, r)| r == root)
+    }
+
     /// The trees the disk budget keeps for followed volumes: each one's newest version
     /// held whole, and the one downloading once its pages are here.
     pub(super) fn followed_roots(&self) -> OpResult<Vec<Hash>> {
@@ -558,6 +567,23 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
         let _ = watch.await;
         r?
     };
+    // A mount that follows gets its switch prepared (before the version counts as held, so
+    // that a reload of it finds the switch ready), so that its reload only switches.
+    let following_mount = inner
+        .follow_record(id)
+        .ok()
+        .flatten()
+        .is_some_and(|f| f.mount != control::Follow::No);
+    if following_mount
+        && let Some(m) = inner
+            .mounts()
+            .ok()
+            .and_then(|ms| ms.into_iter().find(|m| m.id == id))
+    {
+        inner
+            .prepare_switch(&m.name, head.commit.version, root)
+            .await;
+    }
     inner.update_follow(id, |old| {
         old.map(|mut f| {
             if f.held.is_none_or(|(v, _)| v < head.commit.version) {

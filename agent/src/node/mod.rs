@@ -47,6 +47,7 @@ mod mount;
 mod mount_point;
 mod mounts;
 mod peers;
+mod prepare;
 mod registry;
 mod reload;
 mod remote;

@@ -127,6 +127,8 @@ pub(super) struct Mounted {
     pub(super) last_reload: Mutex<HashMap<String, ReloadReport>>,
     pub(super) compacting: Mutex<HashSet<String>>,
     pub(super) mount_points: Mutex<HashMap<String, Arc<MountPoint>>>,
+    /// Switches prepared ahead for followed versions, by mount.
+    pub(super) prepared: Mutex<HashMap<String, super::prepare::Prepared>>,
 }
 
 impl Inner {

@@ -41,6 +41,7 @@ impl Inner {
             download_seconds: 0.0,
             build_seconds: 0.0,
             seconds: start.elapsed().as_secs_f64(),
+            prepared: false,
         };
         // On the head already: nothing to fetch, but --discard and --commit-first still
         // act on what the mount holds uncommitted (a read-only mount keeps nothing).
@@ -57,7 +58,21 @@ impl Inner {
                 Settled::UpToDate(version, c) => return Ok(unchanged(version, Some(*c))),
             };
         let new = info.head.commit.root();
-        let plan = self.plan(&rec, new, base, &dirty_paths).await?;
+        // A follow that holds this version whole may have prepared the switch.
+        let prepared = self
+            .holds_whole(info.id, new.hash)
+            .then(|| self.take_prepared(&rec, new.hash))
+            .flatten();
+        let was_prepared = prepared.is_some();
+        let plan = match prepared {
+            Some((layers, bytes)) => Plan {
+                new,
+                needed: Needed::List(Vec::new()),
+                needed_bytes: bytes,
+                how: PlanHow::Over(layers),
+            },
+            None => self.plan(&rec, new, base, &dirty_paths).await?,
+        };
         let fetched_files_bytes = plan.needed_bytes;
         let t_fetch = Instant::now();
         self.join_prefetch(info.id, info.head.commit.version, events)
@@ -99,6 +114,7 @@ impl Inner {
             download_seconds,
             build_seconds,
             seconds: start.elapsed().as_secs_f64(),
+            prepared: was_prepared,
         };
         self.remember(&report);
         Ok(report)
@@ -130,9 +146,11 @@ enum Needed {
 
 /// Deltas a reload writes as a thin layer; past this it writes one full layer instead (as
 /// fast to write, and read from the tree a part at a time).
-const THIN_MAX: usize = 65_536;
+pub(super) const THIN_MAX: usize = 65_536;
 
 enum PlanHow {
+    /// Layers prepared ahead (see `prepare`): mounted as they are.
+    Over(Vec<String>),
     Thin(Vec<Delta>),
     Full,
     Copy(Box<Manifest>, HashSet<VolPath>),
@@ -275,6 +293,7 @@ impl Inner {
                 HashSet::new(),
             ),
             PlanHow::Full => (Source::Full { root: new }, HashSet::new()),
+            PlanHow::Over(layers) => (Source::Over { layers }, HashSet::new()),
             PlanHow::Copy(m, reuse) => (
                 Source::Copy {
                     manifest: *m,

@@ -50,26 +50,33 @@ pub(super) fn write_layer(
     Ok(name)
 }
 
+/// What a layer is written from: the whole tree at a root, or the changes (`deltas`) that
+/// turn the tree the layers under it show into the tree at `root`.
+pub(in super::super) enum LayerOf {
+    Full(PageRef),
+    Thin { deltas: Vec<Delta>, root: PageRef },
+}
+
 impl Inner {
-    /// One full layer of the tree at `root`, for volume `id` at `version` (a compaction):
-    /// its name.
-    pub(in super::super) async fn full_layer(
+    /// Writes a layer of volume `id` at `version` (a compaction, a follow preparing its
+    /// switch), its entries `owner`'s: its name.
+    pub(in super::super) async fn layer_of(
         &self,
         id: voltool_protocol::VolumeId,
         version: u64,
-        root: PageRef,
+        of: LayerOf,
         owner: u32,
     ) -> OpResult<String> {
         let snapshot = format!("v{version}-{:08x}", rand::random::<u32>());
         let (vol, pages) = (self.mounts_dir(id), self.pages.clone());
         tokio::task::spawn_blocking(move || {
-            write_layer(
-                &vol,
-                &snapshot,
-                LayerPart::Full(root),
-                &pages,
-                owner_of(owner),
-            )
+            let part = match of {
+                LayerOf::Full(root) => LayerPart::Full(root),
+                LayerOf::Thin { deltas, root } => {
+                    LayerPart::Thin(thin_layer(&deltas, &pages, &root).map_err(|e| e.to_string())?)
+                }
+            };
+            write_layer(&vol, &snapshot, part, &pages, owner_of(owner))
         })
         .await
         .map_err(failed)?

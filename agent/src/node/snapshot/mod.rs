@@ -9,6 +9,8 @@ mod copies;
 mod layers;
 mod overlays;
 
+pub(super) use layers::LayerOf;
+
 use std::sync::Arc;
 
 use crate::overlay;
