@@ -265,10 +265,12 @@ fn swarm_config(knobs: &[String]) -> anyhow::Result<voltool_protocol::swarm::Con
 }
 
 fn init_logs() {
+    // Colours only on a terminal: a log file or journald gets plain text.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
