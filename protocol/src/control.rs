@@ -456,6 +456,8 @@ pub struct FollowStatus {
     pub waiting: Option<String>,
     /// Why the last head pushed for it was refused, if one was (forged, rolled back).
     pub refused: Option<String>,
+    /// Providers its downloads banned for bytes that failed verification.
+    pub banned: Vec<String>,
 }
 
 /// What the agent's content store holds, and what its budget evicted.

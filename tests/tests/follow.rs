@@ -236,7 +236,13 @@ async fn a_switching_follower_moves_by_itself_only_when_its_mount_is_clean() {
     .unwrap();
     std::fs::write(a.join("one"), b"1").unwrap();
     let v1 = f.commit(0, "vol").await.unwrap().version;
-    until_mount_status(&f, 1, "switched to v1", |s| s.local_version == v1).await;
+    // Its reload done (the record moves before the path shows the new version).
+    let switched = |v: u64| {
+        move |s: &voltool_agent::control::MountStatus| {
+            s.last_reload.as_ref().is_some_and(|r| r.version == v)
+        }
+    };
+    until_mount_status(&f, 1, "switched to v1", switched(v1)).await;
     assert_eq!(std::fs::read(m.join("one")).unwrap(), b"1");
     // An uncommitted change holds the switch back, and status says why.
     std::fs::write(m.join("mine"), b"x").unwrap();
@@ -252,6 +258,125 @@ async fn a_switching_follower_moves_by_itself_only_when_its_mount_is_clean() {
     assert!(!m.join("two").exists());
     // Clean again: it moves.
     std::fs::remove_file(m.join("mine")).unwrap();
-    until_mount_status(&f, 1, "switched to v2", |s| s.local_version == v2).await;
+    until_mount_status(&f, 1, "switched to v2", switched(v2)).await;
     assert_eq!(std::fs::read(m.join("two")).unwrap(), b"2");
+}
+
+/// Follows volume `name` on agent `i` as a host.
+async fn follow(f: &TestFleet, i: usize, name: &str) {
+    f.req(
+        i,
+        Request::Follow {
+            name: name.into(),
+            on: true,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_is_banned_for_the_whole_follow_download() {
+    let mut f = TestFleet::start(2).await;
+    // Agent 0 holds what it commits and flips bytes in everything it serves.
+    f.make_liar(0).await;
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    follow(&f, 1, "vol").await;
+    std::fs::write(a.join("model.bin"), bytes(4, SIZE)).unwrap();
+    let v = f.commit(0, "vol").await.unwrap().version;
+    until_held(&f, 1, "vol", v).await;
+    let s = until_status(&f, 1, "status", |_| true).await;
+    let liar = f.agents[0].addr().id.to_string();
+    assert!(s.follows[0].banned.contains(&liar), "{s:?}");
+    let mount = Request::Mount {
+        name: "vol".into(),
+        path: f.mount_path(1),
+        background_commit_secs: None,
+        read_only: false,
+        follow: Follow::No,
+    };
+    let Reply::Done(msg) = f.req(1, mount).await.unwrap() else {
+        panic!("mount answered otherwise")
+    };
+    assert!(msg.contains("; 0 bytes from the origin"), "{msg}");
+    assert_eq!(
+        std::fs::read(f.mount_path(1).join("model.bin")).unwrap(),
+        bytes(4, SIZE),
+        "no byte of the liar's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_faster_than_the_download_move_it_to_the_newest_version() {
+    // The follower takes in 2 MiB/s: 6 MiB take about 3 s.
+    let f = TestFleet::start_with(
+        2,
+        Limits {
+            agent_ingress: Some(Rate(2 << 20)),
+            ..Limits::default()
+        },
+    )
+    .await;
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    follow(&f, 1, "vol").await;
+    let big = bytes(5, SIZE);
+    std::fs::write(a.join("big.bin"), &big).unwrap();
+    let v1 = f.commit(0, "vol").await.unwrap().version;
+    until_status(&f, 1, "v1 under way", |s| {
+        s.follows[0].newest == Some(v1) && s.follows[0].bytes_to_go < SIZE as u64
+    })
+    .await;
+    // v2 no longer has the big file: its download stops, v2 is what the follower holds.
+    std::fs::remove_file(a.join("big.bin")).unwrap();
+    std::fs::write(a.join("small"), b"s").unwrap();
+    let v2 = f.commit(0, "vol").await.unwrap().version;
+    until_held(&f, 1, "vol", v2).await;
+    let meta = f.agents[1]
+        .store()
+        .meta(&voltool_protocol::Hash::of(&big))
+        .unwrap();
+    assert!(
+        meta.is_some_and(|m| !m.is_complete() && m.held_bytes() > 0),
+        "v1's blob was neither finished nor dropped: what was verified stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_past_the_store_budget_waits_and_says_so_and_the_follow_goes_on() {
+    let f = TestFleet::start_with(
+        2,
+        Limits {
+            store_max: Some(voltool_agent::node::StoreBudget::new(4 << 20, None)),
+            ..Limits::default()
+        },
+    )
+    .await;
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    std::fs::write(a.join("kept"), bytes(6, 1 << 20)).unwrap();
+    f.commit(0, "vol").await.unwrap();
+    // The follower's mount needs 1 MiB; the next version would not fit in 4 MiB.
+    let m = f.mount(1, "vol").await;
+    follow(&f, 1, "vol").await;
+    std::fs::write(a.join("big.bin"), bytes(7, SIZE)).unwrap();
+    let v2 = f.commit(0, "vol").await.unwrap().version;
+    let s = until_status(&f, 1, "the follow waits for room", |s| {
+        s.follows[0].newest == Some(v2)
+            && s.follows[0]
+                .waiting
+                .as_deref()
+                .is_some_and(|w| w.contains("no room"))
+    })
+    .await;
+    assert!(s.store.bytes <= 4 << 20, "over the budget: {s:?}");
+    assert_eq!(std::fs::read(m.join("kept")).unwrap(), bytes(6, 1 << 20));
+    // A version that fits again: the follow goes on.
+    std::fs::remove_file(a.join("big.bin")).unwrap();
+    let v3 = f.commit(0, "vol").await.unwrap().version;
+    until_held(&f, 1, "vol", v3).await;
+    let s = until_status(&f, 1, "status", |_| true).await;
+    assert_eq!(s.follows[0].waiting, None, "{s:?}");
+    assert_eq!(std::fs::read(m.join("kept")).unwrap(), bytes(6, 1 << 20));
 }

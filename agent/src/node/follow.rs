@@ -23,6 +23,8 @@ pub(super) const FOLLOWS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::ne
 const RETRY_FIRST: Duration = Duration::from_secs(2);
 /// The longest wait before a failed download is tried again.
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Providers banned that `status` names per followed volume, the latest.
+const MAX_BANNED_SHOWN: usize = 16;
 /// The longest wait before a switch that waited (`--follow=switch`) is tried again.
 const SWITCH_RETRY_MAX: Duration = Duration::from_secs(10);
 
@@ -74,6 +76,8 @@ struct Progress {
     waiting: Option<String>,
     /// Why the last head pushed was refused, if one was.
     refused: Option<String>,
+    /// Providers its downloads banned (the latest few).
+    banned: Vec<String>,
     /// The worker that runs for it (its number), and what stops its download.
     worker: Option<(u64, CancellationToken)>,
     /// The version downloading now, and its download's priority (a reload of that
@@ -362,6 +366,7 @@ impl Inner {
                     },
                     waiting: now.and_then(|p| p.waiting.clone()),
                     refused: now.and_then(|p| p.refused.clone()),
+                    banned: now.map(|p| p.banned.clone()).unwrap_or_default(),
                 }
             })
             .collect())
@@ -565,6 +570,19 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
         let r = inner.prefetch_blobs(&download, root, &events).await;
         drop(events);
         let _ = watch.await;
+        if let Ok(stats) = &r
+            && !stats.banned.is_empty()
+            && let Some(p) = inner
+                .following
+                .progress
+                .lock()
+                .expect("not poisoned")
+                .get_mut(&id)
+        {
+            p.banned.extend(stats.banned.iter().cloned());
+            let extra = p.banned.len().saturating_sub(MAX_BANNED_SHOWN);
+            p.banned.drain(..extra);
+        }
         r?
     };
     // A mount that follows gets its switch prepared (before the version counts as held, so
