@@ -458,6 +458,10 @@ pub struct FollowStatus {
     pub refused: Option<String>,
     /// Providers its downloads banned for bytes that failed verification.
     pub banned: Vec<String>,
+    /// Verified bytes its downloads received from the origin since the agent started.
+    pub origin_bytes: u64,
+    /// And from peers.
+    pub peer_bytes: u64,
 }
 
 /// What the agent's content store holds, and what its budget evicted.

@@ -91,6 +91,12 @@ pub(crate) struct BenchArgs {
     /// it, so that queues in the links stay short.
     #[arg(long, value_name = "FRACTION")]
     pace: Option<f64>,
+    /// Then measure following: a second volume of the same size that every other agent
+    /// mounts with `--follow`, from the writer's commit acknowledgement to every follower
+    /// holding it whole, then their reloads (against the fan-out above, and a one-change
+    /// reload, of the same run).
+    #[arg(long)]
+    follow: bool,
     /// Print only the JSON object.
     #[arg(long)]
     json: bool,
@@ -118,6 +124,31 @@ struct Report {
     plot: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bittorrent: Option<torrent::BtReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    follow: Option<FollowReport>,
+}
+
+/// What `--follow` measured.
+#[derive(Debug, Serialize)]
+struct FollowReport {
+    /// From the commit's acknowledgement to every follower holding the version whole.
+    fleet_s: f64,
+    /// That against the fan-out's fleet time of the same run (B1's target: at most 1.05).
+    ratio_to_fanout: f64,
+    /// That against T_min.
+    ratio: f64,
+    /// Bytes the followers' downloads took from the origin, and that against F.
+    origin_bytes: u64,
+    origin_ratio: f64,
+    peer_bytes: u64,
+    /// Then every follower's reload, at once: the slowest, and bytes they fetched (0).
+    reload_max_s: f64,
+    reload_fetched_bytes: u64,
+    reloads_prepared: usize,
+    /// A reload of a one-file change in the same run, and the slowest follower's reload
+    /// against it (target: at most 2).
+    one_change_reload_s: f64,
+    reload_ratio: f64,
 }
 
 /// Kumar & Ross: no schedule finishes before
@@ -240,7 +271,16 @@ async fn measure(
             return Err(e);
         }
     };
-    let result = bench(a, &f, rate).await;
+    let result = match bench(a, &f, rate).await {
+        Ok(mut r) if a.follow => match follow(a, &f, &r).await {
+            Ok(fr) => {
+                r.follow = Some(fr);
+                Ok(r)
+            }
+            Err(e) => Err(e),
+        },
+        r => r,
+    };
     // The writer's files, kept for the comparison: its mount goes with the fleet.
     let src = f.root.join("bittorrent-src");
     let kept = match (&result, a.compare) {
@@ -282,20 +322,7 @@ fn keep_files(mount: &Path, to: &Path) -> anyhow::Result<()> {
 async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Report> {
     let volume = "bench";
     let mounts = f.create_and_mount_all(volume).await?;
-    let per_file = a.size / 4;
-    for i in 0..4u64 {
-        let len = if i == 3 {
-            a.size - 3 * per_file
-        } else {
-            per_file
-        };
-        let mut key = [0u8; 32];
-        key[0] = i as u8 + 1;
-        let mut xof = blake3::Hasher::new_keyed(&key).finalize_xof();
-        let mut buf = vec![0u8; len as usize];
-        xof.fill(&mut buf);
-        std::fs::write(mounts[0].join(format!("part-{i}.bin")), &buf)?;
-    }
+    write_parts(&mounts[0], a.size, 0)?;
     ask(
         &f.agents[0],
         Request::Commit {
@@ -390,6 +417,122 @@ async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Re
             .join(" "),
         plot: Some(plot.display().to_string()),
         bittorrent: None,
+        follow: None,
+    })
+}
+
+/// Writes the bench's 4 files of `size` bytes in all into `dir`, from keys of `seed`.
+fn write_parts(dir: &Path, size: u64, seed: u8) -> anyhow::Result<()> {
+    let per_file = size / 4;
+    for i in 0..4u64 {
+        let len = if i == 3 {
+            size - 3 * per_file
+        } else {
+            per_file
+        };
+        let mut key = [0u8; 32];
+        key[0] = i as u8 + 1;
+        key[1] = seed;
+        let mut xof = blake3::Hasher::new_keyed(&key).finalize_xof();
+        let mut buf = vec![0u8; len as usize];
+        xof.fill(&mut buf);
+        std::fs::write(dir.join(format!("part-{i}.bin")), &buf)?;
+    }
+    Ok(())
+}
+
+async fn commit(agent: &Path, volume: &str) -> anyhow::Result<u64> {
+    match ask(
+        agent,
+        Request::Commit {
+            name: Some(volume.into()),
+        },
+    )
+    .await?
+    {
+        Reply::Committed(c) => Ok(c.version),
+        _ => bail!("unexpected answer to commit"),
+    }
+}
+
+async fn reload(agent: &Path, volume: &str) -> anyhow::Result<control::ReloadReport> {
+    match ask(
+        agent,
+        Request::Reload {
+            name: Some(volume.into()),
+            mode: ReloadMode::Refuse,
+        },
+    )
+    .await?
+    {
+        Reply::Reloaded(r) => Ok(r),
+        _ => bail!("unexpected answer to reload"),
+    }
+}
+
+/// `--follow`: a second volume every other agent follows through its mount; the time from
+/// the commit's acknowledgement until all of them hold it whole, then their reloads.
+async fn follow(a: &BenchArgs, f: &fleet::Fleet, fanout: &Report) -> anyhow::Result<FollowReport> {
+    let volume = "bench-follow";
+    let mounts = f
+        .create_and_mount_following(volume, "-follow", control::Follow::Prefetch)
+        .await?;
+    write_parts(&mounts[0], a.size, 2)?;
+    let version = commit(&f.agents[0], volume).await?;
+    let start = Instant::now();
+    let mut waiting: Vec<usize> = (1..f.agents.len()).collect();
+    let (mut origin, mut peers) = (0u64, 0u64);
+    let deadline = start + std::time::Duration::from_secs(3600);
+    while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for &i in &waiting {
+            let Reply::Status(s) = ask(&f.agents[i], Request::Status).await? else {
+                bail!("unexpected answer to status");
+            };
+            match s.follows.iter().find(|x| x.volume == volume) {
+                Some(x) if x.held == Some(version) && x.bytes_to_go == 0 => {
+                    origin += x.origin_bytes;
+                    peers += x.peer_bytes;
+                }
+                _ => still.push(i),
+            }
+        }
+        waiting = still;
+        if Instant::now() > deadline {
+            bail!("followers {waiting:?} never held version {version}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let fleet_s = start.elapsed().as_secs_f64();
+    // The reference: a one-file change of the fan-out's volume, reloaded by one agent.
+    std::fs::write(f.root.join("mnt-0").join("one-change"), b"1")?;
+    commit(&f.agents[0], "bench").await?;
+    let one_change = reload(&f.agents[1], "bench").await?;
+    // Every follower reloads at once.
+    let mut set = tokio::task::JoinSet::new();
+    for agent in f.agents.iter().skip(1) {
+        let agent = agent.clone();
+        set.spawn(async move { reload(&agent, volume).await });
+    }
+    let (mut reload_max_s, mut fetched, mut prepared) = (0f64, 0u64, 0usize);
+    while let Some(r) = set.join_next().await {
+        let r = r??;
+        reload_max_s = reload_max_s.max(r.seconds);
+        fetched += r.sources.origin_bytes + r.sources.peer_bytes;
+        prepared += usize::from(r.prepared);
+    }
+    Ok(FollowReport {
+        fleet_s,
+        ratio_to_fanout: fleet_s / fanout.fleet_s,
+        ratio: fleet_s / fanout.t_min_s,
+        origin_bytes: origin,
+        origin_ratio: origin as f64 / a.size as f64,
+        peer_bytes: peers,
+        reload_max_s,
+        reload_fetched_bytes: fetched,
+        reloads_prepared: prepared,
+        one_change_reload_s: one_change.seconds,
+        reload_ratio: reload_max_s / one_change.seconds.max(1e-6),
     })
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use voltool_agent::control::{self, Reply, Request};
+use voltool_agent::control::{self, Follow, Reply, Request};
 use voltool_agent::coordinator::ADDR_FILE;
 
 use crate::netns::{self, Netns};
@@ -58,6 +58,19 @@ pub(crate) async fn ask(agent: &Path, req: Request) -> anyhow::Result<Reply> {
 impl Fleet {
     /// Creates `volume` through agent 0 and mounts it on every agent, at `ROOT/mnt-I`.
     pub(crate) async fn create_and_mount_all(&self, volume: &str) -> anyhow::Result<Vec<PathBuf>> {
+        self.create_and_mount_following(volume, "", Follow::No)
+            .await
+    }
+
+    /// Creates `volume` through agent 0 and mounts it on every agent at
+    /// `ROOT/mnt-I{suffix}`; every agent but the writer (agent 0) follows it as `follow`
+    /// says.
+    pub(crate) async fn create_and_mount_following(
+        &self,
+        volume: &str,
+        suffix: &str,
+        follow: Follow,
+    ) -> anyhow::Result<Vec<PathBuf>> {
         ask(
             &self.agents[0],
             Request::VolumeCreate {
@@ -68,7 +81,7 @@ impl Fleet {
         .await?;
         let mut mounts = Vec::new();
         for (i, agent) in self.agents.iter().enumerate() {
-            let path = self.root.join(format!("mnt-{i}"));
+            let path = self.root.join(format!("mnt-{i}{suffix}"));
             ask(
                 agent,
                 Request::Mount {
@@ -76,7 +89,7 @@ impl Fleet {
                     path: path.clone(),
                     background_commit_secs: None,
                     read_only: false,
-                    follow: voltool_agent::control::Follow::No,
+                    follow: if i == 0 { Follow::No } else { follow },
                 },
             )
             .await?;

@@ -78,6 +78,9 @@ struct Progress {
     refused: Option<String>,
     /// Providers its downloads banned (the latest few).
     banned: Vec<String>,
+    /// Verified bytes its downloads received from the origin and from peers.
+    origin_bytes: u64,
+    peer_bytes: u64,
     /// The worker that runs for it (its number), and what stops its download.
     worker: Option<(u64, CancellationToken)>,
     /// The version downloading now, and its download's priority (a reload of that
@@ -367,6 +370,8 @@ impl Inner {
                     waiting: now.and_then(|p| p.waiting.clone()),
                     refused: now.and_then(|p| p.refused.clone()),
                     banned: now.map(|p| p.banned.clone()).unwrap_or_default(),
+                    origin_bytes: now.map_or(0, |p| p.origin_bytes),
+                    peer_bytes: now.map_or(0, |p| p.peer_bytes),
                 }
             })
             .collect())
@@ -571,7 +576,6 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
         drop(events);
         let _ = watch.await;
         if let Ok(stats) = &r
-            && !stats.banned.is_empty()
             && let Some(p) = inner
                 .following
                 .progress
@@ -579,6 +583,8 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
                 .expect("not poisoned")
                 .get_mut(&id)
         {
+            p.origin_bytes += stats.from_origin;
+            p.peer_bytes += stats.from_peers.values().sum::<u64>();
             p.banned.extend(stats.banned.iter().cloned());
             let extra = p.banned.len().saturating_sub(MAX_BANNED_SHOWN);
             p.banned.drain(..extra);
