@@ -35,7 +35,7 @@ use serde::Serialize;
 use voltool_agent::control::export;
 use voltool_agent::control::upload::{Source, Upload};
 use voltool_agent::control::{
-    self, ErrorCode, ErrorReply, ReloadMode, Reply, Request, UploadEntry, UploadKind,
+    self, ErrorCode, ErrorReply, Follow, ReloadMode, Reply, Request, UploadEntry, UploadKind,
 };
 
 use crate::fleet::{self, Fleet};

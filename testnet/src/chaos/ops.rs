@@ -214,7 +214,8 @@ impl Trial<'_> {
         let writer = WRITERS[self.rng.random_range(0..WRITERS.len())];
         let vol = MOUNTED[self.rng.random_range(0..MOUNTED.len())];
         self.last = match self.rng.random_range(0..100) {
-            0..22 => "write",
+            0..19 => "write",
+            19..22 => "follow",
             22..42 => "commit",
             42..58 => "reload",
             58..68 => "put",
@@ -227,6 +228,7 @@ impl Trial<'_> {
         };
         match self.last {
             "write" => self.write(writer, vol),
+            "follow" => self.follow().await,
             "commit" => {
                 if self.views[writer][vol].pending.is_empty() {
                     self.write(writer, vol)?;
@@ -442,8 +444,41 @@ impl Trial<'_> {
     /// A container binds an agent's mount path in a namespace of its own (overlay mode,
     /// where the path is a mount point; a link in copy mode is resolved once by any
     /// bind). At most four at a time: the oldest goes first.
+    /// An agent follows a volume as a host (a mounted one or a scratch one), or stops:
+    /// its downloads go on in the background while the trial runs on, under its faults.
+    pub(super) async fn follow(&mut self) -> anyhow::Result<()> {
+        let agent = self.rng.random_range(0..AGENTS);
+        let name = self.random_volume();
+        let on = self.rng.random_bool(0.7);
+        let req = Request::Follow { name, on };
+        self.out.operations += 1;
+        match call(self.agent(agent), req.clone(), Vec::new()).await {
+            Answer::Ok(_) => self
+                .out
+                .fault(if on { "host_follows" } else { "host_unfollows" }),
+            // A scratch volume deleted or renamed meanwhile.
+            Answer::Refused(e) if e.code == ErrorCode::NotFound => {}
+            Answer::TimedOut => {
+                self.out.stuck_agents += 1;
+                self.out.problem(format!(
+                    "agent {agent}: {req:?}: no answer in {OP_TIMEOUT:?}"
+                ));
+            }
+            other => {
+                self.out.unexplained_errors += 1;
+                self.out
+                    .problem(format!("agent {agent}: {req:?} failed: {other:?}"));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn bind(&mut self, vol: &'static str) -> anyhow::Result<()> {
         let agent = self.rng.random_range(0..AGENTS);
+        if self.switching.contains(&(agent, vol)) {
+            // A mount that moves by itself may move between reading it and its bind.
+            return Ok(());
+        }
         let path = self.mount_path(agent, vol);
         if std::fs::symlink_metadata(&path)?.file_type().is_symlink() {
             return Ok(());

@@ -4,6 +4,7 @@
 use super::*;
 
 /// How a call to an agent ended.
+#[derive(Debug)]
 pub(super) enum Answer {
     Ok(Box<Reply>),
     /// The agent refused or failed it.
@@ -83,6 +84,10 @@ pub(super) struct Trial<'a> {
     pub(super) uploading: Vec<Vec<u8>>,
     /// Containers' binds of mount paths (overlay mode).
     pub(super) binds: Vec<super::binds::Bind>,
+    /// Every tree each mounted volume had, in order (what a switching mount may show).
+    pub(super) history: BTreeMap<&'static str, Vec<Tree>>,
+    /// Mounts that follow with `--follow=switch` (they move by themselves when clean).
+    pub(super) switching: BTreeSet<(usize, &'static str)>,
 }
 
 impl Trial<'_> {
@@ -258,7 +263,20 @@ impl Trial<'_> {
         Ok(false)
     }
 
-    /// Compares a mount with the snapshots it may show; a mismatch is a mixed snapshot.
+    /// Adds each mounted volume's acknowledged tree to its history if it changed.
+    pub(super) fn note_history(&mut self) {
+        for vol in MOUNTED {
+            let now = &self.model[vol];
+            let h = self.history.get_mut(vol).expect("every mounted volume");
+            if h.last() != Some(now) {
+                h.push(now.clone());
+            }
+        }
+    }
+
+    /// Compares a mount with the snapshots it may show; a mismatch is a mixed snapshot. A
+    /// switching mount may also show any tree its volume had since the one it showed last
+    /// (it moved by itself), and from then on that one.
     pub(super) fn check_mount(
         &mut self,
         agent: usize,
@@ -266,9 +284,20 @@ impl Trial<'_> {
         allowed: &[Tree],
         when: &str,
     ) -> anyhow::Result<bool> {
+        self.note_history();
         let seen = read_tree(&self.mount_path(agent, vol))?;
         if allowed.contains(&seen) {
             return self.check_binds(agent, vol, &seen, when);
+        }
+        if self.switching.contains(&(agent, vol)) {
+            let base = &self.views[agent][vol].base;
+            let h = &self.history[vol];
+            let from = h.iter().rposition(|t| t == base).unwrap_or(0);
+            if h[from..].contains(&seen) {
+                self.out.fault("switched_by_itself");
+                self.views[agent].get_mut(vol).expect("mounted").base = seen;
+                return Ok(true);
+            }
         }
         self.out.mixed_snapshots += 1;
         let d = diff(&allowed[0], &seen);
@@ -504,6 +533,8 @@ pub(super) async fn trial_in(
         last: "",
         uploading: Vec::new(),
         binds: Vec::new(),
+        history: BTreeMap::new(),
+        switching: BTreeSet::new(),
     };
     for vol in MOUNTED {
         let req = Request::VolumeCreate {
@@ -512,13 +543,25 @@ pub(super) async fn trial_in(
         };
         fleet::ask(&t.agent(0), req).await?;
         t.model.insert(vol.into(), Tree::new());
+        t.history.insert(vol, vec![Tree::new()]);
         for i in 0..AGENTS {
+            // The reading agent's mount of m1 switches by itself to each version its
+            // follow downloads (it never writes, so it is always clean); other mounts
+            // follow (prefetch) or not, at random.
+            let follow = if i == LIAR && vol == "m1" {
+                t.switching.insert((i, vol));
+                Follow::Switch
+            } else if t.rng.random_bool(0.5) {
+                Follow::Prefetch
+            } else {
+                Follow::No
+            };
             let req = Request::Mount {
                 name: vol.into(),
                 path: t.mount_path(i, vol),
                 background_commit_secs: None,
                 read_only: i == LIAR,
-                follow: voltool_agent::control::Follow::No,
+                follow,
             };
             fleet::ask(&t.agent(i), req).await?;
             t.views[i].insert(vol, View::default());
