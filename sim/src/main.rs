@@ -66,6 +66,14 @@ struct Args {
     /// Fraction of downloaders that leave mid-download for good.
     #[arg(long, default_value_t = 0.0)]
     churn_frac: f64,
+    /// Fraction of downloaders whose download is a background one (a follow) held back
+    /// for the first --paused-s seconds, as the agent pauses it while a foreground
+    /// download of the node runs; they serve what they hold meanwhile.
+    #[arg(long, default_value_t = 0.0)]
+    paused_frac: f64,
+    /// How long the background downloads are held back (seconds).
+    #[arg(long, default_value_t = 0.0)]
+    paused_s: f64,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -189,6 +197,7 @@ fn scenario(a: &Args) -> anyhow::Result<Scenario> {
         zone: 0,
         liar: false,
         leaves_at: None,
+        paused_until: None,
     }];
     for _ in 0..a.seeds {
         nodes.push(Spec {
@@ -199,10 +208,12 @@ fn scenario(a: &Args) -> anyhow::Result<Scenario> {
             zone: 0,
             liar: false,
             leaves_at: None,
+            paused_until: None,
         });
     }
     let liars = (a.evil + (a.liars_frac * a.nodes as f64).round() as usize).min(a.nodes);
     let t_guess = a.size as f64 / a.rate;
+    let paused = (a.paused_frac.clamp(0.0, 1.0) * a.nodes as f64).round() as usize;
     for i in 0..a.nodes {
         let slow = rng.random_bool(a.slow_frac.clamp(0.0, 1.0));
         let r = if slow { a.rate * a.slow_factor } else { a.rate };
@@ -216,6 +227,8 @@ fn scenario(a: &Args) -> anyhow::Result<Scenario> {
             // The last downloaders lie, so that the traced ones are honest.
             liar: i >= a.nodes - liars,
             leaves_at: churn.then(|| (t_guess * rng.random_range(0.2..0.8) * 1e9) as u64),
+            // The first downloaders (after the traced ones' order) are background ones.
+            paused_until: (i < paused).then_some((a.paused_s * 1e9) as u64),
         });
     }
     let per_file = a.size / a.files.max(1) as u64;
@@ -427,6 +440,34 @@ mod tests {
             }
         }
         assert!(bans > 0);
+    }
+
+    /// Background downloads (follows) held back while a foreground one runs take nothing
+    /// until they resume, then finish; the others are not held back by them.
+    #[test]
+    fn paused_background_downloads_wait_then_finish() {
+        let (sc, plain) = run(&["--seed", "3"]);
+        let (_, r) = run(&["--seed", "3", "--paused-frac", "0.5", "--paused-s", "5"]);
+        let mut paused = 0;
+        for (i, s) in sc.nodes.iter().enumerate() {
+            if s.role != Role::Downloader {
+                continue;
+            }
+            let done = r.nodes[i].done_at.expect("every downloader finishes");
+            // The first half of the downloaders is paused (see `scenario`).
+            if i - 2 < 3 {
+                paused += 1;
+                assert!(done > 5.0, "node {i} finished at {done}, before it resumed");
+                assert!(
+                    r.nodes[i].trace.iter().all(|&(t, b)| t >= 5.0 || b == 0),
+                    "node {i} took bytes while paused: {:?}",
+                    r.nodes[i].trace
+                );
+            } else {
+                assert!(plain.nodes[i].done_at.is_some());
+            }
+        }
+        assert_eq!(paused, 3);
     }
 
     #[test]

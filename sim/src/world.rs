@@ -44,6 +44,9 @@ pub(crate) struct Spec {
     pub(crate) liar: bool,
     /// Leaves the fleet at this time (nanoseconds), for good.
     pub(crate) leaves_at: Option<u64>,
+    /// A background download (a follow) held back until this time (nanoseconds), as the
+    /// agent pauses one while a foreground download of the node runs.
+    pub(crate) paused_until: Option<u64>,
 }
 
 /// The whole scenario.
@@ -149,6 +152,7 @@ impl Node {
                     held: PieceSet::empty(units[k]),
                 });
             }
+            e.set_paused(spec.paused_until.is_some());
             e
         });
         Node {
@@ -277,6 +281,9 @@ impl World {
             }
             if let Some(t) = spec.leaves_at {
                 initial.push((t, Ev::Leave(i)));
+            }
+            if let Some(t) = spec.paused_until {
+                initial.push((t, Ev::Resume(i)));
             }
             nodes.push(node);
         }
@@ -487,6 +494,17 @@ impl World {
                     .report(now, &node_id(from), &node_id(liar), &hash);
             }
             Ev::Leave(n) => self.leave(n),
+            Ev::Resume(n) => {
+                if self.nodes[n].gone {
+                    return;
+                }
+                // Pushes held back while it was paused go first (see Engine::wants_news).
+                self.hand_over(n);
+                if let Some(e) = &mut self.nodes[n].engine {
+                    e.set_paused(false);
+                }
+                self.run_node(n);
+            }
             Ev::Heartbeat => self.heartbeat(),
         }
     }

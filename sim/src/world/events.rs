@@ -46,6 +46,8 @@ pub(super) enum Ev {
         hash: Hash,
     },
     Leave(usize),
+    /// A paused (background) download goes on.
+    Resume(usize),
     Heartbeat,
 }
 
@@ -69,7 +71,7 @@ impl Ev {
         "flow_done",
         "lookup",
         "announce_report",
-        "leave_heartbeat",
+        "leave_resume_heartbeat",
     ];
 
     pub(super) fn kind(&self) -> usize {
@@ -86,7 +88,7 @@ impl Ev {
             Ev::Subscribe { .. } => 9,
             Ev::Lookup { .. } => 11,
             Ev::Announce { .. } | Ev::Report { .. } => 12,
-            Ev::Leave(..) | Ev::Heartbeat => 13,
+            Ev::Leave(..) | Ev::Resume(..) | Ev::Heartbeat => 13,
         }
     }
 }
