@@ -344,6 +344,7 @@ fn repeatable(req: &CoordRequest) -> bool {
         req,
         CoordRequest::ListVolumes
             | CoordRequest::GetHead { .. }
+            | CoordRequest::GetVersions { .. }
             | CoordRequest::HasBlobs { .. }
             | CoordRequest::Lookup { .. }
             | CoordRequest::Members

@@ -42,6 +42,9 @@ pub(crate) struct FollowArgs {
 pub(crate) struct PrefetchArgs {
     /// Volume name.
     name: String,
+    /// The version (default: the newest), checked link by link from the signed head.
+    #[arg(long, value_name = "N")]
+    version: Option<u64>,
     /// No progress bar.
     #[arg(long)]
     json: bool,
@@ -138,7 +141,11 @@ pub(crate) async fn follow(agent: &Path, a: FollowArgs, on: bool) -> anyhow::Res
 }
 
 pub(crate) async fn prefetch(agent: &Path, a: PrefetchArgs) -> anyhow::Result<ExitCode> {
-    let reply = call(agent, Request::Prefetch { name: a.name }, a.json).await?;
+    let req = Request::Prefetch {
+        name: a.name,
+        version: a.version,
+    };
+    let reply = call(agent, req, a.json).await?;
     if let Reply::Done(msg) = reply {
         if a.json {
             print_json(&serde_json::json!({ "message": msg }))?;

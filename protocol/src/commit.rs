@@ -119,6 +119,27 @@ pub enum HeadError {
     /// Same version as one seen, different content.
     #[error("head version {0} differs from the one already seen with that version")]
     Fork(u64),
+    /// An older commit does not link to the next one (its hash is not the next one's
+    /// parent, or its volume or version is not the next one's).
+    #[error("version {0} is not the parent of the version after it: refused")]
+    BrokenChain(u64),
+}
+
+/// Checks that `older` (oldest first) are the commits right before `head`, each the parent
+/// of the next: a client that verified `head`'s signature may then trust each of them as
+/// much. Returns the oldest (`head` itself if `older` is empty).
+pub fn verify_chain<'a>(head: &'a Commit, older: &'a [Commit]) -> Result<&'a Commit, HeadError> {
+    let mut next = head;
+    for c in older.iter().rev() {
+        let links = c.volume == next.volume
+            && next.version.checked_sub(1) == Some(c.version)
+            && next.parent == Some(c.hash());
+        if !links {
+            return Err(HeadError::BrokenChain(c.version));
+        }
+        next = c;
+    }
+    Ok(next)
 }
 
 impl SignedHead {
@@ -213,5 +234,58 @@ mod tests {
         h.verify_against(&k.public(), Some(&h.commit)).unwrap();
         let dec: SignedHead = postcard::from_bytes(&postcard::to_stdvec(&h).unwrap()).unwrap();
         assert_eq!(dec, h);
+    }
+
+    /// Versions 0..=n, each the parent of the next.
+    fn chain(n: u64) -> Vec<Commit> {
+        let mut out: Vec<Commit> = Vec::new();
+        for v in 0..=n {
+            let mut c = commit(v);
+            c.manifest = Hash::of(&v.to_le_bytes());
+            c.parent = out.last().map(Commit::hash);
+            out.push(c);
+        }
+        out
+    }
+
+    #[test]
+    fn a_chain_links_each_version_to_the_next_and_nothing_else() {
+        let all = chain(5);
+        let (head, older) = all.split_last().unwrap();
+        assert_eq!(verify_chain(head, older).unwrap().version, 0);
+        assert_eq!(verify_chain(head, &older[3..]).unwrap().version, 3);
+        assert_eq!(verify_chain(head, &[]).unwrap(), head);
+        // A changed manifest, a gap, a reordering, another volume: refused.
+        let mut bad = older.to_vec();
+        bad[2].manifest = Hash::EMPTY;
+        assert_eq!(verify_chain(head, &bad), Err(HeadError::BrokenChain(2)));
+        let gap: Vec<Commit> = older.iter().filter(|c| c.version != 3).cloned().collect();
+        assert!(verify_chain(head, &gap).is_err());
+        let mut swapped = older.to_vec();
+        swapped.swap(0, 1);
+        assert!(verify_chain(head, &swapped).is_err());
+        let mut other = older.to_vec();
+        other[4].volume = VolumeId([8; 16]);
+        assert!(verify_chain(head, &other).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever a coordinator sends as the older commits, checking them never panics
+        /// and accepts only the true chain.
+        #[test]
+        fn checking_any_chain_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            cut in 0usize..6,
+        ) {
+            let all = chain(5);
+            let (head, older) = all.split_last().unwrap();
+            let forged: Vec<Commit> = bytes
+                .chunks(120)
+                .filter_map(|b| postcard::from_bytes(b).ok())
+                .collect();
+            let r = verify_chain(head, &forged);
+            proptest::prop_assert!(r.is_err() || forged.is_empty() || forged == older[older.len() - forged.len()..]);
+            proptest::prop_assert!(verify_chain(head, &older[cut.min(older.len())..]).is_ok());
+        }
     }
 }

@@ -234,10 +234,13 @@ pub enum Request {
         /// Follow it, or no longer.
         on: bool,
     },
-    /// Download the newest version of a volume into this host's store once (a preheat).
+    /// Download a version of a volume into this host's store once (a preheat).
     Prefetch {
         /// Volume.
         name: String,
+        /// The version (its newest if `None`), checked link by link from the signed head.
+        #[serde(default)]
+        version: Option<u64>,
     },
 }
 

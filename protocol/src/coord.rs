@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::commit::{SignedHead, VolumeId};
+use crate::commit::{Commit, SignedHead, VolumeId};
 use crate::hash::Hash;
 use crate::manifest::{Change, Entry};
 use crate::path::VolPath;
@@ -154,6 +154,17 @@ pub enum CoordRequest {
     /// The fleet's members now, and again each time they change: the coordinator answers
     /// [`CoordResponse::Members`] on this stream until either side closes it.
     WatchMembers,
+    /// The signed head of a volume and its commits from version `from` on, oldest first
+    /// (the head's own excluded): answered with [`CoordResponse::Versions`]. The client
+    /// checks them link by link from the signed head down
+    /// ([`crate::commit::verify_chain`]), so an older version is as trusted as the head
+    /// (a preheat of a version).
+    GetVersions {
+        /// Its name.
+        name: String,
+        /// The oldest version wanted (at most [`MAX_VERSIONS`] before the head).
+        from: u64,
+    },
     /// The signed heads of these volumes now, and each new one as soon as it is signed:
     /// the coordinator answers [`CoordResponse::Heads`] on this stream until either side
     /// closes it (a follower's push; after a reconnect the first answer lets it catch up).
@@ -162,6 +173,9 @@ pub enum CoordRequest {
         volumes: Vec<VolumeId>,
     },
 }
+
+/// Most versions before the head one [`CoordRequest::GetVersions`] answers with.
+pub const MAX_VERSIONS: u64 = 1024;
 
 /// Most volumes one [`CoordRequest::WatchHeads`] stream watches.
 pub const MAX_WATCHED: usize = 1024;
@@ -299,6 +313,13 @@ pub enum CoordResponse {
         epoch: u64,
         /// Whether the tracker knew the sender.
         known: bool,
+    },
+    /// Answer to [`CoordRequest::GetVersions`].
+    Versions {
+        /// The volume's signed head.
+        head: SignedHead,
+        /// Its commits from the version asked for up to the head's parent, oldest first.
+        commits: Vec<Commit>,
     },
     /// On a [`CoordRequest::WatchHeads`] stream: heads of watched volumes, the first time
     /// all that exist, then each one that moved. A watched volume deleted is left out.

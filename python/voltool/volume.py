@@ -215,10 +215,13 @@ class Volume:
             },
         )["Done"]
 
-    def prefetch(self) -> str:
-        """Downloads the newest version into this host's store now (a preheat), so that a
-        later mount or reload fetches nothing. Returns the agent's message."""
-        return _call(self._agent, {"Prefetch": {"name": self._name}})["Done"]
+    def prefetch(self, version: Optional[int] = None) -> str:
+        """Downloads a version (the newest by default) into this host's store now (a
+        preheat), so that a later mount or reload of it fetches nothing. Returns the
+        agent's message."""
+        return _call(
+            self._agent, {"Prefetch": {"name": self._name, "version": version}}
+        )["Done"]
 
     def unmount(self, *, discard: bool = False, commit_first: bool = False) -> str:
         """Removes this host's mount of the volume. Uncommitted changes raise

@@ -380,3 +380,36 @@ async fn a_version_past_the_store_budget_waits_and_says_so_and_the_follow_goes_o
     assert_eq!(s.follows[0].waiting, None, "{s:?}");
     assert_eq!(std::fs::read(m.join("kept")).unwrap(), bytes(6, 1 << 20));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preheat_of_an_older_version_is_that_version_and_nothing_else() {
+    let f = TestFleet::start(2).await;
+    f.create("vol").await;
+    let a = f.mount(0, "vol").await;
+    let (one, two) = (bytes(8, 1 << 20), bytes(9, 1 << 20));
+    std::fs::write(a.join("one"), &one).unwrap();
+    let v1 = f.commit(0, "vol").await.unwrap().version;
+    std::fs::remove_file(a.join("one")).unwrap();
+    std::fs::write(a.join("two"), &two).unwrap();
+    f.commit(0, "vol").await.unwrap();
+    let prefetch = |version| Request::Prefetch {
+        name: "vol".into(),
+        version,
+    };
+    let Reply::Done(msg) = f.req(1, prefetch(Some(v1))).await.unwrap() else {
+        panic!("prefetch answered otherwise")
+    };
+    assert!(msg.contains(&format!("version {v1} is here")), "{msg}");
+    let held = |b: &[u8]| {
+        f.agents[1]
+            .store()
+            .has_complete(&voltool_protocol::Hash::of(b))
+            .unwrap()
+    };
+    assert!(held(&one) && !held(&two), "only version {v1}'s file");
+    let e = f.req(1, prefetch(Some(99))).await.unwrap_err();
+    assert_eq!(e.code, voltool_agent::control::ErrorCode::NotFound, "{e:?}");
+    // The newest by default.
+    f.req(1, prefetch(None)).await.unwrap();
+    assert!(held(&two));
+}

@@ -499,6 +499,7 @@ fn handle(state: &State, req: CoordRequest, peer: EndpointId) -> CoordResponse {
         CoordRequest::RenameVolume { from, to } => rename(state, &from, &to),
         CoordRequest::DeleteVolume { name } => delete(state, &name),
         CoordRequest::GetHead { name } => info(state, &name).map(CoordResponse::Volume),
+        CoordRequest::GetVersions { name, from } => volumes::versions(state, &name, from),
         CoordRequest::HasBlobs { hashes } => {
             if hashes.len() > MAX_HAS {
                 return fail(ErrorKind::Invalid, "too many hashes in one request").into();

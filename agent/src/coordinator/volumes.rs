@@ -28,6 +28,43 @@ pub(super) fn head_of(state: &State, id: VolumeId) -> Result<SignedHead, Fail> {
     postcard::from_bytes(v.value()).map_err(internal)
 }
 
+/// [`CoordRequest::GetVersions`]: the head of volume `name` and its commits from version
+/// `from` on, oldest first, the head's own excluded.
+pub(super) fn versions(state: &State, name: &str, from: u64) -> Reply {
+    let rec = record(state, name)?;
+    let head = head_of(state, rec.id)?;
+    let now = head.commit.version;
+    if from > now {
+        return Err(fail(
+            ErrorKind::NotFound,
+            format!("{name} has no version {from}: its head is version {now}"),
+        ));
+    }
+    if now - from > voltool_protocol::coord::MAX_VERSIONS {
+        return Err(fail(
+            ErrorKind::Invalid,
+            format!(
+                "version {from} of {name} is more than {} versions before its head",
+                voltool_protocol::coord::MAX_VERSIONS
+            ),
+        ));
+    }
+    let r = state.db.begin_read().map_err(internal)?;
+    let t = r.open_table(VERSIONS).map_err(internal)?;
+    let mut commits = Vec::new();
+    for v in from..now {
+        let Some(enc) = t.get((rec.id.0, v)).map_err(internal)? else {
+            return Err(fail(
+                ErrorKind::NotFound,
+                format!("version {v} of {name} is no longer kept by the origin"),
+            ));
+        };
+        commits
+            .push(postcard::from_bytes::<voltool_protocol::Commit>(enc.value()).map_err(internal)?);
+    }
+    Ok(CoordResponse::Versions { head, commits })
+}
+
 pub(super) fn info(state: &State, name: &str) -> Result<VolumeInfo, Fail> {
     let rec = record(state, name)?;
     Ok(VolumeInfo {

@@ -209,11 +209,16 @@ impl Inner {
         Ok(())
     }
 
-    /// `voltool prefetch NAME`: downloads the newest version of volume `name` into the
-    /// store once (a preheat), with progress.
-    pub(super) async fn prefetch(&self, name: &str, events: &Events) -> OpResult<Reply> {
-        let info = self.verified_head(name).await?;
-        let root = info.head.commit.root();
+    /// `voltool prefetch NAME [--version N]`: downloads a version of volume `name` (its
+    /// newest by default) into the store once (a preheat), with progress.
+    pub(super) async fn prefetch(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        events: &Events,
+    ) -> OpResult<Reply> {
+        let commit = self.verified_version(name, version).await?;
+        let root = commit.root();
         self.fetch_tree(root).await?;
         let download = self.download_ranked(crate::blobs::Rank::background());
         let stats = self
@@ -230,8 +235,38 @@ impl Inner {
         self.metrics.prefetched_versions.inc();
         Ok(Reply::Done(format!(
             "{name} version {} is here: {peers} bytes from peers, {} from the origin, {} held already",
-            info.head.commit.version, stats.from_origin, stats.already_held
+            commit.version, stats.from_origin, stats.already_held
         )))
+    }
+
+    /// Version `version` of volume `name` (its head if `None`), verified: the head like any
+    /// head, an older version link by link from it.
+    async fn verified_version(&self, name: &str, version: Option<u64>) -> OpResult<Commit> {
+        let from = match version {
+            None => return Ok(self.verified_head(name).await?.head.commit),
+            Some(v) => v,
+        };
+        let req = CoordRequest::GetVersions {
+            name: name.to_string(),
+            from,
+        };
+        let (head, commits) = match self.remote.coord.request(&req).await? {
+            CoordResponse::Versions { head, commits } => (head, commits),
+            _ => return Err(failed("unexpected answer from the coordinator")),
+        };
+        self.accept_head(&head)?;
+        let oldest = voltool_protocol::commit::verify_chain(&head.commit, &commits)
+            .map_err(|e| err(ErrorCode::HeadRefused, e.to_string()))?;
+        if oldest.version != from {
+            return Err(err(
+                ErrorCode::HeadRefused,
+                format!(
+                    "asked for version {from} of {name}, the coordinator answered from version {}",
+                    oldest.version
+                ),
+            ));
+        }
+        Ok(oldest.clone())
     }
 
     /// Fetches the blobs of the tree at `root` (its pages here) that the store lacks, if

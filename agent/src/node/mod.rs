@@ -584,7 +584,7 @@ impl Inner {
                 r
             }
             Request::Follow { name, on } => self.follow_volume(&name, on).await,
-            Request::Prefetch { name } => self.prefetch(&name, &events).await,
+            Request::Prefetch { name, version } => self.prefetch(&name, version, &events).await,
             other => self.registry(other).await,
         }
     }
