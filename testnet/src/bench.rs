@@ -149,6 +149,14 @@ struct FollowReport {
     /// against it (target: at most 2).
     one_change_reload_s: f64,
     reload_ratio: f64,
+    /// A foreground reload (of another volume, F/4) on agent 1 alone, then while a new
+    /// version of the followed volume downloads everywhere, and the ratio (target: at most
+    /// 1.2); `foreground_overlapped`: the follow's download was still under way when the
+    /// foreground reload ended.
+    foreground_alone_s: f64,
+    foreground_during_follow_s: f64,
+    foreground_ratio: f64,
+    foreground_overlapped: bool,
 }
 
 /// Kumar & Ross: no schedule finishes before
@@ -521,7 +529,45 @@ async fn follow(a: &BenchArgs, f: &fleet::Fleet, fanout: &Report) -> anyhow::Res
         fetched += r.sources.origin_bytes + r.sources.peer_bytes;
         prepared += usize::from(r.prepared);
     }
+    // A foreground reload of another volume on agent 1, alone, then during a follow's
+    // download of a new version of the followed volume.
+    let fg = "bench-fg";
+    let fg_mounts = f
+        .create_and_mount_following(fg, "-fg", control::Follow::No)
+        .await?;
+    write_parts(&fg_mounts[0], a.size / 4, 3)?;
+    commit(&f.agents[0], fg).await?;
+    let alone = reload(&f.agents[1], fg).await?.seconds;
+    write_parts(&mounts[0], a.size, 4)?;
+    let v = commit(&f.agents[0], volume).await?;
+    write_parts(&fg_mounts[0], a.size / 4, 5)?;
+    commit(&f.agents[0], fg).await?;
+    let bytes_to_go = |s: &control::StatusReport| {
+        s.follows
+            .iter()
+            .find(|x| x.volume == volume && x.newest == Some(v))
+            .map(|x| x.bytes_to_go)
+    };
+    let started = Instant::now();
+    loop {
+        let Reply::Status(s) = ask(&f.agents[1], Request::Status).await? else {
+            bail!("unexpected answer to status");
+        };
+        if bytes_to_go(&s).is_some_and(|b| b > 0) || started.elapsed().as_secs() > 60 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let during = reload(&f.agents[1], fg).await?.seconds;
+    let Reply::Status(s) = ask(&f.agents[1], Request::Status).await? else {
+        bail!("unexpected answer to status");
+    };
+    let overlapped = bytes_to_go(&s).is_some_and(|b| b > 0);
     Ok(FollowReport {
+        foreground_alone_s: alone,
+        foreground_during_follow_s: during,
+        foreground_ratio: during / alone.max(1e-6),
+        foreground_overlapped: overlapped,
         fleet_s,
         ratio_to_fanout: fleet_s / fanout.fleet_s,
         ratio: fleet_s / fanout.t_min_s,
