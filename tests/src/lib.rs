@@ -385,18 +385,10 @@ pub async fn until_mount_status(
     what: &str,
     cond: impl Fn(&voltool_agent::control::MountStatus) -> bool,
 ) -> voltool_agent::control::MountStatus {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let s = match f.req(i, Request::Status).await.unwrap() {
-            Reply::Status(s) => s,
-            other => panic!("unexpected {other:?}"),
-        };
-        if cond(&s.mounts[0]) {
-            return s.mounts[0].clone();
-        }
-        assert!(std::time::Instant::now() < deadline, "{what}: {s:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    until_status(f, i, what, |s| cond(&s.mounts[0]))
+        .await
+        .mounts[0]
+        .clone()
 }
 
 /// Waits until `cond` holds of agent `i`'s status (a change made in the background, seen

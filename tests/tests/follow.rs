@@ -7,6 +7,21 @@ use voltool_tests::{Limits, TestFleet, bytes, until_mount_status, until_status};
 
 const SIZE: usize = 6 * 1024 * 1024;
 
+/// Mounts "vol" on agent `i` at `path`, following as `follow` says: the agent's message.
+async fn mount_as(f: &TestFleet, i: usize, path: std::path::PathBuf, follow: Follow) -> String {
+    let req = Request::Mount {
+        name: "vol".into(),
+        path,
+        background_commit_secs: None,
+        read_only: false,
+        follow,
+    };
+    match f.req(i, req).await.unwrap() {
+        Reply::Done(msg) => msg,
+        other => panic!("mount answered {other:?}"),
+    }
+}
+
 /// Waits until agent `i` holds version `v` of followed volume `name` whole.
 async fn until_held(f: &TestFleet, i: usize, name: &str, v: u64) {
     until_status(f, i, &format!("agent {i} holds {name} v{v}"), |s| {
@@ -24,18 +39,7 @@ async fn followers_hold_each_new_version_before_anyone_reloads() {
     let a = f.mount(0, "vol").await;
     // Agent 1 follows through its mount, agent 2 as a host without one.
     let m = f.mount_path(1);
-    f.req(
-        1,
-        Request::Mount {
-            name: "vol".into(),
-            path: m.clone(),
-            background_commit_secs: None,
-            read_only: false,
-            follow: Follow::Prefetch,
-        },
-    )
-    .await
-    .unwrap();
+    mount_as(&f, 1, m.clone(), Follow::Prefetch).await;
     f.req(
         2,
         Request::Follow {
@@ -70,16 +74,7 @@ async fn followers_hold_each_new_version_before_anyone_reloads() {
     let v2 = f.commit(0, "vol").await.unwrap().version;
     until_held(&f, 1, "vol", v2).await;
     until_held(&f, 2, "vol", v2).await;
-    let mount = Request::Mount {
-        name: "vol".into(),
-        path: f.mount_path(2),
-        background_commit_secs: None,
-        read_only: false,
-        follow: Follow::No,
-    };
-    let Reply::Done(msg) = f.req(2, mount).await.unwrap() else {
-        panic!("mount answered otherwise")
-    };
+    let msg = mount_as(&f, 2, f.mount_path(2), Follow::No).await;
     assert!(msg.contains("; 0 bytes from the origin"), "{msg}");
     let r = f.reload(1, "vol", ReloadMode::Refuse).await.unwrap();
     assert_eq!(r.version, v2);
@@ -126,18 +121,7 @@ async fn a_reload_joins_the_follows_download_in_flight_instead_of_fetching_twice
     f.create("vol").await;
     let a = f.mount(0, "vol").await;
     let m = f.mount_path(1);
-    f.req(
-        1,
-        Request::Mount {
-            name: "vol".into(),
-            path: m.clone(),
-            background_commit_secs: None,
-            read_only: false,
-            follow: Follow::Prefetch,
-        },
-    )
-    .await
-    .unwrap();
+    mount_as(&f, 1, m.clone(), Follow::Prefetch).await;
     std::fs::write(a.join("model.bin"), bytes(3, SIZE)).unwrap();
     let v = f.commit(0, "vol").await.unwrap().version;
     until_status(&f, 1, "the follow's download under way", |s| {
@@ -222,18 +206,7 @@ async fn a_switching_follower_moves_by_itself_only_when_its_mount_is_clean() {
     f.create("vol").await;
     let a = f.mount(0, "vol").await;
     let m = f.mount_path(1);
-    f.req(
-        1,
-        Request::Mount {
-            name: "vol".into(),
-            path: m.clone(),
-            background_commit_secs: None,
-            read_only: false,
-            follow: Follow::Switch,
-        },
-    )
-    .await
-    .unwrap();
+    mount_as(&f, 1, m.clone(), Follow::Switch).await;
     std::fs::write(a.join("one"), b"1").unwrap();
     let v1 = f.commit(0, "vol").await.unwrap().version;
     // Its reload done (the record moves before the path shows the new version).
@@ -289,16 +262,7 @@ async fn a_lying_peer_is_banned_for_the_whole_follow_download() {
     let s = until_status(&f, 1, "status", |_| true).await;
     let liar = f.agents[0].addr().id.to_string();
     assert!(s.follows[0].banned.contains(&liar), "{s:?}");
-    let mount = Request::Mount {
-        name: "vol".into(),
-        path: f.mount_path(1),
-        background_commit_secs: None,
-        read_only: false,
-        follow: Follow::No,
-    };
-    let Reply::Done(msg) = f.req(1, mount).await.unwrap() else {
-        panic!("mount answered otherwise")
-    };
+    let msg = mount_as(&f, 1, f.mount_path(1), Follow::No).await;
     assert!(msg.contains("; 0 bytes from the origin"), "{msg}");
     assert_eq!(
         std::fs::read(f.mount_path(1).join("model.bin")).unwrap(),

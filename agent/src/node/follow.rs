@@ -42,6 +42,23 @@ pub(super) struct FollowRecord {
     pub(super) held: Option<(u64, Hash)>,
 }
 
+impl FollowRecord {
+    /// A volume named `name`, followed by nobody yet.
+    fn new(name: &str) -> Self {
+        FollowRecord {
+            name: name.to_string(),
+            host: false,
+            mount: control::Follow::No,
+            held: None,
+        }
+    }
+
+    /// The record, if the host or a mount still follows the volume.
+    fn still_followed(self) -> Option<Self> {
+        (self.host || self.mount != control::Follow::No).then_some(self)
+    }
+}
+
 /// The follows' part of the agent: what each followed volume's download stands at.
 #[derive(Debug)]
 pub(super) struct Following {
@@ -169,14 +186,9 @@ impl Inner {
     pub(super) async fn follow_volume(&self, name: &str, on: bool) -> OpResult<Reply> {
         let info = self.verified_head(name).await?;
         let rec = self.update_follow(info.id, |old| {
-            let mut rec = old.unwrap_or(FollowRecord {
-                name: name.to_string(),
-                host: false,
-                mount: control::Follow::No,
-                held: None,
-            });
+            let mut rec = old.unwrap_or_else(|| FollowRecord::new(name));
             rec.host = on;
-            (rec.host || rec.mount != control::Follow::No).then_some(rec)
+            rec.still_followed()
         })?;
         Ok(Reply::Done(match (on, rec) {
             (true, _) => format!(
@@ -197,14 +209,9 @@ impl Inner {
             return Ok(());
         }
         self.update_follow(rec.id, |old| {
-            let mut f = old.unwrap_or(FollowRecord {
-                name: rec.name.clone(),
-                host: false,
-                mount: control::Follow::No,
-                held: None,
-            });
+            let mut f = old.unwrap_or_else(|| FollowRecord::new(&rec.name));
             f.mount = how;
-            (f.host || f.mount != control::Follow::No).then_some(f)
+            f.still_followed()
         })?;
         Ok(())
     }
