@@ -7,6 +7,18 @@ use voltool_tests::{Limits, TestFleet, bytes, until_mount_status, until_status};
 
 const SIZE: usize = 6 * 1024 * 1024;
 
+/// Two agents that take in 2 MiB/s each: a follower's download of 6 MiB takes about 3 s.
+async fn slow_fleet() -> TestFleet {
+    TestFleet::start_with(
+        2,
+        Limits {
+            agent_ingress: Some(Rate(2 << 20)),
+            ..Limits::default()
+        },
+    )
+    .await
+}
+
 /// Mounts "vol" on agent `i` at `path`, following as `follow` says: the agent's message.
 async fn mount_as(f: &TestFleet, i: usize, path: std::path::PathBuf, follow: Follow) -> String {
     let req = Request::Mount {
@@ -110,14 +122,7 @@ async fn followers_hold_each_new_version_before_anyone_reloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_joins_the_follows_download_in_flight_instead_of_fetching_twice() {
     // Every agent takes in 2 MiB/s: the follower's download of 6 MiB takes about 3 s.
-    let f = TestFleet::start_with(
-        2,
-        Limits {
-            agent_ingress: Some(Rate(2 << 20)),
-            ..Limits::default()
-        },
-    )
-    .await;
+    let f = slow_fleet().await;
     f.create("vol").await;
     let a = f.mount(0, "vol").await;
     let m = f.mount_path(1);
@@ -274,14 +279,7 @@ async fn a_lying_peer_is_banned_for_the_whole_follow_download() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_faster_than_the_download_move_it_to_the_newest_version() {
     // The follower takes in 2 MiB/s: 6 MiB take about 3 s.
-    let f = TestFleet::start_with(
-        2,
-        Limits {
-            agent_ingress: Some(Rate(2 << 20)),
-            ..Limits::default()
-        },
-    )
-    .await;
+    let f = slow_fleet().await;
     f.create("vol").await;
     let a = f.mount(0, "vol").await;
     follow(&f, 1, "vol").await;

@@ -42,6 +42,17 @@ pub(super) struct FollowRecord {
     pub(super) held: Option<(u64, Hash)>,
 }
 
+impl Following {
+    /// Runs `f` on volume `id`'s progress, if it is followed.
+    fn with<T>(&self, id: VolumeId, f: impl FnOnce(&mut Progress) -> T) -> Option<T> {
+        self.progress
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&id)
+            .map(f)
+    }
+}
+
 impl FollowRecord {
     /// A volume named `name`, followed by nobody yet.
     fn new(name: &str) -> Self {
@@ -566,15 +577,9 @@ async fn follow_worker(inner: Arc<Inner>, id: VolumeId, n: u64, token: Cancellat
 }
 
 fn set_waiting(inner: &Inner, id: VolumeId, why: Option<String>) {
-    if let Some(p) = inner
-        .following
-        .progress
-        .lock()
-        .expect("not poisoned")
-        .get_mut(&id)
-    {
+    inner.following.with(id, |p| {
         p.waiting = why;
-    }
+    });
 }
 
 /// Downloads version `head` of followed volume `id` into the store and records it held.
@@ -583,13 +588,10 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
     let stats = {
         let _op = inner.budget.ops.read().await;
         inner.fetch_tree(root).await?;
-        {
-            let mut all = inner.following.progress.lock().expect("not poisoned");
-            if let Some(p) = all.get_mut(&id) {
-                p.pages_here = Some(root.hash);
-                (p.total, p.done) = (0, 0);
-            }
-        }
+        inner.following.with(id, |p| {
+            p.pages_here = Some(root.hash);
+            (p.total, p.done) = (0, 0);
+        });
         let (events, mut rx) = {
             let (tx, rx) = mpsc::channel(64);
             (Events { tx: Some(tx) }, rx)
@@ -598,15 +600,10 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
             let inner = inner.clone();
             tokio::spawn(async move {
                 while let Some(ev) = rx.recv().await {
-                    if let Event::Progress { done, total, .. } = ev
-                        && let Some(p) = inner
+                    if let Event::Progress { done, total, .. } = ev {
+                        inner
                             .following
-                            .progress
-                            .lock()
-                            .expect("not poisoned")
-                            .get_mut(&id)
-                    {
-                        (p.done, p.total) = (done, total);
+                            .with(id, |p| (p.done, p.total) = (done, total));
                         inner.following.moved.send_modify(|n| *n += 1);
                     }
                 }
@@ -617,19 +614,14 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
         let r = inner.prefetch_blobs(&download, root, &events).await;
         drop(events);
         let _ = watch.await;
-        if let Ok(stats) = &r
-            && let Some(p) = inner
-                .following
-                .progress
-                .lock()
-                .expect("not poisoned")
-                .get_mut(&id)
-        {
-            p.origin_bytes += stats.from_origin;
-            p.peer_bytes += stats.from_peers.values().sum::<u64>();
-            p.banned.extend(stats.banned.iter().cloned());
-            let extra = p.banned.len().saturating_sub(MAX_BANNED_SHOWN);
-            p.banned.drain(..extra);
+        if let Ok(stats) = &r {
+            inner.following.with(id, |p| {
+                p.origin_bytes += stats.from_origin;
+                p.peer_bytes += stats.from_peers.values().sum::<u64>();
+                p.banned.extend(stats.banned.iter().cloned());
+                let extra = p.banned.len().saturating_sub(MAX_BANNED_SHOWN);
+                p.banned.drain(..extra);
+            });
         }
         r?
     };
@@ -658,13 +650,10 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
             f
         })
     })?;
-    {
-        let mut all = inner.following.progress.lock().expect("not poisoned");
-        if let Some(p) = all.get_mut(&id) {
-            p.pages_here = None;
-            p.waiting = None;
-        }
-    }
+    inner.following.with(id, |p| {
+        p.pages_here = None;
+        p.waiting = None;
+    });
     let peers: u64 = stats.from_peers.values().sum();
     inner
         .metrics
@@ -768,31 +757,16 @@ struct Joinable<'a> {
 
 impl<'a> Joinable<'a> {
     fn new(inner: &'a Inner, id: VolumeId, version: u64, rank: crate::blobs::Rank) -> Self {
-        if let Some(p) = inner
-            .following
-            .progress
-            .lock()
-            .expect("not poisoned")
-            .get_mut(&id)
-        {
+        inner.following.with(id, |p| {
             p.downloading = Some((version, rank));
-        }
+        });
         Joinable { inner, id }
     }
 }
 
 impl Drop for Joinable<'_> {
     fn drop(&mut self) {
-        if let Some(p) = self
-            .inner
-            .following
-            .progress
-            .lock()
-            .expect("not poisoned")
-            .get_mut(&self.id)
-        {
-            p.downloading = None;
-        }
+        self.inner.following.with(self.id, |p| p.downloading = None);
         self.inner.following.moved.send_modify(|n| *n += 1);
     }
 }
