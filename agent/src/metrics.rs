@@ -95,6 +95,8 @@ pub struct Metrics {
     pub prefetched_versions: Counter,
     /// Heads pushed for followed volumes and refused (forged, rolled back).
     pub heads_refused: Counter,
+    /// Followed volumes whose download waits (no room in the store, a failure).
+    pub follows_waiting: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -131,6 +133,7 @@ impl Metrics {
             prefetched_bytes: Counter::default(),
             prefetched_versions: Counter::default(),
             heads_refused: Counter::default(),
+            follows_waiting: Gauge::default(),
             registry: Registry::default(),
             refresh: std::sync::OnceLock::new(),
         };
@@ -213,6 +216,11 @@ impl Metrics {
                 "heads_refused",
                 "Heads pushed for followed volumes and refused (forged, rolled back)",
                 m.heads_refused.clone(),
+            );
+            r.register(
+                "follows_waiting",
+                "Followed volumes whose download waits (no room in the store, a failure)",
+                m.follows_waiting.clone(),
             );
         }
         Arc::new(Metrics { registry: r, ..m })

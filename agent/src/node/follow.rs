@@ -187,6 +187,8 @@ impl Inner {
             if let Some((_, w)) = p.remove(&id).and_then(|p| p.worker) {
                 w.cancel();
             }
+            let waiting = p.values().filter(|p| p.waiting.is_some()).count();
+            self.metrics.follows_waiting.set(waiting as i64);
         }
         self.following.changed.notify_one();
         Ok(new)
@@ -437,8 +439,8 @@ enum Next {
     Download(SignedHead),
     /// Switch the mount of this name to the version held (`--follow=switch`).
     Switch(String),
-    /// Nothing: the worker ends.
-    Done,
+    /// Nothing: the worker ends (it was the volume's worker: nothing waits any more).
+    Done(bool),
 }
 
 /// What worker `n` of followed volume `id` does next: download the newest head if it is
@@ -447,7 +449,7 @@ enum Next {
 fn next_step(inner: &Inner, id: VolumeId, n: u64) -> Next {
     let mut all = inner.following.progress.lock().expect("not poisoned");
     let Some(p) = all.get_mut(&id) else {
-        return Next::Done;
+        return Next::Done(false);
     };
     let rec = inner.follow_record(id).ok().flatten();
     let held = rec.as_ref().and_then(|f| f.held.map(|(v, _)| v));
@@ -466,11 +468,11 @@ fn next_step(inner: &Inner, id: VolumeId, n: u64) -> Next {
     {
         return Next::Switch(m.name);
     }
-    if p.worker.as_ref().is_some_and(|(w, _)| *w == n) {
+    let current = p.worker.as_ref().is_some_and(|(w, _)| *w == n);
+    if current {
         p.worker = None;
     }
-    p.waiting = None;
-    Next::Done
+    Next::Done(current)
 }
 
 /// Switches mount `name` to the newest version (`--follow=switch`), as `voltool reload`
@@ -532,7 +534,12 @@ async fn follow_worker(inner: Arc<Inner>, id: VolumeId, n: u64, token: Cancellat
                 retry = (retry * 2).min(RETRY_MAX);
                 continue;
             }
-            Next::Done => return,
+            Next::Done(current) => {
+                if current {
+                    set_waiting(&inner, id, None);
+                }
+                return;
+            }
         };
         let mut done = tokio::select! {
             _ = token.cancelled() => return,
@@ -576,10 +583,17 @@ async fn follow_worker(inner: Arc<Inner>, id: VolumeId, n: u64, token: Cancellat
     }
 }
 
+/// Says why followed volume `id`'s download waits (`None`: it does not), in `status` and
+/// in the count of waiting follows.
 fn set_waiting(inner: &Inner, id: VolumeId, why: Option<String>) {
-    inner.following.with(id, |p| {
-        p.waiting = why;
-    });
+    let all = {
+        let mut all = inner.following.progress.lock().expect("not poisoned");
+        if let Some(p) = all.get_mut(&id) {
+            p.waiting = why;
+        }
+        all.values().filter(|p| p.waiting.is_some()).count()
+    };
+    inner.metrics.follows_waiting.set(all as i64);
 }
 
 /// Downloads version `head` of followed volume `id` into the store and records it held.
@@ -650,10 +664,8 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
             f
         })
     })?;
-    inner.following.with(id, |p| {
-        p.pages_here = None;
-        p.waiting = None;
-    });
+    inner.following.with(id, |p| p.pages_here = None);
+    set_waiting(inner, id, None);
     let peers: u64 = stats.from_peers.values().sum();
     inner
         .metrics
