@@ -86,26 +86,36 @@ impl Inner {
 
     /// Fetches the pages of the tree at `root` not held yet, a level at a time.
     pub(super) async fn fetch_tree(&self, root: PageRef) -> OpResult<()> {
-        self.fetch_until_held(move |pages| tree::missing(pages, &root))
+        self.fetch_tree_by(&self.download(), root).await
+    }
+
+    /// Like [`Self::fetch_tree`], by `download` (a follow's, in the background).
+    pub(super) async fn fetch_tree_by(&self, download: &Download, root: PageRef) -> OpResult<()> {
+        self.fetch_until_held(download, move |pages| tree::missing(pages, &root))
             .await
     }
 
     /// Fetches the pages that a diff from `old` (held) to `new` needs: those of `new` that
     /// differ from `old`'s, a level at a time.
     pub(super) async fn fetch_diff(&self, old: PageRef, new: PageRef) -> OpResult<()> {
-        self.fetch_until_held(move |pages| tree::missing_for_diff(pages, &old, &new))
-            .await
+        self.fetch_until_held(&self.download(), move |pages| {
+            tree::missing_for_diff(pages, &old, &new)
+        })
+        .await
     }
 
     /// Fetches the pages of the tree at `root` that may hold paths starting with `prefix`.
     pub(super) async fn fetch_prefix(&self, root: PageRef, prefix: String) -> OpResult<()> {
-        self.fetch_until_held(move |pages| tree::missing_in(pages, &root, &prefix))
-            .await
+        self.fetch_until_held(&self.download(), move |pages| {
+            tree::missing_in(pages, &root, &prefix)
+        })
+        .await
     }
 
     /// Asks `missing` which pages are needed and not held, and fetches them, until none is.
     async fn fetch_until_held(
         &self,
+        download: &Download,
         missing: impl Fn(&crate::store::Pages) -> Result<Vec<PageRef>, tree::TreeError>
         + Clone
         + Send
@@ -117,13 +127,9 @@ impl Inner {
             if want.is_empty() {
                 return Ok(());
             }
-            self.fetch_pages(&want).await?;
+            let blobs: Vec<(Hash, u64)> = want.iter().map(|r| (r.hash, r.size)).collect();
+            download.fetch(&blobs, &Events::none().counter("pages", 0)).await?;
         }
-    }
-
-    async fn fetch_pages(&self, pages: &[PageRef]) -> OpResult<()> {
-        let blobs: Vec<(Hash, u64)> = pages.iter().map(|r| (r.hash, r.size)).collect();
-        self.fetch_blobs(&blobs, &Events::none()).await.map(|_| ())
     }
 
     /// What a reload from the held tree at `old` to the tree at `new` needs: the bytes of

@@ -601,7 +601,10 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
     let root = head.commit.root();
     let stats = {
         let _op = inner.budget.ops.read().await;
-        inner.fetch_tree(root).await?;
+        // One background download for the version's pages and blobs: a foreground one
+        // (a reload) goes first, and a ban lasts for all of it.
+        let download = inner.download_ranked(crate::blobs::Rank::background());
+        inner.fetch_tree_by(&download, root).await?;
         inner.following.with(id, |p| {
             p.pages_here = Some(root.hash);
             (p.total, p.done) = (0, 0);
@@ -623,7 +626,6 @@ async fn download_head(inner: &Arc<Inner>, id: VolumeId, head: &SignedHead) -> R
                 }
             })
         };
-        let download = inner.download_ranked(crate::blobs::Rank::background());
         let _joinable = Joinable::new(inner, id, head.commit.version, download.rank().clone());
         let r = inner.prefetch_blobs(&download, root, &events).await;
         drop(events);
