@@ -11,7 +11,11 @@
 # Needs: python3 (writes the tree), sha256sum; optionally rsync (apt-get install -y rsync):
 # when it is missing the rsync figures are null and "rsync" says so, nothing is installed.
 # Env: FILES (default 100000), FILE_KIB (default 4), RUNS (default 3), BIN (default
-# target/release), LOGS_DIR (optional: keep every node's log of every run there).
+# target/release), LOGS_DIR (optional: keep every node's log of every run there),
+# FOLLOW=1: a third agent mounts the volume with --follow from the start; once it holds the
+# committed version (follow_held_s, from the commit's end), and after agent-1's cold
+# reload, it reloads: all FILES files new to it, the switch prepared during its download
+# (follow_reload_s, and follow_reload_vs_cold against agent-1's cold reload).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-target/release}
@@ -19,6 +23,7 @@ FILES=${FILES:-100000}
 FILE_KIB=${FILE_KIB:-4}
 RUNS=${RUNS:-3}
 LOGS_DIR=${LOGS_DIR:-}
+FOLLOW=${FOLLOW:-0}
 PER_DIR=1000
 VT="$BIN/voltool"
 for b in "$VT" "$BIN/voltool-testnet"; do
@@ -73,7 +78,8 @@ PY
 
 OK=1
 for run in $(seq "$RUNS"); do
-  SRC="$ROOT/src"; M0="$ROOT/m0-$run"; M1="$ROOT/m1-$run"
+  SRC="$ROOT/src"; M0="$ROOT/m0-$run"; M1="$ROOT/m1-$run"; M2="$ROOT/m2-$run"
+  equal=true
   rm -rf "$SRC"; mkdir -p "$SRC"
   t=$(now); gen "$SRC"; sync; t_gen=$(elapsed "$t")
   sums "$SRC" > "$ROOT/src.sums"
@@ -94,19 +100,37 @@ for run in $(seq "$RUNS"); do
 
   # voltool: a fresh fleet, so the reload on agent-1 is cold.
   FLEET="$ROOT/fleet-$run"
-  "$BIN/voltool-testnet" up --agents 2 --root "$FLEET" >/dev/null
-  A0="$FLEET/agent-0"; A1="$FLEET/agent-1"
+  AGENTS=2; [ "$FOLLOW" = 1 ] && AGENTS=3
+  "$BIN/voltool-testnet" up --agents "$AGENTS" --root "$FLEET" >/dev/null
+  A0="$FLEET/agent-0"; A1="$FLEET/agent-1"; A2="$FLEET/agent-2"
   "$VT" --agent "$A0" volume create many >/dev/null
   "$VT" --agent "$A0" mount many "$M0" >/dev/null
   "$VT" --agent "$A1" mount many "$M1" >/dev/null
+  [ "$FOLLOW" = 1 ] && "$VT" --agent "$A2" mount many "$M2" --follow >/dev/null
   t=$(now); cp -a "$SRC/." "$M0/"; sync; t_copy=$(elapsed "$t")
 
   sync
   t=$(now); "$VT" --agent "$A0" commit --json > "$ROOT/commit.json"; t_commit=$(elapsed "$t")
+  t_follow_held=null
+  if [ "$FOLLOW" = 1 ]; then
+    # Until the follower holds the version whole, its switch prepared.
+    t=$(now)
+    version=$(field "$ROOT/commit.json" version)
+    until "$VT" --agent "$A2" status --json | python3 -c "import json,sys; f=json.load(sys.stdin)['follows']; sys.exit(0 if f and f[0]['held']==$version and f[0]['bytes_to_go']==0 else 1)"; do
+      sleep 0.05
+    done
+    t_follow_held=$(elapsed "$t")
+  fi
   sync
   t=$(now); "$VT" --agent "$A1" reload --json > "$ROOT/reload.json"; t_reload=$(elapsed "$t")
+  t_follow_reload=null; follow_prepared=null
+  if [ "$FOLLOW" = 1 ]; then
+    t=$(now); "$VT" --agent "$A2" reload --json > "$ROOT/reload-f.json"; t_follow_reload=$(elapsed "$t")
+    follow_prepared=$(grep -o '"prepared":[a-z]*' "$ROOT/reload-f.json" | cut -d: -f2)
+    sums "$M2" > "$ROOT/m2.sums"
+    cmp -s "$ROOT/src.sums" "$ROOT/m2.sums" || { equal=false; echo "run $run: the follower's reload differs from the source" >&2; }
+  fi
   t=$(now); sums "$M1" > "$ROOT/m1.sums"; t_verify=$(elapsed "$t")
-  equal=true
   cmp -s "$ROOT/src.sums" "$ROOT/m1.sums" || { equal=false; echo "run $run: cold reload differs from the source" >&2; }
 
   # One file changed: new random bytes, same size.
@@ -136,9 +160,9 @@ for run in $(seq "$RUNS"); do
       if [ -f "$d/log" ]; then cp "$d/log" "$LOGS_DIR/run$run-$(basename "$d").log"; fi
     done
   fi
-  rm -rf "$FLEET" "$M0" "$M1" "$SRC"; FLEET=""
+  rm -rf "$FLEET" "$M0" "$M1" "$M2" "$SRC"; FLEET=""
 
-  printf '{"scenario":"B4","run":%d,"files":%d,"file_kib":%d,"commit_s":%s,"cold_reload_s":%s,"commit_one_s":%s,"reload_one_s":%s,"noop_reload_s":%s,"rsync_s":%s,"commit_per_file_us":%s,"reload_per_file_us":%s,"commit_vs_rsync":%s,"reload_vs_rsync":%s,"agent_peak_rss_mib":%s,"coordinator_peak_rss_mib":%s,"verified_equal":%s,"loadavg":"%s","rsync":"%s","agent0_peak_rss_mib":%s,"agent1_peak_rss_mib":%s,"commit_scan_s":%s,"commit_upload_s":%s,"commit_changed":%s,"cold_reload_download_s":%s,"cold_reload_build_s":%s,"commit_one_scan_s":%s,"commit_one_changed":%s,"reload_one_download_s":%s,"reload_one_build_s":%s,"gen_s":%s,"copy_in_s":%s,"sha256_tree_s":%s,"log_warn_error_lines":%s}\n' \
+  printf '{"scenario":"B4","run":%d,"files":%d,"file_kib":%d,"commit_s":%s,"cold_reload_s":%s,"commit_one_s":%s,"reload_one_s":%s,"noop_reload_s":%s,"rsync_s":%s,"commit_per_file_us":%s,"reload_per_file_us":%s,"commit_vs_rsync":%s,"reload_vs_rsync":%s,"agent_peak_rss_mib":%s,"coordinator_peak_rss_mib":%s,"verified_equal":%s,"loadavg":"%s","rsync":"%s","agent0_peak_rss_mib":%s,"agent1_peak_rss_mib":%s,"commit_scan_s":%s,"commit_upload_s":%s,"commit_changed":%s,"cold_reload_download_s":%s,"cold_reload_build_s":%s,"commit_one_scan_s":%s,"commit_one_changed":%s,"reload_one_download_s":%s,"reload_one_build_s":%s,"gen_s":%s,"copy_in_s":%s,"sha256_tree_s":%s,"log_warn_error_lines":%s,"follow_held_s":%s,"follow_reload_s":%s,"follow_reload_vs_cold":%s,"follow_prepared":%s}\n' \
     "$run" "$FILES" "$FILE_KIB" "$t_commit" "$t_reload" "$t_commit1" "$t_reload1" "$t_noop" "$t_rsync" \
     "$(div "$t_commit" "$FILES" 1000000 1)" "$(div "$t_reload" "$FILES" 1000000 1)" \
     "$(div "$t_commit" "$t_rsync")" "$(div "$t_reload" "$t_rsync")" "$ra" "$rc" "$equal" \
@@ -148,7 +172,9 @@ for run in $(seq "$RUNS"); do
     "$(field "$ROOT/reload.json" download_seconds)" "$(field "$ROOT/reload.json" build_seconds)" \
     "$(field "$ROOT/commit1.json" scan_seconds)" "$(field "$ROOT/commit1.json" changed)" \
     "$(field "$ROOT/reload1.json" download_seconds)" "$(field "$ROOT/reload1.json" build_seconds)" \
-    "$t_gen" "$t_copy" "$t_verify" "$warns" | tee -a "$ROOT/runs.jsonl"
+    "$t_gen" "$t_copy" "$t_verify" "$warns" "$t_follow_held" "$t_follow_reload" \
+    "$(if [ "$t_follow_reload" = null ]; then echo null; else div "$t_follow_reload" "$t_reload" 1 3; fi)" \
+    "$follow_prepared" | tee -a "$ROOT/runs.jsonl"
 done
 
 # Medians of every figure over the runs (nulls left out; all null gives null).
@@ -157,7 +183,8 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 out = {"scenario": "B4-median", "runs": len(rows), "files": rows[0]["files"],
        "file_kib": rows[0]["file_kib"]}
-skip = {"scenario", "run", "files", "file_kib", "verified_equal", "loadavg", "rsync"}
+skip = {"scenario", "run", "files", "file_kib", "verified_equal", "loadavg", "rsync",
+        "follow_prepared"}
 for k in rows[0]:
     if k in skip:
         continue
