@@ -43,6 +43,8 @@ cleanup() {
   fi
   [ -n "$RSYNCD_PID" ] && kill "$RSYNCD_PID" 2>/dev/null || true
   [ -n "$FLEET" ] && "$BIN/voltool-testnet" down --root "$FLEET" >/dev/null 2>&1 || true
+  # What an interrupted run left mounted under the root (mount points stay after a stop).
+  awk -v r="$ROOT" 'index($5, r) == 1 { print $5 }' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf "$ROOT"
 }
 trap cleanup EXIT
@@ -153,6 +155,10 @@ for run in $(seq "$RUNS"); do
   r0=$(rss_mib "$A0"); r1=$(rss_mib "$A1"); rc=$(rss_mib "$FLEET/coordinator")
   ra=$(printf '%s\n' "$r0" "$r1" | grep -v null | sort -g | tail -1 || true); ra=${ra:-null}
   warns=$(cat "$FLEET"/*/log 2>/dev/null | grep -c 'WARN\|ERROR' || true)
+  # A mount point stays through an agent's stop (overlay snapshots): unmount first.
+  for a in "$A0" "$A1" "$A2"; do
+    [ -d "$a" ] && "$VT" --agent "$a" unmount many --discard >/dev/null
+  done
   "$BIN/voltool-testnet" down --root "$FLEET" >/dev/null
   if [ -n "$LOGS_DIR" ]; then
     mkdir -p "$LOGS_DIR"

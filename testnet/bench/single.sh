@@ -27,6 +27,8 @@ cleanup() {
   [ -n "$SENDME_PID" ] && kill "$SENDME_PID" 2>/dev/null || true
   [ -n "$NGINX_PID" ] && kill "$NGINX_PID" 2>/dev/null || true
   "$BIN/voltool-testnet" down --root "$ROOT/fleet" >/dev/null 2>&1 || true
+  # Mount points stay through an agent's stop (overlay snapshots): detach what is left.
+  awk -v r="$ROOT" 'index($5, r) == 1 { print $5 }' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf "$ROOT"
 }
 trap cleanup EXIT INT TERM
