@@ -5,9 +5,11 @@
 //!
 //! One request per bidirectional stream. The requester sends a [`BlobRequest`] frame and
 //! finishes its send side (but for [`BlobRequest::Subscribe`]). Every request that moves
-//! bytes carries the requester's `rank`: how far along its download is, permille. A
-//! provider serves a few requests at once, lets a few more wait (the one furthest behind
-//! first) and answers the rest [`GetHeader::Busy`] (the swarm's [`Admission`]).
+//! bytes carries the requester's `rank`: how far along its download is, permille, plus
+//! [`crate::swarm::BACKGROUND_RANK`] for a background download (a follow, a preheat). A
+//! provider serves a few requests at once, lets a few more wait (the lowest rank first: a
+//! foreground request before a background one, then the one furthest behind) and answers
+//! the rest [`GetHeader::Busy`] (the swarm's [`Admission`]).
 //!
 //! - [`BlobRequest::Get`]: the provider answers with a [`GetHeader`] frame and, when it is
 //!   `Ok`, the bao encoding (16 KiB chunk groups, pre-order parents interleaved with

@@ -152,7 +152,9 @@ impl Node {
                     held: PieceSet::empty(units[k]),
                 });
             }
+            // A background download: held back at first, and ranked after foreground ones.
             e.set_paused(spec.paused_until.is_some());
+            e.set_background(spec.paused_until.is_some());
             e
         });
         Node {

@@ -141,7 +141,8 @@ struct FollowReport {
     origin_bytes: u64,
     origin_ratio: f64,
     peer_bytes: u64,
-    /// Then every follower's reload, at once: the slowest, and bytes they fetched (0).
+    /// Then every follower's reload, one after the other: the slowest, and bytes they
+    /// fetched (0).
     reload_max_s: f64,
     reload_fetched_bytes: u64,
     reloads_prepared: usize,
@@ -516,15 +517,10 @@ async fn follow(a: &BenchArgs, f: &fleet::Fleet, fanout: &Report) -> anyhow::Res
     std::fs::write(f.root.join("mnt-0").join("one-change"), b"1")?;
     commit(&f.agents[0], "bench").await?;
     let one_change = reload(&f.agents[1], "bench").await?;
-    // Every follower reloads at once.
-    let mut set = tokio::task::JoinSet::new();
-    for agent in f.agents.iter().skip(1) {
-        let agent = agent.clone();
-        set.spawn(async move { reload(&agent, volume).await });
-    }
+    // Every follower reloads, one after the other (as the one-change reload ran alone).
     let (mut reload_max_s, mut fetched, mut prepared) = (0f64, 0u64, 0usize);
-    while let Some(r) = set.join_next().await {
-        let r = r??;
+    for agent in f.agents.iter().skip(1) {
+        let r = reload(agent, volume).await?;
         reload_max_s = reload_max_s.max(r.seconds);
         fetched += r.sources.origin_bytes + r.sources.peer_bytes;
         prepared += usize::from(r.prepared);

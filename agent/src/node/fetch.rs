@@ -128,7 +128,9 @@ impl Inner {
                 return Ok(());
             }
             let blobs: Vec<(Hash, u64)> = want.iter().map(|r| (r.hash, r.size)).collect();
-            download.fetch(&blobs, &Events::none().counter("pages", 0)).await?;
+            download
+                .fetch(&blobs, &Events::none().counter("pages", 0))
+                .await?;
         }
     }
 

@@ -39,6 +39,8 @@ pub struct Engine {
     pub(super) timeout: Option<Option<Instant>>,
     /// Holding back new requests (see [`Engine::set_paused`]).
     pub(super) paused: bool,
+    /// A background download (see [`Engine::set_background`]).
+    pub(super) background: bool,
 }
 
 impl Engine {
@@ -67,6 +69,7 @@ impl Engine {
             dirty: false,
             timeout: None,
             paused: false,
+            background: false,
         }
     }
 
@@ -81,6 +84,14 @@ impl Engine {
             self.dirty = true;
             self.timeout = None;
         }
+    }
+
+    /// Makes this a background download (`true`: a follow, a preheat) or a foreground one:
+    /// a background download's requests rank past every foreground one's
+    /// ([`super::BACKGROUND_RANK`]), so providers serve those first and push background
+    /// ones out of a full queue.
+    pub fn set_background(&mut self, background: bool) {
+        self.background = background;
     }
 
     /// Whether new requests are held back ([`Engine::set_paused`]).

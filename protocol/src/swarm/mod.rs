@@ -63,6 +63,12 @@ pub use pieces::PieceSet;
 pub use serve::{Admission, Admit, Push, Subscribers};
 pub use tracker::{Holder, Tracker, rtt_band};
 
+/// What a background download (a follow, a preheat) adds to the rank its requests carry
+/// (how far along it is, permille): providers serve the lowest rank first, so every
+/// foreground request goes before every background one, and among either kind the one
+/// furthest behind first.
+pub const BACKGROUND_RANK: u16 = 1001;
+
 /// A fleet member's id: the bytes of its node key.
 #[derive(
     Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,

@@ -296,9 +296,16 @@ impl Engine {
         });
     }
 
-    /// How far along the whole download is, permille of its units.
+    /// How far along the whole download is, permille of its units; past
+    /// [`super::BACKGROUND_RANK`] for a background download, so that providers serve every
+    /// foreground request first.
     pub(super) fn rank(&self) -> u16 {
-        (self.units_done * 1000 / self.units_all.max(1)) as u16
+        let permille = (self.units_done * 1000 / self.units_all.max(1)) as u16;
+        if self.background {
+            super::BACKGROUND_RANK + permille
+        } else {
+            permille
+        }
     }
 
     /// A group that nothing is coming in for and that no known provider can serve: look

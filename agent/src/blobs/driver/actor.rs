@@ -9,6 +9,7 @@ impl Actor {
         loop {
             let hold = self.standing.update(!self.jobs.is_empty());
             self.engine.set_paused(hold);
+            self.engine.set_background(self.standing.is_background());
             while let Some(a) = self.engine.poll_action(Instant::now()) {
                 self.act(a);
             }

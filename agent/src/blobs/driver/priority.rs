@@ -101,6 +101,11 @@ impl Standing {
         }
     }
 
+    /// Whether the download is background now.
+    pub(super) fn is_background(&self) -> bool {
+        *self.background.borrow()
+    }
+
     /// Counts the download among the foreground ones while it is foreground and `busy`
     /// (fetches in flight); returns whether its engine must hold back new requests.
     pub(super) fn update(&mut self, busy: bool) -> bool {

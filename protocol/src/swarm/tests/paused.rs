@@ -79,3 +79,41 @@ fn news_waits_while_paused_and_is_used_on_resuming() {
         "the peer heard of while paused is asked first: {reqs:?}"
     );
 }
+
+#[test]
+fn a_background_downloads_requests_rank_after_every_foreground_one() {
+    let ranks = |background: bool| {
+        let mut h = H::new(cfg());
+        h.e.set_background(background);
+        let g = h.pieces(1, 64);
+        h.drain();
+        let out = h.providers(g, &[(1, true), (ORIGIN, true)]);
+        out.into_iter()
+            .filter_map(|a| match a {
+                Action::Request { rank, .. } => Some(rank),
+                _ => None,
+            })
+            .collect::<Vec<u16>>()
+    };
+    let (fg, bg) = (ranks(false), ranks(true));
+    assert!(!fg.is_empty() && !bg.is_empty());
+    assert!(fg.iter().all(|r| *r <= 1000), "{fg:?}");
+    assert!(bg.iter().all(|r| *r >= BACKGROUND_RANK), "{bg:?}");
+    // A provider with one slot and one place in its queue serves the foreground request
+    // first and pushes the background one out.
+    let mut adm = Admission::new(
+        Config {
+            serve_slots: 1,
+            serve_queue: 1,
+            ..cfg()
+        },
+        1,
+    );
+    assert_eq!(adm.admit(1, id(1), fg[0]), Admit::Now);
+    assert_eq!(adm.admit(2, id(2), bg[0]), Admit::Queued { evicted: None });
+    assert_eq!(
+        adm.admit(3, id(3), fg[0]),
+        Admit::Queued { evicted: Some(2) },
+        "the background request makes room"
+    );
+}
