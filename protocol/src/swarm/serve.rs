@@ -25,6 +25,12 @@ pub enum Admit {
     Busy,
 }
 
+/// Whether a request of this rank is a background download's (see
+/// [`super::BACKGROUND_RANK`]).
+fn background(rank: u16) -> bool {
+    rank >= super::BACKGROUND_RANK
+}
+
 /// How many times each piece of a blob has been sent (the origin's super-seeding).
 #[derive(Debug)]
 struct Sent {
@@ -38,6 +44,11 @@ struct Sent {
 /// [`Config::serve_queue_per_peer`] of the places in the queue, whatever rank it claims: a
 /// peer that never reads what it asked for cannot starve the others.
 ///
+/// Foreground requests go strictly first: a background one (its rank past
+/// [`super::BACKGROUND_RANK`]: a follow's, a preheat's) gets a slot only while no
+/// foreground request is served or waiting, so a slot stays free rather than split a link
+/// between a reload and a follow.
+///
 /// For the origin ([`Admission::choose`]) a request names the pieces it may take and the
 /// origin chooses the one it has sent least; while its slots are full it sends only pieces it
 /// has never sent, so the fleet gets each piece from it about once and trades the rest.
@@ -46,6 +57,8 @@ pub struct Admission {
     cfg: Config,
     rng: SmallRng,
     sending: usize,
+    /// Of those, foreground requests.
+    sending_fg: usize,
     /// Waiting requests: (rank, arrival, token, peer), served lowest rank first.
     queue: Vec<(u16, u64, u64, NodeId)>,
     arrivals: u64,
@@ -61,6 +74,7 @@ impl Admission {
             cfg,
             rng: SmallRng::seed_from_u64(seed),
             sending: 0,
+            sending_fg: 0,
             queue: Vec::new(),
             arrivals: 0,
             per_peer: HashMap::new(),
@@ -102,9 +116,9 @@ impl Admission {
     /// leaving a tail of unlucky laggards.
     pub fn admit(&mut self, token: u64, peer: NodeId, rank: u16) -> Admit {
         let (slots, queued) = self.held_by(&peer);
-        if self.sending < self.cfg.serve_slots && slots < self.cfg.serve_slots_per_peer {
-            self.sending += 1;
-            self.count(peer, 1, 0);
+        let yields = background(rank) && self.foreground_ahead();
+        if self.sending < self.cfg.serve_slots && slots < self.cfg.serve_slots_per_peer && !yields {
+            self.take_slot(peer, rank);
             return Admit::Now;
         }
         if queued >= self.cfg.serve_queue_per_peer {
@@ -145,31 +159,56 @@ impl Admission {
                     || self.queue.iter().any(|(r, _, _, _)| *r > rank)))
     }
 
-    /// A request of `peer` served now is done: a slot goes to the waiting one furthest
-    /// behind whose peer may take one more, if any; its token and peer are returned (the
-    /// slot is taken for it).
-    pub fn finished(&mut self, peer: &NodeId) -> Option<(u64, NodeId)> {
+    /// A request of `peer` and `rank` served now is done: free slots go to the waiting
+    /// requests furthest behind whose peers may take one more (a foreground one first; a
+    /// background one only while no foreground request is served or waiting). Their
+    /// tokens, peers and ranks are returned (the slots are taken for them: one that went
+    /// meanwhile is given back with [`Admission::finished`] too).
+    pub fn finished(&mut self, peer: &NodeId, rank: u16) -> Vec<(u64, NodeId, u16)> {
         self.sending = self.sending.saturating_sub(1);
+        if !background(rank) {
+            self.sending_fg = self.sending_fg.saturating_sub(1);
+        }
         self.count(*peer, -1, 0);
-        self.next_turn()
+        let mut turns = Vec::new();
+        while let Some(t) = self.next_turn() {
+            turns.push(t);
+        }
+        turns
+    }
+
+    /// Whether a foreground request is served or waiting.
+    fn foreground_ahead(&self) -> bool {
+        self.sending_fg > 0 || self.queue.iter().any(|(r, _, _, _)| !background(*r))
+    }
+
+    fn take_slot(&mut self, peer: NodeId, rank: u16) {
+        self.sending += 1;
+        if !background(rank) {
+            self.sending_fg += 1;
+        }
+        self.count(peer, 1, 0);
     }
 
     /// Gives a free slot to the waiting request furthest behind whose peer may take one.
-    fn next_turn(&mut self) -> Option<(u64, NodeId)> {
+    fn next_turn(&mut self) -> Option<(u64, NodeId, u16)> {
         if self.sending >= self.cfg.serve_slots {
             return None;
         }
         let cap = self.cfg.serve_slots_per_peer;
-        let (k, _) = self
+        let (k, &(rank, ..)) = self
             .queue
             .iter()
             .enumerate()
             .filter(|(_, (_, _, _, p))| self.held_by(p).0 < cap)
             .min_by_key(|(_, (r, a, _, _))| (*r, *a))?;
+        if background(rank) && self.foreground_ahead() {
+            return None;
+        }
         let (_, _, token, p) = self.queue.swap_remove(k);
-        self.sending += 1;
-        self.count(p, 1, -1);
-        Some((token, p))
+        self.count(p, 0, -1);
+        self.take_slot(p, rank);
+        Some((token, p, rank))
     }
 
     /// A waiting request went away (its requester cancelled it).

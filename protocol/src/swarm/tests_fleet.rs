@@ -219,7 +219,7 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
                 }
             }
             let adm = admission.get_mut(&q).unwrap();
-            if let Some((tok, _)) = adm.finished(&id(p))
+            if let Some(&(tok, _, _)) = adm.finished(&id(p), 0).first()
                 && let Some(k) = waiting
                     .get(&q)
                     .and_then(|w| w.iter().position(|x| x.1 == tok))

@@ -31,9 +31,9 @@ fn admission_serves_slots_then_queues_then_answers_busy() {
     assert!(!a.would_admit(&id(5), 500));
     assert_eq!(a.admit(5, id(5), 500), Admit::Busy);
     // A slot frees: the first of equals waiting gets it.
-    assert_eq!(a.finished(&id(1)), Some((3, id(3))));
-    assert_eq!(a.finished(&id(2)), Some((4, id(4))));
-    assert_eq!(a.finished(&id(3)), None);
+    assert_eq!(a.finished(&id(1), 500), vec![(3, id(3), 500)]);
+    assert_eq!(a.finished(&id(2), 500), vec![(4, id(4), 500)]);
+    assert_eq!(a.finished(&id(3), 500), vec![]);
     assert_eq!(a.sending(), 1);
 }
 
@@ -50,12 +50,12 @@ fn the_requester_furthest_behind_goes_first_and_pushes_out_the_furthest_along() 
         a.admit(12, id(12), 100),
         Admit::Queued { evicted: Some(10) }
     );
-    assert_eq!(a.finished(&id(1)), Some((12, id(12))));
-    assert_eq!(a.finished(&id(2)), Some((11, id(11))));
+    assert_eq!(a.finished(&id(1), 0), vec![(12, id(12), 100)]);
+    assert_eq!(a.finished(&id(2), 0), vec![(11, id(11), 400)]);
     // A cancelled waiter never gets a turn.
     a.admit(13, id(13), 5);
     a.forget(13);
-    assert_eq!(a.finished(&id(12)), None);
+    assert_eq!(a.finished(&id(12), 100), vec![]);
 }
 
 #[test]
@@ -83,9 +83,40 @@ fn one_peer_holds_at_most_its_share_whatever_rank_it_claims() {
         );
     }
     // The hog's slot frees: the hog's own waiter takes it (it holds one slot now).
-    assert_eq!(a.finished(&hog), Some((3, hog)));
+    assert_eq!(a.finished(&hog, 0), vec![(3, hog, 0)]);
     // Another peer's slot frees: not to the hog (two slots), to the next other waiter.
-    assert_eq!(a.finished(&id(1)), Some((7, id(7))));
+    assert_eq!(a.finished(&id(1), 999), vec![(7, id(7), 999)]);
+}
+
+#[test]
+fn background_requests_wait_while_any_foreground_one_is_served_or_waiting() {
+    let bg = |permille: u16| super::BACKGROUND_RANK + permille;
+    let c = Config {
+        serve_slots: 3,
+        serve_queue: 6,
+        ..Config::default()
+    };
+    let mut a = Admission::new(c, 1);
+    // A follow takes a slot while nothing else runs.
+    assert_eq!(a.admit(1, id(1), bg(0)), Admit::Now);
+    // A reload arrives: served; a second background request now waits although slots
+    // are free, and so does one of the reload's peer's own follow.
+    assert_eq!(a.admit(2, id(2), 900), Admit::Now);
+    assert_eq!(a.admit(3, id(3), bg(0)), Admit::Queued { evicted: None });
+    assert_eq!(a.admit(4, id(2), bg(10)), Admit::Queued { evicted: None });
+    // The first follow's piece is done: its slot stays free for foreground work.
+    assert_eq!(a.finished(&id(1), bg(0)), vec![]);
+    // Another reload's request takes a free slot at once.
+    assert_eq!(a.admit(5, id(5), 100), Admit::Now);
+    assert_eq!(a.sending(), 2);
+    // The reloads are done: every free slot goes to the waiting follows, the one
+    // furthest behind first.
+    assert_eq!(a.finished(&id(2), 900), vec![]);
+    assert_eq!(
+        a.finished(&id(5), 100),
+        vec![(3, id(3), bg(0)), (4, id(2), bg(10))]
+    );
+    assert_eq!(a.sending(), 2);
 }
 
 #[test]
@@ -105,7 +136,7 @@ fn the_origin_sends_fresh_pieces_first_and_only_fresh_ones_while_contested() {
     assert!(a.contested());
     assert_eq!(a.choose(h, 4, &all), None);
     // Uncontested, a second copy of the least sent goes out.
-    a.finished(&id(10));
+    a.finished(&id(10), 0);
     assert!(a.choose(h, 4, &PieceSet::from_iter(4, [2])) == Some(2));
     assert_eq!(a.pieces_sent(&h), 5);
     // A request naming nothing it can take gets nothing; a wrong length neither.

@@ -95,7 +95,7 @@ impl World {
             // Its requester left while it waited: the piece was never sent.
             self.pending.remove(&(from, p.req));
             self.unchoose(prov, &p);
-            self.next_turn(prov, from);
+            self.next_turn(prov, from, p.rank);
             return;
         }
         let size = self.unit_bytes(p.blob, p.unit);
@@ -117,12 +117,13 @@ impl World {
         );
     }
 
-    /// A slot `prov` gave to a request of `from` is free: the next request waiting gets it.
-    pub(super) fn next_turn(&mut self, prov: usize, from: usize) {
-        if let Some((token, _)) = self.nodes[prov].adm.finished(&super::node_id(from))
-            && let Some(p) = self.nodes[prov].waiting.remove(&token)
-        {
-            self.start_flow(prov, p);
+    /// A slot `prov` gave to a request of `from` and `rank` is free: the requests waiting
+    /// that get the free slots start.
+    pub(super) fn next_turn(&mut self, prov: usize, from: usize, rank: u16) {
+        for (token, _, _) in self.nodes[prov].adm.finished(&super::node_id(from), rank) {
+            if let Some(p) = self.nodes[prov].waiting.remove(&token) {
+                self.start_flow(prov, p);
+            }
         }
     }
 
@@ -177,7 +178,7 @@ impl World {
                 outcome: Outcome::Ok,
             },
         );
-        self.next_turn(c.prov, from);
+        self.next_turn(c.prov, from, c.p.rank);
     }
 
     /// For `VOLTOOL_SIM_DEBUG`: how many flows each uplink carries and how much of it they
@@ -240,13 +241,14 @@ impl World {
         if let Some(f) = self.flowing.remove(&(from, req)) {
             if self.links.flows[f].live && self.links.flows[f].src == prov {
                 let total = self.carry.get(&f).map_or(0.0, |c| c.bytes);
+                let rank = self.carry.get(&f).map_or(0, |c| c.p.rank);
                 let sent = self.links.sent(f, self.now, total);
                 if self.nodes[prov].spec.role == Role::Origin {
                     self.origin_bytes += sent;
                 }
                 self.carry.remove(&f);
                 self.links.end(self.now, f);
-                self.next_turn(prov, from);
+                self.next_turn(prov, from, rank);
             }
         } else if let Some((_, token)) = self.pending.remove(&(from, req))
             && let Some(token) = token
@@ -305,7 +307,7 @@ impl World {
             } else {
                 // The requester left mid-piece: the piece did not get through.
                 self.unchoose(c.prov, &c.p);
-                self.next_turn(c.prov, c.p.from);
+                self.next_turn(c.prov, c.p.from, c.p.rank);
             }
         }
     }

@@ -36,11 +36,11 @@ pub(super) struct ServeState {
 
 /// A sending slot, given back (to the waiting request furthest behind) when dropped.
 #[derive(Debug)]
-pub struct Turn(Arc<Serving>, NodeId);
+pub struct Turn(Arc<Serving>, NodeId, u16);
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        self.0.release(self.1);
+        self.0.release(self.1, self.2);
     }
 }
 
@@ -50,6 +50,7 @@ struct Waiting {
     serving: Arc<Serving>,
     token: u64,
     peer: NodeId,
+    rank: u16,
     rx: Option<oneshot::Receiver<()>>,
 }
 
@@ -68,7 +69,7 @@ impl Drop for Waiting {
         };
         if !queued && rx.try_recv().is_ok() {
             // Its turn came as it went: the slot passes on.
-            self.serving.release(self.peer);
+            self.serving.release(self.peer, self.rank);
         }
     }
 }
@@ -105,7 +106,7 @@ impl Serving {
             let token = st.next_token;
             st.next_token += 1;
             match st.adm.admit(token, peer, rank) {
-                Admit::Now => return Some(Turn(self.clone(), peer)),
+                Admit::Now => return Some(Turn(self.clone(), peer, rank)),
                 Admit::Busy => return None,
                 Admit::Queued { evicted } => {
                     if let Some(e) = evicted {
@@ -122,26 +123,28 @@ impl Serving {
             serving: self.clone(),
             token,
             peer,
+            rank,
             rx: Some(rx),
         };
         let turn = wait.rx.as_mut().expect("set above").await;
         wait.rx = None;
-        turn.ok().map(|()| Turn(self.clone(), peer))
+        turn.ok().map(|()| Turn(self.clone(), peer, rank))
     }
 
-    /// `peer`'s slot is free: it goes to the waiting request furthest behind (whose peer
-    /// may take one more) that is still there.
-    pub(super) fn release(&self, peer: NodeId) {
+    /// A slot `peer` held for a request of `rank` is free: free slots go to the waiting
+    /// requests furthest behind (whose peers may take one more; a foreground one first)
+    /// that are still there.
+    pub(super) fn release(&self, peer: NodeId, rank: u16) {
         let mut st = self.state.lock().expect("not poisoned");
-        let mut next = st.adm.finished(&peer);
-        while let Some((token, p)) = next {
+        let mut next = st.adm.finished(&peer, rank);
+        while let Some((token, p, r)) = next.pop() {
             if let Some(w) = st.waiters.remove(&token)
                 && w.send(()).is_ok()
             {
-                return;
+                continue;
             }
             // Its requester went meanwhile: the slot taken for it is free again.
-            next = st.adm.finished(&p);
+            next.extend(st.adm.finished(&p, r));
         }
     }
 
