@@ -61,7 +61,8 @@ enum Cmd {
     Follow(local::FollowArgs),
     /// Stop following a volume (a mount that follows it still does).
     Unfollow(local::FollowArgs),
-    /// Download the newest version of a volume into this host's store now (a preheat).
+    /// Download a version of a volume into this host's store now (a preheat).
+    #[command(disable_version_flag = true)]
     Prefetch(local::PrefetchArgs),
 }
 
@@ -135,5 +136,17 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command's arguments are well formed (clap checks names and conflicts here,
+    /// not at build time: a clash shows only when that command runs).
+    #[test]
+    fn every_command_is_well_formed() {
+        Cli::command().debug_assert();
     }
 }

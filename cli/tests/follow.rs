@@ -160,4 +160,8 @@ fn followers_catch_up_after_a_kill_9_of_the_coordinator() {
         "{}",
         stdout(&o)
     );
+    // An older version, checked link by link from the head.
+    let o = f.run(1, &["prefetch", "v", "--version", "1"]);
+    expect(&o, 0);
+    assert!(stdout(&o).contains("v version 1 is here"), "{}", stdout(&o));
 }
