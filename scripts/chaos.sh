@@ -9,4 +9,9 @@ cd "$(dirname "$0")/.."
 trials=${1:-200}
 seed=${2:-1}
 cargo build --release -p voltool-testnet
-exec ./target/release/voltool-testnet chaos --trials "$trials" --seed "$seed" --json
+# Trials start their nodes from the running binary's own path: run a copy, so a rebuild
+# of target/ during the hour does not pull the file out from under the remaining trials.
+bin=$(mktemp -d /tmp/voltool-chaos-bin.XXXXXX)
+trap 'rm -rf "$bin"' EXIT
+cp ./target/release/voltool-testnet "$bin/"
+"$bin/voltool-testnet" chaos --trials "$trials" --seed "$seed" --json
