@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use object_store::{ObjectStoreExt, PutPayload};
 use voltool_agent::control::ReloadMode;
-use voltool_agent::coordinator::{Coordinator, CoordinatorOptions, Retention};
 use voltool_agent::store::{S3Options, StoreError};
+use voltool_coordinator::{Coordinator, CoordinatorOptions, Retention};
 use voltool_protocol::{Hash, RangeList};
 use voltool_tests::garage::Garage;
 use voltool_tests::{Limits, TestFleet, bytes, tree};
@@ -45,15 +45,13 @@ fn bare(data: std::path::PathBuf, s3: Option<S3Options>) -> CoordinatorOptions {
         retention: Retention::default(),
         metrics: None,
         s3,
-        commit_deadline: voltool_agent::coordinator::COMMIT_DEADLINE,
+        commit_deadline: voltool_coordinator::COMMIT_DEADLINE,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_in_a_bucket_serves_verified_ranges_and_frees_what_gc_drops() {
-    let Some(garage) = Garage::start() else {
-        return;
-    };
+    let garage = Garage::start();
     let origin = garage.origin("fleet-1");
     let limits = Limits {
         retention: Retention {
@@ -176,9 +174,7 @@ async fn an_origin_in_a_bucket_serves_verified_ranges_and_frees_what_gc_drops() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_that_does_not_answer_is_refused_at_start_by_name() {
-    let Some(garage) = Garage::start() else {
-        return;
-    };
+    let garage = Garage::start();
     let mut wrong = garage.origin("x");
     wrong.secret_access_key = Some("f".repeat(64));
     let dir = voltool_tests::test_dir();
@@ -191,9 +187,7 @@ async fn a_bucket_that_does_not_answer_is_refused_at_start_by_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_may_not_share_a_prefix() {
-    let Some(garage) = Garage::start() else {
-        return;
-    };
+    let garage = Garage::start();
     let shared = garage.origin("shared");
     let first = TestFleet::start_on(0, Limits::default(), Some(shared.clone())).await;
     let dir = voltool_tests::test_dir();
