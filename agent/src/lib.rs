@@ -1,9 +1,9 @@
-//! voltool's node: content store, blob service, coordinator and agent roles.
+//! voltool's node: content store, blob service, mounts, and the agent role (the coordinator, in
+//! `voltool-coordinator`, builds on the store, blob service and transport here).
 
 pub mod blobs;
 pub mod control;
 pub mod coord_client;
-pub mod coordinator;
 pub mod keys;
 pub mod metrics;
 pub mod net;

@@ -46,7 +46,8 @@ pub enum NetError {
 }
 
 impl NetError {
-    pub(crate) fn stream(e: impl std::fmt::Display) -> Self {
+    /// A stream failure, from its cause.
+    pub fn stream(e: impl std::fmt::Display) -> Self {
         NetError::Stream(e.to_string())
     }
 }

@@ -7,13 +7,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use tracing_subscriber::EnvFilter;
-use voltool_agent::coordinator::{
-    Coordinator, CoordinatorOptions, Membership, Retention, read_members,
-};
 use voltool_agent::net::{Congestion, NodeAddr};
 use voltool_agent::node::{Agent, AgentOptions, SnapshotMode, StoreBudget};
 use voltool_agent::rate::Rate;
 use voltool_agent::store::S3Options;
+use voltool_coordinator::{Coordinator, CoordinatorOptions, Membership, Retention, read_members};
 
 /// File in an agent's data directory holding `NODE_ID@IP:PORT` once it listens.
 pub(crate) const AGENT_ADDR_FILE: &str = "agent.addr";

@@ -14,7 +14,7 @@ use voltool_protocol::coord::{
 };
 use voltool_protocol::tree::PageRef;
 
-use super::volumes::{Reply, head_of, internal, put_head, record};
+use super::volumes::{Reply, head_of, internal, meta_fail, record};
 use super::*;
 
 /// How long the coordinator waits for the next part of a commit (it holds the write lock
@@ -252,12 +252,10 @@ impl Merge {
             time_ms: now_ms(),
         }
         .sign(&state.key);
-        let w = state.db.begin_write().map_err(internal)?;
-        // No link of the merged tree leads out of the volume; the index moves with the head.
-        self.links
-            .finish(state, &self.next, new.commit.version, &w)?;
-        put_head(&w, &new)?;
-        w.commit().map_err(internal)?;
+        // No link of the merged tree leads out of the volume; the index moves with the head,
+        // which moves only from the head this commit merged into.
+        let links = self.links.finish(state, &self.next)?;
+        state.meta.move_head(&new, &links).map_err(meta_fail)?;
         info!(
             volume = self.name,
             version = new.commit.version,

@@ -5,14 +5,12 @@
 use std::collections::HashMap;
 
 use iroh::endpoint::SendStream;
+use voltool_agent::net::{self, NetError};
 use voltool_protocol::coord::{CoordResponse, ErrorKind, MAX_WATCHED};
 use voltool_protocol::{SignedHead, VolumeId};
 
-use redb::ReadableDatabase;
-
-use super::volumes::internal;
-use super::{Fail, HEADS, State, fail};
-use crate::net::{self, NetError};
+use super::volumes::meta_fail;
+use super::{Fail, State, fail};
 
 /// Counts the heads signed since the start: every watch wakes at each and sends what moved.
 #[derive(Debug)]
@@ -78,12 +76,10 @@ pub(super) async fn watch(
 
 /// The heads of those of `ids` that exist (a deleted volume has none).
 fn heads_of(state: &State, ids: &[VolumeId]) -> Result<Vec<SignedHead>, Fail> {
-    let r = state.db.begin_read().map_err(internal)?;
-    let t = r.open_table(HEADS).map_err(internal)?;
     let mut out = Vec::new();
     for id in ids {
-        if let Some(v) = t.get(id.0).map_err(internal)? {
-            out.push(postcard::from_bytes(v.value()).map_err(internal)?);
+        if let Some(h) = state.meta.head(*id).map_err(meta_fail)? {
+            out.push(h);
         }
     }
     Ok(out)

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::volumes::meta_fail;
 use super::*;
 
 /// What the origin keeps, and when it looks.
@@ -84,34 +85,20 @@ impl State {
     pub(super) fn collect(&self) -> Result<GcStats, Fail> {
         let keep = self.retention.keep_versions.max(1);
         let mut stats = GcStats::default();
-        let w = self.db.begin_write().map_err(internal)?;
         let mut roots = Vec::new();
-        {
-            let heads = w.open_table(HEADS).map_err(internal)?;
-            let mut versions = w.open_table(VERSIONS).map_err(internal)?;
-            let mut ids = Vec::new();
-            for e in heads.iter().map_err(internal)? {
-                let (k, v) = e.map_err(internal)?;
-                let head: SignedHead = postcard::from_bytes(v.value()).map_err(internal)?;
-                ids.push((k.value(), head.commit.version));
-                roots.push(head.commit.root());
+        let mut drops = Vec::new();
+        let heads = self.meta.heads().map_err(meta_fail)?;
+        stats.volumes = heads.len();
+        for head in heads {
+            let (id, now) = (head.commit.volume, head.commit.version);
+            let first = now.saturating_sub(keep - 1);
+            roots.push(head.commit.root());
+            for c in self.meta.commits(id, first..now).map_err(meta_fail)? {
+                // A version record missing here was dropped before: what it named is not
+                // kept for it.
+                roots.extend(c.map(|c| c.root()));
             }
-            stats.volumes = ids.len();
-            for (id, head) in ids {
-                let first = head.saturating_sub(keep - 1);
-                for e in versions.range((id, first)..(id, head)).map_err(internal)? {
-                    let (_, v) = e.map_err(internal)?;
-                    let c: Commit = postcard::from_bytes(v.value()).map_err(internal)?;
-                    roots.push(c.root());
-                }
-                let dropped = &mut stats.versions_dropped;
-                versions
-                    .retain_in((id, 0)..(id, first), |_, _| {
-                        *dropped += 1;
-                        false
-                    })
-                    .map_err(internal)?;
-            }
+            drops.push((id, first));
         }
         let (mut pages, mut blobs) = (HashSet::new(), HashSet::new());
         for root in &roots {
@@ -141,7 +128,9 @@ impl State {
         stats.freed = dead.len();
         // The version records go first: a crash between the two leaves blobs that the next
         // collection frees, never a kept version without its blobs.
-        w.commit().map_err(internal)?;
+        for (id, first) in drops {
+            stats.versions_dropped += self.meta.drop_versions(id, first).map_err(meta_fail)?;
+        }
         for chunk in dead.chunks(4096) {
             self.origin.remove_many(chunk).map_err(internal)?;
         }

@@ -1,5 +1,6 @@
 //! The coordinator role: volume registry, signed heads, commits (per-path last writer
-//! wins), and the origin blob store, all behind `voltool/coord/5` and `voltool/blobs/4`.
+//! wins), the tracker, and the origin blob store, behind `voltool/coord/8` and
+//! `voltool/blobs/4`. Its durable state sits behind [`meta::Meta`].
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -9,8 +10,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::{Endpoint, EndpointId, SecretKey};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -21,14 +20,10 @@ use voltool_protocol::tree::{self, Shape};
 use voltool_protocol::volume::check_volume_name;
 use voltool_protocol::{Commit, Hash, Manifest, SignedHead, VolumeId, blobs};
 
-use crate::metrics::{Metrics, observe};
-use crate::net::{self, NetError, NodeAddr};
-use crate::rate::{Rate, TokenBucket};
-use crate::store::{Store, StoreError};
-
-const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes-1");
-const HEADS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("heads-1");
-const VERSIONS: TableDefinition<([u8; 16], u64), &[u8]> = TableDefinition::new("versions-1");
+use voltool_agent::metrics::{Metrics, observe};
+use voltool_agent::net::{self, NetError, NodeAddr};
+use voltool_agent::rate::{Rate, TokenBucket};
+use voltool_agent::store::{Store, StoreError};
 
 /// File in the data directory holding `NODE_ID@IP:PORT` once the coordinator listens.
 pub const ADDR_FILE: &str = "coordinator.addr";
@@ -47,7 +42,7 @@ pub struct CoordinatorOptions {
     /// Egress limit of the origin (bytes/s).
     pub max_egress: Option<Rate>,
     /// The QUIC congestion controller.
-    pub congestion: crate::net::Congestion,
+    pub congestion: voltool_agent::net::Congestion,
     /// The swarm's knobs (the tracker's, and the origin's as a provider).
     pub swarm: voltool_protocol::swarm::Config,
     /// What the origin keeps.
@@ -56,7 +51,7 @@ pub struct CoordinatorOptions {
     pub metrics: Option<SocketAddr>,
     /// Keep the origin's blobs in this S3-compatible bucket rather than under `data`
     /// (which keeps the metadata either way).
-    pub s3: Option<crate::store::S3Options>,
+    pub s3: Option<voltool_agent::store::S3Options>,
     /// Longest time a commit may take to send its change set: it holds the lock every
     /// commit takes meanwhile (default [`COMMIT_DEADLINE`]).
     pub commit_deadline: std::time::Duration,
@@ -71,13 +66,16 @@ pub const COMMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(
 pub enum CoordinatorError {
     /// Key trouble.
     #[error(transparent)]
-    Key(#[from] crate::keys::KeyError),
+    Key(#[from] voltool_agent::keys::KeyError),
     /// Store trouble.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Database trouble.
-    #[error("coordinator database: {0}")]
-    Db(String),
+    /// Trouble with the coordinator's state.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// A garbage collection failed.
+    #[error("garbage collection: {0}")]
+    Gc(String),
     /// Transport trouble.
     #[error(transparent)]
     Net(#[from] NetError),
@@ -89,16 +87,6 @@ pub enum CoordinatorError {
         /// Cause.
         source: std::io::Error,
     },
-}
-
-fn db_err(e: impl std::fmt::Display) -> CoordinatorError {
-    CoordinatorError::Db(e.to_string())
-}
-
-#[derive(Serialize, Deserialize)]
-struct VolumeRecord {
-    id: VolumeId,
-    created_ms: u64,
 }
 
 /// A running coordinator.
@@ -113,14 +101,15 @@ pub struct Coordinator {
 
 struct State {
     key: SecretKey,
-    db: Database,
+    /// Volumes, heads, version records, the links index, distrusted providers.
+    meta: Box<dyn Meta>,
     origin: Store,
     /// The manifest pages in the origin store.
-    pages: crate::store::Pages,
+    pages: voltool_agent::store::Pages,
     roster: members::Roster,
     /// Wakes the followers' watches when a head is signed.
     heads_moved: follow::HeadsMoved,
-    serve: crate::blobs::ServeOptions,
+    serve: voltool_agent::blobs::ServeOptions,
     /// Where the origin serves blobs (handed out as the last provider).
     addr: NodeAddr,
     /// Who holds what (in memory: agents announce again when a heartbeat's answer says
@@ -187,7 +176,7 @@ const ORIGIN_FILE: &str = "where";
 /// Opens the origin store, refusing one whose blobs were kept elsewhere.
 fn open_origin(
     dir: &Path,
-    s3: Option<&crate::store::S3Options>,
+    s3: Option<&voltool_agent::store::S3Options>,
 ) -> Result<Store, CoordinatorError> {
     let want = s3.map_or_else(|| "dir".to_string(), |o| o.url());
     let file = dir.join(ORIGIN_FILE);
@@ -206,7 +195,10 @@ fn open_origin(
     if let Some(was) = was.filter(|w| *w != want) {
         let name = |w: &str| {
             if w == "dir" {
-                format!("the folder {}", dir.join(crate::store::BLOBS_DIR).display())
+                format!(
+                    "the folder {}",
+                    dir.join(voltool_agent::store::BLOBS_DIR).display()
+                )
             } else {
                 w.to_string()
             }
@@ -228,22 +220,11 @@ impl Coordinator {
     /// Opens the data directory, binds, writes [`ADDR_FILE`] and starts serving.
     pub async fn start(opts: CoordinatorOptions) -> Result<Self, CoordinatorError> {
         // The coordinator's alone: key, database, origin blobs.
-        crate::keys::check_data_dir(&opts.data, 0o700)?;
-        let key = crate::keys::load_or_create(&opts.data)?;
+        voltool_agent::keys::check_data_dir(&opts.data, 0o700)?;
+        let key = voltool_agent::keys::load_or_create(&opts.data)?;
         let origin = open_origin(&opts.data.join("origin"), opts.s3.as_ref())?;
         origin.claim(&key.public().to_string())?;
-        let db_file = opts.data.join("coordinator.redb");
-        let db = crate::store::open_db(&db_file).map_err(db_err)?;
-        // Heads of version 0 name manifests of the old, flat encoding.
-        crate::store::refuse_old_tables(&db, &db_file, &["volumes-0", "heads-0", "versions-0"])?;
-        {
-            let w = db.begin_write().map_err(db_err)?;
-            w.open_table(VOLUMES).map_err(db_err)?;
-            w.open_table(HEADS).map_err(db_err)?;
-            w.open_table(VERSIONS).map_err(db_err)?;
-            links::create_tables(&w).map_err(db_err)?;
-            w.commit().map_err(db_err)?;
-        }
+        let meta = RedbMeta::open(&opts.data.join("coordinator.redb"))?;
         if opts.members.is_none() {
             warn!("no members list: any node that can reach this coordinator may join the fleet");
         }
@@ -270,18 +251,18 @@ impl Coordinator {
         let swarm = opts.swarm.clone();
         let metrics = Metrics::new(true);
         let mut tracker = Tracker::new(swarm.clone(), rand::random());
-        tracker::restore_distrust(&db, &mut tracker)?;
+        tracker::restore_distrust(&meta, &mut tracker)?;
         let state = Arc::new(State {
             key,
-            db,
-            pages: crate::store::Pages::new(origin.clone()),
+            meta: Box::new(meta),
+            pages: voltool_agent::store::Pages::new(origin.clone()),
             origin,
             roster: members::Roster::new(Membership {
                 members: opts.members,
                 writers: opts.writers,
             }),
             heads_moved: Default::default(),
-            serve: crate::blobs::ServeOptions::new(
+            serve: voltool_agent::blobs::ServeOptions::new(
                 opts.max_egress.map(|r| Arc::new(TokenBucket::new(r))),
                 false,
                 swarm.clone(),
@@ -315,7 +296,8 @@ impl Coordinator {
                     m.tracker_entries.set(entries as i64);
                 }));
                 let served =
-                    crate::metrics::serve(addr, state.metrics.clone(), cancel.clone()).await;
+                    voltool_agent::metrics::serve(addr, state.metrics.clone(), cancel.clone())
+                        .await;
                 let served = served.map_err(|e| CoordinatorError::Io {
                     path: e.addr.to_string(),
                     source: e.source,
@@ -367,7 +349,7 @@ impl Coordinator {
     pub async fn collect_garbage(&self) -> Result<GcStats, CoordinatorError> {
         gc::run(&self.state)
             .await
-            .map_err(|f| CoordinatorError::Db(f.message))
+            .map_err(|f| CoordinatorError::Gc(f.message))
     }
 
     /// Stops serving and closes the endpoint.
@@ -403,9 +385,14 @@ async fn accept_loop(ep: Endpoint, state: Arc<State>, cancel: CancellationToken)
                 a if a == coord::ALPN => serve_coord(conn, state).await,
                 a if a == blobs::ALPN => {
                     let st = state.clone();
-                    let allow: crate::blobs::Allow = Arc::new(move |id| st.is_member(id));
-                    crate::blobs::serve(conn, state.origin.clone(), allow, state.serve.clone())
-                        .await
+                    let allow: voltool_agent::blobs::Allow = Arc::new(move |id| st.is_member(id));
+                    voltool_agent::blobs::serve(
+                        conn,
+                        state.origin.clone(),
+                        allow,
+                        state.serve.clone(),
+                    )
+                    .await
                 }
                 _ => conn.close(2u32.into(), b"unknown protocol"),
             }
@@ -659,12 +646,14 @@ mod follow;
 mod gc;
 mod links;
 mod members;
+pub mod meta;
 mod tracker;
 mod upload;
 mod volumes;
 
 pub use gc::{GcStats, Retention};
 pub use members::Membership;
+use meta::{Meta, MetaError, RedbMeta, VolumeRecord};
 use tracker::{Tracker, lookup, lookup_all, node_id};
 use upload::upload;
 use volumes::*;

@@ -6,15 +6,11 @@ use std::time::Instant;
 
 use voltool_protocol::swarm::{self, Holder, NodeId};
 
+use super::meta::{Meta, MetaError};
 use super::*;
 
 /// Who holds which blobs, and where they listen.
 pub(super) type Tracker = swarm::Tracker<SocketAddr>;
-
-/// Providers left out of answers for reports against them, and until when (ms since the
-/// Unix epoch): the one part of the tracker that outlives a restart, since the evidence
-/// behind it (who was handed whom) does not.
-const DISTRUST: TableDefinition<[u8; 32], u64> = TableDefinition::new("distrust-0");
 
 fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
@@ -22,46 +18,20 @@ fn unix_ms(t: std::time::SystemTime) -> u64 {
 }
 
 /// Leaves out again the providers distrusted before a restart, for what remains of their
-/// time; forgets those whose time is up.
-pub(super) fn restore_distrust(db: &Database, t: &mut Tracker) -> Result<(), CoordinatorError> {
+/// time (distrust is the one part of the tracker that outlives a restart, since the
+/// evidence behind it, who was handed whom, does not); forgets those whose time is up.
+pub(super) fn restore_distrust(meta: &dyn Meta, t: &mut Tracker) -> Result<(), MetaError> {
     let now_ms = unix_ms(std::time::SystemTime::now());
     let now = Instant::now();
-    let w = db.begin_write().map_err(db_err)?;
-    {
-        let mut table = w.open_table(DISTRUST).map_err(db_err)?;
-        let all: Vec<([u8; 32], u64)> = table
-            .iter()
-            .map_err(db_err)?
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k.value(), v.value()))
-            .collect();
-        for (id, until) in all {
-            if until > now_ms {
-                t.distrust_until(
-                    NodeId(id),
-                    now + std::time::Duration::from_millis(until - now_ms),
-                );
-            } else {
-                table.remove(id).map_err(db_err)?;
-            }
+    for (id, until) in meta.distrusted()? {
+        if until > now_ms {
+            t.distrust_until(
+                NodeId(id),
+                now + std::time::Duration::from_millis(until - now_ms),
+            );
         }
     }
-    w.commit().map_err(db_err)
-}
-
-/// Records that `id` is left out of answers for `ttl` from now.
-fn save_distrust(
-    db: &Database,
-    id: &NodeId,
-    ttl: std::time::Duration,
-) -> Result<(), CoordinatorError> {
-    let until = unix_ms(std::time::SystemTime::now() + ttl);
-    let w = db.begin_write().map_err(db_err)?;
-    w.open_table(DISTRUST)
-        .map_err(db_err)?
-        .insert(id.0, until)
-        .map_err(db_err)?;
-    w.commit().map_err(db_err)
+    meta.forget_distrust(now_ms)
 }
 
 /// A report from `reporter` against `liar` for `hash`: counted if the tracker can check
@@ -76,7 +46,8 @@ pub(super) fn report(state: &State, reporter: &NodeId, liar: NodeId, hash: &Hash
     };
     if newly {
         warn!(provider = ?liar, "tracker: left out of answers, reported by several members for bytes that fail verification");
-        if let Err(e) = save_distrust(&state.db, &liar, state.swarm.report_ttl) {
+        let until = unix_ms(std::time::SystemTime::now() + state.swarm.report_ttl);
+        if let Err(e) = state.meta.distrust(liar.0, until) {
             warn!("cannot record a distrusted provider: {e}");
         }
     }

@@ -7,7 +7,7 @@
 
 use voltool_protocol::coord::MAX_UPLOAD_BLOBS;
 
-use crate::store::IN_MEMORY_MAX;
+use voltool_agent::store::IN_MEMORY_MAX;
 
 use super::*;
 

@@ -8,24 +8,29 @@ pub(super) fn internal(e: impl std::fmt::Display) -> Fail {
     fail(ErrorKind::Internal, e.to_string())
 }
 
+/// A failure of the coordinator's state, as the answer says it.
+pub(super) fn meta_fail(e: MetaError) -> Fail {
+    match e {
+        MetaError::NoVolume(_) => fail(ErrorKind::NotFound, e.to_string()),
+        MetaError::Exists(_) => fail(ErrorKind::AlreadyExists, e.to_string()),
+        e => internal(e),
+    }
+}
+
 pub(super) fn record(state: &State, name: &str) -> Result<VolumeRecord, Fail> {
-    let r = state.db.begin_read().map_err(internal)?;
-    let t = r.open_table(VOLUMES).map_err(internal)?;
-    let v = t
-        .get(name)
-        .map_err(internal)?
-        .ok_or_else(|| fail(ErrorKind::NotFound, format!("no volume named {name:?}")))?;
-    postcard::from_bytes(v.value()).map_err(internal)
+    state
+        .meta
+        .volume(name)
+        .map_err(meta_fail)?
+        .ok_or_else(|| meta_fail(MetaError::NoVolume(name.to_string())))
 }
 
 pub(super) fn head_of(state: &State, id: VolumeId) -> Result<SignedHead, Fail> {
-    let r = state.db.begin_read().map_err(internal)?;
-    let t = r.open_table(HEADS).map_err(internal)?;
-    let v = t
-        .get(id.0)
-        .map_err(internal)?
-        .ok_or_else(|| internal(format!("volume {id} has no head")))?;
-    postcard::from_bytes(v.value()).map_err(internal)
+    state
+        .meta
+        .head(id)
+        .map_err(meta_fail)?
+        .ok_or_else(|| internal(format!("volume {id} has no head")))
 }
 
 /// [`CoordRequest::GetVersions`]: the head of volume `name` and its commits from version
@@ -49,18 +54,15 @@ pub(super) fn versions(state: &State, name: &str, from: u64) -> Reply {
             ),
         ));
     }
-    let r = state.db.begin_read().map_err(internal)?;
-    let t = r.open_table(VERSIONS).map_err(internal)?;
     let mut commits = Vec::new();
-    for v in from..now {
-        let Some(enc) = t.get((rec.id.0, v)).map_err(internal)? else {
+    for (v, c) in (from..now).zip(state.meta.commits(rec.id, from..now).map_err(meta_fail)?) {
+        let Some(c) = c else {
             return Err(fail(
                 ErrorKind::NotFound,
                 format!("version {v} of {name} is no longer kept by the origin"),
             ));
         };
-        commits
-            .push(postcard::from_bytes::<voltool_protocol::Commit>(enc.value()).map_err(internal)?);
+        commits.push(c);
     }
     Ok(CoordResponse::Versions { head, commits })
 }
@@ -102,16 +104,10 @@ pub(super) fn create(state: &State, name: &str) -> Reply {
         time_ms: created_ms,
     }
     .sign(&state.key);
-    let w = state.db.begin_write().map_err(internal)?;
-    {
-        let rec = postcard::to_stdvec(&VolumeRecord { id, created_ms }).map_err(internal)?;
-        w.open_table(VOLUMES)
-            .map_err(internal)?
-            .insert(name, rec.as_slice())
-            .map_err(internal)?;
-        put_head(&w, &head)?;
-    }
-    w.commit().map_err(internal)?;
+    state
+        .meta
+        .create(name, VolumeRecord { id, created_ms }, &head)
+        .map_err(meta_fail)?;
     info!(volume = name, %id, "created volume");
     Ok(CoordResponse::Volume(VolumeInfo {
         name: name.to_string(),
@@ -121,29 +117,14 @@ pub(super) fn create(state: &State, name: &str) -> Reply {
     }))
 }
 
-pub(super) fn put_head(w: &redb::WriteTransaction, head: &SignedHead) -> Result<(), Fail> {
-    let enc = postcard::to_stdvec(head).map_err(internal)?;
-    let c = &head.commit;
-    w.open_table(HEADS)
-        .map_err(internal)?
-        .insert(c.volume.0, enc.as_slice())
-        .map_err(internal)?;
-    w.open_table(VERSIONS)
-        .map_err(internal)?
-        .insert((c.volume.0, c.version), c.encode().as_slice())
-        .map_err(internal)?;
-    Ok(())
-}
-
 pub(super) fn list(state: &State) -> Reply {
-    let names: Vec<String> = {
-        let r = state.db.begin_read().map_err(internal)?;
-        let t = r.open_table(VOLUMES).map_err(internal)?;
-        t.iter()
-            .map_err(internal)?
-            .map(|e| e.map(|(k, _)| k.value().to_string()).map_err(internal))
-            .collect::<Result<_, _>>()?
-    };
+    let names: Vec<String> = state
+        .meta
+        .volumes()
+        .map_err(meta_fail)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let mut out = Vec::new();
     for n in names {
         out.push(info(state, &n)?);
@@ -153,44 +134,13 @@ pub(super) fn list(state: &State) -> Reply {
 
 pub(super) fn rename(state: &State, from: &str, to: &str) -> Reply {
     check_name(to)?;
-    let rec = record(state, from)?;
-    if record(state, to).is_ok() {
-        return Err(fail(
-            ErrorKind::AlreadyExists,
-            format!("volume {to:?} already exists"),
-        ));
-    }
-    let w = state.db.begin_write().map_err(internal)?;
-    {
-        let mut t = w.open_table(VOLUMES).map_err(internal)?;
-        t.remove(from).map_err(internal)?;
-        let enc = postcard::to_stdvec(&rec).map_err(internal)?;
-        t.insert(to, enc.as_slice()).map_err(internal)?;
-    }
-    w.commit().map_err(internal)?;
+    state.meta.rename(from, to).map_err(meta_fail)?;
     info!(from, to, "renamed volume");
     Ok(CoordResponse::Ok)
 }
 
 pub(super) fn delete(state: &State, name: &str) -> Reply {
-    let rec = record(state, name)?;
-    let w = state.db.begin_write().map_err(internal)?;
-    {
-        w.open_table(VOLUMES)
-            .map_err(internal)?
-            .remove(name)
-            .map_err(internal)?;
-        w.open_table(HEADS)
-            .map_err(internal)?
-            .remove(rec.id.0)
-            .map_err(internal)?;
-        w.open_table(VERSIONS)
-            .map_err(internal)?
-            .retain_in((rec.id.0, 0)..=(rec.id.0, u64::MAX), |_, _| false)
-            .map_err(internal)?;
-        super::links::forget(&w, rec.id)?;
-    }
-    w.commit().map_err(internal)?;
+    state.meta.delete(name).map_err(meta_fail)?;
     info!(volume = name, "deleted volume");
     // Its blobs are freed now (those no other volume names).
     state.gc_now.notify_one();

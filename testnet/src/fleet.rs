@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use voltool_agent::control::{self, Follow, Reply, Request};
-use voltool_agent::coordinator::ADDR_FILE;
+use voltool_coordinator::ADDR_FILE;
 
 use crate::netns::{self, Netns};
 

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 use voltool_agent::control::{CommitReport, ErrorReply, ReloadMode, ReloadReport, Reply, Request};
-use voltool_agent::coordinator::{Coordinator, CoordinatorOptions};
 use voltool_agent::node::{Agent, AgentOptions, Events};
 use voltool_agent::rate::Rate;
+use voltool_coordinator::{Coordinator, CoordinatorOptions};
 
 pub mod garage;
 pub mod metrics;
@@ -49,7 +49,7 @@ pub struct TestFleet {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Limits {
     /// The origin's retention.
-    pub retention: voltool_agent::coordinator::Retention,
+    pub retention: voltool_coordinator::Retention,
     /// The origin's egress.
     pub origin_egress: Option<Rate>,
     /// Every agent's ingress.
@@ -207,7 +207,7 @@ impl TestFleet {
             commit_deadline: self
                 .limits
                 .commit_deadline
-                .unwrap_or(voltool_agent::coordinator::COMMIT_DEADLINE),
+                .unwrap_or(voltool_coordinator::COMMIT_DEADLINE),
         }
     }
 
@@ -221,7 +221,7 @@ impl TestFleet {
         self.members = members.clone();
         self.writers = writers.clone();
         if let Some(c) = &self.coord {
-            c.set_membership(voltool_agent::coordinator::Membership {
+            c.set_membership(voltool_coordinator::Membership {
                 members: Some(members),
                 writers,
             });

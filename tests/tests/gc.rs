@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use voltool_agent::control::{ReloadMode, Request};
-use voltool_agent::coordinator::Retention;
+use voltool_coordinator::Retention;
 use voltool_protocol::Hash;
 use voltool_tests::{Limits, TestFleet, bytes, tree};
 
