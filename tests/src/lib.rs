@@ -12,6 +12,7 @@ use voltool_agent::node::{Agent, AgentOptions, Events};
 use voltool_agent::rate::Rate;
 use voltool_coordinator::{Coordinator, CoordinatorOptions};
 
+pub mod etcd;
 pub mod garage;
 pub mod metrics;
 

@@ -1,7 +1,8 @@
 //! The coordinator's durable state behind one trait: the volume registry, each volume's
 //! signed head and version records, the index of its symbolic links, and the providers
 //! left out of the tracker's answers. [`RedbMeta`] keeps it in one redb file (the default,
-//! a single coordinator).
+//! a single coordinator); [`EtcdMeta`] in etcd, shared by the coordinators of a fleet in
+//! failover.
 //!
 //! Every method is blocking: the coordinator calls them from the blocking pool. A write
 //! either happens whole or not at all, and [`Meta::move_head`] is fenced on the head it
@@ -16,10 +17,10 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 use voltool_protocol::{Commit, SignedHead, VolumeId};
 
+mod etcd;
 mod redb;
-#[cfg(test)]
-mod tests;
 
+pub use self::etcd::{EtcdMeta, EtcdTls, EtcdUrl, EtcdUrlError, Fence};
 pub use self::redb::RedbMeta;
 
 /// A volume's record in the registry, by name.
@@ -51,6 +52,10 @@ pub enum MetaError {
         /// The version found (none: the volume is gone).
         now: Option<u64>,
     },
+    /// This coordinator is no longer the leader (its lease ended, another took over): the
+    /// write did not happen.
+    #[error("this coordinator is no longer the leader: the write was refused")]
+    Fenced,
     /// A record that does not decode: the state was damaged or written by another version.
     #[error("coordinator state: {what} does not decode: {why}")]
     Corrupt {

@@ -1,13 +1,16 @@
-//! A model-based test of [`Meta`]: random sequences of writes are applied to an
-//! implementation and to a reference built of `BTreeMap`s, and every read is compared
-//! after every step. [`check`] takes any implementation.
+//! A model-based test of the coordinator's state ([`Meta`]): random sequences of writes are
+//! applied to an implementation and to a reference built of `BTreeMap`s, and every read is
+//! compared after every step, for redb and for etcd (a real three-member cluster). Then
+//! what each implementation adds: durability, the refusal of an old format, the fence.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
+use voltool_coordinator::meta::{
+    EtcdMeta, EtcdUrl, Fence, LinkEntry, LinkUpdate, Meta, MetaError, RedbMeta, VolumeRecord,
+};
 use voltool_protocol::{Commit, Hash, SecretKey, SignedHead, VolumeId};
-
-use super::*;
+use voltool_tests::etcd::EtcdCluster;
 
 const NAMES: &[&str] = &["alpha", "beta", "gamma"];
 const PATHS: &[&str] = &["a", "a/b", "a/b/c", "a0", "d", "d/e", "z"];
@@ -60,6 +63,8 @@ struct Model {
     links: BTreeMap<(VolumeId, String), Vec<String>>,
     indexed: BTreeMap<VolumeId, u64>,
     distrust: BTreeMap<[u8; 32], u64>,
+    /// Every volume id ever made (deleted ones too: their reads must be empty).
+    ids: BTreeSet<VolumeId>,
 }
 
 impl Model {
@@ -114,6 +119,7 @@ fn check(meta: &dyn Meta, ops: &[Op]) {
                     assert!(matches!(r, Err(MetaError::Exists(_))), "{op:?}: {r:?}");
                 } else {
                     r.unwrap();
+                    m.ids.insert(rec.id);
                     m.volumes.insert(name.to_string(), rec);
                     m.versions.insert((rec.id, 0), h.commit.clone());
                     m.heads.insert(rec.id, h);
@@ -229,9 +235,9 @@ fn compare(meta: &dyn Meta, m: &Model, op: &Op) {
         m.heads.values().cloned().collect::<Vec<_>>(),
         "after {op:?}"
     );
-    // Every id ever made, deleted ones too (their reads are empty).
-    for i in 0..=64u8 {
-        let id = VolumeId([i; 16]);
+    // Every id ever made, deleted ones too (their reads are empty), and one never made.
+    let never = VolumeId([0xff; 16]);
+    for &id in m.ids.iter().chain([&never]) {
         assert_eq!(meta.head(id).unwrap().as_ref(), m.heads.get(&id));
         let top = m.heads.get(&id).map_or(3, |h| h.commit.version + 2);
         let want: Vec<Option<Commit>> = (0..top)
@@ -273,17 +279,112 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
-    fn redb_meta_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
-        let dir = tempfile::tempdir().unwrap();
+    fn redb_state_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
+        let dir = voltool_tests::test_dir();
         let meta = RedbMeta::open(&dir.path().join("coordinator.redb")).unwrap();
         check(&meta, &ops);
     }
 }
 
+fn etcd_meta(cluster: &EtcdCluster, prefix: &str) -> EtcdMeta {
+    let url: EtcdUrl = cluster.meta_url(prefix).parse().unwrap();
+    EtcdMeta::connect(&url, None).unwrap()
+}
+
+#[test]
+fn etcd_state_matches_the_model() {
+    // One cluster for every case (each under a prefix of its own), gone with the test.
+    let cluster = EtcdCluster::start(3);
+    let case = std::cell::Cell::new(0);
+    // Each case writes to a real cluster: fewer cases than redb's, as long.
+    proptest!(ProptestConfig::with_cases(24), |(ops in prop::collection::vec(op(), 1..40))| {
+        case.set(case.get() + 1);
+        let meta = etcd_meta(&cluster, &format!("model/{}", case.get()));
+        check(&meta, &ops);
+    });
+}
+
+/// A commit whose link-index changes do not fit in one etcd transaction (128 operations)
+/// goes in fenced batches and still reads back whole.
+#[test]
+fn etcd_writes_a_large_link_index_change_in_batches() {
+    let cluster = EtcdCluster::start(3);
+    let meta = etcd_meta(&cluster, "batches");
+    let id = VolumeId([3; 16]);
+    meta.create("v", VolumeRecord { id, created_ms: 0 }, &head(id, 0, 0))
+        .unwrap();
+    let entries: Vec<LinkEntry> = (0..500)
+        .map(|i| LinkEntry {
+            link: format!("links/l{i:04}"),
+            old: None,
+            new: Some(vec![format!("targets/t{}", i % 7), "targets".to_string()]),
+        })
+        .collect();
+    meta.move_head(&head(id, 1, 1), &LinkUpdate { entries })
+        .unwrap();
+    assert_eq!(meta.links_indexed(id).unwrap(), Some(1));
+    assert_eq!(meta.links(id).unwrap().len(), 500);
+    assert_eq!(meta.links_below(id, "links").unwrap().len(), 500);
+    assert_eq!(meta.link_deps(id, "targets").unwrap().len(), 500);
+    assert_eq!(meta.link_deps(id, "targets/t0").unwrap().len(), 72);
+    assert_eq!(meta.head(id).unwrap().unwrap().commit.version, 1);
+}
+
+/// A writer whose fence is gone (its leader key deleted, as when its lease ends) writes
+/// nothing, and says why; a writer with the live fence writes.
+#[test]
+fn etcd_refuses_every_write_of_a_writer_whose_fence_is_gone() {
+    let cluster = EtcdCluster::start(3);
+    let meta = etcd_meta(&cluster, "fence");
+    let leader = b"fence/leader".to_vec();
+    cluster.ctl(&["put", "fence/leader", "me"]);
+    let rev_of = |meta: &EtcdMeta| {
+        let mut kv = meta.client().kv_client();
+        let k = leader.clone();
+        meta.run(async move { Ok(kv.get(k, None).await?.kvs()[0].create_revision()) })
+            .unwrap()
+    };
+    let fence = Fence {
+        key: leader.clone(),
+        revision: rev_of(&meta),
+    };
+    meta.set_fence(Some(fence.clone()));
+    let id = VolumeId([4; 16]);
+    meta.create("v", VolumeRecord { id, created_ms: 0 }, &head(id, 0, 0))
+        .unwrap();
+    // Another leader: the key made again, at a new revision.
+    cluster.ctl(&["del", "fence/leader"]);
+    cluster.ctl(&["put", "fence/leader", "other"]);
+    let e = meta.move_head(&head(id, 1, 1), &LinkUpdate::default());
+    assert!(matches!(e, Err(MetaError::Fenced)), "{e:?}");
+    let e = meta.create(
+        "w",
+        VolumeRecord {
+            id: VolumeId([5; 16]),
+            created_ms: 0,
+        },
+        &head(VolumeId([5; 16]), 0, 0),
+    );
+    assert!(matches!(e, Err(MetaError::Fenced)), "{e:?}");
+    assert!(matches!(meta.distrust(node(0), 9), Err(MetaError::Fenced)));
+    assert!(matches!(meta.drop_versions(id, 1), Err(MetaError::Fenced)));
+    assert!(matches!(meta.rename("v", "x"), Err(MetaError::Fenced)));
+    assert!(matches!(meta.delete("v"), Err(MetaError::Fenced)));
+    assert_eq!(meta.head(id).unwrap().unwrap().commit.version, 0);
+    assert!(meta.volume("w").unwrap().is_none());
+    // The new leader's fence writes.
+    meta.set_fence(Some(Fence {
+        key: leader.clone(),
+        revision: rev_of(&meta),
+    }));
+    meta.move_head(&head(id, 1, 1), &LinkUpdate::default())
+        .unwrap();
+}
+
 /// The state outlives a reopen of its file.
 #[test]
-fn redb_meta_is_durable() {
-    let dir = tempfile::tempdir().unwrap();
+fn redb_state_is_durable() {
+    let dir = voltool_tests::test_dir();
     let file = dir.path().join("coordinator.redb");
     let id = VolumeId([9; 16]);
     {
@@ -309,16 +410,46 @@ fn redb_meta_is_durable() {
 
 /// A file of the old format is refused, by name, rather than read wrong.
 #[test]
-fn redb_meta_refuses_an_old_format() {
-    let dir = tempfile::tempdir().unwrap();
+fn redb_state_refuses_an_old_format() {
+    let dir = voltool_tests::test_dir();
     let file = dir.path().join("coordinator.redb");
     {
-        let db = ::redb::Database::create(&file).unwrap();
+        let db = redb::Database::create(&file).unwrap();
         let w = db.begin_write().unwrap();
-        w.open_table(::redb::TableDefinition::<&str, &[u8]>::new("heads-0"))
+        w.open_table(redb::TableDefinition::<&str, &[u8]>::new("heads-0"))
             .unwrap();
         w.commit().unwrap();
     }
     let e = RedbMeta::open(&file).unwrap_err().to_string();
     assert!(e.contains("heads-0"), "{e}");
+}
+
+#[test]
+fn etcd_addresses_are_parsed_and_bad_ones_named() {
+    let u: EtcdUrl = "etcd://10.0.0.1:2379,h2:2379/fleet/a/".parse().unwrap();
+    assert_eq!(u.endpoints, vec!["10.0.0.1:2379", "h2:2379"]);
+    assert_eq!(u.prefix, "fleet/a");
+    assert_eq!(u.to_string(), "etcd://10.0.0.1:2379,h2:2379/fleet/a");
+    for bad in [
+        "http://h:1/p",
+        "etcd://h:1",
+        "etcd://h:1/",
+        "etcd://h/p",
+        "etcd://h:0/p",
+        "etcd://h:99999/p",
+        "etcd://:1/p",
+        "etcd://h:1/a//b",
+        "etcd://h:1/a/../b",
+    ] {
+        let e = bad.parse::<EtcdUrl>().unwrap_err().to_string();
+        assert!(e.contains(bad), "{bad}: {e}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn etcd_address_parsing_never_panics(s in ".{0,80}") {
+        let _ = s.parse::<EtcdUrl>();
+        let _ = format!("etcd://{s}").parse::<EtcdUrl>();
+    }
 }

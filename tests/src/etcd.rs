@@ -1,0 +1,227 @@
+//! A real etcd cluster for tests: three members on 127.0.0.1, each with its own ports and
+//! data directory in a temp dir, killed when dropped. `scripts/etcd.sh` installs etcd from
+//! Debian's packages; a test that needs it fails where it is missing.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// One member of the cluster.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
+}
+
+/// A running etcd cluster, killed when dropped.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    dir: TempDir,
+    members: Vec<Member>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn program(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name));
+    on_path.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!(
+            "{name} is not installed: run scripts/etcd.sh (tests of coordinators in failover need a real etcd cluster)"
+        )
+    })
+}
+
+impl EtcdCluster {
+    /// Starts a cluster of `n` members and waits (bounded) until every one is healthy.
+    pub fn start(n: usize) -> Self {
+        let dir = crate::test_dir();
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_port(),
+                peer: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut cluster = EtcdCluster { dir, members };
+        for i in 0..n {
+            cluster.spawn(i, true);
+        }
+        cluster.await_healthy();
+        cluster
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, i: usize, new: bool) {
+        let initial = self.initial_cluster();
+        let data = self.dir.path().join(&self.members[i].name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(
+                self.dir
+                    .path()
+                    .join(format!("{}.log", self.members[i].name)),
+            )
+            .unwrap();
+        let m = &mut self.members[i];
+        let child = Command::new(program("etcd"))
+            .arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen-client-urls")
+            .arg(format!("http://127.0.0.1:{}", m.client))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://127.0.0.1:{}", m.client))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", m.peer))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", m.peer))
+            .arg("--initial-cluster")
+            .arg(initial)
+            .arg("--initial-cluster-token")
+            .arg("voltool-test")
+            .arg("--initial-cluster-state")
+            .arg(if new { "new" } else { "existing" })
+            // Short elections: a killed member's place is taken within a second.
+            .arg("--heartbeat-interval")
+            .arg("50")
+            .arg("--election-timeout")
+            .arg("500")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting etcd");
+        m.child = Some(child);
+    }
+
+    /// The client addresses of every member, `HOST:PORT,HOST:PORT,…`.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The `--meta` address of a fleet's state under `prefix` in this cluster.
+    pub fn meta_url(&self, prefix: &str) -> String {
+        format!("etcd://{}/{prefix}", self.endpoints())
+    }
+
+    /// Kills member `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data directory and waits until the cluster is healthy.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i, false);
+        self.await_healthy();
+    }
+
+    /// Runs `etcdctl` against the cluster.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new(program("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoints())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits (bounded) until every running member says it is healthy.
+    pub fn await_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let running: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("127.0.0.1:{}", m.client))
+            .collect();
+        loop {
+            let ok = Command::new(program("etcdctl"))
+                .env("ETCDCTL_API", "3")
+                .arg("--endpoints")
+                .arg(running.join(","))
+                .args(["endpoint", "health", "--command-timeout=2s"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every member's log so far.
+    pub fn log(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                let f = self.dir.path().join(format!("{}.log", m.name));
+                let text = std::fs::read_to_string(f).unwrap_or_default();
+                let tail: String = text
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                format!("--- {}:\n{tail}\n", m.name)
+            })
+            .collect()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
