@@ -5,7 +5,9 @@
 # Runs as root (overlay and tmpfs mounts, programs run as an unprivileged user); with
 # VOLTOOL_SNAPSHOTS=overlay or =copy set it runs that one pass only.
 # The tests of the origin on S3 start a real Garage server: scripts/garage.sh installs the
-# pinned version (once; about 5 minutes cold); without it those tests fail.
+# pinned version (once; about 5 minutes cold); without it those tests fail. The tests of
+# coordinators in failover start a three-member etcd cluster: scripts/etcd.sh installs etcd
+# from Debian's packages where it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Two passes, each mode forced by name: overlay snapshots (an agent that cannot mount them
@@ -18,6 +20,7 @@ if [ -z "${VOLTOOL_SNAPSHOTS:-}" ]; then
 fi
 echo "== the suite with VOLTOOL_SNAPSHOTS=$VOLTOOL_SNAPSHOTS"
 bash scripts/garage.sh
+bash scripts/etcd.sh
 # Tests that need root, overlay mounts, a tmpfs, namespaces or another user fail without
 # them instead of checking nothing.
 cargo test --workspace
