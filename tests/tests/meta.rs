@@ -2,6 +2,7 @@
 //! applied to an implementation and to a reference built of `BTreeMap`s, and every read is
 //! compared after every step, for redb and for etcd (a real three-member cluster). Then
 //! what each implementation adds: durability, the refusal of an old format, the fence.
+//! None depends on the snapshot mode: they run in one pass of the suite.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -275,15 +276,16 @@ fn compare(meta: &dyn Meta, m: &Model, op: &Op) {
     assert_eq!(meta.distrusted().unwrap(), distrust, "after {op:?}");
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
-
-    #[test]
-    fn redb_state_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
+#[test]
+fn redb_state_matches_the_model() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    proptest!(ProptestConfig::with_cases(64), |(ops in prop::collection::vec(op(), 1..40))| {
         let dir = voltool_tests::test_dir();
         let meta = RedbMeta::open(&dir.path().join("coordinator.redb")).unwrap();
         check(&meta, &ops);
-    }
+    });
 }
 
 fn etcd_meta(cluster: &EtcdCluster, prefix: &str) -> EtcdMeta {
@@ -293,6 +295,9 @@ fn etcd_meta(cluster: &EtcdCluster, prefix: &str) -> EtcdMeta {
 
 #[test]
 fn etcd_state_matches_the_model() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
     // One cluster for every case (each under a prefix of its own), gone with the test.
     let cluster = EtcdCluster::start(3);
     let case = std::cell::Cell::new(0);
@@ -308,6 +313,9 @@ fn etcd_state_matches_the_model() {
 /// goes in fenced batches and still reads back whole.
 #[test]
 fn etcd_writes_a_large_link_index_change_in_batches() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
     let cluster = EtcdCluster::start(3);
     let meta = etcd_meta(&cluster, "batches");
     let id = VolumeId([3; 16]);
@@ -334,6 +342,9 @@ fn etcd_writes_a_large_link_index_change_in_batches() {
 /// nothing, and says why; a writer with the live fence writes.
 #[test]
 fn etcd_refuses_every_write_of_a_writer_whose_fence_is_gone() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
     let cluster = EtcdCluster::start(3);
     let meta = etcd_meta(&cluster, "fence");
     let leader = b"fence/leader".to_vec();
@@ -384,6 +395,9 @@ fn etcd_refuses_every_write_of_a_writer_whose_fence_is_gone() {
 /// The state outlives a reopen of its file.
 #[test]
 fn redb_state_is_durable() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
     let dir = voltool_tests::test_dir();
     let file = dir.path().join("coordinator.redb");
     let id = VolumeId([9; 16]);
@@ -411,6 +425,9 @@ fn redb_state_is_durable() {
 /// A file of the old format is refused, by name, rather than read wrong.
 #[test]
 fn redb_state_refuses_an_old_format() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
     let dir = voltool_tests::test_dir();
     let file = dir.path().join("coordinator.redb");
     {
@@ -426,6 +443,9 @@ fn redb_state_refuses_an_old_format() {
 
 #[test]
 fn etcd_addresses_are_parsed_and_bad_ones_named() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
     let u: EtcdUrl = "etcd://10.0.0.1:2379,h2:2379/fleet/a/".parse().unwrap();
     assert_eq!(u.endpoints, vec!["10.0.0.1:2379", "h2:2379"]);
     assert_eq!(u.prefix, "fleet/a");
@@ -446,10 +466,13 @@ fn etcd_addresses_are_parsed_and_bad_ones_named() {
     }
 }
 
-proptest! {
-    #[test]
-    fn etcd_address_parsing_never_panics(s in ".{0,80}") {
+#[test]
+fn etcd_address_parsing_never_panics() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    proptest!(|(s in ".{0,80}")| {
         let _ = s.parse::<EtcdUrl>();
         let _ = format!("etcd://{s}").parse::<EtcdUrl>();
-    }
+    });
 }
