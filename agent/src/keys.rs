@@ -92,10 +92,10 @@ pub fn check_data_dir(dir: &Path, mode: u32) -> Result<(), KeyError> {
     check_owned(dir, &md, false)
 }
 
-/// Loads the key from `dir/node.key`, creating it (mode 0600) if missing. A key file that
-/// is a symbolic link, belongs to another user, or that others may read or write is refused.
-pub fn load_or_create(dir: &Path) -> Result<SecretKey, KeyError> {
-    let path = dir.join(KEY_FILE);
+/// Loads a key file made as `node.key` is (hex, mode 0600): one that is a symbolic link,
+/// belongs to another user, or that others may read or write is refused, as is a missing
+/// one. A fleet's coordinators share one such file, the fleet key that signs heads.
+pub fn load(path: &Path) -> Result<SecretKey, KeyError> {
     let io = |source| KeyError::Io {
         path: path.display().to_string(),
         source,
@@ -103,10 +103,10 @@ pub fn load_or_create(dir: &Path) -> Result<SecretKey, KeyError> {
     match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&path)
+        .open(path)
     {
         Ok(mut f) => {
-            check_owned(&path, &f.metadata().map_err(io)?, true)?;
+            check_owned(path, &f.metadata().map_err(io)?, true)?;
             let mut s = String::new();
             f.read_to_string(&mut s)
                 .map_err(|_| KeyError::Malformed(path.display().to_string()))?;
@@ -115,7 +115,28 @@ pub fn load_or_create(dir: &Path) -> Result<SecretKey, KeyError> {
                 .map_err(|_| KeyError::Malformed(path.display().to_string()))?;
             Ok(SecretKey::from_bytes(&b))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        // O_NOFOLLOW on a symbolic link.
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            Err(KeyError::Unsafe {
+                path: path.display().to_string(),
+                why: "a symbolic link".into(),
+                fix: format!("0600 on a regular file at {}", path.display()),
+            })
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Loads the key from `dir/node.key`, creating it (mode 0600) if missing. A key file that
+/// is a symbolic link, belongs to another user, or that others may read or write is refused.
+pub fn load_or_create(dir: &Path) -> Result<SecretKey, KeyError> {
+    let path = dir.join(KEY_FILE);
+    let io = |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    match load(&path) {
+        Err(KeyError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir).map_err(io)?;
             let key = SecretKey::from_bytes(&rand::random::<[u8; 32]>());
             let tmp = dir.join(format!("{KEY_FILE}.tmp"));
@@ -138,15 +159,7 @@ pub fn load_or_create(dir: &Path) -> Result<SecretKey, KeyError> {
             std::fs::rename(&tmp, &path).map_err(io)?;
             Ok(key)
         }
-        // O_NOFOLLOW on a symbolic link.
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
-            Err(KeyError::Unsafe {
-                path: path.display().to_string(),
-                why: "a symbolic link".into(),
-                fix: format!("0600 on a regular file at {}", path.display()),
-            })
-        }
-        Err(e) => Err(io(e)),
+        r => r,
     }
 }
 

@@ -11,7 +11,9 @@ use voltool_agent::net::{Congestion, NodeAddr};
 use voltool_agent::node::{Agent, AgentOptions, SnapshotMode, StoreBudget};
 use voltool_agent::rate::Rate;
 use voltool_agent::store::S3Options;
-use voltool_coordinator::{Coordinator, CoordinatorOptions, Membership, Retention, read_members};
+use voltool_coordinator::{
+    Coordinator, CoordinatorOptions, Membership, MetaOptions, Retention, read_members,
+};
 
 /// File in an agent's data directory holding `NODE_ID@IP:PORT` once it listens.
 pub(crate) const AGENT_ADDR_FILE: &str = "agent.addr";
@@ -132,8 +134,62 @@ pub(crate) struct CoordinatorArgs {
     /// The S3 region.
     #[arg(long, env = "AWS_REGION", value_name = "REGION")]
     s3_region: Option<String>,
+    /// Keep the fleet's volumes, heads and version records in etcd,
+    /// etcd://HOST:PORT[,HOST:PORT…]/PREFIX, shared by several coordinators of which one
+    /// leads at a time (the others wait to take over); needs --origin s3://… and, unless
+    /// --etcd-open, --etcd-ca, --etcd-cert and --etcd-key. Without it: a redb file in the
+    /// data directory, one coordinator.
+    #[arg(long, value_name = "URL")]
+    meta: Option<voltool_coordinator::meta::EtcdUrl>,
+    /// The CA certificate that signed the etcd members' certificates (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_cert", "etcd_key"])]
+    etcd_ca: Option<PathBuf>,
+    /// This coordinator's client certificate for etcd (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_ca")]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_ca")]
+    etcd_key: Option<PathBuf>,
+    /// Talk to etcd without TLS: only on a network nobody else reaches.
+    #[arg(long, conflicts_with = "etcd_ca")]
+    etcd_open: bool,
+    /// The lead's lease on etcd: a leader that stops renewing it (a crash, a pause, a
+    /// partition) loses the lead this long after, and another takes over.
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    lease_ttl: std::time::Duration,
+    /// The key that signs heads (hex, mode 0600, like node.key), the same file on every
+    /// coordinator of the fleet; agents trust its id. Without it: this coordinator's own
+    /// node.key.
+    #[arg(long, value_name = "FILE")]
+    fleet_key: Option<PathBuf>,
     #[command(flatten)]
     tuning: Tuning,
+}
+
+/// Where the coordinator keeps the fleet's state, from its options.
+fn meta_options(a: &CoordinatorArgs) -> anyhow::Result<MetaOptions> {
+    let Some(url) = a.meta.clone() else {
+        return Ok(MetaOptions::Redb);
+    };
+    let tls = match (&a.etcd_ca, &a.etcd_cert, &a.etcd_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(voltool_coordinator::meta::EtcdTls {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ if a.etcd_open => {
+            tracing::warn!("--etcd-open: the fleet's state travels to etcd unencrypted");
+            None
+        }
+        _ => anyhow::bail!(
+            "--meta etcd://… needs --etcd-ca, --etcd-cert and --etcd-key (TLS with a client certificate), or --etcd-open on a network nobody else reaches"
+        ),
+    };
+    Ok(MetaOptions::Etcd {
+        url,
+        tls,
+        lease_ttl: a.lease_ttl,
+    })
 }
 
 /// A group by number, or by its name in /etc/group.
@@ -319,6 +375,8 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
             region: a.s3_region.clone(),
             ..o
         }),
+        meta: meta_options(&a)?,
+        fleet_key: a.fleet_key.clone(),
     })
     .await
     .context("starting the coordinator")?;
@@ -330,6 +388,12 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
     loop {
         tokio::select! {
             r = &mut stop => { r?; break; }
+            _ = c.lead_lost() => {
+                // Its lease is gone or went unrenewed: another coordinator leads now, or will.
+                // A supervisor starts this one again, as a candidate.
+                c.shutdown().await;
+                anyhow::bail!("this coordinator no longer leads the fleet (its lease on etcd ended): stopped");
+            }
             _ = hup.recv() => match membership(&a) {
                 Ok(m) => c.set_membership(m),
                 Err(e) => tracing::error!("membership kept as it was: {e:#}"),

@@ -38,9 +38,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the coordinator: volume registry, signed heads, origin blob store.
-    Coordinator(daemon::CoordinatorArgs),
+    Coordinator(Box<daemon::CoordinatorArgs>),
     /// Run the agent daemon of a worker host.
-    Agent(daemon::AgentArgs),
+    Agent(Box<daemon::AgentArgs>),
     /// Print the node id of a data directory (creating its key if needed).
     NodeId(daemon::NodeIdArgs),
     /// Manage volumes.
@@ -106,8 +106,8 @@ fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     let agent = agent_dir(cli.agent);
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Coordinator(a) => daemon::coordinator(a).await,
-            Cmd::Agent(a) => daemon::agent(a).await,
+            Cmd::Coordinator(a) => daemon::coordinator(*a).await,
+            Cmd::Agent(a) => daemon::agent(*a).await,
             Cmd::NodeId(a) => daemon::node_id(a),
             Cmd::Volume(c) => volume::run(&agent, c).await,
             Cmd::Mount(a) => local::mount(&agent, a).await,

@@ -55,7 +55,55 @@ pub struct CoordinatorOptions {
     /// Longest time a commit may take to send its change set: it holds the lock every
     /// commit takes meanwhile (default [`COMMIT_DEADLINE`]).
     pub commit_deadline: std::time::Duration,
+    /// Where the volumes, heads and version records are.
+    pub meta: MetaOptions,
+    /// The key that signs heads, a file every coordinator of the fleet holds (`None`: this
+    /// coordinator's own `node.key`, which then also names it on the network).
+    pub fleet_key: Option<PathBuf>,
 }
+
+impl CoordinatorOptions {
+    /// Options with every default: the data directory `data`, 127.0.0.1 on a free port, no
+    /// members list (any node may join), no limits, state in redb, the node key signing.
+    pub fn new(data: PathBuf) -> Self {
+        CoordinatorOptions {
+            data,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            members: None,
+            writers: None,
+            max_egress: None,
+            congestion: Default::default(),
+            swarm: Default::default(),
+            retention: Retention::default(),
+            metrics: None,
+            s3: None,
+            commit_deadline: COMMIT_DEADLINE,
+            meta: MetaOptions::Redb,
+            fleet_key: None,
+        }
+    }
+}
+
+/// Where a coordinator keeps the fleet's state.
+#[derive(Clone, Debug, Default)]
+pub enum MetaOptions {
+    /// A redb file in the data directory: one coordinator.
+    #[default]
+    Redb,
+    /// An etcd cluster, shared by the fleet's coordinators, of which one leads at a time
+    /// (with the origin on S3, shared as well).
+    Etcd {
+        /// The members and the fleet's prefix.
+        url: meta::EtcdUrl,
+        /// TLS with a client certificate (`None`: plain connections, `--open`).
+        tls: Option<meta::EtcdTls>,
+        /// The lead's lease: a leader that stops renewing it loses the lead this long after.
+        lease_ttl: std::time::Duration,
+    },
+}
+
+/// The lease of the lead by default.
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a commit may take to send its change set by default.
 pub const COMMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
@@ -76,6 +124,9 @@ pub enum CoordinatorError {
     /// A garbage collection failed.
     #[error("garbage collection: {0}")]
     Gc(String),
+    /// Options that cannot work together.
+    #[error("{0}")]
+    Config(String),
     /// Transport trouble.
     #[error(transparent)]
     Net(#[from] NetError),
@@ -93,6 +144,8 @@ pub enum CoordinatorError {
 #[derive(Debug)]
 pub struct Coordinator {
     state: Arc<State>,
+    /// The lead, for a coordinator on etcd.
+    leadership: Option<leader::Leadership>,
     ep: Endpoint,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -100,9 +153,10 @@ pub struct Coordinator {
 }
 
 struct State {
+    /// Signs heads: the fleet key, or the node key.
     key: SecretKey,
     /// Volumes, heads, version records, the links index, distrusted providers.
-    meta: Box<dyn Meta>,
+    meta: Arc<dyn Meta>,
     origin: Store,
     /// The manifest pages in the origin store.
     pages: voltool_agent::store::Pages,
@@ -219,17 +273,43 @@ fn open_origin(
 impl Coordinator {
     /// Opens the data directory, binds, writes [`ADDR_FILE`] and starts serving.
     pub async fn start(opts: CoordinatorOptions) -> Result<Self, CoordinatorError> {
-        // The coordinator's alone: key, database, origin blobs.
+        // The coordinator's alone: its node key, database, origin blobs.
         voltool_agent::keys::check_data_dir(&opts.data, 0o700)?;
-        let key = voltool_agent::keys::load_or_create(&opts.data)?;
+        let node_key = voltool_agent::keys::load_or_create(&opts.data)?;
+        let key = match &opts.fleet_key {
+            Some(f) => voltool_agent::keys::load(f)?,
+            None => node_key.clone(),
+        };
+        if matches!(opts.meta, MetaOptions::Etcd { .. }) && opts.s3.is_none() {
+            return Err(CoordinatorError::Config(
+                "coordinators on etcd share the fleet's origin: give --origin s3://BUCKET/PREFIX (an origin in a directory is one host's)".into(),
+            ));
+        }
         let origin = open_origin(&opts.data.join("origin"), opts.s3.as_ref())?;
+        // The prefix belongs to whoever signs heads: the fleet, when its coordinators share
+        // a fleet key.
         origin.claim(&key.public().to_string())?;
-        let meta = RedbMeta::open(&opts.data.join("coordinator.redb"))?;
+        let (meta, etcd): (Arc<dyn Meta>, Option<Arc<meta::EtcdMeta>>) = match &opts.meta {
+            MetaOptions::Redb => (
+                Arc::new(RedbMeta::open(&opts.data.join("coordinator.redb"))?),
+                None,
+            ),
+            MetaOptions::Etcd { url, tls, .. } => {
+                let (url, tls) = (url.clone(), tls.clone());
+                let m = tokio::task::spawn_blocking(move || {
+                    meta::EtcdMeta::connect(&url, tls.as_ref())
+                })
+                .await
+                .map_err(|e| CoordinatorError::Meta(MetaError::Engine(e.to_string())))??;
+                let m = Arc::new(m);
+                (m.clone(), Some(m))
+            }
+        };
         if opts.members.is_none() {
             warn!("no members list: any node that can reach this coordinator may join the fleet");
         }
         let ep = net::bind(
-            key.clone(),
+            node_key.clone(),
             opts.listen,
             vec![coord::ALPN.to_vec(), blobs::ALPN.to_vec()],
             opts.congestion,
@@ -239,6 +319,13 @@ impl Coordinator {
             id: ep.id(),
             addr: net::local_addr(&ep),
         };
+        let leadership = match (&etcd, &opts.meta) {
+            (Some(m), MetaOptions::Etcd { lease_ttl, .. }) => {
+                info!(%addr, meta = %m.url(), "campaigning for the lead");
+                Some(leader::campaign(m.clone(), *lease_ttl, addr.to_string()).await?)
+            }
+            _ => None,
+        };
         let addr_file = opts.data.join(ADDR_FILE);
         let tmp = addr_file.with_extension("tmp");
         std::fs::write(&tmp, format!("{addr}\n"))
@@ -247,14 +334,14 @@ impl Coordinator {
                 path: addr_file.display().to_string(),
                 source,
             })?;
-        info!(%addr, "coordinator listening");
+        info!(%addr, meta = meta.engine(), "coordinator listening");
         let swarm = opts.swarm.clone();
         let metrics = Metrics::new(true);
         let mut tracker = Tracker::new(swarm.clone(), rand::random());
-        tracker::restore_distrust(&meta, &mut tracker)?;
+        tracker::restore_distrust(meta.as_ref(), &mut tracker)?;
         let state = Arc::new(State {
             key,
-            meta: Box::new(meta),
+            meta,
             pages: voltool_agent::store::Pages::new(origin.clone()),
             origin,
             roster: members::Roster::new(Membership {
@@ -307,8 +394,22 @@ impl Coordinator {
             }
             None => None,
         };
+        if let Some(l) = &leadership {
+            // A coordinator that no longer leads stops serving at once.
+            let (lost, cancel) = (l.lost.clone(), cancel.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = lost.cancelled() => {
+                        warn!("no longer leading: stopped serving");
+                        cancel.cancel();
+                    }
+                    _ = cancel.cancelled() => {}
+                }
+            });
+        }
         Ok(Coordinator {
             state,
+            leadership,
             ep,
             cancel,
             task,
@@ -352,9 +453,22 @@ impl Coordinator {
             .map_err(|f| CoordinatorError::Gc(f.message))
     }
 
-    /// Stops serving and closes the endpoint.
+    /// Waits until this coordinator no longer leads (on etcd: its lease ended or went
+    /// unrenewed); never returns for a coordinator on redb.
+    pub async fn lead_lost(&self) {
+        match &self.leadership {
+            Some(l) => l.lost.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops serving and closes the endpoint; on etcd, steps down so that another
+    /// coordinator leads at once.
     pub async fn shutdown(self) {
         self.cancel.cancel();
+        if let Some(l) = self.leadership {
+            l.step_down().await;
+        }
         self.ep.close().await;
         let _ = self.task.await;
     }
@@ -644,6 +758,7 @@ pub fn read_members(path: &Path) -> Result<HashSet<EndpointId>, CoordinatorError
 mod commit;
 mod follow;
 mod gc;
+mod leader;
 mod links;
 mod members;
 pub mod meta;

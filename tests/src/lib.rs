@@ -195,13 +195,10 @@ impl TestFleet {
     /// limits, metrics on a free port.
     fn coord_options(&self) -> CoordinatorOptions {
         CoordinatorOptions {
-            data: self.coord_dir(),
             listen: self.coord_listen,
             members: Some(self.members.clone()),
             writers: self.writers.clone(),
             max_egress: self.limits.origin_egress,
-            congestion: Default::default(),
-            swarm: Default::default(),
             retention: self.limits.retention,
             metrics: Some("127.0.0.1:0".parse().unwrap()),
             s3: self.s3.clone(),
@@ -209,6 +206,7 @@ impl TestFleet {
                 .limits
                 .commit_deadline
                 .unwrap_or(voltool_coordinator::COMMIT_DEADLINE),
+            ..CoordinatorOptions::new(self.coord_dir())
         }
     }
 

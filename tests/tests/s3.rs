@@ -35,17 +35,8 @@ fn data_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// A coordinator's options with nothing but its data directory and origin.
 fn bare(data: std::path::PathBuf, s3: Option<S3Options>) -> CoordinatorOptions {
     CoordinatorOptions {
-        data,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        members: None,
-        writers: None,
-        max_egress: None,
-        congestion: Default::default(),
-        swarm: Default::default(),
-        retention: Retention::default(),
-        metrics: None,
         s3,
-        commit_deadline: voltool_coordinator::COMMIT_DEADLINE,
+        ..CoordinatorOptions::new(data)
     }
 }
 

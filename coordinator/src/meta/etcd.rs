@@ -289,6 +289,17 @@ impl EtcdMeta {
             .map_err(engine)
     }
 
+    /// Runs `f` on the runtime etcd's calls use, without waiting.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        self.rt
+            .as_ref()
+            .expect("the runtime lives as long as the state")
+            .spawn(f)
+    }
+
     /// Sets the fence every write compares from now on (none: writes are not fenced, for
     /// tests and tools alone).
     pub fn set_fence(&self, fence: Option<Fence>) {

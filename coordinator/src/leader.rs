@@ -1,0 +1,173 @@
+//! Leadership among coordinators sharing one etcd cluster: etcd's own election (v3election)
+//! on a lease. The leader key it wins is the fence of every write ([`Fence`]): once its
+//! lease ends, the key is gone and no write of this coordinator can land, whatever it
+//! believes. It also counts itself out before that: when a keep-alive has not been answered
+//! within the lease's time, less a margin, its leadership is lost and it stops serving.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::ResignOptions;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::meta::{EtcdMeta, Fence, MetaError};
+
+/// What a coordinator holds while it leads.
+#[derive(Debug)]
+pub(crate) struct Leadership {
+    /// Cancelled when the lead is lost (a keep-alive unanswered in time, the lease gone).
+    pub(crate) lost: CancellationToken,
+    /// Cancel to step down (resign and revoke the lease, so another takes over at once).
+    step_down: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Leadership {
+    /// Steps down: resigns, revokes the lease, and waits for that (bounded).
+    pub(crate) async fn step_down(self) {
+        self.step_down.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+fn etcd_err(e: etcd_client::Error) -> MetaError {
+    MetaError::Engine(format!("etcd: {e}"))
+}
+
+/// The election's name: one leader per fleet prefix.
+fn election(meta: &EtcdMeta) -> Vec<u8> {
+    format!("{}/leader", meta.url().prefix).into_bytes()
+}
+
+/// Campaigns for the lead with `value` (where this coordinator serves) on a lease of `ttl`;
+/// returns once it leads, with the fence set on `meta`. Dropped while campaigning, it leaves
+/// its lease to end with `meta`.
+pub(crate) async fn campaign(
+    meta: Arc<EtcdMeta>,
+    ttl: Duration,
+    value: String,
+) -> Result<Leadership, MetaError> {
+    let secs = ttl.as_secs().max(1) as i64;
+    let mut lease = meta.client().lease_client();
+    let id = meta
+        .spawn(async move { lease.grant(secs, None).await })
+        .await
+        .map_err(|e| MetaError::Engine(e.to_string()))?
+        .map_err(etcd_err)?
+        .id();
+    // Keep the lease alive while campaigning too: a wait longer than the lease would
+    // otherwise lose the candidacy it waits with.
+    let lost = CancellationToken::new();
+    let step_down = CancellationToken::new();
+    let won = Arc::new(tokio::sync::OnceCell::<Fence>::new());
+    let task = meta.spawn(keep(
+        meta.clone(),
+        id,
+        ttl,
+        lost.clone(),
+        step_down.clone(),
+        won.clone(),
+    ));
+    let name = election(&meta);
+    let leader = loop {
+        let mut el = meta.client().election_client();
+        let (n, v) = (name.clone(), value.clone());
+        let attempt = meta.spawn(async move { el.campaign(n, v, id).await });
+        tokio::select! {
+            _ = lost.cancelled() => {
+                return Err(MetaError::Engine("the campaign's lease ended".into()));
+            }
+            r = attempt => match r.map_err(|e| MetaError::Engine(e.to_string()))? {
+                Ok(mut r) => match r.take_leader() {
+                    Some(l) => break l,
+                    None => return Err(MetaError::Engine("etcd elected no leader key".into())),
+                },
+                // A campaign waits within one call's deadline: campaign again, on the same
+                // lease (the candidacy stays).
+                Err(e) => tracing::debug!("campaign: {e}"),
+            }
+        }
+    };
+    let fence = Fence {
+        key: leader.key().to_vec(),
+        revision: leader.rev(),
+    };
+    meta.set_fence(Some(fence.clone()));
+    let _ = won.set(fence);
+    info!(lease = id, revision = leader.rev(), "leading the fleet");
+    Ok(Leadership {
+        lost,
+        step_down,
+        task,
+    })
+}
+
+/// Keeps the lease `id` alive until asked to step down (then resigns once elected, and
+/// revokes it) or until a keep-alive goes unanswered past the lease's end less a margin
+/// (then `lost`).
+async fn keep(
+    meta: Arc<EtcdMeta>,
+    id: i64,
+    ttl: Duration,
+    lost: CancellationToken,
+    step_down: CancellationToken,
+    won: Arc<tokio::sync::OnceCell<Fence>>,
+) {
+    // The lead counts as lost a third of the lease before etcd would end it.
+    let margin = ttl / 3;
+    let mut valid_until = Instant::now() + ttl;
+    loop {
+        let sent = Instant::now();
+        let mut lease = meta.client().lease_client();
+        // A stream per keep-alive: every call has a deadline, a long-lived stream would meet it.
+        let answer = tokio::time::timeout(ttl / 3, async move {
+            let (mut keeper, mut stream) = lease.keep_alive(id).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
+        });
+        tokio::select! {
+            _ = step_down.cancelled() => break,
+            r = answer => match r {
+                Ok(Ok(Some(a))) if a.ttl() > 0 => {
+                    valid_until = sent + Duration::from_secs(a.ttl() as u64);
+                }
+                Ok(Ok(_)) => {
+                    warn!("the lease is gone: this coordinator no longer leads");
+                    lost.cancel();
+                    return;
+                }
+                Ok(Err(e)) => warn!("lease keep-alive failed: {e}"),
+                Err(_) => warn!("lease keep-alive unanswered"),
+            }
+        }
+        if Instant::now() + margin >= valid_until {
+            warn!("the lease was not renewed in time: this coordinator no longer leads");
+            lost.cancel();
+            return;
+        }
+        tokio::select! {
+            _ = step_down.cancelled() => break,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+    }
+    // Stepping down: resign the lead (if won) and revoke the lease, so another candidate
+    // takes over now rather than when the lease ends.
+    if let Some(fence) = won.get() {
+        let mut el = meta.client().election_client();
+        let leader = etcd_client::LeaderKey::new()
+            .with_name(election(&meta))
+            .with_key(fence.key.clone())
+            .with_rev(fence.revision)
+            .with_lease(id);
+        let _ = el
+            .resign(Some(ResignOptions::new().with_leader(leader)))
+            .await;
+    }
+    let mut lease = meta.client().lease_client();
+    let _ = lease.revoke(id).await;
+    // The fence stays: its key is gone, so any write still on its way is refused.
+    lost.cancel();
+    info!("stepped down");
+}

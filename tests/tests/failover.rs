@@ -1,0 +1,178 @@
+//! Coordinators in failover over a real etcd cluster (three members) and a real S3 origin
+//! (Garage): one leads, the others wait; heads are signed by the fleet key they share; a
+//! leader whose lease ended writes nothing. None depends on the snapshot mode.
+
+use std::time::Duration;
+
+use voltool_agent::coord_client::CoordClient;
+use voltool_coordinator::meta::EtcdUrl;
+use voltool_coordinator::{Coordinator, CoordinatorOptions, MetaOptions};
+use voltool_protocol::coord::{CoordRequest, CoordResponse, ErrorKind};
+use voltool_protocol::{SecretKey, SignedHead};
+use voltool_tests::etcd::EtcdCluster;
+use voltool_tests::garage::Garage;
+
+/// A fleet's shared parts: etcd, the bucket, the fleet key (a file, as an operator makes it).
+struct Shared {
+    etcd: EtcdCluster,
+    garage: Garage,
+    dir: tempfile::TempDir,
+    fleet: SecretKey,
+}
+
+impl Shared {
+    fn start() -> Self {
+        let dir = voltool_tests::test_dir();
+        let fleet = SecretKey::from_bytes(&[42; 32]);
+        let file = dir.path().join("fleet.key");
+        std::fs::write(&file, hex::encode(fleet.to_bytes())).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        Shared {
+            etcd: EtcdCluster::start(3),
+            garage: Garage::start(),
+            dir,
+            fleet,
+        }
+    }
+
+    /// Coordinator `name`'s options: its own data directory and node key, the fleet's
+    /// state, origin and key.
+    fn options(&self, name: &str, ttl: Duration) -> CoordinatorOptions {
+        let url: EtcdUrl = self.etcd.meta_url("fleet").parse().unwrap();
+        CoordinatorOptions {
+            s3: Some(self.garage.origin("fleet")),
+            meta: MetaOptions::Etcd {
+                url,
+                tls: None,
+                lease_ttl: ttl,
+            },
+            fleet_key: Some(self.dir.path().join("fleet.key")),
+            ..CoordinatorOptions::new(self.dir.path().join(name))
+        }
+    }
+}
+
+async fn client(c: &Coordinator) -> CoordClient {
+    let key = SecretKey::from_bytes(&rand::random());
+    let ep = voltool_agent::net::bind(
+        key,
+        "127.0.0.1:0".parse().unwrap(),
+        vec![],
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    CoordClient::new(ep, c.addr())
+}
+
+async fn create(c: &CoordClient, name: &str) -> SignedHead {
+    match c
+        .request(&CoordRequest::CreateVolume { name: name.into() })
+        .await
+        .unwrap()
+    {
+        CoordResponse::Volume(v) => v.head,
+        other => panic!("creating {name}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_coordinator_waits_and_takes_over_the_fleet_when_the_leader_steps_down() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let shared = Shared::start();
+    let ttl = Duration::from_secs(2);
+    let a = Coordinator::start(shared.options("a", ttl)).await.unwrap();
+    // The second campaigns: it does not serve while the first leads.
+    let mut b = tokio::spawn(Coordinator::start(shared.options("b", ttl)));
+    let ca = client(&a).await;
+    let head = create(&ca, "v").await;
+    // Heads are the fleet's: signed by the fleet key, not by either coordinator's node key.
+    head.verify(&shared.fleet.public()).unwrap();
+    assert_ne!(a.addr().id, shared.fleet.public());
+    assert!(
+        futures_lite::future::poll_once(&mut b).await.is_none(),
+        "b serves while a leads"
+    );
+    a.shutdown().await;
+    // a stepped down: b leads now (well within the lease: a resigned).
+    let b = tokio::time::timeout(Duration::from_secs(30), b)
+        .await
+        .expect("b takes over")
+        .unwrap()
+        .unwrap();
+    let cb = client(&b).await;
+    match cb
+        .request(&CoordRequest::GetHead { name: "v".into() })
+        .await
+        .unwrap()
+    {
+        CoordResponse::Volume(v) => assert_eq!(v.head, head),
+        other => panic!("{other:?}"),
+    }
+    create(&cb, "w")
+        .await
+        .verify(&shared.fleet.public())
+        .unwrap();
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lease_ended_writes_nothing_and_stops() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let shared = Shared::start();
+    let a = Coordinator::start(shared.options("a", Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let ca = client(&a).await;
+    create(&ca, "v").await;
+    // As if a had been paused past its lease: etcd ends the lease under it.
+    let leases = shared.etcd.ctl(&["lease", "list"]);
+    // "found 1 leases", then one id a line: a's alone.
+    let ids: Vec<&str> = leases.lines().skip(1).map(str::trim).collect();
+    assert_eq!(ids.len(), 1, "{leases}");
+    let id = ids[0].to_string();
+    shared.etcd.ctl(&["lease", "revoke", &id]);
+    // Whatever a still believes, its write is refused: the fence is gone.
+    let r = ca
+        .request(&CoordRequest::CreateVolume { name: "x".into() })
+        .await;
+    match r {
+        Ok(CoordResponse::Error { kind, message }) => {
+            assert_eq!(kind, ErrorKind::Internal, "{message}");
+            assert!(message.contains("no longer the leader"), "{message}");
+        }
+        // It may already have stopped serving.
+        Err(_) => {}
+        Ok(other) => panic!("a wrote after its lease ended: {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(10), a.lead_lost())
+        .await
+        .expect("a sees it no longer leads");
+    a.shutdown().await;
+    assert!(
+        !shared
+            .etcd
+            .ctl(&["get", "--prefix", "fleet/v/"])
+            .contains("fleet/v/x"),
+        "a volume was created by a leader without a lease"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_on_etcd_with_an_origin_in_a_directory_are_refused() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let shared = Shared::start();
+    let opts = CoordinatorOptions {
+        s3: None,
+        ..shared.options("a", Duration::from_secs(2))
+    };
+    let e = Coordinator::start(opts).await.unwrap_err().to_string();
+    assert!(e.contains("--origin s3://"), "{e}");
+}
