@@ -43,39 +43,65 @@ pub enum ClientError {
     },
 }
 
-/// A client that keeps one connection to the coordinator and reopens it when it breaks.
+/// A client that keeps one connection to the coordinator that leads and reopens it when it
+/// breaks: with several coordinators (a fleet in failover), it tries each in turn, from the
+/// one after the last that answered, and keeps the first that accepts (those that do not
+/// lead refuse at once).
 #[derive(Debug)]
 pub struct CoordClient {
     ep: Endpoint,
-    addr: NodeAddr,
+    addrs: Vec<NodeAddr>,
+    /// The coordinator last connected to, an index into `addrs`.
+    at: std::sync::atomic::AtomicUsize,
     conn: tokio::sync::Mutex<Option<Connection>>,
 }
 
 impl CoordClient {
     /// A client for the coordinator at `addr`.
     pub fn new(ep: Endpoint, addr: NodeAddr) -> Self {
+        Self::with_addrs(ep, vec![addr])
+    }
+
+    /// A client for the coordinators at `addrs` (not empty).
+    pub fn with_addrs(ep: Endpoint, addrs: Vec<NodeAddr>) -> Self {
+        assert!(!addrs.is_empty(), "a client needs a coordinator");
         CoordClient {
             ep,
-            addr,
+            addrs,
+            at: Default::default(),
             conn: Default::default(),
         }
     }
 
-    /// The coordinator's address.
-    pub fn addr(&self) -> &NodeAddr {
-        &self.addr
+    /// The address of the coordinator last connected to (the first before any).
+    pub fn addr(&self) -> NodeAddr {
+        self.addrs[self.at.load(std::sync::atomic::Ordering::Relaxed) % self.addrs.len()].clone()
     }
 
     async fn conn(&self) -> Result<Connection, NetError> {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut c = self.conn.lock().await;
-        if let Some(conn) = c.as_ref()
-            && conn.close_reason().is_none()
-        {
-            return Ok(conn.clone());
+        let dead = match c.as_ref() {
+            Some(conn) if conn.close_reason().is_none() => return Ok(conn.clone()),
+            Some(_) => true,
+            None => false,
+        };
+        let n = self.addrs.len();
+        // A connection that died: the coordinator it reached may be gone; the next first.
+        let first = self.at.load(Relaxed) + usize::from(dead && n > 1);
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            match net::connect(&self.ep, &self.addrs[i], coord::ALPN).await {
+                Ok(conn) => {
+                    self.at.store(i, Relaxed);
+                    *c = Some(conn.clone());
+                    return Ok(conn);
+                }
+                Err(e) => last = Some(e),
+            }
         }
-        let conn = net::connect(&self.ep, &self.addr, coord::ALPN).await?;
-        *c = Some(conn.clone());
-        Ok(conn)
+        Err(last.expect("at least one coordinator"))
     }
 
     /// Opens a stream, reconnecting once if the cached connection turns out dead (the

@@ -238,9 +238,15 @@ pub(crate) struct AgentArgs {
     /// name with --agent: /run/voltool for root, else the data directory.
     #[arg(long, value_name = "DIR")]
     run_dir: Option<PathBuf>,
-    /// The coordinator, as NODE_ID@IP:PORT (what `voltool coordinator` prints).
-    #[arg(long, value_name = "NODE_ID@ADDR")]
-    coordinator: NodeAddr,
+    /// The coordinator, as NODE_ID@IP:PORT (what `voltool coordinator` prints); repeated
+    /// (or a list in the config file) for every coordinator of a fleet in failover, which
+    /// the agent tries in turn.
+    #[arg(long, value_name = "NODE_ID@ADDR", required = true)]
+    coordinator: Vec<NodeAddr>,
+    /// The id of the fleet key that signs heads (`voltool node-id` of the fleet key's
+    /// folder), for coordinators in failover; without it, the first coordinator's id.
+    #[arg(long, value_name = "NODE_ID")]
+    fleet_key: Option<voltool_protocol::PublicKey>,
     /// Address to listen on for peers.
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     listen: SocketAddr,
@@ -423,7 +429,8 @@ pub(crate) async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let agent = Agent::start(AgentOptions {
         data: data.clone(),
         run_dir,
-        coordinator: a.coordinator,
+        coordinators: a.coordinator,
+        fleet_key: a.fleet_key,
         listen: a.listen,
         zone: a.zone,
         max_ingress: a.max_ingress,

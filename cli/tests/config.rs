@@ -115,13 +115,24 @@ fn the_example_configs_under_deploy_read() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("keep-versions = 10\n"), "{out}");
-    // The agent's example names its coordinator by a placeholder, given here instead.
+    // The agent's example names its coordinator by a placeholder: a copy names a real one
+    // (a --coordinator on the command line would add to the file's list, not replace it).
+    let text = std::fs::read_to_string(format!("{deploy}/agent.toml")).unwrap();
+    assert!(text.contains("COORDINATOR_NODE_ID@"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        text.replace(
+            "COORDINATOR_NODE_ID",
+            "7fa1c5f2d3b0e4a6c8b9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5",
+        ),
+    )
+    .unwrap();
     let (ok, out, err) = voltool(&[
         "agent",
         "--config",
-        &format!("{deploy}/agent.toml"),
-        "--coordinator",
-        "7fa1c5f2d3b0e4a6c8b9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5@10.0.0.1:4433",
+        file.to_str().unwrap(),
         "--print-config",
     ]);
     assert!(ok, "{err}");

@@ -322,7 +322,12 @@ impl Coordinator {
         let leadership = match (&etcd, &opts.meta) {
             (Some(m), MetaOptions::Etcd { lease_ttl, .. }) => {
                 info!(%addr, meta = %m.url(), "campaigning for the lead");
-                Some(leader::campaign(m.clone(), *lease_ttl, addr.to_string()).await?)
+                // Until it leads, it refuses connections: a client that lists every
+                // coordinator of the fleet moves on to the next at once.
+                let refusing = tokio::spawn(refuse_all(ep.clone()));
+                let won = leader::campaign(m.clone(), *lease_ttl, addr.to_string()).await;
+                refusing.abort();
+                Some(won?)
             }
             _ => None,
         };
@@ -471,6 +476,13 @@ impl Coordinator {
         }
         self.ep.close().await;
         let _ = self.task.await;
+    }
+}
+
+/// Refuses every connection (a coordinator that does not lead serves nobody).
+async fn refuse_all(ep: Endpoint) {
+    while let Some(incoming) = ep.accept().await {
+        incoming.refuse();
     }
 }
 

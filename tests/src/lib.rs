@@ -44,6 +44,14 @@ pub struct TestFleet {
     /// start).
     pub limits: Limits,
     s3: Option<voltool_agent::store::S3Options>,
+    /// Where the coordinators keep the fleet's state (redb unless a test asks for etcd).
+    meta: voltool_coordinator::MetaOptions,
+    /// The fleet key's file and id, for coordinators in failover.
+    fleet_key: Option<(PathBuf, voltool_protocol::PublicKey)>,
+    /// Coordinators that campaign beside the first (started by the test with
+    /// [`Self::standby_options`]): their addresses and ids, which every agent knows from
+    /// its start.
+    pub standbys: Vec<voltool_agent::net::NodeAddr>,
 }
 
 /// Limits of a test fleet: bandwidth, and what the origin keeps.
@@ -98,6 +106,9 @@ impl TestFleet {
             members,
             writers: None,
             limits,
+            meta: Default::default(),
+            fleet_key: None,
+            standbys: Vec::new(),
             s3,
         };
         let coord = Coordinator::start(f.coord_options()).await.unwrap();
@@ -121,7 +132,8 @@ impl TestFleet {
             data: self.agent_dir(i),
             run_dir: self.run_dir(i),
             follow: Vec::new(),
-            coordinator: self.coord.as_ref().expect("coordinator running").addr(),
+            coordinators: self.coordinators(),
+            fleet_key: self.fleet_key.as_ref().map(|(_, id)| *id),
             listen: "127.0.0.1:0".parse().unwrap(),
             zone: None,
             max_ingress: self.limits.agent_ingress,
@@ -206,7 +218,86 @@ impl TestFleet {
                 .limits
                 .commit_deadline
                 .unwrap_or(voltool_coordinator::COMMIT_DEADLINE),
+            meta: self.meta.clone(),
+            fleet_key: self.fleet_key.as_ref().map(|(f, _)| f.clone()),
             ..CoordinatorOptions::new(self.coord_dir())
+        }
+    }
+
+    /// Every coordinator the agents know: the first, then the standbys.
+    fn coordinators(&self) -> Vec<voltool_agent::net::NodeAddr> {
+        let first = voltool_agent::net::NodeAddr {
+            id: voltool_agent::keys::load_or_create(&self.coord_dir())
+                .unwrap()
+                .public(),
+            addr: self.coord_listen,
+        };
+        std::iter::once(first)
+            .chain(self.standbys.iter().cloned())
+            .collect()
+    }
+
+    /// Starts a fleet in failover: its first coordinator (which leads) keeps the fleet's
+    /// state in etcd (`meta`) and its blobs in the bucket `s3`, heads are signed by a fleet
+    /// key, `standbys` more coordinators are ready to campaign (on addresses the `n` agents
+    /// know from their start), and the agents trust the fleet key.
+    pub async fn start_ha(
+        n: usize,
+        s3: voltool_agent::store::S3Options,
+        meta: voltool_coordinator::MetaOptions,
+        standbys: usize,
+    ) -> Self {
+        let dir = test_dir();
+        let fleet_dir = dir.path().join("fleet");
+        let fleet_id = seed_key(&fleet_dir, 0xF1);
+        let mut f = TestFleet {
+            dir,
+            coord: None,
+            coord_listen: "127.0.0.1:0".parse().unwrap(),
+            agents: Vec::new(),
+            members: HashSet::new(),
+            writers: None,
+            limits: Limits::default(),
+            s3: Some(s3),
+            meta,
+            fleet_key: Some((fleet_dir.join("node.key"), fleet_id)),
+            standbys: Vec::new(),
+        };
+        seed_key(&f.coord_dir(), 0xC0);
+        for j in 0..standbys {
+            let id = seed_key(&f.standby_dir(j), 0xD0 + j as u8);
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            f.standbys
+                .push(voltool_agent::net::NodeAddr { id, addr: port });
+        }
+        for i in 0..n {
+            f.members.insert(seed_key(&f.agent_dir(i), i as u8 + 1));
+        }
+        let coord = Coordinator::start(f.coord_options()).await.unwrap();
+        f.coord_listen = coord.addr().addr;
+        f.coord = Some(coord);
+        for i in 0..n {
+            let a = f.start_agent(i).await;
+            f.agents.push(a);
+        }
+        f
+    }
+
+    /// Data directory of standby coordinator `j`.
+    pub fn standby_dir(&self, j: usize) -> PathBuf {
+        self.dir.path().join(format!("coordinator-{}", j + 1))
+    }
+
+    /// Standby coordinator `j`'s options: the first's, on its own data directory and
+    /// address.
+    pub fn standby_options(&self, j: usize) -> CoordinatorOptions {
+        CoordinatorOptions {
+            data: self.standby_dir(j),
+            listen: self.standbys[j].addr,
+            ..self.coord_options()
         }
     }
 

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use voltool_agent::coord_client::CoordClient;
+use voltool_agent::net::NodeAddr;
 use voltool_coordinator::meta::EtcdUrl;
 use voltool_coordinator::{Coordinator, CoordinatorOptions, MetaOptions};
 use voltool_protocol::coord::{CoordRequest, CoordResponse, ErrorKind};
@@ -53,7 +54,7 @@ impl Shared {
     }
 }
 
-async fn client(c: &Coordinator) -> CoordClient {
+async fn client(addrs: Vec<NodeAddr>) -> CoordClient {
     let key = SecretKey::from_bytes(&rand::random());
     let ep = voltool_agent::net::bind(
         key,
@@ -63,7 +64,7 @@ async fn client(c: &Coordinator) -> CoordClient {
     )
     .await
     .unwrap();
-    CoordClient::new(ep, c.addr())
+    CoordClient::with_addrs(ep, addrs)
 }
 
 async fn create(c: &CoordClient, name: &str) -> SignedHead {
@@ -77,6 +78,9 @@ async fn create(c: &CoordClient, name: &str) -> SignedHead {
     }
 }
 
+/// A client that knows both coordinators (as an agent given every `--coordinator`) is
+/// refused at once by the one that does not lead and served by the leader; after the
+/// leader steps down, the same client reaches the new leader, which has the fleet's state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_coordinator_waits_and_takes_over_the_fleet_when_the_leader_steps_down() {
     if !voltool_tests::mode_independent_pass() {
@@ -85,10 +89,22 @@ async fn a_second_coordinator_waits_and_takes_over_the_fleet_when_the_leader_ste
     let shared = Shared::start();
     let ttl = Duration::from_secs(2);
     let a = Coordinator::start(shared.options("a", ttl)).await.unwrap();
-    // The second campaigns: it does not serve while the first leads.
-    let mut b = tokio::spawn(Coordinator::start(shared.options("b", ttl)));
-    let ca = client(&a).await;
-    let head = create(&ca, "v").await;
+    // The second campaigns, on an address and with a node key known beforehand: it
+    // refuses every connection while the first leads.
+    let b_addr = NodeAddr {
+        id: voltool_tests::seed_key(&shared.dir.path().join("b"), 0xB0),
+        addr: std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap(),
+    };
+    let mut b = tokio::spawn(Coordinator::start(CoordinatorOptions {
+        listen: b_addr.addr,
+        ..shared.options("b", ttl)
+    }));
+    let c = client(vec![b_addr.clone(), a.addr()]).await;
+    let head = create(&c, "v").await;
+    assert_eq!(c.addr(), a.addr(), "served by the leader");
     // Heads are the fleet's: signed by the fleet key, not by either coordinator's node key.
     head.verify(&shared.fleet.public()).unwrap();
     assert_ne!(a.addr().id, shared.fleet.public());
@@ -103,8 +119,8 @@ async fn a_second_coordinator_waits_and_takes_over_the_fleet_when_the_leader_ste
         .expect("b takes over")
         .unwrap()
         .unwrap();
-    let cb = client(&b).await;
-    match cb
+    assert_eq!(b.addr(), b_addr);
+    match c
         .request(&CoordRequest::GetHead { name: "v".into() })
         .await
         .unwrap()
@@ -112,7 +128,8 @@ async fn a_second_coordinator_waits_and_takes_over_the_fleet_when_the_leader_ste
         CoordResponse::Volume(v) => assert_eq!(v.head, head),
         other => panic!("{other:?}"),
     }
-    create(&cb, "w")
+    assert_eq!(c.addr(), b_addr, "the same client moved to the new leader");
+    create(&c, "w")
         .await
         .verify(&shared.fleet.public())
         .unwrap();
@@ -128,7 +145,7 @@ async fn a_leader_whose_lease_ended_writes_nothing_and_stops() {
     let a = Coordinator::start(shared.options("a", Duration::from_secs(2)))
         .await
         .unwrap();
-    let ca = client(&a).await;
+    let ca = client(vec![a.addr()]).await;
     create(&ca, "v").await;
     // As if a had been paused past its lease: etcd ends the lease under it.
     let leases = shared.etcd.ctl(&["lease", "list"]);

@@ -44,7 +44,7 @@ impl Inner {
                 pool: self.peers.pool.clone(),
                 store: self.store.clone(),
                 tracker: self.remote.tracker.clone(),
-                origin: self.opts.coordinator.clone(),
+                origin: self.remote.coord.addr(),
                 me: self.peers.ep.id(),
                 cfg: self.peers.serve.serving.config().clone(),
                 origin_only: self.opts.origin_only,

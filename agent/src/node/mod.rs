@@ -85,8 +85,12 @@ pub use snapshot::{MAX_LAYERS, SnapshotMode};
 pub struct AgentOptions {
     /// Data directory: key, store, database, snapshots, control socket.
     pub data: PathBuf,
-    /// The coordinator (the fleet's root of trust).
-    pub coordinator: NodeAddr,
+    /// The fleet's coordinators, tried in turn (one leads at a time; a fleet of one
+    /// coordinator lists it alone). Never empty.
+    pub coordinators: Vec<NodeAddr>,
+    /// The id of the key that signs the fleet's heads, which the agent trusts (the fleet
+    /// key of coordinators in failover); `None`: the first coordinator's own id.
+    pub fleet_key: Option<iroh::PublicKey>,
     /// Address to listen on for peers.
     pub listen: SocketAddr,
     /// Zone label (locality for the swarm).
@@ -124,6 +128,18 @@ pub struct AgentOptions {
     pub run_dir: PathBuf,
     /// Volumes the host follows from the start (as `voltool follow` would make it).
     pub follow: Vec<String>,
+}
+
+impl AgentOptions {
+    /// The id whose signature on heads the agent trusts.
+    pub fn signer(&self) -> iroh::PublicKey {
+        self.fleet_key.unwrap_or_else(|| self.coordinators[0].id)
+    }
+
+    /// Whether `id` is one of the fleet's coordinators.
+    pub fn is_coordinator(&self, id: &iroh::PublicKey) -> bool {
+        self.coordinators.iter().any(|c| c.id == *id)
+    }
 }
 
 /// Where [`AgentOptions::crash_at`] can stop the agent: a batched commit once its files are
@@ -205,6 +221,9 @@ impl Agent {
     /// socket and peers.
     pub async fn start(opts: AgentOptions) -> Result<Self, StartError> {
         let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
+        if opts.coordinators.is_empty() {
+            return Err(other(&"no coordinator given"));
+        }
         if let Some(z) = opts.zone.as_deref()
             && z.len() > voltool_protocol::coord::MAX_ZONE
         {
@@ -268,7 +287,10 @@ impl Agent {
             opts.congestion,
         )
         .await?;
-        let coord = Arc::new(CoordClient::new(ep.clone(), opts.coordinator.clone()));
+        let coord = Arc::new(CoordClient::with_addrs(
+            ep.clone(),
+            opts.coordinators.clone(),
+        ));
         let pool = ConnPool::new(
             ep.clone(),
             opts.max_ingress.map(|r| Arc::new(TokenBucket::new(r))),
@@ -372,7 +394,7 @@ impl Agent {
         info!(
             node = %inner.peers.ep.id(),
             addr = %net::local_addr(&inner.peers.ep),
-            coordinator = %inner.opts.coordinator,
+            coordinator = %inner.remote.coord.addr(),
             "agent running"
         );
         Ok(Agent {

@@ -36,7 +36,7 @@ impl Inner {
                 None => None,
             }
         };
-        head.verify_against(&self.opts.coordinator.id, seen.as_ref())?;
+        head.verify_against(&self.opts.signer(), seen.as_ref())?;
         if seen.is_none_or(|s| s.version < head.commit.version) {
             let w = self.db_write()?;
             w.open_table(SEEN)
@@ -75,7 +75,7 @@ impl Inner {
     /// Whether `id` is a fleet member the coordinator vouches for (refreshing the list at
     /// most once a second when an unknown node asks; a failed refresh keeps the list).
     pub(super) async fn is_member(&self, id: &iroh::PublicKey) -> bool {
-        if *id == self.opts.coordinator.id {
+        if self.opts.is_coordinator(id) {
             return true;
         }
         {
@@ -104,7 +104,7 @@ impl Inner {
     /// a node the coordinator removed is refused at once.
     pub(super) fn is_listed_member(&self, id: &iroh::PublicKey) -> bool {
         let m = self.remote.members.lock().expect("not poisoned");
-        !m.listed || *id == self.opts.coordinator.id || m.ids.contains(id)
+        !m.listed || self.opts.is_coordinator(id) || m.ids.contains(id)
     }
 
     /// What the watch pushed: the members, or `None` for an open fleet.

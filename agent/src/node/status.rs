@@ -47,7 +47,7 @@ impl Inner {
         Ok(StatusReport {
             node_id: self.peers.ep.id().to_string(),
             addr: net::local_addr(&self.peers.ep).to_string(),
-            coordinator: self.opts.coordinator.to_string(),
+            coordinator: self.remote.coord.addr().to_string(),
             zone: self.opts.zone.clone(),
             snapshots: self.snapshots.name().to_string(),
             mounts,
