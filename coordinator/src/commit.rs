@@ -226,7 +226,7 @@ impl Merge {
         )
         .map_err(tree_err)?;
         // The new pages are durable before a head, or the next part, names them.
-        state.pages.put_now(&pages).map_err(internal)?;
+        state.put_pages(&pages)?;
         self.next = built.root;
         self.changes += changes.len() as u64;
         Ok(())

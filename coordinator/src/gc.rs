@@ -132,6 +132,11 @@ impl State {
             stats.versions_dropped += self.meta.drop_versions(id, first).map_err(meta_fail)?;
         }
         for chunk in dead.chunks(4096) {
+            // Where coordinators share the records, the condemnation is written (fenced:
+            // only the leader's lands) before any object goes.
+            if let Some(r) = self.meta.blob_records() {
+                r.forget_blobs(chunk).map_err(meta_fail)?;
+            }
             self.origin.remove_many(chunk).map_err(internal)?;
         }
         self.metrics.gc_freed_bytes.inc_by(stats.freed_bytes);

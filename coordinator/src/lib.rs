@@ -192,6 +192,25 @@ impl std::fmt::Debug for State {
     }
 }
 
+impl State {
+    /// Records blobs the origin now holds (uploaded, or pages written) in the fleet's
+    /// records, where coordinators share them; nothing to do where the origin's store alone
+    /// keeps them. Blocking.
+    fn record_held(&self, blobs: &[(Hash, u64)]) -> Result<(), Fail> {
+        match self.meta.blob_records() {
+            Some(r) => r.record_blobs(blobs).map_err(volumes::meta_fail),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes manifest pages into the origin, durable and recorded. Blocking.
+    fn put_pages(&self, pages: &[(tree::PageRef, Vec<u8>)]) -> Result<(), Fail> {
+        self.pages.put_now(pages).map_err(volumes::internal)?;
+        let held: Vec<(Hash, u64)> = pages.iter().map(|(r, _)| (r.hash, r.size)).collect();
+        self.record_held(&held)
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -331,6 +350,18 @@ impl Coordinator {
             }
             _ => None,
         };
+        if let Some(m) = &etcd {
+            // The origin store's records become the fleet's: what other leaders uploaded is
+            // served and counted here, what they freed is no longer claimed.
+            let (m, o) = (m.clone(), origin.clone());
+            let (added, dropped) = tokio::task::spawn_blocking(move || {
+                let fleet = m.all_blobs()?;
+                o.sync_records(&fleet).map_err(CoordinatorError::from)
+            })
+            .await
+            .map_err(|e| CoordinatorError::Meta(MetaError::Engine(e.to_string())))??;
+            info!(added, dropped, "the origin's records are the fleet's");
+        }
         let addr_file = opts.data.join(ADDR_FILE);
         let tmp = addr_file.with_extension("tmp");
         std::fs::write(&tmp, format!("{addr}\n"))
@@ -780,7 +811,7 @@ mod volumes;
 
 pub use gc::{GcStats, Retention};
 pub use members::Membership;
-use meta::{Meta, MetaError, RedbMeta, VolumeRecord};
+use meta::{BlobRecords, Meta, MetaError, RedbMeta, VolumeRecord};
 use tracker::{Tracker, lookup, lookup_all, node_id};
 use upload::upload;
 use volumes::*;

@@ -23,7 +23,7 @@ const RECEIVED_QUEUE: usize = 16;
 /// Receives the blobs an upload names, checks every one against its hash, and answers
 /// `Ok` once all are durable in the origin store.
 pub(super) async fn upload(
-    state: &State,
+    state: &Arc<State>,
     recv: &mut RecvStream,
     blobs: Vec<(Hash, u64)>,
 ) -> CoordResponse {
@@ -79,7 +79,16 @@ pub(super) async fn upload(
         return fail(ErrorKind::Corrupt, e).into();
     }
     match checked {
-        Ok(Ok(())) => CoordResponse::Ok,
+        Ok(Ok(())) => {
+            // Durable at the origin: recorded as the fleet's too before the answer.
+            let st = state.clone();
+            let recorded = tokio::task::spawn_blocking(move || st.record_held(&blobs)).await;
+            match recorded {
+                Ok(Ok(())) => CoordResponse::Ok,
+                Ok(Err(f)) => f.into(),
+                Err(e) => fail(ErrorKind::Internal, e.to_string()).into(),
+            }
+        }
         Ok(Err(StoreError::Corrupt { hash, message })) => fail(
             ErrorKind::Corrupt,
             format!("upload of blob {} refused: {message}", hash.short()),

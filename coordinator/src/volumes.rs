@@ -91,7 +91,7 @@ pub(super) fn create(state: &State, name: &str) -> Reply {
     }
     let mut pages = Vec::new();
     let empty = Manifest::new().build(Shape::CANONICAL, &mut |r, b| pages.push((r, b)));
-    state.pages.put_now(&pages).map_err(internal)?;
+    state.put_pages(&pages)?;
     let id = VolumeId(rand::random());
     let created_ms = now_ms();
     let head = Commit {

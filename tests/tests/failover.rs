@@ -193,3 +193,42 @@ async fn coordinators_on_etcd_with_an_origin_in_a_directory_are_refused() {
     let e = Coordinator::start(opts).await.unwrap_err().to_string();
     assert!(e.contains("--origin s3://"), "{e}");
 }
+
+/// Agents that know every coordinator of the fleet commit through the leader, and again
+/// through the next one after the leader steps down, trusting the fleet key alone; a
+/// mount made after the change of leader shows both commits (its pages and blobs, which
+/// the first leader wrote, are the new leader's through the fleet's records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_given_every_coordinator_commit_and_mount_across_a_change_of_leader() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let garage = Garage::start();
+    let meta = MetaOptions::Etcd {
+        url: etcd.meta_url("fleet").parse().unwrap(),
+        tls: None,
+        lease_ttl: Duration::from_secs(2),
+    };
+    let mut f = voltool_tests::TestFleet::start_ha(2, garage.origin("fleet"), meta, 1).await;
+    let standby = tokio::spawn(Coordinator::start(f.standby_options(0)));
+    f.create("v").await;
+    let m0 = f.mount(0, "v").await;
+    std::fs::write(m0.join("a.txt"), "one").unwrap();
+    let first = f.commit(0, "v").await.unwrap();
+    // The leader steps down; the standby leads, on the address the agents knew.
+    f.stop_coordinator().await;
+    let b = tokio::time::timeout(Duration::from_secs(30), standby)
+        .await
+        .expect("the standby takes over")
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.addr().id, f.standbys[0].id);
+    f.coord = Some(b);
+    std::fs::write(m0.join("b.txt"), "two").unwrap();
+    let second = f.commit(0, "v").await.unwrap();
+    assert_eq!(second.version, first.version + 1);
+    let m1 = f.mount(1, "v").await;
+    assert_eq!(std::fs::read_to_string(m1.join("a.txt")).unwrap(), "one");
+    assert_eq!(std::fs::read_to_string(m1.join("b.txt")).unwrap(), "two");
+}

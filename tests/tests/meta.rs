@@ -381,6 +381,16 @@ fn etcd_refuses_every_write_of_a_writer_whose_fence_is_gone() {
     assert!(matches!(meta.drop_versions(id, 1), Err(MetaError::Fenced)));
     assert!(matches!(meta.rename("v", "x"), Err(MetaError::Fenced)));
     assert!(matches!(meta.delete("v"), Err(MetaError::Fenced)));
+    let records = meta.blob_records().unwrap();
+    let blob = Hash::of(b"a blob");
+    assert!(matches!(
+        records.record_blobs(&[(blob, 6)]),
+        Err(MetaError::Fenced)
+    ));
+    assert!(matches!(
+        records.forget_blobs(&[blob]),
+        Err(MetaError::Fenced)
+    ));
     assert_eq!(meta.head(id).unwrap().unwrap().commit.version, 0);
     assert!(meta.volume("w").unwrap().is_none());
     // The new leader's fence writes.
@@ -475,4 +485,35 @@ fn etcd_address_parsing_never_panics() {
         let _ = s.parse::<EtcdUrl>();
         let _ = format!("etcd://{s}").parse::<EtcdUrl>();
     });
+}
+
+/// The fleet's blob records: written and forgotten in batches past one transaction's
+/// limit, read back whole; redb keeps none (its origin's store keeps them alone).
+#[test]
+fn etcd_keeps_the_fleets_blob_records() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let meta = etcd_meta(&cluster, "blobs");
+    let records = meta.blob_records().unwrap();
+    let blobs: Vec<(Hash, u64)> = (0..300u64)
+        .map(|i| (Hash::of(&i.to_le_bytes()), i * 1000))
+        .collect();
+    records.record_blobs(&blobs).unwrap();
+    let mut all = records.all_blobs().unwrap();
+    all.sort();
+    let mut want = blobs.clone();
+    want.sort();
+    assert_eq!(all, want);
+    let gone: Vec<Hash> = blobs[..150].iter().map(|(h, _)| *h).collect();
+    records.forget_blobs(&gone).unwrap();
+    let mut left = records.all_blobs().unwrap();
+    left.sort();
+    let mut want: Vec<(Hash, u64)> = blobs[150..].to_vec();
+    want.sort();
+    assert_eq!(left, want);
+    let dir = voltool_tests::test_dir();
+    let redb = RedbMeta::open(&dir.path().join("coordinator.redb")).unwrap();
+    assert!(redb.blob_records().is_none());
 }

@@ -40,6 +40,68 @@ impl Store {
         Ok(())
     }
 
+    /// Makes this store's records of a bucket those of `fleet`, the records another
+    /// coordinator of the fleet kept (blobs the fleet holds in the bucket, with their
+    /// sizes): records what this store lacks as complete (the bytes are in the bucket; an
+    /// outboard is fetched back when first needed) and drops, without touching the
+    /// bucket, records the fleet does not have. Returns how many it added and dropped. A
+    /// store in a folder holds its own bytes: refused.
+    pub fn sync_records(&self, fleet: &[(Hash, u64)]) -> Result<(usize, usize), StoreError> {
+        if self.inner.remote.is_none() {
+            return Err(StoreError::Db(
+                "records of another store apply only to a store in a bucket".into(),
+            ));
+        }
+        let _placing = self.inner.place_lock.lock().expect("not poisoned");
+        let wanted: std::collections::HashMap<Hash, u64> = fleet.iter().copied().collect();
+        let mine: std::collections::HashMap<Hash, u64> = self.all_blobs()?.into_iter().collect();
+        let add: Vec<(Hash, u64)> = fleet
+            .iter()
+            .filter(|(h, size)| mine.get(h) != Some(size))
+            .copied()
+            .collect();
+        let drop: Vec<Hash> = mine
+            .keys()
+            .filter(|h| !wanted.contains_key(h))
+            .copied()
+            .collect();
+        for part in add.chunks(16_384) {
+            let w = self.begin_write()?;
+            {
+                let mut t = w.open_table(BLOBS).map_err(db_err)?;
+                for (h, size) in part {
+                    let meta = BlobMeta {
+                        size: *size,
+                        state: BlobState::Complete,
+                    };
+                    let v = postcard::to_stdvec(&meta).map_err(db_err)?;
+                    t.insert(h.0, v.as_slice()).map_err(db_err)?;
+                }
+            }
+            w.commit().map_err(db_err)?;
+        }
+        {
+            let mut unsynced = self.inner.unsynced.lock().expect("not poisoned");
+            for h in &drop {
+                unsynced.remove(h);
+            }
+        }
+        for part in drop.chunks(16_384) {
+            let w = self.begin_write()?;
+            {
+                let mut t = w.open_table(BLOBS).map_err(db_err)?;
+                for h in part {
+                    t.remove(h.0).map_err(db_err)?;
+                }
+            }
+            w.commit().map_err(db_err)?;
+            for h in part {
+                let _ = std::fs::remove_file(self.outboard_path(h));
+            }
+        }
+        Ok((add.len(), drop.len()))
+    }
+
     /// [`Store::remove`], with the place lock held.
     pub(super) fn remove_placed(&self, hash: &Hash) -> Result<(), StoreError> {
         self.inner

@@ -3,8 +3,9 @@
 //! Keys under the fleet's prefix `P/` (ids in hex, versions in 16 hex digits so they sort):
 //! `v/NAME` a volume's record, `h/ID` its head, `c/ID/VERSION` its commits, `l/ID/PATH` a
 //! link's index entry, `d/ID/PATH\0LINK` the links whose resolution looked up `PATH`,
-//! `i/ID` the version the link index describes, `x/NODE` a distrusted provider. Values are
-//! postcard, as in redb.
+//! `i/ID` the version the link index describes, `x/NODE` a distrusted provider, `b/HASH`
+//! a blob the fleet's origin holds in its bucket (its size). Values are postcard, as in
+//! redb.
 //!
 //! Every write is one etcd transaction that also compares the writer's [`Fence`]: the leader
 //! key it was elected with must still exist with the revision it was created at. A leader
@@ -25,9 +26,9 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, TxnOp,
     TxnOpResponse,
 };
-use voltool_protocol::{Commit, SignedHead, VolumeId};
+use voltool_protocol::{Commit, Hash, SignedHead, VolumeId};
 
-use super::{LinkUpdate, Meta, MetaError, VolumeRecord, check_successor};
+use super::{BlobRecords, LinkUpdate, Meta, MetaError, VolumeRecord, check_successor};
 
 /// Operations in one transaction: etcd's default `--max-txn-ops` is 128.
 const MAX_TXN_OPS: usize = 120;
@@ -767,5 +768,62 @@ impl Meta for EtcdMeta {
         }
         self.batches(&[], ops)?;
         Ok(())
+    }
+
+    fn blob_records(&self) -> Option<&dyn BlobRecords> {
+        Some(self)
+    }
+}
+
+impl EtcdMeta {
+    fn blob_key(&self, h: &Hash) -> Vec<u8> {
+        self.key(&[b"b", h.to_hex().as_bytes()])
+    }
+}
+
+impl BlobRecords for EtcdMeta {
+    fn record_blobs(&self, blobs: &[(Hash, u64)]) -> Result<(), MetaError> {
+        let mut ops = Ops::default();
+        let mut seen = std::collections::HashSet::new();
+        for (h, size) in blobs.iter().filter(|(h, _)| seen.insert(*h)) {
+            ops.put(self.blob_key(h), size.to_be_bytes().to_vec());
+        }
+        if !self.batches(&[], ops)? {
+            return Err(MetaError::Engine(
+                "a blob record's write was refused".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn forget_blobs(&self, blobs: &[Hash]) -> Result<(), MetaError> {
+        let mut ops = Ops::default();
+        let mut seen = std::collections::HashSet::new();
+        for h in blobs.iter().filter(|h| seen.insert(**h)) {
+            ops.delete(self.blob_key(h), None);
+        }
+        if !self.batches(&[], ops)? {
+            return Err(MetaError::Engine(
+                "a blob record's removal was refused".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn all_blobs(&self) -> Result<Vec<(Hash, u64)>, MetaError> {
+        let prefix = self.key(&[b"b", b""]);
+        let mut out = Vec::new();
+        for kv in self.scan_prefix(prefix.clone(), false)? {
+            let bad = |why: &str| MetaError::Corrupt {
+                what: "a blob record".to_string(),
+                why: why.to_string(),
+            };
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(&kv.key()[prefix.len()..], &mut h)
+                .map_err(|_| bad("its key is no hash"))?;
+            let size: [u8; 8] = kv.value().try_into().map_err(|_| bad("not 8 bytes"))?;
+            out.push((Hash(h), u64::from_be_bytes(size)));
+        }
+        Ok(out)
     }
 }

@@ -15,12 +15,13 @@
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
-use voltool_protocol::{Commit, SignedHead, VolumeId};
+use voltool_protocol::{Commit, Hash, SignedHead, VolumeId};
 
 mod etcd;
 mod redb;
 
 pub use self::etcd::{EtcdMeta, EtcdTls, EtcdUrl, EtcdUrlError, Fence};
+
 pub use self::redb::RedbMeta;
 
 /// A volume's record in the registry, by name.
@@ -157,6 +158,27 @@ pub trait Meta: Send + Sync + std::fmt::Debug + 'static {
 
     /// Forgets the providers whose time ended before `now_ms`.
     fn forget_distrust(&self, now_ms: u64) -> Result<(), MetaError>;
+
+    /// The fleet's records of the blobs its origin holds, where the state is shared by
+    /// several coordinators (etcd); `None` where the origin's store keeps them alone
+    /// (redb: one coordinator).
+    fn blob_records(&self) -> Option<&dyn BlobRecords> {
+        None
+    }
+}
+
+/// The blobs (and manifest pages) a fleet's origin holds in its bucket, with their sizes:
+/// every coordinator's origin store keeps a copy of these records, made equal to them when
+/// it takes the lead and written to both as blobs arrive and go.
+pub trait BlobRecords: Send + Sync {
+    /// Records blobs held (uploaded and verified, or pages written), fenced.
+    fn record_blobs(&self, blobs: &[(Hash, u64)]) -> Result<(), MetaError>;
+
+    /// Forgets blobs, fenced: a collection forgets them before it deletes their objects.
+    fn forget_blobs(&self, blobs: &[Hash]) -> Result<(), MetaError>;
+
+    /// Every blob recorded.
+    fn all_blobs(&self) -> Result<Vec<(Hash, u64)>, MetaError>;
 }
 
 /// The records a write of `head` adds: the volume's next version must follow the one now.
