@@ -255,6 +255,9 @@ impl Merge {
         // No link of the merged tree leads out of the volume; the index moves with the head,
         // which moves only from the head this commit merged into.
         let links = self.links.finish(state, &self.next)?;
+        if let Some(hook) = &state.hooks.before_head_moves {
+            hook();
+        }
         state.meta.move_head(&new, &links).map_err(meta_fail)?;
         info!(
             volume = self.name,

@@ -60,6 +60,24 @@ pub struct CoordinatorOptions {
     /// The key that signs heads, a file every coordinator of the fleet holds (`None`: this
     /// coordinator's own `node.key`, which then also names it on the network).
     pub fleet_key: Option<PathBuf>,
+    /// Fault injection for tests (none by default).
+    pub hooks: Hooks,
+}
+
+/// Points where a test stops the coordinator (fault injection); none by default.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Called (blocking, on the blocking pool) when a commit has signed its new head and is
+    /// about to move the head: a test pauses the leader here.
+    pub before_head_moves: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("before_head_moves", &self.before_head_moves.is_some())
+            .finish()
+    }
 }
 
 impl CoordinatorOptions {
@@ -80,6 +98,7 @@ impl CoordinatorOptions {
             commit_deadline: COMMIT_DEADLINE,
             meta: MetaOptions::Redb,
             fleet_key: None,
+            hooks: Hooks::default(),
         }
     }
 }
@@ -183,6 +202,7 @@ struct State {
     gc_now: tokio::sync::Notify,
     /// See [`CoordinatorOptions::commit_deadline`].
     commit_deadline: std::time::Duration,
+    hooks: Hooks,
     metrics: Arc<Metrics>,
 }
 
@@ -400,6 +420,7 @@ impl Coordinator {
             recent: std::sync::Mutex::new(gc::Recent::new()),
             gc_now: tokio::sync::Notify::new(),
             commit_deadline: opts.commit_deadline,
+            hooks: opts.hooks.clone(),
             metrics,
         });
         let cancel = CancellationToken::new();
@@ -431,7 +452,9 @@ impl Coordinator {
             None => None,
         };
         if let Some(l) = &leadership {
-            // A coordinator that no longer leads stops serving at once.
+            // A coordinator that no longer leads stops serving at once: no new request is
+            // taken, those in flight answer (a write is refused by its fence), and then
+            // every connection closes, so its clients move on to the next coordinator.
             let (lost, cancel) = (l.lost.clone(), cancel.clone());
             tokio::spawn(async move {
                 tokio::select! {
@@ -523,7 +546,7 @@ async fn accept_loop(ep: Endpoint, state: Arc<State>, cancel: CancellationToken)
             _ = cancel.cancelled() => return,
             i = ep.accept() => match i { Some(i) => i, None => return },
         };
-        let state = state.clone();
+        let (state, cancel) = (state.clone(), cancel.clone());
         tokio::spawn(async move {
             let conn = match incoming.accept() {
                 Ok(a) => match a.await {
@@ -539,7 +562,7 @@ async fn accept_loop(ep: Endpoint, state: Arc<State>, cancel: CancellationToken)
                 return;
             }
             match conn.alpn() {
-                a if a == coord::ALPN => serve_coord(conn, state).await,
+                a if a == coord::ALPN => serve_coord(conn, state, cancel).await,
                 a if a == blobs::ALPN => {
                     let st = state.clone();
                     let allow: voltool_agent::blobs::Allow = Arc::new(move |id| st.is_member(id));
@@ -557,35 +580,59 @@ async fn accept_loop(ep: Endpoint, state: Arc<State>, cancel: CancellationToken)
     }
 }
 
-async fn serve_coord(conn: Connection, state: Arc<State>) {
+async fn serve_coord(conn: Connection, state: Arc<State>, cancel: CancellationToken) {
     let peer = conn.remote_id();
     // Its further streams wait unread, in its connection's receive window.
     let permits = Arc::new(tokio::sync::Semaphore::new(coord::REQUESTS_PER_MEMBER));
+    // Requests in flight other than watches (which last as long as the connection), until
+    // their answers are received: a count, never a limit (the permits above are that).
+    let busy = Arc::new(tokio::sync::Semaphore::new(BUSY_COUNT as usize));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
         };
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(_) => return,
+        let (send, recv) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
         };
-        let state = state.clone();
+        let (state, busy) = (state.clone(), busy.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_request(send, recv, state, peer).await {
+            if let Err(e) = serve_request(send, recv, state, peer, permit, busy).await {
                 debug!(peer = %peer.fmt_short(), "coordinator request failed: {e}");
             }
-            drop(permit);
         });
     }
+    // Stopped serving (the lead lost, or a shutdown): the requests in flight answer first,
+    // within a commit's deadline.
+    let _ = tokio::time::timeout(state.commit_deadline, busy.acquire_many(BUSY_COUNT)).await;
+    conn.close(0u32.into(), b"this coordinator stopped serving");
 }
 
+/// Requests one connection may have in flight, counted (far past the permits that bound
+/// them).
+const BUSY_COUNT: u32 = 1 << 20;
+
+/// Serves one request; `permit` is the member's, held until the answer is sent.
 async fn serve_request(
     mut send: SendStream,
     mut recv: RecvStream,
     state: Arc<State>,
     peer: EndpointId,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    busy: Arc<tokio::sync::Semaphore>,
 ) -> Result<(), NetError> {
     let req: CoordRequest = net::read_frame(&mut recv, MAX_REQUEST).await?;
+    let _busy = match req {
+        CoordRequest::WatchMembers | CoordRequest::WatchHeads { .. } => None,
+        _ => busy.acquire_owned().await.ok(),
+    };
     // Checked at every request: a node removed from the fleet is refused at once.
     if let Err(refused) = state.admit(&peer, &req) {
         net::write_frame(&mut send, &CoordResponse::from(refused)).await?;
@@ -633,6 +680,10 @@ async fn serve_request(
     };
     net::write_frame(&mut send, &resp).await?;
     send.finish().map_err(NetError::stream)?;
+    drop(permit);
+    // The request counts as in flight until its answer is received (bounded): a
+    // connection closed as this coordinator stops serving must not drop an answer.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), send.stopped()).await;
     Ok(())
 }
 

@@ -52,6 +52,8 @@ pub struct TestFleet {
     /// [`Self::standby_options`]): their addresses and ids, which every agent knows from
     /// its start.
     pub standbys: Vec<voltool_agent::net::NodeAddr>,
+    /// The first coordinator's fault injection.
+    hooks: voltool_coordinator::Hooks,
 }
 
 /// Limits of a test fleet: bandwidth, and what the origin keeps.
@@ -109,6 +111,7 @@ impl TestFleet {
             meta: Default::default(),
             fleet_key: None,
             standbys: Vec::new(),
+            hooks: Default::default(),
             s3,
         };
         let coord = Coordinator::start(f.coord_options()).await.unwrap();
@@ -220,6 +223,7 @@ impl TestFleet {
                 .unwrap_or(voltool_coordinator::COMMIT_DEADLINE),
             meta: self.meta.clone(),
             fleet_key: self.fleet_key.as_ref().map(|(f, _)| f.clone()),
+            hooks: self.hooks.clone(),
             ..CoordinatorOptions::new(self.coord_dir())
         }
     }
@@ -237,15 +241,17 @@ impl TestFleet {
             .collect()
     }
 
-    /// Starts a fleet in failover: its first coordinator (which leads) keeps the fleet's
-    /// state in etcd (`meta`) and its blobs in the bucket `s3`, heads are signed by a fleet
-    /// key, `standbys` more coordinators are ready to campaign (on addresses the `n` agents
-    /// know from their start), and the agents trust the fleet key.
+    /// Starts a fleet in failover: its first coordinator (which leads, with `hooks`) keeps
+    /// the fleet's state in etcd (`meta`) and its blobs in the bucket `s3`, heads are
+    /// signed by a fleet key, `standbys` more coordinators are ready to campaign (on
+    /// addresses the `n` agents know from their start; without hooks), and the agents
+    /// trust the fleet key.
     pub async fn start_ha(
         n: usize,
         s3: voltool_agent::store::S3Options,
         meta: voltool_coordinator::MetaOptions,
         standbys: usize,
+        hooks: voltool_coordinator::Hooks,
     ) -> Self {
         let dir = test_dir();
         let fleet_dir = dir.path().join("fleet");
@@ -262,6 +268,7 @@ impl TestFleet {
             meta,
             fleet_key: Some((fleet_dir.join("node.key"), fleet_id)),
             standbys: Vec::new(),
+            hooks,
         };
         seed_key(&f.coord_dir(), 0xC0);
         for j in 0..standbys {
@@ -297,6 +304,7 @@ impl TestFleet {
         CoordinatorOptions {
             data: self.standby_dir(j),
             listen: self.standbys[j].addr,
+            hooks: Default::default(),
             ..self.coord_options()
         }
     }

@@ -2,12 +2,14 @@
 //! (Garage): one leads, the others wait; heads are signed by the fleet key they share; a
 //! leader whose lease ended writes nothing. None depends on the snapshot mode.
 
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
+use voltool_agent::control::Request;
 use voltool_agent::coord_client::CoordClient;
 use voltool_agent::net::NodeAddr;
 use voltool_coordinator::meta::EtcdUrl;
-use voltool_coordinator::{Coordinator, CoordinatorOptions, MetaOptions};
+use voltool_coordinator::{Coordinator, CoordinatorOptions, Hooks, MetaOptions};
 use voltool_protocol::coord::{CoordRequest, CoordResponse, ErrorKind};
 use voltool_protocol::{SecretKey, SignedHead};
 use voltool_tests::etcd::EtcdCluster;
@@ -210,7 +212,9 @@ async fn agents_given_every_coordinator_commit_and_mount_across_a_change_of_lead
         tls: None,
         lease_ttl: Duration::from_secs(2),
     };
-    let mut f = voltool_tests::TestFleet::start_ha(2, garage.origin("fleet"), meta, 1).await;
+    let mut f =
+        voltool_tests::TestFleet::start_ha(2, garage.origin("fleet"), meta, 1, Default::default())
+            .await;
     let standby = tokio::spawn(Coordinator::start(f.standby_options(0)));
     f.create("v").await;
     let m0 = f.mount(0, "v").await;
@@ -231,4 +235,109 @@ async fn agents_given_every_coordinator_commit_and_mount_across_a_change_of_lead
     let m1 = f.mount(1, "v").await;
     assert_eq!(std::fs::read_to_string(m1.join("a.txt")).unwrap(), "one");
     assert_eq!(std::fs::read_to_string(m1.join("b.txt")).unwrap(), "two");
+}
+
+/// A pause: who hears that it began, and what ends it.
+type Pause = (mpsc::Sender<()>, mpsc::Receiver<()>);
+
+/// The fence: the leader pauses just before its head transaction (a test hook), its lease
+/// ends meanwhile and the standby takes over and commits; when the old leader resumes, its
+/// transaction is refused, its writer hears so, and the heads form one chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_before_its_head_moves_is_refused_after_a_takeover_and_no_head_forks() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let garage = Garage::start();
+    let meta = MetaOptions::Etcd {
+        url: etcd.meta_url("fleet").parse().unwrap(),
+        tls: None,
+        lease_ttl: Duration::from_secs(2),
+    };
+    // The hook, armed later: it says it paused, then waits to be let go.
+    let armed: Arc<Mutex<Option<Pause>>> = Default::default();
+    let hook = {
+        let armed = armed.clone();
+        move || {
+            let taken = armed.lock().unwrap().take();
+            if let Some((paused, resume)) = taken {
+                paused.send(()).unwrap();
+                resume.recv().unwrap();
+            }
+        }
+    };
+    let hooks = Hooks {
+        before_head_moves: Some(Arc::new(hook)),
+    };
+    let mut f = voltool_tests::TestFleet::start_ha(2, garage.origin("fleet"), meta, 1, hooks).await;
+    let standby = tokio::spawn(Coordinator::start(f.standby_options(0)));
+    f.create("v").await;
+    let m0 = f.mount(0, "v").await;
+    let m1 = f.mount(1, "v").await;
+    std::fs::write(m0.join("a.txt"), "one").unwrap();
+    let base = f.commit(0, "v").await.unwrap().version;
+    // Agent 0's next commit stops in the leader just before the head moves.
+    let (paused_tx, paused_rx) = mpsc::channel();
+    let (resume_tx, resume_rx) = mpsc::channel();
+    *armed.lock().unwrap() = Some((paused_tx, resume_rx));
+    std::fs::write(m0.join("b.txt"), "from the old leader").unwrap();
+    // Through agent 0's control socket, as `voltool commit` would.
+    let run0 = f.run_dir(0);
+    let stuck = tokio::spawn(async move {
+        let req = Request::Commit {
+            name: Some("v".into()),
+        };
+        voltool_agent::control::call(&run0, &req, |_| {})
+            .await
+            .unwrap()
+    });
+    tokio::task::spawn_blocking(move || paused_rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the leader reaches its head transaction");
+    // Its lease ends while it is paused (as a GC pause or SIGSTOP past the lease would).
+    let leases = etcd.ctl(&["lease", "list"]);
+    let first_lease = leases.lines().nth(1).expect("a lease").trim().to_string();
+    etcd.ctl(&["lease", "revoke", &first_lease]);
+    let old = f.coord.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), old.lead_lost())
+        .await
+        .expect("the old leader sees its lease gone");
+    let b = tokio::time::timeout(Duration::from_secs(30), standby)
+        .await
+        .expect("the standby takes over")
+        .unwrap()
+        .unwrap();
+    // The new leader commits agent 1's change.
+    std::fs::write(m1.join("c.txt"), "from the new leader").unwrap();
+    let c = f.commit(1, "v").await.unwrap();
+    assert_eq!(c.version, base + 1);
+    // The old leader resumes: its head transaction is refused.
+    resume_tx.send(()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), stuck)
+        .await
+        .unwrap()
+        .unwrap();
+    let e = r.expect_err("the old leader's commit must not land");
+    assert!(e.message.contains("no longer the leader"), "{e:?}");
+    // One chain: the new leader's head, then agent 0's change, committed again through it.
+    f.coord = Some(b);
+    let again = f.commit(0, "v").await.unwrap();
+    assert_eq!(again.version, base + 2);
+    let client = f.client_as(0).await;
+    let versions = match client
+        .request(&CoordRequest::GetVersions {
+            name: "v".into(),
+            from: 0,
+        })
+        .await
+        .unwrap()
+    {
+        CoordResponse::Versions { head, commits } => (head, commits),
+        other => panic!("{other:?}"),
+    };
+    voltool_protocol::commit::verify_chain(&versions.0.commit, &versions.1).unwrap();
+    assert_eq!(versions.0.commit.version, base + 2);
+    old.shutdown().await;
 }

@@ -417,15 +417,22 @@ impl EtcdMeta {
         if r.succeeded() {
             return Ok(Some(r.op_responses()));
         }
-        if let Some(f) = fence {
-            let held = self
-                .get(f.key.clone())?
-                .is_some_and(|kv| kv.create_revision() == f.revision);
-            if !held {
-                return Err(MetaError::Fenced);
-            }
+        if self.fenced_out()? {
+            return Err(MetaError::Fenced);
         }
         Ok(None)
+    }
+
+    /// Whether this writer's fence is gone (another coordinator leads, or will).
+    fn fenced_out(&self) -> Result<bool, MetaError> {
+        let fence = self.fence.read().expect("not poisoned").clone();
+        let Some(f) = fence else {
+            return Ok(false);
+        };
+        let held = self
+            .get(f.key.clone())?
+            .is_some_and(|kv| kv.create_revision() == f.revision);
+        Ok(!held)
     }
 
     /// Runs `ops` in fenced transactions within etcd's limits, each also comparing
@@ -601,7 +608,14 @@ impl Meta for EtcdMeta {
             }
             None => (None, 0),
         };
-        check_successor(id, now, head)?;
+        if let Err(e) = check_successor(id, now, head) {
+            // The head moved under a leader that lost the lead: that is the news.
+            return Err(if self.fenced_out()? {
+                MetaError::Fenced
+            } else {
+                e
+            });
+        }
         let moved = || MetaError::HeadMoved {
             id,
             expected: c.version - 1,
