@@ -1,6 +1,7 @@
 //! The agent's side of `voltool/coord/4`.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use iroh::Endpoint;
 use iroh::endpoint::Connection;
@@ -43,6 +44,12 @@ pub enum ClientError {
     },
 }
 
+/// How long a client of several coordinators keeps trying them when none accepts: longer
+/// than a lead's lease (the default is 5 s), so a leader's death is waited out.
+pub const FAILOVER_WAIT: Duration = Duration::from_secs(30);
+/// The pause between two rounds of tries.
+const ROUND_PAUSE: Duration = Duration::from_millis(200);
+
 /// A client that keeps one connection to the coordinator that leads and reopens it when it
 /// breaks: with several coordinators (a fleet in failover), it tries each in turn, from the
 /// one after the last that answered, and keeps the first that accepts (those that do not
@@ -78,6 +85,15 @@ impl CoordClient {
         self.addrs[self.at.load(std::sync::atomic::Ordering::Relaxed) % self.addrs.len()].clone()
     }
 
+    /// Drops the connection a request failed on; the next try starts with the next
+    /// coordinator (the one it reached may be gone, and another leads soon).
+    async fn forget_failed(&self) {
+        let mut c = self.conn.lock().await;
+        if c.take().is_some() && self.addrs.len() > 1 {
+            self.at.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     async fn conn(&self) -> Result<Connection, NetError> {
         use std::sync::atomic::Ordering::Relaxed;
         let mut c = self.conn.lock().await;
@@ -88,20 +104,32 @@ impl CoordClient {
         };
         let n = self.addrs.len();
         // A connection that died: the coordinator it reached may be gone; the next first.
-        let first = self.at.load(Relaxed) + usize::from(dead && n > 1);
-        let mut last = None;
-        for k in 0..n {
-            let i = (first + k) % n;
-            match net::connect(&self.ep, &self.addrs[i], coord::ALPN).await {
-                Ok(conn) => {
-                    self.at.store(i, Relaxed);
-                    *c = Some(conn.clone());
-                    return Ok(conn);
+        let mut first = self.at.load(Relaxed) + usize::from(dead && n > 1);
+        // With several coordinators, none may lead for a moment (the leader died and its
+        // lease has not ended yet): rounds go on for a while.
+        let deadline =
+            tokio::time::Instant::now() + if n > 1 { FAILOVER_WAIT } else { Duration::ZERO };
+        loop {
+            let mut last = None;
+            for k in 0..n {
+                let i = (first + k) % n;
+                match net::connect(&self.ep, &self.addrs[i], coord::ALPN).await {
+                    Ok(conn) => {
+                        self.at.store(i, Relaxed);
+                        *c = Some(conn.clone());
+                        return Ok(conn);
+                    }
+                    Err(e) => last = Some(e),
                 }
-                Err(e) => last = Some(e),
             }
+            let e = last.expect("at least one coordinator");
+            if tokio::time::Instant::now() >= deadline {
+                return Err(e);
+            }
+            tracing::debug!("no coordinator accepts now: trying again ({e})");
+            tokio::time::sleep(ROUND_PAUSE).await;
+            first = 0;
         }
-        Err(last.expect("at least one coordinator"))
     }
 
     /// Opens a stream, reconnecting once if the cached connection turns out dead (the
@@ -113,7 +141,7 @@ impl CoordClient {
         match conn.open_bi().await {
             Ok(s) => Ok(s),
             Err(_) => {
-                *self.conn.lock().await = None;
+                self.forget_failed().await;
                 let conn = self.conn().await?;
                 Ok(conn.open_bi().await.map_err(NetError::stream)?)
             }
@@ -136,7 +164,7 @@ impl CoordClient {
     async fn request_repeatable(&self, req: &CoordRequest) -> Result<CoordResponse, ClientError> {
         let mut r = self.request_once(req).await;
         if matches!(r, Err(ClientError::Net(_))) {
-            *self.conn.lock().await = None;
+            self.forget_failed().await;
             r = self.request_once(req).await;
         }
         self.explain(r).await

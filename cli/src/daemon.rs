@@ -383,6 +383,7 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
         }),
         meta: meta_options(&a)?,
         fleet_key: a.fleet_key.clone(),
+        hooks: Default::default(),
     })
     .await
     .context("starting the coordinator")?;

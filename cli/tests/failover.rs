@@ -1,0 +1,161 @@
+//! Coordinators in failover as an operator runs them: `voltool coordinator --meta etcd://…`
+//! processes over a real three-member etcd cluster and a real S3 origin (Garage), agents
+//! given every coordinator; the leader killed with SIGKILL.
+
+mod util;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use util::{expect, voltool, wait_file};
+use voltool_tests::etcd::EtcdCluster;
+use voltool_tests::garage::Garage;
+
+/// Child processes, killed (and their mounts detached) when dropped.
+struct Procs {
+    dir: tempfile::TempDir,
+    children: Vec<(String, Child)>,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        voltool_agent::overlay::unmount_all_under(self.dir.path());
+    }
+}
+
+impl Procs {
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .unwrap()
+    }
+
+    fn kill9(&mut self, name: &str) {
+        let pos = self.children.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut c) = self.children.remove(pos);
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn the_leaders_kill_9_hands_the_fleet_to_the_next_coordinator_and_agents_carry_on() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let garage = Garage::start();
+    let origin = garage.origin("fleet");
+    let mut p = Procs {
+        dir: voltool_tests::test_dir(),
+        children: Vec::new(),
+    };
+    let d = p.dir.path().to_path_buf();
+    let fleet_id = voltool_tests::seed_key(&d.join("fleet"), 0xF1);
+    let coordinators: Vec<String> = (0..2u8)
+        .map(|k| {
+            let id = voltool_tests::seed_key(&d.join(format!("c{k}")), 0xC0 + k);
+            format!("{id}@127.0.0.1:{}", free_port())
+        })
+        .collect();
+    let start_coordinator = |p: &mut Procs, k: usize| {
+        let port = coordinators[k].rsplit(':').next().unwrap();
+        let child = voltool()
+            .env("AWS_ACCESS_KEY_ID", origin.access_key_id.clone().unwrap())
+            .env(
+                "AWS_SECRET_ACCESS_KEY",
+                origin.secret_access_key.clone().unwrap(),
+            )
+            .args(["coordinator", "--open", "--data"])
+            .arg(d.join(format!("c{k}")))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--meta", &etcd.meta_url("fleet"), "--etcd-open"])
+            .args(["--origin", &format!("s3://{}/fleet", origin.bucket)])
+            .args(["--s3-endpoint", origin.endpoint.as_deref().unwrap()])
+            .args(["--s3-region", origin.region.as_deref().unwrap()])
+            .arg("--fleet-key")
+            .arg(d.join("fleet/node.key"))
+            .args(["--lease-ttl", "2s"])
+            .stdout(Stdio::null())
+            .stderr(p.log(&format!("c{k}")))
+            .spawn()
+            .unwrap();
+        p.children.push((format!("c{k}"), child));
+    };
+    start_coordinator(&mut p, 0);
+    {
+        let c0 = &mut p.children.last_mut().unwrap().1;
+        // A coordinator writes its address once it leads.
+        assert_eq!(
+            wait_file(&d.join("c0/coordinator.addr"), c0),
+            coordinators[0]
+        );
+    }
+    start_coordinator(&mut p, 1);
+    let start_agent = |p: &mut Procs, i: usize| {
+        let data = d.join(format!("agent-{i}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let mut child = voltool()
+            .args(["agent", "--data"])
+            .arg(&data)
+            .arg("--run-dir")
+            .arg(d.join(format!("run-{i}")))
+            .args(["--coordinator", &coordinators[0]])
+            .args(["--coordinator", &coordinators[1]])
+            .args(["--fleet-key", &fleet_id.to_string()])
+            .stdout(Stdio::null())
+            .stderr(p.log(&format!("agent-{i}")))
+            .spawn()
+            .unwrap();
+        wait_file(&data.join("agent.addr"), &mut child);
+        p.children.push((format!("agent-{i}"), child));
+    };
+    start_agent(&mut p, 0);
+    start_agent(&mut p, 1);
+    let run = |i: usize, args: &[&str]| {
+        voltool()
+            .arg("--agent")
+            .arg(d.join(format!("run-{i}")))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    expect(&run(0, &["volume", "create", "v"]), 0);
+    let m0 = d.join("m0");
+    expect(&run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
+    std::fs::write(m0.join("a.txt"), "before").unwrap();
+    expect(&run(0, &["commit"]), 0);
+    // The leader dies without a word: its lease runs out, the standby leads, and the
+    // agent's next commit reaches it by itself.
+    p.kill9("c0");
+    let killed = Instant::now();
+    std::fs::write(m0.join("b.txt"), "after").unwrap();
+    expect(&run(0, &["commit"]), 0);
+    let failover = killed.elapsed();
+    eprintln!("from the leader's kill -9 to a commit acknowledged by the next: {failover:?}");
+    assert!(failover < Duration::from_secs(30), "{failover:?}");
+    let c1 = &mut p.children.iter_mut().find(|(n, _)| n == "c1").unwrap().1;
+    assert_eq!(
+        wait_file(&d.join("c1/coordinator.addr"), c1),
+        coordinators[1]
+    );
+    // Another agent mounts the volume after the change of leader: both commits are there.
+    let m1 = d.join("m1");
+    expect(&run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
+    assert_eq!(std::fs::read_to_string(m1.join("a.txt")).unwrap(), "before");
+    assert_eq!(std::fs::read_to_string(m1.join("b.txt")).unwrap(), "after");
+}
