@@ -23,6 +23,139 @@ struct Member {
 pub struct EtcdCluster {
     dir: TempDir,
     members: Vec<Member>,
+    /// With TLS: clients must show a certificate the cluster's CA signed.
+    tls: Option<Tls>,
+}
+
+/// The PEM files of a cluster that speaks TLS to its clients.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    /// The CA that signed the members' and the client's certificates.
+    pub ca: PathBuf,
+    /// A member's certificate (for 127.0.0.1) and key.
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// A client's certificate, which the CA signed.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+    /// A client certificate the CA did not sign (self-signed), and its key.
+    pub stranger_cert: PathBuf,
+    /// Its key.
+    pub stranger_key: PathBuf,
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl is not installed: run scripts/etcd.sh");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes a CA, a member certificate for 127.0.0.1 and a client certificate in `dir`.
+fn make_certs(dir: &std::path::Path) -> Tls {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=voltool test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
+    }
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=stranger",
+            "-keyout",
+            "stranger.key",
+            "-out",
+            "stranger.pem",
+        ],
+    );
+    Tls {
+        stranger_cert: dir.join("stranger.pem"),
+        stranger_key: dir.join("stranger.key"),
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    }
 }
 
 fn free_port() -> u16 {
@@ -48,7 +181,23 @@ fn program(name: &str) -> PathBuf {
 impl EtcdCluster {
     /// Starts a cluster of `n` members and waits (bounded) until every one is healthy.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, false)
+    }
+
+    /// Starts a cluster of `n` members that speak TLS to clients and require a client
+    /// certificate their CA signed ([`Self::tls`]).
+    pub fn start_tls(n: usize) -> Self {
+        Self::start_with(n, true)
+    }
+
+    /// The cluster's certificates, if it speaks TLS.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    fn start_with(n: usize, tls: bool) -> Self {
         let dir = crate::test_dir();
+        let tls = tls.then(|| make_certs(dir.path()));
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -57,7 +206,7 @@ impl EtcdCluster {
                 child: None,
             })
             .collect();
-        let mut cluster = EtcdCluster { dir, members };
+        let mut cluster = EtcdCluster { dir, members, tls };
         for i in 0..n {
             cluster.spawn(i, true);
         }
@@ -73,8 +222,25 @@ impl EtcdCluster {
             .join(",")
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     fn spawn(&mut self, i: usize, new: bool) {
         let initial = self.initial_cluster();
+        let scheme = self.scheme();
+        let tls_args: Vec<std::ffi::OsString> = match &self.tls {
+            Some(t) => vec![
+                "--cert-file".into(),
+                t.server_cert.clone().into(),
+                "--key-file".into(),
+                t.server_key.clone().into(),
+                "--client-cert-auth".into(),
+                "--trusted-ca-file".into(),
+                t.ca.clone().into(),
+            ],
+            None => Vec::new(),
+        };
         let data = self.dir.path().join(&self.members[i].name);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -92,9 +258,10 @@ impl EtcdCluster {
             .arg("--data-dir")
             .arg(&data)
             .arg("--listen-client-urls")
-            .arg(format!("http://127.0.0.1:{}", m.client))
+            .arg(format!("{scheme}://127.0.0.1:{}", m.client))
             .arg("--advertise-client-urls")
-            .arg(format!("http://127.0.0.1:{}", m.client))
+            .arg(format!("{scheme}://127.0.0.1:{}", m.client))
+            .args(tls_args)
             .arg("--listen-peer-urls")
             .arg(format!("http://127.0.0.1:{}", m.peer))
             .arg("--initial-advertise-peer-urls")
@@ -147,15 +314,24 @@ impl EtcdCluster {
         self.await_healthy();
     }
 
+    /// `etcdctl` for this cluster (its TLS flags given).
+    fn etcdctl(&self, endpoints: &str) -> Command {
+        let mut c = Command::new(program("etcdctl"));
+        c.env("ETCDCTL_API", "3").arg("--endpoints").arg(endpoints);
+        if let Some(t) = &self.tls {
+            c.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        c
+    }
+
     /// Runs `etcdctl` against the cluster.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::new(program("etcdctl"))
-            .env("ETCDCTL_API", "3")
-            .arg("--endpoints")
-            .arg(self.endpoints())
-            .args(args)
-            .output()
-            .unwrap();
+        let out = self.etcdctl(&self.endpoints()).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "etcdctl {args:?}: {}{}",
@@ -175,10 +351,8 @@ impl EtcdCluster {
             .map(|m| format!("127.0.0.1:{}", m.client))
             .collect();
         loop {
-            let ok = Command::new(program("etcdctl"))
-                .env("ETCDCTL_API", "3")
-                .arg("--endpoints")
-                .arg(running.join(","))
+            let ok = self
+                .etcdctl(&running.join(","))
                 .args(["endpoint", "health", "--command-timeout=2s"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use voltool_coordinator::meta::{
-    EtcdMeta, EtcdUrl, Fence, LinkEntry, LinkUpdate, Meta, MetaError, RedbMeta, VolumeRecord,
+    EtcdMeta, EtcdTls, EtcdUrl, Fence, LinkEntry, LinkUpdate, Meta, MetaError, RedbMeta,
+    VolumeRecord,
 };
 use voltool_protocol::{Commit, Hash, SecretKey, SignedHead, VolumeId};
 use voltool_tests::etcd::EtcdCluster;
@@ -516,4 +517,39 @@ fn etcd_keeps_the_fleets_blob_records() {
     let dir = voltool_tests::test_dir();
     let redb = RedbMeta::open(&dir.path().join("coordinator.redb")).unwrap();
     assert!(redb.blob_records().is_none());
+}
+
+/// etcd with TLS and client certificates: the state is reached with the certificate the
+/// cluster's CA signed, and refused, by name, without one.
+#[test]
+fn etcd_is_reached_over_tls_with_a_client_certificate_and_refused_without() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let cluster = EtcdCluster::start_tls(3);
+    let t = cluster.tls().unwrap();
+    let url: EtcdUrl = cluster.meta_url("tls").parse().unwrap();
+    let tls = EtcdTls {
+        ca: t.ca.clone(),
+        cert: t.client_cert.clone(),
+        key: t.client_key.clone(),
+    };
+    let meta = EtcdMeta::connect(&url, Some(&tls)).unwrap();
+    let id = VolumeId([6; 16]);
+    meta.create("v", VolumeRecord { id, created_ms: 0 }, &head(id, 0, 0))
+        .unwrap();
+    assert_eq!(meta.volume("v").unwrap().unwrap().id, id);
+    // Plain connections to a TLS port fail, and so does TLS with a client certificate the
+    // CA did not sign.
+    let e = EtcdMeta::connect(&url, None).unwrap_err().to_string();
+    assert!(e.contains("etcd"), "{e}");
+    let stranger = EtcdTls {
+        cert: t.stranger_cert.clone(),
+        key: t.stranger_key.clone(),
+        ..tls
+    };
+    let e = EtcdMeta::connect(&url, Some(&stranger))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("etcd"), "{e}");
 }
