@@ -85,6 +85,7 @@ impl State {
     pub(super) fn collect(&self) -> Result<GcStats, Fail> {
         let keep = self.retention.keep_versions.max(1);
         let mut stats = GcStats::default();
+        stats.freed += self.finish_condemned()?;
         let mut roots = Vec::new();
         let mut drops = Vec::new();
         let heads = self.meta.heads().map_err(meta_fail)?;
@@ -125,7 +126,7 @@ impl State {
             stats.freed_bytes += size;
         }
         drop(recent);
-        stats.freed = dead.len();
+        stats.freed += dead.len();
         // The version records go first: a crash between the two leaves blobs that the next
         // collection frees, never a kept version without its blobs.
         for (id, first) in drops {
@@ -133,11 +134,20 @@ impl State {
         }
         for chunk in dead.chunks(4096) {
             // Where coordinators share the records, the condemnation is written (fenced:
-            // only the leader's lands) before any object goes.
-            if let Some(r) = self.meta.blob_records() {
-                r.forget_blobs(chunk).map_err(meta_fail)?;
+            // only the leader's lands) before any object goes, and the lead must hold past
+            // the chunk's deletes: the collection stops a margin before its lease's end.
+            self.condemn(chunk)?;
+            if let Some(hook) = &self.hooks.before_gc_deletes {
+                hook();
+            }
+            if !self.lead_holds() {
+                return Err(fail(
+                    ErrorKind::Internal,
+                    "collection stopped: the lead's lease is near its end",
+                ));
             }
             self.origin.remove_many(chunk).map_err(internal)?;
+            self.deleted(chunk)?;
         }
         self.metrics.gc_freed_bytes.inc_by(stats.freed_bytes);
         if stats.freed > 0 || stats.versions_dropped > 0 {

@@ -19,6 +19,8 @@ use crate::meta::{EtcdMeta, Fence, MetaError};
 pub(crate) struct Leadership {
     /// Cancelled when the lead is lost (a keep-alive unanswered in time, the lease gone).
     pub(crate) lost: CancellationToken,
+    /// How long the lead holds, as this coordinator knows it.
+    pub(crate) lease: Lease,
     /// Cancel to step down (resign and revoke the lease, so another takes over at once).
     step_down: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -29,6 +31,23 @@ impl Leadership {
     pub(crate) async fn step_down(self) {
         self.step_down.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+/// The lead's lease as its holder sees it: until when the last renewal holds, and when the
+/// lead began. Another coordinator can lead only once the lease ended at etcd, which is
+/// never before this holder's `valid_until` (it counts from when it asked).
+#[derive(Clone, Debug)]
+pub(crate) struct Lease {
+    pub(crate) ttl: Duration,
+    pub(crate) since: Instant,
+    valid_until: Arc<std::sync::Mutex<Instant>>,
+}
+
+impl Lease {
+    /// Whether the lead surely holds for `margin` more.
+    pub(crate) fn holds_for(&self, margin: Duration) -> bool {
+        Instant::now() + margin < *self.valid_until.lock().expect("not poisoned")
     }
 }
 
@@ -62,6 +81,7 @@ pub(crate) async fn campaign(
     let lost = CancellationToken::new();
     let step_down = CancellationToken::new();
     let won = Arc::new(tokio::sync::OnceCell::<Fence>::new());
+    let valid_until = Arc::new(std::sync::Mutex::new(Instant::now() + ttl));
     let task = meta.spawn(keep(
         meta.clone(),
         id,
@@ -69,6 +89,7 @@ pub(crate) async fn campaign(
         lost.clone(),
         step_down.clone(),
         won.clone(),
+        valid_until.clone(),
     ));
     let name = election(&meta);
     let leader = loop {
@@ -99,6 +120,11 @@ pub(crate) async fn campaign(
     info!(lease = id, revision = leader.rev(), "leading the fleet");
     Ok(Leadership {
         lost,
+        lease: Lease {
+            ttl,
+            since: Instant::now(),
+            valid_until,
+        },
         step_down,
         task,
     })
@@ -114,6 +140,7 @@ async fn keep(
     lost: CancellationToken,
     step_down: CancellationToken,
     won: Arc<tokio::sync::OnceCell<Fence>>,
+    shared_until: Arc<std::sync::Mutex<Instant>>,
 ) {
     // The lead counts as lost a third of the lease before etcd would end it.
     let margin = ttl / 3;
@@ -132,9 +159,11 @@ async fn keep(
             r = answer => match r {
                 Ok(Ok(Some(a))) if a.ttl() > 0 => {
                     valid_until = sent + Duration::from_secs(a.ttl() as u64);
+                    *shared_until.lock().expect("not poisoned") = valid_until;
                 }
                 Ok(Ok(_)) => {
                     warn!("the lease is gone: this coordinator no longer leads");
+                    *shared_until.lock().expect("not poisoned") = Instant::now();
                     lost.cancel();
                     return;
                 }
@@ -144,6 +173,7 @@ async fn keep(
         }
         if Instant::now() + margin >= valid_until {
             warn!("the lease was not renewed in time: this coordinator no longer leads");
+            *shared_until.lock().expect("not poisoned") = Instant::now();
             lost.cancel();
             return;
         }
@@ -168,6 +198,7 @@ async fn keep(
     let mut lease = meta.client().lease_client();
     let _ = lease.revoke(id).await;
     // The fence stays: its key is gone, so any write still on its way is refused.
+    *shared_until.lock().expect("not poisoned") = Instant::now();
     lost.cancel();
     info!("stepped down");
 }

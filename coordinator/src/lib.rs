@@ -70,12 +70,16 @@ pub struct Hooks {
     /// Called (blocking, on the blocking pool) when a commit has signed its new head and is
     /// about to move the head: a test pauses the leader here.
     pub before_head_moves: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Called (blocking) when a collection has condemned a chunk of blobs and is about to
+    /// delete their objects.
+    pub before_gc_deletes: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
             .field("before_head_moves", &self.before_head_moves.is_some())
+            .field("before_gc_deletes", &self.before_gc_deletes.is_some())
             .finish()
     }
 }
@@ -203,6 +207,10 @@ struct State {
     /// See [`CoordinatorOptions::commit_deadline`].
     commit_deadline: std::time::Duration,
     hooks: Hooks,
+    /// The lead's lease and its revision, on etcd.
+    lease: Option<(leader::Lease, i64)>,
+    /// Blobs condemned and not cleared (on etcd; see [`condemned`]).
+    marks: condemned::Marks,
     metrics: Arc<Metrics>,
 }
 
@@ -223,8 +231,11 @@ impl State {
         }
     }
 
-    /// Writes manifest pages into the origin, durable and recorded. Blocking.
+    /// Writes manifest pages into the origin, durable and recorded; the caller holds the
+    /// write lock. Blocking.
     fn put_pages(&self, pages: &[(tree::PageRef, Vec<u8>)]) -> Result<(), Fail> {
+        let hashes: Vec<Hash> = pages.iter().map(|(r, _)| r.hash).collect();
+        self.unmark_for_write(&hashes)?;
         self.pages.put_now(pages).map_err(volumes::internal)?;
         let held: Vec<(Hash, u64)> = pages.iter().map(|(r, _)| (r.hash, r.size)).collect();
         self.record_held(&held)
@@ -370,17 +381,26 @@ impl Coordinator {
             }
             _ => None,
         };
+        let mut marks = std::collections::HashMap::new();
         if let Some(m) = &etcd {
             // The origin store's records become the fleet's: what other leaders uploaded is
-            // served and counted here, what they freed is no longer claimed.
+            // served and counted here, what they freed is no longer claimed; and what their
+            // collections condemned is known.
             let (m, o) = (m.clone(), origin.clone());
-            let (added, dropped) = tokio::task::spawn_blocking(move || {
+            let (added, dropped, condemned) = tokio::task::spawn_blocking(move || {
                 let fleet = m.all_blobs()?;
-                o.sync_records(&fleet).map_err(CoordinatorError::from)
+                let (added, dropped) = o.sync_records(&fleet)?;
+                Ok::<_, CoordinatorError>((added, dropped, m.condemned()?))
             })
             .await
             .map_err(|e| CoordinatorError::Meta(MetaError::Engine(e.to_string())))??;
-            info!(added, dropped, "the origin's records are the fleet's");
+            info!(
+                added,
+                dropped,
+                condemned = condemned.len(),
+                "the origin's records are the fleet's"
+            );
+            marks.extend(condemned);
         }
         let addr_file = opts.data.join(ADDR_FILE);
         let tmp = addr_file.with_extension("tmp");
@@ -421,6 +441,11 @@ impl Coordinator {
             gc_now: tokio::sync::Notify::new(),
             commit_deadline: opts.commit_deadline,
             hooks: opts.hooks.clone(),
+            lease: leadership
+                .as_ref()
+                .zip(etcd.as_ref())
+                .map(|(l, m)| (l.lease.clone(), m.fence_revision())),
+            marks: std::sync::Mutex::new(marks),
             metrics,
         });
         let cancel = CancellationToken::new();
@@ -850,6 +875,7 @@ pub fn read_members(path: &Path) -> Result<HashSet<EndpointId>, CoordinatorError
 }
 
 mod commit;
+mod condemned;
 mod follow;
 mod gc;
 mod leader;

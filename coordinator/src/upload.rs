@@ -43,6 +43,19 @@ pub(super) async fn upload(
         .lock()
         .expect("not poisoned")
         .touch(blobs.iter().map(|(h, _)| *h));
+    // A blob a collection condemned is written again only once no collection can still
+    // delete its object (see `condemned`): with the write lock, no collection of this lead
+    // runs.
+    let hashes: Vec<Hash> = blobs.iter().map(|(h, _)| *h).collect();
+    if !state.marked(&hashes).is_empty() {
+        let _guard = state.write_lock.lock().await;
+        let st = state.clone();
+        match tokio::task::spawn_blocking(move || st.unmark_for_write(&hashes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(f)) => return f.into(),
+            Err(e) => return fail(ErrorKind::Internal, e.to_string()).into(),
+        }
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Received>(RECEIVED_QUEUE);
     let batch = state.origin.batch();
     let worker = tokio::task::spawn_blocking(move || {

@@ -252,6 +252,7 @@ impl TestFleet {
         meta: voltool_coordinator::MetaOptions,
         standbys: usize,
         hooks: voltool_coordinator::Hooks,
+        limits: Limits,
     ) -> Self {
         let dir = test_dir();
         let fleet_dir = dir.path().join("fleet");
@@ -263,7 +264,7 @@ impl TestFleet {
             agents: Vec::new(),
             members: HashSet::new(),
             writers: None,
-            limits: Limits::default(),
+            limits,
             s3: Some(s3),
             meta,
             fleet_key: Some((fleet_dir.join("node.key"), fleet_id)),

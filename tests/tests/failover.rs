@@ -212,9 +212,15 @@ async fn agents_given_every_coordinator_commit_and_mount_across_a_change_of_lead
         tls: None,
         lease_ttl: Duration::from_secs(2),
     };
-    let mut f =
-        voltool_tests::TestFleet::start_ha(2, garage.origin("fleet"), meta, 1, Default::default())
-            .await;
+    let mut f = voltool_tests::TestFleet::start_ha(
+        2,
+        garage.origin("fleet"),
+        meta,
+        1,
+        Default::default(),
+        Default::default(),
+    )
+    .await;
     let standby = tokio::spawn(Coordinator::start(f.standby_options(0)));
     f.create("v").await;
     let m0 = f.mount(0, "v").await;
@@ -269,8 +275,17 @@ async fn a_leader_paused_before_its_head_moves_is_refused_after_a_takeover_and_n
     };
     let hooks = Hooks {
         before_head_moves: Some(Arc::new(hook)),
+        ..Default::default()
     };
-    let mut f = voltool_tests::TestFleet::start_ha(2, garage.origin("fleet"), meta, 1, hooks).await;
+    let mut f = voltool_tests::TestFleet::start_ha(
+        2,
+        garage.origin("fleet"),
+        meta,
+        1,
+        hooks,
+        Default::default(),
+    )
+    .await;
     let standby = tokio::spawn(Coordinator::start(f.standby_options(0)));
     f.create("v").await;
     let m0 = f.mount(0, "v").await;
@@ -340,4 +355,104 @@ async fn a_leader_paused_before_its_head_moves_is_refused_after_a_takeover_and_n
     voltool_protocol::commit::verify_chain(&versions.0.commit, &versions.1).unwrap();
     assert_eq!(versions.0.commit.version, base + 2);
     old.shutdown().await;
+}
+
+/// GC under failover: the leader pauses in the middle of a collection, after condemning
+/// blobs and before deleting their objects; its lease ends and the standby takes over. A
+/// writer puts one of those blobs back at once: the new leader writes it only once the old
+/// lead's lease surely ended. The old leader resumes and deletes nothing (its lease is
+/// over); the blob stays readable, and the new leader's next collection finishes what the
+/// old one left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_in_the_middle_of_a_collection_deletes_nothing_after_a_takeover() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let garage = Garage::start();
+    let meta = MetaOptions::Etcd {
+        url: etcd.meta_url("fleet").parse().unwrap(),
+        tls: None,
+        lease_ttl: Duration::from_secs(2),
+    };
+    let armed: Arc<Mutex<Option<Pause>>> = Default::default();
+    let hook = {
+        let armed = armed.clone();
+        move || {
+            let taken = armed.lock().unwrap().take();
+            if let Some((paused, resume)) = taken {
+                paused.send(()).unwrap();
+                resume.recv().unwrap();
+            }
+        }
+    };
+    let hooks = Hooks {
+        before_gc_deletes: Some(Arc::new(hook)),
+        ..Default::default()
+    };
+    let limits = voltool_tests::Limits {
+        retention: voltool_coordinator::Retention {
+            keep_versions: 1,
+            grace: Duration::ZERO,
+            interval: Duration::from_secs(3600),
+        },
+        ..Default::default()
+    };
+    let mut f =
+        voltool_tests::TestFleet::start_ha(2, garage.origin("fleet"), meta, 1, hooks, limits).await;
+    let standby = tokio::spawn(Coordinator::start(f.standby_options(0)));
+    f.create("v").await;
+    let m0 = f.mount(0, "v").await;
+    let content = voltool_tests::bytes(7, 300_000);
+    std::fs::write(m0.join("x.bin"), &content).unwrap();
+    f.commit(0, "v").await.unwrap();
+    std::fs::remove_file(m0.join("x.bin")).unwrap();
+    f.commit(0, "v").await.unwrap();
+    // The leader's collection condemns x.bin's blob and stops before deleting it.
+    let (paused_tx, paused_rx) = mpsc::channel();
+    let (resume_tx, resume_rx) = mpsc::channel();
+    *armed.lock().unwrap() = Some((paused_tx, resume_rx));
+    let old = Arc::new(f.coord.take().unwrap());
+    let collecting = tokio::spawn({
+        let old = old.clone();
+        async move { old.collect_garbage().await }
+    });
+    tokio::task::spawn_blocking(move || paused_rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the collection reaches its deletes");
+    let marked = etcd.ctl(&["get", "--prefix", "--keys-only", "fleet/g/"]);
+    assert!(!marked.trim().is_empty(), "nothing condemned");
+    // Its lease ends while it is paused; the standby leads.
+    let leases = etcd.ctl(&["lease", "list"]);
+    let first_lease = leases.lines().nth(1).expect("a lease").trim().to_string();
+    etcd.ctl(&["lease", "revoke", &first_lease]);
+    tokio::time::timeout(Duration::from_secs(10), old.lead_lost())
+        .await
+        .expect("the old leader sees its lease gone");
+    let b = tokio::time::timeout(Duration::from_secs(30), standby)
+        .await
+        .expect("the standby takes over")
+        .unwrap()
+        .unwrap();
+    f.coord = Some(b);
+    // The writer puts the same bytes back at once, through the new leader.
+    std::fs::write(m0.join("x.bin"), &content).unwrap();
+    f.commit(0, "v").await.unwrap();
+    // The old leader resumes: past its lease, it deletes nothing.
+    resume_tx.send(()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), collecting)
+        .await
+        .unwrap()
+        .unwrap();
+    let e = r.expect_err("a collection past its lease stops");
+    assert!(e.to_string().contains("lease"), "{e}");
+    // The blob is there: another agent mounts the volume and reads it whole.
+    let m1 = f.mount(1, "v").await;
+    assert_eq!(std::fs::read(m1.join("x.bin")).unwrap(), content);
+    // The new leader's collection finishes what the old one left: no mark stays.
+    f.coord.as_ref().unwrap().collect_garbage().await.unwrap();
+    let marked = etcd.ctl(&["get", "--prefix", "--keys-only", "fleet/g/"]);
+    assert!(marked.trim().is_empty(), "marks left: {marked}");
+    assert_eq!(std::fs::read(m1.join("x.bin")).unwrap(), content);
 }

@@ -389,7 +389,11 @@ fn etcd_refuses_every_write_of_a_writer_whose_fence_is_gone() {
         Err(MetaError::Fenced)
     ));
     assert!(matches!(
-        records.forget_blobs(&[blob]),
+        records.condemn_blobs(&[blob]),
+        Err(MetaError::Fenced)
+    ));
+    assert!(matches!(
+        records.clear_condemned(&[blob]),
         Err(MetaError::Fenced)
     ));
     assert_eq!(meta.head(id).unwrap().unwrap().commit.version, 0);
@@ -508,12 +512,21 @@ fn etcd_keeps_the_fleets_blob_records() {
     want.sort();
     assert_eq!(all, want);
     let gone: Vec<Hash> = blobs[..150].iter().map(|(h, _)| *h).collect();
-    records.forget_blobs(&gone).unwrap();
+    records.condemn_blobs(&gone).unwrap();
     let mut left = records.all_blobs().unwrap();
     left.sort();
     let mut want: Vec<(Hash, u64)> = blobs[150..].to_vec();
     want.sort();
     assert_eq!(left, want);
+    // Condemned, with the revision of the lead that condemned them (no fence here: 0),
+    // until cleared.
+    let mut marked = records.condemned().unwrap();
+    marked.sort();
+    let mut want: Vec<(Hash, i64)> = gone.iter().map(|h| (*h, 0)).collect();
+    want.sort();
+    assert_eq!(marked, want);
+    records.clear_condemned(&gone[..100]).unwrap();
+    assert_eq!(records.condemned().unwrap().len(), 50);
     let dir = voltool_tests::test_dir();
     let redb = RedbMeta::open(&dir.path().join("coordinator.redb")).unwrap();
     assert!(redb.blob_records().is_none());

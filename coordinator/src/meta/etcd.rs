@@ -4,8 +4,8 @@
 //! `v/NAME` a volume's record, `h/ID` its head, `c/ID/VERSION` its commits, `l/ID/PATH` a
 //! link's index entry, `d/ID/PATH\0LINK` the links whose resolution looked up `PATH`,
 //! `i/ID` the version the link index describes, `x/NODE` a distrusted provider, `b/HASH`
-//! a blob the fleet's origin holds in its bucket (its size). Values are postcard, as in
-//! redb.
+//! a blob the fleet's origin holds in its bucket (its size), `g/HASH` a blob a collection
+//! condemned (the revision of the lead that did). Values are postcard, as in redb.
 //!
 //! Every write is one etcd transaction that also compares the writer's [`Fence`]: the leader
 //! key it was elected with must still exist with the revision it was created at. A leader
@@ -793,6 +793,19 @@ impl EtcdMeta {
     fn blob_key(&self, h: &Hash) -> Vec<u8> {
         self.key(&[b"b", h.to_hex().as_bytes()])
     }
+
+    fn condemned_key(&self, h: &Hash) -> Vec<u8> {
+        self.key(&[b"g", h.to_hex().as_bytes()])
+    }
+
+    /// The revision of the leader key this writer's writes are fenced on (0: none).
+    pub fn fence_revision(&self) -> i64 {
+        self.fence
+            .read()
+            .expect("not poisoned")
+            .as_ref()
+            .map_or(0, |f| f.revision)
+    }
 }
 
 impl BlobRecords for EtcdMeta {
@@ -810,18 +823,49 @@ impl BlobRecords for EtcdMeta {
         Ok(())
     }
 
-    fn forget_blobs(&self, blobs: &[Hash]) -> Result<(), MetaError> {
+    fn condemn_blobs(&self, blobs: &[Hash]) -> Result<(), MetaError> {
+        let by = self.fence_revision();
         let mut ops = Ops::default();
         let mut seen = std::collections::HashSet::new();
         for h in blobs.iter().filter(|h| seen.insert(**h)) {
             ops.delete(self.blob_key(h), None);
+            ops.put(self.condemned_key(h), by.to_be_bytes().to_vec());
+        }
+        if !self.batches(&[], ops)? {
+            return Err(MetaError::Engine("a condemnation was refused".into()));
+        }
+        Ok(())
+    }
+
+    fn clear_condemned(&self, blobs: &[Hash]) -> Result<(), MetaError> {
+        let mut ops = Ops::default();
+        let mut seen = std::collections::HashSet::new();
+        for h in blobs.iter().filter(|h| seen.insert(**h)) {
+            ops.delete(self.condemned_key(h), None);
         }
         if !self.batches(&[], ops)? {
             return Err(MetaError::Engine(
-                "a blob record's removal was refused".into(),
+                "clearing a condemnation was refused".into(),
             ));
         }
         Ok(())
+    }
+
+    fn condemned(&self) -> Result<Vec<(Hash, i64)>, MetaError> {
+        let prefix = self.key(&[b"g", b""]);
+        let mut out = Vec::new();
+        for kv in self.scan_prefix(prefix.clone(), false)? {
+            let bad = |why: &str| MetaError::Corrupt {
+                what: "a condemnation mark".to_string(),
+                why: why.to_string(),
+            };
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(&kv.key()[prefix.len()..], &mut h)
+                .map_err(|_| bad("its key is no hash"))?;
+            let by: [u8; 8] = kv.value().try_into().map_err(|_| bad("not 8 bytes"))?;
+            out.push((Hash(h), i64::from_be_bytes(by)));
+        }
+        Ok(out)
     }
 
     fn all_blobs(&self) -> Result<Vec<(Hash, u64)>, MetaError> {

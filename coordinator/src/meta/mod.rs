@@ -174,8 +174,18 @@ pub trait BlobRecords: Send + Sync {
     /// Records blobs held (uploaded and verified, or pages written), fenced.
     fn record_blobs(&self, blobs: &[(Hash, u64)]) -> Result<(), MetaError>;
 
-    /// Forgets blobs, fenced: a collection forgets them before it deletes their objects.
-    fn forget_blobs(&self, blobs: &[Hash]) -> Result<(), MetaError>;
+    /// Condemns blobs, fenced: forgets their records and marks them condemned by this
+    /// writer's lead. A collection does this before it deletes their objects, and clears
+    /// the marks after.
+    fn condemn_blobs(&self, blobs: &[Hash]) -> Result<(), MetaError>;
+
+    /// Clears condemnation marks, fenced: the blobs' objects are gone, or may be written
+    /// again.
+    fn clear_condemned(&self, blobs: &[Hash]) -> Result<(), MetaError>;
+
+    /// Every blob condemned and not cleared, with the revision of the lead that condemned
+    /// it (its leader key's, as in [`Fence`]).
+    fn condemned(&self) -> Result<Vec<(Hash, i64)>, MetaError>;
 
     /// Every blob recorded.
     fn all_blobs(&self) -> Result<Vec<(Hash, u64)>, MetaError>;
