@@ -115,6 +115,22 @@ fn the_example_configs_under_deploy_read() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("keep-versions = 10\n"), "{out}");
+    // The coordinator in failover: the fleet's state in etcd, its TLS, the fleet key.
+    let (ok, out, err) = voltool(&[
+        "coordinator",
+        "--config",
+        &format!("{deploy}/coordinator-ha.toml"),
+        "--print-config",
+    ]);
+    assert!(ok, "{err}");
+    for line in [
+        "meta = \"etcd://10.0.0.11:2379,10.0.0.12:2379,10.0.0.13:2379/voltool/fleet-1\"\n",
+        "etcd-ca = \"/etc/voltool/etcd/ca.pem\"\n",
+        "lease-ttl = \"5s\"\n",
+        "fleet-key = \"/etc/voltool/fleet.key\"\n",
+    ] {
+        assert!(out.contains(line), "{line} in {out}");
+    }
     // The agent's example names its coordinator by a placeholder: a copy names a real one
     // (a --coordinator on the command line would add to the file's list, not replace it).
     let text = std::fs::read_to_string(format!("{deploy}/agent.toml")).unwrap();

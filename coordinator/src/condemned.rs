@@ -134,15 +134,21 @@ impl State {
             return Ok(0);
         }
         for chunk in left.chunks(4096) {
-            if !self.lead_holds() {
-                return Err(fail(
-                    ErrorKind::Internal,
-                    "collection stopped: the lead's lease is near its end",
-                ));
-            }
-            self.origin.remove_many(chunk).map_err(internal)?;
-            self.deleted(chunk)?;
+            self.delete_condemned(chunk)?;
         }
         Ok(left.len())
+    }
+
+    /// Deletes the objects of condemned blobs and clears their marks, if the lead holds
+    /// long enough (a collection stops a margin before its lease's end).
+    pub(super) fn delete_condemned(&self, chunk: &[Hash]) -> Result<(), Fail> {
+        if !self.lead_holds() {
+            return Err(fail(
+                ErrorKind::Internal,
+                "collection stopped: the lead's lease is near its end",
+            ));
+        }
+        self.origin.remove_many(chunk).map_err(internal)?;
+        self.deleted(chunk)
     }
 }

@@ -140,14 +140,7 @@ impl State {
             if let Some(hook) = &self.hooks.before_gc_deletes {
                 hook();
             }
-            if !self.lead_holds() {
-                return Err(fail(
-                    ErrorKind::Internal,
-                    "collection stopped: the lead's lease is near its end",
-                ));
-            }
-            self.origin.remove_many(chunk).map_err(internal)?;
-            self.deleted(chunk)?;
+            self.delete_condemned(chunk)?;
         }
         self.metrics.gc_freed_bytes.inc_by(stats.freed_bytes);
         if stats.freed > 0 || stats.versions_dropped > 0 {

@@ -93,6 +93,7 @@ pub(crate) async fn campaign(
     ));
     let name = election(&meta);
     let leader = loop {
+        let member = meta.member();
         let mut el = meta.client().election_client();
         let (n, v) = (name.clone(), value.clone());
         let attempt = meta.spawn(async move { el.campaign(n, v, id).await });
@@ -106,8 +107,14 @@ pub(crate) async fn campaign(
                     None => return Err(MetaError::Engine("etcd elected no leader key".into())),
                 },
                 // A campaign waits within one call's deadline: campaign again, on the same
-                // lease (the candidacy stays).
-                Err(e) => tracing::debug!("campaign: {e}"),
+                // lease (the candidacy stays); a member that does not answer is left.
+                Err(e) => {
+                    tracing::debug!("campaign: {e}");
+                    if crate::meta::unreachable(&e, false) {
+                        let m = meta.clone();
+                        let _ = meta.spawn(async move { m.move_on_async(member).await }).await;
+                    }
+                }
             }
         }
     };
@@ -147,6 +154,7 @@ async fn keep(
     let mut valid_until = Instant::now() + ttl;
     loop {
         let sent = Instant::now();
+        let member = meta.member();
         let mut lease = meta.client().lease_client();
         // A stream per keep-alive: every call has a deadline, a long-lived stream would meet it.
         let answer = tokio::time::timeout(ttl / 3, async move {
@@ -167,8 +175,14 @@ async fn keep(
                     lost.cancel();
                     return;
                 }
-                Ok(Err(e)) => warn!("lease keep-alive failed: {e}"),
-                Err(_) => warn!("lease keep-alive unanswered"),
+                Ok(Err(e)) => {
+                    warn!("lease keep-alive failed: {e}");
+                    meta.move_on_async(member).await;
+                }
+                Err(_) => {
+                    warn!("lease keep-alive unanswered");
+                    meta.move_on_async(member).await;
+                }
             }
         }
         if Instant::now() + margin >= valid_until {

@@ -5,7 +5,6 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
@@ -59,8 +58,9 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
     );
 }
 
-/// Makes a CA, a member certificate for 127.0.0.1 and a client certificate in `dir`.
-fn make_certs(dir: &std::path::Path) -> Tls {
+/// Makes a self-signed certificate `NAME.pem` with its key `NAME.key` in `dir`.
+fn self_signed(dir: &std::path::Path, name: &str, subject: &str) {
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
     openssl(
         dir,
         &[
@@ -74,13 +74,20 @@ fn make_certs(dir: &std::path::Path) -> Tls {
             "-days",
             "2",
             "-subj",
-            "/CN=voltool test CA",
+            subject,
             "-keyout",
-            "ca.key",
+            &key,
             "-out",
-            "ca.pem",
+            &pem,
         ],
     );
+}
+
+/// Makes a CA, a member certificate for 127.0.0.1 and a client certificate in `dir`, and a
+/// stranger's certificate the CA did not sign.
+fn make_certs(dir: &std::path::Path) -> Tls {
+    self_signed(dir, "ca", "/CN=voltool test CA");
+    self_signed(dir, "stranger", "/CN=stranger");
     for (name, ext) in [
         (
             "server",
@@ -127,26 +134,6 @@ fn make_certs(dir: &std::path::Path) -> Tls {
             ],
         );
     }
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=stranger",
-            "-keyout",
-            "stranger.key",
-            "-out",
-            "stranger.pem",
-        ],
-    );
     Tls {
         stranger_cert: dir.join("stranger.pem"),
         stranger_key: dir.join("stranger.key"),
@@ -167,11 +154,7 @@ fn free_port() -> u16 {
 }
 
 fn program(name: &str) -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(name));
-    on_path.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+    crate::on_path(name).unwrap_or_else(|| {
         panic!(
             "{name} is not installed: run scripts/etcd.sh (tests of coordinators in failover need a real etcd cluster)"
         )
@@ -307,6 +290,13 @@ impl EtcdCluster {
         }
     }
 
+    /// Starts member `i` again if it was killed, and waits until the cluster is healthy.
+    pub fn restart_if_down(&mut self, i: usize) {
+        if self.members[i].child.is_none() {
+            self.restart(i);
+        }
+    }
+
     /// Starts member `i` again on its data directory and waits until the cluster is healthy.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
@@ -343,31 +333,21 @@ impl EtcdCluster {
 
     /// Waits (bounded) until every running member says it is healthy.
     pub fn await_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
         let running: Vec<String> = self
             .members
             .iter()
             .filter(|m| m.child.is_some())
             .map(|m| format!("127.0.0.1:{}", m.client))
             .collect();
-        loop {
-            let ok = self
-                .etcdctl(&running.join(","))
-                .args(["endpoint", "health", "--command-timeout=2s"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not become healthy: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::until_command_succeeds(
+            "etcd did not become healthy",
+            || {
+                let mut c = self.etcdctl(&running.join(","));
+                c.args(["endpoint", "health", "--command-timeout=2s"]);
+                c
+            },
+            || self.log(),
+        );
     }
 
     /// Every member's log so far.

@@ -3,8 +3,7 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
 
 use tempfile::TempDir;
 use voltool_agent::store::S3Options;
@@ -28,15 +27,11 @@ pub struct Garage {
 
 /// The `garage` program: on `PATH`, or where `cargo install` puts it.
 fn program() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("garage"));
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .map(|c| c.join("bin").join("garage"));
-    on_path.chain(cargo_home).find(|p| p.is_file())
+    crate::on_path("garage").or(cargo_home.filter(|p| p.is_file()))
 }
 
 fn free_port() -> u16 {
@@ -107,26 +102,15 @@ root_domain = ".s3.garage.localhost"
 
     /// Waits (bounded) until the server answers its own CLI.
     fn await_up(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ok = Command::new(&self.bin)
-                .arg("-c")
-                .arg(&self.conf)
-                .arg("status")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "garage did not come up: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::until_command_succeeds(
+            "garage did not come up",
+            || {
+                let mut c = Command::new(&self.bin);
+                c.arg("-c").arg(&self.conf).arg("status");
+                c
+            },
+            || self.log(),
+        );
     }
 
     fn cli(&self, args: &[&str]) -> String {

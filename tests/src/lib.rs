@@ -14,6 +14,38 @@ use voltool_coordinator::{Coordinator, CoordinatorOptions};
 
 pub mod etcd;
 pub mod garage;
+
+/// Runs `cmd` (quietly) every 100 ms until it succeeds, for up to a minute; fails the test
+/// with `what` and `log()` otherwise. For servers a test starts, which answer a command of
+/// their own once up.
+pub(crate) fn until_command_succeeds(
+    what: &str,
+    mut cmd: impl FnMut() -> std::process::Command,
+    log: impl Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let ok = cmd()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {}", log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The program `name` where `PATH` finds it.
+pub(crate) fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
 pub mod metrics;
 
 /// Writes a seeded key into a data directory.
@@ -100,7 +132,7 @@ impl TestFleet {
                 i as u8 + 1,
             ));
         }
-        let mut f = TestFleet {
+        let f = TestFleet {
             dir,
             coord: None,
             coord_listen: "127.0.0.1:0".parse().unwrap(),
@@ -114,14 +146,7 @@ impl TestFleet {
             hooks: Default::default(),
             s3,
         };
-        let coord = Coordinator::start(f.coord_options()).await.unwrap();
-        f.coord_listen = coord.addr().addr;
-        f.coord = Some(coord);
-        for i in 0..n {
-            let a = f.start_agent(i).await;
-            f.agents.push(a);
-        }
-        f
+        f.start_nodes(n).await
     }
 
     /// Starts (or restarts) agent `i` on its data directory.
@@ -284,14 +309,19 @@ impl TestFleet {
         for i in 0..n {
             f.members.insert(seed_key(&f.agent_dir(i), i as u8 + 1));
         }
-        let coord = Coordinator::start(f.coord_options()).await.unwrap();
-        f.coord_listen = coord.addr().addr;
-        f.coord = Some(coord);
+        f.start_nodes(n).await
+    }
+
+    /// Starts the coordinator, then `n` agents.
+    async fn start_nodes(mut self, n: usize) -> Self {
+        let coord = Coordinator::start(self.coord_options()).await.unwrap();
+        self.coord_listen = coord.addr().addr;
+        self.coord = Some(coord);
         for i in 0..n {
-            let a = f.start_agent(i).await;
-            f.agents.push(a);
+            let a = self.start_agent(i).await;
+            self.agents.push(a);
         }
-        f
+        self
     }
 
     /// Data directory of standby coordinator `j`.

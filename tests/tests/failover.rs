@@ -83,6 +83,94 @@ async fn create(c: &CoordClient, name: &str) -> SignedHead {
 /// A client that knows both coordinators (as an agent given every `--coordinator`) is
 /// refused at once by the one that does not lead and served by the leader; after the
 /// leader steps down, the same client reaches the new leader, which has the fleet's state.
+/// The fleet's state in `etcd` under `fleet/`, on a 2 s lease.
+fn ha_meta(etcd: &EtcdCluster) -> MetaOptions {
+    MetaOptions::Etcd {
+        url: etcd.meta_url("fleet").parse().unwrap(),
+        tls: None,
+        lease_ttl: Duration::from_secs(2),
+    }
+}
+
+/// A pause: who hears that it began, and what ends it.
+type Pause = (mpsc::Sender<()>, mpsc::Receiver<()>);
+
+/// Where a pause hook waits to be armed.
+type Armed = Arc<Mutex<Option<Pause>>>;
+
+/// A hook that does nothing until armed ([`arm`]); armed, it pauses once where it is
+/// called: it says so, then waits to be let go.
+fn pause_hook() -> (Armed, Arc<dyn Fn() + Send + Sync>) {
+    let armed: Armed = Default::default();
+    let hook = {
+        let armed = armed.clone();
+        move || {
+            let taken = armed.lock().unwrap().take();
+            if let Some((paused, resume)) = taken {
+                paused.send(()).unwrap();
+                resume.recv().unwrap();
+            }
+        }
+    };
+    (armed, Arc::new(hook))
+}
+
+/// Arms a pause hook; returns what hears that it paused and what lets it go.
+fn arm(armed: &Mutex<Option<Pause>>) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (paused_tx, paused_rx) = mpsc::channel();
+    let (resume_tx, resume_rx) = mpsc::channel();
+    *armed.lock().unwrap() = Some((paused_tx, resume_rx));
+    (paused_rx, resume_tx)
+}
+
+/// Waits (bounded) until an armed hook paused, naming where.
+async fn until_paused(paused: mpsc::Receiver<()>, where_: &str) {
+    tokio::task::spawn_blocking(move || paused.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .unwrap_or_else(|_| panic!("the leader never paused {where_}"));
+}
+
+/// Ends the leader's lease at etcd, as a pause past it would; waits (bounded) until the
+/// old leader sees it.
+async fn end_the_lease(etcd: &EtcdCluster, old: &Coordinator) {
+    etcd.ctl(&["lease", "revoke", &leaders_lease(etcd)]);
+    tokio::time::timeout(Duration::from_secs(10), old.lead_lost())
+        .await
+        .expect("the old leader sees its lease gone");
+}
+
+/// The lease of the leader of the fleet under `fleet/`: the election's keys are
+/// `fleet/leader/<lease in hex>`, and the leader's is the one made first (candidates'
+/// keys hold leases too).
+fn leaders_lease(etcd: &EtcdCluster) -> String {
+    let keys = etcd.ctl(&[
+        "get",
+        "--prefix",
+        "fleet/leader/",
+        "--sort-by=CREATE",
+        "--order=ASCEND",
+        "--keys-only",
+        "--limit=1",
+    ]);
+    let key = keys
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .expect("a leader key");
+    key.trim().rsplit('/').next().unwrap().to_string()
+}
+
+/// Waits (bounded) until a standby leads.
+async fn takes_over(
+    standby: tokio::task::JoinHandle<Result<Coordinator, voltool_coordinator::CoordinatorError>>,
+) -> Coordinator {
+    tokio::time::timeout(Duration::from_secs(30), standby)
+        .await
+        .expect("the standby takes over")
+        .unwrap()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_coordinator_waits_and_takes_over_the_fleet_when_the_leader_steps_down() {
     if !voltool_tests::mode_independent_pass() {
@@ -150,12 +238,9 @@ async fn a_leader_whose_lease_ended_writes_nothing_and_stops() {
     let ca = client(vec![a.addr()]).await;
     create(&ca, "v").await;
     // As if a had been paused past its lease: etcd ends the lease under it.
-    let leases = shared.etcd.ctl(&["lease", "list"]);
-    // "found 1 leases", then one id a line: a's alone.
-    let ids: Vec<&str> = leases.lines().skip(1).map(str::trim).collect();
-    assert_eq!(ids.len(), 1, "{leases}");
-    let id = ids[0].to_string();
-    shared.etcd.ctl(&["lease", "revoke", &id]);
+    shared
+        .etcd
+        .ctl(&["lease", "revoke", &leaders_lease(&shared.etcd)]);
     // Whatever a still believes, its write is refused: the fence is gone.
     let r = ca
         .request(&CoordRequest::CreateVolume { name: "x".into() })
@@ -207,11 +292,7 @@ async fn agents_given_every_coordinator_commit_and_mount_across_a_change_of_lead
     }
     let etcd = EtcdCluster::start(3);
     let garage = Garage::start();
-    let meta = MetaOptions::Etcd {
-        url: etcd.meta_url("fleet").parse().unwrap(),
-        tls: None,
-        lease_ttl: Duration::from_secs(2),
-    };
+    let meta = ha_meta(&etcd);
     let mut f = voltool_tests::TestFleet::start_ha(
         2,
         garage.origin("fleet"),
@@ -228,11 +309,7 @@ async fn agents_given_every_coordinator_commit_and_mount_across_a_change_of_lead
     let first = f.commit(0, "v").await.unwrap();
     // The leader steps down; the standby leads, on the address the agents knew.
     f.stop_coordinator().await;
-    let b = tokio::time::timeout(Duration::from_secs(30), standby)
-        .await
-        .expect("the standby takes over")
-        .unwrap()
-        .unwrap();
+    let b = takes_over(standby).await;
     assert_eq!(b.addr().id, f.standbys[0].id);
     f.coord = Some(b);
     std::fs::write(m0.join("b.txt"), "two").unwrap();
@@ -242,9 +319,6 @@ async fn agents_given_every_coordinator_commit_and_mount_across_a_change_of_lead
     assert_eq!(std::fs::read_to_string(m1.join("a.txt")).unwrap(), "one");
     assert_eq!(std::fs::read_to_string(m1.join("b.txt")).unwrap(), "two");
 }
-
-/// A pause: who hears that it began, and what ends it.
-type Pause = (mpsc::Sender<()>, mpsc::Receiver<()>);
 
 /// The fence: the leader pauses just before its head transaction (a test hook), its lease
 /// ends meanwhile and the standby takes over and commits; when the old leader resumes, its
@@ -256,25 +330,10 @@ async fn a_leader_paused_before_its_head_moves_is_refused_after_a_takeover_and_n
     }
     let etcd = EtcdCluster::start(3);
     let garage = Garage::start();
-    let meta = MetaOptions::Etcd {
-        url: etcd.meta_url("fleet").parse().unwrap(),
-        tls: None,
-        lease_ttl: Duration::from_secs(2),
-    };
-    // The hook, armed later: it says it paused, then waits to be let go.
-    let armed: Arc<Mutex<Option<Pause>>> = Default::default();
-    let hook = {
-        let armed = armed.clone();
-        move || {
-            let taken = armed.lock().unwrap().take();
-            if let Some((paused, resume)) = taken {
-                paused.send(()).unwrap();
-                resume.recv().unwrap();
-            }
-        }
-    };
+    let meta = ha_meta(&etcd);
+    let (armed, hook) = pause_hook();
     let hooks = Hooks {
-        before_head_moves: Some(Arc::new(hook)),
+        before_head_moves: Some(hook),
         ..Default::default()
     };
     let mut f = voltool_tests::TestFleet::start_ha(
@@ -293,9 +352,7 @@ async fn a_leader_paused_before_its_head_moves_is_refused_after_a_takeover_and_n
     std::fs::write(m0.join("a.txt"), "one").unwrap();
     let base = f.commit(0, "v").await.unwrap().version;
     // Agent 0's next commit stops in the leader just before the head moves.
-    let (paused_tx, paused_rx) = mpsc::channel();
-    let (resume_tx, resume_rx) = mpsc::channel();
-    *armed.lock().unwrap() = Some((paused_tx, resume_rx));
+    let (paused_rx, resume_tx) = arm(&armed);
     std::fs::write(m0.join("b.txt"), "from the old leader").unwrap();
     // Through agent 0's control socket, as `voltool commit` would.
     let run0 = f.run_dir(0);
@@ -307,23 +364,11 @@ async fn a_leader_paused_before_its_head_moves_is_refused_after_a_takeover_and_n
             .await
             .unwrap()
     });
-    tokio::task::spawn_blocking(move || paused_rx.recv_timeout(Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .expect("the leader reaches its head transaction");
+    until_paused(paused_rx, "before its head transaction").await;
     // Its lease ends while it is paused (as a GC pause or SIGSTOP past the lease would).
-    let leases = etcd.ctl(&["lease", "list"]);
-    let first_lease = leases.lines().nth(1).expect("a lease").trim().to_string();
-    etcd.ctl(&["lease", "revoke", &first_lease]);
     let old = f.coord.take().unwrap();
-    tokio::time::timeout(Duration::from_secs(10), old.lead_lost())
-        .await
-        .expect("the old leader sees its lease gone");
-    let b = tokio::time::timeout(Duration::from_secs(30), standby)
-        .await
-        .expect("the standby takes over")
-        .unwrap()
-        .unwrap();
+    end_the_lease(&etcd, &old).await;
+    let b = takes_over(standby).await;
     // The new leader commits agent 1's change.
     std::fs::write(m1.join("c.txt"), "from the new leader").unwrap();
     let c = f.commit(1, "v").await.unwrap();
@@ -370,24 +415,10 @@ async fn a_leader_paused_in_the_middle_of_a_collection_deletes_nothing_after_a_t
     }
     let etcd = EtcdCluster::start(3);
     let garage = Garage::start();
-    let meta = MetaOptions::Etcd {
-        url: etcd.meta_url("fleet").parse().unwrap(),
-        tls: None,
-        lease_ttl: Duration::from_secs(2),
-    };
-    let armed: Arc<Mutex<Option<Pause>>> = Default::default();
-    let hook = {
-        let armed = armed.clone();
-        move || {
-            let taken = armed.lock().unwrap().take();
-            if let Some((paused, resume)) = taken {
-                paused.send(()).unwrap();
-                resume.recv().unwrap();
-            }
-        }
-    };
+    let meta = ha_meta(&etcd);
+    let (armed, hook) = pause_hook();
     let hooks = Hooks {
-        before_gc_deletes: Some(Arc::new(hook)),
+        before_gc_deletes: Some(hook),
         ..Default::default()
     };
     let limits = voltool_tests::Limits {
@@ -409,32 +440,18 @@ async fn a_leader_paused_in_the_middle_of_a_collection_deletes_nothing_after_a_t
     std::fs::remove_file(m0.join("x.bin")).unwrap();
     f.commit(0, "v").await.unwrap();
     // The leader's collection condemns x.bin's blob and stops before deleting it.
-    let (paused_tx, paused_rx) = mpsc::channel();
-    let (resume_tx, resume_rx) = mpsc::channel();
-    *armed.lock().unwrap() = Some((paused_tx, resume_rx));
+    let (paused_rx, resume_tx) = arm(&armed);
     let old = Arc::new(f.coord.take().unwrap());
     let collecting = tokio::spawn({
         let old = old.clone();
         async move { old.collect_garbage().await }
     });
-    tokio::task::spawn_blocking(move || paused_rx.recv_timeout(Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .expect("the collection reaches its deletes");
+    until_paused(paused_rx, "before its collection's deletes").await;
     let marked = etcd.ctl(&["get", "--prefix", "--keys-only", "fleet/g/"]);
     assert!(!marked.trim().is_empty(), "nothing condemned");
     // Its lease ends while it is paused; the standby leads.
-    let leases = etcd.ctl(&["lease", "list"]);
-    let first_lease = leases.lines().nth(1).expect("a lease").trim().to_string();
-    etcd.ctl(&["lease", "revoke", &first_lease]);
-    tokio::time::timeout(Duration::from_secs(10), old.lead_lost())
-        .await
-        .expect("the old leader sees its lease gone");
-    let b = tokio::time::timeout(Duration::from_secs(30), standby)
-        .await
-        .expect("the standby takes over")
-        .unwrap()
-        .unwrap();
+    end_the_lease(&etcd, &old).await;
+    let b = takes_over(standby).await;
     f.coord = Some(b);
     // The writer puts the same bytes back at once, through the new leader.
     std::fs::write(m0.join("x.bin"), &content).unwrap();
@@ -455,4 +472,60 @@ async fn a_leader_paused_in_the_middle_of_a_collection_deletes_nothing_after_a_t
     let marked = etcd.ctl(&["get", "--prefix", "--keys-only", "fleet/g/"]);
     assert!(marked.trim().is_empty(), "marks left: {marked}");
     assert_eq!(std::fs::read(m1.join("x.bin")).unwrap(), content);
+}
+
+/// An etcd member killed and restarted while a fleet commits: a cluster of three keeps its
+/// quorum, and every commit is acknowledged and in one chain; the leader keeps the lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_member_killed_and_restarted_during_commits_loses_nothing() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let mut etcd = EtcdCluster::start(3);
+    let garage = Garage::start();
+    let f = voltool_tests::TestFleet::start_ha(
+        1,
+        garage.origin("fleet"),
+        ha_meta(&etcd),
+        0,
+        Default::default(),
+        Default::default(),
+    )
+    .await;
+    f.create("v").await;
+    let m0 = f.mount(0, "v").await;
+    let mut versions = Vec::new();
+    for (step, kill) in [(0, None), (1, Some(0)), (2, None), (3, Some(1)), (4, None)] {
+        match kill {
+            Some(i) => etcd.kill(i),
+            None => {
+                for i in 0..3 {
+                    etcd.restart_if_down(i);
+                }
+            }
+        }
+        std::fs::write(m0.join(format!("f{step}.txt")), format!("step {step}")).unwrap();
+        versions.push(f.commit(0, "v").await.unwrap().version);
+    }
+    assert!(
+        versions.windows(2).all(|w| w[1] == w[0] + 1),
+        "{versions:?}"
+    );
+    let lost = futures_lite::future::poll_once(f.coord.as_ref().unwrap().lead_lost()).await;
+    assert!(lost.is_none(), "the leader lost the lead");
+    let client = f.client_as(0).await;
+    match client
+        .request(&CoordRequest::GetVersions {
+            name: "v".into(),
+            from: 0,
+        })
+        .await
+        .unwrap()
+    {
+        CoordResponse::Versions { head, commits } => {
+            voltool_protocol::commit::verify_chain(&head.commit, &commits).unwrap();
+            assert_eq!(head.commit.version, *versions.last().unwrap());
+        }
+        other => panic!("{other:?}"),
+    }
 }

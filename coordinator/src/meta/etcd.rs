@@ -28,7 +28,9 @@ use etcd_client::{
 };
 use voltool_protocol::{Commit, Hash, SignedHead, VolumeId};
 
-use super::{BlobRecords, LinkUpdate, Meta, MetaError, VolumeRecord, check_successor};
+use super::{
+    BlobRecords, LinkUpdate, Meta, MetaError, VolumeRecord, check_successor, decode, encode,
+};
 
 /// Operations in one transaction: etcd's default `--max-txn-ops` is 128.
 const MAX_TXN_OPS: usize = 120;
@@ -136,7 +138,13 @@ pub struct Fence {
 pub struct EtcdMeta {
     /// The runtime etcd's calls run on: the trait is blocking, its callers on any thread.
     rt: Option<tokio::runtime::Runtime>,
-    client: Client,
+    /// The members' addresses as clients dial them (`http://…` or `https://…`).
+    endpoints: Vec<String>,
+    opts: ConnectOptions,
+    /// The member in use (an index into `endpoints`) and a client of it alone: with all
+    /// members in one client, a call routed to a dead member fails rather than going to a
+    /// live one, so calls go to one member and move on to the next when it fails.
+    current: std::sync::Mutex<(usize, Client)>,
     url: EtcdUrl,
     fence: RwLock<Option<Fence>>,
 }
@@ -151,20 +159,6 @@ impl std::fmt::Debug for EtcdMeta {
 
 fn engine(e: impl std::fmt::Display) -> MetaError {
     MetaError::Engine(format!("etcd: {e}"))
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    what: impl FnOnce() -> String,
-    b: &[u8],
-) -> Result<T, MetaError> {
-    postcard::from_bytes(b).map_err(|e| MetaError::Corrupt {
-        what: what(),
-        why: e.to_string(),
-    })
-}
-
-fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, MetaError> {
-    postcard::to_stdvec(v).map_err(engine)
 }
 
 /// The key just past every key starting with `prefix`.
@@ -213,6 +207,27 @@ impl Ops {
     }
 }
 
+/// A client of one member, checked with one read (connecting is lazy).
+async fn connect_one(endpoint: &str, opts: &ConnectOptions) -> Result<Client, etcd_client::Error> {
+    let mut c = Client::connect([endpoint], Some(opts.clone())).await?;
+    c.get("voltool-probe", Some(GetOptions::new().with_count_only()))
+        .await?;
+    Ok(c)
+}
+
+/// Whether a call failed for want of its member: for a write, only where the call never
+/// left (a transport error, or a connection that could not be made, which tonic reports as
+/// `Unavailable` with a connect error); for a read, any `Unavailable`.
+pub(crate) fn unreachable(e: &etcd_client::Error, write: bool) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => {
+            !write || s.message().contains("connect")
+        }
+        _ => false,
+    }
+}
+
 impl EtcdMeta {
     /// Connects to the members of `url` (TLS with a client certificate unless `tls` is
     /// none) and checks that they answer.
@@ -249,26 +264,123 @@ impl EtcdMeta {
             .iter()
             .map(|e| format!("{scheme}://{e}"))
             .collect();
-        let client = rt
-            .block_on(async {
-                let mut c = Client::connect(endpoints, Some(opts)).await?;
-                // Connecting is lazy: one read says whether a member answers.
-                c.get("voltool-probe", Some(GetOptions::new().with_count_only()))
-                    .await?;
-                Ok::<_, etcd_client::Error>(c)
-            })
-            .map_err(|e| engine(format!("{url}: {e}")))?;
-        Ok(EtcdMeta {
-            rt: Some(rt),
-            client,
-            url: url.clone(),
-            fence: RwLock::new(None),
-        })
+        let mut last = None;
+        for (i, e) in endpoints.iter().enumerate() {
+            match rt.block_on(connect_one(e, &opts)) {
+                Ok(client) => {
+                    return Ok(EtcdMeta {
+                        rt: Some(rt),
+                        endpoints,
+                        opts,
+                        current: std::sync::Mutex::new((i, client)),
+                        url: url.clone(),
+                        fence: RwLock::new(None),
+                    });
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(engine(format!(
+            "{url}: no member answers: {}",
+            last.expect("at least one member")
+        )))
     }
 
-    /// The client (elections and leases share its connections).
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// A client of the member in use (elections and leases go through it too).
+    pub fn client(&self) -> Client {
+        self.current.lock().expect("not poisoned").1.clone()
+    }
+
+    /// The member in use: its index, to name it in [`Self::move_on`].
+    pub fn member(&self) -> usize {
+        self.current.lock().expect("not poisoned").0
+    }
+
+    /// After a call to member `failed` could not reach it: moves to the next member that
+    /// answers (unless another call moved already). Runs on any runtime but etcd's own.
+    fn move_on(&self, failed: usize) {
+        let rt = self
+            .rt
+            .as_ref()
+            .expect("the runtime lives as long as the state");
+        let next = self.next_member(failed);
+        if let Ok(Some((i, client))) = futures_lite::future::block_on(rt.spawn(next)) {
+            self.moved(failed, i, client);
+        }
+    }
+
+    /// [`Self::move_on`] from a task on etcd's runtime (the lease's keep-alive, the
+    /// campaign).
+    pub(crate) async fn move_on_async(&self, failed: usize) {
+        if let Some((i, client)) = self.next_member(failed).await {
+            self.moved(failed, i, client);
+        }
+    }
+
+    /// The first member after `failed` that answers, with a client of it (none if another
+    /// call moved on already, or none answers).
+    fn next_member(
+        &self,
+        failed: usize,
+    ) -> impl Future<Output = Option<(usize, Client)>> + Send + 'static {
+        let n = self.endpoints.len();
+        let stale = self.member() != failed || n < 2;
+        let (endpoints, opts) = (self.endpoints.clone(), self.opts.clone());
+        async move {
+            if stale {
+                return None;
+            }
+            for k in 1..n {
+                let i = (failed + k) % n;
+                if let Ok(client) = connect_one(&endpoints[i], &opts).await {
+                    return Some((i, client));
+                }
+            }
+            None
+        }
+    }
+
+    fn moved(&self, failed: usize, i: usize, client: Client) {
+        let mut c = self.current.lock().expect("not poisoned");
+        if c.0 == failed {
+            tracing::warn!(failed = %self.endpoints[failed], now = %self.endpoints[i], "etcd: a member did not answer: moved to another");
+            *c = (i, client);
+        }
+    }
+
+    /// Calls `f` with a client of the member in use; where the member cannot be reached,
+    /// calls again with the next. A write goes again only when its call never reached a
+    /// member (a connection refused or failing to open); a read also when its answer did
+    /// not come.
+    fn call<T: Send + 'static, Fut>(
+        &self,
+        write: bool,
+        f: impl Fn(Client) -> Fut,
+    ) -> Result<T, MetaError>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let tries = 2 * self.endpoints.len();
+        let mut attempt = 0;
+        loop {
+            let (i, client) = {
+                let c = self.current.lock().expect("not poisoned");
+                (c.0, c.1.clone())
+            };
+            let rt = self
+                .rt
+                .as_ref()
+                .expect("the runtime lives as long as the state");
+            let r = futures_lite::future::block_on(rt.spawn(f(client))).map_err(engine)?;
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt + 1 < tries && unreachable(&e, write) => {
+                    attempt += 1;
+                    self.move_on(i);
+                }
+                Err(e) => return Err(engine(e)),
+            }
+        }
     }
 
     /// Where the state is.
@@ -355,8 +467,10 @@ impl EtcdMeta {
     }
 
     fn get(&self, key: Vec<u8>) -> Result<Option<KeyValue>, MetaError> {
-        let mut kv = self.client.kv_client();
-        self.run(async move { Ok(kv.get(key, None).await?.take_kvs().into_iter().next()) })
+        self.call(false, |c| {
+            let (mut kv, key) = (c.kv_client(), key.clone());
+            async move { Ok(kv.get(key, None).await?.take_kvs().into_iter().next()) }
+        })
     }
 
     /// Every key in `[start, end)`, in order, a page at a time.
@@ -369,14 +483,16 @@ impl EtcdMeta {
         let mut out: Vec<KeyValue> = Vec::new();
         let mut from = start;
         loop {
-            let mut kv = self.client.kv_client();
             let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
             if keys_only {
                 opts = opts.with_keys_only();
             }
-            let page = self.run(async move {
-                let mut r = kv.get(from, Some(opts)).await?;
-                Ok((r.take_kvs(), r.more()))
+            let page = self.call(false, |c| {
+                let (mut kv, from, opts) = (c.kv_client(), from.clone(), opts.clone());
+                async move {
+                    let mut r = kv.get(from, Some(opts)).await?;
+                    Ok((r.take_kvs(), r.more()))
+                }
             })?;
             let (kvs, more) = page;
             let Some(last) = kvs.last() else {
@@ -411,9 +527,11 @@ impl EtcdMeta {
                 f.revision,
             ));
         }
-        let mut kv = self.client.kv_client();
         let txn = etcd_client::Txn::new().when(compares).and_then(ops);
-        let r = self.run(async move { kv.txn(txn).await })?;
+        let r = self.call(true, |c| {
+            let (mut kv, txn) = (c.kv_client(), txn.clone());
+            async move { kv.txn(txn).await }
+        })?;
         if r.succeeded() {
             return Ok(Some(r.op_responses()));
         }
@@ -700,9 +818,11 @@ impl Meta for EtcdMeta {
     fn has_links(&self, id: VolumeId) -> Result<bool, MetaError> {
         let prefix = self.of_volume(b"l", id);
         let end = prefix_end(&prefix);
-        let mut kv = self.client.kv_client();
         let opts = GetOptions::new().with_range(end).with_count_only();
-        let n = self.run(async move { Ok(kv.get(prefix, Some(opts)).await?.count()) })?;
+        let n = self.call(false, |c| {
+            let (mut kv, prefix, opts) = (c.kv_client(), prefix.clone(), opts.clone());
+            async move { Ok(kv.get(prefix, Some(opts)).await?.count()) }
+        })?;
         Ok(n > 0)
     }
 

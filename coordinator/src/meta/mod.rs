@@ -20,6 +20,7 @@ use voltool_protocol::{Commit, Hash, SignedHead, VolumeId};
 mod etcd;
 mod redb;
 
+pub(crate) use self::etcd::unreachable;
 pub use self::etcd::{EtcdMeta, EtcdTls, EtcdUrl, EtcdUrlError, Fence};
 
 pub use self::redb::RedbMeta;
@@ -189,6 +190,22 @@ pub trait BlobRecords: Send + Sync {
 
     /// Every blob recorded.
     fn all_blobs(&self) -> Result<Vec<(Hash, u64)>, MetaError>;
+}
+
+/// Decodes a record (postcard), naming it if it does not decode.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    what: impl FnOnce() -> String,
+    b: &[u8],
+) -> Result<T, MetaError> {
+    postcard::from_bytes(b).map_err(|e| MetaError::Corrupt {
+        what: what(),
+        why: e.to_string(),
+    })
+}
+
+/// Encodes a record (postcard).
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, MetaError> {
+    postcard::to_stdvec(v).map_err(|e| MetaError::Engine(e.to_string()))
 }
 
 /// The records a write of `head` adds: the volume's next version must follow the one now.

@@ -9,7 +9,7 @@ use redb::{
 };
 use voltool_protocol::{Commit, SignedHead, VolumeId};
 
-use super::{LinkUpdate, Meta, MetaError, VolumeRecord, check_successor};
+use super::{LinkUpdate, Meta, MetaError, VolumeRecord, check_successor, decode, encode};
 
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes-1");
 const HEADS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("heads-1");
@@ -30,20 +30,6 @@ const OLD_TABLES: &[&str] = &["volumes-0", "heads-0", "versions-0"];
 
 fn engine(e: impl std::fmt::Display) -> MetaError {
     MetaError::Engine(e.to_string())
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    what: impl FnOnce() -> String,
-    b: &[u8],
-) -> Result<T, MetaError> {
-    postcard::from_bytes(b).map_err(|e| MetaError::Corrupt {
-        what: what(),
-        why: e.to_string(),
-    })
-}
-
-fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, MetaError> {
-    postcard::to_stdvec(v).map_err(engine)
 }
 
 /// The coordinator's state in a redb file.
