@@ -529,3 +529,62 @@ async fn an_etcd_member_killed_and_restarted_during_commits_loses_nothing() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A restore of the fleet's state from an etcd snapshot is a rollback: the commits after
+/// the snapshot are gone from the coordinators, an agent that saw them refuses the older
+/// head (its rollback protection) and stays on what it shows, an agent that did not goes on
+/// from the restored head, and once new commits pass the newest version the first saw, it
+/// reloads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_from_an_etcd_snapshot_is_a_rollback_that_agents_refuse_until_passed() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let mut etcd = EtcdCluster::start(3);
+    let garage = Garage::start();
+    let mut f = voltool_tests::TestFleet::start_ha(
+        2,
+        garage.origin("fleet"),
+        ha_meta(&etcd),
+        0,
+        Default::default(),
+        Default::default(),
+    )
+    .await;
+    f.create("v").await;
+    let m0 = f.mount(0, "v").await;
+    std::fs::write(m0.join("a.txt"), "kept").unwrap();
+    let kept = f.commit(0, "v").await.unwrap().version;
+    let snap = f.dir.path().join("etcd.snapshot");
+    etcd.snapshot(&snap);
+    std::fs::write(m0.join("b.txt"), "after the snapshot").unwrap();
+    let seen = f.commit(0, "v").await.unwrap().version;
+    assert_eq!(seen, kept + 1);
+    // The cluster is lost and rebuilt from the snapshot; the coordinator starts on it.
+    f.stop_coordinator().await;
+    etcd.restore(&snap);
+    f.start_coordinator().await;
+    // Agent 0 saw version `seen`: the restored head is older, refused, and its mount stays.
+    let e = f
+        .reload(0, "v", voltool_agent::control::ReloadMode::Refuse)
+        .await
+        .expect_err("a rolled-back head must be refused");
+    assert!(e.message.contains("rollback"), "{e:?}");
+    assert_eq!(
+        std::fs::read_to_string(m0.join("b.txt")).unwrap(),
+        "after the snapshot"
+    );
+    // Agent 1 never saw it: it mounts the restored head and commits past it.
+    let m1 = f.mount(1, "v").await;
+    assert!(m1.join("a.txt").exists() && !m1.join("b.txt").exists());
+    for (i, name) in ["c.txt", "d.txt"].iter().enumerate() {
+        std::fs::write(m1.join(name), "new").unwrap();
+        assert_eq!(f.commit(1, "v").await.unwrap().version, kept + 1 + i as u64);
+    }
+    // Past the newest version agent 0 saw, it reloads again (without the lost commit).
+    f.reload(0, "v", voltool_agent::control::ReloadMode::Refuse)
+        .await
+        .unwrap();
+    assert!(m0.join("c.txt").exists() && m0.join("d.txt").exists());
+    assert!(!m0.join("b.txt").exists());
+}
