@@ -1,4 +1,5 @@
-//! The agent's side of `voltool/coord/4`.
+//! The agent's side of `voltool/coord/8`: requests to the fleet's coordinator (the one
+//! that leads, of several).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
