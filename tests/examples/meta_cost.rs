@@ -35,11 +35,10 @@ async fn commits(f: &TestFleet, files: usize, runs: usize) -> (f64, f64) {
         let dir = m.join(format!("d{d}"));
         std::fs::create_dir_all(&dir).unwrap();
         for i in d * 1000..((d + 1) * 1000).min(files) {
-            std::fs::write(
-                dir.join(format!("f{i}")),
-                voltool_tests::bytes(i as u8, 4096),
-            )
-            .unwrap();
+            // Every file's bytes its own: each is a blob to upload and record.
+            let mut b = voltool_tests::bytes(i as u8, 4096);
+            b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            std::fs::write(dir.join(format!("f{i}")), b).unwrap();
         }
     }
     let t = Instant::now();
