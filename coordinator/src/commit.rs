@@ -35,6 +35,8 @@ struct Merge {
     overwritten_total: u64,
     /// The links the merged tree must be checked for.
     links: super::links::LinkCheck,
+    /// The pages written so far, recorded with the head where records are shared.
+    pages: Vec<(Hash, u64)>,
 }
 
 /// Receives a commit's parts from `recv` and applies them (the caller holds the write
@@ -154,6 +156,7 @@ impl Merge {
             overwritten: Vec::new(),
             overwritten_total: 0,
             links,
+            pages: Vec::new(),
         })
     }
 
@@ -226,7 +229,10 @@ impl Merge {
         )
         .map_err(tree_err)?;
         // The new pages are durable before a head, or the next part, names them.
-        state.put_pages(&pages)?;
+        let written = state.write_pages(&pages)?;
+        if state.meta.blob_records().is_some() {
+            self.pages.extend(written);
+        }
         self.next = built.root;
         self.changes += changes.len() as u64;
         Ok(())
@@ -258,7 +264,10 @@ impl Merge {
         if let Some(hook) = &state.hooks.before_head_moves {
             hook();
         }
-        state.meta.move_head(&new, &links).map_err(meta_fail)?;
+        state
+            .meta
+            .move_head(&new, &links, &self.pages)
+            .map_err(meta_fail)?;
         info!(
             volume = self.name,
             version = new.commit.version,

@@ -234,11 +234,18 @@ impl State {
     /// Writes manifest pages into the origin, durable and recorded; the caller holds the
     /// write lock. Blocking.
     fn put_pages(&self, pages: &[(tree::PageRef, Vec<u8>)]) -> Result<(), Fail> {
+        let held = self.write_pages(pages)?;
+        self.record_held(&held)
+    }
+
+    /// Writes manifest pages into the origin, durable, and returns the records the fleet's
+    /// records still need (a commit writes them with its head); the caller holds the write
+    /// lock. Blocking.
+    fn write_pages(&self, pages: &[(tree::PageRef, Vec<u8>)]) -> Result<Vec<(Hash, u64)>, Fail> {
         let hashes: Vec<Hash> = pages.iter().map(|(r, _)| r.hash).collect();
         self.unmark_for_write(&hashes)?;
         self.pages.put_now(pages).map_err(volumes::internal)?;
-        let held: Vec<(Hash, u64)> = pages.iter().map(|(r, _)| (r.hash, r.size)).collect();
-        self.record_held(&held)
+        Ok(pages.iter().map(|(r, _)| (r.hash, r.size)).collect())
     }
 }
 

@@ -178,7 +178,7 @@ fn check(meta: &dyn Meta, ops: &[Op]) {
                         link,
                     });
                 }
-                let r = meta.move_head(&h, &update);
+                let r = meta.move_head(&h, &update, &[]);
                 if *skip > 0 {
                     assert!(
                         matches!(r, Err(MetaError::HeadMoved { now: Some(v), .. }) if v == now),
@@ -329,8 +329,17 @@ fn etcd_writes_a_large_link_index_change_in_batches() {
             new: Some(vec![format!("targets/t{}", i % 7), "targets".to_string()]),
         })
         .collect();
-    meta.move_head(&head(id, 1, 1), &LinkUpdate { entries })
+    // With the pages it wrote: too many for the head's own transaction as well.
+    let pages: Vec<(Hash, u64)> = (0..200u64)
+        .map(|i| (Hash::of(&i.to_be_bytes()), 100 + i))
+        .collect();
+    meta.move_head(&head(id, 1, 1), &LinkUpdate { entries }, &pages)
         .unwrap();
+    let mut recorded = meta.blob_records().unwrap().all_blobs().unwrap();
+    recorded.sort();
+    let mut want = pages.clone();
+    want.sort();
+    assert_eq!(recorded, want);
     assert_eq!(meta.links_indexed(id).unwrap(), Some(1));
     assert_eq!(meta.links(id).unwrap().len(), 500);
     assert_eq!(meta.links_below(id, "links").unwrap().len(), 500);
@@ -367,7 +376,7 @@ fn etcd_refuses_every_write_of_a_writer_whose_fence_is_gone() {
     // Another leader: the key made again, at a new revision.
     cluster.ctl(&["del", "fence/leader"]);
     cluster.ctl(&["put", "fence/leader", "other"]);
-    let e = meta.move_head(&head(id, 1, 1), &LinkUpdate::default());
+    let e = meta.move_head(&head(id, 1, 1), &LinkUpdate::default(), &[]);
     assert!(matches!(e, Err(MetaError::Fenced)), "{e:?}");
     let e = meta.create(
         "w",
@@ -403,8 +412,14 @@ fn etcd_refuses_every_write_of_a_writer_whose_fence_is_gone() {
         key: leader.clone(),
         revision: rev_of(&meta),
     }));
-    meta.move_head(&head(id, 1, 1), &LinkUpdate::default())
+    // A page's record goes with the head, in its transaction.
+    let page = (Hash::of(b"a page"), 77);
+    meta.move_head(&head(id, 1, 1), &LinkUpdate::default(), &[page])
         .unwrap();
+    assert_eq!(
+        meta.blob_records().unwrap().all_blobs().unwrap(),
+        vec![page]
+    );
 }
 
 /// The state outlives a reopen of its file.
@@ -427,7 +442,7 @@ fn redb_state_is_durable() {
                 new: Some(vec!["t".into()]),
             }],
         };
-        meta.move_head(&head(id, 1, 1), &update).unwrap();
+        meta.move_head(&head(id, 1, 1), &update, &[]).unwrap();
         meta.distrust(node(0), 77).unwrap();
     }
     let meta = RedbMeta::open(&file).unwrap();

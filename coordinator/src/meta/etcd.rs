@@ -715,7 +715,12 @@ impl Meta for EtcdMeta {
         }
     }
 
-    fn move_head(&self, head: &SignedHead, links: &LinkUpdate) -> Result<(), MetaError> {
+    fn move_head(
+        &self,
+        head: &SignedHead,
+        links: &LinkUpdate,
+        pages: &[(Hash, u64)],
+    ) -> Result<(), MetaError> {
         let c = &head.commit;
         let id = c.volume;
         let head_key = self.head_key(id);
@@ -766,17 +771,28 @@ impl Meta for EtcdMeta {
                 None => index.delete(self.link_key(id, &e.link), None),
             }
         }
+        // The pages' records go with the head when they fit; else before it, in batches
+        // (a record of a page no head names is a page the next collection frees).
+        let mut records = Ops::default();
+        let mut seen = std::collections::HashSet::new();
+        for (h, size) in pages.iter().filter(|(h, _)| seen.insert(*h)) {
+            records.put(self.blob_key(h), size.to_be_bytes().to_vec());
+        }
         let mut moves = Ops::default();
         moves.put(head_key, encode(head)?);
         moves.put(self.commit_key(id, c.version), c.encode());
         moves.put(self.indexed_key(id), c.version.to_be_bytes().to_vec());
-        if index.len() + moves.len() <= MAX_TXN_OPS && index.total() + moves.total() < MAX_TXN_BYTES
-        {
+        let ops = index.len() + moves.len() + records.len();
+        if ops <= MAX_TXN_OPS && index.total() + moves.total() + records.total() < MAX_TXN_BYTES {
             index.extend(moves);
+            index.extend(records);
             return match self.txn(same_head, index.ops)? {
                 Some(_) => Ok(()),
                 None => Err(moved()),
             };
+        }
+        if !self.batches(&same_head, records)? {
+            return Err(moved());
         }
         // Too large for one transaction: the index is marked stale, changed in batches, and
         // described again by the head's own transaction.

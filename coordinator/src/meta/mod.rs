@@ -124,9 +124,16 @@ pub trait Meta: Send + Sync + std::fmt::Debug + 'static {
     fn delete(&self, name: &str) -> Result<VolumeRecord, MetaError>;
 
     /// Moves the head of `head`'s volume to `head` (its version one past the head's now)
-    /// and records its commit, with the commit's changes to the volume's link index; refused
-    /// with [`MetaError::HeadMoved`] if the head is not the version before `head`'s.
-    fn move_head(&self, head: &SignedHead, links: &LinkUpdate) -> Result<(), MetaError>;
+    /// and records its commit, with the commit's changes to the volume's link index and,
+    /// where the blob records are shared ([`Meta::blob_records`]), the records of the pages
+    /// it wrote; refused with [`MetaError::HeadMoved`] if the head is not the version
+    /// before `head`'s.
+    fn move_head(
+        &self,
+        head: &SignedHead,
+        links: &LinkUpdate,
+        pages: &[(Hash, u64)],
+    ) -> Result<(), MetaError>;
 
     /// Drops the version records of the volume `id` before version `first`; returns how
     /// many it dropped.

@@ -7,7 +7,7 @@ use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
     TableDefinition,
 };
-use voltool_protocol::{Commit, SignedHead, VolumeId};
+use voltool_protocol::{Commit, Hash, SignedHead, VolumeId};
 
 use super::{LinkUpdate, Meta, MetaError, VolumeRecord, check_successor, decode, encode};
 
@@ -254,7 +254,13 @@ impl Meta for RedbMeta {
         })
     }
 
-    fn move_head(&self, head: &SignedHead, links: &LinkUpdate) -> Result<(), MetaError> {
+    /// The pages' records are the origin store's own here: `pages` is not needed.
+    fn move_head(
+        &self,
+        head: &SignedHead,
+        links: &LinkUpdate,
+        _pages: &[(Hash, u64)],
+    ) -> Result<(), MetaError> {
         let c = &head.commit;
         let id = c.volume;
         self.write(|w| {
