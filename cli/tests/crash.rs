@@ -246,15 +246,7 @@ fn kill_9_of_the_coordinator_then_the_agents_next_requests_go_through() {
 
 /// How many times `text` is in node `name`'s log, once it is there at least `n` times.
 fn wait_log_count(f: &Fleet, name: &str, text: &str, n: usize) {
-    let start = Instant::now();
-    while f.log(name).matches(text).count() < n {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{name} did not log {text:?} {n} times: {}",
-            f.log(name)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    util::wait_log_count_in(f.dir.path(), name, text, n);
 }
 
 #[test]
@@ -283,12 +275,7 @@ fn after_a_kill_9_of_the_coordinator_the_tracker_rebuilds_and_peers_serve_a_new_
     let o = f.run(2, &["mount", "v", m2.to_str().unwrap()]);
     expect(&o, 0);
     let out = stdout(&o);
-    let from_origin: u64 = out
-        .trim_end()
-        .split("; ")
-        .find_map(|p| p.strip_suffix(" bytes from the origin"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no origin bytes in {out:?}"));
+    let from_origin = util::origin_bytes(&out);
     assert!(
         from_origin < (BIG / 2) as u64,
         "the new reader took {from_origin} of {BIG} bytes from the origin: its peers were not found"

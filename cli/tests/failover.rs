@@ -1,13 +1,17 @@
 //! Coordinators in failover as an operator runs them: `voltool coordinator --meta etcd://…`
 //! processes over a real three-member etcd cluster and a real S3 origin (Garage), agents
-//! given every coordinator; the leader killed with SIGKILL.
+//! given every coordinator; the leader killed with SIGKILL: the next leads, agents carry on,
+//! and its tracker is rebuilt by the agents' announcements.
 
 mod util;
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{expect, voltool, wait_file};
+use util::{expect, origin_bytes, stdout, voltool, wait_file, wait_log_count_in};
+
+/// The weights every agent reads (big enough that where they come from shows).
+const BIG: usize = 32 << 20;
 use voltool_tests::etcd::EtcdCluster;
 use voltool_tests::garage::Garage;
 
@@ -53,7 +57,7 @@ fn free_port() -> u16 {
 }
 
 #[test]
-fn the_leaders_kill_9_hands_the_fleet_to_the_next_coordinator_and_agents_carry_on() {
+fn the_leaders_kill_9_hands_the_fleet_to_the_next_coordinator_whose_tracker_the_agents_rebuild() {
     if !voltool_tests::mode_independent_pass() {
         return;
     }
@@ -124,8 +128,9 @@ fn the_leaders_kill_9_hands_the_fleet_to_the_next_coordinator_and_agents_carry_o
         wait_file(&data.join("agent.addr"), &mut child);
         p.children.push((format!("agent-{i}"), child));
     };
-    start_agent(&mut p, 0);
-    start_agent(&mut p, 1);
+    for i in 0..3 {
+        start_agent(&mut p, i);
+    }
     let run = |i: usize, args: &[&str]| {
         voltool()
             .arg("--agent")
@@ -138,7 +143,16 @@ fn the_leaders_kill_9_hands_the_fleet_to_the_next_coordinator_and_agents_carry_o
     let m0 = d.join("m0");
     expect(&run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
     std::fs::write(m0.join("a.txt"), "before").unwrap();
+    let weights = voltool_tests::bytes(9, BIG);
+    std::fs::write(m0.join("weights.bin"), &weights).unwrap();
     expect(&run(0, &["commit"]), 0);
+    // Agents 0 and 1 hold the weights whole, announced to the leader's tracker.
+    let m1 = d.join("m1");
+    expect(&run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
+    let announced = "announcing what this node holds to the tracker";
+    for a in ["agent-0", "agent-1"] {
+        wait_log_count_in(&d, a, announced, 1);
+    }
     // The leader dies without a word: its lease runs out, the standby leads, and the
     // agent's next commit reaches it by itself.
     p.kill9("c0");
@@ -153,9 +167,21 @@ fn the_leaders_kill_9_hands_the_fleet_to_the_next_coordinator_and_agents_carry_o
         wait_file(&d.join("c1/coordinator.addr"), c1),
         coordinators[1]
     );
-    // Another agent mounts the volume after the change of leader: both commits are there.
-    let m1 = d.join("m1");
-    expect(&run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
-    assert_eq!(std::fs::read_to_string(m1.join("a.txt")).unwrap(), "before");
-    assert_eq!(std::fs::read_to_string(m1.join("b.txt")).unwrap(), "after");
+    // The new leader's tracker starts empty, under a new epoch: the agents announce what
+    // they hold again, and a new reader after the change of leader is served by them, not
+    // by the origin; both commits are there.
+    for a in ["agent-0", "agent-1"] {
+        wait_log_count_in(&d, a, announced, 2);
+    }
+    let m2 = d.join("m2");
+    let o = run(2, &["mount", "v", m2.to_str().unwrap()]);
+    expect(&o, 0);
+    let from_origin = origin_bytes(&stdout(&o));
+    assert!(
+        from_origin < (BIG / 2) as u64,
+        "the new reader took {from_origin} of {BIG} bytes from the origin: its peers were not found"
+    );
+    assert_eq!(std::fs::read(m2.join("weights.bin")).unwrap(), weights);
+    assert_eq!(std::fs::read_to_string(m2.join("a.txt")).unwrap(), "before");
+    assert_eq!(std::fs::read_to_string(m2.join("b.txt")).unwrap(), "after");
 }

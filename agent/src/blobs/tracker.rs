@@ -72,9 +72,9 @@ impl TrackerClient {
     }
 
     /// Tells the tracker this node is alive (and registers it): without one within the
-    /// tracker's time to live, what it announced expires. Returns whether the tracker did
-    /// not know this node (a coordinator that started afresh, an entry that expired): what
-    /// it holds must then be announced again.
+    /// tracker's time to live, what it announced expires. Returns whether what this node
+    /// holds must be announced again: the tracker started afresh (a new epoch: a restart,
+    /// a new leader), or did not know this node (an entry that expired).
     pub async fn heartbeat(&self) -> bool {
         let req = CoordRequest::Heartbeat {
             addr: self.addr,
@@ -83,10 +83,14 @@ impl TrackerClient {
         match self.coord.request(&req).await {
             Ok(CoordResponse::Tracked { epoch, known }) => {
                 let before = self.epoch.swap(epoch, std::sync::atomic::Ordering::Relaxed);
-                if before != epoch && before != 0 {
+                // A new epoch is a tracker that started afresh (a restart, a new leader):
+                // everything is announced again, even where it already knows this node
+                // from what it announced since (a commit's blobs, say), which is not all.
+                let afresh = before != epoch && before != 0;
+                if afresh {
                     tracing::info!("the tracker started afresh (a new epoch)");
                 }
-                !known
+                afresh || !known
             }
             Ok(other) => {
                 debug!("the tracker answered a heartbeat with {other:?}");

@@ -250,6 +250,29 @@ impl Drop for Fleet {
     }
 }
 
+/// Waits (bounded) until the log `dir/NAME.log` holds `text` at least `n` times.
+pub fn wait_log_count_in(dir: &Path, name: &str, text: &str, n: usize) {
+    let start = Instant::now();
+    let log = || std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+    while log().matches(text).count() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{name} did not log {text:?} {n} times: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a mount or reload's answer says it took from the origin, in bytes.
+pub fn origin_bytes(out: &str) -> u64 {
+    out.trim_end()
+        .split("; ")
+        .find_map(|p| p.strip_suffix(" bytes from the origin"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no origin bytes in {out:?}"))
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
