@@ -144,6 +144,27 @@ pub(super) async fn watch(
     }
 }
 
+/// Reads the members file: one node id per line, `#` comments.
+pub fn read_members(path: &Path) -> Result<HashSet<EndpointId>, CoordinatorError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CoordinatorError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut out = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let id = line.parse().map_err(|_| CoordinatorError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::other(format!("line {}: not a node id: {line:?}", i + 1)),
+        })?;
+        out.insert(id);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,9 @@
 //! A fleet of real nodes in one process for integration tests: a coordinator and agents on
 //! 127.0.0.1 with port 0, seeded keys, temp dirs.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
@@ -12,40 +12,20 @@ use voltool_agent::node::{Agent, AgentOptions, Events};
 use voltool_agent::rate::Rate;
 use voltool_coordinator::{Coordinator, CoordinatorOptions};
 
+mod container;
 pub mod etcd;
+mod files;
 pub mod garage;
+mod ha;
+mod host;
 
-/// Runs `cmd` (quietly) every 100 ms until it succeeds, for up to a minute; fails the test
-/// with `what` and `log()` otherwise. For servers a test starts, which answer a command of
-/// their own once up.
-pub(crate) fn until_command_succeeds(
-    what: &str,
-    mut cmd: impl FnMut() -> std::process::Command,
-    log: impl Fn() -> String,
-) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let ok = cmd()
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{what}: {}", log());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
+pub use container::{Container, shown};
+pub use files::{bytes, ino, tree};
+pub use host::{
+    TEST_DIR_PREFIX, is_root, mode_independent_pass, need, overlay_pass, snapshot_mode, test_dir,
+};
+pub(crate) use host::{on_path, until_command_succeeds};
 
-/// The program `name` where `PATH` finds it.
-pub(crate) fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
 pub mod metrics;
 
 /// Writes a seeded key into a data directory.
@@ -266,52 +246,6 @@ impl TestFleet {
             .collect()
     }
 
-    /// Starts a fleet in failover: its first coordinator (which leads, with `hooks`) keeps
-    /// the fleet's state in etcd (`meta`) and its blobs in the bucket `s3`, heads are
-    /// signed by a fleet key, `standbys` more coordinators are ready to campaign (on
-    /// addresses the `n` agents know from their start; without hooks), and the agents
-    /// trust the fleet key.
-    pub async fn start_ha(
-        n: usize,
-        s3: voltool_agent::store::S3Options,
-        meta: voltool_coordinator::MetaOptions,
-        standbys: usize,
-        hooks: voltool_coordinator::Hooks,
-        limits: Limits,
-    ) -> Self {
-        let dir = test_dir();
-        let fleet_dir = dir.path().join("fleet");
-        let fleet_id = seed_key(&fleet_dir, 0xF1);
-        let mut f = TestFleet {
-            dir,
-            coord: None,
-            coord_listen: "127.0.0.1:0".parse().unwrap(),
-            agents: Vec::new(),
-            members: HashSet::new(),
-            writers: None,
-            limits,
-            s3: Some(s3),
-            meta,
-            fleet_key: Some((fleet_dir.join("node.key"), fleet_id)),
-            standbys: Vec::new(),
-            hooks,
-        };
-        seed_key(&f.coord_dir(), 0xC0);
-        for j in 0..standbys {
-            let id = seed_key(&f.standby_dir(j), 0xD0 + j as u8);
-            let port = std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap();
-            f.standbys
-                .push(voltool_agent::net::NodeAddr { id, addr: port });
-        }
-        for i in 0..n {
-            f.members.insert(seed_key(&f.agent_dir(i), i as u8 + 1));
-        }
-        f.start_nodes(n).await
-    }
-
     /// Starts the coordinator, then `n` agents.
     async fn start_nodes(mut self, n: usize) -> Self {
         let coord = Coordinator::start(self.coord_options()).await.unwrap();
@@ -322,22 +256,6 @@ impl TestFleet {
             self.agents.push(a);
         }
         self
-    }
-
-    /// Data directory of standby coordinator `j`.
-    pub fn standby_dir(&self, j: usize) -> PathBuf {
-        self.dir.path().join(format!("coordinator-{}", j + 1))
-    }
-
-    /// Standby coordinator `j`'s options: the first's, on its own data directory and
-    /// address.
-    pub fn standby_options(&self, j: usize) -> CoordinatorOptions {
-        CoordinatorOptions {
-            data: self.standby_dir(j),
-            listen: self.standbys[j].addr,
-            hooks: Default::default(),
-            ..self.coord_options()
-        }
     }
 
     /// Replaces the fleet's members and writers (kept for restarts); `None` writers: every
@@ -540,221 +458,6 @@ pub async fn until_status(
         assert!(std::time::Instant::now() < deadline, "{what}: {s:?}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-}
-
-/// What a tree holds, for comparison: kind, mode, content hash or target.
-pub fn tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let p = e.path();
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let mode = m.permissions().mode() & 0o7777;
-            let v = if m.file_type().is_symlink() {
-                format!("link -> {}", std::fs::read_link(&p).unwrap().display())
-            } else if m.is_dir() {
-                stack.push(p.clone());
-                format!("dir {mode:o}")
-            } else {
-                let bytes = std::fs::read(&p).unwrap();
-                format!(
-                    "file {mode:o} {} {}",
-                    bytes.len(),
-                    blake3::hash(&bytes).to_hex()
-                )
-            };
-            out.insert(rel, v);
-        }
-    }
-    out
-}
-
-/// Seeded pseudo-random bytes.
-pub fn bytes(seed: u8, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new_keyed(&[seed; 32])
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
-
-/// Inode of a file (to check snapshots never share one with the store).
-pub fn ino(p: &Path) -> u64 {
-    std::fs::metadata(p).unwrap().ino()
-}
-
-/// The snapshot mode the suite runs in: `VOLTOOL_SNAPSHOTS` (auto, overlay or copy), auto
-/// by default, so one run covers overlays (as root) and another the copy fallback.
-pub fn snapshot_mode() -> voltool_agent::node::SnapshotMode {
-    std::env::var("VOLTOOL_SNAPSHOTS")
-        .ok()
-        .map(|s| {
-            s.parse()
-                .expect("VOLTOOL_SNAPSHOTS is auto, overlay or copy")
-        })
-        .unwrap_or_default()
-}
-
-/// Fails the test, naming `what`, unless its requirement is met (`available`): a test never
-/// passes without checking what its name promises.
-pub fn need(what: &str, available: bool) -> bool {
-    assert!(available, "this test needs {what}, which is missing here");
-    true
-}
-
-/// Whether this process runs as root (tests that run programs as other users, mount
-/// file systems or make namespaces need it).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            == Some("0")
-    })
-}
-
-/// Whether this pass of the suite runs the tests that do not depend on the snapshot mode:
-/// the suite runs twice, and those tests run only in the pass that is not forced to copies.
-pub fn mode_independent_pass() -> bool {
-    let run = snapshot_mode() != voltool_agent::node::SnapshotMode::Copy;
-    if !run {
-        eprintln!("not in the copy pass: this test does not depend on the snapshot mode");
-    }
-    run
-}
-
-/// Whether this pass of the suite runs overlay snapshots: `false` (saying so) in the pass
-/// forced to copies; fails if an agent of `f` could not mount overlays where the suite
-/// requires them.
-pub async fn overlay_pass(f: &TestFleet) -> bool {
-    if snapshot_mode() == voltool_agent::node::SnapshotMode::Copy {
-        eprintln!("the copy pass: overlay checks belong to the overlay pass");
-        return false;
-    }
-    let s = match f.req(0, Request::Status).await.unwrap() {
-        Reply::Status(s) => s,
-        other => panic!("unexpected {other:?}"),
-    };
-    need("overlay snapshots", s.snapshots == "overlay")
-}
-
-/// A process in a mount namespace of its own with slave propagation, as a container's,
-/// that binds a mount path recursively (`mount --rbind`, as Docker's `-v PATH:…:rslave`
-/// does) and reports what a file reads there whenever asked.
-#[derive(Debug)]
-pub struct Container {
-    child: std::process::Child,
-    out: std::io::BufReader<std::process::ChildStdout>,
-    input: std::process::ChildStdin,
-}
-
-impl Container {
-    /// Binds `path` at `at` in a new namespace.
-    pub fn bind(path: &Path, at: &Path) -> Self {
-        std::fs::create_dir_all(at).unwrap();
-        let script = format!(
-            "mount --rbind '{p}' '{x}' && echo ready && while read -r c f; do case $c in \
-             open) exec 3>>\"{x}/$f\" && echo ok ;; \
-             write) echo \"$f\" >&3 && echo ok ;; \
-             close) exec 3>&- && echo ok ;; \
-             *) cat \"{x}/$f\" 2>/dev/null; echo ;; esac; done",
-            p = path.display(),
-            x = at.display()
-        );
-        let mut child = std::process::Command::new("unshare")
-            .args(["-m", "--propagation", "slave", "sh", "-c", &script])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("unshare runs");
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let input = child.stdin.take().unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "the bind could not be made");
-        Container { child, out, input }
-    }
-
-    /// What `file` (relative to the bind) holds, as the container sees it (empty if
-    /// missing).
-    pub fn read(&mut self, file: &str) -> String {
-        self.say(&format!("cat {file}"))
-    }
-
-    /// Opens `file` (relative to the bind) for appending, and holds it open.
-    pub fn open(&mut self, file: &str) {
-        assert_eq!(self.say(&format!("open {file}")), "ok");
-    }
-
-    /// Appends a line (no spaces) to the file held open.
-    pub fn write(&mut self, line: &str) {
-        assert_eq!(self.say(&format!("write {line}")), "ok");
-    }
-
-    /// Closes the file held open.
-    pub fn close(&mut self) {
-        assert_eq!(self.say("close -"), "ok");
-    }
-
-    fn say(&mut self, command: &str) -> String {
-        use std::io::{BufRead, Write};
-        writeln!(self.input, "{command}").unwrap();
-        let mut l = String::new();
-        self.out.read_line(&mut l).unwrap();
-        l.trim_end_matches('\n').to_string()
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Prefix of the temporary directories of fleets started by tests.
-/// Which snapshot a mount path shows: the link's target (copy mode), or the device of
-/// the file system mounted there (overlay mode: each snapshot is an overlay of its own).
-pub fn shown(path: &Path) -> String {
-    match std::fs::read_link(path) {
-        Ok(t) => t.display().to_string(),
-        Err(_) => format!(
-            "device {}",
-            std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(path).unwrap())
-        ),
-    }
-}
-
-pub const TEST_DIR_PREFIX: &str = "voltool-test-";
-
-/// A temporary directory for a test fleet, named after this process. Mounts left under the
-/// directories of test processes that are gone (a run killed before it could clean up)
-/// are detached and their directories removed first.
-pub fn test_dir() -> TempDir {
-    let tmp = std::env::temp_dir();
-    if let Ok(rd) = std::fs::read_dir(&tmp) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name
-                .strip_prefix(TEST_DIR_PREFIX)
-                .and_then(|r| r.split('-').next())
-                .and_then(|p| p.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                voltool_agent::overlay::unmount_all_under(&e.path());
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    tempfile::Builder::new()
-        .prefix(&format!("{TEST_DIR_PREFIX}{}-", std::process::id()))
-        .tempdir()
-        .unwrap()
 }
 
 impl Drop for TestFleet {
