@@ -476,7 +476,7 @@ mod volumes;
 pub use gc::{GcStats, Retention};
 pub use members::{Membership, read_members};
 use meta::{BlobRecords, Meta, MetaError, RedbMeta, VolumeRecord};
-pub use options::{ADDR_FILE, COMMIT_DEADLINE, CoordinatorOptions, Hooks, LEASE_TTL, MetaOptions};
+pub use options::{ADDR_FILE, COMMIT_DEADLINE, CoordinatorOptions, Hooks, MetaOptions};
 use serve::{accept_loop, refuse_all};
 use tracker::{Tracker, lookup, lookup_all, node_id};
 use upload::upload;

@@ -95,15 +95,12 @@ pub enum MetaOptions {
     Etcd {
         /// The members and the fleet's prefix.
         url: meta::EtcdUrl,
-        /// TLS with a client certificate (`None`: plain connections, `--open`).
+        /// TLS with a client certificate (`None`: plain connections, `--etcd-open`).
         tls: Option<meta::EtcdTls>,
         /// The lead's lease: a leader that stops renewing it loses the lead this long after.
         lease_ttl: std::time::Duration,
     },
 }
-
-/// The lease of the lead by default.
-pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a commit may take to send its change set by default.
 pub const COMMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);

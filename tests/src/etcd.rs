@@ -46,15 +46,11 @@ pub struct Tls {
 }
 
 fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl is not installed: run scripts/etcd.sh");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let mut c = Command::new("openssl");
+    c.current_dir(dir).args(args);
+    crate::run_ok(
+        c,
+        &format!("openssl {args:?} (scripts/etcd.sh installs it)"),
     );
 }
 
@@ -326,18 +322,9 @@ impl EtcdCluster {
             .iter()
             .find(|m| m.child.is_some())
             .expect("a running member");
-        let out = self
-            .etcdctl(&format!("127.0.0.1:{}", member.client))
-            .arg("snapshot")
-            .arg("save")
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "etcdctl snapshot save: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut c = self.etcdctl(&format!("127.0.0.1:{}", member.client));
+        c.arg("snapshot").arg("save").arg(file);
+        crate::run_ok(c, "etcdctl snapshot save");
     }
 
     /// Rebuilds the cluster from a snapshot, as an operator whose cluster is lost does:
@@ -351,8 +338,8 @@ impl EtcdCluster {
         for m in &self.members {
             let data = self.dir.path().join(&m.name);
             let _ = std::fs::remove_dir_all(&data);
-            let out = Command::new(program("etcdctl"))
-                .env("ETCDCTL_API", "3")
+            let mut c = Command::new(program("etcdctl"));
+            c.env("ETCDCTL_API", "3")
                 .arg("snapshot")
                 .arg("restore")
                 .arg(file)
@@ -365,14 +352,8 @@ impl EtcdCluster {
                 .arg("--initial-cluster-token")
                 .arg("voltool-test")
                 .arg("--initial-advertise-peer-urls")
-                .arg(format!("http://127.0.0.1:{}", m.peer))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "etcdctl snapshot restore: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+                .arg(format!("http://127.0.0.1:{}", m.peer));
+            crate::run_ok(c, "etcdctl snapshot restore");
         }
         for i in 0..self.members.len() {
             self.spawn(i, true);
@@ -382,14 +363,9 @@ impl EtcdCluster {
 
     /// Runs `etcdctl` against the cluster.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let out = self.etcdctl(&self.endpoints()).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut c = self.etcdctl(&self.endpoints());
+        c.args(args);
+        crate::run_ok(c, &format!("etcdctl {args:?}"))
     }
 
     /// Waits (bounded) until every running member says it is healthy.

@@ -114,19 +114,9 @@ root_domain = ".s3.garage.localhost"
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(&self.bin)
-            .arg("-c")
-            .arg(&self.conf)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "garage {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut c = Command::new(&self.bin);
+        c.arg("-c").arg(&self.conf).args(args);
+        crate::run_ok(c, &format!("garage {args:?}"))
     }
 
     /// Takes write access to the bucket from the key (puts fail), or gives it back.

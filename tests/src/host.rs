@@ -32,6 +32,19 @@ pub(crate) fn until_command_succeeds(
     }
 }
 
+/// Runs `cmd` to its end and returns what it printed; fails the test, naming `what` and
+/// showing the output, if it does not succeed.
+pub(crate) fn run_ok(mut cmd: std::process::Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The program `name` where `PATH` finds it.
 pub(crate) fn on_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
