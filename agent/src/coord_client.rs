@@ -50,11 +50,19 @@ pub enum ClientError {
 pub const FAILOVER_WAIT: Duration = Duration::from_secs(30);
 /// The pause between two rounds of tries.
 const ROUND_PAUSE: Duration = Duration::from_millis(200);
+/// How long a request may go without a single packet from the coordinator before its
+/// connection is taken for dead. A live coordinator acknowledges the request's packets
+/// within a round trip (and sends keep-alives every second), however long the answer takes;
+/// one that died (kill -9, a host gone) sends nothing, and its connection would otherwise
+/// only be known dead at the idle timeout (4 s).
+const SILENCE: Duration = Duration::from_secs(1);
+/// How long one try to reach one of several coordinators may take: one that is gone
+/// answers nothing, and the round goes on without it.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client that keeps one connection to the coordinator that leads and reopens it when it
-/// breaks: with several coordinators (a fleet in failover), it tries each in turn, from the
-/// one after the last that answered, and keeps the first that accepts (those that do not
-/// lead refuse at once).
+/// breaks: with several coordinators (a fleet in failover), it tries them all at once and
+/// keeps the first that accepts (those that do not lead refuse at once).
 #[derive(Debug)]
 pub struct CoordClient {
     ep: Endpoint,
@@ -86,50 +94,87 @@ impl CoordClient {
         self.addrs[self.at.load(std::sync::atomic::Ordering::Relaxed) % self.addrs.len()].clone()
     }
 
-    /// Drops the connection a request failed on; the next try starts with the next
-    /// coordinator (the one it reached may be gone, and another leads soon).
+    /// Drops the connection a request failed on: the next try reaches whichever
+    /// coordinator leads then (the one it reached may be gone).
     async fn forget_failed(&self) {
-        let mut c = self.conn.lock().await;
-        if c.take().is_some() && self.addrs.len() > 1 {
-            self.at.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.conn.lock().await.take();
     }
 
     async fn conn(&self) -> Result<Connection, NetError> {
         use std::sync::atomic::Ordering::Relaxed;
         let mut c = self.conn.lock().await;
-        let dead = match c.as_ref() {
-            Some(conn) if conn.close_reason().is_none() => return Ok(conn.clone()),
-            Some(_) => true,
-            None => false,
-        };
+        if let Some(conn) = c.as_ref()
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
+        }
         let n = self.addrs.len();
-        // A connection that died: the coordinator it reached may be gone; the next first.
-        let mut first = self.at.load(Relaxed) + usize::from(dead && n > 1);
-        // With several coordinators, none may lead for a moment (the leader died and its
-        // lease has not ended yet): rounds go on for a while.
-        let deadline =
-            tokio::time::Instant::now() + if n > 1 { FAILOVER_WAIT } else { Duration::ZERO };
+        if n == 1 {
+            let conn = net::connect(&self.ep, &self.addrs[0], coord::ALPN).await?;
+            *c = Some(conn.clone());
+            return Ok(conn);
+        }
+        // Several coordinators: all are tried at once, again every ROUND_PAUSE while none
+        // accepts, and the first that accepts is kept. Those that do not lead refuse at
+        // once; a try of one that is gone runs out its handshake's timeout on the side
+        // while the others are tried again. None may lead for a moment (the leader died
+        // and its lease has not ended yet): the tries go on for a while.
+        let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
+        let mut tries = tokio::task::JoinSet::new();
+        let mut trying = std::collections::HashMap::new();
+        let mut last = None;
         loop {
-            let mut last = None;
-            for k in 0..n {
-                let i = (first + k) % n;
-                match net::connect(&self.ep, &self.addrs[i], coord::ALPN).await {
-                    Ok(conn) => {
-                        self.at.store(i, Relaxed);
-                        *c = Some(conn.clone());
-                        return Ok(conn);
+            for (i, addr) in self.addrs.iter().enumerate() {
+                if trying.values().any(|&t| t == i) {
+                    continue;
+                }
+                let (ep, addr) = (self.ep.clone(), addr.clone());
+                let task = tries.spawn(async move {
+                    tokio::time::timeout(ATTEMPT_TIMEOUT, net::connect(&ep, &addr, coord::ALPN))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(NetError::Connect {
+                                peer: addr.to_string(),
+                                message: format!("no handshake within {ATTEMPT_TIMEOUT:?}"),
+                            })
+                        })
+                });
+                trying.insert(task.id(), i);
+            }
+            let round = tokio::time::sleep(ROUND_PAUSE);
+            tokio::pin!(round);
+            loop {
+                tokio::select! {
+                    Some(done) = tries.join_next_with_id() => {
+                        let (id, tried) = match done {
+                            Ok((id, tried)) => (id, tried),
+                            Err(e) => (e.id(), Err(NetError::Connect {
+                                peer: "a coordinator".into(),
+                                message: e.to_string(),
+                            })),
+                        };
+                        let i = trying.remove(&id).unwrap_or_default();
+                        match tried {
+                            Ok(conn) => {
+                                self.at.store(i, Relaxed);
+                                *c = Some(conn.clone());
+                                return Ok(conn);
+                            }
+                            Err(e) => last = Some(e),
+                        }
                     }
-                    Err(e) => last = Some(e),
+                    _ = &mut round => break,
                 }
             }
-            let e = last.expect("at least one coordinator");
             if tokio::time::Instant::now() >= deadline {
-                return Err(e);
+                return Err(last.unwrap_or_else(|| NetError::Connect {
+                    peer: "every coordinator".into(),
+                    message: format!("none accepted within {FAILOVER_WAIT:?}"),
+                }));
             }
-            tracing::debug!("no coordinator accepts now: trying again ({e})");
-            tokio::time::sleep(ROUND_PAUSE).await;
-            first = 0;
+            if let Some(e) = &last {
+                tracing::debug!("no coordinator accepts now: trying again ({e})");
+            }
         }
     }
 
@@ -137,14 +182,22 @@ impl CoordClient {
     /// coordinator restarted): nothing was sent on it yet, so the retry is safe.
     async fn open(
         &self,
-    ) -> Result<(iroh::endpoint::SendStream, iroh::endpoint::RecvStream), ClientError> {
+    ) -> Result<
+        (
+            Connection,
+            iroh::endpoint::SendStream,
+            iroh::endpoint::RecvStream,
+        ),
+        ClientError,
+    > {
         let conn = self.conn().await?;
         match conn.open_bi().await {
-            Ok(s) => Ok(s),
+            Ok((send, recv)) => Ok((conn, send, recv)),
             Err(_) => {
                 self.forget_failed().await;
                 let conn = self.conn().await?;
-                Ok(conn.open_bi().await.map_err(NetError::stream)?)
+                let (send, recv) = conn.open_bi().await.map_err(NetError::stream)?;
+                Ok((conn, send, recv))
             }
         }
     }
@@ -175,8 +228,8 @@ impl CoordClient {
     /// still answers. A coordinator that died (kill -9, a host gone) leaves it open here
     /// until it idles out, and a request sent on it would fail without a word of whether
     /// it landed; an empty `HasBlobs` costs one round trip, and goes once more on a fresh
-    /// connection if the old one is dead. Only the transport counts: a refusal is the
-    /// request's own to meet.
+    /// connection if the old one is dead (or silent: see [`SILENCE`]). Only the transport
+    /// counts: a refusal is the request's own to meet.
     async fn ensure_live(&self) -> Result<(), ClientError> {
         let cached = self
             .conn
@@ -223,10 +276,25 @@ impl CoordClient {
     }
 
     async fn request_once(&self, req: &CoordRequest) -> Result<CoordResponse, ClientError> {
-        let (mut send, mut recv) = self.open().await?;
-        net::write_frame(&mut send, req).await?;
-        send.finish().map_err(NetError::stream)?;
-        let resp: CoordResponse = net::read_frame(&mut recv, MAX_RESPONSE).await?;
+        let (conn, mut send, mut recv) = self.open().await?;
+        let heard = conn.stats().udp_rx.datagrams;
+        let exchange = async {
+            net::write_frame(&mut send, req).await?;
+            send.finish().map_err(NetError::stream)?;
+            net::read_frame::<CoordResponse>(&mut recv, MAX_RESPONSE).await
+        };
+        tokio::pin!(exchange);
+        let resp = tokio::select! {
+            r = &mut exchange => r?,
+            _ = tokio::time::sleep(SILENCE) => {
+                if conn.stats().udp_rx.datagrams == heard {
+                    return Err(ClientError::Net(NetError::Stream(format!(
+                        "the coordinator sent nothing for {SILENCE:?}: taken for gone"
+                    ))));
+                }
+                exchange.await?
+            }
+        };
         match resp {
             CoordResponse::Error { kind, message } => Err(ClientError::Remote { kind, message }),
             r => Ok(r),
@@ -236,7 +304,7 @@ impl CoordClient {
     /// Watches the fleet's members: the stream answers with the member ids now and after
     /// every change ([`CoordRequest::WatchMembers`]).
     pub async fn watch_members(&self) -> Result<MembersWatch, ClientError> {
-        let (mut send, recv) = self.open().await?;
+        let (_, mut send, recv) = self.open().await?;
         net::write_frame(&mut send, &CoordRequest::WatchMembers).await?;
         send.finish().map_err(NetError::stream)?;
         Ok(MembersWatch { recv })
@@ -249,7 +317,7 @@ impl CoordClient {
         &self,
         volumes: Vec<voltool_protocol::VolumeId>,
     ) -> Result<HeadsWatch, ClientError> {
-        let (mut send, recv) = self.open().await?;
+        let (_, mut send, recv) = self.open().await?;
         net::write_frame(&mut send, &CoordRequest::WatchHeads { volumes }).await?;
         send.finish().map_err(NetError::stream)?;
         Ok(HeadsWatch { recv })
@@ -274,7 +342,7 @@ impl CoordClient {
         header: &CoordRequest,
         parts: &mut tokio::sync::mpsc::Receiver<CommitPart>,
     ) -> Result<CoordResponse, ClientError> {
-        let (mut send, mut recv) = self.open().await?;
+        let (_, mut send, mut recv) = self.open().await?;
         net::write_frame(&mut send, header).await?;
         // Whether the last part went out; whether the coordinator stopped reading first.
         let (mut complete, mut refused) = (false, false);
@@ -321,7 +389,7 @@ impl CoordClient {
         blobs: &[(Hash, u64, PathBuf)],
         on_bytes: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), ClientError> {
-        let (mut send, mut recv) = self.open().await?;
+        let (_, mut send, mut recv) = self.open().await?;
         if let Err(e) = send_upload(&mut send, blobs, on_bytes).await {
             // The coordinator may have refused the upload and stopped reading: its answer
             // says why.

@@ -355,13 +355,62 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
             "no --members file: a coordinator without one would admit every node that reaches it as a member and a writer; give --members FILE, or --open to run so on purpose"
         );
     }
-    let m = membership(&a)?;
     if a.open {
         tracing::warn!(
             "--open: every node that reaches this coordinator is a member and may write"
         );
     }
-    let c = Coordinator::start(CoordinatorOptions {
+    let in_failover = matches!(meta_options(&a)?, MetaOptions::Etcd { .. });
+    // SIGHUP: the members and writers files again (kept as they were if either fails).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let stop = until_signal();
+    tokio::pin!(stop);
+    // In failover a coordinator that loses the lead (its lease ended or went unrenewed:
+    // another leads now, or will) drops all it held and campaigns again, as a candidate;
+    // so does one whose campaign failed for etcd's trouble.
+    loop {
+        let started = tokio::select! {
+            r = &mut stop => { r?; return Ok(ExitCode::SUCCESS); }
+            c = Coordinator::start(coordinator_options(&a)?) => c,
+        };
+        let c = match started {
+            Ok(c) => c,
+            Err(e @ voltool_coordinator::CoordinatorError::Meta(_)) if in_failover => {
+                tracing::warn!("campaigning again in a moment: {e}");
+                tokio::select! {
+                    r = &mut stop => { r?; return Ok(ExitCode::SUCCESS); }
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                }
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("starting the coordinator")),
+        };
+        println!("coordinator {}", c.addr());
+        loop {
+            tokio::select! {
+                r = &mut stop => {
+                    c.shutdown().await;
+                    r?;
+                    return Ok(ExitCode::SUCCESS);
+                }
+                _ = c.lead_lost() => break,
+                _ = hup.recv() => match membership(&a) {
+                    Ok(m) => c.set_membership(m),
+                    Err(e) => tracing::error!("membership kept as it was: {e:#}"),
+                },
+            }
+        }
+        c.shutdown().await;
+        tracing::warn!(
+            "this coordinator no longer leads the fleet (its lease on etcd ended): campaigning again"
+        );
+    }
+}
+
+/// The coordinator's options from its command line (the members and writers files read
+/// now).
+fn coordinator_options(a: &CoordinatorArgs) -> anyhow::Result<CoordinatorOptions> {
+    let m = membership(a)?;
+    Ok(CoordinatorOptions {
         data: a.data.clone(),
         listen: a.listen,
         members: m.members,
@@ -381,34 +430,10 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
             region: a.s3_region.clone(),
             ..o
         }),
-        meta: meta_options(&a)?,
+        meta: meta_options(a)?,
         fleet_key: a.fleet_key.clone(),
         hooks: Default::default(),
     })
-    .await
-    .context("starting the coordinator")?;
-    println!("coordinator {}", c.addr());
-    // SIGHUP: the members and writers files again (kept as they were if either fails).
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let stop = until_signal();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            r = &mut stop => { r?; break; }
-            _ = c.lead_lost() => {
-                // Its lease is gone or went unrenewed: another coordinator leads now, or will.
-                // A supervisor starts this one again, as a candidate.
-                c.shutdown().await;
-                anyhow::bail!("this coordinator no longer leads the fleet (its lease on etcd ended): stopped");
-            }
-            _ = hup.recv() => match membership(&a) {
-                Ok(m) => c.set_membership(m),
-                Err(e) => tracing::error!("membership kept as it was: {e:#}"),
-            },
-        }
-    }
-    c.shutdown().await;
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The members and writers files, read.

@@ -1,7 +1,8 @@
 //! Coordinators in failover as an operator runs them: `voltool coordinator --meta etcd://…`
 //! processes over a real three-member etcd cluster and a real S3 origin (Garage), agents
 //! given every coordinator; the leader killed with SIGKILL: the next leads, agents carry on,
-//! and its tracker is rebuilt by the agents' announcements.
+//! and its tracker is rebuilt by the agents' announcements; a leader stopped past its lease
+//! campaigns again when it wakes, and leads again when its successor dies.
 
 mod util;
 
@@ -57,7 +58,8 @@ fn free_port() -> u16 {
 }
 
 #[test]
-fn the_leaders_kill_9_hands_the_fleet_to_the_next_coordinator_whose_tracker_the_agents_rebuild() {
+fn a_leader_killed_hands_the_fleet_to_the_next_whose_tracker_agents_rebuild_and_one_stopped_campaigns_again()
+ {
     if !voltool_tests::mode_independent_pass() {
         return;
     }
@@ -184,4 +186,52 @@ fn the_leaders_kill_9_hands_the_fleet_to_the_next_coordinator_whose_tracker_the_
     assert_eq!(std::fs::read(m2.join("weights.bin")).unwrap(), weights);
     assert_eq!(std::fs::read_to_string(m2.join("a.txt")).unwrap(), "before");
     assert_eq!(std::fs::read_to_string(m2.join("b.txt")).unwrap(), "after");
+
+    // The killed coordinator comes back, a candidate; the leader is stopped past its lease
+    // (SIGSTOP): the candidate takes over. The old leader, let go on, does not exit: it
+    // drops all it held and campaigns again, and leads once more when the other dies.
+    start_coordinator(&mut p, 0);
+    let signal = |p: &Procs, name: &str, sig: &str| {
+        let pid = p.children.iter().find(|(n, _)| n == name).unwrap().1.id();
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal(&p, "c1", "-STOP");
+    {
+        let c0 = &mut p.children.iter_mut().find(|(n, _)| n == "c0").unwrap().1;
+        assert_eq!(
+            wait_file(&d.join("c0/coordinator.addr"), c0),
+            coordinators[0]
+        );
+    }
+    std::fs::write(m0.join("c.txt"), "while c1 was stopped").unwrap();
+    expect(&run(0, &["commit"]), 0);
+    signal(&p, "c1", "-CONT");
+    // It finds its lease gone, says so, and campaigns again (its address file goes).
+    wait_log_count_in(&d, "c1", "campaigning again", 1);
+    {
+        let c1 = &mut p.children.iter_mut().find(|(n, _)| n == "c1").unwrap().1;
+        assert!(c1.try_wait().unwrap().is_none(), "the old leader exited");
+    }
+    p.kill9("c0");
+    {
+        let c1 = &mut p.children.iter_mut().find(|(n, _)| n == "c1").unwrap().1;
+        assert_eq!(
+            wait_file(&d.join("c1/coordinator.addr"), c1),
+            coordinators[1]
+        );
+    }
+    std::fs::write(m0.join("d.txt"), "c1 leads again").unwrap();
+    expect(&run(0, &["commit"]), 0);
+    let o = run(2, &["reload"]);
+    expect(&o, 0);
+    for (f, text) in [
+        ("c.txt", "while c1 was stopped"),
+        ("d.txt", "c1 leads again"),
+    ] {
+        assert_eq!(std::fs::read_to_string(m2.join(f)).unwrap(), text);
+    }
 }

@@ -63,6 +63,8 @@ pub struct Coordinator {
     state: Arc<State>,
     /// The lead, for a coordinator on etcd.
     leadership: Option<leader::Leadership>,
+    /// In failover, the address file says this coordinator leads: it goes when it stops.
+    addr_file: Option<PathBuf>,
     ep: Endpoint,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -273,6 +275,9 @@ impl Coordinator {
         let leadership = match (&etcd, &opts.meta) {
             (Some(m), MetaOptions::Etcd { lease_ttl, .. }) => {
                 info!(%addr, meta = %m.url(), "campaigning for the lead");
+                // The address file says this coordinator leads: one left by a run that
+                // was killed no longer does.
+                let _ = std::fs::remove_file(opts.data.join(ADDR_FILE));
                 // Until it leads, it refuses connections: a client that lists every
                 // coordinator of the fleet moves on to the next at once.
                 let refusing = tokio::spawn(refuse_all(ep.clone()));
@@ -394,6 +399,7 @@ impl Coordinator {
         }
         Ok(Coordinator {
             state,
+            addr_file: leadership.is_some().then_some(addr_file),
             leadership,
             ep,
             cancel,
@@ -453,6 +459,9 @@ impl Coordinator {
         self.cancel.cancel();
         if let Some(l) = self.leadership {
             l.step_down().await;
+        }
+        if let Some(f) = &self.addr_file {
+            let _ = std::fs::remove_file(f);
         }
         self.ep.close().await;
         let _ = self.task.await;

@@ -334,6 +334,10 @@ pub struct CommitReport {
     pub volume: String,
     /// Version after the commit (unchanged if nothing to commit).
     pub version: u64,
+    /// Hash of the commit this one made (hex), as its signed head names it; `None` when
+    /// there was nothing to commit.
+    #[serde(default)]
+    pub head: Option<String>,
     /// Paths changed by this commit.
     pub changed: usize,
     /// Bytes uploaded to the origin.
@@ -365,6 +369,10 @@ pub struct ReloadReport {
     pub from_version: u64,
     /// Version after.
     pub version: u64,
+    /// Hash of the commit the mount shows after the switch (hex); `None` when it did not
+    /// switch.
+    #[serde(default)]
+    pub head: Option<String>,
     /// Whether anything changed.
     pub changed: bool,
     /// Bytes of the files fetched.

@@ -41,11 +41,31 @@ pub(crate) struct DownArgs {
 #[derive(Debug)]
 pub(crate) struct Fleet {
     pub(crate) root: PathBuf,
+    /// The first coordinator's address, `ID@HOST:PORT`.
     pub(crate) coordinator: String,
     pub(crate) agents: Vec<PathBuf>,
-    /// Node k's command line and process: the coordinator is 0, agent i is i + 1.
+    /// Node k's command line and process: coordinator j is j, agent i is
+    /// `coordinators + i`.
     nodes: Vec<(Vec<String>, u32)>,
+    /// How many coordinators (one, or several in failover over etcd).
+    coordinators: usize,
+    /// Environment every node starts with (the S3 origin's key, in failover).
+    env: Vec<(String, String)>,
     net: bool,
+}
+
+/// A fleet whose coordinators run in failover: their state in etcd, the origin in an S3
+/// bucket, heads signed by a fleet key every coordinator holds.
+#[derive(Clone, Debug)]
+pub(crate) struct HaSetup {
+    /// How many coordinators.
+    pub(crate) coordinators: usize,
+    /// `--meta etcd://…` (plain connections: the cluster listens on loopback).
+    pub(crate) meta: String,
+    /// The origin.
+    pub(crate) s3: voltool_agent::store::S3Options,
+    /// The lead's lease.
+    pub(crate) lease_ttl: Duration,
 }
 
 /// Sends a request to an agent; a refusal becomes an error naming the agent.
@@ -103,6 +123,20 @@ fn coordinator_dir(root: &Path) -> PathBuf {
     root.join("coordinator")
 }
 
+/// Data directory of coordinator `j` (the first is [`coordinator_dir`]).
+fn coordinator_dir_n(root: &Path, j: usize) -> PathBuf {
+    match j {
+        0 => coordinator_dir(root),
+        j => root.join(format!("coordinator-{j}")),
+    }
+}
+
+/// Whether `dir` is a coordinator's.
+fn is_coordinator_dir(dir: &Path) -> bool {
+    dir.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("coordinator"))
+}
+
 pub(crate) fn agent_dir(root: &Path, i: usize) -> PathBuf {
     root.join(format!("agent-{i}"))
 }
@@ -112,11 +146,18 @@ fn pid_file(dir: &Path) -> PathBuf {
 }
 
 /// Starts this binary as `exec -- ARGS`, in node `k`'s namespace if there are namespaces.
-fn spawn_node(dir: &Path, net: Option<&Netns>, k: usize, args: &[String]) -> anyhow::Result<u32> {
+fn spawn_node(
+    dir: &Path,
+    net: Option<&Netns>,
+    k: usize,
+    args: &[String],
+    env: &[(String, String)],
+) -> anyhow::Result<u32> {
     std::fs::create_dir_all(dir)?;
     let log = std::fs::File::create(dir.join("log")).context("log file")?;
     let exe = std::env::current_exe().context("own executable")?;
     let child = netns::command(net, k, exe)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("exec")
         .arg("--")
         .args(args)
@@ -173,7 +214,7 @@ fn alive(pid: u32) -> bool {
     rustix::process::test_kill_process(p).is_ok()
 }
 
-fn signal(pid: u32, sig: rustix::process::Signal) {
+pub(crate) fn signal(pid: u32, sig: rustix::process::Signal) {
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(p, sig);
     }
@@ -230,7 +271,7 @@ pub(crate) async fn up_with(
         cargs.extend(["--max-egress".into(), r.to_string()]);
     }
     listen(0, &mut cargs);
-    let cpid = spawn_node(&cdir, net, 0, &cargs)?;
+    let cpid = spawn_node(&cdir, net, 0, &cargs, &[])?;
     let coordinator = wait_file(&cdir.join(ADDR_FILE), cpid, "the coordinator").await?;
     if net.is_none() {
         // A restart binds the same port, so that the agents find it again.
@@ -259,7 +300,7 @@ pub(crate) async fn up_with(
         }
         args.extend(agent_args(i));
         listen(i + 1, &mut args);
-        pids.push(spawn_node(dir, net, i + 1, &args)?);
+        pids.push(spawn_node(dir, net, i + 1, &args, &[])?);
         nodes.push((args, *pids.last().expect("pushed")));
     }
     for (dir, pid) in agents.iter().zip(pids) {
@@ -277,21 +318,163 @@ pub(crate) async fn up_with(
         coordinator,
         agents,
         nodes,
+        coordinators: 1,
+        env: Vec::new(),
         net: net.is_some(),
+    })
+}
+
+/// Starts a fleet in failover under `root`: `ha.coordinators` coordinators over etcd and
+/// an S3 origin (the first waits until it leads; the others campaign), and `n` agents
+/// given every coordinator and the fleet key.
+pub(crate) async fn up_ha(
+    root: &Path,
+    n: usize,
+    ha: &HaSetup,
+    agent_args: &dyn Fn(usize) -> Vec<String>,
+) -> anyhow::Result<Fleet> {
+    std::fs::create_dir_all(root)?;
+    let root = std::path::absolute(root)?;
+    let mut members = String::new();
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let dir = agent_dir(&root, i);
+        let key = voltool_agent::keys::load_or_create(&dir)?;
+        members.push_str(&format!("{}  # agent-{i}\n", key.public()));
+        agents.push(dir);
+    }
+    let members_file = root.join("members.txt");
+    std::fs::write(&members_file, members)?;
+    let fleet_dir = root.join("fleet");
+    let fleet_id = voltool_agent::keys::load_or_create(&fleet_dir)?.public();
+    let mut env = Vec::new();
+    if let Some(k) = &ha.s3.access_key_id {
+        env.push(("AWS_ACCESS_KEY_ID".to_string(), k.clone()));
+    }
+    if let Some(k) = &ha.s3.secret_access_key {
+        env.push(("AWS_SECRET_ACCESS_KEY".to_string(), k.clone()));
+    }
+    let mut nodes = Vec::new();
+    let mut addrs = Vec::new();
+    for j in 0..ha.coordinators {
+        let dir = coordinator_dir_n(&root, j);
+        let id = voltool_agent::keys::load_or_create(&dir)?.public();
+        let _ = std::fs::remove_file(dir.join(ADDR_FILE));
+        // Each on a port of its own, kept across restarts: the agents know them all.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        addrs.push(format!("{id}@127.0.0.1:{port}"));
+        let mut args: Vec<String> = vec![
+            "coordinator".into(),
+            "--data".into(),
+            dir.display().to_string(),
+            "--members".into(),
+            members_file.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--meta".into(),
+            ha.meta.clone(),
+            "--etcd-open".into(),
+            "--origin".into(),
+            format!("s3://{}/{}", ha.s3.bucket, ha.s3.prefix),
+            "--fleet-key".into(),
+            fleet_dir.join("node.key").display().to_string(),
+            "--lease-ttl".into(),
+            format!("{}s", ha.lease_ttl.as_secs().max(1)),
+        ];
+        if let Some(e) = &ha.s3.endpoint {
+            args.extend(["--s3-endpoint".into(), e.clone()]);
+        }
+        if let Some(r) = &ha.s3.region {
+            args.extend(["--s3-region".into(), r.clone()]);
+        }
+        let pid = spawn_node(&dir, None, j, &args, &env)?;
+        if j == 0 {
+            // A coordinator writes its address once it leads: the first leads before
+            // the others campaign, so that the fleet starts with a known leader.
+            wait_file(&dir.join(ADDR_FILE), pid, "the first coordinator").await?;
+        }
+        nodes.push((args, pid));
+    }
+    let mut pids = Vec::new();
+    for (i, dir) in agents.iter().enumerate() {
+        let _ = std::fs::remove_file(dir.join("agent.addr"));
+        let mut args = vec![
+            "agent".to_string(),
+            "--data".into(),
+            dir.display().to_string(),
+            "--run-dir".into(),
+            dir.display().to_string(),
+            "--fleet-key".into(),
+            fleet_id.to_string(),
+        ];
+        for a in &addrs {
+            args.extend(["--coordinator".into(), a.clone()]);
+        }
+        args.extend(agent_args(i));
+        pids.push(spawn_node(dir, None, ha.coordinators + i, &args, &[])?);
+        nodes.push((args, *pids.last().expect("pushed")));
+    }
+    for (dir, pid) in agents.iter().zip(pids) {
+        wait_file(
+            &dir.join("agent.addr"),
+            pid,
+            &format!("agent {}", dir.display()),
+        )
+        .await?;
+    }
+    Ok(Fleet {
+        root,
+        coordinator: addrs[0].clone(),
+        agents,
+        nodes,
+        coordinators: ha.coordinators,
+        env,
+        net: false,
     })
 }
 
 impl Fleet {
     fn node_dir(&self, k: usize) -> PathBuf {
-        match k {
-            0 => coordinator_dir(&self.root),
-            i => self.agents[i - 1].clone(),
+        if k < self.coordinators {
+            coordinator_dir_n(&self.root, k)
+        } else {
+            self.agents[k - self.coordinators].clone()
         }
     }
 
-    /// Whether node `k` (0: the coordinator, i + 1: agent i) runs.
+    /// How many coordinators: nodes `0..coordinators()`.
+    pub(crate) fn coordinators(&self) -> usize {
+        self.coordinators
+    }
+
+    /// The node number of agent `i`.
+    pub(crate) fn agent_node(&self, i: usize) -> usize {
+        self.coordinators + i
+    }
+
+    /// Every node: the coordinators, then the agents.
+    pub(crate) fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The process id of node `k`.
+    pub(crate) fn pid(&self, k: usize) -> u32 {
+        self.nodes[k].1
+    }
+
+    /// Whether node `k` (see [`Self::agent_node`]) runs.
     pub(crate) fn is_running(&self, k: usize) -> bool {
         alive(self.nodes[k].1)
+    }
+
+    /// The coordinators that run and have written their address since they last started:
+    /// those that took the lead (in failover, one that lost it exits).
+    pub(crate) fn leading(&self) -> Vec<usize> {
+        (0..self.coordinators)
+            .filter(|&j| self.is_running(j) && self.node_dir(j).join(ADDR_FILE).exists())
+            .collect()
     }
 
     /// Kills node `k` with SIGKILL and waits until it is gone.
@@ -315,9 +498,13 @@ impl Fleet {
             bail!("restarting nodes in network namespaces is not supported");
         }
         let dir = self.node_dir(k);
-        let (addr, what) = match k {
-            0 => (dir.join(ADDR_FILE), "the coordinator".to_string()),
-            i => (dir.join("agent.addr"), format!("agent {}", i - 1)),
+        let (addr, what) = if k < self.coordinators {
+            (dir.join(ADDR_FILE), format!("coordinator {k}"))
+        } else {
+            (
+                dir.join("agent.addr"),
+                format!("agent {}", k - self.coordinators),
+            )
         };
         let _ = std::fs::remove_file(&addr);
         // The old log is kept beside the new one.
@@ -325,8 +512,13 @@ impl Fleet {
             dir.join("log"),
             dir.join(format!("log.{}", self.nodes[k].1)),
         );
-        let pid = spawn_node(&dir, None, k, &self.nodes[k].0)?;
+        let pid = spawn_node(&dir, None, k, &self.nodes[k].0, &self.env)?;
         self.nodes[k].1 = pid;
+        if k < self.coordinators && self.coordinators > 1 {
+            // In failover a coordinator comes back as a candidate: it writes its address
+            // only if it wins the lead, which another may hold.
+            return Ok(());
+        }
         wait_file(&addr, pid, &what).await?;
         Ok(())
     }
@@ -350,12 +542,12 @@ pub(crate) async fn stop(root: &Path) -> anyhow::Result<usize> {
         .map(|e| e.path())
         .filter(|p| pid_file(p).exists())
         .collect();
-    // Agents first, the coordinator last.
-    dirs.sort_by_key(|p| p.ends_with("coordinator"));
+    // Agents first, the coordinators last.
+    dirs.sort_by_key(|p| is_coordinator_dir(p));
     let mut stopped = 0;
     for group in [false, true] {
         let mut pids = Vec::new();
-        for d in dirs.iter().filter(|d| d.ends_with("coordinator") == group) {
+        for d in dirs.iter().filter(|d| is_coordinator_dir(d) == group) {
             let pid: u32 = std::fs::read_to_string(pid_file(d))?.trim().parse()?;
             signal(pid, rustix::process::Signal::TERM);
             pids.push((d.clone(), pid));

@@ -4,6 +4,7 @@
 //!   own data directory and log file, and prints how to point `voltool` at any node.
 //! - `down --root DIR` stops them.
 //! - `demo` does the main job end to end on defaults and checks every byte.
+//! - `bench`, `chaos` and `failover` measure and break it.
 //!
 //! Nodes are this same binary run as `voltool-testnet exec -- <voltool arguments>`, so the
 //! testnet needs nothing but itself.
@@ -11,7 +12,9 @@
 mod bench;
 mod chaos;
 mod demo;
+mod failover;
 mod fleet;
+mod ha;
 mod netns;
 mod torrent;
 
@@ -40,6 +43,9 @@ enum Cmd {
     /// Random operations and faults on a fleet of real processes, checked against a
     /// model: nothing acknowledged lost, no mixed snapshot, no unverified byte.
     Chaos(chaos::ChaosArgs),
+    /// Coordinators in failover: the leader killed again and again during commits; the
+    /// time from each kill -9 to the first commit the next leader acknowledges.
+    Failover(failover::FailoverArgs),
     /// Run `voltool` with the given arguments (how the testnet starts its nodes).
     #[command(hide = true)]
     Exec {
@@ -69,6 +75,7 @@ fn main() -> ExitCode {
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::Bench(a) => bench::run(a).await,
             Cmd::Chaos(a) => chaos::run(a).await,
+            Cmd::Failover(a) => failover::run(a).await,
             Cmd::Exec { .. } => unreachable!("handled above"),
         }
     });

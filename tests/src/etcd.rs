@@ -286,6 +286,61 @@ impl EtcdCluster {
         }
     }
 
+    /// How many members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the cluster has no members.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The client address of member `i`, `HOST:PORT`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.members[i].client)
+    }
+
+    /// The member that leads the cluster's raft now (as the running members say).
+    pub fn raft_leader(&self) -> usize {
+        let number_after = |text: &str, field: &str| -> Option<u64> {
+            let at = text.find(field)? + field.len();
+            let digits: String = text[at..]
+                .chars()
+                .skip_while(|c| !c.is_ascii_digit())
+                .take_while(|c| c.is_ascii_digit())
+                .collect();
+            digits.parse().ok()
+        };
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            let mut c = self.etcdctl(&self.endpoint(i));
+            c.args(["endpoint", "status", "-w", "json"]);
+            let out = crate::run_ok(c, "etcdctl endpoint status");
+            let me = number_after(&out, "\"member_id\":");
+            if me.is_some() && me == number_after(&out, "\"leader\":") {
+                return i;
+            }
+        }
+        panic!("no member of the cluster leads its raft:\n{}", self.log());
+    }
+
+    /// Stops member `i` with SIGSTOP (`on`), or lets it go on with SIGCONT.
+    pub fn pause(&self, i: usize, on: bool) {
+        let pid = self.pid(i).expect("a running member");
+        let mut c = Command::new("kill");
+        c.arg(if on { "-STOP" } else { "-CONT" })
+            .arg(pid.to_string());
+        crate::run_ok(c, "kill");
+    }
+
+    /// The process id of member `i`, if it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(|c| c.id())
+    }
+
     /// Starts member `i` again if it was killed, and waits until the cluster is healthy.
     pub fn restart_if_down(&mut self, i: usize) {
         if self.members[i].child.is_none() {

@@ -46,7 +46,7 @@ pub(crate) fn run_ok(mut cmd: std::process::Command, what: &str) -> String {
 }
 
 /// The program `name` where `PATH` finds it.
-pub(crate) fn on_path(name: &str) -> Option<PathBuf> {
+pub fn on_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())

@@ -22,9 +22,10 @@ mod host;
 pub use container::{Container, shown};
 pub use files::{bytes, ino, tree};
 pub use host::{
-    TEST_DIR_PREFIX, is_root, mode_independent_pass, need, overlay_pass, snapshot_mode, test_dir,
+    TEST_DIR_PREFIX, is_root, mode_independent_pass, need, on_path, overlay_pass, snapshot_mode,
+    test_dir,
 };
-pub(crate) use host::{on_path, run_ok, until_command_succeeds};
+pub(crate) use host::{run_ok, until_command_succeeds};
 
 pub mod metrics;
 

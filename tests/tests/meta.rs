@@ -294,6 +294,80 @@ fn etcd_meta(cluster: &EtcdCluster, prefix: &str) -> EtcdMeta {
     EtcdMeta::connect(&url, None).unwrap()
 }
 
+/// Writes while etcd's own raft leader is stopped (SIGSTOP), through a member that forwards
+/// to it: an answer may be lost after the write reached a member ("request timed out,
+/// possibly due to previous leader failure"), and the write may have landed or not. Its
+/// mark settles which: every head lands, once, in one chain.
+#[test]
+fn etcd_writes_through_a_stopped_raft_leader_land_exactly_once() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let leader = cluster.raft_leader();
+    // Through a follower, the others after it.
+    let order: Vec<String> = (1..=3)
+        .map(|k| cluster.endpoint((leader + k) % 3))
+        .collect();
+    let url: EtcdUrl = format!("etcd://{}/p", order.join(",")).parse().unwrap();
+    let meta = EtcdMeta::connect(&url, None).unwrap();
+    let id = VolumeId([9; 16]);
+    meta.create("v", VolumeRecord { id, created_ms: 0 }, &head(id, 0, 0))
+        .unwrap();
+    cluster.pause(leader, true);
+    let written: Vec<_> = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Long enough for the others to elect a leader and for the write forwarded to
+            // the stopped one to time out at the member (5 s and two elections).
+            std::thread::sleep(std::time::Duration::from_secs(8));
+            cluster.pause(leader, false);
+        });
+        (1..=3u64)
+            .map(|v| meta.move_head(&head(id, v, v), &LinkUpdate::default(), &[]))
+            .collect()
+    });
+    for (v, w) in written.iter().enumerate() {
+        assert!(w.is_ok(), "version {}: {w:?}\n{}", v + 1, cluster.log());
+    }
+    assert_eq!(meta.head(id).unwrap().unwrap(), head(id, 3, 3));
+    let commits = meta.commits(id, 0..4).unwrap();
+    for (v, c) in commits.iter().enumerate() {
+        assert_eq!(c.as_ref(), Some(&head(id, v as u64, v as u64).commit));
+    }
+}
+
+/// Writes whose answers are lost, after they landed or before they were sent (as when
+/// etcd's leader changes under them): each is settled by its mark, and lands once.
+#[test]
+fn etcd_writes_whose_answers_are_lost_are_settled_by_their_marks() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let cluster = EtcdCluster::start(1);
+    let meta = etcd_meta(&cluster, "p");
+    let id = VolumeId([9; 16]);
+    let rec = VolumeRecord { id, created_ms: 0 };
+    // A creation that landed, its answer lost: not refused as taken by itself.
+    meta.lose_answers(1, 0);
+    meta.create("v", rec, &head(id, 0, 0)).unwrap();
+    // Heads that landed, or were never sent: each moves once, in order.
+    meta.lose_answers(1, 1);
+    for v in 1..=3u64 {
+        meta.move_head(&head(id, v, v), &LinkUpdate::default(), &[])
+            .unwrap();
+    }
+    assert_eq!(meta.head(id).unwrap().unwrap(), head(id, 3, 3));
+    let commits = meta.commits(id, 0..4).unwrap();
+    for (v, c) in commits.iter().enumerate() {
+        assert_eq!(c.as_ref(), Some(&head(id, v as u64, v as u64).commit));
+    }
+    // Lost answers past the tries: the write fails and says so.
+    meta.lose_answers(0, 3);
+    let e = meta.rename("v", "w").unwrap_err();
+    assert!(e.to_string().contains("lost"), "{e}");
+    assert!(meta.volume("w").unwrap().is_none());
+}
+
 #[test]
 fn etcd_state_matches_the_model() {
     if !voltool_tests::mode_independent_pass() {

@@ -136,6 +136,7 @@ impl Inner {
             let report = CommitReport {
                 volume: name.to_string(),
                 version: rec.version,
+                head: None,
                 changed: 0,
                 uploaded_bytes: 0,
                 hashed_bytes: scanned.hashed_bytes,
@@ -198,6 +199,7 @@ impl Inner {
         let report = CommitReport {
             volume: name.to_string(),
             version: head.commit.version,
+            head: Some(head.commit.hash().to_string()),
             changed,
             uploaded_bytes: uploaded,
             hashed_bytes: scanned.hashed_bytes,

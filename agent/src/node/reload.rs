@@ -33,6 +33,7 @@ impl Inner {
             volume: name.to_string(),
             from_version,
             version,
+            head: None,
             changed: false,
             fetched_files_bytes: 0,
             sources: Sources::default(),
@@ -101,6 +102,7 @@ impl Inner {
             volume: name.to_string(),
             from_version,
             version: new_rec.version,
+            head: Some(info.head.commit.hash().to_string()),
             changed: true,
             fetched_files_bytes,
             sources: Sources {

@@ -51,6 +51,34 @@ pub(super) fn unverified_bytes(
     Ok(bad)
 }
 
+/// Bytes of `blobs` (the fleet's records of what the origin holds) that the bucket of `s3`
+/// does not hold whole and verified, with the problems; reads through a store of its own
+/// in `scratch`. Blocking.
+pub(super) fn unverified_in_bucket(
+    scratch: &Path,
+    s3: &voltool_agent::store::S3Options,
+    blobs: &[(voltool_protocol::Hash, u64)],
+) -> anyhow::Result<(u64, Vec<String>)> {
+    std::fs::create_dir_all(scratch)?;
+    let store = voltool_agent::store::Store::open_with(scratch, Some(s3))?;
+    store.sync_records(blobs)?;
+    let (mut bad, mut problems) = (0, Vec::new());
+    for (hash, size) in blobs {
+        match store.read_verified(hash, *size) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                bad += size;
+                problems.push(format!("the bucket: blob {hash} recorded but not held"));
+            }
+            Err(e) => {
+                bad += size;
+                problems.push(format!("the bucket: blob {hash}: {e}"));
+            }
+        }
+    }
+    Ok((bad, problems))
+}
+
 pub(super) fn mount_tmpfs(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let st = std::process::Command::new("mount")

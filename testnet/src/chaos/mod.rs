@@ -39,14 +39,17 @@ use voltool_agent::control::{
 };
 
 use crate::fleet::{self, Fleet};
+use voltool_coordinator::ADDR_FILE;
 
 mod binds;
+mod ha;
 mod host;
 mod model;
 mod ops;
 mod outcome;
 mod trial;
 
+use ha::*;
 use host::*;
 use model::*;
 use outcome::*;
@@ -86,6 +89,12 @@ pub(crate) struct ChaosArgs {
     /// Print only one JSON object at the end.
     #[arg(long)]
     json: bool,
+    /// Coordinators in failover: three over a three-member etcd cluster, the origin in an
+    /// S3 bucket (Garage); the faults of failover (the leader killed or paused past its
+    /// lease, a standby killed, an etcd member killed or paused) strike among the others.
+    /// Needs etcd (`scripts/etcd.sh`) and Garage (`scripts/garage.sh`).
+    #[arg(long)]
+    ha: bool,
 }
 
 /// The figures of a run (the JSON printed at the end).
@@ -109,6 +118,12 @@ pub(crate) async fn run(a: ChaosArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let start = Instant::now();
+    let mut ha = if a.ha {
+        say("starting a three-member etcd cluster and an S3 server (Garage)".into());
+        Some(tokio::task::block_in_place(HaRun::start)?)
+    } else {
+        None
+    };
     let mut totals = Totals::default();
     for i in 0..a.trials {
         let seed = a.seed + i;
@@ -124,7 +139,7 @@ pub(crate) async fn run(a: ChaosArgs) -> anyhow::Result<ExitCode> {
         };
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
-        let result = trial(seed, a.ops, &root, &say).await;
+        let result = trial(seed, a.ops, &root, &say, ha.as_mut()).await;
         totals.trials += 1;
         let failed = match result {
             Ok(o) => {
@@ -154,9 +169,10 @@ pub(crate) async fn run(a: ChaosArgs) -> anyhow::Result<ExitCode> {
                 None => root.clone(),
             };
             eprintln!(
-                "trial with seed {seed} FAILED; its directory: {}; replay: voltool-testnet chaos --trials 1 --seed {seed} --ops {}",
+                "trial with seed {seed} FAILED; its directory: {}; replay: voltool-testnet chaos --trials 1 --seed {seed} --ops {}{}",
                 kept.display(),
-                a.ops
+                a.ops,
+                if a.ha { " --ha" } else { "" }
             );
         } else {
             say(format!(

@@ -95,6 +95,7 @@ impl Trial<'_> {
         let Some(reply) = self.settle(agent, &req, answer, struck, &|_| false).await? else {
             return Ok(());
         };
+        self.saw_reply(vol, &reply);
         let Reply::Committed(rep) = reply else {
             bail!("unexpected answer to commit: {reply:?}");
         };
@@ -146,6 +147,7 @@ impl Trial<'_> {
         let Some(reply) = self.settle(agent, &req, answer, struck, &|_| false).await? else {
             return Ok(());
         };
+        self.saw_reply(vol, &reply);
         if let Reply::Reloaded(r) = &reply
             && !r.sources.banned.is_empty()
         {
@@ -185,11 +187,20 @@ impl Trial<'_> {
         all.swap_remove(self.rng.random_range(0..all.len()))
     }
 
-    /// A strike at the coordinator with probability `p`.
+    /// A strike at the coordinator with probability `p`: its kill -9, or in failover a
+    /// fault of failover (twice as often: they are what `--ha` tests).
     pub(super) fn maybe_coordinator_strike(&mut self, p: f64) -> Option<Strike> {
-        self.rng.random_bool(p).then(|| Strike::Kill {
-            node: 0,
-            after: Duration::from_millis(self.rng.random_range(0..60)),
+        let p = if self.ha.is_some() { 2.0 * p } else { p };
+        if !self.rng.random_bool(p) {
+            return None;
+        }
+        let after = Duration::from_millis(self.rng.random_range(0..60));
+        Some(match self.ha {
+            Some(_) => Strike::Ha {
+                fault: HaFault::random(&mut self.rng),
+                after,
+            },
+            None => Strike::Kill { node: 0, after },
         })
     }
 
@@ -202,7 +213,7 @@ impl Trial<'_> {
     ) -> Option<Strike> {
         if self.rng.random_bool(0.2) {
             Some(Strike::Kill {
-                node: agent + 1,
+                node: self.fleet.agent_node(agent),
                 after: Duration::from_millis(self.rng.random_range(0..within_ms)),
             })
         } else {
@@ -502,7 +513,7 @@ impl Trial<'_> {
         self.reload(1, vol, None).await?;
         let fetcher = [TMPFS_AGENT, LIAR][self.rng.random_range(0..2)];
         let strike = Strike::Kill {
-            node: 2,
+            node: self.fleet.agent_node(1),
             after: Duration::from_millis(self.rng.random_range(0..40)),
         };
         let before = self.views[fetcher][vol].clone();
@@ -518,7 +529,8 @@ impl Trial<'_> {
             .settle(fetcher, &req, answer, false, &|_| false)
             .await?;
         self.heal().await?;
-        if settled.is_some() {
+        if let Some(reply) = &settled {
+            self.saw_reply(vol, reply);
             self.moved_to(fetcher, vol, latest, "after a reload its peer left")?;
         }
         // Agent 1 was killed idle: its mount is still whole.
@@ -577,12 +589,13 @@ impl Trial<'_> {
                 call(self.agent(TMPFS_AGENT), req.clone(), Vec::new()).await
             }
         };
-        let Some(_) = self
+        let Some(reply) = self
             .settle(TMPFS_AGENT, &req, answer, true, &|_| false)
             .await?
         else {
             return Ok(());
         };
+        self.saw_reply(vol, &reply);
         let latest = if commit {
             let l = apply(&self.model[vol], &before.pending);
             self.model.insert(vol.to_string(), l.clone());

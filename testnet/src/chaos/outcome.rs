@@ -9,6 +9,8 @@ pub(super) struct Outcome {
     pub(super) operations: u64,
     pub(super) acknowledged: u64,
     pub(super) lost: u64,
+    /// Versions of a volume with two commits, or version records that do not chain.
+    pub(super) forks: u64,
     pub(super) mixed_snapshots: u64,
     pub(super) unverified_bytes: u64,
     pub(super) stuck_agents: u64,
@@ -27,6 +29,7 @@ impl Outcome {
         self.operations += o.operations;
         self.acknowledged += o.acknowledged;
         self.lost += o.lost;
+        self.forks += o.forks;
         self.mixed_snapshots += o.mixed_snapshots;
         self.unverified_bytes += o.unverified_bytes;
         self.stuck_agents += o.stuck_agents;
@@ -38,10 +41,11 @@ impl Outcome {
         }
     }
 
-    /// Whether the trial broke a promise: anything lost, mixed, unverified or stuck, or an
+    /// Whether the trial broke a promise: anything lost, forked, mixed, unverified or stuck, or an
     /// error that no fault of the trial explains.
     pub(super) fn failed(&self) -> bool {
         self.lost
+            + self.forks
             + self.mixed_snapshots
             + self.unverified_bytes
             + self.stuck_agents

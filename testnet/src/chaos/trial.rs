@@ -52,8 +52,10 @@ pub(super) async fn call(agent: PathBuf, req: Request, files: Vec<Vec<u8>>) -> A
 /// A fault struck in the middle of an operation.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Strike {
-    /// kill -9 of node k (0: the coordinator, i + 1: agent i) after the delay.
+    /// kill -9 of node k (see [`Fleet::agent_node`]) after the delay.
     Kill { node: usize, after: Duration },
+    /// A fault of failover after the delay (`--ha`).
+    Ha { fault: HaFault, after: Duration },
 }
 
 /// Whether to print every operation and its time (`CHAOS_TRACE=1`).
@@ -88,6 +90,10 @@ pub(super) struct Trial<'a> {
     pub(super) history: BTreeMap<&'static str, Vec<Tree>>,
     /// Mounts that follow with `--follow=switch` (they move by themselves when clean).
     pub(super) switching: BTreeSet<(usize, &'static str)>,
+    /// The run in failover (`--ha`).
+    pub(super) ha: Option<HaTrial<'a>>,
+    /// Every head a commit or reload reported, by volume and version (its commit's hash).
+    pub(super) heads: BTreeMap<String, BTreeMap<u64, String>>,
 }
 
 impl Trial<'_> {
@@ -131,31 +137,44 @@ impl Trial<'_> {
             ));
         }
         let call = call(self.agent(agent), req, self.uploading.clone());
-        let Some(Strike::Kill { node, after }) = strike else {
-            return (call.await, false);
+        let after = match strike {
+            None => return (call.await, false),
+            Some(Strike::Kill { after, .. } | Strike::Ha { after, .. }) => after,
         };
         tokio::pin!(call);
         tokio::select! {
             a = &mut call => return (a, false),
             _ = tokio::time::sleep(after) => {}
         }
-        if let Err(e) = self.fleet.kill(node).await {
-            self.out.problem(format!("{e:#}"));
-        }
-        if node == 0 {
-            // As its service manager would, the coordinator comes back at once; what was
-            // in flight must end by itself, whether it went through or failed.
-            if let Err(e) = self.fleet.restart(0).await {
-                self.out
-                    .problem(format!("the coordinator did not come back: {e:#}"));
+        match strike {
+            Some(Strike::Ha { fault, .. }) => {
+                if let Err(e) = self.strike_ha(fault).await {
+                    self.out.problem(format!("{}: {e:#}", fault.name()));
+                }
             }
+            Some(Strike::Kill { node, .. }) => {
+                if let Err(e) = self.fleet.kill(node).await {
+                    self.out.problem(format!("{e:#}"));
+                }
+                if node < self.fleet.coordinators() {
+                    // As its service manager would, the coordinator comes back at once;
+                    // what was in flight must end by itself, whether it went through or
+                    // failed.
+                    if let Err(e) = self.fleet.restart(node).await {
+                        self.out
+                            .problem(format!("the coordinator did not come back: {e:#}"));
+                    }
+                }
+            }
+            None => {}
         }
         (call.await, true)
     }
 
     /// Starts every node that is not running (after a kill).
     pub(super) async fn heal(&mut self) -> anyhow::Result<()> {
-        for k in 0..=AGENTS {
+        self.heal_ha().await?;
+        for k in 0..self.fleet.node_count() {
             if !self.fleet.is_running(k) {
                 self.fleet.restart(k).await?;
             }
@@ -358,7 +377,10 @@ impl Trial<'_> {
 
     pub(super) fn count_strike(&mut self, strike: Option<Strike>, agent_kind: &'static str) {
         match strike {
-            Some(Strike::Kill { node: 0, .. }) => self.out.fault("coordinator_killed"),
+            Some(Strike::Ha { fault, .. }) => self.out.fault(fault.name()),
+            Some(Strike::Kill { node, .. }) if node < self.fleet.coordinators() => {
+                self.out.fault("coordinator_killed")
+            }
             Some(_) => self.out.fault(agent_kind),
             None => {}
         }
@@ -383,13 +405,10 @@ impl Trial<'_> {
                     mode: ReloadMode::Discard,
                 };
                 let (a, _) = self.run(agent, req.clone(), None).await;
-                if self
-                    .settle(agent, &req, a, false, &|_| false)
-                    .await?
-                    .is_none()
-                {
+                let Some(reply) = self.settle(agent, &req, a, false, &|_| false).await? else {
                     continue;
-                }
+                };
+                self.saw_reply(vol, &reply);
                 let seen = read_tree(&self.mount_path(agent, vol))?;
                 for d in diff(&self.model[vol], &seen) {
                     self.out.problem(format!("agent {agent} {vol}: {d}"));
@@ -456,11 +475,18 @@ pub(super) async fn trial(
     ops: usize,
     root: &Path,
     say: &dyn Fn(String),
+    ha: Option<&mut HaRun>,
 ) -> anyhow::Result<Outcome> {
     let tmpfs = fleet::agent_dir(root, TMPFS_AGENT);
     mount_tmpfs(&tmpfs)?;
-    let result = trial_in(seed, ops, root, say).await;
-    let mut out = match result {
+    let setup = ha.as_ref().map(|h| h.setup(seed, LEASE_TTL));
+    let ha = ha.map(|h| HaTrial {
+        etcd: &mut h.etcd,
+        setup: setup.clone().expect("set up"),
+        paused: Default::default(),
+    });
+    let result = trial_in(seed, ops, root, say, ha).await;
+    let (mut out, acked) = match result {
         Ok(o) => o,
         Err(e) => {
             if let Some(secs) = std::env::var("CHAOS_HOLD")
@@ -488,8 +514,42 @@ pub(super) async fn trial(
         out.unverified_bytes +=
             unverified_bytes(&fleet::agent_dir(root, i).join("store"), &mut problems)?;
     }
-    out.unverified_bytes +=
-        unverified_bytes(&root.join("coordinator").join("origin"), &mut problems)?;
+    // The signed heads: one chain per volume, every acknowledged one in it.
+    let signer = match &setup {
+        Some(_) => voltool_agent::keys::load_or_create(&root.join("fleet"))?.public(),
+        None => {
+            let addr = std::fs::read_to_string(root.join("coordinator").join(ADDR_FILE))?;
+            addr.trim()
+                .split('@')
+                .next()
+                .unwrap_or_default()
+                .parse()
+                .context("the coordinator's id")?
+        }
+    };
+    let meta = open_meta(root, setup.as_ref()).await?;
+    let s3 = setup.as_ref().map(|h| h.s3.clone());
+    let scratch = root.join("bucket-check");
+    let (chains, bucket) = tokio::task::spawn_blocking(move || {
+        let chains = check_chains(&*meta, &signer, &acked)?;
+        // In failover the origin is the bucket: every blob the fleet's records hold, read
+        // back from it and checked.
+        let bucket = match (&s3, meta.blob_records()) {
+            (Some(s3), Some(records)) => unverified_in_bucket(&scratch, s3, &records.all_blobs()?)?,
+            _ => (0, Vec::new()),
+        };
+        anyhow::Ok((chains, bucket))
+    })
+    .await??;
+    out.unverified_bytes += bucket.0;
+    problems.extend(bucket.1);
+    out.forks += chains.forks;
+    out.lost += chains.lost;
+    problems.extend(chains.problems);
+    if setup.is_none() {
+        out.unverified_bytes +=
+            unverified_bytes(&root.join("coordinator").join("origin"), &mut problems)?;
+    }
     for p in problems {
         out.problem(p);
     }
@@ -500,12 +560,16 @@ pub(super) async fn trial(
     Ok(out)
 }
 
+/// The outcome of one trial, and the heads its commits and reloads reported.
+type Reported = (Outcome, BTreeMap<String, BTreeMap<u64, String>>);
+
 pub(super) async fn trial_in(
     seed: u64,
     ops: usize,
     root: &Path,
     say: &dyn Fn(String),
-) -> anyhow::Result<Outcome> {
+    ha: Option<HaTrial<'_>>,
+) -> anyhow::Result<Reported> {
     let agent_args = |i: usize| -> Vec<String> {
         match i {
             TMPFS_AGENT => vec!["--store-max".into(), TMPFS_STORE_MAX.into()],
@@ -514,7 +578,10 @@ pub(super) async fn trial_in(
         }
     };
     let t0 = Instant::now();
-    let fleet = fleet::up_with(root, AGENTS, None, None, &agent_args, None).await?;
+    let fleet = match &ha {
+        Some(h) => fleet::up_ha(root, AGENTS, &h.setup, &agent_args).await?,
+        None => fleet::up_with(root, AGENTS, None, None, &agent_args, None).await?,
+    };
     if tracing() {
         say(format!("  up {:?}", t0.elapsed()));
     }
@@ -535,6 +602,8 @@ pub(super) async fn trial_in(
         binds: Vec::new(),
         history: BTreeMap::new(),
         switching: BTreeSet::new(),
+        ha,
+        heads: BTreeMap::new(),
     };
     for vol in MOUNTED {
         let req = Request::VolumeCreate {
@@ -587,5 +656,7 @@ pub(super) async fn trial_in(
     if tracing() {
         (t.say)(format!("  finish {:?}", t0.elapsed()));
     }
-    Ok(t.out)
+    // Nothing stays paused past the trial.
+    t.heal_ha().await?;
+    Ok((t.out, t.heads))
 }

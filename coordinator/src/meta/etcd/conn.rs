@@ -27,6 +27,19 @@ pub(crate) fn unreachable(e: &etcd_client::Error, write: bool) -> bool {
     }
 }
 
+/// Whether a write that failed so may still have landed (or land yet): its call reached a
+/// member, and the answer did not come (a timeout, a change of etcd's leader).
+pub(crate) fn ambiguous(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+        ),
+        _ => false,
+    }
+}
+
 impl EtcdMeta {
     /// Connects to the members of `url` (TLS with a client certificate unless `tls` is
     /// none) and checks that they answer.
@@ -74,6 +87,8 @@ impl EtcdMeta {
                         current: std::sync::Mutex::new((i, client)),
                         url: url.clone(),
                         fence: RwLock::new(None),
+                        writes: rand::random::<u64>().into(),
+                        lose: Default::default(),
                     });
                 }
                 Err(e) => last = Some(e),
@@ -159,6 +174,18 @@ impl EtcdMeta {
     where
         Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
+        self.try_call(write, f)?.map_err(engine)
+    }
+
+    /// [`Self::call`], with etcd's own error when the tries end in one.
+    pub(super) fn try_call<T: Send + 'static, Fut>(
+        &self,
+        write: bool,
+        f: impl Fn(Client) -> Fut,
+    ) -> Result<Result<T, etcd_client::Error>, MetaError>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
         let tries = 2 * self.endpoints.len();
         let mut attempt = 0;
         loop {
@@ -172,12 +199,11 @@ impl EtcdMeta {
                 .expect("the runtime lives as long as the state");
             let r = futures_lite::future::block_on(rt.spawn(f(client))).map_err(engine)?;
             match r {
-                Ok(v) => return Ok(v),
                 Err(e) if attempt + 1 < tries && unreachable(&e, write) => {
                     attempt += 1;
                     self.move_on(i);
                 }
-                Err(e) => return Err(engine(e)),
+                r => return Ok(r),
             }
         }
     }

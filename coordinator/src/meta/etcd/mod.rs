@@ -5,7 +5,8 @@
 //! link's index entry, `d/ID/PATH\0LINK` the links whose resolution looked up `PATH`,
 //! `i/ID` the version the link index describes, `x/NODE` a distrusted provider, `b/HASH`
 //! a blob the fleet's origin holds in its bucket (its size), `g/HASH` a blob a collection
-//! condemned (the revision of the lead that did). Values are postcard, as in redb.
+//! condemned (the revision of the lead that did), `w/LEAD` the mark of the last write of
+//! the lead elected at revision `LEAD`. Values are postcard, as in redb.
 //!
 //! Every write is one etcd transaction that also compares the writer's [`Fence`]: the leader
 //! key it was elected with must still exist with the revision it was created at. A leader
@@ -15,7 +16,8 @@
 //! Writes larger than one transaction allows (etcd's defaults: 128 operations, 1.5 MiB)
 //! go in fenced batches: a commit's link-index changes are written after the index is
 //! marked stale and before the head moves, so a failure between leaves a stale index, which
-//! the next commit rebuilds whole.
+//! the next commit rebuilds whole. A write whose answer was lost (etcd's leader changed
+//! under it) is settled by its mark: it landed, or it goes again.
 
 use std::future::Future;
 use std::ops::Range;
@@ -37,6 +39,7 @@ mod conn;
 mod txn;
 mod url;
 
+use conn::ambiguous;
 pub(crate) use conn::unreachable;
 pub use txn::Fence;
 use txn::{Ops, prefix_end};
@@ -46,6 +49,8 @@ pub use url::{EtcdTls, EtcdUrl, EtcdUrlError};
 const MAX_TXN_OPS: usize = 120;
 /// Bytes of keys and values in one transaction: etcd's default request limit is 1.5 MiB.
 const MAX_TXN_BYTES: usize = 1 << 20;
+/// Tries of a write transaction whose answer was lost and that did not land.
+const WRITE_TRIES: usize = 3;
 /// Keys read in one range request (an answer must stay under gRPC's 4 MiB).
 const PAGE: i64 = 1000;
 /// How long one call to etcd may take.
@@ -64,6 +69,11 @@ pub struct EtcdMeta {
     current: std::sync::Mutex<(usize, Client)>,
     url: EtcdUrl,
     fence: RwLock<Option<Fence>>,
+    /// The mark the next write transaction leaves (see [`EtcdMeta::txn`]).
+    writes: std::sync::atomic::AtomicU64,
+    /// Answers of writes to lose on purpose, for tests: (after they landed, before they
+    /// were sent).
+    lose: std::sync::Mutex<(u32, u32)>,
 }
 
 impl std::fmt::Debug for EtcdMeta {

@@ -177,11 +177,58 @@ impl EtcdMeta {
                 f.revision,
             ));
         }
-        let txn = etcd_client::Txn::new().when(compares).and_then(ops);
-        let r = self.call(true, |c| {
-            let (mut kv, txn) = (c.kv_client(), txn.clone());
-            async move { kv.txn(txn).await }
-        })?;
+        // Each transaction also leaves a mark of its own in this writer's key: a write whose
+        // answer was lost (etcd's leader changed under it, a timeout) may have landed or
+        // not, and a linearizable read of the mark says which. Raft settles it for good by
+        // then: a new etcd leader serves a linearizable read only once it committed an
+        // entry of its own term, and with it every earlier entry that will ever commit.
+        let marker = self.key(&[
+            b"w",
+            format!("{:016x}", fence.as_ref().map_or(0, |f| f.revision)).as_bytes(),
+        ]);
+        let mut tries = 0;
+        let r = loop {
+            let mark = self
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .to_be_bytes();
+            let mut all = ops.clone();
+            all.push(TxnOp::put(marker.clone(), mark.to_vec(), None));
+            let txn = etcd_client::Txn::new().when(compares.clone()).and_then(all);
+            let lost = |why: &str| {
+                etcd_client::Error::GRpcStatus(tonic::Status::unavailable(format!(
+                    "lost on purpose (a test): {why}"
+                )))
+            };
+            let e = if self.lose_one(false) {
+                lost("before it was sent")
+            } else {
+                match self.try_call(true, |c| {
+                    let (mut kv, txn) = (c.kv_client(), txn.clone());
+                    async move { kv.txn(txn).await }
+                })? {
+                    Ok(_) if self.lose_one(true) => lost("after it landed"),
+                    Ok(r) => break r,
+                    Err(e) => e,
+                }
+            };
+            tries += 1;
+            if !ambiguous(&e) || tries >= WRITE_TRIES {
+                return Err(engine(e));
+            }
+            let landed = self
+                .get(marker.clone())?
+                .is_some_and(|kv| kv.value() == mark);
+            tracing::warn!(
+                landed,
+                "etcd: a write's answer was lost ({e}): its mark says"
+            );
+            if landed {
+                // What it answered is lost with the answer; nothing needs it but counts.
+                return Ok(Some(Vec::new()));
+            }
+            // It did not land and never will: the same transaction again.
+        };
         if r.succeeded() {
             return Ok(Some(r.op_responses()));
         }
@@ -189,6 +236,23 @@ impl EtcdMeta {
             return Err(MetaError::Fenced);
         }
         Ok(None)
+    }
+
+    /// For tests: the answers of the next `landed` write transactions that go through are
+    /// lost, and the next `unsent` are taken for lost without being sent, as when etcd's
+    /// leader changes under them; each is settled by its mark.
+    #[doc(hidden)]
+    pub fn lose_answers(&self, landed: u32, unsent: u32) {
+        *self.lose.lock().expect("not poisoned") = (landed, unsent);
+    }
+
+    /// Takes one of the answers to lose, `landed` or not.
+    fn lose_one(&self, landed: bool) -> bool {
+        let mut l = self.lose.lock().expect("not poisoned");
+        let n = if landed { &mut l.0 } else { &mut l.1 };
+        let take = *n > 0;
+        *n = n.saturating_sub(1);
+        take
     }
 
     /// Whether this writer's fence is gone (another coordinator leads, or will).
