@@ -123,6 +123,26 @@ pub(crate) struct CoordinatorArgs {
     /// Time between garbage collections of the origin (deleting a volume starts one).
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration)]
     gc_interval: std::time::Duration,
+    #[command(flatten)]
+    origin: OriginArgs,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// The lead's lease on etcd: a leader that stops renewing it (a crash, a pause, a
+    /// partition) loses the lead this long after, and another takes over.
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    lease_ttl: std::time::Duration,
+    /// The key that signs heads (hex, mode 0600, like node.key), the same file on every
+    /// coordinator of the fleet; agents trust its id. Without it: this coordinator's own
+    /// node.key.
+    #[arg(long, value_name = "FILE")]
+    fleet_key: Option<PathBuf>,
+    #[command(flatten)]
+    tuning: Tuning,
+}
+
+/// Where the origin keeps its blobs.
+#[derive(Debug, Args)]
+pub(crate) struct OriginArgs {
     /// Keep the origin's blobs in an S3-compatible bucket, s3://BUCKET/PREFIX, rather than
     /// under the data directory (which keeps the metadata either way). Credentials come
     /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_SESSION_TOKEN).
@@ -134,6 +154,22 @@ pub(crate) struct CoordinatorArgs {
     /// The S3 region.
     #[arg(long, env = "AWS_REGION", value_name = "REGION")]
     s3_region: Option<String>,
+}
+
+impl OriginArgs {
+    /// The bucket, with its endpoint and region (`None`: the data directory).
+    pub(crate) fn s3(&self) -> Option<S3Options> {
+        self.origin.clone().map(|o| S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            ..o
+        })
+    }
+}
+
+/// Where the fleet's state is in etcd, and how to reach it.
+#[derive(Debug, Args)]
+pub(crate) struct EtcdArgs {
     /// Keep the fleet's volumes, heads and version records in etcd,
     /// etcd://HOST:PORT[,HOST:PORT…]/PREFIX, shared by several coordinators of which one
     /// leads at a time (the others wait to take over); needs --origin s3://… and, unless
@@ -153,37 +189,43 @@ pub(crate) struct CoordinatorArgs {
     /// Talk to etcd without TLS: only on a network nobody else reaches.
     #[arg(long, conflicts_with = "etcd_ca")]
     etcd_open: bool,
-    /// The lead's lease on etcd: a leader that stops renewing it (a crash, a pause, a
-    /// partition) loses the lead this long after, and another takes over.
-    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = humantime::parse_duration)]
-    lease_ttl: std::time::Duration,
-    /// The key that signs heads (hex, mode 0600, like node.key), the same file on every
-    /// coordinator of the fleet; agents trust its id. Without it: this coordinator's own
-    /// node.key.
-    #[arg(long, value_name = "FILE")]
-    fleet_key: Option<PathBuf>,
-    #[command(flatten)]
-    tuning: Tuning,
+}
+
+impl EtcdArgs {
+    /// The cluster's address and TLS files (`None` if --meta is not given).
+    pub(crate) fn etcd(
+        &self,
+    ) -> anyhow::Result<
+        Option<(
+            voltool_coordinator::meta::EtcdUrl,
+            Option<voltool_coordinator::meta::EtcdTls>,
+        )>,
+    > {
+        let Some(url) = self.meta.clone() else {
+            return Ok(None);
+        };
+        let tls = match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(voltool_coordinator::meta::EtcdTls {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ if self.etcd_open => {
+                tracing::warn!("--etcd-open: the fleet's state travels to etcd unencrypted");
+                None
+            }
+            _ => anyhow::bail!(
+                "--meta etcd://… needs --etcd-ca, --etcd-cert and --etcd-key (TLS with a client certificate), or --etcd-open on a network nobody else reaches"
+            ),
+        };
+        Ok(Some((url, tls)))
+    }
 }
 
 /// Where the coordinator keeps the fleet's state, from its options.
 fn meta_options(a: &CoordinatorArgs) -> anyhow::Result<MetaOptions> {
-    let Some(url) = a.meta.clone() else {
+    let Some((url, tls)) = a.etcd.etcd()? else {
         return Ok(MetaOptions::Redb);
-    };
-    let tls = match (&a.etcd_ca, &a.etcd_cert, &a.etcd_key) {
-        (Some(ca), Some(cert), Some(key)) => Some(voltool_coordinator::meta::EtcdTls {
-            ca: ca.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-        }),
-        _ if a.etcd_open => {
-            tracing::warn!("--etcd-open: the fleet's state travels to etcd unencrypted");
-            None
-        }
-        _ => anyhow::bail!(
-            "--meta etcd://… needs --etcd-ca, --etcd-cert and --etcd-key (TLS with a client certificate), or --etcd-open on a network nobody else reaches"
-        ),
     };
     Ok(MetaOptions::Etcd {
         url,
@@ -324,7 +366,7 @@ fn swarm_config(knobs: &[String]) -> anyhow::Result<voltool_protocol::swarm::Con
     Ok(c)
 }
 
-fn init_logs() {
+pub(crate) fn init_logs() {
     // Colours only on a terminal: a log file or journald gets plain text.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -360,7 +402,7 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
             "--open: every node that reaches this coordinator is a member and may write"
         );
     }
-    let in_failover = matches!(meta_options(&a)?, MetaOptions::Etcd { .. });
+    let in_failover = a.etcd.meta.is_some();
     // SIGHUP: the members and writers files again (kept as they were if either fails).
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let stop = until_signal();
@@ -425,11 +467,7 @@ fn coordinator_options(a: &CoordinatorArgs) -> anyhow::Result<CoordinatorOptions
         },
         metrics: a.metrics,
         commit_deadline: a.commit_deadline,
-        s3: a.origin.clone().map(|o| S3Options {
-            endpoint: a.s3_endpoint.clone(),
-            region: a.s3_region.clone(),
-            ..o
-        }),
+        s3: a.origin.s3(),
         meta: meta_options(a)?,
         fleet_key: a.fleet_key.clone(),
         hooks: Default::default(),

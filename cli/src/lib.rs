@@ -10,6 +10,7 @@ mod config;
 mod daemon;
 mod get;
 mod local;
+mod migrate;
 mod output;
 mod volume;
 
@@ -43,6 +44,9 @@ enum Cmd {
     Agent(Box<daemon::AgentArgs>),
     /// Print the node id of a data directory (creating its key if needed).
     NodeId(daemon::NodeIdArgs),
+    /// Move a stopped coordinator's state from its redb file into etcd (and its origin's
+    /// blobs into a bucket), for coordinators in failover.
+    Migrate(Box<migrate::MigrateArgs>),
     /// Manage volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
@@ -109,6 +113,7 @@ fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             Cmd::Coordinator(a) => daemon::coordinator(*a).await,
             Cmd::Agent(a) => daemon::agent(*a).await,
             Cmd::NodeId(a) => daemon::node_id(a),
+            Cmd::Migrate(a) => migrate::run(*a).await,
             Cmd::Volume(c) => volume::run(&agent, c).await,
             Cmd::Mount(a) => local::mount(&agent, a).await,
             Cmd::Unmount(a) => local::unmount(&agent, a).await,

@@ -9,7 +9,7 @@ mod util;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{expect, origin_bytes, stdout, voltool, wait_file, wait_log_count_in};
+use util::{expect, origin_bytes, stderr, stdout, voltool, wait_file, wait_log_count_in};
 
 /// The weights every agent reads (big enough that where they come from shows).
 const BIG: usize = 32 << 20;
@@ -234,4 +234,163 @@ fn a_leader_killed_hands_the_fleet_to_the_next_whose_tracker_agents_rebuild_and_
     ] {
         assert_eq!(std::fs::read_to_string(m2.join(f)).unwrap(), text);
     }
+}
+
+/// From one coordinator to several, as README says: a coordinator on redb with its origin
+/// in its folder is stopped, `voltool migrate` moves its state into etcd and its blobs into
+/// the bucket, and a coordinator on etcd signing with the old node key as the fleet key
+/// serves the fleet on: the agent that mounted before keeps its mount and commits on from
+/// the migrated head, a new agent mounts every byte committed before and after.
+#[test]
+fn a_fleet_on_one_coordinator_migrates_to_coordinators_in_failover_and_goes_on() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let garage = Garage::start();
+    let origin = garage.origin("migrated");
+    let mut p = Procs {
+        dir: voltool_tests::test_dir(),
+        children: Vec::new(),
+    };
+    let d = p.dir.path().to_path_buf();
+    let old_id = voltool_tests::seed_key(&d.join("old"), 0xC0);
+    let old_addr = format!("{old_id}@127.0.0.1:{}", free_port());
+    let child = voltool()
+        .args(["coordinator", "--open", "--data"])
+        .arg(d.join("old"))
+        .args(["--listen", old_addr.split('@').nth(1).unwrap()])
+        .stdout(Stdio::null())
+        .stderr(p.log("old"))
+        .spawn()
+        .unwrap();
+    p.children.push(("old".into(), child));
+    {
+        let c = &mut p.children.last_mut().unwrap().1;
+        wait_file(&d.join("old/coordinator.addr"), c);
+    }
+    let start_agent = |p: &mut Procs, i: usize, args: &[&str]| {
+        let data = d.join(format!("agent-{i}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let _ = std::fs::remove_file(data.join("agent.addr"));
+        let mut child = voltool()
+            .args(["agent", "--data"])
+            .arg(&data)
+            .arg("--run-dir")
+            .arg(d.join(format!("run-{i}")))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(p.log(&format!("agent-{i}")))
+            .spawn()
+            .unwrap();
+        wait_file(&data.join("agent.addr"), &mut child);
+        p.children.push((format!("agent-{i}"), child));
+    };
+    start_agent(&mut p, 0, &["--coordinator", &old_addr]);
+    let run = |i: usize, args: &[&str]| {
+        voltool()
+            .arg("--agent")
+            .arg(d.join(format!("run-{i}")))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    expect(&run(0, &["volume", "create", "v"]), 0);
+    let m0 = d.join("m0");
+    expect(&run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
+    let weights = voltool_tests::bytes(5, 3 << 20);
+    std::fs::write(m0.join("weights.bin"), &weights).unwrap();
+    std::os::unix::fs::symlink("weights.bin", m0.join("latest")).unwrap();
+    expect(&run(0, &["commit"]), 0);
+    std::fs::write(m0.join("b.txt"), "second").unwrap();
+    expect(&run(0, &["commit"]), 0);
+    // The old coordinator stops (as its service manager stops it), the agent too.
+    for name in ["agent-0", "old"] {
+        let c = &mut p.children.iter_mut().find(|(n, _)| n == name).unwrap().1;
+        let st = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        c.wait().unwrap();
+    }
+    let s3_args = |c: &mut std::process::Command| {
+        c.env("AWS_ACCESS_KEY_ID", origin.access_key_id.clone().unwrap())
+            .env(
+                "AWS_SECRET_ACCESS_KEY",
+                origin.secret_access_key.clone().unwrap(),
+            )
+            .args(["--meta", &etcd.meta_url("fleet"), "--etcd-open"])
+            .args(["--origin", &format!("s3://{}/migrated", origin.bucket)])
+            .args(["--s3-endpoint", origin.endpoint.as_deref().unwrap()])
+            .args(["--s3-region", origin.region.as_deref().unwrap()]);
+    };
+    let mut migrate = voltool();
+    migrate
+        .args(["migrate", "--json", "--data"])
+        .arg(d.join("old"));
+    s3_args(&mut migrate);
+    let o = migrate.output().unwrap();
+    expect(&o, 0);
+    let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(report["volumes"], 1, "{report}");
+    assert_eq!(report["versions"], 3, "{report}");
+    assert_eq!(report["links"], 1, "{report}");
+    assert_eq!(report["fleet_key"], old_id.to_string(), "{report}");
+    assert!(
+        report["copied_bytes"].as_u64().unwrap() >= 3 << 20,
+        "{report}"
+    );
+    // Run again, it refuses: the prefix holds a fleet's state now.
+    let mut again = voltool();
+    again.args(["migrate", "--data"]).arg(d.join("old"));
+    s3_args(&mut again);
+    let o = again.output().unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("holds a fleet's state already"),
+        "{}",
+        stderr(&o)
+    );
+    // A coordinator on etcd, the old node key its fleet key.
+    let c1_addr = format!(
+        "{}@127.0.0.1:{}",
+        voltool_tests::seed_key(&d.join("c1"), 0xC1),
+        free_port()
+    );
+    let mut c1 = voltool();
+    c1.args(["coordinator", "--open", "--data"])
+        .arg(d.join("c1"))
+        .args(["--listen", c1_addr.split('@').nth(1).unwrap()])
+        .arg("--fleet-key")
+        .arg(d.join("old/node.key"))
+        .args(["--lease-ttl", "2s"])
+        .stdout(Stdio::null())
+        .stderr(p.log("c1"));
+    s3_args(&mut c1);
+    let mut child = c1.spawn().unwrap();
+    wait_file(&d.join("c1/coordinator.addr"), &mut child);
+    p.children.push(("c1".into(), child));
+    let agent_args = [
+        "--coordinator",
+        &c1_addr,
+        "--fleet-key",
+        &old_id.to_string(),
+    ];
+    start_agent(&mut p, 0, &agent_args);
+    std::fs::write(m0.join("c.txt"), "after the move").unwrap();
+    let o = run(0, &["commit", "--json"]);
+    expect(&o, 0);
+    let c: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(c["version"], 3, "{c}");
+    start_agent(&mut p, 1, &agent_args);
+    let m1 = d.join("m1");
+    expect(&run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
+    assert_eq!(std::fs::read(m1.join("weights.bin")).unwrap(), weights);
+    assert_eq!(std::fs::read(m1.join("latest")).unwrap(), weights);
+    assert_eq!(std::fs::read_to_string(m1.join("b.txt")).unwrap(), "second");
+    assert_eq!(
+        std::fs::read_to_string(m1.join("c.txt")).unwrap(),
+        "after the move"
+    );
 }

@@ -21,7 +21,7 @@ mod etcd;
 mod redb;
 
 pub(crate) use self::etcd::unreachable;
-pub use self::etcd::{EtcdMeta, EtcdTls, EtcdUrl, EtcdUrlError, Fence};
+pub use self::etcd::{EtcdMeta, EtcdTls, EtcdUrl, EtcdUrlError, Fence, Imported};
 
 pub use self::redb::RedbMeta;
 
@@ -69,6 +69,9 @@ pub enum MetaError {
     /// The engine below failed.
     #[error("coordinator state: {0}")]
     Engine(String),
+    /// An import into a place that holds a fleet's state already.
+    #[error("{0} holds a fleet's state already: import into a fresh one")]
+    NotEmpty(String),
 }
 
 /// One link's entry in a volume's link index changed by a commit.

@@ -36,11 +36,13 @@ use super::{
 
 mod blobs;
 mod conn;
+mod import;
 mod txn;
 mod url;
 
 use conn::ambiguous;
 pub(crate) use conn::unreachable;
+pub use import::Imported;
 pub use txn::Fence;
 use txn::{Ops, prefix_end};
 pub use url::{EtcdTls, EtcdUrl, EtcdUrlError};
