@@ -157,7 +157,8 @@ impl State {
     }
 }
 
-/// Collects every [`Retention::interval`], and at once when asked (a volume deleted).
+/// Collects every [`Retention::interval`], and at once when asked (a volume deleted); then
+/// compacts the state's history (on etcd).
 pub(super) async fn gc_loop(state: Arc<State>, cancel: CancellationToken) {
     loop {
         tokio::select! {
@@ -167,6 +168,14 @@ pub(super) async fn gc_loop(state: Arc<State>, cancel: CancellationToken) {
         }
         if let Err(e) = run(&state).await {
             warn!("origin garbage collection failed: {e}");
+        }
+        // etcd keeps every revision until compacted: what was current a collection ago
+        // goes.
+        let st = state.clone();
+        match tokio::task::spawn_blocking(move || st.meta.compact_history()).await {
+            Ok(Err(e)) => warn!("compacting the state's history failed: {e}"),
+            Err(e) => warn!("compacting the state's history failed: {e}"),
+            Ok(Ok(())) => {}
         }
     }
 }

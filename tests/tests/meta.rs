@@ -368,6 +368,51 @@ fn etcd_writes_whose_answers_are_lost_are_settled_by_their_marks() {
     assert!(meta.volume("w").unwrap().is_none());
 }
 
+/// etcd keeps every revision of every key until compacted: each call compacts what was
+/// current at the call before, and the state stays whole.
+#[test]
+fn etcd_history_is_compacted_one_call_behind() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let cluster = EtcdCluster::start(1);
+    let meta = etcd_meta(&cluster, "p");
+    let id = VolumeId([3; 16]);
+    meta.create("v", VolumeRecord { id, created_ms: 0 }, &head(id, 0, 0))
+        .unwrap();
+    let old_read = |rev: u64| {
+        std::process::Command::new(voltool_tests::on_path("etcdctl").unwrap())
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &cluster.endpoints()])
+            .args(["get", "--prefix", "p/", &format!("--rev={rev}")])
+            .output()
+            .unwrap()
+    };
+    // The first call notes where the store is; nothing is compacted yet.
+    meta.compact_history().unwrap();
+    assert!(old_read(1).status.success());
+    for v in 1..=3 {
+        meta.move_head(&head(id, v, v), &LinkUpdate::default(), &[])
+            .unwrap();
+    }
+    // The second drops what came before the first (revision 2, the volume's creation: the
+    // empty store's revision 1 goes).
+    meta.compact_history().unwrap();
+    assert!(old_read(2).status.success());
+    let o = old_read(1);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("compacted"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(meta.head(id).unwrap().unwrap(), head(id, 3, 3));
+    assert_eq!(meta.commits(id, 0..4).unwrap().len(), 4);
+    // Called again at once, or after etcd compacted further on its own: no error.
+    meta.compact_history().unwrap();
+    meta.compact_history().unwrap();
+}
+
 #[test]
 fn etcd_state_matches_the_model() {
     if !voltool_tests::mode_independent_pass() {

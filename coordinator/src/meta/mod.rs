@@ -170,6 +170,13 @@ pub trait Meta: Send + Sync + std::fmt::Debug + 'static {
     /// Forgets the providers whose time ended before `now_ms`.
     fn forget_distrust(&self, now_ms: u64) -> Result<(), MetaError>;
 
+    /// Drops the engine's history of old revisions where it keeps one (etcd keeps every
+    /// version of every key until compacted): what was current before the previous call is
+    /// let go. Nothing to do where there is none.
+    fn compact_history(&self) -> Result<(), MetaError> {
+        Ok(())
+    }
+
     /// The fleet's records of the blobs its origin holds, where the state is shared by
     /// several coordinators (etcd); `None` where the origin's store keeps them alone
     /// (redb: one coordinator).

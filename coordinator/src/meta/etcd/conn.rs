@@ -89,6 +89,7 @@ impl EtcdMeta {
                         fence: RwLock::new(None),
                         writes: rand::random::<u64>().into(),
                         lose: Default::default(),
+                        compact_at: Default::default(),
                     });
                 }
                 Err(e) => last = Some(e),

@@ -76,6 +76,8 @@ pub struct EtcdMeta {
     /// Answers of writes to lose on purpose, for tests: (after they landed, before they
     /// were sent).
     lose: std::sync::Mutex<(u32, u32)>,
+    /// The store's revision at the last [`Meta::compact_history`].
+    compact_at: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for EtcdMeta {
@@ -404,6 +406,37 @@ impl Meta for EtcdMeta {
             out.push((id, u64::from_be_bytes(until)));
         }
         Ok(out)
+    }
+
+    fn compact_history(&self) -> Result<(), MetaError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.call(false, |c| {
+            let mut kv = c.kv_client();
+            async move {
+                let r = kv.get(vec![0], None).await?;
+                Ok(r.header().map_or(0, |h| h.revision()))
+            }
+        })?;
+        let before = self.compact_at.swap(now, Relaxed);
+        if before <= 0 || before >= now {
+            return Ok(());
+        }
+        let done = self.call(true, |c| {
+            let mut kv = c.kv_client();
+            async move { kv.compact(before, None).await }
+        });
+        match done {
+            Ok(_) => {
+                tracing::info!(
+                    revision = before,
+                    "etcd: history before this revision compacted"
+                );
+                Ok(())
+            }
+            // Compacted further already (etcd's own auto-compaction, another coordinator).
+            Err(e) if e.to_string().contains("compacted") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     fn distrust(&self, node: [u8; 32], until_ms: u64) -> Result<(), MetaError> {
