@@ -33,6 +33,44 @@ impl Drop for Procs {
 }
 
 impl Procs {
+    fn new() -> Self {
+        Procs {
+            dir: voltool_tests::test_dir(),
+            children: Vec::new(),
+        }
+    }
+
+    /// Starts agent `i` on its data and socket directories with `args`; waits until it
+    /// serves.
+    fn start_agent(&mut self, i: usize, args: &[&str]) {
+        let d = self.dir.path().to_path_buf();
+        let data = d.join(format!("agent-{i}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let _ = std::fs::remove_file(data.join("agent.addr"));
+        let mut child = voltool()
+            .args(["agent", "--data"])
+            .arg(&data)
+            .arg("--run-dir")
+            .arg(d.join(format!("run-{i}")))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(self.log(&format!("agent-{i}")))
+            .spawn()
+            .unwrap();
+        wait_file(&data.join("agent.addr"), &mut child);
+        self.children.push((format!("agent-{i}"), child));
+    }
+
+    /// `voltool ARGS` against agent `i`.
+    fn run(&self, i: usize, args: &[&str]) -> std::process::Output {
+        voltool()
+            .arg("--agent")
+            .arg(self.dir.path().join(format!("run-{i}")))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     fn log(&self, name: &str) -> std::fs::File {
         std::fs::OpenOptions::new()
             .create(true)
@@ -66,10 +104,7 @@ fn a_leader_killed_hands_the_fleet_to_the_next_whose_tracker_agents_rebuild_and_
     let etcd = EtcdCluster::start(3);
     let garage = Garage::start();
     let origin = garage.origin("fleet");
-    let mut p = Procs {
-        dir: voltool_tests::test_dir(),
-        children: Vec::new(),
-    };
+    let mut p = Procs::new();
     let d = p.dir.path().to_path_buf();
     let fleet_id = voltool_tests::seed_key(&d.join("fleet"), 0xF1);
     let coordinators: Vec<String> = (0..2u8)
@@ -112,45 +147,28 @@ fn a_leader_killed_hands_the_fleet_to_the_next_whose_tracker_agents_rebuild_and_
         );
     }
     start_coordinator(&mut p, 1);
-    let start_agent = |p: &mut Procs, i: usize| {
-        let data = d.join(format!("agent-{i}"));
-        std::fs::create_dir_all(&data).unwrap();
-        let mut child = voltool()
-            .args(["agent", "--data"])
-            .arg(&data)
-            .arg("--run-dir")
-            .arg(d.join(format!("run-{i}")))
-            .args(["--coordinator", &coordinators[0]])
-            .args(["--coordinator", &coordinators[1]])
-            .args(["--fleet-key", &fleet_id.to_string()])
-            .stdout(Stdio::null())
-            .stderr(p.log(&format!("agent-{i}")))
-            .spawn()
-            .unwrap();
-        wait_file(&data.join("agent.addr"), &mut child);
-        p.children.push((format!("agent-{i}"), child));
-    };
+    let fleet_key = fleet_id.to_string();
+    let agent_args = [
+        "--coordinator",
+        &coordinators[0],
+        "--coordinator",
+        &coordinators[1],
+        "--fleet-key",
+        &fleet_key,
+    ];
     for i in 0..3 {
-        start_agent(&mut p, i);
+        p.start_agent(i, &agent_args);
     }
-    let run = |i: usize, args: &[&str]| {
-        voltool()
-            .arg("--agent")
-            .arg(d.join(format!("run-{i}")))
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    expect(&run(0, &["volume", "create", "v"]), 0);
+    expect(&p.run(0, &["volume", "create", "v"]), 0);
     let m0 = d.join("m0");
-    expect(&run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
+    expect(&p.run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
     std::fs::write(m0.join("a.txt"), "before").unwrap();
     let weights = voltool_tests::bytes(9, BIG);
     std::fs::write(m0.join("weights.bin"), &weights).unwrap();
-    expect(&run(0, &["commit"]), 0);
+    expect(&p.run(0, &["commit"]), 0);
     // Agents 0 and 1 hold the weights whole, announced to the leader's tracker.
     let m1 = d.join("m1");
-    expect(&run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
+    expect(&p.run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
     let announced = "announcing what this node holds to the tracker";
     for a in ["agent-0", "agent-1"] {
         wait_log_count_in(&d, a, announced, 1);
@@ -160,7 +178,7 @@ fn a_leader_killed_hands_the_fleet_to_the_next_whose_tracker_agents_rebuild_and_
     p.kill9("c0");
     let killed = Instant::now();
     std::fs::write(m0.join("b.txt"), "after").unwrap();
-    expect(&run(0, &["commit"]), 0);
+    expect(&p.run(0, &["commit"]), 0);
     let failover = killed.elapsed();
     eprintln!("from the leader's kill -9 to a commit acknowledged by the next: {failover:?}");
     assert!(failover < Duration::from_secs(30), "{failover:?}");
@@ -176,7 +194,7 @@ fn a_leader_killed_hands_the_fleet_to_the_next_whose_tracker_agents_rebuild_and_
         wait_log_count_in(&d, a, announced, 2);
     }
     let m2 = d.join("m2");
-    let o = run(2, &["mount", "v", m2.to_str().unwrap()]);
+    let o = p.run(2, &["mount", "v", m2.to_str().unwrap()]);
     expect(&o, 0);
     let from_origin = origin_bytes(&stdout(&o));
     assert!(
@@ -208,7 +226,7 @@ fn a_leader_killed_hands_the_fleet_to_the_next_whose_tracker_agents_rebuild_and_
         );
     }
     std::fs::write(m0.join("c.txt"), "while c1 was stopped").unwrap();
-    expect(&run(0, &["commit"]), 0);
+    expect(&p.run(0, &["commit"]), 0);
     signal(&p, "c1", "-CONT");
     // It finds its lease gone, says so, and campaigns again (its address file goes).
     wait_log_count_in(&d, "c1", "campaigning again", 1);
@@ -225,8 +243,8 @@ fn a_leader_killed_hands_the_fleet_to_the_next_whose_tracker_agents_rebuild_and_
         );
     }
     std::fs::write(m0.join("d.txt"), "c1 leads again").unwrap();
-    expect(&run(0, &["commit"]), 0);
-    let o = run(2, &["reload"]);
+    expect(&p.run(0, &["commit"]), 0);
+    let o = p.run(2, &["reload"]);
     expect(&o, 0);
     for (f, text) in [
         ("c.txt", "while c1 was stopped"),
@@ -249,10 +267,7 @@ fn a_fleet_on_one_coordinator_migrates_to_coordinators_in_failover_and_goes_on()
     let etcd = EtcdCluster::start(3);
     let garage = Garage::start();
     let origin = garage.origin("migrated");
-    let mut p = Procs {
-        dir: voltool_tests::test_dir(),
-        children: Vec::new(),
-    };
+    let mut p = Procs::new();
     let d = p.dir.path().to_path_buf();
     let old_id = voltool_tests::seed_key(&d.join("old"), 0xC0);
     let old_addr = format!("{old_id}@127.0.0.1:{}", free_port());
@@ -269,41 +284,16 @@ fn a_fleet_on_one_coordinator_migrates_to_coordinators_in_failover_and_goes_on()
         let c = &mut p.children.last_mut().unwrap().1;
         wait_file(&d.join("old/coordinator.addr"), c);
     }
-    let start_agent = |p: &mut Procs, i: usize, args: &[&str]| {
-        let data = d.join(format!("agent-{i}"));
-        std::fs::create_dir_all(&data).unwrap();
-        let _ = std::fs::remove_file(data.join("agent.addr"));
-        let mut child = voltool()
-            .args(["agent", "--data"])
-            .arg(&data)
-            .arg("--run-dir")
-            .arg(d.join(format!("run-{i}")))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(p.log(&format!("agent-{i}")))
-            .spawn()
-            .unwrap();
-        wait_file(&data.join("agent.addr"), &mut child);
-        p.children.push((format!("agent-{i}"), child));
-    };
-    start_agent(&mut p, 0, &["--coordinator", &old_addr]);
-    let run = |i: usize, args: &[&str]| {
-        voltool()
-            .arg("--agent")
-            .arg(d.join(format!("run-{i}")))
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    expect(&run(0, &["volume", "create", "v"]), 0);
+    p.start_agent(0, &["--coordinator", &old_addr]);
+    expect(&p.run(0, &["volume", "create", "v"]), 0);
     let m0 = d.join("m0");
-    expect(&run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
+    expect(&p.run(0, &["mount", "v", m0.to_str().unwrap()]), 0);
     let weights = voltool_tests::bytes(5, 3 << 20);
     std::fs::write(m0.join("weights.bin"), &weights).unwrap();
     std::os::unix::fs::symlink("weights.bin", m0.join("latest")).unwrap();
-    expect(&run(0, &["commit"]), 0);
+    expect(&p.run(0, &["commit"]), 0);
     std::fs::write(m0.join("b.txt"), "second").unwrap();
-    expect(&run(0, &["commit"]), 0);
+    expect(&p.run(0, &["commit"]), 0);
     // The old coordinator stops (as its service manager stops it), the agent too.
     for name in ["agent-0", "old"] {
         let c = &mut p.children.iter_mut().find(|(n, _)| n == name).unwrap().1;
@@ -377,15 +367,15 @@ fn a_fleet_on_one_coordinator_migrates_to_coordinators_in_failover_and_goes_on()
         "--fleet-key",
         &old_id.to_string(),
     ];
-    start_agent(&mut p, 0, &agent_args);
+    p.start_agent(0, &agent_args);
     std::fs::write(m0.join("c.txt"), "after the move").unwrap();
-    let o = run(0, &["commit", "--json"]);
+    let o = p.run(0, &["commit", "--json"]);
     expect(&o, 0);
     let c: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(c["version"], 3, "{c}");
-    start_agent(&mut p, 1, &agent_args);
+    p.start_agent(1, &agent_args);
     let m1 = d.join("m1");
-    expect(&run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
+    expect(&p.run(1, &["mount", "v", m1.to_str().unwrap()]), 0);
     assert_eq!(std::fs::read(m1.join("weights.bin")).unwrap(), weights);
     assert_eq!(std::fs::read(m1.join("latest")).unwrap(), weights);
     assert_eq!(std::fs::read_to_string(m1.join("b.txt")).unwrap(), "second");

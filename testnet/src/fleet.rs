@@ -220,6 +220,60 @@ pub(crate) fn signal(pid: u32, sig: rustix::process::Signal) {
     }
 }
 
+/// The absolute `root`, the data directories of `n` agents under it (each with its key)
+/// and a members file listing them.
+fn agents_and_members(root: &Path, n: usize) -> anyhow::Result<(PathBuf, Vec<PathBuf>, PathBuf)> {
+    std::fs::create_dir_all(root)?;
+    let root = std::path::absolute(root)?;
+    let mut members = String::new();
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let dir = agent_dir(&root, i);
+        let key = voltool_agent::keys::load_or_create(&dir)?;
+        members.push_str(&format!("{}  # agent-{i}\n", key.public()));
+        agents.push(dir);
+    }
+    let members_file = root.join("members.txt");
+    std::fs::write(&members_file, members)?;
+    Ok((root, agents, members_file))
+}
+
+/// Starts agent `i` of `agents` as node `first + i` with `args(i)` after its data and
+/// socket directories (the testnet's agents share a host: the sockets go beside the data),
+/// and waits until each serves; returns their command lines and processes.
+async fn start_agents(
+    agents: &[PathBuf],
+    net: Option<&Netns>,
+    first: usize,
+    args: impl Fn(usize) -> Vec<String>,
+) -> anyhow::Result<Vec<(Vec<String>, u32)>> {
+    let mut started = Vec::new();
+    for (i, dir) in agents.iter().enumerate() {
+        let _ = std::fs::remove_file(dir.join("agent.addr"));
+        let mut all = vec![
+            "agent".to_string(),
+            "--data".into(),
+            dir.display().to_string(),
+            "--run-dir".into(),
+            dir.display().to_string(),
+        ];
+        all.extend(args(i));
+        let pid = spawn_node(dir, net, first + i, &all, &[])?;
+        started.push((all, pid));
+    }
+    for (dir, (_, pid)) in agents.iter().zip(&started) {
+        wait_file(
+            &dir.join("agent.addr"),
+            *pid,
+            &format!("agent {}", dir.display()),
+        )
+        .await?;
+        // The control socket exists before the address file is written.
+        debug_assert!(dir.join(control::SOCKET).exists());
+    }
+    Ok(started)
+}
+
 /// Starts a coordinator and `n` agents under `root`, with seeded-per-run keys, a members
 /// file listing exactly those agents, and per-node logs.
 pub(crate) async fn up(
@@ -246,18 +300,7 @@ pub(crate) async fn up_with(
             args.extend(["--listen".into(), format!("{}:0", net.ip(k))]);
         }
     };
-    std::fs::create_dir_all(root)?;
-    let root = std::path::absolute(root)?;
-    let mut members = String::new();
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let dir = agent_dir(&root, i);
-        let key = voltool_agent::keys::load_or_create(&dir)?;
-        members.push_str(&format!("{}  # agent-{i}\n", key.public()));
-        agents.push(dir);
-    }
-    let members_file = root.join("members.txt");
-    std::fs::write(&members_file, members)?;
+    let (root, agents, members_file) = agents_and_members(root, n)?;
     let cdir = coordinator_dir(&root);
     let _ = std::fs::remove_file(cdir.join(ADDR_FILE));
     let mut cargs: Vec<String> = vec![
@@ -279,19 +322,8 @@ pub(crate) async fn up_with(
         cargs.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
     }
     let mut nodes = vec![(cargs, cpid)];
-    let mut pids = Vec::new();
-    for (i, dir) in agents.iter().enumerate() {
-        let _ = std::fs::remove_file(dir.join("agent.addr"));
-        // The sockets beside the data (the testnet's agents share a host).
-        let mut args = vec![
-            "agent".to_string(),
-            "--data".into(),
-            dir.display().to_string(),
-            "--run-dir".into(),
-            dir.display().to_string(),
-            "--coordinator".into(),
-            coordinator.clone(),
-        ];
+    let started = start_agents(&agents, net, 1, |i| {
+        let mut args = vec!["--coordinator".to_string(), coordinator.clone()];
         if let Some(r) = max_ingress {
             args.extend(["--max-ingress".into(), r.to_string()]);
         }
@@ -300,19 +332,10 @@ pub(crate) async fn up_with(
         }
         args.extend(agent_args(i));
         listen(i + 1, &mut args);
-        pids.push(spawn_node(dir, net, i + 1, &args, &[])?);
-        nodes.push((args, *pids.last().expect("pushed")));
-    }
-    for (dir, pid) in agents.iter().zip(pids) {
-        wait_file(
-            &dir.join("agent.addr"),
-            pid,
-            &format!("agent {}", dir.display()),
-        )
-        .await?;
-        // The control socket exists before the address file is written.
-        debug_assert!(dir.join(control::SOCKET).exists());
-    }
+        args
+    })
+    .await?;
+    nodes.extend(started);
     Ok(Fleet {
         root,
         coordinator,
@@ -333,18 +356,7 @@ pub(crate) async fn up_ha(
     ha: &HaSetup,
     agent_args: &dyn Fn(usize) -> Vec<String>,
 ) -> anyhow::Result<Fleet> {
-    std::fs::create_dir_all(root)?;
-    let root = std::path::absolute(root)?;
-    let mut members = String::new();
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let dir = agent_dir(&root, i);
-        let key = voltool_agent::keys::load_or_create(&dir)?;
-        members.push_str(&format!("{}  # agent-{i}\n", key.public()));
-        agents.push(dir);
-    }
-    let members_file = root.join("members.txt");
-    std::fs::write(&members_file, members)?;
+    let (root, agents, members_file) = agents_and_members(root, n)?;
     let fleet_dir = root.join("fleet");
     let fleet_id = voltool_agent::keys::load_or_create(&fleet_dir)?.public();
     let mut env = Vec::new();
@@ -397,33 +409,16 @@ pub(crate) async fn up_ha(
         }
         nodes.push((args, pid));
     }
-    let mut pids = Vec::new();
-    for (i, dir) in agents.iter().enumerate() {
-        let _ = std::fs::remove_file(dir.join("agent.addr"));
-        let mut args = vec![
-            "agent".to_string(),
-            "--data".into(),
-            dir.display().to_string(),
-            "--run-dir".into(),
-            dir.display().to_string(),
-            "--fleet-key".into(),
-            fleet_id.to_string(),
-        ];
+    let started = start_agents(&agents, None, ha.coordinators, |i| {
+        let mut args = vec!["--fleet-key".to_string(), fleet_id.to_string()];
         for a in &addrs {
             args.extend(["--coordinator".into(), a.clone()]);
         }
         args.extend(agent_args(i));
-        pids.push(spawn_node(dir, None, ha.coordinators + i, &args, &[])?);
-        nodes.push((args, *pids.last().expect("pushed")));
-    }
-    for (dir, pid) in agents.iter().zip(pids) {
-        wait_file(
-            &dir.join("agent.addr"),
-            pid,
-            &format!("agent {}", dir.display()),
-        )
-        .await?;
-    }
+        args
+    })
+    .await?;
+    nodes.extend(started);
     Ok(Fleet {
         root,
         coordinator: addrs[0].clone(),
