@@ -72,6 +72,57 @@ pub struct CoordClient {
     conn: tokio::sync::Mutex<Option<Connection>>,
 }
 
+/// How one try to reach one of several coordinators ended.
+enum Tried {
+    /// It leads: the connection to keep.
+    Leader(Connection),
+    /// A standby: it does not lead, and named the leader if one leads.
+    Standby {
+        leader: Option<NodeAddr>,
+        error: NetError,
+    },
+    /// It could not be reached, or refused.
+    Failed(NetError),
+}
+
+/// Tries to reach the coordinator at `addr`, offering the standby's protocol too: a standby
+/// answers on that one and closes with the leader's address.
+async fn try_one(ep: Endpoint, addr: NodeAddr) -> Tried {
+    let failed = |message: String| NetError::Connect {
+        peer: addr.to_string(),
+        message,
+    };
+    let tried = tokio::time::timeout(
+        ATTEMPT_TIMEOUT,
+        net::connect_offering(&ep, &addr, coord::ALPN, &[coord::STANDBY_ALPN]),
+    )
+    .await;
+    let conn = match tried {
+        Err(_) => return Tried::Failed(failed(format!("no handshake within {ATTEMPT_TIMEOUT:?}"))),
+        Ok(Err(e)) => return Tried::Failed(e),
+        Ok(Ok(conn)) => conn,
+    };
+    if conn.alpn() != coord::STANDBY_ALPN {
+        return Tried::Leader(conn);
+    }
+    let closed = tokio::time::timeout(ATTEMPT_TIMEOUT, conn.closed()).await;
+    let leader = match &closed {
+        Ok(iroh::endpoint::ConnectionError::ApplicationClosed(a))
+            if a.error_code == coord::CLOSE_NOT_LEADER.into() =>
+        {
+            std::str::from_utf8(&a.reason)
+                .ok()
+                .and_then(|s| s.parse::<NodeAddr>().ok())
+        }
+        _ => None,
+    };
+    let error = failed(match &leader {
+        Some(l) => format!("a standby: {l} leads"),
+        None => "a standby: no coordinator leads now".into(),
+    });
+    Tried::Standby { leader, error }
+}
+
 impl CoordClient {
     /// A client for the coordinator at `addr`.
     pub fn new(ep: Endpoint, addr: NodeAddr) -> Self {
@@ -110,7 +161,19 @@ impl CoordClient {
         }
         let n = self.addrs.len();
         if n == 1 {
-            let conn = net::connect(&self.ep, &self.addrs[0], coord::ALPN).await?;
+            // One address: it leads, or names the one that does (a fleet in failover whose
+            // agent was given one of its coordinators).
+            let conn = match try_one(self.ep.clone(), self.addrs[0].clone()).await {
+                Tried::Leader(conn) => conn,
+                Tried::Standby {
+                    leader: Some(l),
+                    error,
+                } => match try_one(self.ep.clone(), l).await {
+                    Tried::Leader(conn) => conn,
+                    _ => return Err(error),
+                },
+                Tried::Standby { error, .. } | Tried::Failed(error) => return Err(error),
+            };
             *c = Some(conn.clone());
             return Ok(conn);
         }
@@ -120,26 +183,16 @@ impl CoordClient {
         // while the others are tried again. None may lead for a moment (the leader died
         // and its lease has not ended yet): the tries go on for a while.
         let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
-        let mut tries = tokio::task::JoinSet::new();
+        let mut tries: tokio::task::JoinSet<Tried> = tokio::task::JoinSet::new();
         let mut trying = std::collections::HashMap::new();
         let mut last = None;
         loop {
-            for (i, addr) in self.addrs.iter().enumerate() {
-                if trying.values().any(|&t| t == i) {
+            for addr in &self.addrs {
+                if trying.values().any(|t| t == addr) {
                     continue;
                 }
-                let (ep, addr) = (self.ep.clone(), addr.clone());
-                let task = tries.spawn(async move {
-                    tokio::time::timeout(ATTEMPT_TIMEOUT, net::connect(&ep, &addr, coord::ALPN))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(NetError::Connect {
-                                peer: addr.to_string(),
-                                message: format!("no handshake within {ATTEMPT_TIMEOUT:?}"),
-                            })
-                        })
-                });
-                trying.insert(task.id(), i);
+                let task = tries.spawn(try_one(self.ep.clone(), addr.clone()));
+                trying.insert(task.id(), addr.clone());
             }
             let round = tokio::time::sleep(ROUND_PAUSE);
             tokio::pin!(round);
@@ -148,19 +201,31 @@ impl CoordClient {
                     Some(done) = tries.join_next_with_id() => {
                         let (id, tried) = match done {
                             Ok((id, tried)) => (id, tried),
-                            Err(e) => (e.id(), Err(NetError::Connect {
+                            Err(e) => (e.id(), Tried::Failed(NetError::Connect {
                                 peer: "a coordinator".into(),
                                 message: e.to_string(),
                             })),
                         };
-                        let i = trying.remove(&id).unwrap_or_default();
+                        let tried_addr = trying.remove(&id);
                         match tried {
-                            Ok(conn) => {
-                                self.at.store(i, Relaxed);
+                            Tried::Leader(conn) => {
+                                if let Some(i) = self.addrs.iter().position(|a| Some(a) == tried_addr.as_ref()) {
+                                    self.at.store(i, Relaxed);
+                                }
                                 *c = Some(conn.clone());
                                 return Ok(conn);
                             }
-                            Err(e) => last = Some(e),
+                            // A standby named the leader: tried at once unless a try is in
+                            // flight, listed or not (an agent may know only some of the
+                            // fleet's coordinators).
+                            Tried::Standby { leader: Some(l), error } => {
+                                if !trying.values().any(|t| *t == l) {
+                                    let task = tries.spawn(try_one(self.ep.clone(), l.clone()));
+                                    trying.insert(task.id(), l);
+                                }
+                                last = Some(error);
+                            }
+                            Tried::Standby { error, .. } | Tried::Failed(error) => last = Some(error),
                         }
                     }
                     _ = &mut round => break,

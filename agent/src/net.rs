@@ -192,6 +192,27 @@ impl FromStr for NodeAddr {
 }
 
 /// Connects to a node on one ALPN.
+/// Connects to `peer` offering `alpn`, then `also` (the answer's [`Connection::alpn`] says
+/// which the peer chose).
+pub async fn connect_offering(
+    ep: &Endpoint,
+    peer: &NodeAddr,
+    alpn: &[u8],
+    also: &[&[u8]],
+) -> Result<Connection, NetError> {
+    let err = |e: &dyn std::fmt::Display| NetError::Connect {
+        peer: peer.to_string(),
+        message: e.to_string(),
+    };
+    let opts = iroh::endpoint::ConnectOptions::new()
+        .with_additional_alpns(also.iter().map(|a| a.to_vec()).collect());
+    ep.connect_with_opts(peer.endpoint_addr(), alpn, opts)
+        .await
+        .map_err(|e| err(&e))?
+        .await
+        .map_err(|e| err(&e))
+}
+
 pub async fn connect(ep: &Endpoint, peer: &NodeAddr, alpn: &[u8]) -> Result<Connection, NetError> {
     ep.connect(peer.endpoint_addr(), alpn)
         .await

@@ -60,6 +60,20 @@ fn election(meta: &EtcdMeta) -> Vec<u8> {
     format!("{}/leader", meta.url().prefix).into_bytes()
 }
 
+/// Where the coordinator that leads now serves (the value it campaigned with), as etcd's
+/// election says; `None` while none leads or etcd does not answer.
+pub(crate) async fn current(meta: &Arc<EtcdMeta>) -> Option<String> {
+    let mut el = meta.client().election_client();
+    let name = election(meta);
+    let r = meta
+        .spawn(async move { el.leader(name).await })
+        .await
+        .ok()?
+        .ok()?;
+    let kv = r.kv()?;
+    String::from_utf8(kv.value().to_vec()).ok()
+}
+
 /// Campaigns for the lead with `value` (where this coordinator serves) on a lease of `ttl`;
 /// returns once it leads, with the fence set on `meta`. Dropped while campaigning, it leaves
 /// its lease to end with `meta`.

@@ -261,10 +261,11 @@ impl Coordinator {
         if opts.members.is_none() {
             warn!("no members list: any node that can reach this coordinator may join the fleet");
         }
+        let alpns = vec![coord::ALPN.to_vec(), blobs::ALPN.to_vec()];
         let ep = net::bind(
             node_key.clone(),
             opts.listen,
-            vec![coord::ALPN.to_vec(), blobs::ALPN.to_vec()],
+            alpns.clone(),
             opts.congestion,
         )
         .await?;
@@ -278,11 +279,20 @@ impl Coordinator {
                 // The address file says this coordinator leads: one left by a run that
                 // was killed no longer does.
                 let _ = std::fs::remove_file(opts.data.join(ADDR_FILE));
-                // Until it leads, it refuses connections: a client that lists every
-                // coordinator of the fleet moves on to the next at once.
-                let refusing = tokio::spawn(refuse_all(ep.clone()));
+                // Until it leads, it answers as a standby: a client learns at the handshake
+                // that this one does not lead, and which one does.
+                ep.set_alpns(vec![coord::STANDBY_ALPN.to_vec()]);
+                let standby = tokio::spawn(answer_standby(
+                    ep.clone(),
+                    Membership {
+                        members: opts.members.clone(),
+                        writers: opts.writers.clone(),
+                    },
+                    m.clone(),
+                ));
                 let won = leader::campaign(m.clone(), *lease_ttl, addr.to_string()).await;
-                refusing.abort();
+                standby.abort();
+                ep.set_alpns(alpns.clone());
                 Some(won?)
             }
             _ => None,
@@ -488,7 +498,7 @@ pub use members::{Membership, read_members};
 use meta::{BlobRecords, Meta, MetaError, RedbMeta, VolumeRecord};
 pub use migrate::{Migrated, migrate_to_etcd};
 pub use options::{ADDR_FILE, COMMIT_DEADLINE, CoordinatorOptions, Hooks, MetaOptions};
-use serve::{accept_loop, refuse_all};
+use serve::{accept_loop, answer_standby};
 use tracker::{Tracker, lookup, lookup_all, node_id};
 use upload::upload;
 use volumes::*;

@@ -1,12 +1,37 @@
-//! Serving: the connections a coordinator accepts (or refuses while it does not lead), each
-//! member's requests under its bounds, and the answer to each request.
+//! Serving: the connections a coordinator accepts (or answers as a standby while it does not
+//! lead), each member's requests under its bounds, and the answer to each request.
 
 use super::*;
 
-/// Refuses every connection (a coordinator that does not lead serves nobody).
-pub(crate) async fn refuse_all(ep: Endpoint) {
+/// How long a standby looks for the leader's address before it answers without it.
+const LEADER_LOOKUP: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A coordinator that does not lead serves nobody: it answers on
+/// [`coord::STANDBY_ALPN`] alone (a client that offers only the coordinator protocol fails
+/// its handshake at once), and closes a member's connection with the leader's address
+/// ([`coord::CLOSE_NOT_LEADER`]); a node that is no member learns nothing.
+pub(crate) async fn answer_standby(ep: Endpoint, members: Membership, meta: Arc<meta::EtcdMeta>) {
     while let Some(incoming) = ep.accept().await {
-        incoming.refuse();
+        let (members, meta) = (members.clone(), meta.clone());
+        tokio::spawn(async move {
+            let conn = match incoming.accept() {
+                Ok(a) => match a.await {
+                    Ok(c) => c,
+                    Err(e) => return debug!("standby: handshake failed: {e}"),
+                },
+                Err(e) => return debug!("standby: accept failed: {e}"),
+            };
+            if !members.is_member(&conn.remote_id()) {
+                conn.close(coord::CLOSE_NOT_MEMBER.into(), b"not a fleet member");
+                return;
+            }
+            let leader = tokio::time::timeout(LEADER_LOOKUP, leader::current(&meta))
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            conn.close(coord::CLOSE_NOT_LEADER.into(), leader.as_bytes());
+        });
     }
 }
 

@@ -184,6 +184,15 @@ pub const MAX_WATCHED: usize = 1024;
 /// fleet member.
 pub const CLOSE_NOT_MEMBER: u32 = 1;
 
+/// ALPN a coordinator in failover answers on while it does not lead: a client that offers
+/// it besides [`ALPN`] learns at the handshake that it reached a standby, which then
+/// closes the connection with [`CLOSE_NOT_LEADER`].
+pub const STANDBY_ALPN: &[u8] = b"voltool/coord-standby/1";
+
+/// The application code a standby closes a member's connection with: its reason is the
+/// leader's address, `NODE_ID@IP:PORT`, or empty while none leads.
+pub const CLOSE_NOT_LEADER: u32 = 2;
+
 /// Most changes in one [`CommitPart`].
 pub const MAX_COMMIT_PART: usize = 16_384;
 /// Largest [`CommitPart`] frame.

@@ -320,6 +320,72 @@ async fn agents_given_every_coordinator_commit_and_mount_across_a_change_of_lead
     assert_eq!(std::fs::read_to_string(m1.join("b.txt")).unwrap(), "two");
 }
 
+/// A standby names the leader: a client that knows only the standby's address reaches
+/// the leader through it (the standby answers on its own protocol and closes with the
+/// leader's address), and the standby serves nothing itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_names_the_leader_to_a_client_that_knows_only_the_standby() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let garage = Garage::start();
+    let f = voltool_tests::TestFleet::start_ha(
+        1,
+        garage.origin("fleet"),
+        ha_meta(&etcd),
+        1,
+        Default::default(),
+        Default::default(),
+    )
+    .await;
+    let standby = tokio::spawn(Coordinator::start(f.standby_options(0)));
+    f.create("v").await;
+    // A raw try of the standby alone: it answers on the standby's protocol, then closes
+    // with the leader's address.
+    let ep = f.endpoint_as(0).await;
+    let leader = f.coord.as_ref().unwrap().addr();
+    let closed = loop {
+        match voltool_agent::net::connect_offering(
+            &ep,
+            &f.standbys[0],
+            voltool_protocol::coord::ALPN,
+            &[voltool_protocol::coord::STANDBY_ALPN],
+        )
+        .await
+        {
+            Ok(conn) => {
+                assert_eq!(conn.alpn(), voltool_protocol::coord::STANDBY_ALPN);
+                break conn.closed().await;
+            }
+            // Not listening yet.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    match closed {
+        iroh::endpoint::ConnectionError::ApplicationClosed(a) => {
+            assert_eq!(
+                a.error_code,
+                voltool_protocol::coord::CLOSE_NOT_LEADER.into()
+            );
+            assert_eq!(std::str::from_utf8(&a.reason).unwrap(), leader.to_string());
+        }
+        other => panic!("{other:?}"),
+    }
+    // A client given only the standby reaches the leader.
+    let client =
+        voltool_agent::coord_client::CoordClient::with_addrs(ep, vec![f.standbys[0].clone()]);
+    match client
+        .request(&CoordRequest::GetHead { name: "v".into() })
+        .await
+        .unwrap()
+    {
+        CoordResponse::Volume(info) => assert_eq!(info.head.commit.version, 0),
+        other => panic!("{other:?}"),
+    }
+    standby.abort();
+}
+
 /// The fence: the leader pauses just before its head transaction (a test hook), its lease
 /// ends meanwhile and the standby takes over and commits; when the old leader resumes, its
 /// transaction is refused, its writer hears so, and the heads form one chain.
