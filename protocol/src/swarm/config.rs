@@ -23,6 +23,9 @@ pub struct Config {
     pub pieces_in_flight: usize,
     /// Pieces in flight at once from one peer.
     pub pieces_per_provider: usize,
+    /// Pieces a reader waits for ([`super::Engine::want_now`]) that may be in flight beyond
+    /// [`Config::pieces_in_flight`], so that a read never queues behind the fill.
+    pub urgent_in_flight: usize,
     /// Requests in flight at once to the origin while other downloaders may share it.
     pub origin_in_flight: usize,
     /// Large blobs started at once (a blob whose pieces are all handed out no longer counts,
@@ -104,6 +107,7 @@ impl Default for Config {
             small_lanes: 2,
             pieces_in_flight: 8,
             pieces_per_provider: 4,
+            urgent_in_flight: 4,
             origin_in_flight: 2,
             blobs_in_flight: 2,
             endgame_after: Duration::from_millis(750),
@@ -175,7 +179,7 @@ enum Unit {
 type Setter = fn(&mut Config, u64);
 
 /// Every knob: its name, its unit, and what it sets.
-const TABLE: [(&str, Unit, Setter); 19] = [
+const TABLE: [(&str, Unit, Setter); 20] = [
     ("piece_kib", Unit::Kib, |c, v| c.piece_bytes = v << 10),
     ("pieces_in_flight", Unit::Count, |c, v| {
         c.pieces_in_flight = v as usize
@@ -199,6 +203,9 @@ const TABLE: [(&str, Unit, Setter); 19] = [
         c.serve_queue_per_peer = v as usize
     }),
     ("rarest_of", Unit::Count, |c, v| c.rarest_of = v as usize),
+    ("urgent_in_flight", Unit::Count, |c, v| {
+        c.urgent_in_flight = v as usize
+    }),
     ("subscriptions", Unit::Count, |c, v| {
         c.subscriptions = v as usize
     }),

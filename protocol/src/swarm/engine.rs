@@ -124,6 +124,7 @@ impl Engine {
             units,
             done,
             wantable,
+            urgent: PieceSet::empty(units),
             srcs: Vec::new(),
             src_pos: Vec::new(),
             counts: vec![0; units as usize],
@@ -142,6 +143,34 @@ impl Engine {
         self.queued.push_back(id);
         self.dirty = true;
         id
+    }
+
+    /// A reader waits for these units of a group of pieces (a lazy mount's read, with its
+    /// readahead): they go before every other unit, at the foreground's rank, also while
+    /// the download is paused and beyond [`Config::pieces_in_flight`] by
+    /// [`Config::urgent_in_flight`]. Each goes to the peer holding it with the fewest
+    /// requests in flight; those no peer holds go to the origin as a pick among them, so
+    /// that readers waiting at the same place at once get different pieces from it and
+    /// the rest from each other. One in flight for [`Config::endgame_after`] is asked of
+    /// a second provider. A group still queued starts at once; units held already, and
+    /// groups of small blobs, are left as they are.
+    pub fn want_now(&mut self, now: Instant, group: GroupId, units: &PieceSet) {
+        let g = &mut self.groups[group.0 as usize];
+        if g.finished || !g.is_pieces() {
+            return;
+        }
+        let mut waited = units.clone().fitted(g.units);
+        waited.subtract(&g.done);
+        if waited.is_empty() {
+            return;
+        }
+        g.urgent.union_with(&waited);
+        if let Some(k) = self.queued.iter().position(|q| *q == group) {
+            self.queued.remove(k);
+            self.start(now, group);
+        }
+        self.dirty = true;
+        self.timeout = None;
     }
 
     /// What a group fetches (a finished batch of small blobs: an empty list).
@@ -245,8 +274,23 @@ impl Engine {
             if !group.lookup_in_flight {
                 at(group.lookup_due);
             }
+            if group.is_pieces() && !group.urgent.is_empty() {
+                // A unit a reader waits for goes to a second provider after the endgame's
+                // wait, paused or not.
+                for u in group.urgent.iter() {
+                    if let Some([only]) = group.flights.get(&u).map(Vec::as_slice)
+                        && let Some(r) = self.reqs.get(only)
+                    {
+                        let due = r.sent + self.cfg.endgame_after;
+                        if group.endgame_at.is_none_or(|t| due > t) {
+                            at(Some(due));
+                        }
+                    }
+                }
+            }
             if self.paused {
-                // Nothing goes out until it resumes: no endgame, no provider to wake for.
+                // Nothing else goes out until it resumes: no endgame, no provider to wake
+                // for.
                 continue;
             }
             if group.is_pieces() && group.wantable.is_empty() {

@@ -147,6 +147,7 @@ impl Engine {
         }
         self.units_done += 1;
         g.wantable.remove(unit);
+        g.urgent.remove(unit);
         g.stuck_rounds = 0;
         let p = &mut self.provs[prov];
         p.failures = 0;

@@ -22,7 +22,15 @@ impl Engine {
                 g.lookup_due = None;
                 self.actions.push_back(Action::Lookup { group: gid });
             }
-            if self.groups[gi].lookups == 0 || self.paused {
+            if self.groups[gi].lookups == 0 {
+                continue;
+            }
+            if self.groups[gi].is_pieces() && !self.groups[gi].urgent.is_empty() {
+                // What readers wait for goes first, paused or not.
+                self.fill_urgent(now, gid);
+                self.urgent_endgame(now, gid);
+            }
+            if self.paused {
                 continue;
             }
             if self.groups[gi].is_pieces() {
@@ -68,7 +76,7 @@ impl Engine {
         }
     }
 
-    fn start(&mut self, now: Instant, gid: GroupId) {
+    pub(super) fn start(&mut self, now: Instant, gid: GroupId) {
         let g = &mut self.groups[gid.0 as usize];
         if g.done.is_full() {
             // Held whole already: nothing to fetch.
@@ -130,6 +138,116 @@ impl Engine {
         }
     }
 
+    /// Hands out the units readers wait for, lowest first (a reader reads on from there):
+    /// each to the peer holding it with the fewest requests in flight (past its share of
+    /// the fill by [`super::Config::urgent_in_flight`]); those no peer can take to the
+    /// origin, as a pick among them.
+    fn fill_urgent(&mut self, now: Instant, gid: GroupId) {
+        let gi = gid.0 as usize;
+        let cap = self.cfg.pieces_in_flight + self.cfg.urgent_in_flight;
+        while self.pieces_flying < cap {
+            let g = &self.groups[gi];
+            let waited = g.urgent.and(&g.wantable);
+            if waited.is_empty() {
+                return;
+            }
+            // A peer busy with the fill takes a reader's request too: it ranks first in
+            // the peer's queue.
+            let per_peer = self.cfg.pieces_per_provider + self.cfg.urgent_in_flight;
+            let mut peer: Option<(u32, usize)> = None;
+            'units: for u in waited.iter() {
+                let mut best: Option<(usize, usize)> = None;
+                for (si, s) in g.srcs.iter().enumerate() {
+                    let p = &self.provs[s.prov];
+                    if p.origin
+                        || !s.have.contains(u)
+                        || !p.can_take(&self.cfg, now, per_peer)
+                        || best.is_some_and(|(n, _)| p.in_flight >= n)
+                    {
+                        continue;
+                    }
+                    best = Some((p.in_flight, si));
+                }
+                if let Some((_, si)) = best {
+                    peer = Some((u, si));
+                    break 'units;
+                }
+            }
+            if let Some((u, si)) = peer {
+                self.send_ranked(now, gid, si, Ask::Units(vec![u]), true);
+                continue;
+            }
+            let limit = self.origin_limit(gi);
+            let origin = g.srcs.iter().position(|s| {
+                let p = &self.provs[s.prov];
+                p.origin && p.can_take(&self.cfg, now, limit) && s.have.intersects(&waited)
+            });
+            let Some(si) = origin else {
+                return;
+            };
+            let among = waited.and(&g.srcs[si].have);
+            self.send_ranked(now, gid, si, Ask::Pick { among }, true);
+        }
+    }
+
+    /// The endgame of the units readers wait for: one in flight alone for
+    /// [`super::Config::endgame_after`] is asked of a second provider, whatever else is
+    /// left to hand out.
+    fn urgent_endgame(&mut self, now: Instant, gid: GroupId) {
+        let gi = gid.0 as usize;
+        let g = &self.groups[gi];
+        let slow: Vec<(u32, usize)> = g
+            .urgent
+            .iter()
+            .filter_map(|u| match g.flights.get(&u).map(Vec::as_slice) {
+                Some([only]) => {
+                    let r = self.reqs.get(only)?;
+                    (r.sent + self.cfg.endgame_after <= now).then_some((u, r.prov))
+                }
+                _ => None,
+            })
+            .collect();
+        if slow.is_empty() {
+            return;
+        }
+        self.groups[gi].endgame_at = Some(now);
+        let cap = self.cfg.pieces_in_flight + self.cfg.urgent_in_flight;
+        let per_peer = self.cfg.pieces_per_provider + self.cfg.urgent_in_flight;
+        for (unit, first) in slow {
+            if self.pieces_flying >= cap {
+                return;
+            }
+            if let Some(si) = self.second_provider(now, gi, unit, first, per_peer) {
+                self.send_ranked(now, gid, si, Ask::Units(vec![unit]), true);
+            }
+        }
+    }
+
+    /// A source of group `gi` other than `first` that holds `unit` and can take a request
+    /// (a peer with fewer than `per_peer` in flight): peers before the origin, the least
+    /// busy first.
+    fn second_provider(
+        &self,
+        now: Instant,
+        gi: usize,
+        unit: u32,
+        first: usize,
+        per_peer: usize,
+    ) -> Option<usize> {
+        let origin_limit = self.origin_limit(gi);
+        self.groups[gi]
+            .srcs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                let p = &self.provs[s.prov];
+                let limit = if p.origin { origin_limit } else { per_peer };
+                s.prov != first && s.have.contains(unit) && p.can_take(&self.cfg, now, limit)
+            })
+            .min_by_key(|(si, s)| (self.provs[s.prov].origin, self.provs[s.prov].in_flight, *si))
+            .map(|(si, _)| si)
+    }
+
     /// Requests the origin may have in flight for a group: a few while others may share it,
     /// all of them once two lookups found no peer at all.
     fn origin_limit(&self, gi: usize) -> usize {
@@ -176,30 +294,12 @@ impl Engine {
             })
             .collect();
         slow.sort();
-        let origin_limit = self.origin_limit(gi);
         for (_, unit, first) in slow {
             if self.pieces_flying >= self.cfg.pieces_in_flight {
                 return;
             }
-            let g = &self.groups[gi];
-            let second = g
-                .srcs
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| {
-                    let p = &self.provs[s.prov];
-                    let limit = if p.origin {
-                        origin_limit
-                    } else {
-                        self.cfg.pieces_per_provider
-                    };
-                    s.prov != first && s.have.contains(unit) && p.can_take(&self.cfg, now, limit)
-                })
-                .min_by_key(|(si, s)| {
-                    (self.provs[s.prov].origin, self.provs[s.prov].in_flight, *si)
-                })
-                .map(|(si, _)| si);
-            if let Some(si) = second {
+            let per_peer = self.cfg.pieces_per_provider;
+            if let Some(si) = self.second_provider(now, gi, unit, first, per_peer) {
                 self.send(now, gid, si, Ask::Units(vec![unit]));
             }
         }
@@ -246,6 +346,12 @@ impl Engine {
 
     /// Sends a request to source `si` of a group.
     fn send(&mut self, now: Instant, gid: GroupId, si: usize, ask: Ask) {
+        self.send_ranked(now, gid, si, ask, false);
+    }
+
+    /// Sends a request to source `si` of a group; one for units a reader waits for
+    /// (`urgent`) ranks first at every provider.
+    fn send_ranked(&mut self, now: Instant, gid: GroupId, si: usize, ask: Ask, urgent: bool) {
         let req = ReqId(self.next_req);
         self.next_req += 1;
         let gi = gid.0 as usize;
@@ -286,7 +392,7 @@ impl Engine {
                 deadline: now + self.cfg.deadline_for(bytes),
             },
         );
-        let rank = self.rank();
+        let rank = if urgent { 0 } else { self.rank() };
         self.actions.push_back(Action::Request {
             req,
             provider: self.provs[prov].id,

@@ -59,6 +59,8 @@ pub(super) struct Group {
     pub(super) done: PieceSet,
     /// Not done and not in flight: what may be asked for.
     pub(super) wantable: PieceSet,
+    /// Not done, and a reader waits for them ([`super::Engine::want_now`]).
+    pub(super) urgent: PieceSet,
     pub(super) srcs: Vec<Src>,
     /// Position + 1 in `srcs` by provider index (0: not a source).
     pub(super) src_pos: Vec<u32>,

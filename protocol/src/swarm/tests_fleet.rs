@@ -21,11 +21,69 @@ type Serving = (Instant, u64, u8, u8, u64, u32);
 /// (one at a time per sending slot) and instant pushes of what each newly holds.
 #[test]
 fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
+    let f = fleet(None);
+    assert!(
+        f.origin_sent <= f.units + f.units / 4,
+        "the origin sent {} pieces of {}",
+        f.origin_sent,
+        f.units
+    );
+}
+
+/// Every downloader also has a reader that reads the blob in order, waiting for the next
+/// `window` pieces from where it stands ([`Engine::want_now`]): all of them start at the
+/// same place at the same moment, as a fleet loading one model does. The origin still
+/// sends each piece about once (the readers get different pieces of the window from it
+/// and the rest from each other), and every reader holds the start of the blob long
+/// before the whole.
+#[test]
+fn readers_waiting_at_the_same_place_do_not_collapse_onto_the_origin() {
+    let window = 4;
+    let f = fleet(Some(window));
+    assert!(
+        f.origin_sent <= f.units + f.units / 4,
+        "the origin sent {} pieces of {}",
+        f.origin_sent,
+        f.units
+    );
+    let mut first = f.first_window.clone();
+    first.sort();
+    let median = first[first.len() / 2];
+    assert!(
+        median * 8 <= f.total,
+        "readers held the first {window} pieces after {median:?} of {:?}",
+        f.total
+    );
+    // Without readers, the start of the blob comes at no particular time.
+    let plain = fleet(None);
+    let mut plain_first = plain.first_window.clone();
+    plain_first.sort();
+    assert!(
+        median < plain_first[plain_first.len() / 2],
+        "with readers {median:?}, without {:?}",
+        plain_first[plain_first.len() / 2]
+    );
+}
+
+/// What [`fleet`] measured.
+struct Fleet {
+    units: u32,
+    origin_sent: u32,
+    /// When each downloader held the blob's first 4 pieces, from the start.
+    first_window: Vec<Duration>,
+    /// When the last downloader held the whole blob.
+    total: Duration,
+}
+
+/// Six downloaders of one blob of 64 pieces and an origin; with `readers`, each downloader
+/// waits for that many pieces from the first it lacks, all the time.
+fn fleet(readers: Option<u32>) -> Fleet {
     let c = Config {
         piece_bytes: 16 << 10,
         ..Config::default()
     };
     let (n, units) = (6u8, 64u32);
+    let mut first_window: BTreeMap<u8, Duration> = BTreeMap::new();
     let size = units as u64 * c.piece_bytes;
     let piece_time = Duration::from_millis(100);
     let t0 = Instant::now();
@@ -55,6 +113,19 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
     loop {
         steps += 1;
         assert!(steps < 200_000);
+        for (p, (e, g)) in engines.iter_mut() {
+            let done = e.done_units(*g);
+            let pos = (0..units).find(|u| !done.contains(*u)).unwrap_or(units);
+            if pos >= 4 {
+                first_window.entry(*p).or_insert(now - t0);
+            }
+            if let Some(w) = readers
+                && pos < units
+            {
+                let waited = PieceSet::from_iter(units, pos..(pos + w).min(units));
+                e.want_now(now, *g, &waited);
+            }
+        }
         // Run every engine's actions.
         let mut progressed = true;
         while progressed {
@@ -238,8 +309,10 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
     for (e, g) in engines.values() {
         assert!(e.done_units(*g).is_full());
     }
-    assert!(
-        origin_sent <= units + units / 4,
-        "the origin sent {origin_sent} pieces of {units}"
-    );
+    Fleet {
+        units,
+        origin_sent,
+        first_window: first_window.into_values().collect(),
+        total: now - t0,
+    }
 }

@@ -148,3 +148,4 @@ mod groups;
 mod lookups;
 mod paused;
 mod providers;
+mod urgent;
