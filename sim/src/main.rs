@@ -86,6 +86,14 @@ struct Args {
     /// Give up after this many times T_min of simulated time.
     #[arg(long, default_value_t = 20.0)]
     limit: f64,
+    /// Every downloader also reads the files in order at this rate (bit/s, as --rate) as
+    /// soon as the bytes are here, as from a lazy mount: what its reader waits for goes
+    /// first in its download. Reports when the readers read their first byte and all.
+    #[arg(long, value_parser = parse_rate)]
+    read_rate: Option<f64>,
+    /// Pieces a waiting reader asks for from where it stands (its readahead).
+    #[arg(long, default_value_t = 4)]
+    read_window: u32,
     /// Set a knob of the engine's config, e.g. `--knob serve_slots=4` (repeatable; an
     /// unknown name lists the knobs).
     #[arg(long, value_name = "NAME=VALUE")]
@@ -150,6 +158,10 @@ struct Report {
     busy_per_node: f64,
     timeouts: u64,
     duplicate_ratio: f64,
+    /// With --read-rate: the median reader's first byte, and the last reader's last, as
+    /// multiples of T_min.
+    read_first_p50_ratio: Option<f64>,
+    read_done_max_ratio: Option<f64>,
     events: u64,
     events_per_s: f64,
     sim_s: f64,
@@ -198,6 +210,7 @@ fn scenario(a: &Args) -> anyhow::Result<Scenario> {
         liar: false,
         leaves_at: None,
         paused_until: None,
+        reader: None,
     }];
     for _ in 0..a.seeds {
         nodes.push(Spec {
@@ -209,6 +222,7 @@ fn scenario(a: &Args) -> anyhow::Result<Scenario> {
             liar: false,
             leaves_at: None,
             paused_until: None,
+            reader: None,
         });
     }
     let liars = (a.evil + (a.liars_frac * a.nodes as f64).round() as usize).min(a.nodes);
@@ -229,6 +243,7 @@ fn scenario(a: &Args) -> anyhow::Result<Scenario> {
             leaves_at: churn.then(|| (t_guess * rng.random_range(0.2..0.8) * 1e9) as u64),
             // The first downloaders (after the traced ones' order) are background ones.
             paused_until: (i < paused).then_some((a.paused_s * 1e9) as u64),
+            reader: a.read_rate,
         });
     }
     let per_file = a.size / a.files.max(1) as u64;
@@ -241,6 +256,7 @@ fn scenario(a: &Args) -> anyhow::Result<Scenario> {
         seed: a.seed,
         cfg,
         traced: a.traced,
+        read_window: a.read_window,
     })
 }
 
@@ -300,6 +316,21 @@ fn report(
         .filter(|s| s.role == Role::Downloader && !s.liar && s.leaves_at.is_none())
         .count()
         - finish.len();
+    // The honest readers' first bytes and last bytes (a reader that never finished counts
+    // as never).
+    let reads = {
+        let honest = specs.iter().zip(&run.nodes).filter(|(s, _)| {
+            s.role == Role::Downloader && !s.liar && s.leaves_at.is_none() && s.reader.is_some()
+        });
+        let (mut first, mut done) = (Vec::new(), Vec::new());
+        for (_, n) in honest {
+            first.push(n.read_first_at.unwrap_or(f64::INFINITY));
+            done.push(n.read_done_at.unwrap_or(f64::INFINITY));
+        }
+        first.sort_by(f64::total_cmp);
+        done.sort_by(f64::total_cmp);
+        (first, done)
+    };
     let fleet_s = if unfinished > 0 {
         f64::INFINITY
     } else {
@@ -338,6 +369,10 @@ fn report(
         timeouts: run.nodes.iter().map(|n| n.timeouts).sum(),
         duplicate_ratio: run.nodes.iter().map(|n| n.duplicate_bytes).sum::<u64>() as f64
             / (downloaders as f64 * a.size as f64),
+        read_first_p50_ratio: a.read_rate.map(|_| quantile(&reads.0, 0.5) / tmin),
+        read_done_max_ratio: a
+            .read_rate
+            .map(|_| reads.1.last().copied().unwrap_or(f64::INFINITY) / tmin),
         events: run.events,
         events_per_s: run.events as f64 / wall_s,
         sim_s: run.sim_s,
@@ -468,6 +503,44 @@ mod tests {
             }
         }
         assert_eq!(paused, 3);
+    }
+
+    /// Readers that read the files in order as the bytes arrive (a lazy mount) read their
+    /// first byte long before the download ends, read everything by its end or soon after
+    /// when they read fast, and no byte is read before it is here.
+    #[test]
+    fn readers_read_early_and_finish_with_the_download() {
+        let (sc, plain) = run(&["--seed", "5"]);
+        let (_, r) = run(&["--seed", "5", "--read-rate", "800Mbit"]);
+        let last = |run: &world::Run| {
+            sc.nodes
+                .iter()
+                .zip(&run.nodes)
+                .filter(|(s, _)| s.role == Role::Downloader)
+                .map(|(_, n)| n.done_at.expect("every downloader finishes"))
+                .fold(0.0, f64::max)
+        };
+        let (end, plain_end) = (last(&r), last(&plain));
+        for (s, n) in sc.nodes.iter().zip(&r.nodes) {
+            if s.role != Role::Downloader {
+                assert!(n.read_first_at.is_none());
+                continue;
+            }
+            let first = n.read_first_at.expect("a reader read");
+            let done = n.read_done_at.expect("a reader finished");
+            // A piece's time or two, of 32 pieces.
+            assert!(first * 3.0 < end, "first byte at {first} of {end}");
+            // No reader is done before its own download, nor long after it.
+            let own = n.done_at.unwrap();
+            assert!(
+                done >= own - 0.011 && done <= own + 0.5,
+                "{done} against {own}"
+            );
+        }
+        // What readers wait for goes first, and the fleet pays little for it.
+        assert!(end <= plain_end * 1.5, "{end} against {plain_end}");
+        let (_, again) = run(&["--seed", "5", "--read-rate", "800Mbit"]);
+        assert_eq!(again.events, r.events);
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub(crate) struct Spec {
     /// A background download (a follow) held back until this time (nanoseconds), as the
     /// agent pauses one while a foreground download of the node runs.
     pub(crate) paused_until: Option<u64>,
+    /// A reader on this node reads the files in order at this many bytes a second, as
+    /// soon as the bytes are here (a lazy mount): what it waits for, the engine fetches
+    /// first ([`Engine::want_now`]).
+    pub(crate) reader: Option<f64>,
 }
 
 /// The whole scenario.
@@ -61,6 +65,8 @@ pub(crate) struct Scenario {
     pub(crate) cfg: Config,
     /// Nodes whose progress is sampled for the plot.
     pub(crate) traced: usize,
+    /// Pieces a waiting reader asks for from where it stands (its readahead).
+    pub(crate) read_window: u32,
 }
 
 /// What one node did.
@@ -77,6 +83,9 @@ pub(crate) struct NodeResult {
     pub(crate) timeouts: u64,
     pub(crate) duplicate_bytes: u64,
     pub(crate) trace: Vec<(f64, u64)>,
+    /// When its reader had read its first byte, and all (seconds).
+    pub(crate) read_first_at: Option<f64>,
+    pub(crate) read_done_at: Option<f64>,
 }
 
 /// What the run measured.
@@ -107,7 +116,12 @@ struct Node {
     result: NodeResult,
     bytes: u64,
     groups_done: usize,
+    /// Where its reader stands: the file and the offset in it.
+    reading: Option<(usize, u64)>,
 }
+
+/// How often a reader moves on (simulated nanoseconds).
+const READ_TICK: u64 = 10_000_000;
 
 #[derive(Clone, Debug)]
 pub(super) struct Pending {
@@ -170,8 +184,14 @@ impl Node {
             result: NodeResult::default(),
             bytes: 0,
             groups_done: 0,
+            reading: (engine_reads(spec)).then_some((0, 0)),
         }
     }
+}
+
+/// Whether a node's reader runs: a downloader's, when the scenario reads.
+fn engine_reads(spec: &Spec) -> bool {
+    spec.role == Role::Downloader && spec.reader.is_some()
 }
 
 /// Node `i`'s id: its index in the first bytes.
@@ -286,6 +306,9 @@ impl World {
             }
             if let Some(t) = spec.paused_until {
                 initial.push((t, Ev::Resume(i)));
+            }
+            if engine_reads(spec) {
+                initial.push((0, Ev::Read(i)));
             }
             nodes.push(node);
         }
@@ -408,6 +431,7 @@ impl World {
             self.kinds[ev.kind()] += 1;
             self.step(ev);
         }
+        self.finish_reading();
         let end = self.instant();
         let reported = self
             .nodes
@@ -508,6 +532,80 @@ impl World {
                 self.run_node(n);
             }
             Ev::Heartbeat => self.heartbeat(),
+            Ev::Read(n) => self.read(n),
+        }
+    }
+
+    /// Node `n`'s reader moves on through what is here, at most its rate's worth of a
+    /// tick; where it meets a piece not here it waits, and the engine fetches the next
+    /// [`Scenario::read_window`] pieces first.
+    fn read(&mut self, n: usize) {
+        let Some(rate) = self.nodes[n].spec.reader else {
+            return;
+        };
+        if self.nodes[n].gone {
+            return;
+        }
+        let piece = self.sc.cfg.piece_bytes;
+        let mut budget = (rate * READ_TICK as f64 / 1e9) as u64;
+        let now_s = self.now as f64 / 1e9;
+        loop {
+            let Some((blob, offset)) = self.nodes[n].reading else {
+                return;
+            };
+            if blob >= self.sc.blobs.len() {
+                self.nodes[n].reading = None;
+                self.nodes[n].result.read_done_at = Some(now_s);
+                return;
+            }
+            let size = self.sc.blobs[blob];
+            if offset >= size {
+                self.nodes[n].reading = Some((blob + 1, 0));
+                continue;
+            }
+            let unit = (offset / piece) as u32;
+            if !self.nodes[n].held[blob].contains(unit) {
+                let units = self.units[blob];
+                let window = PieceSet::from_iter(
+                    units,
+                    unit..unit.saturating_add(self.sc.read_window.max(1)).min(units),
+                );
+                let now = self.instant();
+                self.hand_over(n);
+                if let Some(e) = &mut self.nodes[n].engine {
+                    e.want_now(now, GroupId(blob as u32), &window);
+                }
+                self.run_node(n);
+                break;
+            }
+            if budget == 0 {
+                break;
+            }
+            let end = ((unit as u64 + 1) * piece).min(size);
+            let step = (end - offset).min(budget);
+            budget -= step;
+            self.nodes[n].reading = Some((blob, offset + step));
+            self.nodes[n].result.read_first_at.get_or_insert(now_s);
+        }
+        self.push(self.now + READ_TICK, Ev::Read(n));
+    }
+
+    /// A reader still reading when every download ended reads the rest from its store.
+    fn finish_reading(&mut self) {
+        let now_s = self.now as f64 / 1e9;
+        for node in &mut self.nodes {
+            let (Some(rate), Some((blob, offset))) = (node.spec.reader, node.reading) else {
+                continue;
+            };
+            if node.gone || node.result.done_at.is_none() {
+                continue;
+            }
+            let left: u64 = self.sc.blobs[blob.min(self.sc.blobs.len())..]
+                .iter()
+                .sum::<u64>()
+                .saturating_sub(offset);
+            node.result.read_first_at.get_or_insert(now_s);
+            node.result.read_done_at = Some(now_s + left as f64 / rate);
         }
     }
 

@@ -49,6 +49,8 @@ pub(super) enum Ev {
     /// A paused (background) download goes on.
     Resume(usize),
     Heartbeat,
+    /// A node's reader moves on.
+    Read(usize),
 }
 
 /// The kind (see [`Ev::KINDS`]) counting flows that finish: they are no events of the
@@ -57,7 +59,7 @@ pub(super) const FLOW_DONE: usize = 10;
 
 impl Ev {
     /// Names of the kinds of events, for the tally `VOLTOOL_SIM_DEBUG` prints.
-    pub(crate) const KINDS: [&'static str; 14] = [
+    pub(crate) const KINDS: [&'static str; 15] = [
         "timer",
         "providers",
         "have",
@@ -72,6 +74,7 @@ impl Ev {
         "lookup",
         "announce_report",
         "leave_resume_heartbeat",
+        "read",
     ];
 
     pub(super) fn kind(&self) -> usize {
@@ -89,6 +92,7 @@ impl Ev {
             Ev::Lookup { .. } => 11,
             Ev::Announce { .. } | Ev::Report { .. } => 12,
             Ev::Leave(..) | Ev::Resume(..) | Ev::Heartbeat => 13,
+            Ev::Read(..) => 14,
         }
     }
 }
