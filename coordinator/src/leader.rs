@@ -74,6 +74,35 @@ pub(crate) async fn current(meta: &Arc<EtcdMeta>) -> Option<String> {
     String::from_utf8(kv.value().to_vec()).ok()
 }
 
+/// Whether `leader` (what a campaign returned) is first in line: the election's key with
+/// the lowest creation revision, at the revision it was won with. Only then is it the
+/// fence of every write; two candidates can otherwise both believe they lead (each fence
+/// holding on a key of its own).
+async fn first_in_line(
+    meta: &Arc<EtcdMeta>,
+    name: &[u8],
+    leader: &etcd_client::LeaderKey,
+) -> Result<bool, MetaError> {
+    let mut kv = meta.client().kv_client();
+    let mut prefix = name.to_vec();
+    prefix.push(b'/');
+    let opts = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_sort(
+            etcd_client::SortTarget::Create,
+            etcd_client::SortOrder::Ascend,
+        )
+        .with_limit(1);
+    let r = meta
+        .spawn(async move { kv.get(prefix, Some(opts)).await })
+        .await
+        .map_err(|e| MetaError::Engine(e.to_string()))?
+        .map_err(etcd_err)?;
+    Ok(r.kvs()
+        .first()
+        .is_some_and(|kv| kv.key() == leader.key() && kv.create_revision() == leader.rev()))
+}
+
 /// Campaigns for the lead with `value` (where this coordinator serves) on a lease of `ttl`;
 /// returns once it leads, with the fence set on `meta`. Dropped while campaigning, it leaves
 /// its lease to end with `meta`.
@@ -117,7 +146,17 @@ pub(crate) async fn campaign(
             }
             r = attempt => match r.map_err(|e| MetaError::Engine(e.to_string()))? {
                 Ok(mut r) => match r.take_leader() {
-                    Some(l) => break l,
+                    Some(l) if first_in_line(&meta, &name, &l).await? => break l,
+                    Some(l) => {
+                        // A campaign that ran out of its call's deadline resigned at etcd
+                        // (etcd deletes the key of a cancelled campaign) while the next
+                        // went on with the key it found: named leader with a key that is
+                        // not first in line. Its key goes, and it campaigns again, last.
+                        warn!(revision = l.rev(), "elected with a key that is not first in line: campaigning again");
+                        let mut el = meta.client().election_client();
+                        let resign = ResignOptions::new().with_leader(l);
+                        let _ = meta.spawn(async move { el.resign(Some(resign)).await }).await;
+                    }
                     None => return Err(MetaError::Engine("etcd elected no leader key".into())),
                 },
                 // A campaign waits within one call's deadline: campaign again, on the same
@@ -137,6 +176,8 @@ pub(crate) async fn campaign(
         revision: leader.rev(),
     };
     meta.set_fence(Some(fence.clone()));
+    // A write that finds the fence gone ends the lead at once.
+    meta.on_fenced(lost.clone());
     let _ = won.set(fence);
     info!(lease = id, revision = leader.rev(), "leading the fleet");
     Ok(Leadership {

@@ -320,6 +320,50 @@ async fn agents_given_every_coordinator_commit_and_mount_across_a_change_of_lead
     assert_eq!(std::fs::read_to_string(m1.join("b.txt")).unwrap(), "two");
 }
 
+/// A leader whose fence is gone while its lease lives on (its election key deleted behind
+/// its back, as when another candidate took the lead in a race) refuses the write that
+/// finds it so and stops leading at once, not when its lease would have told it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_finds_its_fence_gone_stops_leading_at_once() {
+    if !voltool_tests::mode_independent_pass() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let garage = Garage::start();
+    let f = voltool_tests::TestFleet::start_ha(
+        1,
+        garage.origin("fleet"),
+        ha_meta(&etcd),
+        0,
+        Default::default(),
+        Default::default(),
+    )
+    .await;
+    f.create("v").await;
+    etcd.ctl(&["del", "--prefix", "fleet/leader/"]);
+    let refused = f
+        .req(
+            0,
+            Request::VolumeCreate {
+                name: "w".into(),
+                allow_existing: false,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message.contains("no longer the leader"),
+        "{refused:?}"
+    );
+    // Its lease is renewed all along: only the fence says it lost the lead.
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        f.coord.as_ref().unwrap().lead_lost(),
+    )
+    .await
+    .expect("the lead ends at once");
+}
+
 /// A standby names the leader: a client that knows only the standby's address reaches
 /// the leader through it (the standby answers on its own protocol and closes with the
 /// leader's address), and the standby serves nothing itself.

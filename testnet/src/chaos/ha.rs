@@ -138,8 +138,8 @@ impl Trial<'_> {
         });
     }
 
-    /// Waits until every paused process went on and starts every etcd member that is
-    /// down.
+    /// Waits until every paused process went on, starts every etcd member that is down,
+    /// and waits until one coordinator leads.
     pub(super) async fn heal_ha(&mut self) -> anyhow::Result<()> {
         let Some(ha) = self.ha.as_mut() else {
             return Ok(());
@@ -161,6 +161,12 @@ impl Trial<'_> {
                 etcd.restart_if_down(i);
             }
         });
+        // The fault's aftermath is its own: a lead lost to it has passed to another (or
+        // back) before the next operation (bounded: the operations' retries wait past it).
+        let start = Instant::now();
+        while self.fleet.leading().len() != 1 && start.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(())
     }
 

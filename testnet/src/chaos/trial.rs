@@ -168,7 +168,16 @@ impl Trial<'_> {
             }
             None => {}
         }
-        (call.await, true)
+        let answer = call.await;
+        if matches!(strike, Some(Strike::Ha { .. })) {
+            // A fault of failover belongs to the operation it struck: the pause it began
+            // ends, and the etcd member it killed comes back, before the next operation.
+            if let Err(e) = self.heal_ha().await {
+                self.out
+                    .problem(format!("healing after a fault of failover: {e:#}"));
+            }
+        }
+        (answer, true)
     }
 
     /// Starts every node that is not running (after a kill).

@@ -90,6 +90,7 @@ impl EtcdMeta {
                         writes: rand::random::<u64>().into(),
                         lose: Default::default(),
                         compact_at: Default::default(),
+                        fenced: Default::default(),
                     });
                 }
                 Err(e) => last = Some(e),

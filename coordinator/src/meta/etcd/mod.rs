@@ -78,6 +78,8 @@ pub struct EtcdMeta {
     lose: std::sync::Mutex<(u32, u32)>,
     /// The store's revision at the last [`Meta::compact_history`].
     compact_at: std::sync::atomic::AtomicI64,
+    /// Cancelled when a write finds this writer's fence gone (see [`EtcdMeta::on_fenced`]).
+    fenced: std::sync::Mutex<Option<tokio_util::sync::CancellationToken>>,
 }
 
 impl std::fmt::Debug for EtcdMeta {
@@ -240,7 +242,7 @@ impl Meta for EtcdMeta {
         if let Err(e) = check_successor(id, now, head) {
             // The head moved under a leader that lost the lead: that is the news.
             return Err(if self.fenced_out()? {
-                MetaError::Fenced
+                self.fenced_error()
             } else {
                 e
             });

@@ -65,6 +65,12 @@ impl EtcdMeta {
         *self.fence.write().expect("not poisoned") = fence;
     }
 
+    /// Cancels `token` when a write finds this writer's fence gone: another coordinator
+    /// leads, and this one must stop at once rather than when its lease tells it.
+    pub fn on_fenced(&self, token: tokio_util::sync::CancellationToken) {
+        *self.fenced.lock().expect("not poisoned") = Some(token);
+    }
+
     pub(super) fn key(&self, parts: &[&[u8]]) -> Vec<u8> {
         let mut k = self.url.prefix.as_bytes().to_vec();
         for p in parts {
@@ -233,7 +239,7 @@ impl EtcdMeta {
             return Ok(Some(r.op_responses()));
         }
         if self.fenced_out()? {
-            return Err(MetaError::Fenced);
+            return Err(self.fenced_error());
         }
         Ok(None)
     }
@@ -253,6 +259,15 @@ impl EtcdMeta {
         let take = *n > 0;
         *n = n.saturating_sub(1);
         take
+    }
+
+    /// [`MetaError::Fenced`], once this writer found its fence gone: the lead it held ends
+    /// now (see [`Self::on_fenced`]).
+    pub(super) fn fenced_error(&self) -> MetaError {
+        if let Some(t) = self.fenced.lock().expect("not poisoned").as_ref() {
+            t.cancel();
+        }
+        MetaError::Fenced
     }
 
     /// Whether this writer's fence is gone (another coordinator leads, or will).
