@@ -410,14 +410,24 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> 
     // In failover a coordinator that loses the lead (its lease ended or went unrenewed:
     // another leads now, or will) drops all it held and campaigns again, as a candidate;
     // so does one whose campaign failed for etcd's trouble.
+    let mut again = false;
     loop {
         let started = tokio::select! {
             r = &mut stop => { r?; return Ok(ExitCode::SUCCESS); }
             c = Coordinator::start(coordinator_options(&a)?) => c,
         };
+        use voltool_coordinator::CoordinatorError as E;
         let c = match started {
-            Ok(c) => c,
-            Err(e @ voltool_coordinator::CoordinatorError::Meta(_)) if in_failover => {
+            Ok(c) => {
+                again = true;
+                c
+            }
+            // etcd's trouble; and once this process ran a coordinator (or tried), the
+            // socket and the origin's database it held, which take a moment to be let go.
+            Err(e @ (E::Meta(_) | E::Net(_) | E::Store(_)))
+                if in_failover && (again || matches!(e, E::Meta(_))) =>
+            {
+                again = true;
                 tracing::warn!("campaigning again in a moment: {e}");
                 tokio::select! {
                     r = &mut stop => { r?; return Ok(ExitCode::SUCCESS); }
