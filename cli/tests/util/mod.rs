@@ -41,7 +41,11 @@ pub fn voltool() -> Command {
     let mut c = Command::new(BIN);
     c.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info")
+        // How much of a download is durable is an event tests wait on.
+        .env(
+            "RUST_LOG",
+            "info,voltool_agent::blobs::driver::record=debug",
+        )
         .envs(std::env::var_os("VOLTOOL_SNAPSHOTS").map(|v| ("VOLTOOL_SNAPSHOTS", v)))
         .stdin(Stdio::null());
     c

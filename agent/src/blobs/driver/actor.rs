@@ -263,7 +263,11 @@ impl Actor {
                     self.engine.handle(now, Event::Answer { req, outcome });
                 }
             }
-            Done::Recorded { group, result } => self.recorded(group, result),
+            Done::Recorded {
+                group,
+                bytes,
+                result,
+            } => self.recorded(group, bytes, result),
             Done::Replied | Done::Quiet => {}
         }
     }

@@ -244,6 +244,8 @@ enum Done {
     },
     Recorded {
         group: GroupId,
+        /// The bytes of the verified ranges this record made durable.
+        bytes: u64,
         result: Result<(), StoreError>,
     },
     /// A fetch is through; its answer went out.

@@ -9,6 +9,8 @@ use super::*;
 pub(super) struct Record {
     pending: ChunkRanges,
     bytes: u64,
+    /// Bytes of this download recorded durable so far.
+    recorded: u64,
     in_flight: usize,
     /// Every piece arrived: the group is through once the last record is.
     done: bool,
@@ -99,7 +101,7 @@ impl Actor {
             return;
         }
         let ranges = std::mem::replace(&mut r.pending, ChunkRanges::empty());
-        r.bytes = 0;
+        let bytes = std::mem::take(&mut r.bytes);
         r.in_flight += 1;
         let store = self.ctx.store.clone();
         self.tasks.spawn(async move {
@@ -110,15 +112,31 @@ impl Actor {
             })
             .await
             .unwrap_or_else(|e| Err(StoreError::Db(e.to_string())));
-            Done::Recorded { group, result }
+            Done::Recorded {
+                group,
+                bytes,
+                result,
+            }
         });
     }
     /// A record is through: a failure fails the fetch; what became pending meanwhile goes
     /// next.
-    pub(super) fn recorded(&mut self, group: GroupId, result: Result<(), StoreError>) {
+    pub(super) fn recorded(&mut self, group: GroupId, bytes: u64, result: Result<(), StoreError>) {
+        let hash = match self.engine.spec(group) {
+            Blobs::Pieces { hash, .. } => Some(*hash),
+            _ => None,
+        };
         let g = &mut self.groups[group.0 as usize];
         if let Some(r) = &mut g.record {
             r.in_flight -= 1;
+            if result.is_ok() {
+                r.recorded += bytes;
+                tracing::debug!(
+                    blob = %hash.map(|h| h.to_string()).unwrap_or_default(),
+                    recorded = r.recorded,
+                    "verified ranges recorded"
+                );
+            }
         }
         if let Err(e) = result {
             let job = g.job;
