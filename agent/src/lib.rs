@@ -5,6 +5,7 @@ pub mod blobs;
 pub mod control;
 pub mod coord_client;
 pub mod keys;
+pub mod lazy;
 pub mod metrics;
 pub mod net;
 pub mod node;

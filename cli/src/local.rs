@@ -30,6 +30,12 @@ pub(crate) struct MountArgs {
     /// and no file open for writing (`voltool status` says why it waits otherwise).
     #[arg(long, value_name = "HOW", num_args = 0..=1, default_missing_value = "prefetch", value_parser = ["prefetch", "switch"])]
     follow: Option<String>,
+    /// Lazy: the mount is ready as soon as the version's manifest is here, and files read
+    /// their bytes as they arrive (a read waits for what is not here yet, first in line;
+    /// bytes are verified before anyone reads them) while the rest downloads behind. Needs
+    /// overlay snapshots and FUSE.
+    #[arg(long)]
+    lazy: bool,
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +127,7 @@ pub(crate) async fn mount(agent: &Path, a: MountArgs) -> anyhow::Result<ExitCode
                 None => Follow::No,
                 Some(how) => how.parse().map_err(anyhow::Error::msg)?,
             },
+            lazy: a.lazy,
         },
         false,
     )

@@ -206,6 +206,11 @@ pub enum Request {
         /// [`Follow::Switch`], the mount switches to it by itself when it can).
         #[serde(default)]
         follow: Follow,
+        /// Ready as soon as the manifest is here: files read their bytes as they arrive
+        /// (a read of bytes not here yet waits for them, first in line), while a fill
+        /// downloads the rest; then the mount switches to the whole snapshot.
+        #[serde(default)]
+        lazy: bool,
     },
     /// Remove a mount: its path goes, its snapshot is detached.
     Unmount {

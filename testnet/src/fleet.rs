@@ -110,6 +110,7 @@ impl Fleet {
                     background_commit_secs: None,
                     read_only: false,
                     follow: if i == 0 { Follow::No } else { follow },
+                    lazy: false,
                 },
             )
             .await?;

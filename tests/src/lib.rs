@@ -379,6 +379,7 @@ impl TestFleet {
                 background_commit_secs: None,
                 read_only: false,
                 follow: voltool_agent::control::Follow::No,
+                lazy: false,
             },
         )
         .await

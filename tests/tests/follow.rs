@@ -27,6 +27,7 @@ async fn mount_as(f: &TestFleet, i: usize, path: std::path::PathBuf, follow: Fol
         background_commit_secs: None,
         read_only: false,
         follow,
+        lazy: false,
     };
     match f.req(i, req).await.unwrap() {
         Reply::Done(msg) => msg,

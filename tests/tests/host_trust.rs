@@ -281,6 +281,7 @@ async fn mount_at(f: &TestFleet, i: usize, path: &Path) {
         background_commit_secs: None,
         read_only: false,
         follow: voltool_agent::control::Follow::No,
+        lazy: false,
     };
     f.req(i, req).await.unwrap();
 }

@@ -280,6 +280,7 @@ async fn background_commits_run_and_a_clean_stop_commits_last_changes() {
             background_commit_secs: Some(1),
             read_only: false,
             follow: voltool_agent::control::Follow::No,
+            lazy: false,
         },
     )
     .await

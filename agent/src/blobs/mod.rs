@@ -25,11 +25,13 @@ pub(crate) const RESET_SELF_CHECK: VarInt = VarInt::from_u32(1);
 
 mod client;
 mod driver;
+mod landed;
 mod serve;
 mod tracker;
 
 pub use client::*;
 pub use driver::*;
+pub use landed::{Landed, Waited, Watch};
 pub use serve::*;
 pub use tracker::*;
 

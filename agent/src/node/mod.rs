@@ -42,6 +42,7 @@ mod evict;
 mod export;
 mod fetch;
 mod follow;
+mod lazy;
 mod local;
 mod mount;
 mod mount_point;
@@ -188,6 +189,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The disk budget.
     budget: evict::Budget,
+    /// Lazy mounts' data layer and fills.
+    lazies: lazy::Lazies,
 }
 
 impl std::fmt::Debug for Inner {
@@ -329,12 +332,14 @@ impl Agent {
             cancel: CancellationToken::new(),
             snapshots,
             budget: Default::default(),
+            lazies: Default::default(),
         });
         inner
             .snapshots
             .start(&inner.opts.data)
             .map_err(StartError::Other)?;
         inner.recover().await.map_err(|e| other(&e))?;
+        inner.revive_fills().await.map_err(|e| other(&e))?;
         let mode = inner.snapshots.data_mode();
         std::fs::set_permissions(
             &inner.opts.data,
@@ -567,12 +572,14 @@ impl Inner {
                 background_commit_secs,
                 read_only,
                 follow,
+                lazy,
             } => {
                 let how = mount::How {
                     background_commit_secs,
                     read_only,
                     follow,
                     owner: caller.uid,
+                    lazy,
                 };
                 self.clone().mount_volume(&name, &path, how, &events).await
             }

@@ -16,6 +16,8 @@ pub(super) struct How {
     pub(super) follow: control::Follow,
     /// The user the mount belongs to.
     pub(super) owner: u32,
+    /// Ready once the manifest is here; bytes arrive as they are read (see `lazy`).
+    pub(super) lazy: bool,
 }
 
 impl Inner {
@@ -31,6 +33,7 @@ impl Inner {
             read_only,
             follow,
             owner,
+            lazy,
         } = how;
         if read_only && background_commit_secs.is_some() {
             return Err(err(
@@ -71,6 +74,10 @@ impl Inner {
             e => failed(e),
         };
         mp.check_free().map_err(taken)?;
+        if lazy {
+            // Refused before anything is fetched where lazy mounts cannot be.
+            self.lazy_layer()?;
+        }
         let info = self.verified_head(name).await?;
         let root = info.head.commit.root();
         self.fetch_tree(root).await?;
@@ -85,11 +92,16 @@ impl Inner {
                 Ok(total)
             })
             .await?;
-        self.join_prefetch(info.id, info.head.commit.version, events)
-            .await;
-        let pages = self.pages.clone();
-        let fetched = self
-            .fetch_walked(total, events, move |each| {
+        let fetched = if lazy {
+            // Its blobs are shown in the lazy data layer and filled behind; the fill waits
+            // for this mount's record (it takes the volume's lock, held here).
+            self.start_fill(name, root).await?;
+            FetchStats::default()
+        } else {
+            self.join_prefetch(info.id, info.head.commit.version, events)
+                .await;
+            let pages = self.pages.clone();
+            self.fetch_walked(total, events, move |each| {
                 tree::range(&pages, &root, "", &mut |_, e| {
                     if let Some(b) = e.blob() {
                         each(b);
@@ -97,7 +109,8 @@ impl Inner {
                     true
                 })
             })
-            .await?;
+            .await?
+        };
         let source = if self.snapshots.layered() {
             Source::Full { root }
         } else {
@@ -108,10 +121,19 @@ impl Inner {
             }
         };
         let built = self
-            .build(info.id, info.head.commit.version, source, read_only, owner)
-            .await?;
+            .build(
+                info.id,
+                info.head.commit.version,
+                source,
+                read_only,
+                owner,
+                lazy,
+            )
+            .await
+            .inspect_err(|_| self.stop_fill(name))?;
         // The path becomes a mount point (overlay mode) or makes room for its link.
         if let Err(e) = self.snapshots.prepare(&mp, owner, true) {
+            self.stop_fill(name);
             self.drop_built(info.id, &built);
             return Err(taken(e));
         }
@@ -149,6 +171,14 @@ impl Inner {
                 secs,
                 cancel,
             ));
+        }
+        if lazy {
+            return Ok(Reply::Done(format!(
+                "mounted {name} (version {}, lazy{}) at {}; its {total} bytes arrive as they are read",
+                rec.version,
+                if read_only { ", read-only" } else { "" },
+                path.display(),
+            )));
         }
         Ok(Reply::Done(format!(
             "mounted {name} (version {}{}{}) at {}; {} bytes from the origin",

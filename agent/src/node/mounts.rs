@@ -243,6 +243,10 @@ impl Inner {
     /// snapshots and layers no record names. A volume that cannot be recovered is
     /// reported and left; the others still are.
     pub(super) async fn recover(&self) -> OpResult<()> {
+        // Lazy snapshots are mounted over the lazy data layer: it goes first.
+        if let Err(e) = self.revive_lazy_layer(&self.mounts()?) {
+            warn!("lazy mounts cannot be served: {}", e.message);
+        }
         for m in self.mounts()? {
             if self.snapshots.layered() == m.layers.is_empty() {
                 let was = if m.layers.is_empty() {

@@ -306,7 +306,16 @@ impl Inner {
             ),
         };
         let built = self
-            .build(rec.id, version, source, rec.read_only, rec.owner)
+            // A lazy mount stays lazy until its fill is through: the files the reload did
+            // not fetch may not all be here yet.
+            .build(
+                rec.id,
+                version,
+                source,
+                rec.read_only,
+                rec.owner,
+                self.is_lazy(rec),
+            )
             .await;
         let built = built.inspect_err(|_| self.thaw(rec))?;
         self.crash_point("reload-built");

@@ -22,13 +22,24 @@ impl Inner {
     /// takes them back out of the store first. Returns the new record and the mount's
     /// state as sealed (its manifest and the bytes read), which a commit takes as is.
     pub(super) async fn seal(&self, rec: &MountRecord) -> OpResult<Option<(MountRecord, Local)>> {
+        self.seal_as(rec, self.is_lazy(rec)).await
+    }
+
+    /// Like [`Self::seal`], switching to a snapshot over the lazy data layer if `lazy`,
+    /// else over the store's blobs; from a lazy snapshot to one that is not, it switches
+    /// also when nothing was written (the end of a lazy mount's fill).
+    pub(super) async fn seal_as(
+        &self,
+        rec: &MountRecord,
+        lazy: bool,
+    ) -> OpResult<Option<(MountRecord, Local)>> {
         let merged = self.view(rec, &rec.snapshot);
         if !self.snapshots.freeze(&merged).map_err(failed)? {
             return Ok(None);
         }
         let snap_dir = self.mounts_dir(rec.id).join(&rec.snapshot);
         let marker = snap_dir.join(SEALING);
-        let r = self.seal_frozen(rec, &marker).await;
+        let r = self.seal_frozen(rec, &marker, lazy).await;
         if r.as_ref().is_ok_and(|r| r.0.snapshot == rec.snapshot) || r.is_err() {
             // Nothing was sealed (or it failed before any link): writable again.
             let _ = self.snapshots.thaw(&merged);
@@ -41,6 +52,7 @@ impl Inner {
         &self,
         rec: &MountRecord,
         marker: &Path,
+        lazy: bool,
     ) -> OpResult<(MountRecord, Local)> {
         let cache = self.stats(&rec.name)?;
         let snap_dir = self.mounts_dir(rec.id).join(&rec.snapshot);
@@ -76,8 +88,16 @@ impl Inner {
             hashed_bytes: hashed,
         };
         if entries == 0 {
-            // Nothing was written: the mount stays as it is.
-            return Ok((rec.clone(), sealed(state)));
+            if lazy || !self.is_lazy(rec) {
+                // Nothing was written: the mount stays as it is.
+                return Ok((rec.clone(), sealed(state)));
+            }
+            // Off the lazy data layer: the same layers under a fresh upper.
+            let layers = self.base_layers(rec);
+            return self
+                .switch_to(rec, layers, rec.lower_manifest, false)
+                .await
+                .map(|r| (r, sealed(state)));
         }
         let mut layers = self.base_layers(rec);
         layers.insert(0, format!("{}/upper", rec.snapshot));
@@ -88,9 +108,9 @@ impl Inner {
         std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(failed)?;
         let switched = if layers.len() > MAX_LAYERS {
-            self.rebuild(rec, state).await
+            self.rebuild(rec, state, lazy).await
         } else {
-            self.switch_to(rec, layers, state.hash).await
+            self.switch_to(rec, layers, state.hash, lazy).await
         };
         if switched.is_err() {
             let _ = std::fs::set_permissions(&upper, mode);
@@ -100,13 +120,14 @@ impl Inner {
         switched.map(|r| (r, sealed(state)))
     }
 
-    /// Mounts a new snapshot over `layers` with a fresh upper, records it and switches the
-    /// mount to it; retires the old one.
+    /// Mounts a new snapshot over `layers` with a fresh upper (over the lazy data layer if
+    /// `lazy`), records it and switches the mount to it; retires the old one.
     async fn switch_to(
         &self,
         rec: &MountRecord,
         layers: Vec<String>,
         lowers: Hash,
+        lazy: bool,
     ) -> OpResult<MountRecord> {
         // What the layers hold is durable before a record names them.
         crate::store::sync_fs_of(&self.mounts_dir(rec.id)).map_err(failed)?;
@@ -117,6 +138,7 @@ impl Inner {
                 Source::Over { layers },
                 false,
                 rec.owner,
+                lazy,
             )
             .await?;
         let new = MountRecord {
@@ -132,7 +154,12 @@ impl Inner {
     }
 
     /// Like [`Self::switch_to`], over one full layer of `state` (the stack grew too deep).
-    async fn rebuild(&self, rec: &MountRecord, state: PageRef) -> OpResult<MountRecord> {
+    async fn rebuild(
+        &self,
+        rec: &MountRecord,
+        state: PageRef,
+        lazy: bool,
+    ) -> OpResult<MountRecord> {
         let built = self
             .build(
                 rec.id,
@@ -140,6 +167,7 @@ impl Inner {
                 Source::Full { root: state },
                 false,
                 rec.owner,
+                lazy,
             )
             .await?;
         let new = MountRecord {

@@ -51,6 +51,7 @@ impl Inner {
         self.drop_mount(&rec)?;
         self.follow_mount(&rec, control::Follow::No)?;
         self.forget_prepared(&rec);
+        self.stop_fill(name);
         self.mounted
             .mount_points
             .lock()

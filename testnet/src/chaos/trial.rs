@@ -640,6 +640,7 @@ pub(super) async fn trial_in(
                 background_commit_secs: None,
                 read_only: i == LIAR,
                 follow,
+                lazy: false,
             };
             fleet::ask(&t.agent(i), req).await?;
             t.views[i].insert(vol, View::default());

@@ -96,10 +96,15 @@ impl Actor {
                     }
                     g != group
                 });
-                let job = self.groups[group.0 as usize].job;
+                let (job, first) = {
+                    let g = &self.groups[group.0 as usize];
+                    (g.job, g.first)
+                };
                 if let Some(j) = self.jobs.get_mut(&job) {
                     j.failure.get_or_insert(e);
                 }
+                // Readers waiting on its pieces give up now.
+                self.ctx.serving.landed.failed(first, keep);
                 self.through(group, keep);
             }
         }

@@ -4,7 +4,7 @@
 use super::*;
 
 impl Actor {
-    pub(super) async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Job>) {
+    pub(super) async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Msg>) {
         let mut open = true;
         loop {
             let hold = self.standing.update(!self.jobs.is_empty());
@@ -28,8 +28,11 @@ impl Actor {
                     Err(e) if e.is_cancelled() => {}
                     Err(e) => warn!("a download task failed: {e}"),
                 },
-                job = inbox.recv(), if open => match job {
-                    Some(job) => self.want(job),
+                msg = inbox.recv(), if open => match msg {
+                    Some(Msg::Fetch(job)) => self.want(job),
+                    Some(Msg::Want { hash, units, found }) => {
+                        let _ = found.send(self.want_now(hash, &units));
+                    }
                     None => open = false,
                 },
                 _ = sleep_until(wake), if wake.is_some() => self.on_wake(),
@@ -101,6 +104,20 @@ impl Actor {
                 reply: job.reply,
             },
         );
+    }
+
+    /// A reader waits for pieces of `hash`: the newest group fetching it asks for them
+    /// first.
+    fn want_now(&mut self, hash: Hash, units: &PieceSet) -> bool {
+        let group = self
+            .groups
+            .iter()
+            .rposition(|g| g.first == hash && g.record.is_some() && !g.finished);
+        if let Some(g) = group {
+            self.engine
+                .want_now(Instant::now(), GroupId(g as u32), units);
+        }
+        group.is_some()
     }
 
     fn on_wake(&mut self) {

@@ -75,8 +75,20 @@ pub struct SwarmCtx {
 #[derive(Debug)]
 pub struct Download {
     ctx: SwarmCtx,
-    inbox: mpsc::UnboundedSender<Job>,
+    inbox: mpsc::UnboundedSender<Msg>,
     rank: Rank,
+}
+
+/// What the actor's inbox brings.
+enum Msg {
+    Fetch(Job),
+    /// A reader waits for these pieces of a large blob being fetched; the answer says
+    /// whether a fetch of this download wants the blob now.
+    Want {
+        hash: Hash,
+        units: PieceSet,
+        found: oneshot::Sender<bool>,
+    },
 }
 
 /// One fetch handed to the actor.
@@ -149,9 +161,22 @@ impl Download {
             reply,
         };
         let gone = || FetchError::Net(NetError::stream("the download stopped"));
-        self.inbox.send(job).map_err(|_| gone())?;
+        self.inbox.send(Msg::Fetch(job)).map_err(|_| gone())?;
         stats.merge(&answer.await.map_err(|_| gone())??);
         Ok(stats)
+    }
+}
+
+impl Download {
+    /// A reader waits for pieces `units` of the large blob `hash`, which a fetch of this
+    /// download is fetching: they go before every other piece (see [`Engine::want_now`]).
+    /// `false` (and nothing done) when no fetch of this download wants the blob now.
+    pub async fn want_now(&self, hash: Hash, units: PieceSet) -> bool {
+        let (found, answer) = oneshot::channel();
+        if self.inbox.send(Msg::Want { hash, units, found }).is_err() {
+            return false;
+        }
+        answer.await.unwrap_or(false)
     }
 }
 

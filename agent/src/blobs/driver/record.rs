@@ -70,6 +70,10 @@ impl Actor {
         };
         let pb = self.ctx.cfg.piece_bytes;
         self.ctx.serving.held(hash, unit);
+        self.ctx
+            .serving
+            .landed
+            .held(hash, unit, voltool_protocol::blobs::pieces(size, pb));
         // A group through already (a late twin, or failed on a full disk) records no more.
         let Some(r) = &mut self.groups[group.0 as usize].record else {
             return;
@@ -155,6 +159,10 @@ impl Actor {
         }
         g.finished = true;
         let id = g.job;
+        if g.record.is_some() {
+            // What it verified is in the store's records now.
+            self.ctx.serving.landed.ended(g.first);
+        }
         let Some(j) = self.jobs.get_mut(&id) else {
             return;
         };

@@ -9,6 +9,8 @@ use super::*;
 #[derive(Debug)]
 pub struct Serving {
     cfg: Config,
+    /// Readers on this node waiting on pieces as they are verified.
+    pub landed: crate::blobs::Landed,
     pub(super) state: std::sync::Mutex<ServeState>,
     /// Wakes the pusher when a push becomes due.
     wake: Notify,
@@ -78,6 +80,7 @@ impl Serving {
     /// Admission and subscriptions with the swarm's knobs.
     pub fn new(cfg: Config) -> Self {
         Serving {
+            landed: Default::default(),
             state: std::sync::Mutex::new(ServeState {
                 adm: Admission::new(cfg.clone(), rand::random()),
                 next_token: 0,

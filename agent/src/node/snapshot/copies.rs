@@ -14,7 +14,7 @@ use crate::scan::{self, StatCache};
 use super::super::mount_point::{MountPoint, MountPointError};
 use super::super::mounts::MountRecord;
 use super::super::trash::{discard, in_use};
-use super::{Built, Snapshots, Source, owner_of};
+use super::{Built, LAZY_NEEDS_OVERLAYS, Snapshots, Source, owner_of};
 
 /// Copied snapshots.
 #[derive(Debug)]
@@ -52,7 +52,11 @@ impl Snapshots for Copies {
         source: Source,
         _read_only: bool,
         owner: u32,
+        lazy: bool,
     ) -> Result<Built, String> {
+        if lazy {
+            return Err(LAZY_NEEDS_OVERLAYS.into());
+        }
         let Source::Copy {
             manifest,
             prev,

@@ -65,6 +65,7 @@ pub(super) fn resolve(
             store: store.clone(),
             pages: pages.clone(),
             trash: trash.clone(),
+            lazy: data.join(LAZY_DIR),
         })),
         Err(e) if mode == SnapshotMode::Overlay => Err(format!(
             "overlay snapshots were asked for but cannot be mounted here: {e}"
@@ -100,7 +101,9 @@ pub(super) trait Snapshots: Send + Sync + std::fmt::Debug {
     /// What a mount path shows of the snapshot in directory `dir`.
     fn view(&self, dir: &Path) -> PathBuf;
     /// Builds snapshot `snapshot` in `vol` from `source`, read-only if `read_only`, its
-    /// files `owner`'s. Nothing of it is left when it fails.
+    /// files `owner`'s; `lazy`: over the lazy data layer (mounted at the data directory's
+    /// [`LAZY_DIR`] already), so that its files read their bytes as they arrive. Nothing
+    /// of it is left when it fails.
     fn build(
         &self,
         vol: &Path,
@@ -108,6 +111,7 @@ pub(super) trait Snapshots: Send + Sync + std::fmt::Debug {
         source: Source,
         read_only: bool,
         owner: u32,
+        lazy: bool,
     ) -> Result<Built, String>;
     /// Makes a mount path ready to show snapshots: for a new mount (`fresh`) or again
     /// after a restart or a reboot.
@@ -141,6 +145,16 @@ pub(super) trait Snapshots: Send + Sync + std::fmt::Debug {
 }
 
 pub(super) use super::trash::{TRASH, discard};
+
+/// Where the lazy data layer is mounted in the data directory (see [`crate::lazy`]).
+pub(super) const LAZY_DIR: &str = "lazy";
+
+/// A file in the directory of a snapshot built over the lazy data layer.
+pub(super) const LAZY_MARKER: &str = "lazy";
+
+/// Why a kind of snapshot other than overlays cannot be lazy.
+pub(super) const LAZY_NEEDS_OVERLAYS: &str =
+    "lazy mounts need overlay snapshots (this agent makes copies: see --snapshots)";
 
 /// Layers stacked on one mount before a reload writes one full layer instead of a thin one.
 pub const MAX_LAYERS: usize = 32;
@@ -189,13 +203,21 @@ impl Built {
 }
 
 impl Inner {
+    /// Whether mount `rec`'s snapshot is over the lazy data layer.
+    pub(super) fn is_lazy(&self, rec: &MountRecord) -> bool {
+        self.mounts_dir(rec.id)
+            .join(&rec.snapshot)
+            .join(LAZY_MARKER)
+            .exists()
+    }
+
     /// What mount `rec`'s path shows when it shows snapshot `snapshot`.
     pub(super) fn view(&self, rec: &MountRecord, snapshot: &str) -> PathBuf {
         self.snapshots.view(&self.mounts_dir(rec.id).join(snapshot))
     }
 
     /// Builds a snapshot of volume `id` at `version` from `source` (a thin layer over
-    /// [`MAX_LAYERS`] others becomes one full layer).
+    /// [`MAX_LAYERS`] others becomes one full layer), over the lazy data layer if `lazy`.
     pub(super) async fn build(
         &self,
         id: VolumeId,
@@ -203,6 +225,7 @@ impl Inner {
         source: Source,
         read_only: bool,
         owner: u32,
+        lazy: bool,
     ) -> OpResult<Built> {
         let snapshot = format!("v{version}-{:08x}", rand::random::<u32>());
         let vol = self.mounts_dir(id);
@@ -212,10 +235,12 @@ impl Inner {
             s => s,
         };
         let kind = self.snapshots.clone();
-        tokio::task::spawn_blocking(move || kind.build(&vol, &snapshot, source, read_only, owner))
-            .await
-            .map_err(failed)?
-            .map_err(failed)
+        tokio::task::spawn_blocking(move || {
+            kind.build(&vol, &snapshot, source, read_only, owner, lazy)
+        })
+        .await
+        .map_err(failed)?
+        .map_err(failed)
     }
 
     /// After a switch from `old` to `new` (`None`: an unmount): retires the old snapshot

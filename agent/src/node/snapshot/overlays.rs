@@ -15,7 +15,7 @@ use super::super::mount_point::{MountPoint, MountPointError};
 use super::super::mounts::MountRecord;
 use super::super::trash::discard;
 use super::layers::{LayerPart, thin_layer, write_layer};
-use super::{Built, Snapshots, Source, owner_of};
+use super::{Built, LAZY_MARKER, Snapshots, Source, owner_of};
 
 /// Overlay snapshots.
 #[derive(Debug)]
@@ -23,13 +23,16 @@ pub(super) struct Overlays {
     pub(super) store: crate::store::Store,
     pub(super) pages: crate::store::Pages,
     pub(super) trash: PathBuf,
+    /// Where the lazy data layer is mounted.
+    pub(super) lazy: PathBuf,
 }
 
 impl Overlays {
     /// Mounts the overlay of snapshot `snapshot` in `vol` over `layers` (names relative to
     /// `vol`), with its upper layer (new, or kept from before a restart); read-only when
     /// `read_only`. The mount's root (the upper layer's) belongs to `owner`, as every entry
-    /// of its layers does.
+    /// of its layers does. Its data-only layer is the store's blob directory, or the lazy
+    /// data layer for a snapshot marked lazy (`lazy` marks a new one so).
     fn mount(
         &self,
         vol: &Path,
@@ -37,12 +40,22 @@ impl Overlays {
         layers: &[String],
         read_only: bool,
         owner: u32,
+        lazy: bool,
     ) -> Result<(), String> {
         let dir = vol.join(snapshot);
         for d in ["upper", "work", "merged"] {
             let p = dir.join(d);
             std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
         }
+        let marker = dir.join(LAZY_MARKER);
+        if lazy {
+            std::fs::write(&marker, b"").map_err(|e| format!("{}: {e}", marker.display()))?;
+        }
+        let data = if marker.exists() {
+            self.lazy.as_path()
+        } else {
+            self.store.data_layer()
+        };
         if let Some(uid) = owner_of(owner) {
             let upper = dir.join("upper");
             std::os::unix::fs::lchown(&upper, Some(uid), None)
@@ -50,7 +63,7 @@ impl Overlays {
         }
         let ov = Overlay {
             lowers: layers.iter().map(|l| vol.join(l)).collect(),
-            data: self.store.data_layer(),
+            data,
             upper: &dir.join("upper"),
             work: &dir.join("work"),
             read_only,
@@ -91,10 +104,11 @@ impl Snapshots for Overlays {
         source: Source,
         read_only: bool,
         owner: u32,
+        lazy: bool,
     ) -> Result<Built, String> {
         let (part, mut layers) = match source {
             Source::Over { layers } => {
-                return match self.mount(vol, snapshot, &layers, read_only, owner) {
+                return match self.mount(vol, snapshot, &layers, read_only, owner, lazy) {
                     Ok(()) => Ok(Built::layers(snapshot, layers)),
                     Err(e) => {
                         let _ = crate::scan::remove_tree(&vol.join(snapshot));
@@ -115,7 +129,7 @@ impl Snapshots for Overlays {
         };
         let name = write_layer(vol, snapshot, part, &self.pages, owner_of(owner))?;
         layers.insert(0, name.clone());
-        if let Err(e) = self.mount(vol, snapshot, &layers, read_only, owner) {
+        if let Err(e) = self.mount(vol, snapshot, &layers, read_only, owner, lazy) {
             // Leave nothing of a failed build behind (a full disk must not stay full).
             let _ = crate::scan::remove_tree(&vol.join(&name));
             let _ = crate::scan::remove_tree(&vol.join(snapshot));
@@ -151,10 +165,29 @@ impl Snapshots for Overlays {
     }
 
     fn revive(&self, vol: &Path, rec: &MountRecord) -> Result<(), String> {
-        let view = self.view(&vol.join(&rec.snapshot));
+        let dir = vol.join(&rec.snapshot);
+        let view = self.view(&dir);
+        let lazy = dir.join(LAZY_MARKER).exists();
+        if lazy && overlay::is_mounted(&view) {
+            // Over the lazy data layer of the agent before: that one is gone (its reads
+            // fail), the overlay is mounted again over this agent's. Files open in the old
+            // one keep failing; new opens work.
+            info!(
+                volume = rec.name,
+                "mounting the lazy snapshot again over the lazy data layer"
+            );
+            overlay::unmount_lazy(&view).map_err(|e| format!("{}: {e}", view.display()))?;
+        }
         if !overlay::is_mounted(&view) {
             info!(volume = rec.name, "mounting the recorded snapshot again");
-            self.mount(vol, &rec.snapshot, &rec.layers, rec.read_only, rec.owner)?;
+            self.mount(
+                vol,
+                &rec.snapshot,
+                &rec.layers,
+                rec.read_only,
+                rec.owner,
+                false,
+            )?;
         }
         Ok(())
     }

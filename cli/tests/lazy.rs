@@ -1,0 +1,143 @@
+//! Lazy mounts with real processes: `voltool mount --lazy` is ready before the bytes are
+//! here, a read waits only for what it reads, the mount switches off the lazy data layer
+//! when its fill is through; kill -9 of the agent while a file is open. In the pass forced
+//! to copies, `--lazy` is refused with a clear message.
+
+mod util;
+
+use std::io::{Read, Seek, SeekFrom};
+use std::time::{Duration, Instant};
+
+use util::{Fleet, expect, stderr, stdout};
+
+const SIZE: usize = 48 * 1024 * 1024;
+
+fn data(seed: u8, len: usize) -> Vec<u8> {
+    let mut d = vec![0u8; len];
+    blake3::Hasher::new_keyed(&[seed; 32])
+        .finalize_xof()
+        .fill(&mut d);
+    d
+}
+
+/// Whether this pass mounts overlays; in the copy pass, checks that `--lazy` is refused.
+fn lazy_pass(f: &Fleet, i: usize, name: &str) -> bool {
+    if voltool_tests::snapshot_mode() != voltool_agent::node::SnapshotMode::Copy {
+        return true;
+    }
+    let p = f.dir.path().join("refused");
+    let o = f.run(i, &["mount", name, p.to_str().unwrap(), "--lazy"]);
+    assert!(
+        !o.status.success(),
+        "a lazy mount of copies: {}",
+        stdout(&o)
+    );
+    assert!(
+        stderr(&o).contains("lazy mounts need overlay snapshots"),
+        "{}",
+        stderr(&o)
+    );
+    false
+}
+
+/// A fleet where agent 0 committed `big` (a large file and a small one) and agent 1 runs
+/// with its ingress capped at `rate`.
+fn committed(rate: &str) -> (Fleet, Vec<u8>, Vec<u8>) {
+    let mut f = Fleet::start(1);
+    let tmp = f.dir.path().to_path_buf();
+    expect(&f.run(0, &["volume", "create", "big"]), 0);
+    let m0 = tmp.join("m0");
+    expect(&f.run(0, &["mount", "big", m0.to_str().unwrap()]), 0);
+    let (big, small) = (data(7, SIZE), data(8, 5000));
+    std::fs::create_dir(m0.join("d")).unwrap();
+    std::fs::write(m0.join("d/weights.bin"), &big).unwrap();
+    std::fs::write(m0.join("config.json"), &small).unwrap();
+    expect(&f.run(0, &["commit"]), 0);
+    f.start_agent(1, &["--max-ingress", rate]);
+    (f, big, small)
+}
+
+#[test]
+fn a_lazy_mount_reads_before_the_fill_is_through_and_then_reads_from_the_store() {
+    let (f, big, small) = committed("6MiB/s");
+    if !lazy_pass(&f, 1, "big") {
+        return;
+    }
+    let m1 = f.dir.path().join("m1");
+    let start = Instant::now();
+    let o = f.run(1, &["mount", "big", m1.to_str().unwrap(), "--lazy"]);
+    expect(&o, 0);
+    assert!(stdout(&o).contains("lazy"), "{}", stdout(&o));
+    // The tail of the large file, the small file: each read waits for its own bytes only
+    // (48 MiB at 6 MiB/s take 8 s; the fill has not got there).
+    let mut file = std::fs::File::open(m1.join("d/weights.bin")).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), SIZE as u64);
+    let mut tail = vec![0u8; 1 << 20];
+    file.seek(SeekFrom::Start((SIZE - tail.len()) as u64))
+        .unwrap();
+    file.read_exact(&mut tail).unwrap();
+    assert_eq!(tail, big[SIZE - tail.len()..]);
+    assert_eq!(std::fs::read(m1.join("config.json")).unwrap(), small);
+    let read_at = start.elapsed();
+    assert!(
+        !f.log("agent-1").contains("a lazy mount's fill is through"),
+        "the fill was through before the reads ({read_at:?}): nothing was lazy"
+    );
+    // The whole file, through the mount: what the fill has not brought yet, the reads
+    // ask for first.
+    let mut all = Vec::new();
+    file.seek(SeekFrom::Start(0)).unwrap();
+    file.read_to_end(&mut all).unwrap();
+    assert!(all == big, "the file read through the lazy mount differs");
+    drop(file);
+    // Then the mount leaves the lazy data layer, and reads the same from the store.
+    f.wait_log("agent-1", "the lazy mount reads from the store now");
+    assert_eq!(std::fs::read(m1.join("d/weights.bin")).unwrap(), big);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let lazy_dir = f.agent_dir(1).join("lazy");
+    assert!(
+        mounts
+            .lines()
+            .filter(|l| l.contains(" overlay ") && l.contains(f.agent_dir(1).to_str().unwrap()))
+            .all(|l| !l.contains(lazy_dir.to_str().unwrap())),
+        "an overlay of agent 1 is still over the lazy data layer"
+    );
+    // A write through it commits like any other.
+    std::fs::write(m1.join("d/notes.txt"), b"seen").unwrap();
+    expect(&f.run(1, &["commit"]), 0);
+}
+
+#[test]
+fn kill_9_of_the_agent_fails_open_files_and_a_restart_serves_the_lazy_mount_again() {
+    let (mut f, big, _) = committed("3MiB/s");
+    if !lazy_pass(&f, 1, "big") {
+        return;
+    }
+    let m1 = f.dir.path().join("m1");
+    expect(
+        &f.run(1, &["mount", "big", m1.to_str().unwrap(), "--lazy"]),
+        0,
+    );
+    let mut file = std::fs::File::open(m1.join("d/weights.bin")).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    file.read_exact(&mut head).unwrap();
+    assert_eq!(head, big[..head.len()]);
+    f.kill9_agent(1);
+    // Bytes not read before: an error, never zeros.
+    let mut rest = vec![0u8; 1 << 20];
+    file.seek(SeekFrom::Start((SIZE / 2) as u64)).unwrap();
+    let r = file.read_exact(&mut rest);
+    assert!(
+        r.is_err(),
+        "a read through a lazy mount whose agent is gone returned bytes"
+    );
+    drop(file);
+    // Restarted (no cap): the lazy mount is served again before the agent answers, and a
+    // new open reads the right bytes.
+    f.start_agent(1, &[]);
+    let t = Instant::now();
+    let got = std::fs::read(m1.join("d/weights.bin")).unwrap();
+    assert!(got == big, "the file read after the restart differs");
+    assert!(t.elapsed() < Duration::from_secs(120));
+    f.wait_log("agent-1", "the lazy mount reads from the store now");
+}
