@@ -40,10 +40,10 @@ fn lazy_pass(f: &Fleet, i: usize, name: &str) -> bool {
     false
 }
 
-/// A fleet where agent 0 committed `big` (a large file and a small one) and agent 1 runs
-/// with its ingress capped at `rate`.
-fn committed(rate: &str) -> (Fleet, Vec<u8>, Vec<u8>) {
-    let mut f = Fleet::start(1);
+/// A fleet where agent 0 (started with `args0`) committed `big` (a large file and a small
+/// one) and agent 1 runs with its ingress capped at `rate`.
+fn committed(rate: &str, args0: &[&str]) -> (Fleet, Vec<u8>, Vec<u8>) {
+    let mut f = Fleet::start_with(1, args0);
     let tmp = f.dir.path().to_path_buf();
     expect(&f.run(0, &["volume", "create", "big"]), 0);
     let m0 = tmp.join("m0");
@@ -59,7 +59,7 @@ fn committed(rate: &str) -> (Fleet, Vec<u8>, Vec<u8>) {
 
 #[test]
 fn a_lazy_mount_reads_before_the_fill_is_through_and_then_reads_from_the_store() {
-    let (f, big, small) = committed("6MiB/s");
+    let (f, big, small) = committed("6MiB/s", &[]);
     if !lazy_pass(&f, 1, "big") {
         return;
     }
@@ -109,7 +109,7 @@ fn a_lazy_mount_reads_before_the_fill_is_through_and_then_reads_from_the_store()
 
 #[test]
 fn kill_9_of_the_agent_fails_open_files_and_a_restart_serves_the_lazy_mount_again() {
-    let (mut f, big, _) = committed("3MiB/s");
+    let (mut f, big, _) = committed("3MiB/s", &[]);
     if !lazy_pass(&f, 1, "big") {
         return;
     }
@@ -140,4 +140,61 @@ fn kill_9_of_the_agent_fails_open_files_and_a_restart_serves_the_lazy_mount_agai
     assert!(got == big, "the file read after the restart differs");
     assert!(t.elapsed() < Duration::from_secs(120));
     f.wait_log("agent-1", "the lazy mount reads from the store now");
+}
+
+#[test]
+fn a_liar_is_banned_and_the_reader_gets_the_right_bytes_from_the_origin() {
+    // Agent 0 holds every piece and flips a byte in all it sends.
+    let (f, big, _) = committed("12MiB/s", &["--evil"]);
+    if !lazy_pass(&f, 1, "big") {
+        return;
+    }
+    let m1 = f.dir.path().join("m1");
+    expect(
+        &f.run(1, &["mount", "big", m1.to_str().unwrap(), "--lazy"]),
+        0,
+    );
+    let mut file = std::fs::File::open(m1.join("d/weights.bin")).unwrap();
+    let mut part = vec![0u8; 4 << 20];
+    file.seek(SeekFrom::Start((SIZE / 2) as u64)).unwrap();
+    file.read_exact(&mut part).unwrap();
+    assert!(
+        part == big[SIZE / 2..SIZE / 2 + part.len()],
+        "a lazy read returned bytes that differ"
+    );
+    f.wait_log("agent-1", "banned for this download");
+    let mut all = Vec::new();
+    file.seek(SeekFrom::Start(0)).unwrap();
+    file.read_to_end(&mut all).unwrap();
+    assert!(all == big, "the file read through the lazy mount differs");
+}
+
+#[test]
+fn a_range_only_a_liar_holds_reads_as_an_error_not_zeros() {
+    let (mut f, big, _) = committed("64MiB/s", &[]);
+    if !lazy_pass(&f, 1, "big") {
+        return;
+    }
+    // The only peer gone, and the origin's copy of the large blob rotten: nobody can
+    // send its bytes.
+    f.kill9_agent(0);
+    let hash: voltool_protocol::Hash = blake3::hash(&big).to_hex().parse().unwrap();
+    let rotten =
+        voltool_agent::store::Store::blob_path_in(&f.dir.path().join("coordinator/origin"), &hash);
+    std::fs::write(&rotten, vec![0u8; SIZE]).unwrap();
+    let m1 = f.dir.path().join("m1");
+    expect(
+        &f.run(1, &["mount", "big", m1.to_str().unwrap(), "--lazy"]),
+        0,
+    );
+    let mut file = std::fs::File::open(m1.join("d/weights.bin")).unwrap();
+    let mut part = vec![0u8; 1 << 20];
+    for at in [0, SIZE / 2] {
+        file.seek(SeekFrom::Start(at as u64)).unwrap();
+        let e = file
+            .read_exact(&mut part)
+            .expect_err("a read of bytes nobody can send returned bytes");
+        assert_eq!(e.raw_os_error(), Some(5), "not EIO: {e}");
+    }
+    f.wait_log("agent-1", "a lazy read fails");
 }
