@@ -87,6 +87,10 @@ pub(crate) struct ReloadArgs {
     /// Commit uncommitted changes first.
     #[arg(long)]
     commit_first: bool,
+    /// Lazy: switch as soon as the new version's manifest is here; files read their bytes
+    /// as they arrive (see `mount --lazy`).
+    #[arg(long)]
+    lazy: bool,
     /// Print the result as JSON; no progress bar.
     #[arg(long)]
     json: bool,
@@ -218,7 +222,16 @@ pub(crate) async fn commit(agent: &Path, a: CommitArgs) -> anyhow::Result<ExitCo
 
 pub(crate) async fn reload(agent: &Path, a: ReloadArgs) -> anyhow::Result<ExitCode> {
     let mode = reload_mode(a.discard, a.commit_first);
-    let reply = call(agent, Request::Reload { name: a.name, mode }, a.json).await?;
+    let reply = call(
+        agent,
+        Request::Reload {
+            name: a.name,
+            mode,
+            lazy: a.lazy,
+        },
+        a.json,
+    )
+    .await?;
     let Reply::Reloaded(r) = reply else {
         anyhow::bail!("unexpected answer from the agent")
     };
@@ -284,8 +297,15 @@ pub(crate) async fn status(agent: &Path, a: StatusArgs) -> anyhow::Result<ExitCo
             Some(_) => "behind (reload)",
             None => "unknown",
         };
+        let lazy = match &m.lazy {
+            None => String::new(),
+            Some(l) => match &l.failed {
+                Some(why) => format!("  lazy, fill waits: {why}"),
+                None => format!("  lazy, {} of {} here", size(l.held), size(l.total)),
+            },
+        };
         println!(
-            "{:<24} {}  local v{}  remote v{}  {}{}",
+            "{:<24} {}  local v{}  remote v{}  {}{}{lazy}",
             m.volume,
             m.path.display(),
             m.local_version,

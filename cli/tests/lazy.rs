@@ -20,6 +20,29 @@ fn data(seed: u8, len: usize) -> Vec<u8> {
     d
 }
 
+/// `len` bytes at `at` of the file at `path`, read through a shared read-only mapping
+/// of it (by Python's `mmap`, as model loaders map their files).
+fn mapped(path: &std::path::Path, at: usize, len: usize) -> Vec<u8> {
+    let out = path.with_file_name(format!(".mapped-{}", std::process::id()));
+    let out = std::env::temp_dir().join(out.file_name().unwrap());
+    let script = "import mmap, sys\n\
+        f = open(sys.argv[1], 'rb')\n\
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n\
+        a, n = int(sys.argv[2]), int(sys.argv[3])\n\
+        open(sys.argv[4], 'wb').write(m[a:a + n])\n";
+    let o = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(path)
+        .args([at.to_string(), len.to_string()])
+        .arg(&out)
+        .output()
+        .expect("python3 runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    v
+}
+
 /// Whether this pass mounts overlays; in the copy pass, checks that `--lazy` is refused.
 fn lazy_pass(f: &Fleet, i: usize, name: &str) -> bool {
     if voltool_tests::snapshot_mode() != voltool_agent::node::SnapshotMode::Copy {
@@ -78,11 +101,23 @@ fn a_lazy_mount_reads_before_the_fill_is_through_and_then_reads_from_the_store()
     file.read_exact(&mut tail).unwrap();
     assert_eq!(tail, big[SIZE - tail.len()..]);
     assert_eq!(std::fs::read(m1.join("config.json")).unwrap(), small);
+    // Mapped, as model loaders read: a page fault waits for its bytes as a read does.
+    let at = SIZE / 3;
+    let region = mapped(&m1.join("d/weights.bin"), at, 1 << 20);
+    assert!(region == big[at..at + (1 << 20)], "mapped bytes differ");
     let read_at = start.elapsed();
+    let lazy_status = || -> serde_json::Value {
+        let o = f.run(1, &["status", "--json"]);
+        expect(&o, 0);
+        let s: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        s["mounts"][0]["lazy"].clone()
+    };
+    let l = lazy_status();
     assert!(
         !f.log("agent-1").contains("a lazy mount's fill is through"),
         "the fill was through before the reads ({read_at:?}): nothing was lazy"
     );
+    assert_eq!(l["total"], (SIZE + small.len()) as u64, "{l}");
     // The whole file, through the mount: what the fill has not brought yet, the reads
     // ask for first.
     let mut all = Vec::new();
@@ -92,6 +127,7 @@ fn a_lazy_mount_reads_before_the_fill_is_through_and_then_reads_from_the_store()
     drop(file);
     // Then the mount leaves the lazy data layer, and reads the same from the store.
     f.wait_log("agent-1", "the lazy mount reads from the store now");
+    assert!(lazy_status().is_null());
     assert_eq!(std::fs::read(m1.join("d/weights.bin")).unwrap(), big);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let lazy_dir = f.agent_dir(1).join("lazy");
@@ -197,4 +233,43 @@ fn a_range_only_a_liar_holds_reads_as_an_error_not_zeros() {
         assert_eq!(e.raw_os_error(), Some(5), "not EIO: {e}");
     }
     f.wait_log("agent-1", "a lazy read fails");
+}
+
+#[test]
+fn a_lazy_reload_switches_before_the_new_bytes_are_here() {
+    let mut f = Fleet::start(1);
+    let tmp = f.dir.path().to_path_buf();
+    expect(&f.run(0, &["volume", "create", "big"]), 0);
+    let m0 = tmp.join("m0");
+    expect(&f.run(0, &["mount", "big", m0.to_str().unwrap()]), 0);
+    std::fs::write(m0.join("config.json"), b"v1").unwrap();
+    expect(&f.run(0, &["commit"]), 0);
+    f.start_agent(1, &["--max-ingress", "6MiB/s"]);
+    if !lazy_pass(&f, 1, "big") {
+        return;
+    }
+    let m1 = tmp.join("m1");
+    expect(&f.run(1, &["mount", "big", m1.to_str().unwrap()]), 0);
+    let big = data(9, SIZE);
+    std::fs::write(m0.join("weights.bin"), &big).unwrap();
+    std::fs::write(m0.join("config.json"), b"v2").unwrap();
+    expect(&f.run(0, &["commit"]), 0);
+    let o = f.run(1, &["reload", "--lazy", "--json"]);
+    expect(&o, 0);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["version"], 2, "{r}");
+    assert_eq!(std::fs::read(m1.join("config.json")).unwrap(), b"v2");
+    let mut file = std::fs::File::open(m1.join("weights.bin")).unwrap();
+    let mut tail = vec![0u8; 1 << 20];
+    file.seek(SeekFrom::Start((SIZE - tail.len()) as u64))
+        .unwrap();
+    file.read_exact(&mut tail).unwrap();
+    assert!(tail == big[SIZE - tail.len()..]);
+    assert!(
+        !f.log("agent-1").contains("a lazy mount's fill is through"),
+        "the fill was through before the read: nothing was lazy"
+    );
+    drop(file);
+    f.wait_log("agent-1", "the lazy mount reads from the store now");
+    assert!(std::fs::read(m1.join("weights.bin")).unwrap() == big);
 }

@@ -230,6 +230,10 @@ pub enum Request {
         name: Option<String>,
         /// Uncommitted changes policy.
         mode: ReloadMode,
+        /// Switch as soon as the new manifest is here: files read their bytes as they
+        /// arrive while a fill downloads the rest (see [`Request::Mount`]'s `lazy`).
+        #[serde(default)]
+        lazy: bool,
     },
     /// Keep the newest version of a volume in this host's store as it is committed, and
     /// serve it to peers (`on`), or stop (`voltool follow` / `unfollow`).
@@ -425,6 +429,20 @@ pub struct MountStatus {
     /// Mounted read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// Over the lazy data layer (`--lazy`): how far its fill stands.
+    #[serde(default)]
+    pub lazy: Option<LazyStatus>,
+}
+
+/// A lazy mount's fill.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LazyStatus {
+    /// Bytes of the version's files.
+    pub total: u64,
+    /// Bytes held so far (verified).
+    pub held: u64,
+    /// Why the fill waits, if it failed last (it tries again).
+    pub failed: Option<String>,
 }
 
 /// The agent's status.

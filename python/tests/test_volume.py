@@ -308,6 +308,29 @@ def test_a_following_mount_reloads_by_switching_only(fleet):
     writer.unmount()
 
 
+def test_lazy_mount_and_lazy_reload(fleet):
+    name = fleet.volume_name()
+    writer = Volume.from_name(name, create_if_missing=True, agent=fleet.agents[0])
+    reader = vol_on(fleet, 1, name)
+    wpath, rpath = fleet.mount_path(name, 0), fleet.mount_path(name, 1)
+    writer.mount(wpath)
+    (wpath / "a.bin").write_bytes(os.urandom(3 << 20))
+    writer.commit()
+    if os.environ.get("VOLTOOL_SNAPSHOTS") == "copy":
+        with pytest.raises(InvalidError, match="lazy mounts need overlay snapshots"):
+            reader.mount(rpath, lazy=True)
+        writer.unmount()
+        return
+    assert "lazy" in reader.mount(rpath, lazy=True)
+    assert (rpath / "a.bin").read_bytes() == (wpath / "a.bin").read_bytes()
+    (wpath / "b.bin").write_bytes(os.urandom(3 << 20))
+    version = writer.commit()["version"]
+    assert reader.reload(lazy=True)["version"] == version
+    assert (rpath / "b.bin").read_bytes() == (wpath / "b.bin").read_bytes()
+    reader.unmount()
+    writer.unmount()
+
+
 def test_model_store_example(fleet):
     """Modal's model-store example: training commits a checkpoint; inference reloads when
     the model is not there yet."""

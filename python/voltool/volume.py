@@ -188,13 +188,17 @@ class Volume:
         read_only: bool = False,
         background_commit_secs: Optional[int] = None,
         follow: Union[bool, str] = False,
+        lazy: bool = False,
     ) -> str:
         """Mounts the volume at ``path`` on this host (a new path or an empty directory,
         which becomes a mount point that shows each version reloaded; a link to the current
         snapshot where the agent makes copies). With ``follow=True``, each new version is
         downloaded as soon as it is committed, so that :meth:`reload` only switches; with
         ``follow="switch"`` the mount also moves to each downloaded version by itself when
-        it holds no uncommitted change and no file open for writing.
+        it holds no uncommitted change and no file open for writing. With ``lazy=True``
+        the mount is ready as soon as the version's manifest is here: files read their
+        bytes as they arrive, verified, while the rest downloads behind (overlay snapshots
+        and FUSE are needed).
         Returns the agent's message."""
         how = {False: "No", True: "Prefetch", "prefetch": "Prefetch", "switch": "Switch"}.get(follow)
         if how is None:
@@ -211,6 +215,7 @@ class Volume:
                     "background_commit_secs": background_commit_secs,
                     "read_only": read_only,
                     "follow": how,
+                    "lazy": lazy,
                 }
             },
         )["Done"]
@@ -240,14 +245,15 @@ class Volume:
         here."""
         return _call(self._agent, {"Commit": {"name": self._name}})["Committed"]
 
-    def reload(self) -> dict:
-        """Brings this host's mount to the newest committed version. Raises
+    def reload(self, *, lazy: bool = False) -> dict:
+        """Brings this host's mount to the newest committed version (with ``lazy=True``,
+        as soon as its manifest is here: files read their bytes as they arrive). Raises
         :class:`~voltool.exception.ConflictError` while the mount holds uncommitted
         changes or a file in it is open for writing (Modal's ``reload()`` fails while files
         are open too), :class:`~voltool.exception.NotMountedError` when the volume is not
         mounted here."""
         return _call(
-            self._agent, {"Reload": {"name": self._name, "mode": "Refuse"}}
+            self._agent, {"Reload": {"name": self._name, "mode": "Refuse", "lazy": lazy}}
         )["Reloaded"]
 
     # --- the committed tree --------------------------------------------------------

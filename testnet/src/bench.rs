@@ -351,6 +351,7 @@ async fn bench(a: &BenchArgs, f: &fleet::Fleet, rate: Rate) -> anyhow::Result<Re
                 &Request::Reload {
                     name: Some(volume.into()),
                     mode: ReloadMode::Refuse,
+                    lazy: false,
                 },
                 |ev| {
                     if let Event::Progress { phase, done, .. } = ev
@@ -470,6 +471,7 @@ async fn reload(agent: &Path, volume: &str) -> anyhow::Result<control::ReloadRep
         Request::Reload {
             name: Some(volume.into()),
             mode: ReloadMode::Refuse,
+            lazy: false,
         },
     )
     .await?

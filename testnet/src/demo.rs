@@ -203,6 +203,7 @@ async fn demo(a: &DemoArgs, f: &fleet::Fleet, say: &dyn Fn(String)) -> anyhow::R
                 Request::Reload {
                     name: Some(volume.into()),
                     mode: ReloadMode::Refuse,
+                    lazy: false,
                 },
             )
             .await;

@@ -153,6 +153,7 @@ async fn series(
         let reload = Request::Reload {
             name: Some("v".into()),
             mode: ReloadMode::Discard,
+            lazy: false,
         };
         match fleet::ask(&fleet.agents[i], reload).await {
             Ok(Reply::Reloaded(r)) if r.version >= version => reloads_ok += 1,

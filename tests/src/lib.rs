@@ -416,6 +416,7 @@ impl TestFleet {
                 Request::Reload {
                     name: Some(name.into()),
                     mode,
+                    lazy: false,
                 },
             )
             .await?

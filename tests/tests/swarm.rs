@@ -105,6 +105,7 @@ async fn a_provider_dying_mid_transfer_does_not_fail_the_reload() {
                 voltool_agent::control::Request::Reload {
                     name: Some("vol".into()),
                     mode: ReloadMode::Refuse,
+                    lazy: false,
                 },
                 voltool_agent::node::Events::none(),
             )

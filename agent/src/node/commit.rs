@@ -21,7 +21,7 @@ impl Inner {
         if report.changed > 0 && rec.version == report.version {
             return Ok(report);
         }
-        match self.reload(name, ReloadMode::Refuse, events).await {
+        match self.reload(name, ReloadMode::Refuse, false, events).await {
             Ok(r) => {
                 report.seconds += r.seconds;
                 if r.changed {

@@ -481,7 +481,7 @@ async fn switch(inner: &Arc<Inner>, name: &str) -> Result<(), String> {
     let r = {
         let _op = inner.budget.ops.read().await;
         inner
-            .reload(name, ReloadMode::Refuse, &Events::none())
+            .reload(name, ReloadMode::Refuse, false, &Events::none())
             .await
     };
     inner.budget.check.notify_one();

@@ -28,8 +28,12 @@ const SETTLE_EVERY: Duration = Duration::from_secs(1);
 /// and the fills running, by mount.
 #[derive(Default)]
 pub(super) struct Lazies {
+    /// The agent itself, for the fills' tasks (set at start).
+    pub(super) me: std::sync::OnceLock<std::sync::Weak<Inner>>,
     layer: Mutex<Option<Arc<LazyLayer>>>,
     fills: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// How far each mount's fill stands, for `status`.
+    progress: Arc<Mutex<HashMap<String, control::LazyStatus>>>,
 }
 
 impl std::fmt::Debug for Lazies {
@@ -105,7 +109,13 @@ impl Inner {
     /// blobs are shown in the lazy data layer at once, and downloaded in the background.
     /// The fill switches the mount off the lazy data layer when it is through; it waits
     /// for the volume's lock first, so a mount being made is recorded before.
-    pub(super) async fn start_fill(self: &Arc<Self>, name: &str, root: PageRef) -> OpResult<()> {
+    pub(super) async fn start_fill(&self, name: &str, root: PageRef) -> OpResult<()> {
+        let me = self
+            .lazies
+            .me
+            .get()
+            .and_then(|w| w.upgrade())
+            .ok_or_else(|| failed("the agent is stopping"))?;
         let layer = self.lazy_layer()?;
         let pages = self.pages.clone();
         let blobs: Vec<(Hash, u64)> = self
@@ -141,11 +151,17 @@ impl Inner {
         if let Some((_, old)) = old {
             old.cancel();
         }
-        tokio::spawn(
-            self.clone()
-                .fill(name.to_string(), key, download, blobs, stop),
-        );
+        tokio::spawn(me.fill(name.to_string(), key, download, blobs, stop));
         Ok(())
+    }
+
+    /// How far the fill of lazy mount `rec` stands; `None` for a mount that is not lazy.
+    pub(super) fn lazy_status(&self, rec: &MountRecord) -> Option<control::LazyStatus> {
+        if !self.is_lazy(rec) {
+            return None;
+        }
+        let p = self.lazies.progress.lock().expect("not poisoned");
+        Some(p.get(&rec.name).cloned().unwrap_or_default())
     }
 
     /// Stops the fill of mount `name`, if one runs (an unmount).
@@ -165,8 +181,31 @@ impl Inner {
     ) {
         let total = blobs.iter().map(|(_, s)| s).sum();
         let mut pause = Duration::from_secs(1);
+        let progress = self.lazies.progress.clone();
+        let set = |f: &dyn Fn(&mut control::LazyStatus)| {
+            if let Some(p) = progress.lock().expect("not poisoned").get_mut(&name) {
+                f(p);
+            }
+        };
+        progress.lock().expect("not poisoned").insert(
+            name.clone(),
+            control::LazyStatus {
+                total,
+                ..Default::default()
+            },
+        );
         loop {
-            let counter = Events::none().counter("fill", total);
+            // Each try counts what is held from the start (what the store holds first).
+            set(&|p| p.held = 0);
+            let (p, n) = (progress.clone(), name.clone());
+            let counter: crate::blobs::OnBytes = Arc::new(move |b| {
+                if let Some(s) = p.lock().expect("not poisoned").get_mut(&n) {
+                    s.held += b;
+                    if b > 0 {
+                        s.failed = None;
+                    }
+                }
+            });
             let r = tokio::select! {
                 _ = stop.cancelled() => break,
                 r = download.fetch(&blobs, &counter) => r,
@@ -187,6 +226,7 @@ impl Inner {
                         volume = name,
                         "a lazy mount's fill failed, again in {pause:?}: {e}"
                     );
+                    set(&|p| p.failed = Some(e.to_string()));
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(pause) => {}
@@ -198,6 +238,7 @@ impl Inner {
         let mut fills = self.lazies.fills.lock().expect("not poisoned");
         if fills.get(&name).is_some_and(|(k, _)| *k == key) {
             fills.remove(&name);
+            progress.lock().expect("not poisoned").remove(&name);
         }
         drop(fills);
         if let Some(layer) = &*self.lazies.layer.lock().expect("not poisoned") {
@@ -250,7 +291,7 @@ impl Inner {
     }
 
     /// After a restart: the fills of lazy mounts started again.
-    pub(super) async fn revive_fills(self: &Arc<Self>) -> OpResult<()> {
+    pub(super) async fn revive_fills(&self) -> OpResult<()> {
         for m in self.mounts()? {
             if self.is_lazy(&m) {
                 info!(volume = m.name, "the lazy mount's fill goes on");

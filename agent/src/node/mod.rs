@@ -334,6 +334,7 @@ impl Agent {
             budget: Default::default(),
             lazies: Default::default(),
         });
+        let _ = inner.lazies.me.set(Arc::downgrade(&inner));
         inner
             .snapshots
             .start(&inner.opts.data)
@@ -601,10 +602,13 @@ impl Inner {
                 self.compact_later(name);
                 r
             }
-            Request::Reload { name, mode } => {
+            Request::Reload { name, mode, lazy } => {
                 let name = self.caller_mount(name, &caller, true)?;
                 let started = Instant::now();
-                let r = self.reload(&name, mode, &events).await.map(Reply::Reloaded);
+                let r = self
+                    .reload(&name, mode, lazy, &events)
+                    .await
+                    .map(Reply::Reloaded);
                 if r.is_ok() {
                     self.metrics.reloads.inc();
                     observe(&self.metrics.reload_seconds, started.elapsed());

@@ -8,9 +8,14 @@ impl Inner {
         &self,
         name: &str,
         mode: ReloadMode,
+        lazy: bool,
         events: &Events,
     ) -> OpResult<ReloadReport> {
         let start = Instant::now();
+        if lazy {
+            // Refused before anything is fetched where lazy mounts cannot be.
+            self.lazy_layer()?;
+        }
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
         let rec = self.mount(name)?;
@@ -76,9 +81,17 @@ impl Inner {
         };
         let fetched_files_bytes = plan.needed_bytes;
         let t_fetch = Instant::now();
-        self.join_prefetch(info.id, info.head.commit.version, events)
-            .await;
+        // Lazy (and not prepared whole by a follow): the blobs come with the fill, begun
+        // before the switch (it waits for the volume's lock to settle).
+        let lazy = lazy && !was_prepared;
+        if lazy {
+            self.start_fill(name, new).await?;
+        } else {
+            self.join_prefetch(info.id, info.head.commit.version, events)
+                .await;
+        }
         let stats = match &plan.needed {
+            _ if lazy => FetchStats::default(),
             Needed::List(blobs) => self.fetch_blobs(blobs, events).await?,
             Needed::Diff(old) => {
                 let (pages, old, new) = (self.pages.clone(), *old, plan.new);
@@ -96,7 +109,14 @@ impl Inner {
         self.crash_point("reload-fetched");
         let t_build = Instant::now();
         events.progress("build", 0, 0);
-        let (new_rec, lost) = self.switch_to_head(&rec, &info, plan, base, mode).await?;
+        let (new_rec, lost) = self
+            .switch_to_head(&rec, &info, plan, base, mode, lazy)
+            .await
+            .inspect_err(|_| {
+                if lazy {
+                    self.stop_fill(name);
+                }
+            })?;
         let build_seconds = t_build.elapsed().as_secs_f64();
         let report = ReloadReport {
             volume: name.to_string(),
@@ -281,6 +301,7 @@ impl Inner {
         plan: Plan,
         base: PageRef,
         mode: ReloadMode,
+        lazy: bool,
     ) -> OpResult<(MountRecord, Vec<String>)> {
         self.freeze_for_switch(rec, base, mode, "reload").await?;
         let version = info.head.commit.version;
@@ -314,7 +335,7 @@ impl Inner {
                 source,
                 rec.read_only,
                 rec.owner,
-                self.is_lazy(rec),
+                lazy || self.is_lazy(rec),
             )
             .await;
         let built = built.inspect_err(|_| self.thaw(rec))?;

@@ -20,6 +20,7 @@ impl Inner {
                 _ => None,
             };
             let compacted = self.base_layers(&m) != m.layers;
+            let lazy = self.lazy_status(&m);
             mounts.push(MountStatus {
                 last_reload: self
                     .mounted
@@ -36,6 +37,7 @@ impl Inner {
                 layers: m.layers.len(),
                 compacted,
                 read_only: m.read_only,
+                lazy,
             });
         }
         let st = self.store.clone();

@@ -558,6 +558,7 @@ impl Trial<'_> {
             Request::Reload {
                 name: Some(vol.into()),
                 mode: ReloadMode::Discard,
+                lazy: false,
             }
         };
         let (first, _) = self.run(TMPFS_AGENT, req.clone(), None).await;

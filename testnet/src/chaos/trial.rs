@@ -412,6 +412,7 @@ impl Trial<'_> {
                 let req = Request::Reload {
                     name: Some(vol.into()),
                     mode: ReloadMode::Discard,
+                    lazy: false,
                 };
                 let (a, _) = self.run(agent, req.clone(), None).await;
                 let Some(reply) = self.settle(agent, &req, a, false, &|_| false).await? else {
@@ -474,6 +475,7 @@ pub(super) fn reload_request(vol: &str, view: &View) -> (Request, ReloadMode) {
     let req = Request::Reload {
         name: Some(vol.into()),
         mode,
+        lazy: false,
     };
     (req, mode)
 }
