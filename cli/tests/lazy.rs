@@ -272,4 +272,36 @@ fn a_lazy_reload_switches_before_the_new_bytes_are_here() {
     drop(file);
     f.wait_log("agent-1", "the lazy mount reads from the store now");
     assert!(std::fs::read(m1.join("weights.bin")).unwrap() == big);
+
+    // A blob the store holds whole is passed through by the lazy data layer: the kernel
+    // reads the store's file itself, so a read goes on while the agent is stopped.
+    let hash = blake3::hash(&big).to_hex().to_string();
+    let through = f
+        .agent_dir(1)
+        .join("lazy/.voltool-blobs")
+        .join(&hash[..2])
+        .join(format!("{hash}.data"));
+    let mut file = std::fs::File::open(&through).unwrap();
+    let pid = f.pid("agent-1").to_string();
+    let signal = |s: &str| {
+        let o = std::process::Command::new("kill")
+            .args([s, &pid])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+    };
+    signal("-STOP");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut part = vec![0u8; 4 << 20];
+        file.seek(SeekFrom::Start((SIZE / 2) as u64)).unwrap();
+        file.read_exact(&mut part).unwrap();
+        tx.send(part).unwrap();
+    });
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    signal("-CONT");
+    reader.join().unwrap();
+    let part =
+        got.expect("a read of a whole blob waited for the stopped agent: not passed through");
+    assert!(part == big[SIZE / 2..SIZE / 2 + part.len()]);
 }

@@ -46,7 +46,25 @@ struct Inodes {
 struct LazyFs {
     shared: Arc<Shared>,
     inodes: Mutex<Inodes>,
+    /// Whether the kernel passes reads of complete blobs straight to the store's files.
+    passthrough: bool,
+    /// Open files, by inode: a blob's opens are all read by this process (its pages
+    /// cached by the kernel) or all passed through, never both (the kernel refuses).
+    opens: Mutex<std::collections::HashMap<u64, Opens>>,
 }
+
+/// The opens of one blob.
+#[derive(Default)]
+struct Opens {
+    /// Read by this process.
+    served: usize,
+    /// Passed through to the store's file: its backing, and how many.
+    passed: Option<(fuser::BackingId, usize)>,
+}
+
+/// The file handle of opens read by this process, and of opens passed through.
+const SERVED: u64 = 0;
+const PASSED: u64 = 1;
 
 /// Mounts the file system at `dir`, served by threads of its own until unmounted.
 pub(super) fn mount(shared: Arc<Shared>, dir: &Path) -> std::io::Result<fuser::BackgroundSession> {
@@ -63,6 +81,8 @@ pub(super) fn mount(shared: Arc<Shared>, dir: &Path) -> std::io::Result<fuser::B
     let fs = LazyFs {
         shared,
         inodes: Mutex::default(),
+        passthrough: false,
+        opens: Mutex::default(),
     };
     fuser::spawn_mount(fs, dir, &cfg)
 }
@@ -110,6 +130,11 @@ impl LazyFs {
             Ok(Some(m)) if m.is_complete() => Some((hash, m.size)),
             _ => None,
         }
+    }
+
+    /// Whether the store holds blob `hash` whole.
+    fn complete(&self, hash: &Hash) -> bool {
+        matches!(self.shared.store.meta(hash), Ok(Some(m)) if m.is_complete())
     }
 
     fn ino_of(&self, hash: Hash, size: u64) -> u64 {
@@ -218,6 +243,15 @@ impl Filesystem for LazyFs {
         // Large reads: the kernel's readahead asks for what a sequential reader reads
         // next in one request rather than many.
         let _ = config.set_max_readahead(4 << 20);
+        // Complete blobs by passthrough: the kernel reads the store's file itself. This
+        // file system then counts as stacked once (the overlay over it is the second and
+        // last level), and a backing file must not be on a stacked one itself: a store on
+        // an overlay gets no passthrough, its blobs are read here.
+        self.passthrough = config
+            .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+            .is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        debug!(passthrough = self.passthrough, "the lazy data layer is up");
         Ok(())
     }
 
@@ -256,11 +290,56 @@ impl Filesystem for LazyFs {
         if flags.0 & libc_accmode() != 0 {
             return reply.error(Errno::EROFS);
         }
-        match self.blob(ino.0) {
-            // Bytes never change under a name: what the page cache holds stays good.
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            None => reply.error(Errno::EISDIR),
+        let Some((hash, _)) = self.blob(ino.0) else {
+            return reply.error(Errno::EISDIR);
+        };
+        let mut opens = self.opens.lock().expect("not poisoned");
+        let o = opens.entry(ino.0).or_default();
+        if o.passed.is_none() && self.passthrough && o.served == 0 && self.complete(&hash) {
+            let backing = std::fs::File::open(self.shared.store.data_path(&hash))
+                .and_then(|f| reply.open_backing(&f));
+            match backing {
+                Ok(id) => o.passed = Some((id, 0)),
+                Err(e) => debug!(blob = %hash, "no passthrough: {e}"),
+            }
         }
+        // Once passed through, every open of it is (the kernel has one mode per file).
+        if let Some((id, n)) = &mut o.passed {
+            *n += 1;
+            return reply.opened_passthrough(FileHandle(PASSED), FopenFlags::empty(), id);
+        }
+        o.served += 1;
+        // Bytes never change under a name: what the page cache holds stays good.
+        reply.opened(FileHandle(SERVED), FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        let mut opens = self.opens.lock().expect("not poisoned");
+        if let Some(o) = opens.get_mut(&ino.0) {
+            if fh.0 == PASSED {
+                if let Some((_, n)) = &mut o.passed {
+                    *n -= 1;
+                    if *n == 0 {
+                        o.passed = None;
+                    }
+                }
+            } else {
+                o.served = o.served.saturating_sub(1);
+            }
+            if o.served == 0 && o.passed.is_none() {
+                opens.remove(&ino.0);
+            }
+        }
+        reply.ok();
     }
 
     fn read(
