@@ -241,6 +241,11 @@ impl Metrics {
         }
     }
 
+    /// Bytes received from (or found held at) `source` since the start.
+    pub fn received_from(&self, source: Source) -> u64 {
+        self.bytes_in.get_or_create(&SourceLabel { source }).get()
+    }
+
     /// Bytes received from (or found held at) `source`.
     pub fn received(&self, source: Source, bytes: u64) {
         self.bytes_in

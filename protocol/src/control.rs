@@ -511,6 +511,13 @@ pub struct StoreStatus {
     pub evictions: u64,
     /// Bytes those evictions freed.
     pub evicted_bytes: u64,
+    /// Verified bytes this host's downloads received from the origin since the agent
+    /// started (every download: reloads, mounts, follows, lazy mounts' fills and reads).
+    #[serde(default)]
+    pub from_origin: u64,
+    /// The same, from peers.
+    #[serde(default)]
+    pub from_peers: u64,
 }
 
 /// A successful answer.

@@ -28,6 +28,9 @@ use crate::torrent;
 enum Scenario {
     /// B1: one writer, every other agent reloads at once.
     Fanout,
+    /// B8: a sharded safetensors model; every other agent switches to it and loads every
+    /// tensor (eager, lazy, following), see `coldstart`.
+    Coldstart,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -97,6 +100,10 @@ pub(crate) struct BenchArgs {
     /// reload, of the same run).
     #[arg(long)]
     follow: bool,
+    /// `--scenario coldstart`: the Python interpreter whose `safetensors` and `numpy`
+    /// load the model (testnet/bench/coldstart.sh makes a virtualenv with both).
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
     /// Print only the JSON object.
     #[arg(long)]
     json: bool,
@@ -208,6 +215,25 @@ pub(crate) async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         Net::Netns => Some(Netns::create(a.agents + 1, rate)?),
         Net::Loopback => None,
     };
+    if a.scenario == Scenario::Coldstart {
+        crate::coldstart::check_python(&a.python)?;
+        let work = coldstart(&a, &root, rate, net.as_ref());
+        let report = tokio::select! {
+            r = work => r,
+            sig = interrupted() => {
+                let _ = fleet::down(&root).await;
+                Err(anyhow::anyhow!("interrupted by {sig}; nodes stopped, namespaces removed"))
+            }
+        };
+        drop(net);
+        let report = report?;
+        if a.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let work = measure(&a, &root, rate, net.as_ref());
     let report = tokio::select! {
         r = work => r,
@@ -315,6 +341,40 @@ async fn measure(
         report.bittorrent = Some(bt);
     }
     Ok(report)
+}
+
+/// B8 on a fleet of the run's caps (see `coldstart`): started, measured, stopped.
+async fn coldstart(
+    a: &BenchArgs,
+    root: &Path,
+    rate: Rate,
+    net: Option<&Netns>,
+) -> anyhow::Result<crate::coldstart::ColdReport> {
+    let caps = net.is_none().then_some(a.rate.as_str());
+    let paced = match (net, a.pace) {
+        (Some(_), Some(f)) if f > 0.0 => Some(format!("{}B/s", (rate.0 as f64 * f) as u64)),
+        _ => None,
+    };
+    let egress = caps.or(paced.as_deref());
+    let f = match fleet::up_with(root, a.agents, caps, egress, &|_| Vec::new(), net).await {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = fleet::down(root).await;
+            return Err(e);
+        }
+    };
+    let t_min_s = t_min(a.size as f64, rate.0 as f64, a.agents - 1);
+    // The plots: PLOT's path without its extension, then `-MODE.svg`.
+    let plots = a
+        .plot
+        .as_ref()
+        .map(|p| p.with_extension(""))
+        .unwrap_or_else(|| PathBuf::from("coldstart"));
+    let r = crate::coldstart::run(&f, &a.python, a.size, t_min_s, &plots).await;
+    let stopped = fleet::down(&f.root).await;
+    let r = r?;
+    stopped?;
+    Ok(r)
 }
 
 /// Copies the bench's files out of a mount.
@@ -581,7 +641,7 @@ async fn follow(a: &BenchArgs, f: &fleet::Fleet, fanout: &Report) -> anyhow::Res
 }
 
 /// Per-node download progress over time, with T_min marked.
-fn write_svg(
+pub(crate) fn write_svg(
     path: &Path,
     traces: &BTreeMap<usize, Vec<(f64, u64)>>,
     size: u64,

@@ -11,6 +11,7 @@
 
 mod bench;
 mod chaos;
+mod coldstart;
 mod demo;
 mod failover;
 mod fleet;

@@ -59,6 +59,8 @@ impl Inner {
                 max: self.opts.store_max.map(|b| b.max),
                 evictions: evicted.blobs,
                 evicted_bytes: evicted.bytes,
+                from_origin: self.metrics.received_from(crate::metrics::Source::Origin),
+                from_peers: self.metrics.received_from(crate::metrics::Source::Peer),
             },
             follows: self.follow_status()?,
         })
