@@ -80,20 +80,26 @@ fn committed(rate: &str, args0: &[&str]) -> (Fleet, Vec<u8>, Vec<u8>) {
     (f, big, small)
 }
 
+/// Agent 1's lazy mount of `big` at `DIR/m1`, and its large file opened.
+fn mount_lazy(f: &Fleet) -> (std::path::PathBuf, std::fs::File) {
+    let m1 = f.dir.path().join("m1");
+    let o = f.run(1, &["mount", "big", m1.to_str().unwrap(), "--lazy"]);
+    expect(&o, 0);
+    assert!(stdout(&o).contains("lazy"), "{}", stdout(&o));
+    let file = std::fs::File::open(m1.join("d/weights.bin")).unwrap();
+    (m1, file)
+}
+
 #[test]
 fn a_lazy_mount_reads_before_the_fill_is_through_and_then_reads_from_the_store() {
     let (f, big, small) = committed("6MiB/s", &[]);
     if !lazy_pass(&f, 1, "big") {
         return;
     }
-    let m1 = f.dir.path().join("m1");
     let start = Instant::now();
-    let o = f.run(1, &["mount", "big", m1.to_str().unwrap(), "--lazy"]);
-    expect(&o, 0);
-    assert!(stdout(&o).contains("lazy"), "{}", stdout(&o));
     // The tail of the large file, the small file: each read waits for its own bytes only
     // (48 MiB at 6 MiB/s take 8 s; the fill has not got there).
-    let mut file = std::fs::File::open(m1.join("d/weights.bin")).unwrap();
+    let (m1, mut file) = mount_lazy(&f);
     assert_eq!(file.metadata().unwrap().len(), SIZE as u64);
     let mut tail = vec![0u8; 1 << 20];
     file.seek(SeekFrom::Start((SIZE - tail.len()) as u64))
@@ -149,12 +155,7 @@ fn kill_9_of_the_agent_fails_open_files_and_a_restart_serves_the_lazy_mount_agai
     if !lazy_pass(&f, 1, "big") {
         return;
     }
-    let m1 = f.dir.path().join("m1");
-    expect(
-        &f.run(1, &["mount", "big", m1.to_str().unwrap(), "--lazy"]),
-        0,
-    );
-    let mut file = std::fs::File::open(m1.join("d/weights.bin")).unwrap();
+    let (m1, mut file) = mount_lazy(&f);
     let mut head = vec![0u8; 1 << 20];
     file.read_exact(&mut head).unwrap();
     assert_eq!(head, big[..head.len()]);
@@ -185,12 +186,7 @@ fn a_liar_is_banned_and_the_reader_gets_the_right_bytes_from_the_origin() {
     if !lazy_pass(&f, 1, "big") {
         return;
     }
-    let m1 = f.dir.path().join("m1");
-    expect(
-        &f.run(1, &["mount", "big", m1.to_str().unwrap(), "--lazy"]),
-        0,
-    );
-    let mut file = std::fs::File::open(m1.join("d/weights.bin")).unwrap();
+    let (_, mut file) = mount_lazy(&f);
     let mut part = vec![0u8; 4 << 20];
     file.seek(SeekFrom::Start((SIZE / 2) as u64)).unwrap();
     file.read_exact(&mut part).unwrap();
@@ -218,12 +214,7 @@ fn a_range_only_a_liar_holds_reads_as_an_error_not_zeros() {
     let rotten =
         voltool_agent::store::Store::blob_path_in(&f.dir.path().join("coordinator/origin"), &hash);
     std::fs::write(&rotten, vec![0u8; SIZE]).unwrap();
-    let m1 = f.dir.path().join("m1");
-    expect(
-        &f.run(1, &["mount", "big", m1.to_str().unwrap(), "--lazy"]),
-        0,
-    );
-    let mut file = std::fs::File::open(m1.join("d/weights.bin")).unwrap();
+    let (_, mut file) = mount_lazy(&f);
     let mut part = vec![0u8; 1 << 20];
     for at in [0, SIZE / 2] {
         file.seek(SeekFrom::Start(at as u64)).unwrap();

@@ -215,38 +215,34 @@ pub(crate) async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         Net::Netns => Some(Netns::create(a.agents + 1, rate)?),
         Net::Loopback => None,
     };
-    if a.scenario == Scenario::Coldstart {
+    let done = if a.scenario == Scenario::Coldstart {
         crate::coldstart::check_python(&a.python)?;
-        let work = coldstart(&a, &root, rate, net.as_ref());
-        let report = tokio::select! {
-            r = work => r,
-            sig = interrupted() => {
-                let _ = fleet::down(&root).await;
-                Err(anyhow::anyhow!("interrupted by {sig}; nodes stopped, namespaces removed"))
-            }
-        };
-        drop(net);
-        let report = report?;
-        if a.json {
-            println!("{}", serde_json::to_string(&report)?);
-        } else {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let work = measure(&a, &root, rate, net.as_ref());
+        report(coldstart(&a, &root, rate, net.as_ref()), &root, a.json).await
+    } else {
+        report(measure(&a, &root, rate, net.as_ref()), &root, a.json).await
+    };
+    // The namespaces go once the work is over, either way.
+    drop(net);
+    done
+}
+
+/// Runs `work` and prints its report; on a signal, stops the fleet first.
+async fn report<T: Serialize>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+    root: &Path,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let report = tokio::select! {
         r = work => r,
         sig = interrupted() => {
             // The measuring future is dropped (BitTorrent processes with it); stop the fleet,
-            // then `net` is dropped and its namespaces deleted.
-            let _ = fleet::down(&root).await;
+            // then the caller drops the namespaces.
+            let _ = fleet::down(root).await;
             Err(anyhow::anyhow!("interrupted by {sig}; nodes stopped, namespaces removed"))
         }
     };
-    drop(net);
     let report = report?;
-    if a.json {
+    if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("{}", serde_json::to_string_pretty(&report)?);
