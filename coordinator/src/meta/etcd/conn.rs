@@ -16,14 +16,45 @@ pub(super) async fn connect_one(
 
 /// Whether a call failed for want of its member: for a write, only where the call never
 /// left (a transport error, or a connection that could not be made, which tonic reports as
-/// `Unavailable` with a connect error); for a read, any `Unavailable`.
+/// `Unavailable` with a connect error); for a read, any `Unavailable`, and a connection
+/// that broke under the call (tonic reports that as `Unknown`, "transport error": a member
+/// killed while it answered).
 pub(crate) fn unreachable(e: &etcd_client::Error, write: bool) -> bool {
     match e {
         etcd_client::Error::TransportError(_) => true,
         etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => {
             !write || s.message().contains("connect")
         }
+        etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unknown => {
+            !write && s.message().contains("transport error")
+        }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_sends_a_read_to_another_member_and_never_a_write() {
+        let broken = etcd_client::Error::GRpcStatus(tonic::Status::new(
+            tonic::Code::Unknown,
+            "transport error",
+        ));
+        assert!(unreachable(&broken, false));
+        assert!(!unreachable(&broken, true), "a write may have landed");
+        assert!(ambiguous(&broken), "a write is settled by a read");
+        let refused = etcd_client::Error::GRpcStatus(tonic::Status::new(
+            tonic::Code::Unavailable,
+            "error trying to connect",
+        ));
+        assert!(unreachable(&refused, true) && unreachable(&refused, false));
+        let other = etcd_client::Error::GRpcStatus(tonic::Status::new(
+            tonic::Code::Unknown,
+            "something else",
+        ));
+        assert!(!unreachable(&other, false));
     }
 }
 
