@@ -36,11 +36,13 @@ const THREADS: usize = 16;
 /// begun the blob when it asked first).
 const ASK_AGAIN: Duration = Duration::from_secs(1);
 
-/// The blobs looked up, by inode.
+/// The blobs the kernel knows, by inode: each with its size and the kernel's count of
+/// lookups, and let go when the kernel forgets it.
 #[derive(Default)]
 struct Inodes {
-    blobs: Vec<(Hash, u64)>,
+    blobs: std::collections::HashMap<u64, (Hash, u64, u64)>,
     by_hash: std::collections::HashMap<Hash, u64>,
+    next: u64,
 }
 
 struct LazyFs {
@@ -137,25 +139,25 @@ impl LazyFs {
         matches!(self.shared.store.meta(hash), Ok(Some(m)) if m.is_complete())
     }
 
-    fn ino_of(&self, hash: Hash, size: u64) -> u64 {
+    /// The inode of blob `hash`, for a lookup the kernel counts.
+    fn looked_up(&self, hash: Hash, size: u64) -> u64 {
         let mut t = self.inodes.lock().expect("not poisoned");
-        if let Some(i) = t.by_hash.get(&hash) {
-            return *i;
-        }
-        let ino = FILE_INO + t.blobs.len() as u64;
-        t.blobs.push((hash, size));
-        t.by_hash.insert(hash, ino);
+        let ino = match t.by_hash.get(&hash) {
+            Some(i) => *i,
+            None => {
+                let ino = FILE_INO + t.next;
+                t.next += 1;
+                t.by_hash.insert(hash, ino);
+                ino
+            }
+        };
+        t.blobs.entry(ino).or_insert((hash, size, 0)).2 += 1;
         ino
     }
 
     fn blob(&self, ino: u64) -> Option<(Hash, u64)> {
-        let i = ino.checked_sub(FILE_INO)?;
-        self.inodes
-            .lock()
-            .expect("not poisoned")
-            .blobs
-            .get(i as usize)
-            .copied()
+        let t = self.inodes.lock().expect("not poisoned");
+        t.blobs.get(&ino).map(|(h, s, _)| (*h, *s))
     }
 }
 
@@ -266,12 +268,24 @@ impl Filesystem for LazyFs {
                 .map(|b| dir_attr(PREFIX_INO + b as u64)),
             p if (PREFIX_INO..PREFIX_INO + 256).contains(&p) => self
                 .find((p - PREFIX_INO) as u8, name)
-                .map(|(hash, size)| attr(self.ino_of(hash, size), FileType::RegularFile, size)),
+                .map(|(hash, size)| attr(self.looked_up(hash, size), FileType::RegularFile, size)),
             _ => None,
         };
         match found {
             Some(a) => reply.entry(&TTL, &a, Generation(0)),
             None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut t = self.inodes.lock().expect("not poisoned");
+        if let Some(b) = t.blobs.get_mut(&ino.0) {
+            b.2 = b.2.saturating_sub(nlookup);
+            if b.2 == 0 {
+                let hash = b.0;
+                t.blobs.remove(&ino.0);
+                t.by_hash.remove(&hash);
+            }
         }
     }
 
