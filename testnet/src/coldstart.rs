@@ -59,6 +59,8 @@ pub(crate) struct ModeReport {
     /// acknowledgement), sorted.
     first_s: Vec<f64>,
     last_s: Vec<f64>,
+    /// Each reader's switch (its reload's answer), seconds from the acknowledgement.
+    switched_s: Vec<f64>,
     first_p50_ratio: f64,
     last_p50_ratio: f64,
     last_max_ratio: f64,
@@ -194,6 +196,7 @@ async fn lazy_still(agent: &Path, volume: &str) -> anyhow::Result<bool> {
 struct Loaded {
     trace: Vec<(f64, u64)>,
     wrong: usize,
+    switched: f64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -257,11 +260,13 @@ async fn one_mode(
             if !matches!(reply, Reply::Reloaded(_)) {
                 bail!("agent-{i}: unexpected answer to reload");
             }
+            let switched = start.elapsed().as_secs_f64();
             let mut stdin = child.stdin.take().expect("piped");
             stdin.write_all(b"go\n").await?;
             let mut loaded = Loaded {
                 trace: Vec::new(),
                 wrong: 0,
+                switched,
             };
             let mut bytes = 0u64;
             while let Some(line) = out.next_line().await? {
@@ -284,6 +289,7 @@ async fn one_mode(
     }
     let mut traces = BTreeMap::new();
     let (mut first, mut last, mut tensors, mut wrong) = (Vec::new(), Vec::new(), 0, 0);
+    let mut switched = Vec::new();
     let all = async {
         while let Some(j) = set.join_next().await {
             let (i, l) = j??;
@@ -291,6 +297,7 @@ async fn one_mode(
             last.push(l.trace.last().map_or(f64::NAN, |x| x.0));
             tensors += l.trace.len();
             wrong += l.wrong;
+            switched.push(l.switched);
             traces.insert(i, l.trace);
         }
         Ok::<_, anyhow::Error>(())
@@ -318,6 +325,7 @@ async fn one_mode(
     }
     first.sort_by(f64::total_cmp);
     last.sort_by(f64::total_cmp);
+    switched.sort_by(f64::total_cmp);
     let plot = PathBuf::from(format!("{}-{}.svg", plots.display(), mode.name()));
     write_svg(&plot, &traces, size, t_min_s)?;
     Ok(ModeReport {
@@ -327,6 +335,7 @@ async fn one_mode(
         last_max_ratio: last.last().copied().unwrap_or(f64::NAN) / t_min_s,
         first_s: first,
         last_s: last,
+        switched_s: switched,
         origin_bytes: origin,
         origin_ratio: origin as f64 / size as f64,
         peer_bytes: peers,

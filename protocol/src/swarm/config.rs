@@ -26,6 +26,9 @@ pub struct Config {
     /// Pieces a reader waits for ([`super::Engine::want_now`]) that may be in flight beyond
     /// [`Config::pieces_in_flight`], so that a read never queues behind the fill.
     pub urgent_in_flight: usize,
+    /// Pieces of the fill in flight at once while a reader waits for units: the rest of
+    /// [`Config::pieces_in_flight`] is left to what is read.
+    pub fill_while_reading: usize,
     /// Requests in flight at once to the origin while other downloaders may share it.
     pub origin_in_flight: usize,
     /// Large blobs started at once (a blob whose pieces are all handed out no longer counts,
@@ -108,6 +111,7 @@ impl Default for Config {
             pieces_in_flight: 8,
             pieces_per_provider: 4,
             urgent_in_flight: 4,
+            fill_while_reading: 2,
             origin_in_flight: 2,
             blobs_in_flight: 2,
             endgame_after: Duration::from_millis(750),
@@ -179,7 +183,7 @@ enum Unit {
 type Setter = fn(&mut Config, u64);
 
 /// Every knob: its name, its unit, and what it sets.
-const TABLE: [(&str, Unit, Setter); 20] = [
+const TABLE: [(&str, Unit, Setter); 21] = [
     ("piece_kib", Unit::Kib, |c, v| c.piece_bytes = v << 10),
     ("pieces_in_flight", Unit::Count, |c, v| {
         c.pieces_in_flight = v as usize
@@ -205,6 +209,9 @@ const TABLE: [(&str, Unit, Setter); 20] = [
     ("rarest_of", Unit::Count, |c, v| c.rarest_of = v as usize),
     ("urgent_in_flight", Unit::Count, |c, v| {
         c.urgent_in_flight = v as usize
+    }),
+    ("fill_while_reading", Unit::Count, |c, v| {
+        c.fill_while_reading = v as usize
     }),
     ("subscriptions", Unit::Count, |c, v| {
         c.subscriptions = v as usize

@@ -25,6 +25,10 @@ pub struct Engine {
     pub(super) reqs: HashMap<ReqId, Req>,
     pub(super) next_req: u64,
     pub(super) pieces_flying: usize,
+    /// Of those, requests for units readers wait for.
+    pub(super) urgent_flying: usize,
+    /// Whether a reader waits for units now (set at each scheduling).
+    pub(super) reading: bool,
     pub(super) small_flying: usize,
     pub(super) actions: VecDeque<Action>,
     pub(super) announce: [Vec<Hash>; 2],
@@ -58,6 +62,8 @@ impl Engine {
             reqs: HashMap::new(),
             next_req: 0,
             pieces_flying: 0,
+            urgent_flying: 0,
+            reading: false,
             small_flying: 0,
             actions: VecDeque::new(),
             announce: [Vec::new(), Vec::new()],
@@ -441,6 +447,7 @@ impl Engine {
         let pieces = self.groups[gi].is_pieces();
         if pieces {
             self.pieces_flying -= 1;
+            self.urgent_flying -= usize::from(r.urgent);
         } else {
             self.small_flying -= 1;
         }
@@ -584,6 +591,7 @@ impl Engine {
         g.flying -= 1;
         if g.is_pieces() {
             self.pieces_flying -= 1;
+            self.urgent_flying -= usize::from(r.urgent);
         } else {
             self.small_flying -= 1;
         }

@@ -10,6 +10,10 @@ impl Engine {
     /// Turns the current state into requests, lookups and announcements.
     pub(super) fn schedule(&mut self, now: Instant) {
         self.start_groups(now);
+        self.reading = self
+            .active
+            .iter()
+            .any(|g| !self.groups[g.0 as usize].urgent.is_empty());
         let active = self.active.clone();
         for gid in active {
             let gi = gid.0 as usize;
@@ -96,9 +100,14 @@ impl Engine {
 
     /// Hands out pieces of a large blob: to the peer holding a wanted piece with the fewest
     /// requests in flight (the tracker's rank breaks ties), else to the origin, which picks.
+    /// While a reader waits, the fill keeps only [`super::Config::fill_while_reading`] in
+    /// flight: the link goes to what is read, and the fill still keeps pieces diverse.
     fn fill_pieces(&mut self, now: Instant, gid: GroupId) {
         let gi = gid.0 as usize;
-        while self.pieces_flying < self.cfg.pieces_in_flight {
+        while self.pieces_flying < self.cfg.pieces_in_flight
+            && (!self.reading
+                || self.pieces_flying - self.urgent_flying < self.cfg.fill_while_reading)
+        {
             let g = &self.groups[gi];
             if g.wantable.is_empty() {
                 return;
@@ -374,6 +383,7 @@ impl Engine {
         g.flying += 1;
         if g.is_pieces() {
             self.pieces_flying += 1;
+            self.urgent_flying += usize::from(urgent);
         } else {
             self.small_flying += 1;
         }
@@ -386,6 +396,7 @@ impl Engine {
                 prov,
                 group: gid,
                 pick: matches!(ask, Ask::Pick { .. }),
+                urgent,
                 units,
                 got: Vec::new(),
                 sent: now,

@@ -120,6 +120,8 @@ pub(super) struct Req {
     pub(super) units: Vec<u32>,
     pub(super) got: Vec<u32>,
     pub(super) pick: bool,
+    /// For units a reader waits for ([`super::Engine::want_now`]).
+    pub(super) urgent: bool,
     pub(super) sent: Instant,
     pub(super) deadline: Instant,
 }
