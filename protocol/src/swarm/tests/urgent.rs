@@ -164,3 +164,41 @@ fn a_queued_group_a_reader_waits_for_starts_at_once() {
     );
     let _ = a;
 }
+
+#[test]
+fn while_a_reader_waits_the_fill_keeps_only_its_share_of_the_link() {
+    let c = cfg();
+    let mut h = H::new(c.clone());
+    let g = h.pieces(1, 256);
+    h.drain();
+    h.e.want_now(h.now, g, &set(256, &[200, 201, 202, 203, 204, 205]));
+    let out = ranked(&h.providers(g, &[(1, true), (2, true), (ORIGIN, true)]));
+    let waited =
+        |r: &&(ReqId, NodeId, Ask, u16)| units(&r.2).iter().all(|u| (200..206).contains(u));
+    let (urgent, fill): (Vec<_>, Vec<_>) = out.iter().partition(waited);
+    assert!(!urgent.is_empty(), "{out:?}");
+    assert!(
+        !fill.is_empty() && fill.len() <= c.fill_while_reading,
+        "the fill goes on, within its share: {out:?}"
+    );
+    // Once what the reader waited for is here, the fill takes the whole link again.
+    let mut more = Vec::new();
+    for (req, _, ask, _) in urgent {
+        for unit in units(ask) {
+            more.extend(ranked(&h.event(Event::Unit {
+                req: *req,
+                unit,
+                verified: true,
+            })));
+        }
+        more.extend(ranked(&h.event(Event::Answer {
+            req: *req,
+            outcome: Outcome::Ok,
+        })));
+    }
+    assert_eq!(
+        fill.len() + more.len(),
+        c.pieces_in_flight,
+        "the fill has every slot again: {more:?}"
+    );
+}
