@@ -33,15 +33,18 @@ fn among_simultaneous_downloaders_the_origin_sends_each_piece_about_once() {
 /// Every downloader also has a reader that reads the blob in order, waiting for the next
 /// `window` pieces from where it stands ([`Engine::want_now`]): all of them start at the
 /// same place at the same moment, as a fleet loading one model does. The origin still
-/// sends each piece about once (the readers get different pieces of the window from it
-/// and the rest from each other), and every reader holds the start of the blob long
-/// before the whole.
+/// sends each piece not much more than once (the readers get different pieces of the
+/// window from it and the rest from each other), and every reader holds the start of the
+/// blob long before the whole.
 #[test]
 fn readers_waiting_at_the_same_place_do_not_collapse_onto_the_origin() {
     let window = 4;
     let f = fleet(Some(window));
+    // The fill keeps only its share while readers wait (`fill_while_reading`), so the front
+    // comes from the sources a little more often than with no reader (B8 measures 1.08 F
+    // of origin egress with 7 readers); a collapse would be one copy per reader.
     assert!(
-        f.origin_sent <= f.units + f.units / 4,
+        f.origin_sent <= f.units + f.units / 2,
         "the origin sent {} pieces of {}",
         f.origin_sent,
         f.units
