@@ -32,32 +32,6 @@ pub(crate) fn unreachable(e: &etcd_client::Error, write: bool) -> bool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_broken_connection_sends_a_read_to_another_member_and_never_a_write() {
-        let broken = etcd_client::Error::GRpcStatus(tonic::Status::new(
-            tonic::Code::Unknown,
-            "transport error",
-        ));
-        assert!(unreachable(&broken, false));
-        assert!(!unreachable(&broken, true), "a write may have landed");
-        assert!(ambiguous(&broken), "a write is settled by a read");
-        let refused = etcd_client::Error::GRpcStatus(tonic::Status::new(
-            tonic::Code::Unavailable,
-            "error trying to connect",
-        ));
-        assert!(unreachable(&refused, true) && unreachable(&refused, false));
-        let other = etcd_client::Error::GRpcStatus(tonic::Status::new(
-            tonic::Code::Unknown,
-            "something else",
-        ));
-        assert!(!unreachable(&other, false));
-    }
-}
-
 /// Whether a write that failed so may still have landed (or land yet): its call reached a
 /// member, and the answer did not come (a timeout, a change of etcd's leader).
 pub(crate) fn ambiguous(e: &etcd_client::Error) -> bool {
@@ -269,5 +243,31 @@ impl EtcdMeta {
             .as_ref()
             .expect("the runtime lives as long as the state")
             .spawn(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_sends_a_read_to_another_member_and_never_a_write() {
+        let broken = etcd_client::Error::GRpcStatus(tonic::Status::new(
+            tonic::Code::Unknown,
+            "transport error",
+        ));
+        assert!(unreachable(&broken, false));
+        assert!(!unreachable(&broken, true), "a write may have landed");
+        assert!(ambiguous(&broken), "a write is settled by a read");
+        let refused = etcd_client::Error::GRpcStatus(tonic::Status::new(
+            tonic::Code::Unavailable,
+            "error trying to connect",
+        ));
+        assert!(unreachable(&refused, true) && unreachable(&refused, false));
+        let other = etcd_client::Error::GRpcStatus(tonic::Status::new(
+            tonic::Code::Unknown,
+            "something else",
+        ));
+        assert!(!unreachable(&other, false));
     }
 }
