@@ -88,7 +88,8 @@ impl H {
     }
 }
 
-fn requests(actions: &[Action]) -> Vec<(ReqId, NodeId, GroupId, Ask)> {
+/// The requests among `actions`, with their group and rank.
+fn requests_ranked(actions: &[Action]) -> Vec<(ReqId, NodeId, GroupId, Ask, u16)> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -97,10 +98,17 @@ fn requests(actions: &[Action]) -> Vec<(ReqId, NodeId, GroupId, Ask)> {
                 provider,
                 group,
                 ask,
-                ..
-            } => Some((*req, *provider, *group, ask.clone())),
+                rank,
+            } => Some((*req, *provider, *group, ask.clone(), *rank)),
             _ => None,
         })
+        .collect()
+}
+
+fn requests(actions: &[Action]) -> Vec<(ReqId, NodeId, GroupId, Ask)> {
+    requests_ranked(actions)
+        .into_iter()
+        .map(|(r, p, g, a, _)| (r, p, g, a))
         .collect()
 }
 

@@ -6,18 +6,9 @@ use super::*;
 
 /// The requests among `actions`, with their rank.
 fn ranked(actions: &[Action]) -> Vec<(ReqId, NodeId, Ask, u16)> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Request {
-                req,
-                provider,
-                ask,
-                rank,
-                ..
-            } => Some((*req, *provider, ask.clone(), *rank)),
-            _ => None,
-        })
+    requests_ranked(actions)
+        .into_iter()
+        .map(|(r, p, _, a, rank)| (r, p, a, rank))
         .collect()
 }
 
