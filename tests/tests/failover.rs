@@ -84,6 +84,26 @@ async fn create(c: &CoordClient, name: &str) -> SignedHead {
 /// refused at once by the one that does not lead and served by the leader; after the
 /// leader steps down, the same client reaches the new leader, which has the fleet's state.
 /// The fleet's state in `etcd` under `fleet/`, on a 2 s lease.
+/// A three-member etcd cluster, a Garage origin, and a fleet of `agents` agents whose
+/// coordinator runs in failover over them with `standbys` standbys' options made.
+async fn ha_fleet(
+    agents: usize,
+    standbys: usize,
+) -> (EtcdCluster, Garage, voltool_tests::TestFleet) {
+    let etcd = EtcdCluster::start(3);
+    let garage = Garage::start();
+    let f = voltool_tests::TestFleet::start_ha(
+        agents,
+        garage.origin("fleet"),
+        ha_meta(&etcd),
+        standbys,
+        Default::default(),
+        Default::default(),
+    )
+    .await;
+    (etcd, garage, f)
+}
+
 fn ha_meta(etcd: &EtcdCluster) -> MetaOptions {
     MetaOptions::Etcd {
         url: etcd.meta_url("fleet").parse().unwrap(),
@@ -290,18 +310,7 @@ async fn agents_given_every_coordinator_commit_and_mount_across_a_change_of_lead
     if !voltool_tests::mode_independent_pass() {
         return;
     }
-    let etcd = EtcdCluster::start(3);
-    let garage = Garage::start();
-    let meta = ha_meta(&etcd);
-    let mut f = voltool_tests::TestFleet::start_ha(
-        2,
-        garage.origin("fleet"),
-        meta,
-        1,
-        Default::default(),
-        Default::default(),
-    )
-    .await;
+    let (_etcd, _garage, mut f) = ha_fleet(2, 1).await;
     let standby = tokio::spawn(Coordinator::start(f.standby_options(0)));
     f.create("v").await;
     let m0 = f.mount(0, "v").await;
@@ -328,17 +337,7 @@ async fn a_leader_that_finds_its_fence_gone_stops_leading_at_once() {
     if !voltool_tests::mode_independent_pass() {
         return;
     }
-    let etcd = EtcdCluster::start(3);
-    let garage = Garage::start();
-    let f = voltool_tests::TestFleet::start_ha(
-        1,
-        garage.origin("fleet"),
-        ha_meta(&etcd),
-        0,
-        Default::default(),
-        Default::default(),
-    )
-    .await;
+    let (etcd, _garage, f) = ha_fleet(1, 0).await;
     f.create("v").await;
     etcd.ctl(&["del", "--prefix", "fleet/leader/"]);
     let refused = f
@@ -372,17 +371,7 @@ async fn a_standby_names_the_leader_to_a_client_that_knows_only_the_standby() {
     if !voltool_tests::mode_independent_pass() {
         return;
     }
-    let etcd = EtcdCluster::start(3);
-    let garage = Garage::start();
-    let f = voltool_tests::TestFleet::start_ha(
-        1,
-        garage.origin("fleet"),
-        ha_meta(&etcd),
-        1,
-        Default::default(),
-        Default::default(),
-    )
-    .await;
+    let (_etcd, _garage, f) = ha_fleet(1, 1).await;
     let standby = tokio::spawn(Coordinator::start(f.standby_options(0)));
     f.create("v").await;
     // A raw try of the standby alone: it answers on the standby's protocol, then closes
@@ -591,17 +580,7 @@ async fn an_etcd_member_killed_and_restarted_during_commits_loses_nothing() {
     if !voltool_tests::mode_independent_pass() {
         return;
     }
-    let mut etcd = EtcdCluster::start(3);
-    let garage = Garage::start();
-    let f = voltool_tests::TestFleet::start_ha(
-        1,
-        garage.origin("fleet"),
-        ha_meta(&etcd),
-        0,
-        Default::default(),
-        Default::default(),
-    )
-    .await;
+    let (mut etcd, _garage, f) = ha_fleet(1, 0).await;
     f.create("v").await;
     let m0 = f.mount(0, "v").await;
     let mut versions = Vec::new();
@@ -650,17 +629,7 @@ async fn a_restore_from_an_etcd_snapshot_is_a_rollback_that_agents_refuse_until_
     if !voltool_tests::mode_independent_pass() {
         return;
     }
-    let mut etcd = EtcdCluster::start(3);
-    let garage = Garage::start();
-    let mut f = voltool_tests::TestFleet::start_ha(
-        2,
-        garage.origin("fleet"),
-        ha_meta(&etcd),
-        0,
-        Default::default(),
-        Default::default(),
-    )
-    .await;
+    let (mut etcd, _garage, mut f) = ha_fleet(2, 0).await;
     f.create("v").await;
     let m0 = f.mount(0, "v").await;
     std::fs::write(m0.join("a.txt"), "kept").unwrap();
