@@ -172,10 +172,8 @@ fn kill_9_of_the_agent_fails_open_files_and_a_restart_serves_the_lazy_mount_agai
     // Restarted (no cap): the lazy mount is served again before the agent answers, and a
     // new open reads the right bytes.
     f.start_agent(1, &[]);
-    let t = Instant::now();
     let got = std::fs::read(m1.join("d/weights.bin")).unwrap();
     assert!(got == big, "the file read after the restart differs");
-    assert!(t.elapsed() < Duration::from_secs(120));
     f.wait_log("agent-1", "the lazy mount reads from the store now");
 }
 

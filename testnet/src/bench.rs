@@ -507,7 +507,8 @@ fn write_parts(dir: &Path, size: u64, seed: u8) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn commit(agent: &Path, volume: &str) -> anyhow::Result<u64> {
+/// Commits `volume` through `agent`: the new version.
+pub(crate) async fn commit(agent: &Path, volume: &str) -> anyhow::Result<u64> {
     match ask(
         agent,
         Request::Commit {

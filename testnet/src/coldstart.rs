@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use voltool_agent::control::{Follow, ReloadMode, Reply, Request};
 
-use crate::bench::{quantile, write_svg};
+use crate::bench::{commit, quantile, write_svg};
 use crate::fleet::{self, ask};
 
 /// Shards of the model.
@@ -343,20 +343,6 @@ async fn one_mode(
         wrong_tensors: wrong,
         plot: plot.display().to_string(),
     })
-}
-
-async fn commit(agent: &Path, volume: &str) -> anyhow::Result<()> {
-    match ask(
-        agent,
-        Request::Commit {
-            name: Some(volume.into()),
-        },
-    )
-    .await?
-    {
-        Reply::Committed(_) => Ok(()),
-        _ => bail!("unexpected answer to commit"),
-    }
 }
 
 /// The checksum of every tensor of `files` in `dir`, by the loader.
